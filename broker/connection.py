@@ -1,0 +1,73 @@
+"""Opening a pika connection, with a bounded, backing-off retry.
+
+pika has no automatic reconnection. We retry only ``AMQPConnectionError``
+(server not up yet, network blip); authentication and access errors are final
+because retrying them cannot succeed.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import pika
+import pika.exceptions
+
+log = logging.getLogger("fedq.broker")
+
+# Heartbeats every 30 s: long enough that a loaded 2-core machine doesn't miss
+# them, short enough that a dead peer is noticed within a minute.
+HEARTBEAT_SECONDS = 30
+# A broker under a memory or disk alarm blocks publishers; fail instead of hanging.
+BLOCKED_CONNECTION_TIMEOUT_SECONDS = 60
+CONNECT_ATTEMPTS = 8
+FIRST_BACKOFF_SECONDS = 0.5
+MAX_BACKOFF_SECONDS = 8.0
+
+
+class BrokerError(RuntimeError):
+    """RabbitMQ cannot be used; the message is one sentence for the user."""
+
+
+def parameters(url: str, *, heartbeat: int = HEARTBEAT_SECONDS, name: str = "fedq") -> pika.URLParameters:
+    try:
+        params = pika.URLParameters(url)
+    except Exception as error:  # pika raises a variety of types for a malformed URL
+        raise BrokerError(f"RabbitMQ URL {url!r} is not valid: {error}") from None
+    params.heartbeat = heartbeat
+    params.blocked_connection_timeout = BLOCKED_CONNECTION_TIMEOUT_SECONDS
+    params.connection_attempts = 1
+    params.socket_timeout = 10
+    params.client_properties = {"connection_name": name}
+    return params
+
+
+def connect(url: str, *, name: str = "fedq", heartbeat: int = HEARTBEAT_SECONDS,
+            attempts: int = CONNECT_ATTEMPTS) -> pika.BlockingConnection:
+    """Open a blocking connection, retrying transient failures with exponential backoff."""
+    params = parameters(url, heartbeat=heartbeat, name=name)
+    backoff = FIRST_BACKOFF_SECONDS
+    for attempt in range(1, attempts + 1):
+        try:
+            return pika.BlockingConnection(params)
+        except pika.exceptions.ProbableAuthenticationError:
+            raise BrokerError(f"RabbitMQ at {_safe(url)} refused the user name or password") from None
+        except pika.exceptions.ProbableAccessDeniedError:
+            raise BrokerError(f"RabbitMQ at {_safe(url)} denied access to the virtual host") from None
+        except pika.exceptions.AMQPConnectionError as error:
+            if attempt == attempts:
+                raise BrokerError(f"cannot reach RabbitMQ at {_safe(url)} after {attempts} attempts: "
+                                  f"{error!r}") from None
+            log.warning("event=amqp_connect_retry attempt=%d backoff_s=%.1f error=%r", attempt, backoff, error)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+    raise AssertionError("unreachable")
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

@@ -1,0 +1,72 @@
+"""The ``fedq`` command: one entry point, subcommands loaded lazily.
+
+Subcommands live with the package they belong to (``coordinator.cli``,
+``worker.cli``, ...) and are named here as module paths, not imported: ``common``
+must not depend on the services, and ``fedq status`` should not pay torch's
+multi-second import. Each module provides ``HELP``, ``add_arguments(parser)``
+and ``main(args) -> exit code``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "demo": "coordinator.demo",
+    "coordinator": "coordinator.cli",
+    "worker": "worker.cli",
+    "status": "coordinator.status",
+}
+
+SUMMARIES = {
+    "demo": "run a coordinator and worker processes on the built-in digits task until a target accuracy",
+    "coordinator": "run the coordinator of a job",
+    "worker": "run a worker of a job",
+    "status": "show a job's head version, queue depths and consumers",
+}
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one sentence, no traceback."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is a sentence for the user (imported lazily)."""
+    from common.settings import SettingsError
+    from common.store import StoreError
+    from common.tasks import TaskPluginError
+
+    kinds: list[type[BaseException]] = [UserError, SettingsError, StoreError, TaskPluginError]
+    if "broker.connection" in sys.modules:
+        kinds.append(sys.modules["broker.connection"].BrokerError)
+    return tuple(kinds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        parser = argparse.ArgumentParser(prog="fedq", description="Asynchronous federated learning over RabbitMQ and Redis.")
+        commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+        for name, summary in SUMMARIES.items():
+            commands.add_parser(name, help=summary)
+        if not argv or argv[0] in ("-h", "--help"):
+            parser.print_help()
+            return 0 if argv else 2
+        parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)}")
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(SUBCOMMANDS[name])
+    parser = argparse.ArgumentParser(prog=f"fedq {name}", description=module.HELP)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except _user_errors() as error:
+        print(f"fedq {name}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The contract between fedq and a task plugin."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.codec import Weights
+from common.messages import TrainSettings
+
+
+@dataclass(frozen=True)
+class LocalData:
+    features: torch.Tensor
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class FederatedTask(ABC):
+    """A model, a data set split into partitions, local training and evaluation.
+
+    Subclasses must be deterministic given their parameters and the seeds they
+    are handed: the coordinator and every worker build the same model and the
+    same split independently.
+    """
+
+    #: name of the evaluation metric the stopping target applies to (higher is better)
+    score_metric = "accuracy"
+    #: how many data partitions exist; a worker's partition is taken modulo this
+    num_partitions: int = 10
+
+    @abstractmethod
+    def build_model(self) -> torch.nn.Module:
+        """A freshly initialised model; called under ``torch.manual_seed``."""
+
+    @abstractmethod
+    def local_data(self, partition: int) -> LocalData:
+        """The training data of one partition (one worker's private data)."""
+
+    @abstractmethod
+    def test_data(self) -> LocalData:
+        """Held-out data on which the coordinator evaluates global versions."""
+
+    @abstractmethod
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Training loss; classification losses take logits."""
+
+    def initial_weights(self, seed: int) -> Weights:
+        torch.manual_seed(seed)
+        return weights_of(self.build_model())
+
+    def train(self, model: torch.nn.Module, data: LocalData, settings: TrainSettings) -> dict[str, float]:
+        """Plain minibatch SGD for ``settings.epochs`` epochs; returns the mean training loss."""
+        generator = torch.Generator().manual_seed(settings.seed)
+        optimizer = torch.optim.SGD(model.parameters(), lr=settings.learning_rate)
+        model.train()
+        total_loss, batches = 0.0, 0
+        for _ in range(settings.epochs):
+            order = torch.randperm(len(data), generator=generator)
+            for start in range(0, len(data), settings.batch_size):
+                batch = order[start:start + settings.batch_size]
+                optimizer.zero_grad()
+                loss = self.loss(model(data.features[batch]), data.targets[batch])
+                loss.backward()
+                optimizer.step()
+                total_loss += float(loss)
+                batches += 1
+        return {"train_loss": total_loss / max(batches, 1)}
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Loss and accuracy on the test data (regression tasks override)."""
+        model.eval()
+        data = self.test_data()
+        outputs = model(data.features)
+        accuracy = float((outputs.argmax(dim=1) == data.targets).float().mean())
+        return {"accuracy": accuracy, "loss": float(self.loss(outputs, data.targets))}
+
+
+def weights_of(model: torch.nn.Module) -> Weights:
+    """The model's state as named float32 numpy arrays (copies)."""
+    return {name: tensor.detach().cpu().numpy().copy() for name, tensor in model.state_dict().items()}
+
+
+def load_weights_into(model: torch.nn.Module, weights: Weights) -> torch.nn.Module:
+    model.load_state_dict({name: torch.from_numpy(np.array(array)) for name, array in weights.items()})
+    return model
+
+
+def dirichlet_partition(labels: np.ndarray, num_partitions: int, alpha: float, seed: int,
+                        min_size: int = 10) -> list[np.ndarray]:
+    """Non-IID label split: for each class, shares across partitions drawn from Dir(alpha).
+
+    Redraws until every partition holds at least ``min_size`` examples, as is
+    usual (Hsu et al. 2019), so no worker is left with nothing to train on.
+    """
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    for _ in range(1000):
+        parts: list[list[int]] = [[] for _ in range(num_partitions)]
+        for label in classes:
+            indices = np.flatnonzero(labels == label)
+            rng.shuffle(indices)
+            shares = rng.dirichlet(np.full(num_partitions, alpha))
+            cuts = (np.cumsum(shares) * len(indices)).astype(int)[:-1]
+            for part, chunk in zip(parts, np.split(indices, cuts)):
+                part.extend(chunk.tolist())
+        if min(len(part) for part in parts) >= min_size:
+            return [np.sort(np.array(part, dtype=np.int64)) for part in parts]
+    raise ValueError(f"cannot split {len(labels)} examples into {num_partitions} partitions of >= {min_size}")

@@ -1,0 +1,369 @@
+"""The coordinator loop: dispatch tasks, validate and buffer updates, commit versions.
+
+Order of effects for one server step (what makes a crash lose nothing):
+1. buffered updates stay unacked in RabbitMQ until their version is committed;
+2. commit = SET the weights blob, then one Lua script moves the head and writes
+   metadata, history and the applied task ids (see ``common.store``);
+3. only then are the buffered deliveries acked;
+4. then new tasks are dispatched (recorded in Redis once the broker confirmed them).
+A crash before 2 redelivers the updates; a crash between 2 and 3 redelivers
+updates whose task ids are already applied, which are acked and skipped.
+
+Dispatch: asynchronous modes keep ``concurrency`` tasks training and hand out a
+replacement as soon as an update arrives (FedBuff's clients never wait for the
+buffer). Synchronous FedAvg dispatches ``concurrency`` tasks at one version and
+commits when every one of them has come back (or was rejected): the barrier.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions
+import redis
+
+from broker.connection import BrokerError, connect
+from broker.publisher import publish
+from broker.topology import Topology
+from common import codec
+from common.logs import kv
+from common.messages import MessageError, ModelUpdate, RoundTask, TrainSettings, parse_update
+from common.store import ModelStore, StoreError, connect_redis
+from common.tasks import FederatedTask, load_task, load_weights_into
+from coordinator.aggregation import Aggregator, BufferedUpdate, FedAsync, FedBuff
+from coordinator.server_optimizers import ServerOptimizer
+from coordinator.staleness import parse_staleness
+from coordinator.validation import check_staleness, check_tensors, load_delta
+
+log = logging.getLogger("fedq.coordinator")
+
+ALGORITHMS = ("fedasync", "fedbuff", "fedavg")
+RECONNECT_BACKOFF_SECONDS = (1, 2, 4, 8, 15)
+# Headers on dead-lettered messages, for whoever inspects fedq.<job>.dead.
+REASON_HEADER = "x-fedq-reason"
+DETAIL_HEADER = "x-fedq-detail"
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    job: str
+    amqp_url: str
+    redis_url: str
+    task: str = "digits"
+    task_params: dict[str, Any] = field(default_factory=dict)
+    algorithm: str = "fedasync"
+    concurrency: int = 4
+    buffer_size: int = 3
+    staleness: str = "polynomial:a=0.5"
+    mixing_rate: float = 0.6
+    max_staleness: int = 20
+    example_weighted: bool = False
+    server_optimizer: str = "sgd"
+    server_lr: float = 1.0
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_epsilon: float = 1e-3
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    target: float | None = None
+    max_versions: int | None = None
+    max_seconds: float | None = None
+    eval_every: int = 1
+    seed: int = 0
+    task_lease_seconds: float = 600.0
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose from {', '.join(ALGORITHMS)}")
+
+    @property
+    def synchronous(self) -> bool:
+        return self.algorithm == "fedavg"
+
+    def aggregation_config(self) -> dict[str, Any]:
+        """Everything the server step depends on; recorded with every version."""
+        names = ("algorithm", "concurrency", "buffer_size", "staleness", "mixing_rate", "max_staleness",
+                 "example_weighted", "server_optimizer", "server_lr", "server_beta1", "server_beta2",
+                 "server_epsilon")
+        return {name: getattr(self, name) for name in names}
+
+
+def build_aggregator(settings: CoordinatorSettings) -> Aggregator:
+    staleness = parse_staleness(settings.staleness)
+    if settings.algorithm == "fedasync":
+        return FedAsync(settings.mixing_rate, staleness)
+    if settings.algorithm == "fedbuff":
+        return FedBuff(settings.buffer_size, staleness, example_weighted=settings.example_weighted)
+    # Synchronous FedAvg: every round's updates (tau = 0), example-weighted mean, one step.
+    return FedBuff(settings.concurrency, staleness, example_weighted=True)
+
+
+def build_optimizer(settings: CoordinatorSettings) -> ServerOptimizer:
+    return ServerOptimizer(settings.server_optimizer, settings.server_lr, settings.server_beta1,
+                           settings.server_beta2, settings.server_epsilon)
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Pending:
+    """A validated update waiting in the buffer, with its unacked delivery."""
+
+    delivery_tag: int
+    update: BufferedUpdate
+
+
+class Coordinator:
+    def __init__(self, settings: CoordinatorSettings, store: ModelStore | None = None):
+        self.settings = settings
+        self.topology = Topology(settings.job)
+        self.store = store or ModelStore(connect_redis(settings.redis_url), settings.job)
+        self.aggregator = build_aggregator(settings)
+        self.optimizer = build_optimizer(settings)
+        self.config = settings.aggregation_config()
+        self.task: FederatedTask = load_task(settings.task, settings.task_params)
+        self.model = self.task.build_model()
+        self.buffer: list[Pending] = []
+        self.in_flight: dict[str, dict[str, Any]] = {}
+        self.started = time.monotonic()
+        self.finished_reason: str | None = None
+        self.last_metrics: dict[str, float] = {}
+        self._channel: Any = None
+        self._prepare_job()
+
+    # -- job state --------------------------------------------------------
+
+    def _prepare_job(self) -> None:
+        spec = {"task": self.settings.task, "task_params": self.settings.task_params, "seed": self.settings.seed}
+        existing = self.store.load_spec()
+        if existing is not None and (existing["task"], existing.get("task_params") or {}) != (
+                spec["task"], spec["task_params"]):
+            raise StoreError(f"job {self.settings.job!r} already trains task {existing['task']!r} with "
+                             f"{existing.get('task_params')}; use another --job name")
+        self.store.save_spec(spec)
+        self.head = self.store.head()
+        if self.head is None:
+            weights = self.task.initial_weights(self.settings.seed)
+            self.last_metrics = self._evaluate(weights)
+            self.head = self.store.commit(None, weights, {"metrics": self.last_metrics, "config": self.config,
+                                                          "mean_staleness": 0.0, "max_staleness": 0}, [])
+            log.info(kv("initialised", job=self.settings.job, task=self.settings.task, version=0,
+                        parameters=codec.num_parameters(weights)))
+        else:
+            self.last_metrics = self.store.load_meta(self.head).get("metrics", {})
+            log.info(kv("resumed", job=self.settings.job, head=self.head))
+        self.weights = self.store.load_weights(self.head)
+        self.optimizer_state = self.store.load_optimizer_state(self.head)
+        self.tensor_specs = codec.tensor_specs(self.weights)
+        self.in_flight = self.store.in_flight()
+        self.store.set_state(status="running")
+
+    def _evaluate(self, weights: codec.Weights) -> dict[str, float]:
+        return self.task.evaluate(load_weights_into(self.model, weights))
+
+    # -- the loop ---------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Serve until a stop condition holds; reconnects to RabbitMQ/Redis after connection loss."""
+        failures = 0
+        while self.finished_reason is None:
+            try:
+                self._serve()
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.ConnectionClosed,
+                    pika.exceptions.StreamLostError, BrokerError,
+                    redis.ConnectionError, redis.TimeoutError) as error:
+                backoff = RECONNECT_BACKOFF_SECONDS[min(failures, len(RECONNECT_BACKOFF_SECONDS) - 1)]
+                failures += 1
+                log.warning(kv("connection_lost", error=repr(error), retry_in_s=backoff))
+                # Deliveries of the lost channel come back from the broker; forget them.
+                self.buffer.clear()
+                time.sleep(backoff)
+        return self.summary()
+
+    def _serve(self) -> None:
+        connection = connect(self.settings.amqp_url, name=f"fedq-coordinator-{self.settings.job}")
+        try:
+            channel = self._channel = connection.channel()
+            self.topology.declare(channel)
+            channel.confirm_delivery()
+            # Room for a full buffer plus the updates arriving while it fills.
+            channel.basic_qos(prefetch_count=2 * max(self.aggregator.buffer_size, self.settings.concurrency) + 8)
+            self.in_flight = self.store.in_flight()
+            self._top_up()
+            for method, properties, body in channel.consume(self.topology.updates, inactivity_timeout=0.5):
+                if method is not None:
+                    self._on_update(method.delivery_tag, properties, body)
+                self._maintain()
+                if self.finished_reason is not None:
+                    break
+            channel.cancel()
+        finally:
+            self._channel = None
+            if connection.is_open:
+                connection.close()
+
+    def _maintain(self) -> None:
+        """Between deliveries: expire lost tasks, check the clock, keep tasks in flight."""
+        now = time.time()
+        expired = [task_id for task_id, info in self.in_flight.items()
+                   if now - info["issued_at"] > self.settings.task_lease_seconds]
+        if expired:
+            log.warning(kv("tasks_expired", count=len(expired), lease_s=self.settings.task_lease_seconds))
+            self._forget(expired)
+        if self.settings.max_seconds is not None and time.monotonic() - self.started > self.settings.max_seconds:
+            self._finish("max_seconds")
+        self._top_up()
+
+    # -- updates ----------------------------------------------------------
+
+    def _on_update(self, delivery_tag: int, properties: Any, body: bytes) -> None:
+        try:
+            update = parse_update(body)
+            if update.job != self.settings.job:
+                raise MessageError("unknown_job", f"update is for job {update.job!r}, not {self.settings.job!r}")
+        except MessageError as error:
+            self._dead_letter(delivery_tag, properties, body, error, task_id=None)
+            return
+        if self._is_duplicate(update.task_id):
+            self._channel.basic_ack(delivery_tag)
+            self.store.count("skipped", "duplicate")
+            self._forget([update.task_id])
+            log.info(kv("update_skipped", reason="duplicate", task=update.task_id, worker=update.worker_id))
+            return
+        try:
+            staleness = check_staleness(update, self.head, self.settings.max_staleness)
+            delta = load_delta(update, self.store)
+            check_tensors(delta, self.tensor_specs)
+        except MessageError as error:
+            self._dead_letter(delivery_tag, properties, body, error, task_id=update.task_id)
+            return
+        self.buffer.append(Pending(delivery_tag, BufferedUpdate(
+            task_id=update.task_id, worker_id=update.worker_id, base_version=update.base_version,
+            staleness=staleness, num_examples=update.num_examples, delta=delta)))
+        self._forget([update.task_id])
+        if self._buffer_ready():
+            self._commit()
+        self._top_up()
+
+    def _is_duplicate(self, task_id: str) -> bool:
+        return (any(pending.update.task_id == task_id for pending in self.buffer)
+                or self.store.applied_version(task_id) is not None)
+
+    def _buffer_ready(self) -> bool:
+        if self.settings.synchronous:
+            # The barrier: every task of the round has come back or was rejected.
+            return bool(self.buffer) and not self.in_flight
+        return len(self.buffer) >= self.aggregator.buffer_size
+
+    def _dead_letter(self, delivery_tag: int, properties: Any, body: bytes, error: MessageError,
+                     task_id: str | None) -> None:
+        headers = dict(getattr(properties, "headers", None) or {})
+        headers.update({REASON_HEADER: error.reason, DETAIL_HEADER: error.detail[:500]})
+        publish(self._channel, self.topology.dead, body, headers=headers,
+                message_id=getattr(properties, "message_id", None) or uuid.uuid4().hex)
+        self._channel.basic_ack(delivery_tag)
+        self.store.count("rejected", error.reason)
+        log.warning(kv("update_rejected", reason=error.reason, detail=error.detail, task=task_id))
+        if task_id is not None:
+            # The task is over: its replacement is dispatched by the next top-up.
+            self._forget([task_id])
+            if self._buffer_ready():
+                self._commit()
+
+    # -- the server step --------------------------------------------------
+
+    def _commit(self) -> None:
+        pending, self.buffer = self.buffer, []
+        updates = [item.update for item in pending]
+        aggregation_started = time.perf_counter()
+        step = self.aggregator.step(self.weights, updates, self.store.load_weights)
+        new_weights, new_state = self.optimizer.apply(self.weights, step, self.optimizer_state)
+        aggregation_seconds = time.perf_counter() - aggregation_started
+        version = self.head + 1
+        evaluate = self.settings.eval_every > 0 and version % self.settings.eval_every == 0
+        metrics = self._evaluate(new_weights) if evaluate else {}
+        stalenesses = [update.staleness for update in updates]
+        applied = [{"task_id": update.task_id, "worker_id": update.worker_id, "base_version": update.base_version,
+                    "staleness": update.staleness, "weight": weight, "num_examples": update.num_examples}
+                   for update, weight in zip(updates, self.aggregator.weights(updates))]
+        meta = {"metrics": metrics, "config": self.config, "config_digest": config_digest(self.config),
+                "mean_staleness": sum(stalenesses) / len(stalenesses), "max_staleness": max(stalenesses),
+                "aggregation_seconds": aggregation_seconds}
+        self.store.save_optimizer_state(version, new_state)
+        self.head = self.store.commit(self.head, new_weights, meta, applied)
+        self.weights, self.optimizer_state = self.store.load_weights(self.head), new_state
+        for item in pending:
+            self._channel.basic_ack(item.delivery_tag)
+        if metrics:
+            self.last_metrics = metrics
+        log.info(kv("version_committed", version=self.head, updates=len(updates),
+                    mean_staleness=meta["mean_staleness"], max_staleness=meta["max_staleness"],
+                    **{key: value for key, value in metrics.items()}))
+        self._check_stop(metrics)
+
+    def _check_stop(self, metrics: dict[str, float]) -> None:
+        score = metrics.get(self.task.score_metric)
+        if self.settings.target is not None and score is not None and score >= self.settings.target:
+            self._finish("target_reached")
+        elif self.settings.max_versions is not None and self.head >= self.settings.max_versions:
+            self._finish("max_versions")
+
+    def _finish(self, reason: str) -> None:
+        if self.finished_reason is not None:
+            return
+        self.finished_reason = reason
+        # Outstanding tasks would only train a finished model: withdraw them.
+        if self._channel is not None:
+            self._channel.queue_purge(self.topology.tasks)
+        self._forget(list(self.in_flight))
+        self.store.set_state(status="finished", reason=reason, head=self.head)
+        log.info(kv("finished", reason=reason, head=self.head, **self.last_metrics))
+
+    # -- dispatch ---------------------------------------------------------
+
+    def _top_up(self) -> None:
+        if self.finished_reason is not None or self._channel is None:
+            return
+        if self.settings.synchronous:
+            if self.in_flight or self.buffer:
+                return
+            wanted = self.settings.concurrency
+        else:
+            wanted = self.settings.concurrency - len(self.in_flight)
+        for _ in range(max(wanted, 0)):
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        task_id = uuid.uuid4().hex
+        issued_at = time.time()
+        task = RoundTask(job=self.settings.job, task_id=task_id, model_version=self.head, issued_at=issued_at,
+                         train=TrainSettings(epochs=self.settings.local_epochs, batch_size=self.settings.batch_size,
+                                             learning_rate=self.settings.learning_rate,
+                                             seed=int(task_id[:8], 16)))
+        publish(self._channel, self.topology.tasks, task.to_bytes(), message_id=task_id)
+        # Recorded only once the broker has the task: a crash in between leaves an
+        # untracked task whose update is still accepted, never a phantom that blocks dispatch.
+        self.store.record_dispatch(task_id, self.head, issued_at)
+        self.in_flight[task_id] = {"version": self.head, "issued_at": issued_at}
+
+    def _forget(self, task_ids: list[str]) -> None:
+        for task_id in task_ids:
+            self.in_flight.pop(task_id, None)
+        self.store.forget_tasks(task_ids)
+
+    # -- reporting --------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        return {"job": self.settings.job, "head": self.head, "reason": self.finished_reason,
+                "metrics": self.last_metrics, "seconds": time.monotonic() - self.started,
+                "rejected": self.store.counters("rejected"), "skipped": self.store.counters("skipped"),
+                "settings": asdict(self.settings) | {"amqp_url": "***", "redis_url": "***"}}

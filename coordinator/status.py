@@ -1,0 +1,61 @@
+"""``fedq status``: a job's head version, queue depths and consumers."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from broker.depth import queue_depths
+from broker.topology import Topology
+from common.settings import CONNECTION_OPTIONS, add_options, resolve
+from common.store import ModelStore, connect_redis
+
+HELP = "Show a job's head model version, the depth of each of its queues and their consumers."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, CONNECTION_OPTIONS)
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def collect(amqp_url: str, redis_url: str, job: str) -> dict:
+    store = ModelStore(connect_redis(redis_url), job)
+    head = store.head()
+    source, depths = queue_depths(amqp_url, list(Topology(job).queues))
+    meta = store.load_meta(head) if head is not None else {}
+    return {
+        "job": job, "head": head, "state": store.load_state(), "metrics": meta.get("metrics", {}),
+        "in_flight": len(store.in_flight()), "rejected": store.counters("rejected"),
+        "skipped": store.counters("skipped"), "depth_source": source,
+        "queues": [{"name": depth.name, "exists": depth.exists, "ready": depth.ready, "unacked": depth.unacked,
+                    "consumers": depth.consumers} for depth in depths],
+    }
+
+
+def _cell(value) -> str:
+    return "?" if value is None else str(value)
+
+
+def main(args: argparse.Namespace) -> int:
+    values = resolve(args, CONNECTION_OPTIONS)
+    report = collect(values["amqp_url"], values["redis_url"], values["job"])
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    head = "none (no coordinator has run)" if report["head"] is None else report["head"]
+    state = report["state"].get("status", "unknown")
+    print(f"job {report['job']}: head version {head}, {state}, {report['in_flight']} task(s) in flight")
+    if report["metrics"]:
+        print("  latest metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in report["metrics"].items()))
+    if report["rejected"] or report["skipped"]:
+        print(f"  rejected {report['rejected'] or '{}'}, skipped {report['skipped'] or '{}'}")
+    print(f"  {'queue':<32} {'ready':>7} {'unacked':>8} {'consumers':>10}")
+    for queue in report["queues"]:
+        if not queue["exists"]:
+            print(f"  {queue['name']:<32} (not declared)")
+            continue
+        print(f"  {queue['name']:<32} {_cell(queue['ready']):>7} {_cell(queue['unacked']):>8} "
+              f"{_cell(queue['consumers']):>10}")
+    if report["depth_source"] == "amqp":
+        print("  (management API not reachable: counts from AMQP, which reports ready messages only; "
+              "enable it with 'rabbitmq-plugins enable rabbitmq_management')")
+    return 0

@@ -1,0 +1,42 @@
+"""``fedq worker``: run one worker of a job."""
+from __future__ import annotations
+
+import argparse
+
+from common.logs import setup_logging
+from common.settings import CONNECTION_OPTIONS, Option, add_options, non_negative_float, positive_int, resolve
+
+HELP = "Run a worker: take round tasks of a job, train on this worker's data partition, publish updates."
+
+
+def _optional_int(text):
+    return None if str(text).lower() in ("", "none") else int(text)
+
+
+OPTIONS = CONNECTION_OPTIONS + [
+    Option("worker_id", str, "", "stable id of this worker (default: host-pid-random)"),
+    Option("partition", _optional_int, None, "data partition of this worker (default: from the worker id)"),
+    Option("slowdown", non_negative_float, 0.0, "extra seconds per task, to simulate a slow device"),
+    Option("max_tasks", _optional_int, None, "exit after this many tasks"),
+    Option("drain_seconds", non_negative_float, 60.0, "on SIGTERM, how long the current task may still run"),
+    Option("heartbeat", positive_int, 30, "AMQP heartbeat interval in seconds"),
+    Option("log_level", str, "INFO", "log level"),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, OPTIONS)
+
+
+def main(args: argparse.Namespace) -> int:
+    values = resolve(args, OPTIONS)
+    setup_logging(values["log_level"])
+    from worker.service import Worker, WorkerSettings
+
+    worker = Worker(WorkerSettings(
+        job=values["job"], amqp_url=values["amqp_url"], redis_url=values["redis_url"],
+        worker_id=values["worker_id"], partition=values["partition"], slowdown_seconds=values["slowdown"],
+        max_tasks=values["max_tasks"], drain_seconds=values["drain_seconds"],
+        heartbeat_seconds=values["heartbeat"]))
+    worker.install_signal_handlers()
+    return worker.run()
