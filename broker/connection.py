@@ -19,7 +19,8 @@ log = logging.getLogger("fedq.broker")
 HEARTBEAT_SECONDS = 30
 # A broker under a memory or disk alarm blocks publishers; fail instead of hanging.
 BLOCKED_CONNECTION_TIMEOUT_SECONDS = 60
-CONNECT_ATTEMPTS = 8
+# Bounded: a wrong URL or a server that is down should fail within ~8 s, not hang.
+CONNECT_ATTEMPTS = 5
 FIRST_BACKOFF_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 8.0
 

@@ -9,8 +9,10 @@ from typing import Any
 def setup_logging(level: str = "INFO", stream: Any = None) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=stream or sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
-    # pika logs every connection state change at INFO; we log our own events.
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    # pika logs every connection state change, and each failed connection attempt
+    # as an ERROR with a traceback; fedq logs its own one-line events for those.
+    # At DEBUG, pika's own account is shown too.
+    logging.getLogger("pika").setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.CRITICAL)
 
 
 def _format(value: Any) -> str:

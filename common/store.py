@@ -56,6 +56,10 @@ return version
 """
 
 
+# Errors after which waiting and retrying can succeed (Redis restarting, network blip).
+TRANSIENT_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
+
 class StoreError(RuntimeError):
     """Redis is unreachable or holds something we cannot use; the message is for the user."""
 

@@ -25,16 +25,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pika
-import pika.exceptions
-import redis
 
-from broker.connection import BrokerError, connect
+from broker.session import run_with_reconnect
 from broker.publisher import publish
 from broker.topology import Topology
 from common import codec
 from common.logs import kv
 from common.messages import MessageError, ModelUpdate, RoundTask, TrainSettings, parse_update
-from common.store import ModelStore, StoreError, connect_redis
+from common.store import TRANSIENT_REDIS_ERRORS, ModelStore, StoreError, connect_redis
 from common.tasks import FederatedTask, load_task, load_weights_into
 from coordinator.aggregation import Aggregator, BufferedUpdate, FedAsync, FedBuff
 from coordinator.server_optimizers import ServerOptimizer
@@ -44,7 +42,6 @@ from coordinator.validation import check_staleness, check_tensors, load_delta
 log = logging.getLogger("fedq.coordinator")
 
 ALGORITHMS = ("fedasync", "fedbuff", "fedavg")
-RECONNECT_BACKOFF_SECONDS = (1, 2, 4, 8, 15)
 # Headers on dead-lettered messages, for whoever inspects fedq.<job>.dead.
 REASON_HEADER = "x-fedq-reason"
 DETAIL_HEADER = "x-fedq-detail"
@@ -161,11 +158,20 @@ class Coordinator:
         else:
             self.last_metrics = self.store.load_meta(self.head).get("metrics", {})
             log.info(kv("resumed", job=self.settings.job, head=self.head))
+        self._load_head()
+        self.tensor_specs = codec.tensor_specs(self.weights)
+        self.store.set_state(status="running")
+
+    def _load_head(self) -> None:
+        """(Re)load the head version, its optimizer state and the in-flight tasks from Redis.
+
+        Called at every (re)connect: a commit whose reply was lost in a Redis
+        outage may have moved the head after all.
+        """
+        self.head = self.store.head()
         self.weights = self.store.load_weights(self.head)
         self.optimizer_state = self.store.load_optimizer_state(self.head)
-        self.tensor_specs = codec.tensor_specs(self.weights)
         self.in_flight = self.store.in_flight()
-        self.store.set_state(status="running")
 
     def _evaluate(self, weights: codec.Weights) -> dict[str, float]:
         return self.task.evaluate(load_weights_into(self.model, weights))
@@ -174,42 +180,31 @@ class Coordinator:
 
     def run(self) -> dict[str, Any]:
         """Serve until a stop condition holds; reconnects to RabbitMQ/Redis after connection loss."""
-        failures = 0
-        while self.finished_reason is None:
-            try:
-                self._serve()
-            except (pika.exceptions.AMQPConnectionError, pika.exceptions.ConnectionClosed,
-                    pika.exceptions.StreamLostError, BrokerError,
-                    redis.ConnectionError, redis.TimeoutError) as error:
-                backoff = RECONNECT_BACKOFF_SECONDS[min(failures, len(RECONNECT_BACKOFF_SECONDS) - 1)]
-                failures += 1
-                log.warning(kv("connection_lost", error=repr(error), retry_in_s=backoff))
-                # Deliveries of the lost channel come back from the broker; forget them.
-                self.buffer.clear()
-                time.sleep(backoff)
+        run_with_reconnect(self.settings.amqp_url, self._serve, name=f"fedq-coordinator-{self.settings.job}",
+                           should_stop=lambda: self.finished_reason is not None,
+                           on_connection_lost=self._on_connection_lost, also_transient=TRANSIENT_REDIS_ERRORS)
         return self.summary()
 
-    def _serve(self) -> None:
-        connection = connect(self.settings.amqp_url, name=f"fedq-coordinator-{self.settings.job}")
-        try:
-            channel = self._channel = connection.channel()
-            self.topology.declare(channel)
-            channel.confirm_delivery()
-            # Room for a full buffer plus the updates arriving while it fills.
-            channel.basic_qos(prefetch_count=2 * max(self.aggregator.buffer_size, self.settings.concurrency) + 8)
-            self.in_flight = self.store.in_flight()
-            self._top_up()
-            for method, properties, body in channel.consume(self.topology.updates, inactivity_timeout=0.5):
-                if method is not None:
-                    self._on_update(method.delivery_tag, properties, body)
-                self._maintain()
-                if self.finished_reason is not None:
-                    break
-            channel.cancel()
-        finally:
-            self._channel = None
-            if connection.is_open:
-                connection.close()
+    def _on_connection_lost(self) -> None:
+        # Deliveries of the lost channel come back from the broker; forget them.
+        self.buffer.clear()
+        self._channel = None
+
+    def _serve(self, connection: pika.BlockingConnection) -> None:
+        channel = self._channel = connection.channel()
+        self.topology.declare(channel)
+        channel.confirm_delivery()
+        # Room for a full buffer plus the updates arriving while it fills.
+        channel.basic_qos(prefetch_count=2 * max(self.aggregator.buffer_size, self.settings.concurrency) + 8)
+        self._load_head()
+        self._top_up()
+        for method, properties, body in channel.consume(self.topology.updates, inactivity_timeout=0.5):
+            if method is not None:
+                self._on_update(method.delivery_tag, properties, body)
+            self._maintain()
+            if self.finished_reason is not None:
+                break
+        channel.cancel()
 
     def _maintain(self) -> None:
         """Between deliveries: expire lost tasks, check the clock, keep tasks in flight."""

@@ -27,17 +27,15 @@ from typing import Any
 
 import numpy as np
 import pika
-import pika.exceptions
-import redis
 import torch
 
-from broker.connection import BrokerError, connect
+from broker.session import run_with_reconnect
 from broker.publisher import publish
 from broker.topology import Topology
 from common import codec
 from common.logs import kv
 from common.messages import ClaimCheck, InlineDelta, MessageError, ModelUpdate, RoundTask, parse_task
-from common.store import ModelStore, StoreError, UnknownVersionError, connect_redis
+from common.store import TRANSIENT_REDIS_ERRORS, ModelStore, StoreError, UnknownVersionError, connect_redis
 from common.tasks import FederatedTask, load_task, load_weights_into, weights_of
 
 log = logging.getLogger("fedq.worker")
@@ -47,7 +45,6 @@ log = logging.getLogger("fedq.worker")
 INLINE_LIMIT_BYTES = 256 * 1024
 # Claim-checked deltas outlive any sensible queueing delay, then expire by themselves.
 UPDATE_BLOB_TTL_SECONDS = 7 * 24 * 3600
-RECONNECT_BACKOFF_SECONDS = (1, 2, 4, 8, 15)
 
 
 @dataclass(frozen=True)
@@ -103,45 +100,28 @@ class Worker:
 
     def run(self) -> int:
         """Serve tasks until stopped or ``max_tasks`` done; reconnects after connection loss."""
-        failures = 0
-        while not self.stop_requested:
-            try:
-                self._serve()
-                return 0
-            except (pika.exceptions.AMQPConnectionError, pika.exceptions.ConnectionClosed,
-                    pika.exceptions.ChannelClosed, pika.exceptions.StreamLostError, BrokerError,
-                    redis.ConnectionError, redis.TimeoutError) as error:
-                if self.stop_requested:
-                    break
-                backoff = RECONNECT_BACKOFF_SECONDS[min(failures, len(RECONNECT_BACKOFF_SECONDS) - 1)]
-                failures += 1
-                log.warning(kv("connection_lost", worker=self.worker_id, error=repr(error), retry_in_s=backoff))
-                time.sleep(backoff)
+        run_with_reconnect(self.settings.amqp_url, self._serve, name=f"fedq-worker-{self.worker_id}",
+                           should_stop=lambda: self.stop_requested, also_transient=TRANSIENT_REDIS_ERRORS,
+                           heartbeat=self.settings.heartbeat_seconds)
+        log.info(kv("worker_stopped", worker=self.worker_id, tasks_done=self.tasks_done))
         return 0
 
-    def _serve(self) -> None:
-        connection = connect(self.settings.amqp_url, name=f"fedq-worker-{self.worker_id}",
-                             heartbeat=self.settings.heartbeat_seconds)
-        try:
-            channel = connection.channel()
-            self.topology.declare(channel)
-            channel.confirm_delivery()
-            channel.basic_qos(prefetch_count=1)
-            log.info(kv("worker_ready", worker=self.worker_id, job=self.settings.job))
-            for method, _properties, body in channel.consume(self.topology.tasks, inactivity_timeout=0.5):
-                if self.stop_requested:
-                    break
-                if method is None:
-                    continue
-                self._handle(connection, channel, method, body)
-                if self.settings.max_tasks is not None and self.tasks_done >= self.settings.max_tasks:
-                    break
-            # Returns any deliveries prefetched but not started to the queue.
-            channel.cancel()
-        finally:
-            if connection.is_open:
-                connection.close()
-        log.info(kv("worker_stopped", worker=self.worker_id, tasks_done=self.tasks_done))
+    def _serve(self, connection: pika.BlockingConnection) -> None:
+        channel = connection.channel()
+        self.topology.declare(channel)
+        channel.confirm_delivery()
+        channel.basic_qos(prefetch_count=1)
+        log.info(kv("worker_ready", worker=self.worker_id, job=self.settings.job))
+        for method, _properties, body in channel.consume(self.topology.tasks, inactivity_timeout=0.5):
+            if self.stop_requested:
+                break
+            if method is None:
+                continue
+            self._handle(connection, channel, method, body)
+            if self.settings.max_tasks is not None and self.tasks_done >= self.settings.max_tasks:
+                break
+        # Returns any delivery prefetched but not started to the queue.
+        channel.cancel()
 
     def _handle(self, connection: pika.BlockingConnection, channel: Any, method: Any, body: bytes) -> None:
         try:
@@ -153,6 +133,7 @@ class Worker:
             channel.basic_reject(method.delivery_tag, requeue=False)
             return
         started = time.monotonic()
+        log.info(kv("task_started", worker=self.worker_id, task=task.task_id, base_version=task.model_version))
         outcome: dict[str, Any] = {}
         thread = threading.Thread(target=self._train_into, args=(task, outcome), daemon=True,
                                   name=f"train-{task.task_id[:8]}")
