@@ -6,6 +6,7 @@ import json
 import logging
 
 from common.logs import kv, setup_logging
+from common.metrics import serve_metrics
 from common.settings import (CONNECTION_OPTIONS, Option, SettingsError, add_options, non_negative_int, parse_bool,
                              positive_float, positive_int, resolve)
 
@@ -45,6 +46,7 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("eval_every", non_negative_int, 1, "evaluate every N versions (0: never)"),
     Option("seed", int, 0, "seed of the initial model"),
     Option("task_lease_seconds", positive_float, 600.0, "a task not answered within this is replaced"),
+    Option("metrics_port", non_negative_int, 0, "serve Prometheus /metrics on this port (0: off)"),
     Option("log_level", str, "INFO", "log level"),
 ]
 
@@ -56,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     values = resolve(args, OPTIONS)
     setup_logging(values.pop("log_level"))
+    serve_metrics(values.pop("metrics_port"))
     from coordinator.service import Coordinator, CoordinatorSettings
 
     try:

@@ -30,6 +30,7 @@ from broker.session import run_with_reconnect
 from broker.publisher import publish
 from broker.topology import Topology
 from common import codec
+from common import metrics
 from common.logs import kv
 from common.messages import MessageError, ModelUpdate, RoundTask, TrainSettings, parse_update
 from common.store import TRANSIENT_REDIS_ERRORS, ModelStore, StoreError, connect_redis
@@ -172,6 +173,7 @@ class Coordinator:
         self.weights = self.store.load_weights(self.head)
         self.optimizer_state = self.store.load_optimizer_state(self.head)
         self.in_flight = self.store.in_flight()
+        metrics.HEAD_VERSION.labels(self.settings.job).set(self.head)
 
     def _evaluate(self, weights: codec.Weights) -> dict[str, float]:
         return self.task.evaluate(load_weights_into(self.model, weights))
@@ -231,6 +233,7 @@ class Coordinator:
         if self._is_duplicate(update.task_id):
             self._channel.basic_ack(delivery_tag)
             self.store.count("skipped", "duplicate")
+            metrics.UPDATES_SKIPPED.labels(self.settings.job, "duplicate").inc()
             self._forget([update.task_id])
             log.info(kv("update_skipped", reason="duplicate", task=update.task_id, worker=update.worker_id))
             return
@@ -245,6 +248,7 @@ class Coordinator:
             task_id=update.task_id, worker_id=update.worker_id, base_version=update.base_version,
             staleness=staleness, num_examples=update.num_examples, delta=delta)))
         self._forget([update.task_id])
+        metrics.BUFFER_FILL.labels(self.settings.job).set(len(self.buffer))
         if self._buffer_ready():
             self._commit()
         self._top_up()
@@ -267,6 +271,7 @@ class Coordinator:
                 message_id=getattr(properties, "message_id", None) or uuid.uuid4().hex)
         self._channel.basic_ack(delivery_tag)
         self.store.count("rejected", error.reason)
+        metrics.UPDATES_REJECTED.labels(self.settings.job, error.reason).inc()
         log.warning(kv("update_rejected", reason=error.reason, detail=error.detail, task=task_id))
         if task_id is not None:
             # The task is over: its replacement is dispatched by the next top-up.
@@ -285,28 +290,44 @@ class Coordinator:
         aggregation_seconds = time.perf_counter() - aggregation_started
         version = self.head + 1
         evaluate = self.settings.eval_every > 0 and version % self.settings.eval_every == 0
-        metrics = self._evaluate(new_weights) if evaluate else {}
+        scores = self._evaluate(new_weights) if evaluate else {}
         stalenesses = [update.staleness for update in updates]
         applied = [{"task_id": update.task_id, "worker_id": update.worker_id, "base_version": update.base_version,
                     "staleness": update.staleness, "weight": weight, "num_examples": update.num_examples}
                    for update, weight in zip(updates, self.aggregator.weights(updates))]
-        meta = {"metrics": metrics, "config": self.config, "config_digest": config_digest(self.config),
+        meta = {"metrics": scores, "config": self.config, "config_digest": config_digest(self.config),
                 "mean_staleness": sum(stalenesses) / len(stalenesses), "max_staleness": max(stalenesses),
                 "aggregation_seconds": aggregation_seconds}
+        commit_started = time.perf_counter()
         self.store.save_optimizer_state(version, new_state)
         self.head = self.store.commit(self.head, new_weights, meta, applied)
         self.weights, self.optimizer_state = self.store.load_weights(self.head), new_state
         for item in pending:
             self._channel.basic_ack(item.delivery_tag)
-        if metrics:
-            self.last_metrics = metrics
+        self._observe_commit(updates, scores, aggregation_seconds, time.perf_counter() - commit_started)
         log.info(kv("version_committed", version=self.head, updates=len(updates),
                     mean_staleness=meta["mean_staleness"], max_staleness=meta["max_staleness"],
-                    **{key: value for key, value in metrics.items()}))
-        self._check_stop(metrics)
+                    **{key: value for key, value in scores.items()}))
+        self._check_stop(scores)
 
-    def _check_stop(self, metrics: dict[str, float]) -> None:
-        score = metrics.get(self.task.score_metric)
+    def _observe_commit(self, updates: list[BufferedUpdate], scores: dict[str, float],
+                        aggregation_seconds: float, commit_seconds: float) -> None:
+        job = self.settings.job
+        if scores:
+            self.last_metrics = scores
+            for name, value in scores.items():
+                metrics.MODEL_SCORE.labels(job, name).set(value)
+        metrics.UPDATES_APPLIED.labels(job).inc(len(updates))
+        metrics.VERSIONS_COMMITTED.labels(job).inc()
+        for update in updates:
+            metrics.STALENESS.labels(job).observe(update.staleness)
+        metrics.AGGREGATION_SECONDS.labels(job).observe(aggregation_seconds)
+        metrics.COMMIT_SECONDS.labels(job).observe(commit_seconds)
+        metrics.HEAD_VERSION.labels(job).set(self.head)
+        metrics.BUFFER_FILL.labels(job).set(len(self.buffer))
+
+    def _check_stop(self, scores: dict[str, float]) -> None:
+        score = scores.get(self.task.score_metric)
         if self.settings.target is not None and score is not None and score >= self.settings.target:
             self._finish("target_reached")
         elif self.settings.max_versions is not None and self.head >= self.settings.max_versions:
@@ -349,11 +370,14 @@ class Coordinator:
         # untracked task whose update is still accepted, never a phantom that blocks dispatch.
         self.store.record_dispatch(task_id, self.head, issued_at)
         self.in_flight[task_id] = {"version": self.head, "issued_at": issued_at}
+        metrics.TASKS_DISPATCHED.labels(self.settings.job).inc()
+        metrics.TASKS_IN_FLIGHT.labels(self.settings.job).set(len(self.in_flight))
 
     def _forget(self, task_ids: list[str]) -> None:
         for task_id in task_ids:
             self.in_flight.pop(task_id, None)
         self.store.forget_tasks(task_ids)
+        metrics.TASKS_IN_FLIGHT.labels(self.settings.job).set(len(self.in_flight))
 
     # -- reporting --------------------------------------------------------
 

@@ -33,6 +33,7 @@ from broker.session import run_with_reconnect
 from broker.publisher import publish
 from broker.topology import Topology
 from common import codec
+from common import metrics
 from common.logs import kv
 from common.messages import ClaimCheck, InlineDelta, MessageError, ModelUpdate, RoundTask, parse_task
 from common.store import TRANSIENT_REDIS_ERRORS, ModelStore, StoreError, UnknownVersionError, connect_redis
@@ -146,10 +147,12 @@ class Worker:
                 drain_deadline = time.monotonic() + self.settings.drain_seconds
             if self.stop_now or (drain_deadline is not None and time.monotonic() > drain_deadline):
                 channel.basic_nack(method.delivery_tag, requeue=True)
+                metrics.WORKER_TASKS.labels(self.settings.job, "requeued").inc()
                 log.info(kv("task_requeued", worker=self.worker_id, task=task.task_id))
                 return
         if "error" in outcome:
             error = outcome["error"]
+            metrics.WORKER_FAILURES.labels(self.settings.job, type(error).__name__).inc()
             if isinstance(error, UnknownVersionError):
                 log.warning(kv("task_rejected", worker=self.worker_id, task=task.task_id, reason="unknown_version",
                                detail=str(error)))
@@ -158,9 +161,15 @@ class Worker:
             channel.basic_nack(method.delivery_tag, requeue=True)
             raise error
         update: ModelUpdate = outcome["update"]
-        publish(channel, self.topology.updates, update.to_bytes(), message_id=task.task_id)
+        body = update.to_bytes()
+        publish(channel, self.topology.updates, body, message_id=task.task_id)
         channel.basic_ack(method.delivery_tag)
         self.tasks_done += 1
+        job = self.settings.job
+        metrics.WORKER_TASKS.labels(job, "done").inc()
+        metrics.WORKER_TASK_SECONDS.labels(job).observe(time.monotonic() - started)
+        sent = update.delta.nbytes if isinstance(update.delta, ClaimCheck) else len(body)
+        metrics.WORKER_BYTES_SENT.labels(job).inc(sent)
         log.info(kv("task_done", worker=self.worker_id, task=task.task_id, base_version=task.model_version,
                     examples=update.num_examples, seconds=time.monotonic() - started,
                     **{key: value for key, value in update.metrics.items()}))
