@@ -1,10 +1,10 @@
 """The ``fedq`` command: one entry point, subcommands loaded lazily.
 
 Subcommands live with the package they belong to (``coordinator.cli``,
-``worker.cli``, ...) and are named here as module paths, not imported: ``common``
-must not depend on the services, and ``fedq status`` should not pay torch's
-multi-second import. Each module provides ``HELP``, ``add_arguments(parser)``
-and ``main(args) -> exit code``.
+``worker.cli``, ...) and are named here as paths, not imported: ``common`` must
+not depend on the services, and ``fedq status`` should not pay torch's
+multi-second import. A path names a module or a ``module:Object``; either
+provides ``HELP``, ``add_arguments(parser)`` and ``main(args) -> exit code``.
 """
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ SUBCOMMANDS = {
     "coordinator": "coordinator.cli",
     "worker": "worker.cli",
     "status": "coordinator.status",
+    "history": "coordinator.records:History",
+    "show": "coordinator.records:Show",
+    "export": "coordinator.records:Export",
+    "replay": "coordinator.records:Replay",
+    "rollback": "coordinator.records:Rollback",
 }
 
 SUMMARIES = {
@@ -24,6 +29,11 @@ SUMMARIES = {
     "coordinator": "run the coordinator of a job",
     "worker": "run a worker of a job",
     "status": "show a job's head version, queue depths and consumers",
+    "history": "list a job's versions with staleness and metrics, and its Redis memory",
+    "show": "show one version's metadata and applied updates",
+    "export": "write one version to a safetensors file",
+    "replay": "recompute versions from the logged updates and verify them bit for bit",
+    "rollback": "make an old version the head again, as a new version",
 }
 
 
@@ -55,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if argv else 2
         parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)}")
     name, rest = argv[0], argv[1:]
-    module = importlib.import_module(SUBCOMMANDS[name])
+    module_name, _, object_name = SUBCOMMANDS[name].partition(":")
+    module = importlib.import_module(module_name)
+    if object_name:
+        module = getattr(module, object_name)
     parser = argparse.ArgumentParser(prog=f"fedq {name}", description=module.HELP)
     module.add_arguments(parser)
     args = parser.parse_args(rest)

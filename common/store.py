@@ -10,7 +10,10 @@ Redis Cluster slot and a Lua script may touch them together)::
     fedq:{job}:history           stream, one entry per version, listing every update applied
     fedq:{job}:applied           hash task_id -> version that applied it (idempotency record)
     fedq:{job}:inflight          hash task_id -> JSON {version, issued_at} of dispatched tasks
-    fedq:{job}:update:<task_id>  claim-checked weight delta of one update (with a TTL)
+    fedq:{job}:update:<task_id>  weight delta of one update: a TTL while it is a pending claim
+                                 check, kept (for replay) once applied, until retention prunes it
+    fedq:{job}:abandoned         set of versions left behind by a rollback
+    fedq:{job}:pruned_through    retention has handled every version up to this one
     fedq:{job}:counters          hash: rejected.<reason> / skipped.<reason> -> count
     fedq:{job}:optstate:<v>      safetensors server-optimizer state after version v (stateful optimizers)
     fedq:{job}:state             JSON {status, reason, ...}: running / finished
@@ -50,6 +53,14 @@ local task_ids = cjson.decode(ARGV[5])
 for _, task_id in ipairs(task_ids) do
   redis.call('HSET', KEYS[4], task_id, version)
   redis.call('HDEL', KEYS[5], task_id)
+end
+-- claim-checked blobs were written with a TTL; once applied they are part of the record
+for _, blob_key in ipairs(cjson.decode(ARGV[6])) do
+  redis.call('PERSIST', blob_key)
+end
+-- a rollback abandons the versions after its target: updates based on them are refused
+for _, abandoned in ipairs(cjson.decode(ARGV[7])) do
+  redis.call('SADD', KEYS[6], abandoned)
 end
 redis.call('SET', KEYS[1], version)
 return version
@@ -140,26 +151,40 @@ class ModelStore:
         return json.loads(raw)
 
     def commit(self, expected_head: int | None, weights: codec.Weights, meta: dict[str, Any],
-               applied: list[dict[str, Any]]) -> int:
+               applied: list[dict[str, Any]], *, update_blobs: dict[str, bytes] | None = None,
+               optimizer_state: codec.Weights | None = None, abandon: Iterable[int] = ()) -> int:
         """Write version ``expected_head + 1`` (or 0 when there is no head) atomically.
 
-        ``applied`` lists the updates folded in, in order; their task ids become
-        idempotency records and leave the in-flight set in the same transaction.
-        Raises HeadMovedError when the head is no longer ``expected_head``.
+        ``applied`` lists the updates folded in, in order, each with its
+        ``task_id`` and ``blob_key``; their task ids become idempotency records
+        and leave the in-flight set, and their blobs lose any TTL, in the same
+        transaction. ``update_blobs`` are blobs to write first (inline deltas,
+        kept for replay). ``abandon`` marks versions a rollback leaves behind.
+        Raises HeadMovedError when the head is no longer
+        ``expected_head``.
         """
         version = 0 if expected_head is None else expected_head + 1
         payload = codec.encode(weights)
         meta = {**meta, "version": version, "parent": expected_head, "digest": codec.digest(payload),
                 "created": meta.get("created", time.time()), "updates_applied": len(applied)}
         entry = {**meta, "updates": applied}
-        self.redis.set(self.key("model", version), payload)
+        # Everything the script will reference is written first, under its final key.
+        writes = self.redis.pipeline(transaction=False)
+        writes.set(self.key("model", version), payload)
+        if optimizer_state:
+            writes.set(self.key("optstate", version), codec.encode(optimizer_state))
+        for key, blob in (update_blobs or {}).items():
+            writes.set(key, blob)
+        writes.execute()
         try:
             self._commit(
                 keys=[self.key("head"), self.key("meta", version), self.key("history"),
-                      self.key("applied"), self.key("inflight")],
+                      self.key("applied"), self.key("inflight"), self.key("abandoned")],
                 args=["" if expected_head is None else str(expected_head), str(version),
                       json.dumps(meta, sort_keys=True), json.dumps(entry, sort_keys=True),
-                      json.dumps([update["task_id"] for update in applied])])
+                      json.dumps([update["task_id"] for update in applied]),
+                      json.dumps([update["blob_key"] for update in applied]),
+                      json.dumps([int(version) for version in abandon])])
         except redis.ResponseError as error:
             if "HEADMOVED" in str(error):
                 raise HeadMovedError(f"job {self.job!r}: head moved ({error}); is another coordinator running?") from None
@@ -170,15 +195,15 @@ class ModelStore:
         self._remember(version, frozen)
         return version
 
+    def abandoned_versions(self) -> set[int]:
+        """Versions a rollback left behind; updates computed from them are refused."""
+        return {int(version) for version in self.redis.smembers(self.key("abandoned"))}
+
     def history(self, start_version: int = 0, end_version: int | None = None) -> list[dict[str, Any]]:
         """History entries with start_version <= version <= end_version, oldest first."""
         upper = "+" if end_version is None else f"{end_version}-1"
         return [json.loads(fields[b"entry"])
                 for _, fields in self.redis.xrange(self.key("history"), min=f"{start_version}-0", max=upper)]
-
-    def save_optimizer_state(self, version: int, state: codec.Weights) -> None:
-        if state:
-            self.redis.set(self.key("optstate", version), codec.encode(state))
 
     def load_optimizer_state(self, version: int) -> codec.Weights:
         payload = self.redis.get(self.key("optstate", version))
@@ -236,9 +261,47 @@ class ModelStore:
                 for name, count in self.redis.hgetall(self.key("counters")).items()
                 if name.decode().startswith(prefix)}
 
+    # -- retention and memory ---------------------------------------------
+
+    def prune(self, head: int, keep_last: int, checkpoint_every: int) -> list[int]:
+        """Delete the weights, optimizer state and update blobs of old versions.
+
+        Kept: the last ``keep_last`` versions and every version divisible by
+        ``checkpoint_every`` (0: no checkpoints). Metadata and history entries
+        are always kept: they are small and say how each version came to be.
+        Returns the versions pruned now.
+        """
+        pruned_through = int(self.redis.get(self.key("pruned_through")) or -1)
+        last_to_prune = head - keep_last
+        pruned = []
+        for version in range(pruned_through + 1, last_to_prune + 1):
+            if checkpoint_every and version % checkpoint_every == 0:
+                continue
+            entries = self.history(version, version)
+            blob_keys = [update["blob_key"] for entry in entries for update in entry["updates"]
+                         if update.get("blob_key")]
+            self.redis.delete(self.key("model", version), self.key("optstate", version), *blob_keys)
+            self._weights_cache.pop(version, None)
+            pruned.append(version)
+        if last_to_prune > pruned_through:
+            self.redis.set(self.key("pruned_through"), last_to_prune)
+        return pruned
+
+    def memory_usage(self) -> dict[str, int]:
+        """Bytes Redis uses for this job, by kind of key (model, meta, update, history, ...)."""
+        usage: dict[str, int] = {}
+        for key in self.redis.scan_iter(match=self._match_all(), count=1000):
+            kind = key.decode()[len(self.prefix):].split(":", 1)[0]
+            usage[kind] = usage.get(kind, 0) + int(self.redis.memory_usage(key, samples=0) or 0)
+        return usage
+
+    def _match_all(self) -> str:
+        # Job names are validated to hold no glob characters (see common.settings).
+        return self.prefix + "*"
+
     def delete_job(self) -> int:
-        """Remove every key of the job (tests and `fedq demo --fresh`)."""
-        keys = list(self.redis.scan_iter(match=self.prefix.replace("{", "\\{").replace("}", "\\}") + "*", count=1000))
+        """Remove every key of the job (tests, and `fedq demo` starting afresh)."""
+        keys = list(self.redis.scan_iter(match=self._match_all(), count=1000))
         return self.redis.delete(*keys) if keys else 0
 
 

@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -23,6 +25,9 @@ from coordinator.staleness import Polynomial, StalenessFunction
 # One thread: on two cores shared with workers and servers, a second torch
 # thread costs far more than it gains (DESIGN.md measured 1.2-400x).
 torch.set_num_threads(1)
+# Versions are cached as read-only arrays; torch warns when it wraps one, though
+# add_scaled only ever reads its addend.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 @dataclass(frozen=True)

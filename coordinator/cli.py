@@ -46,6 +46,11 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("eval_every", non_negative_int, 1, "evaluate every N versions (0: never)"),
     Option("seed", int, 0, "seed of the initial model"),
     Option("task_lease_seconds", positive_float, 600.0, "a task not answered within this is replaced"),
+    Option("keep_versions", non_negative_int, 0, "retention: keep the weights of the last N versions (0: all)"),
+    Option("checkpoint_every", non_negative_int, 0, "retention: also keep every k-th version (0: none)"),
+    Option("server_beta1", float, 0.9, "server optimizer: first-moment decay (momentum for 'momentum')"),
+    Option("server_beta2", float, 0.99, "server optimizer: second-moment decay"),
+    Option("server_epsilon", positive_float, 1e-3, "server optimizer: adaptivity epsilon (tau in Reddi et al.)"),
     Option("metrics_port", non_negative_int, 0, "serve Prometheus /metrics on this port (0: off)"),
     Option("log_level", str, "INFO", "log level"),
 ]

@@ -16,8 +16,6 @@ commits when every one of them has come back (or was rejected): the barrier.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 import uuid
@@ -32,17 +30,18 @@ from broker.topology import Topology
 from common import codec
 from common import metrics
 from common.logs import kv
-from common.messages import MessageError, ModelUpdate, RoundTask, TrainSettings, parse_update
-from common.store import TRANSIENT_REDIS_ERRORS, ModelStore, StoreError, connect_redis
+from common.messages import ClaimCheck, MessageError, RoundTask, TrainSettings, parse_update
+from common.store import TRANSIENT_REDIS_ERRORS, HeadMovedError, ModelStore, StoreError, connect_redis
 from common.tasks import FederatedTask, load_task, load_weights_into
-from coordinator.aggregation import Aggregator, BufferedUpdate, FedAsync, FedBuff
-from coordinator.server_optimizers import ServerOptimizer
-from coordinator.staleness import parse_staleness
+from coordinator.aggregation import BufferedUpdate
+from coordinator.step import build_aggregator, build_optimizer, config_digest, server_step
 from coordinator.validation import check_staleness, check_tensors, load_delta
 
 log = logging.getLogger("fedq.coordinator")
 
 ALGORITHMS = ("fedasync", "fedbuff", "fedavg")
+# How often an idle coordinator looks for a head moved by someone else (`fedq rollback`).
+HEAD_CHECK_SECONDS = 2.0
 # Headers on dead-lettered messages, for whoever inspects fedq.<job>.dead.
 REASON_HEADER = "x-fedq-reason"
 DETAIL_HEADER = "x-fedq-detail"
@@ -76,6 +75,8 @@ class CoordinatorSettings:
     eval_every: int = 1
     seed: int = 0
     task_lease_seconds: float = 600.0
+    keep_versions: int = 0
+    checkpoint_every: int = 0
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -93,31 +94,15 @@ class CoordinatorSettings:
         return {name: getattr(self, name) for name in names}
 
 
-def build_aggregator(settings: CoordinatorSettings) -> Aggregator:
-    staleness = parse_staleness(settings.staleness)
-    if settings.algorithm == "fedasync":
-        return FedAsync(settings.mixing_rate, staleness)
-    if settings.algorithm == "fedbuff":
-        return FedBuff(settings.buffer_size, staleness, example_weighted=settings.example_weighted)
-    # Synchronous FedAvg: every round's updates (tau = 0), example-weighted mean, one step.
-    return FedBuff(settings.concurrency, staleness, example_weighted=True)
-
-
-def build_optimizer(settings: CoordinatorSettings) -> ServerOptimizer:
-    return ServerOptimizer(settings.server_optimizer, settings.server_lr, settings.server_beta1,
-                           settings.server_beta2, settings.server_epsilon)
-
-
-def config_digest(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-
-
 @dataclass
 class Pending:
     """A validated update waiting in the buffer, with its unacked delivery."""
 
     delivery_tag: int
     update: BufferedUpdate
+    digest: str
+    blob_key: str
+    inline_payload: bytes | None  # written to blob_key at commit; claim checks are already there
 
 
 class Coordinator:
@@ -125,9 +110,9 @@ class Coordinator:
         self.settings = settings
         self.topology = Topology(settings.job)
         self.store = store or ModelStore(connect_redis(settings.redis_url), settings.job)
-        self.aggregator = build_aggregator(settings)
-        self.optimizer = build_optimizer(settings)
         self.config = settings.aggregation_config()
+        self.aggregator = build_aggregator(self.config)
+        self.optimizer = build_optimizer(self.config)
         self.task: FederatedTask = load_task(settings.task, settings.task_params)
         self.model = self.task.build_model()
         self.buffer: list[Pending] = []
@@ -172,7 +157,9 @@ class Coordinator:
         self.head = self.store.head()
         self.weights = self.store.load_weights(self.head)
         self.optimizer_state = self.store.load_optimizer_state(self.head)
+        self.abandoned = self.store.abandoned_versions()
         self.in_flight = self.store.in_flight()
+        self._head_checked = time.monotonic()
         metrics.HEAD_VERSION.labels(self.settings.job).set(self.head)
 
     def _evaluate(self, weights: codec.Weights) -> dict[str, float]:
@@ -209,7 +196,12 @@ class Coordinator:
         channel.cancel()
 
     def _maintain(self) -> None:
-        """Between deliveries: expire lost tasks, check the clock, keep tasks in flight."""
+        """Between deliveries: notice a rollback, expire lost tasks, check the clock, keep tasks in flight."""
+        if time.monotonic() - self._head_checked > HEAD_CHECK_SECONDS:
+            self._head_checked = time.monotonic()
+            if self.store.head() != self.head and not self.buffer:
+                log.info(kv("head_changed_elsewhere", old=self.head, new=self.store.head()))
+                self._load_head()
         now = time.time()
         expired = [task_id for task_id, info in self.in_flight.items()
                    if now - info["issued_at"] > self.settings.task_lease_seconds]
@@ -238,15 +230,18 @@ class Coordinator:
             log.info(kv("update_skipped", reason="duplicate", task=update.task_id, worker=update.worker_id))
             return
         try:
-            staleness = check_staleness(update, self.head, self.settings.max_staleness)
-            delta = load_delta(update, self.store)
+            staleness = check_staleness(update, self.head, self.settings.max_staleness, self.abandoned)
+            payload, delta = load_delta(update, self.store)
             check_tensors(delta, self.tensor_specs)
         except MessageError as error:
             self._dead_letter(delivery_tag, properties, body, error, task_id=update.task_id)
             return
-        self.buffer.append(Pending(delivery_tag, BufferedUpdate(
-            task_id=update.task_id, worker_id=update.worker_id, base_version=update.base_version,
-            staleness=staleness, num_examples=update.num_examples, delta=delta)))
+        self.buffer.append(Pending(
+            delivery_tag, BufferedUpdate(task_id=update.task_id, worker_id=update.worker_id,
+                                         base_version=update.base_version, staleness=staleness,
+                                         num_examples=update.num_examples, delta=delta),
+            digest=codec.digest(payload), blob_key=self.store.update_key(update.task_id),
+            inline_payload=None if isinstance(update.delta, ClaimCheck) else payload))
         self._forget([update.task_id])
         metrics.BUFFER_FILL.labels(self.settings.job).set(len(self.buffer))
         if self._buffer_ready():
@@ -285,22 +280,33 @@ class Coordinator:
         pending, self.buffer = self.buffer, []
         updates = [item.update for item in pending]
         aggregation_started = time.perf_counter()
-        step = self.aggregator.step(self.weights, updates, self.store.load_weights)
-        new_weights, new_state = self.optimizer.apply(self.weights, step, self.optimizer_state)
+        new_weights, new_state, weights = server_step(self.aggregator, self.optimizer, self.weights,
+                                                      self.optimizer_state, updates, self.store.load_weights)
         aggregation_seconds = time.perf_counter() - aggregation_started
         version = self.head + 1
         evaluate = self.settings.eval_every > 0 and version % self.settings.eval_every == 0
         scores = self._evaluate(new_weights) if evaluate else {}
         stalenesses = [update.staleness for update in updates]
         applied = [{"task_id": update.task_id, "worker_id": update.worker_id, "base_version": update.base_version,
-                    "staleness": update.staleness, "weight": weight, "num_examples": update.num_examples}
-                   for update, weight in zip(updates, self.aggregator.weights(updates))]
+                    "staleness": update.staleness, "weight": weight, "num_examples": update.num_examples,
+                    "digest": item.digest, "blob_key": item.blob_key}
+                   for item, update, weight in zip(pending, updates, weights)]
         meta = {"metrics": scores, "config": self.config, "config_digest": config_digest(self.config),
                 "mean_staleness": sum(stalenesses) / len(stalenesses), "max_staleness": max(stalenesses),
                 "aggregation_seconds": aggregation_seconds}
         commit_started = time.perf_counter()
-        self.store.save_optimizer_state(version, new_state)
-        self.head = self.store.commit(self.head, new_weights, meta, applied)
+        try:
+            self.head = self.store.commit(
+                self.head, new_weights, meta, applied, optimizer_state=new_state,
+                update_blobs={item.blob_key: item.inline_payload for item in pending if item.inline_payload})
+        except HeadMovedError as error:
+            # Someone else moved the head (a rollback): start over from it. The
+            # updates go back to the queue and are judged again against the new head.
+            log.warning(kv("head_moved", error=str(error)))
+            for item in pending:
+                self._channel.basic_nack(item.delivery_tag, requeue=True)
+            self._load_head()
+            return
         self.weights, self.optimizer_state = self.store.load_weights(self.head), new_state
         for item in pending:
             self._channel.basic_ack(item.delivery_tag)
@@ -308,6 +314,8 @@ class Coordinator:
         log.info(kv("version_committed", version=self.head, updates=len(updates),
                     mean_staleness=meta["mean_staleness"], max_staleness=meta["max_staleness"],
                     **{key: value for key, value in scores.items()}))
+        if self.settings.keep_versions:
+            self.store.prune(self.head, self.settings.keep_versions, self.settings.checkpoint_every)
         self._check_stop(scores)
 
     def _observe_commit(self, updates: list[BufferedUpdate], scores: dict[str, float],

@@ -12,12 +12,14 @@ from common.messages import ClaimCheck, MessageError, ModelUpdate
 from common.store import ModelStore
 
 
-def load_delta(update: ModelUpdate, store: ModelStore) -> codec.Weights:
-    """The update's delta, from the message or its Redis claim check (verified by sha256)."""
+def load_delta(update: ModelUpdate, store: ModelStore) -> tuple[bytes, codec.Weights]:
+    """The update's delta as (safetensors bytes, arrays), from the message or its Redis
+    claim check (verified by sha256)."""
     if isinstance(update.delta, ClaimCheck):
         claim = update.delta
-        if not claim.key.startswith(store.prefix):
-            raise MessageError("bad_claim", f"claim key {claim.key!r} is outside job {store.job!r}")
+        if claim.key != store.update_key(update.task_id):
+            # An update may only claim its own blob, never another job's or another update's.
+            raise MessageError("bad_claim", f"claim key {claim.key!r} is not this update's blob key")
         payload = store.get_blob(claim.key)
         if payload is None:
             raise MessageError("missing_blob", f"claim-checked blob {claim.key!r} is gone (expired or never written)")
@@ -26,7 +28,7 @@ def load_delta(update: ModelUpdate, store: ModelStore) -> codec.Weights:
     else:
         payload = update.delta.payload
     try:
-        return codec.decode(payload)
+        return payload, codec.decode(payload)
     except codec.CodecError as error:
         raise MessageError("bad_tensor", str(error)) from None
 
@@ -47,8 +49,10 @@ def check_tensors(delta: codec.Weights, expected: dict[str, tuple[tuple[int, ...
             raise MessageError("not_finite", f"tensor {name!r} contains NaN or infinity")
 
 
-def check_staleness(update: ModelUpdate, head: int, max_staleness: int) -> int:
+def check_staleness(update: ModelUpdate, head: int, max_staleness: int, abandoned: set[int] = frozenset()) -> int:
     """The update's staleness (head - base_version), if it is acceptable."""
+    if update.base_version in abandoned:
+        raise MessageError("rolled_back", f"base version {update.base_version} was abandoned by a rollback")
     if update.base_version > head:
         raise MessageError("future_version", f"base version {update.base_version} is ahead of head {head}")
     staleness = head - update.base_version
