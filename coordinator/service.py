@@ -28,6 +28,7 @@ from broker.session import run_with_reconnect
 from broker.publisher import publish
 from broker.topology import Topology
 from common import codec
+from common.faults import crash_point
 from common import metrics
 from common.logs import kv
 from common.messages import ClaimCheck, MessageError, RoundTask, TrainSettings, parse_update
@@ -244,6 +245,7 @@ class Coordinator:
             inline_payload=None if isinstance(update.delta, ClaimCheck) else payload))
         self._forget([update.task_id])
         metrics.BUFFER_FILL.labels(self.settings.job).set(len(self.buffer))
+        crash_point("buffered")
         if self._buffer_ready():
             self._commit()
         self._top_up()
@@ -308,6 +310,7 @@ class Coordinator:
             self._load_head()
             return
         self.weights, self.optimizer_state = self.store.load_weights(self.head), new_state
+        crash_point("committed")
         for item in pending:
             self._channel.basic_ack(item.delivery_tag)
         self._observe_commit(updates, scores, aggregation_seconds, time.perf_counter() - commit_started)
@@ -374,6 +377,7 @@ class Coordinator:
                                              learning_rate=self.settings.learning_rate,
                                              seed=int(task_id[:8], 16)))
         publish(self._channel, self.topology.tasks, task.to_bytes(), message_id=task_id)
+        crash_point("dispatched")
         # Recorded only once the broker has the task: a crash in between leaves an
         # untracked task whose update is still accepted, never a phantom that blocks dispatch.
         self.store.record_dispatch(task_id, self.head, issued_at)

@@ -101,7 +101,7 @@ class Worker:
 
     def run(self) -> int:
         """Serve tasks until stopped or ``max_tasks`` done; reconnects after connection loss."""
-        run_with_reconnect(self.settings.amqp_url, self._serve, name=f"fedq-worker-{self.worker_id}",
+        run_with_reconnect(self.settings.amqp_url, self._serve, name=f"fedq-worker-{self.settings.job}-{self.worker_id}",
                            should_stop=lambda: self.stop_requested, also_transient=TRANSIENT_REDIS_ERRORS,
                            heartbeat=self.settings.heartbeat_seconds)
         log.info(kv("worker_stopped", worker=self.worker_id, tasks_done=self.tasks_done))
