@@ -99,6 +99,18 @@ class FedAsync(Aggregator):
         return step
 
 
+ROBUST_ESTIMATORS = ("mean", "median", "trimmed_mean")
+
+
+def clip_by_norm(delta: Weights, max_norm: float) -> Weights:
+    """delta scaled by min(1, max_norm / ||delta||_2), the norm taken over all tensors together."""
+    norm = float(np.sqrt(sum(float(np.dot(array.ravel().astype(np.float64), array.ravel())) for array in delta.values())))
+    if norm <= max_norm:
+        return delta
+    scale = np.float32(max_norm / norm)
+    return {name: array * scale for name, array in delta.items()}
+
+
 class FedBuff(Aggregator):
     """Nguyen et al. 2022: a buffer of K deltas applied as one server step.
 
@@ -108,18 +120,35 @@ class FedBuff(Aggregator):
     as in the paper; ``renormalise`` divides by sum_i p_i s(tau_i) instead.
     With K = concurrency, a dispatch barrier (tau = 0) and example weighting
     this is exactly synchronous FedAvg.
+
+    Robust options: ``clip_norm`` first scales each delta down to at most that
+    L2 norm; ``robust`` = ``median`` or ``trimmed_mean`` replaces the weighted
+    mean by a coordinate-wise median / trimmed mean of the deltas, scaled by
+    sum_i p_i s(tau_i) so that staleness still shrinks the step (with fresh
+    updates that factor is 1). ``trim_fraction`` of the deltas is dropped at
+    each end per coordinate.
     """
 
     name = "fedbuff"
 
     def __init__(self, buffer_size: int = 3, staleness: StalenessFunction | None = None,
-                 example_weighted: bool = False, renormalise: bool = False):
+                 example_weighted: bool = False, renormalise: bool = False, clip_norm: float = 0.0,
+                 robust: str = "mean", trim_fraction: float = 0.1):
         if buffer_size < 1:
             raise ValueError("FedBuff needs buffer_size >= 1")
+        if robust not in ROBUST_ESTIMATORS:
+            raise ValueError(f"unknown robust estimator {robust!r}; choose from {', '.join(ROBUST_ESTIMATORS)}")
+        if not clip_norm >= 0:
+            raise ValueError("clip_norm must be 0 (off) or more")
+        if not 0 <= trim_fraction < 0.5:
+            raise ValueError("trim_fraction must be in [0, 0.5)")
         self.buffer_size = buffer_size
         self.staleness = staleness or Polynomial(0.5)
         self.example_weighted = example_weighted
         self.renormalise = renormalise
+        self.clip_norm = clip_norm
+        self.robust = robust
+        self.trim_fraction = trim_fraction
 
     def weights(self, updates: Sequence[BufferedUpdate]) -> list[float]:
         if self.example_weighted:
@@ -137,8 +166,26 @@ class FedBuff(Aggregator):
              base_weights: Callable[[int], Weights]) -> Weights:
         if not updates:
             raise ValueError("FedBuff needs at least one update")
+        deltas = [clip_by_norm(update.delta, self.clip_norm) if self.clip_norm else update.delta
+                  for update in updates]
+        weights = self.weights(updates)
+        if self.robust != "mean":
+            return self._robust_step(current, deltas, sum(weights))
         step = zeros_like(current)
-        for update, weight in zip(updates, self.weights(updates)):
+        for delta, weight in zip(deltas, weights):
             for name, accumulator in step.items():
-                add_scaled(accumulator, update.delta[name], weight)
+                add_scaled(accumulator, delta[name], weight)
+        return step
+
+    def _robust_step(self, current: Weights, deltas: list[Weights], scale: float) -> Weights:
+        step = {}
+        trim = int(self.trim_fraction * len(deltas))
+        for name in current:
+            stacked = np.stack([delta[name] for delta in deltas])
+            if self.robust == "median":
+                center = np.median(stacked, axis=0)
+            else:
+                ordered = np.sort(stacked, axis=0)
+                center = ordered[trim:len(deltas) - trim].mean(axis=0)
+            step[name] = (center * scale).astype(np.float32)
         return step

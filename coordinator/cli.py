@@ -7,8 +7,8 @@ import logging
 
 from common.logs import kv, setup_logging
 from common.metrics import serve_metrics
-from common.settings import (CONNECTION_OPTIONS, Option, SettingsError, add_options, non_negative_int, parse_bool,
-                             positive_float, positive_int, resolve)
+from common.settings import (CONNECTION_OPTIONS, Option, SettingsError, add_options, non_negative_float,
+                             non_negative_int, parse_bool, positive_float, positive_int, resolve)
 
 HELP = "Run the coordinator of a job: dispatch round tasks, aggregate updates, commit versions to Redis."
 
@@ -34,6 +34,10 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("mixing_rate", positive_float, 0.6, "FedAsync: mixing rate alpha"),
     Option("max_staleness", non_negative_int, 20, "updates staler than this are rejected"),
     Option("example_weighted", parse_bool, False, "FedBuff: weight updates by their example counts"),
+    Option("clip_norm", non_negative_float, 0.0, "FedBuff: clip each update to this L2 norm (0: off)"),
+    Option("robust", str, "mean", "FedBuff: combine the buffer by its mean, coordinate-wise median or trimmed mean",
+           choices=("mean", "median", "trimmed_mean")),
+    Option("trim_fraction", non_negative_float, 0.1, "FedBuff trimmed_mean: fraction dropped at each end"),
     Option("server_optimizer", str, "sgd", "server optimizer",
            choices=("sgd", "momentum", "adam", "yogi", "adagrad")),
     Option("server_lr", positive_float, 1.0, "server learning rate"),

@@ -76,6 +76,9 @@ class CoordinatorSettings:
     eval_every: int = 1
     seed: int = 0
     task_lease_seconds: float = 600.0
+    clip_norm: float = 0.0
+    robust: str = "mean"
+    trim_fraction: float = 0.1
     keep_versions: int = 0
     checkpoint_every: int = 0
 
@@ -90,8 +93,8 @@ class CoordinatorSettings:
     def aggregation_config(self) -> dict[str, Any]:
         """Everything the server step depends on; recorded with every version."""
         names = ("algorithm", "concurrency", "buffer_size", "staleness", "mixing_rate", "max_staleness",
-                 "example_weighted", "server_optimizer", "server_lr", "server_beta1", "server_beta2",
-                 "server_epsilon")
+                 "example_weighted", "clip_norm", "robust", "trim_fraction", "server_optimizer", "server_lr",
+                 "server_beta1", "server_beta2", "server_epsilon")
         return {name: getattr(self, name) for name in names}
 
 

@@ -22,7 +22,9 @@ def build_aggregator(config: dict[str, Any]) -> Aggregator:
     if config["algorithm"] == "fedasync":
         return FedAsync(config["mixing_rate"], staleness)
     if config["algorithm"] == "fedbuff":
-        return FedBuff(config["buffer_size"], staleness, example_weighted=config["example_weighted"])
+        return FedBuff(config["buffer_size"], staleness, example_weighted=config["example_weighted"],
+                       clip_norm=config.get("clip_norm", 0.0), robust=config.get("robust", "mean"),
+                       trim_fraction=config.get("trim_fraction", 0.1))
     # Synchronous FedAvg: every round's updates (tau = 0), example-weighted mean, one step.
     return FedBuff(config["concurrency"], staleness, example_weighted=True)
 
