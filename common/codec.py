@@ -23,14 +23,16 @@ class CodecError(ValueError):
 
 def encode(tensors: Mapping[str, np.ndarray]) -> bytes:
     """Serialise named arrays; the output is byte-identical for identical input."""
-    return _save_numpy({name: np.ascontiguousarray(array) for name, array in tensors.items()})
+    # np.asarray(order="C") keeps 0-d tensors 0-d (np.ascontiguousarray would make them 1-d).
+    return _save_numpy({name: np.asarray(array, order="C") for name, array in tensors.items()})
 
 
 def decode(payload: bytes) -> Weights:
     """Parse safetensors bytes into named numpy arrays (writable copies)."""
     try:
         loaded = _load_numpy(bytes(payload))
-    except (SafetensorError, ValueError, TypeError) as error:
+    # KeyError: a dtype numpy cannot represent (BF16, F8_*), which safetensors does not wrap.
+    except (SafetensorError, ValueError, TypeError, KeyError) as error:
         raise CodecError(f"not a safetensors payload: {error}") from None
     return {name: np.array(array, copy=True) for name, array in loaded.items()}
 

@@ -95,7 +95,9 @@ class ModelUpdate:
 def _load_object(body: bytes, expected_schema: str) -> dict[str, Any]:
     try:
         document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):
+        # ValueError covers JSONDecodeError, bad UTF-8 and over-long integers;
+        # RecursionError, absurdly deep nesting.
         raise MessageError("not_json", "the message body is not JSON") from None
     if not isinstance(document, dict):
         raise MessageError("bad_schema", "the message is not a JSON object")
@@ -116,6 +118,15 @@ def _field(document: dict[str, Any], name: str, kind: type | tuple[type, ...]) -
     return value
 
 
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def _non_empty_text(document: dict[str, Any], name: str, limit: int = 200) -> str:
     value = _field(document, name, str)
     if not value or len(value) > limit:
@@ -126,11 +137,11 @@ def _non_empty_text(document: dict[str, Any], name: str, limit: int = 200) -> st
 def parse_task(body: bytes) -> RoundTask:
     document = _load_object(body, TASK_SCHEMA)
     train = _field(document, "train", dict)
-    try:
-        settings = TrainSettings(epochs=int(train["epochs"]), batch_size=int(train["batch_size"]),
-                                 learning_rate=float(train["learning_rate"]), seed=int(train["seed"]))
-    except (KeyError, TypeError, ValueError):
-        raise MessageError("bad_schema", "field 'train' lacks epochs, batch_size, learning_rate or seed") from None
+    epochs, batch_size, seed = (_field(train, name, int) for name in ("epochs", "batch_size", "seed"))
+    learning_rate = _field(train, "learning_rate", (int, float))
+    if epochs < 1 or batch_size < 1 or not _finite_number(learning_rate) or learning_rate <= 0:
+        raise MessageError("bad_schema", "field 'train' needs epochs >= 1, batch_size >= 1, learning_rate > 0")
+    settings = TrainSettings(epochs=epochs, batch_size=batch_size, learning_rate=float(learning_rate), seed=seed)
     version = _field(document, "model_version", int)
     if version < 0:
         raise MessageError("bad_schema", "model_version must be 0 or more")
@@ -148,9 +159,7 @@ def parse_update(body: bytes) -> ModelUpdate:
     if num_examples < 1:
         raise MessageError("bad_schema", "num_examples must be at least 1")
     raw_metrics = document.get("metrics", {})
-    if not isinstance(raw_metrics, dict) or not all(
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            for value in raw_metrics.values()):
+    if not isinstance(raw_metrics, dict) or not all(_finite_number(value) for value in raw_metrics.values()):
         raise MessageError("bad_schema", "field 'metrics' must map names to finite numbers")
     delta_document = _field(document, "delta", dict)
     delta: InlineDelta | ClaimCheck
@@ -161,11 +170,13 @@ def parse_update(body: bytes) -> ModelUpdate:
             raise MessageError("bad_schema", "delta.inline is not base64") from None
     else:
         nbytes = _field(delta_document, "nbytes", int)
+        if nbytes < 0:
+            raise MessageError("bad_schema", "delta.nbytes must be 0 or more")
         sha256 = _non_empty_text(delta_document, "sha256", 64)
         delta = ClaimCheck(key=_non_empty_text(delta_document, "key", 300), sha256=sha256, nbytes=nbytes)
     train_seconds = document.get("train_seconds", 0.0)
-    if not isinstance(train_seconds, (int, float)) or isinstance(train_seconds, bool):
-        raise MessageError("bad_schema", "field 'train_seconds' must be a number")
+    if not _finite_number(train_seconds) or train_seconds < 0:
+        raise MessageError("bad_schema", "field 'train_seconds' must be a finite number >= 0")
     return ModelUpdate(
         job=_non_empty_text(document, "job"), task_id=_non_empty_text(document, "task_id"),
         worker_id=_non_empty_text(document, "worker_id"), base_version=base_version,

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
-JOB_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+JOB_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class SettingsError(ValueError):
@@ -54,7 +54,7 @@ class Option:
 
 
 def _parse_job(name: str) -> str:
-    if not JOB_NAME_PATTERN.match(name):
+    if not JOB_NAME_PATTERN.fullmatch(name):
         raise ValueError("use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     return name
 
@@ -88,9 +88,8 @@ def load_job_file(path: str | None) -> Mapping[str, Any]:
         raise SettingsError(f"job file {path} does not exist") from None
     except tomllib.TOMLDecodeError as error:
         raise SettingsError(f"job file {path} is not valid TOML: {error}") from None
-    table = document.get("job", document)
-    if not isinstance(table, dict):
-        raise SettingsError(f"job file {path}: [job] must be a table")
+    # Settings live in a [job] table, or at the top level (where `job = "name"` is just a setting).
+    table = document["job"] if isinstance(document.get("job"), dict) else document
     return table
 
 

@@ -157,8 +157,8 @@ class FedBuff(Aggregator):
         else:
             shares = [1.0 / len(updates)] * len(updates)
         weights = [share * self.staleness(update.staleness) for share, update in zip(shares, updates)]
-        if self.renormalise:
-            total_weight = sum(weights)
+        total_weight = sum(weights)
+        if self.renormalise and total_weight > 0:  # all-zero weights (e.g. a cutoff): a zero step
             weights = [weight / total_weight for weight in weights]
         return weights
 

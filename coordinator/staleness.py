@@ -11,6 +11,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 
+def _finite_at_least_zero(value: float) -> bool:
+    # Written so that NaN fails too (every comparison with NaN is False).
+    return math.isfinite(value) and value >= 0
+
+
 class StalenessFunction(ABC):
     @abstractmethod
     def __call__(self, staleness: float) -> float:
@@ -40,8 +45,8 @@ class Polynomial(StalenessFunction):
     name = "polynomial"
 
     def __post_init__(self):
-        if self.a < 0:
-            raise ValueError("polynomial staleness needs a >= 0")
+        if not _finite_at_least_zero(self.a):
+            raise ValueError("polynomial staleness needs a finite a >= 0")
 
     def __call__(self, staleness: float) -> float:
         return (1.0 + staleness) ** -self.a
@@ -56,8 +61,8 @@ class Hinge(StalenessFunction):
     name = "hinge"
 
     def __post_init__(self):
-        if self.a < 0 or self.b < 0:
-            raise ValueError("hinge staleness needs a >= 0 and b >= 0")
+        if not (_finite_at_least_zero(self.a) and _finite_at_least_zero(self.b)):
+            raise ValueError("hinge staleness needs finite a >= 0 and b >= 0")
 
     def __call__(self, staleness: float) -> float:
         return 1.0 if staleness <= self.b else 1.0 / (self.a * (staleness - self.b) + 1.0)
@@ -71,8 +76,8 @@ class Exponential(StalenessFunction):
     name = "exponential"
 
     def __post_init__(self):
-        if self.a < 0:
-            raise ValueError("exponential staleness needs a >= 0")
+        if not _finite_at_least_zero(self.a):
+            raise ValueError("exponential staleness needs a finite a >= 0")
 
     def __call__(self, staleness: float) -> float:
         return math.exp(-self.a * staleness)
@@ -87,8 +92,8 @@ class Cutoff(StalenessFunction):
     name = "cutoff"
 
     def __post_init__(self):
-        if self.limit < 0 or not 0 <= self.value <= 1:
-            raise ValueError("cutoff staleness needs limit >= 0 and 0 <= value <= 1")
+        if not (_finite_at_least_zero(self.limit) and 0 <= self.value <= 1):
+            raise ValueError("cutoff staleness needs a finite limit >= 0 and 0 <= value <= 1")
 
     def __call__(self, staleness: float) -> float:
         return 1.0 if staleness <= self.limit else self.value
@@ -103,6 +108,8 @@ class NormalisedAt(StalenessFunction):
     name = "normalised"
 
     def __post_init__(self):
+        if not _finite_at_least_zero(self.average):
+            raise ValueError(f"cannot normalise at average staleness {self.average}: it must be finite and >= 0")
         if self.inner(self.average) <= 0:
             raise ValueError(f"cannot normalise: s({self.average}) is 0")
 

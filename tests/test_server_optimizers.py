@@ -239,3 +239,18 @@ def test_matches_float64_reference_over_several_steps(case):
             if optimizer.name in ("adam", "yogi", "adagrad"):
                 assert_within(state[f"v.{name}"], reference.v, reference.v_mag, tolerance)
             assert_within(weights[name], x, reference.x_mag, tolerance)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_read_only_inputs_are_accepted(name):
+    def frozen(weights):
+        for array in weights.values():
+            array.setflags(write=False)
+        return weights
+
+    optimizer = ServerOptimizer(name)
+    weights = frozen({"w": f32([1.0, 2.0])})
+    step = frozen({"w": f32([0.5, -0.5])})
+    _, state = optimizer.apply(weights, step, {})
+    new, _ = optimizer.apply(weights, step, frozen(state))
+    assert new["w"].flags.writeable and np.isfinite(new["w"]).all()

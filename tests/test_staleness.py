@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from coordinator.staleness import (Constant, Cutoff, Exponential, Hinge, NormalisedAt, Polynomial,
                                    StalenessFunction, parse_staleness)
 
-FAST = settings(max_examples=150, deadline=None)
+FAST = settings(max_examples=150, deadline=None, database=None)
 
 # -- hand-computed values ------------------------------------------------------
 
@@ -190,11 +190,9 @@ def test_constructors_reject_bad_parameters(cls, params):
         cls(**params)
 
 
-# -- known source defects (strict xfail: they flip to failures once fixed) ----------
+# -- defects found and fixed (regression tests) ----------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG staleness.py: NaN parameters pass the `x < 0` checks, "
-                                       "so s(tau) is NaN and would poison the global model")
 @pytest.mark.parametrize("spec", ["polynomial:a=nan", "hinge:a=nan", "exponential:a=nan",
                                   "cutoff:limit=nan", "polynomial@nan"])
 def test_parse_rejects_nan_parameters(spec):
@@ -202,17 +200,12 @@ def test_parse_rejects_nan_parameters(spec):
         parse_staleness(spec)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG staleness.py NormalisedAt.__post_init__: a negative average makes "
-                                       "Polynomial raise ZeroDivisionError / return complex -> TypeError, "
-                                       "not ValueError (the CLI only turns ValueError into a user error)")
 @pytest.mark.parametrize("spec", ["polynomial:a=0.5@-1", "polynomial:a=0.5@-2"])
 def test_parse_rejects_negative_average_with_value_error(spec):
     with pytest.raises(ValueError):
         parse_staleness(spec)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG staleness.py Exponential: a=inf is accepted but "
-                                       "s(0) = exp(-inf * 0) = exp(nan) = nan")
 def test_exponential_infinite_rate_is_rejected_or_one_at_zero():
     try:
         function = parse_staleness("exponential:a=inf")

@@ -106,9 +106,12 @@ def dirichlet_partition(labels: np.ndarray, num_partitions: int, alpha: float, s
             indices = np.flatnonzero(labels == label)
             rng.shuffle(indices)
             shares = rng.dirichlet(np.full(num_partitions, alpha))
-            cuts = (np.cumsum(shares) * len(indices)).astype(int)[:-1]
-            for part, chunk in zip(parts, np.split(indices, cuts)):
-                part.extend(chunk.tolist())
+            # Rounded, not floored (flooring hands every remainder to the last partition),
+            # and dealt to the partitions in a fresh random order per class, so that no
+            # partition is systematically the one that rounding shortchanges.
+            cuts = np.round(np.cumsum(shares) * len(indices)).astype(int)[:-1]
+            for part_index, chunk in zip(rng.permutation(num_partitions), np.split(indices, cuts)):
+                parts[part_index].extend(chunk.tolist())
         if min(len(part) for part in parts) >= min_size:
             return [np.sort(np.array(part, dtype=np.int64)) for part in parts]
     raise ValueError(f"cannot split {len(labels)} examples into {num_partitions} partitions of >= {min_size}")
