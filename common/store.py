@@ -14,6 +14,7 @@ Redis Cluster slot and a Lua script may touch them together)::
                                  check, kept (for replay) once applied, until retention prunes it
     fedq:{job}:abandoned         set of versions left behind by a rollback
     fedq:{job}:pruned_through    retention has handled every version up to this one
+    fedq:{job}:worker:<id>       JSON liveness of one worker (host, tasks done, last seen), short TTL
     fedq:{job}:counters          hash: rejected.<reason> / skipped.<reason> -> count
     fedq:{job}:optstate:<v>      safetensors server-optimizer state after version v (stateful optimizers)
     fedq:{job}:state             JSON {status, reason, ...}: running / finished
@@ -216,6 +217,11 @@ class ModelStore:
         raw = self.redis.get(self.key("state"))
         return {} if raw is None else json.loads(raw)
 
+    def recent_history(self, count: int) -> list[dict[str, Any]]:
+        """The last ``count`` history entries, oldest first."""
+        newest_first = self.redis.xrevrange(self.key("history"), count=count)
+        return [json.loads(fields[b"entry"]) for _, fields in reversed(newest_first)]
+
     # -- idempotency and in-flight tasks ---------------------------------
 
     def applied_version(self, task_id: str) -> int | None:
@@ -247,6 +253,22 @@ class ModelStore:
 
     def get_blob(self, key: str) -> bytes | None:
         return self.redis.get(key)
+
+    # -- worker liveness ---------------------------------------------------
+
+    def touch_worker(self, worker_id: str, info: dict[str, Any], ttl_seconds: int) -> None:
+        """Say that ``worker_id`` is alive; the key disappears ``ttl_seconds`` after the last call."""
+        self.redis.set(self.key("worker", worker_id), json.dumps({**info, "last_seen": time.time()}),
+                       ex=ttl_seconds)
+
+    def forget_worker(self, worker_id: str) -> None:
+        self.redis.delete(self.key("worker", worker_id))
+
+    def live_workers(self) -> list[dict[str, Any]]:
+        """Workers seen within their liveness TTL, by id."""
+        keys = sorted(self.redis.scan_iter(match=self.key("worker", "*"), count=1000))
+        values = self.redis.mget(keys) if keys else []
+        return [json.loads(value) for value in values if value is not None]
 
     # -- counters ---------------------------------------------------------
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 from broker.depth import queue_depths
 from broker.topology import Topology
@@ -17,8 +18,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
-def collect(amqp_url: str, redis_url: str, job: str) -> dict:
-    store = ModelStore(connect_redis(redis_url), job)
+# The window over which `status`/`monitor` report rates and staleness.
+RATE_WINDOW_SECONDS = 30.0
+
+
+def training_progress(store: ModelStore, now: float) -> dict:
+    """Update rate, staleness and latest metrics from the recent history."""
+    recent = [entry for entry in store.recent_history(500) if entry["version"] > 0]
+    window = [entry for entry in recent if entry["created"] >= now - RATE_WINDOW_SECONDS]
+    staleness = [update["staleness"] for entry in window for update in entry["updates"]]
+    scored = [entry for entry in recent if entry.get("metrics")]
+    return {
+        "versions_per_second": len(window) / RATE_WINDOW_SECONDS,
+        "updates_per_second": sum(len(entry["updates"]) for entry in window) / RATE_WINDOW_SECONDS,
+        "mean_staleness": sum(staleness) / len(staleness) if staleness else None,
+        "max_staleness": max(staleness) if staleness else None,
+        "latest_metrics": scored[-1]["metrics"] if scored else {},
+        "last_commit": recent[-1]["created"] if recent else None,
+    }
+
+
+def collect(amqp_url: str, redis_url: str, job: str, store: ModelStore | None = None) -> dict:
+    store = store or ModelStore(connect_redis(redis_url), job)
     head = store.head()
     source, depths = queue_depths(amqp_url, list(Topology(job).queues))
     meta = store.load_meta(head) if head is not None else {}
@@ -28,6 +49,7 @@ def collect(amqp_url: str, redis_url: str, job: str) -> dict:
         "skipped": store.counters("skipped"), "depth_source": source,
         "queues": [{"name": depth.name, "exists": depth.exists, "ready": depth.ready, "unacked": depth.unacked,
                     "consumers": depth.consumers} for depth in depths],
+        "workers": store.live_workers(), "progress": training_progress(store, time.time()),
     }
 
 
@@ -46,6 +68,12 @@ def main(args: argparse.Namespace) -> int:
     print(f"job {report['job']}: head version {head}, {state}, {report['in_flight']} task(s) in flight")
     if report["metrics"]:
         print("  latest metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in report["metrics"].items()))
+    progress = report["progress"]
+    if progress["mean_staleness"] is not None:
+        print(f"  last {RATE_WINDOW_SECONDS:.0f} s: {progress['updates_per_second']:.2f} updates/s, staleness mean "
+              f"{progress['mean_staleness']:.2f} max {progress['max_staleness']}")
+    print(f"  {len(report['workers'])} worker(s) alive: "
+          + (", ".join(worker["worker_id"] for worker in report["workers"]) or "none"))
     if report["rejected"] or report["skipped"]:
         print(f"  rejected {report['rejected'] or '{}'}, skipped {report['skipped'] or '{}'}")
     print(f"  {'queue':<32} {'ready':>7} {'unacked':>8} {'consumers':>10}")

@@ -46,6 +46,9 @@ log = logging.getLogger("fedq.worker")
 INLINE_LIMIT_BYTES = 256 * 1024
 # Claim-checked deltas outlive any sensible queueing delay, then expire by themselves.
 UPDATE_BLOB_TTL_SECONDS = 7 * 24 * 3600
+# Liveness: refreshed every few seconds, gone 30 s after a worker dies.
+LIVENESS_REFRESH_SECONDS = 5.0
+LIVENESS_TTL_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,9 @@ class Worker:
         self._task: FederatedTask | None = None
         self._spec_text: str | None = None
         self._model: torch.nn.Module | None = None
+        self._current_task: str | None = None
+        self._liveness_written = 0.0
+        self.started_at = time.time()
         torch.set_num_threads(1)
 
     # -- signals ----------------------------------------------------------
@@ -104,8 +110,18 @@ class Worker:
         run_with_reconnect(self.settings.amqp_url, self._serve, name=f"fedq-worker-{self.settings.job}-{self.worker_id}",
                            should_stop=lambda: self.stop_requested, also_transient=TRANSIENT_REDIS_ERRORS,
                            heartbeat=self.settings.heartbeat_seconds)
+        self.store.forget_worker(self.worker_id)
         log.info(kv("worker_stopped", worker=self.worker_id, tasks_done=self.tasks_done))
         return 0
+
+    def _report_liveness(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._liveness_written < LIVENESS_REFRESH_SECONDS:
+            return
+        self._liveness_written = time.monotonic()
+        self.store.touch_worker(self.worker_id, {
+            "worker_id": self.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "partition": self.partition, "tasks_done": self.tasks_done, "current_task": self._current_task,
+            "started": self.started_at}, LIVENESS_TTL_SECONDS)
 
     def _serve(self, connection: pika.BlockingConnection) -> None:
         channel = connection.channel()
@@ -113,12 +129,17 @@ class Worker:
         channel.confirm_delivery()
         channel.basic_qos(prefetch_count=1)
         log.info(kv("worker_ready", worker=self.worker_id, job=self.settings.job))
+        self._report_liveness(force=True)
         for method, _properties, body in channel.consume(self.topology.tasks, inactivity_timeout=0.5):
             if self.stop_requested:
                 break
+            self._report_liveness()
             if method is None:
                 continue
-            self._handle(connection, channel, method, body)
+            try:
+                self._handle(connection, channel, method, body)
+            finally:
+                self._current_task = None
             if self.settings.max_tasks is not None and self.tasks_done >= self.settings.max_tasks:
                 break
         # Returns any delivery prefetched but not started to the queue.
@@ -140,9 +161,11 @@ class Worker:
                                   name=f"train-{task.task_id[:8]}")
         thread.start()
         drain_deadline = None
+        self._current_task = task.task_id
         while thread.is_alive():
             # Keeps heartbeats flowing while the training thread works.
             connection.process_data_events(time_limit=0.2)
+            self._report_liveness()
             if self.stop_requested and drain_deadline is None:
                 drain_deadline = time.monotonic() + self.settings.drain_seconds
             if self.stop_now or (drain_deadline is not None and time.monotonic() > drain_deadline):
