@@ -15,20 +15,24 @@ Redis Cluster slot and a Lua script may touch them together)::
     fedq:{job}:abandoned         set of versions left behind by a rollback
     fedq:{job}:pruned_through    retention has handled every version up to this one
     fedq:{job}:worker:<id>       JSON liveness of one worker (host, tasks done, last seen), short TTL
+    fedq:{job}:staging:<v>:<attempt>:model|optstate   weights of a commit in progress (TTL)
     fedq:{job}:counters          hash: rejected.<reason> / skipped.<reason> -> count
     fedq:{job}:optstate:<v>      safetensors server-optimizer state after version v (stateful optimizers)
     fedq:{job}:state             JSON {status, reason, ...}: running / finished
 
-A version is committed by first SETting its weights blob under its final key, then
-running one Lua script that checks the expected head, moves it, writes the
+A version is committed by first SETting its weights blob under a staging key of
+this attempt (with a TTL), then running one Lua script that checks the expected
+head and only then renames the blob to ``model:<v>``, moves the head, writes the
 metadata, appends the history entry and records the applied task ids. A crash
-before the script leaves only an unreferenced blob that the next commit of the
-same version number overwrites; a crash after it leaves a complete version.
+before the script leaves only a staged blob that expires; a crash after it
+leaves a complete version; a writer that loses the compare-and-set touches
+nothing of the winner's.
 """
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections import OrderedDict
 from typing import Any, Iterable
 
@@ -47,6 +51,14 @@ if (head or '') ~= ARGV[1] then
   return redis.error_reply('HEADMOVED ' .. (head or 'none'))
 end
 local version = ARGV[2]
+-- the weights (and optimizer state) were staged under keys of this attempt alone;
+-- only the winner of the compare-and-set moves them to their final keys
+redis.call('RENAME', KEYS[7], KEYS[8])
+redis.call('PERSIST', KEYS[8])
+if ARGV[8] == '1' then
+  redis.call('RENAME', KEYS[9], KEYS[10])
+  redis.call('PERSIST', KEYS[10])
+end
 redis.call('SET', KEYS[2], ARGV[3])
 -- the stream id <version>-1 lets readers range over versions without a scan
 redis.call('XADD', KEYS[3], version .. '-1', 'version', version, 'entry', ARGV[4])
@@ -68,6 +80,8 @@ return version
 """
 
 
+# Staged weights of a commit attempt that died before its script ran expire after this.
+STAGING_TTL_SECONDS = 3600
 # Errors after which waiting and retrying can succeed (Redis restarting, network blip).
 TRANSIENT_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
@@ -169,23 +183,29 @@ class ModelStore:
         meta = {**meta, "version": version, "parent": expected_head, "digest": codec.digest(payload),
                 "created": meta.get("created", time.time()), "updates_applied": len(applied)}
         entry = {**meta, "updates": applied}
-        # Everything the script will reference is written first, under its final key.
+        # Everything the script references is written first. Weights go to staging keys
+        # of this attempt: a writer that loses the compare-and-set must not overwrite the
+        # winner's blob. A crash leaves only staged keys, which expire by themselves.
+        attempt = uuid.uuid4().hex
+        staged_model = self.key("staging", version, attempt, "model")
+        staged_state = self.key("staging", version, attempt, "optstate")
         writes = self.redis.pipeline(transaction=False)
-        writes.set(self.key("model", version), payload)
+        writes.set(staged_model, payload, ex=STAGING_TTL_SECONDS)
         if optimizer_state:
-            writes.set(self.key("optstate", version), codec.encode(optimizer_state))
+            writes.set(staged_state, codec.encode(optimizer_state), ex=STAGING_TTL_SECONDS)
         for key, blob in (update_blobs or {}).items():
-            writes.set(key, blob)
+            writes.set(key, blob)  # keyed by task id: identical content whoever writes it
         writes.execute()
         try:
             self._commit(
                 keys=[self.key("head"), self.key("meta", version), self.key("history"),
-                      self.key("applied"), self.key("inflight"), self.key("abandoned")],
+                      self.key("applied"), self.key("inflight"), self.key("abandoned"),
+                      staged_model, self.key("model", version), staged_state, self.key("optstate", version)],
                 args=["" if expected_head is None else str(expected_head), str(version),
                       json.dumps(meta, sort_keys=True), json.dumps(entry, sort_keys=True),
                       json.dumps([update["task_id"] for update in applied]),
                       json.dumps([update["blob_key"] for update in applied]),
-                      json.dumps([int(version) for version in abandon])])
+                      json.dumps([int(version) for version in abandon]), "1" if optimizer_state else "0"])
         except redis.ResponseError as error:
             if "HEADMOVED" in str(error):
                 raise HeadMovedError(f"job {self.job!r}: head moved ({error}); is another coordinator running?") from None

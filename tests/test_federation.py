@@ -81,3 +81,44 @@ def test_training_longer_than_three_heartbeats_still_delivers(processes, job, st
     for entry in store.history(1):
         (update,) = entry["updates"]
         assert update["worker_id"] == "w0"
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedbuff"])
+def test_textbook_784_128_10_mlp_trains_in_sync_and_fedbuff_modes(processes, job, store, algorithm):
+    coordinator = processes.start("coordinator", "coordinator", *connection_flags(job), "--task", "digits28",
+                                  "--task-params", json.dumps({"num_partitions": 3}), "--algorithm", algorithm,
+                                  "--concurrency", "3", "--buffer-size", "3", "--example-weighted",
+                                  "--local-epochs", "5", "--learning-rate", "0.05", "--target", "0.9",
+                                  "--max-seconds", "150")
+    for index in range(3):
+        start_worker(processes, job, index)
+    assert coordinator.wait(timeout=200) == 0, processes.log("coordinator")[-3000:]
+    assert store.load_state()["reason"] == "target_reached"
+    assert store.load_meta(store.head())["config"]["algorithm"] == algorithm
+    assert set(store.load_weights(0)) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert store.load_weights(0)["0.weight"].shape == (128, 784)
+
+
+def test_rollback_while_running_is_picked_up_by_workers(processes, job, store):
+    from coordinator.replay import replay, rollback
+
+    coordinator = start_coordinator(processes, job, "--concurrency", "2", "--max-versions", "40",
+                                    "--task-params", json.dumps({"num_partitions": 2}))
+    for index in range(2):
+        # Slowed down so that the run is still going when the rollback lands.
+        start_worker(processes, job, index, "--slowdown", "0.3")
+    wait_until(lambda: (store.head() or 0) >= 12, 90, "no progress before the rollback")
+    rollback(store, 3)  # what `fedq rollback` does (tested in test_records), without its start-up time
+    assert coordinator.wait(timeout=180) == 0, processes.log("coordinator")[-3000:]
+    history = store.history()
+    (rollback_entry,) = [entry for entry in history if entry.get("rollback_of") == 3]
+    rollback_version = rollback_entry["version"]
+    abandoned = set(range(4, rollback_version))
+    assert store.abandoned_versions() == abandoned
+    after = [entry for entry in history if entry["version"] > rollback_version]
+    assert after, "training did not go on from the rolled-back version"
+    for entry in after:
+        for update in entry["updates"]:
+            assert update["base_version"] not in abandoned
+    assert any(update["base_version"] >= rollback_version for entry in after for update in entry["updates"])
+    assert replay(store, 0, store.head()).ok

@@ -151,3 +151,19 @@ def test_retention_keeps_last_versions_and_checkpoints(store):
 
     with pytest.raises(ReplayError, match="pruned"):
         replay(store, 3, head)
+
+
+def test_a_writer_that_loses_the_compare_and_set_changes_nothing(store):
+    from common.store import HeadMovedError
+
+    head = build_history(store, 3)
+    winner_digest = store.load_meta(head)["digest"]
+    keys_before = set(store.redis.scan_iter(match=store.prefix + "*"))
+    loser = {name: array + 1.0 for name, array in store.load_weights(head).items()}
+    with pytest.raises(HeadMovedError):
+        store.commit(head - 1, loser, {"metrics": {}}, [], optimizer_state={"m.x": np.ones(2, np.float32)})
+    assert store.head() == head
+    assert codec.digest(store.redis.get(store.key("model", head))) == winner_digest
+    staged = set(store.redis.scan_iter(match=store.key("staging", "*")))
+    assert all(0 < store.redis.ttl(key) <= 3600 for key in staged), "a loser's staged blobs must expire"
+    assert set(store.redis.scan_iter(match=store.prefix + "*")) - keys_before == staged
