@@ -18,7 +18,7 @@ import yaml  # PyPI: pyyaml (a test dependency)
 
 from broker.topology import Topology
 from common import metrics as fedq_metrics
-from common.settings import JOB_NAME_PATTERN, Option
+from common.settings import Option
 from coordinator import cli as coordinator_cli
 from worker import cli as worker_cli
 
@@ -297,12 +297,20 @@ def test_k8s_fedq_variables_are_options_of_the_services_that_read_them():
             assert not unknown, f"{kind} {document['metadata']['name']}: keys no fedq service reads: {unknown}"
 
 
-def test_the_job_name_is_valid_and_the_same_everywhere():
+def valid_job(name: str) -> bool:
+    try:
+        OPTIONS_BY_COMMAND["coordinator"]["FEDQ_JOB"].parse(name)
+    except ValueError:
+        return False
+    return True
+
+
+def test_job_names_are_valid():
     job = k8s_object("ConfigMap", "fedq-config")["data"]["FEDQ_JOB"]
-    assert JOB_NAME_PATTERN.match(job), f"configmap FEDQ_JOB={job!r} is not a valid job name"
+    assert valid_job(job), f"configmap FEDQ_JOB={job!r} is not a valid job name"
     for name, (_command, service) in compose_fedq_services().items():
         compose_job = compose_environment(service)["FEDQ_JOB"]
-        assert JOB_NAME_PATTERN.match(compose_job), f"compose service {name}: FEDQ_JOB={compose_job!r} is invalid"
+        assert valid_job(compose_job), f"compose service {name}: FEDQ_JOB={compose_job!r} is invalid"
 
 
 # -- images and files ----------------------------------------------------------
@@ -320,7 +328,7 @@ def test_compose_builds_from_the_dockerfile_and_pins_every_image():
         else:
             image = service.get("image", "")
             assert image, f"compose service {name} has neither build nor image"
-            repository, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
+            _repository, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
             assert tag and tag != "latest", f"compose service {name}: pin a version of {image!r}"
 
 
@@ -447,8 +455,8 @@ def test_dashboard_shows_what_operators_need():
                    "fedq_staleness_bucket", 'metric="accuracy"', "fedq_head_version", "fedq_updates_rejected_total",
                    "rabbitmq_queue_consumers"):
         assert needed in queries, f"the dashboard should show {needed}"
-    tasks_queue = Topology("$job").tasks
-    assert tasks_queue in queries, f"queue panels must select {tasks_queue}"
+    for queue in (Topology("$job").tasks, Topology("$job").dead):
+        assert f'queue="{queue}"' in queries, f"queue panels must select {queue}"
 
 
 def test_dashboard_datasource_is_the_provisioned_one():
