@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import logging
 
 from common.logs import kv, setup_logging
@@ -75,6 +76,8 @@ def main(args: argparse.Namespace) -> int:
         coordinator = Coordinator(settings)
     except ValueError as error:
         raise SettingsError(str(error)) from None
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: coordinator.request_stop())
     summary = coordinator.run()
     logging.getLogger("fedq.coordinator").info(kv("summary", head=summary["head"], reason=summary["reason"],
                                                     seconds=summary["seconds"], **summary["metrics"]))

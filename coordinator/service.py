@@ -123,6 +123,7 @@ class Coordinator:
         self.in_flight: dict[str, dict[str, Any]] = {}
         self.started = time.monotonic()
         self.finished_reason: str | None = None
+        self.stop_requested = False
         self.last_metrics: dict[str, float] = {}
         self._channel: Any = None
         self._prepare_job()
@@ -174,9 +175,18 @@ class Coordinator:
     def run(self) -> dict[str, Any]:
         """Serve until a stop condition holds; reconnects to RabbitMQ/Redis after connection loss."""
         run_with_reconnect(self.settings.amqp_url, self._serve, name=f"fedq-coordinator-{self.settings.job}",
-                           should_stop=lambda: self.finished_reason is not None,
+                           should_stop=lambda: self.finished_reason is not None or self.stop_requested,
                            on_connection_lost=self._on_connection_lost, also_transient=TRANSIENT_REDIS_ERRORS)
+        if self.stop_requested and self.finished_reason is None:
+            # Not finished: buffered updates return to the queue, tasks stay in flight,
+            # and a restarted coordinator continues from the head.
+            self.store.set_state(status="stopped", reason="signal", head=self.head)
+            log.info(kv("stopped", head=self.head))
         return self.summary()
+
+    def request_stop(self) -> None:
+        """Stop after the current message (signal handlers call this)."""
+        self.stop_requested = True
 
     def _on_connection_lost(self) -> None:
         # Deliveries of the lost channel come back from the broker; forget them.
@@ -195,7 +205,7 @@ class Coordinator:
             if method is not None:
                 self._on_update(method.delivery_tag, properties, body)
             self._maintain()
-            if self.finished_reason is not None:
+            if self.finished_reason is not None or self.stop_requested:
                 break
         channel.cancel()
 

@@ -195,3 +195,21 @@ def test_rabbitmq_connections_dropped_mid_run(processes, job, store):
     assert logs.count("event=connection_lost") >= 3
     assert store.load_state()["reason"] == "max_versions"
     assert_exactly_once_and_replayable(store)
+
+
+def test_sigterm_stops_the_coordinator_cleanly_and_a_restart_continues(processes, job, store):
+    coordinator_flags = ["coordinator", *flags(job), *TRAINING, "--concurrency", "2", "--max-versions", "20"]
+    first = processes.start("coordinator-1", *coordinator_flags)
+    for index in range(2):
+        processes.start(f"worker-{index}", "worker", *flags(job), "--worker-id", f"w{index}",
+                        "--partition", str(index))
+    wait_until(lambda: (store.head() or 0) >= 5, 90, "no progress")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=30) == 0
+    assert store.load_state()["status"] == "stopped"
+    stopped_at = store.head()
+    second = processes.start("coordinator-2", *coordinator_flags)
+    assert second.wait(timeout=120) == 0, processes.log("coordinator-2")[-3000:]
+    assert f"event=resumed job={job} head={stopped_at}" in processes.log("coordinator-2")
+    assert store.load_state()["reason"] == "max_versions"
+    assert_exactly_once_and_replayable(store)
