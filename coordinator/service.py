@@ -213,8 +213,9 @@ class Coordinator:
         """Between deliveries: notice a rollback, expire lost tasks, check the clock, keep tasks in flight."""
         if time.monotonic() - self._head_checked > HEAD_CHECK_SECONDS:
             self._head_checked = time.monotonic()
-            if self.store.head() != self.head and not self.buffer:
-                log.info(kv("head_changed_elsewhere", old=self.head, new=self.store.head()))
+            stored_head = self.store.head()
+            if stored_head != self.head and not self.buffer:
+                log.info(kv("head_changed_elsewhere", old=self.head, new=stored_head))
                 self._load_head()
         now = time.time()
         expired = [task_id for task_id, info in self.in_flight.items()
