@@ -150,3 +150,10 @@ def positive_float(text: Any) -> float:
     if not value > 0:
         raise ValueError("must be more than 0")
     return value
+
+
+# Options every long-running service (coordinator, worker) takes.
+SERVICE_OPTIONS = [
+    Option("metrics_port", non_negative_int, 0, "serve Prometheus /metrics on this port (0: off)"),
+    Option("log_level", str, "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+]

@@ -8,8 +8,9 @@ import logging
 
 from common.logs import kv, setup_logging
 from common.metrics import serve_metrics
-from common.settings import (CONNECTION_OPTIONS, Option, SettingsError, add_options, non_negative_float,
-                             non_negative_int, parse_bool, positive_float, positive_int, resolve)
+from common.settings import (CONNECTION_OPTIONS, SERVICE_OPTIONS, Option, SettingsError, add_options,
+                             non_negative_float, non_negative_int, parse_bool, positive_float, positive_int,
+                             resolve)
 
 HELP = "Run the coordinator of a job: dispatch round tasks, aggregate updates, commit versions to Redis."
 
@@ -56,9 +57,7 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("server_beta1", float, 0.9, "server optimizer: first-moment decay (momentum for 'momentum')"),
     Option("server_beta2", float, 0.99, "server optimizer: second-moment decay"),
     Option("server_epsilon", positive_float, 1e-3, "server optimizer: adaptivity epsilon (tau in Reddi et al.)"),
-    Option("metrics_port", non_negative_int, 0, "serve Prometheus /metrics on this port (0: off)"),
-    Option("log_level", str, "INFO", "log level"),
-]
+] + SERVICE_OPTIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

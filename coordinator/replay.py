@@ -53,6 +53,13 @@ class ReplayResult:
         return self.divergence is None
 
 
+def _kept_weights(store: ModelStore, version: int, advice: str) -> codec.Weights:
+    try:
+        return store.load_weights(version)
+    except UnknownVersionError:
+        raise ReplayError(f"the weights of version {version} were pruned; {advice}") from None
+
+
 def _load_updates(store: ModelStore, entry: dict[str, Any]) -> list[BufferedUpdate]:
     updates = []
     for record in entry["updates"]:
@@ -77,10 +84,7 @@ def replay(store: ModelStore, start: int, end: int,
         raise ReplayError(f"job {store.job!r} has no versions")
     if not 0 <= start < end <= head:
         raise ReplayError(f"need 0 <= from < to <= head ({head}); got from {start}, to {end}")
-    try:
-        weights = store.load_weights(start)
-    except UnknownVersionError:
-        raise ReplayError(f"the weights of version {start} were pruned; start from a kept version") from None
+    weights = _kept_weights(store, start, "start from a kept version")
     state = store.load_optimizer_state(start)
     replayed: dict[int, codec.Weights] = {start: weights}
 
@@ -145,10 +149,7 @@ def rollback(store: ModelStore, version: int) -> int:
         raise ReplayError(f"job {store.job!r} has no version {version} (head is {head})")
     if version == head:
         raise ReplayError(f"version {version} is already the head")
-    try:
-        weights = store.load_weights(version)
-    except UnknownVersionError:
-        raise ReplayError(f"the weights of version {version} were pruned; choose a kept version") from None
+    weights = _kept_weights(store, version, "choose a kept version")
     target_meta = store.load_meta(version)
     meta = {"rollback_of": version, "config": target_meta.get("config"), "metrics": target_meta.get("metrics", {}),
             "mean_staleness": 0.0, "max_staleness": 0}

@@ -5,7 +5,7 @@ import argparse
 
 from common.logs import setup_logging
 from common.metrics import serve_metrics
-from common.settings import (CONNECTION_OPTIONS, Option, add_options, non_negative_float, non_negative_int,
+from common.settings import (CONNECTION_OPTIONS, SERVICE_OPTIONS, Option, add_options, non_negative_float,
                              positive_int, resolve)
 
 HELP = "Run a worker: take round tasks of a job, train on this worker's data partition, publish updates."
@@ -22,9 +22,7 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("max_tasks", _optional_int, None, "exit after this many tasks"),
     Option("drain_seconds", non_negative_float, 60.0, "on SIGTERM, how long the current task may still run"),
     Option("heartbeat", positive_int, 30, "AMQP heartbeat interval in seconds"),
-    Option("metrics_port", non_negative_int, 0, "serve Prometheus /metrics on this port (0: off)"),
-    Option("log_level", str, "INFO", "log level"),
-]
+] + SERVICE_OPTIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
