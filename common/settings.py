@@ -74,8 +74,10 @@ def add_options(parser: argparse.ArgumentParser, options: list[Option]) -> None:
             parser.add_argument(option.flag, dest=option.name, default=None, nargs="?", const="true",
                                 metavar="BOOL", help=f"{option.help} (default {option.default})")
         else:
-            parser.add_argument(option.flag, dest=option.name, default=None, choices=option.choices,
-                                help=f"{option.help} (default {option.default})")
+            # Choices are checked by resolve(), after parsing, for flags, environment and file alike.
+            choices = f"; one of {', '.join(option.choices)}" if option.choices else ""
+            parser.add_argument(option.flag, dest=option.name, default=None,
+                                help=f"{option.help} (default {option.default}{choices})")
 
 
 def load_job_file(path: str | None) -> Mapping[str, Any]:
@@ -155,5 +157,6 @@ def positive_float(text: Any) -> float:
 # Options every long-running service (coordinator, worker) takes.
 SERVICE_OPTIONS = [
     Option("metrics_port", non_negative_int, 0, "serve Prometheus /metrics on this port (0: off)"),
-    Option("log_level", str, "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    Option("log_level", lambda text: str(text).upper(), "INFO", "log level",
+           choices=("DEBUG", "INFO", "WARNING", "ERROR")),
 ]

@@ -173,9 +173,9 @@ def test_missing_job_is_fine_when_the_option_list_has_no_job():
     assert resolve(parser.parse_args([]), options, environ={})["buffer_size"] == 3
 
 
-def test_argparse_rejects_choices_outside_the_list():
-    with pytest.raises(SystemExit):
-        parse("--job", "j", "--algorithm", "fedsgd")
+def test_choices_outside_the_list_are_rejected_naming_the_flag():
+    with pytest.raises(SettingsError, match="--algorithm='fedsgd' must be one of"):
+        resolve(parse("--job", "j", "--algorithm", "fedsgd"), OPTIONS, environ={})
 
 
 def test_settings_error_is_a_value_error():
