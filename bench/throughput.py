@@ -2,9 +2,11 @@
 
 Run from the repository root (the coordinator loads ``bench.models:MLPTask`` by module path):
 
-    .venv/bin/python bench/throughput.py            # ~2-3 minutes
-    .venv/bin/python bench/throughput.py --quick    # ~1 minute
-    .venv/bin/python bench/throughput.py --profile  # also py-spy the coordinator (needs py-spy)
+    .venv/bin/python bench/throughput.py                 # ~2 minutes
+    .venv/bin/python bench/throughput.py --quick         # ~30 s
+    .venv/bin/python bench/throughput.py --quick --profile  # + py-spy breakdown of the coordinator
+    .venv/bin/python bench/throughput.py --wait-quiet 60 --retries 2   # on a shared machine
+    .venv/bin/python bench/throughput.py --only 1M --python-packer     # experiment, see python_packer.py
 
 For each (model size, algorithm) it starts a real coordinator subprocess
 (``python -m common.cli coordinator ... --eval-every 0 --max-versions N``) on a
@@ -29,6 +31,7 @@ import argparse
 import collections
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -49,6 +52,7 @@ import numpy as np  # noqa: E402
 import pika.exceptions  # noqa: E402
 
 from bench.models import LARGE, SMALL, MLPTask, parameter_count  # noqa: E402
+from bench.python_packer import use_python_packer  # noqa: E402
 from broker.connection import connect  # noqa: E402
 from broker.publisher import publish  # noqa: E402
 from broker.topology import Topology  # noqa: E402
@@ -181,6 +185,8 @@ def numpy_add_seconds(elements: int, repeats: int = 30) -> float:
 # -- CPU use of the parties during the measured window ----------------------------
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# A run during which other processes kept more than this share of a core busy is suspect.
+BUSY_OTHER = 0.3
 
 
 def _proc_cpu_seconds(pid: int) -> float | None:
@@ -190,6 +196,24 @@ def _proc_cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy (not idle/iowait), from /proc/stat."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def wait_for_quiet_machine(limit_seconds: float, threshold: float = 0.3) -> float:
+    """Wait (up to ``limit_seconds``) until the machine is less than ``threshold`` cores busy; returns the load."""
+    deadline = time.monotonic() + limit_seconds
+    while True:
+        before = _machine_busy_seconds()
+        time.sleep(1.0)
+        busy = _machine_busy_seconds() - before
+        if busy < threshold or time.monotonic() > deadline:
+            return busy
 
 
 def _find_pids(comm: str) -> list[int]:
@@ -208,8 +232,9 @@ class CpuMonitor:
     """Samples (time, head, CPU seconds of each party) so the measured window's CPU use can be derived.
 
     Parties: the coordinator process, this process (the fake workers; its main thread
-    only sleeps and samples), the Redis server (INFO cpu) and RabbitMQ (beam.smp, if
-    visible in /proc). On 2 cores the total can reach 200%.
+    only sleeps and samples), the Redis server (INFO cpu), RabbitMQ (beam.smp, if
+    visible in /proc), and "other": the machine's busy time (/proc/stat) minus all
+    of those. On 2 cores the total can reach 200%.
     """
 
     def __init__(self, pid: int, store: ModelStore, profiled: bool):
@@ -217,6 +242,7 @@ class CpuMonitor:
         self.coordinator_pid: int | None = None if profiled else pid
         self.rabbit_pids = _find_pids("beam.smp")
         self.samples: list[tuple[float, int, dict[str, float]]] = []
+        self.memory: list[tuple[int, int]] = []  # (head, Redis used_memory)
 
     def _coordinator(self) -> int | None:
         if self.coordinator_pid is None:  # under py-spy: the coordinator is py-spy's child
@@ -231,6 +257,7 @@ class CpuMonitor:
         try:
             head = self.store.head()
             info = self.store.redis.info("cpu")
+            memory = self.store.redis.info("memory")["used_memory"]
         except Exception:
             return
         if head is None:
@@ -245,7 +272,16 @@ class CpuMonitor:
         rabbit = [_proc_cpu_seconds(pid) for pid in self.rabbit_pids]
         if self.rabbit_pids and None not in rabbit:
             cpu["rabbitmq"] = sum(rabbit)
+        cpu["machine"] = _machine_busy_seconds()
         self.samples.append((time.monotonic(), head, cpu))
+        self.memory.append((head, memory))
+
+    def memory_per_version(self) -> float:
+        """Redis bytes added per committed version over the run (nothing is ever pruned)."""
+        if len(self.memory) < 2 or self.memory[-1][0] <= self.memory[0][0]:
+            return float("nan")
+        (head0, used0), (head1, used1) = self.memory[0], self.memory[-1]
+        return (used1 - used0) / (head1 - head0)
 
     def usage(self, first_version: int) -> dict[str, float]:
         window = [sample for sample in self.samples if sample[1] >= first_version]
@@ -254,7 +290,10 @@ class CpuMonitor:
         (t0, _, cpu0), (t1, _, cpu1) = window[0], window[-1]
         if t1 - t0 < 0.5:
             return {}
-        return {name: (cpu1[name] - cpu0[name]) / (t1 - t0) for name in cpu1 if name in cpu0}
+        usage = {name: (cpu1[name] - cpu0[name]) / (t1 - t0) for name in cpu1 if name in cpu0}
+        # Everything else busy on the machine (py-spy, other users' processes, the kernel).
+        usage["other"] = max(0.0, usage.pop("machine") - sum(usage.values()))
+        return usage
 
 
 # -- one run -------------------------------------------------------------------
@@ -275,6 +314,8 @@ class Result:
     inline: bool = True
     worker_updates: int = 0
     wall_seconds: float = 0.0
+    redis_bytes_per_version: float = float("nan")
+    redis_peak_bytes: int = 0
     cpu: dict[str, float] = field(default_factory=dict)  # process -> share of one core, measured window
     notes: list[str] = field(default_factory=list)
 
@@ -297,13 +338,15 @@ def run_config(config: Config, args: argparse.Namespace, numpy_add: float) -> Re
     workers = FakeWorkers(job, args.amqp_url, args.redis_url, weights, threads=args.worker_threads,
                           prefetch=max(1, args.concurrency))
     result.payload_bytes, result.inline = len(workers.payload), workers.inline
-    command = [sys.executable, "-m", "common.cli", "coordinator", "--job", job, "--task", TASK,
+    entry_point = "bench.python_packer" if args.python_packer else "common.cli"
+    command = [sys.executable, "-m", entry_point, "coordinator", "--job", job, "--task", TASK,
                "--task-params", json.dumps({"sizes": list(config.sizes)}), "--algorithm", config.algorithm,
                "--concurrency", str(args.concurrency), "--eval-every", "0", "--max-versions", str(versions),
                "--max-seconds", str(args.max_seconds), "--log-level", args.log_level,
                "--amqp-url", args.amqp_url, "--redis-url", args.redis_url]
     if config.algorithm == "fedbuff":
         command += ["--buffer-size", str(config.buffer_size)]
+    command += shlex.split(args.coordinator_args)
     profile_path = None
     if args.profile:
         profile_path = Path(args.profile_dir) / f"{config.model}-{config.algorithm}.txt"
@@ -336,6 +379,8 @@ def run_config(config: Config, args: argparse.Namespace, numpy_add: float) -> Re
         analyse(result, store.history(), args)
         if result.measured:
             result.cpu = monitor.usage(first_version=result.versions - result.measured)
+        result.redis_bytes_per_version = monitor.memory_per_version()
+        result.redis_peak_bytes = max((used for _, used in monitor.memory), default=0)
         if profile_path is not None:
             result.notes.append(f"profile: {profile_path}")
             result.notes.extend(summarise_profile(profile_path))
@@ -387,6 +432,8 @@ def cleanup(job: str, args: argparse.Namespace) -> None:
 # entry names the sample's bucket, so the more specific entries come first.
 PROFILE_BUCKETS = [
     ("Redis SET of the new weights blob (commit)", ("ModelStore.commit (", "BasicKeyCommands.set (")),
+    ("Redis SET of the new weights blob (commit)", ("ModelStore.commit (", "Pipeline.execute (")),
+    ("retention: ModelStore.prune", ("ModelStore.prune (",)),
     ("Redis Lua commit script", ("ModelStore.commit (", "Script.__call__ (")),
     ("sha256 (claim check + version digest)", ("digest (common/codec.py",)),
     ("safetensors encode of the new version", ("encode (common/codec.py",)),
@@ -463,7 +510,7 @@ def print_table(results: list[Result]) -> None:
     print("aggr ms        = coordinator's own aggregation_seconds (aggregator step + server optimizer)")
     print("numpy ms/ver.  = plain numpy `acc += w*x` over the same float32 count, x updates per version")
     print("interval/numpy = commit interval / that numpy time; aggr/interval = share of a step spent in the math")
-    parties = ["coordinator", "fake workers", "redis", "rabbitmq"]
+    parties = ["coordinator", "fake workers", "redis", "rabbitmq", "other"]
     if any(result.cpu for result in results):
         print()
         print("CPU use during the measured window, % of one core (this machine has "
@@ -475,11 +522,20 @@ def print_table(results: list[Result]) -> None:
             print(f"{result.config.model:>6}  {result.config.algorithm:<13}"
                   + "".join(f"{'n/a' if cell is None else f'{cell:.0%}':>14}" for cell in cells)
                   + f"{total:>10.0%}")
+        if any(result.cpu.get("other", 0) > BUSY_OTHER for result in results):
+            print(f"NOTE: 'other' > {BUSY_OTHER:.0%} of a core: something else was busy on this machine; figures are pessimistic.")
+    print()
+    print("Redis memory growth per version (the server's used_memory, so other jobs' writes count too). By default")
+    print("every version's weights and every applied update's delta are kept; see --coordinator-args='--keep-versions N'):")
+    for result in results:
+        print(f"{result.config.model:>6}  {result.config.algorithm:<13}  "
+              f"+{result.redis_bytes_per_version / 2**20:8.2f} MiB/version   "
+              f"server used_memory peak {result.redis_peak_bytes / 2**20:8.0f} MiB after {result.versions} versions")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer versions per run (~1 minute in all)")
+    parser.add_argument("--quick", action="store_true", help="fewer versions per run (~30 s in all)")
     parser.add_argument("--only", default="", help="comma-separated filter, e.g. 10k or 1M,fedbuff")
     parser.add_argument("--concurrency", type=int, default=4, help="coordinator --concurrency (default 4)")
     parser.add_argument("--worker-threads", type=int, default=2, help="fake worker threads (default 2)")
@@ -487,6 +543,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="versions skipped at the start (at least)")
     parser.add_argument("--warmup-fraction", type=float, default=0.1, help="... or this fraction, if more")
     parser.add_argument("--max-seconds", type=float, default=45.0, help="coordinator --max-seconds cap per run")
+    parser.add_argument("--coordinator-args", default="",
+                        help="extra coordinator flags, e.g. '--keep-versions 20' (quoted, one string)")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="before each run, wait up to this long for the machine to be idle (shared hosts)")
+    parser.add_argument("--retries", type=int, default=0,
+                        help="run a configuration again (up to N times) when other processes were busy during it; "
+                             "the least disturbed run is reported")
+    parser.add_argument("--python-packer", action="store_true",
+                        help="experiment: coordinator and fake workers pack Redis commands with redis-py's "
+                             "pure-Python packer instead of hiredis (see bench/python_packer.py)")
     parser.add_argument("--log-level", default="INFO", help="coordinator log level (logs go to --log-dir)")
     parser.add_argument("--log-dir", default=None, help="where coordinator logs go (default: a temp dir)")
     parser.add_argument("--profile", action="store_true", help="run each coordinator under py-spy record --idle")
@@ -505,11 +571,14 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.py_spy).exists():
             parser.error("--profile needs py-spy (.venv/bin/pip install py-spy)")
 
+    if args.python_packer:
+        use_python_packer()  # the fake workers' Redis clients, created per run from here on
     filters = [item.strip().lower() for item in args.only.split(",") if item.strip()]
     configs = [config for config in CONFIGS
                if all(item in (config.model.lower(), config.algorithm) for item in filters)
                or not filters]
-    print(f"fedq coordinator throughput: {len(configs)} runs, concurrency {args.concurrency}, "
+    print(f"fedq coordinator throughput{' (experiment: Python Redis packer)' if args.python_packer else ''}: "
+          f"{len(configs)} runs, concurrency {args.concurrency}, "
           f"{args.worker_threads} fake worker threads, {os.cpu_count()} CPUs; logs in {args.log_dir}", flush=True)
     references: dict[int, float] = {}
     results = []
@@ -517,7 +586,21 @@ def main(argv: list[str] | None = None) -> int:
     for config in configs:
         if config.parameters not in references:
             references[config.parameters] = numpy_add_seconds(config.parameters)
+        if args.wait_quiet:
+            busy = wait_for_quiet_machine(args.wait_quiet)
+            if busy >= 0.3:
+                print(f"  (machine still {busy:.0%} of a core busy after waiting {args.wait_quiet:.0f} s)", flush=True)
         result = run_config(config, args, references[config.parameters])
+        for attempt in range(args.retries):
+            if result.cpu.get("other", 0.0) <= BUSY_OTHER:
+                break
+            print(f"  {config.model:>4} {config.algorithm:<8}: other processes used {result.cpu['other']:.0%} of a core; "
+                  f"running again ({attempt + 1}/{args.retries})", flush=True)
+            if args.wait_quiet:
+                wait_for_quiet_machine(args.wait_quiet)
+            again = run_config(config, args, references[config.parameters])
+            if again.cpu.get("other", 0.0) < result.cpu.get("other", 0.0):
+                result = again
         results.append(result)
         print(f"  {config.model:>4} {config.algorithm:<8}: {result.versions} versions in {result.wall_seconds:.1f} s "
               f"(measured {result.measured}, mean staleness {result.mean_staleness:.2f}), "
@@ -533,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
             "updates_per_s_median": r.updates_per_s_median, "updates_per_s_mean": r.updates_per_s_mean,
             "commit_interval_median_s": r.interval_median, "commit_interval_p90_s": r.interval_p90,
             "aggregation_median_s": r.aggregation_median, "numpy_add_s": r.numpy_add,
-            "payload_bytes": r.payload_bytes, "inline": r.inline, "cpu_share": r.cpu} for r in results],
+            "payload_bytes": r.payload_bytes, "inline": r.inline, "cpu_share": r.cpu,
+            "redis_bytes_per_version": r.redis_bytes_per_version, "redis_peak_bytes": r.redis_peak_bytes} for r in results],
             indent=2))
     return 0
 

@@ -246,7 +246,7 @@ class Coordinator:
             return
         try:
             staleness = check_staleness(update, self.head, self.settings.max_staleness, self.abandoned)
-            payload, delta = load_delta(update, self.store)
+            digest, payload, delta = load_delta(update, self.store)
             check_tensors(delta, self.tensor_specs)
         except MessageError as error:
             self._dead_letter(delivery_tag, properties, body, error, task_id=update.task_id)
@@ -255,7 +255,7 @@ class Coordinator:
             delivery_tag, BufferedUpdate(task_id=update.task_id, worker_id=update.worker_id,
                                          base_version=update.base_version, staleness=staleness,
                                          num_examples=update.num_examples, delta=delta),
-            digest=codec.digest(payload), blob_key=self.store.update_key(update.task_id),
+            digest=digest, blob_key=self.store.update_key(update.task_id),
             inline_payload=None if isinstance(update.delta, ClaimCheck) else payload))
         self._forget([update.task_id])
         metrics.BUFFER_FILL.labels(self.settings.job).set(len(self.buffer))

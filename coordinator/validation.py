@@ -12,9 +12,9 @@ from common.messages import ClaimCheck, MessageError, ModelUpdate
 from common.store import ModelStore
 
 
-def load_delta(update: ModelUpdate, store: ModelStore) -> tuple[bytes, codec.Weights]:
-    """The update's delta as (safetensors bytes, arrays), from the message or its Redis
-    claim check (verified by sha256)."""
+def load_delta(update: ModelUpdate, store: ModelStore) -> tuple[str, bytes, codec.Weights]:
+    """The update's delta as (sha256, safetensors bytes, arrays), from the message or
+    its Redis claim check (verified against the claimed sha256)."""
     if isinstance(update.delta, ClaimCheck):
         claim = update.delta
         if claim.key != store.update_key(update.task_id):
@@ -23,12 +23,14 @@ def load_delta(update: ModelUpdate, store: ModelStore) -> tuple[bytes, codec.Wei
         payload = store.get_blob(claim.key)
         if payload is None:
             raise MessageError("missing_blob", f"claim-checked blob {claim.key!r} is gone (expired or never written)")
-        if len(payload) != claim.nbytes or codec.digest(payload) != claim.sha256:
+        digest = codec.digest(payload)
+        if len(payload) != claim.nbytes or digest != claim.sha256:
             raise MessageError("bad_digest", f"blob {claim.key!r} does not match its sha256/size")
     else:
         payload = update.delta.payload
+        digest = codec.digest(payload)
     try:
-        return payload, codec.decode(payload)
+        return digest, payload, codec.decode(payload)
     except codec.CodecError as error:
         raise MessageError("bad_tensor", str(error)) from None
 
