@@ -23,6 +23,7 @@ from common.logs import kv
 log = logging.getLogger("fedq.broker")
 
 RECONNECT_BACKOFF_SECONDS = (1, 2, 4, 8, 15)
+HEALTHY_SESSION_SECONDS = 60.0
 # Connection loss (network, broker restart, `rabbitmqctl close_connection`) and a
 # channel the broker closed (e.g. consumer_timeout) are worth a new connection.
 CONNECTION_LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelClosedByBroker)
@@ -51,12 +52,15 @@ def run_with_reconnect(amqp_url: str, session: Callable[[pika.BlockingConnection
             time.sleep(backoff)
             continue
         connected_once = True
+        session_started = time.monotonic()
         try:
             session(connection)
             return
         except CONNECTION_LOST + also_transient as error:
             if should_stop():
                 return
+            if time.monotonic() - session_started > HEALTHY_SESSION_SECONDS:
+                failures = 0  # a loss after a long healthy session is a fresh incident
             backoff = RECONNECT_BACKOFF_SECONDS[min(failures, len(RECONNECT_BACKOFF_SECONDS) - 1)]
             failures += 1
             log.warning(kv("connection_lost", name=name, error=repr(error), retry_in_s=backoff))
