@@ -58,6 +58,8 @@ def test_hostile_updates_are_dead_lettered_and_training_continues(processes, job
     }
     connection = connect(AMQP_URL)
     channel = connection.channel()
+    # The head exists before the coordinator has declared its queues; declaring is idempotent.
+    Topology(job).declare(channel)
     channel.confirm_delivery()
     for reason, body in hostile.items():
         publish(channel, Topology(job).updates, body, message_id=reason)
