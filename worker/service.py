@@ -107,7 +107,9 @@ class Worker:
 
     def run(self) -> int:
         """Serve tasks until stopped or ``max_tasks`` done; reconnects after connection loss."""
-        run_with_reconnect(self.settings.amqp_url, self._serve, name=f"fedq-worker-{self.settings.job}-{self.worker_id}",
+        # The job in the connection name lets operators (and tests) find a job's connections.
+        run_with_reconnect(self.settings.amqp_url, self._serve,
+                           name=f"fedq-worker-{self.settings.job}-{self.worker_id}",
                            should_stop=lambda: self.stop_requested, also_transient=TRANSIENT_REDIS_ERRORS,
                            heartbeat=self.settings.heartbeat_seconds)
         self.store.forget_worker(self.worker_id)
