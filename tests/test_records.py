@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from common import codec
 from common.tasks import load_task
 from coordinator.aggregation import BufferedUpdate
-from coordinator.replay import replay, rollback
+from coordinator.replay import replay
 from coordinator.service import CoordinatorSettings
 from coordinator.step import build_aggregator, build_optimizer, config_digest, server_step
 from tests.conftest import REDIS_URL, ROOT
