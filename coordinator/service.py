@@ -121,12 +121,13 @@ class Coordinator:
         self.model = self.task.build_model()
         self.buffer: list[Pending] = []
         self.in_flight: dict[str, dict[str, Any]] = {}
-        self.started = time.monotonic()
         self.finished_reason: str | None = None
         self.stop_requested = False
         self.last_metrics: dict[str, float] = {}
         self._channel: Any = None
         self._prepare_job()
+        # --max-seconds counts from version 0, not from loading the task's data.
+        self.started = time.monotonic()
 
     # -- job state --------------------------------------------------------
 

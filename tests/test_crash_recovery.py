@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from base64 import b64encode
@@ -171,7 +172,12 @@ def close_job_connections(job: str) -> int:
     closed = 0
     for connection in _management("/api/connections"):
         if job in (connection.get("client_properties") or {}).get("connection_name", ""):
-            _management("/api/connections/" + urllib.parse.quote(connection["name"], safe=""), method="DELETE")
+            try:
+                _management("/api/connections/" + urllib.parse.quote(connection["name"], safe=""), method="DELETE")
+            except urllib.error.HTTPError as error:
+                if error.code != 404:  # 404: that connection was already gone (listed a moment ago)
+                    raise
+                continue
             closed += 1
     return closed
 

@@ -165,8 +165,10 @@ class Worker:
         drain_deadline = None
         self._current_task = task.task_id
         while thread.is_alive():
-            # Keeps heartbeats flowing while the training thread works.
-            connection.process_data_events(time_limit=0.2)
+            # join() returns the moment training ends (no rounding of task times up to a
+            # polling interval); between joins the connection thread services heartbeats.
+            thread.join(timeout=0.2)
+            connection.process_data_events(time_limit=0)
             self._report_liveness()
             if self.stop_requested and drain_deadline is None:
                 drain_deadline = time.monotonic() + self.settings.drain_seconds

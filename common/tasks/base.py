@@ -67,7 +67,7 @@ class FederatedTask(ABC):
                 loss = self.loss(model(data.features[batch]), data.targets[batch])
                 loss.backward()
                 optimizer.step()
-                total_loss += float(loss)
+                total_loss += loss.item()
                 batches += 1
         return {"train_loss": total_loss / max(batches, 1)}
 
