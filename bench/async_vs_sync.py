@@ -3,7 +3,7 @@
 Run from the repository root:
 
     .venv/bin/python bench/async_vs_sync.py            # everything: ~35-40 minutes on 2 cores
-    .venv/bin/python bench/async_vs_sync.py --quick    # digits, stragglers, fedavg vs fedbuff3: ~3 minutes
+    .venv/bin/python bench/async_vs_sync.py --quick    # digits, stragglers, fedavg vs fedbuff3: ~2-3 minutes
     .venv/bin/python bench/async_vs_sync.py --tasks digits --cases lognormal --arms fedavg,fedbuff3
     .venv/bin/python bench/async_vs_sync.py --plot-only  # redraw figures/table from docs/figures/*.csv
 
@@ -47,6 +47,8 @@ Arms (same concurrency, same workers and delays within one task/case):
     fedbuff3   --algorithm fedbuff --buffer-size 3 --staleness polynomial:a=0.5
     fedbuff5   --algorithm fedbuff --buffer-size 5 --staleness polynomial:a=0.5
     fedadam3   fedbuff3 + --server-optimizer adam --server-lr 0.01
+    fedbuff3ew fedbuff3 + --example-weighted true   (a control, only with --arms: sync FedAvg is
+               always example-weighted, the FedBuff arms weight their buffer uniformly)
 
 Heterogeneity cases (per-task slowdowns are drawn once from --seed, the same for every arm):
 
@@ -81,12 +83,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from broker.connection import connect  # noqa: E402
-from broker.topology import Topology  # noqa: E402
-from common.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL  # noqa: E402
-from common.store import ModelStore, connect_redis  # noqa: E402
+from broker.connection import connect
+from broker.topology import Topology
+from common.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
+from common.store import ModelStore, connect_redis
 
 FIGURES = ROOT / "docs" / "figures"
 SUMMARY_CSV = "async_vs_sync.csv"
@@ -108,16 +110,22 @@ ARMS: dict[str, list[str]] = {
     "fedbuff5": ["--algorithm", "fedbuff", "--buffer-size", "5", "--staleness", STALENESS],
     "fedadam3": ["--algorithm", "fedbuff", "--buffer-size", "3", "--staleness", STALENESS,
                  "--server-optimizer", "adam", "--server-lr", str(FEDADAM_SERVER_LR)],
+    # Control, not run by default: sync FedAvg is always example-weighted (coordinator/step.py),
+    # the FedBuff arms weight the buffer uniformly (1/K); this separates weighting from asynchrony.
+    "fedbuff3ew": ["--algorithm", "fedbuff", "--buffer-size", "3", "--staleness", STALENESS,
+                   "--example-weighted", "true"],
 }
+DEFAULT_ARMS = ("fedavg", "fedasync", "fedbuff3", "fedbuff5", "fedadam3")
 ARM_LABELS = {
     "fedavg": "sync FedAvg",
     "fedasync": "FedAsync (a=0.6, poly 0.5)",
     "fedbuff3": "FedBuff K=3",
     "fedbuff5": "FedBuff K=5",
     "fedadam3": f"FedBuff K=3 + FedAdam (lr {FEDADAM_SERVER_LR})",
+    "fedbuff3ew": "FedBuff K=3, example-weighted",
 }
 ARM_COLOURS = {"fedavg": "black", "fedasync": "tab:orange", "fedbuff3": "tab:blue", "fedbuff5": "tab:green",
-               "fedadam3": "tab:red"}
+               "fedadam3": "tab:red", "fedbuff3ew": "tab:purple"}
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,9 @@ CASES = ("lognormal", "stragglers")
 # version 0 (loading the test set: ~2.5 s for digits). It runs this much longer
 # than the budget, and every figure is read at <= budget seconds after version 0.
 COORDINATOR_SLACK = 8.0
+# Async curves are noisy: besides the first version at the target, report the first time
+# from which the accuracy stays at or above it for this long.
+SUSTAIN_SECONDS = 5.0
 LOGNORMAL_MEDIAN, LOGNORMAL_SIGMA = 0.5, 1.0
 STRAGGLER_BASE, STRAGGLER_EXTRA, STRAGGLER_FRACTION = 0.2, 2.0, 0.3
 
@@ -391,6 +402,21 @@ class RunResult:
                 return point["t"], point["updates"], point["version"]
         return None, None, None
 
+    def time_to_sustained_target(self, hold: float = SUSTAIN_SECONDS) -> float | None:
+        """The first time from which every version of the next ``hold`` seconds is at or above the target."""
+        points = [p for p in self.curve if p["accuracy"] is not None]
+        for index, point in enumerate(points):
+            if point["t"] + hold > self.budget:
+                return None
+            if all(later["accuracy"] >= self.target for later in points[index:]
+                   if later["t"] <= point["t"] + hold):
+                return point["t"]
+        return None
+
+    def updates_within_budget(self) -> int:
+        within = [p["updates"] for p in self.curve if p["t"] <= self.budget]
+        return within[-1] if within else 0
+
     def final_accuracy(self) -> float | None:
         within = [p for p in self.curve if p["accuracy"] is not None and p["t"] <= self.budget]
         return within[-1]["accuracy"] if within else None
@@ -415,6 +441,7 @@ class RunResult:
 
     def row(self) -> dict[str, Any]:
         t_target, updates_target, version_target = self.time_to_target()
+        sustained = self.time_to_sustained_target()
         histogram = Counter(self.stalenesses)
         t_v1 = next((p["t"] for p in self.curve if p["version"] == 1), None)
         final, final_mean = self.final_accuracy(), self.final_mean_accuracy()
@@ -424,11 +451,13 @@ class RunResult:
             "concurrency": self.concurrency, "target": self.target, "budget_s": self.budget,
             "t_target_s": None if t_target is None else round(t_target, 2),
             "updates_to_target": updates_target, "versions_to_target": version_target,
+            "t_target_sustained_s": None if sustained is None else round(sustained, 2),
             "final_acc": None if final is None else round(final, 4),
             "final_acc_last10s": None if final_mean is None else round(final_mean, 4),
             "best_acc": round(max((p["accuracy"] for p in self.curve if p["accuracy"] is not None), default=0), 4),
             "versions": self.curve[-1]["version"] if self.curve else 0,
             "updates_applied": len(self.stalenesses),
+            "updates_per_s": round(self.updates_within_budget() / self.budget, 2),
             "rejected": sum(self.rejected.values()),
             "rejected_reasons": " ".join(f"{k}:{v}" for k, v in sorted(self.rejected.items())),
             "skipped": sum(self.skipped.values()),
@@ -453,7 +482,8 @@ def wait_ready(logs: list[Path], pids: list[int], timeout: float) -> None:
         for index in list(pending):
             if not alive(pids[index]):
                 raise RuntimeError(f"worker {index} exited early; see {logs[index]}")
-            if "event=worker_ready" in logs[index].read_text(errors="replace"):
+            # a forked worker may not have opened its log yet
+            if logs[index].exists() and "event=worker_ready" in logs[index].read_text(errors="replace"):
                 pending.discard(index)
         if pending and time.monotonic() > deadline:
             raise RuntimeError(f"workers {sorted(pending)} not ready after {timeout:.0f} s")
@@ -526,7 +556,7 @@ def run_one(spec: TaskSpec, case: str, arm: str, *, budget: float, concurrency: 
         stop_all()
         try:
             reset_job(amqp_url, store, job)
-        except Exception as error:  # cleanup must not hide the run's own error
+        except Exception as error:  # noqa: BLE001 - cleanup must not hide the run's own error
             print(f"  cleanup of {job} failed: {error}", file=sys.stderr)
     return result
 
@@ -547,6 +577,10 @@ def merged(results: list[RunResult], out_dir: Path) -> list[RunResult]:
 def write_csvs(results: list[RunResult], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [result.row() for result in results]
+    sync_time = {(r["task"], r["case"]): r["t_target_s"] for r in rows if r["arm"] == "fedavg"}
+    for row in rows:
+        base, t = sync_time.get((row["task"], row["case"])), row["t_target_s"]
+        row["speedup_vs_fedavg"] = round(base / t, 2) if (base and t) else None
     if rows:
         with open(out_dir / SUMMARY_CSV, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -570,10 +604,12 @@ def write_csvs(results: list[RunResult], out_dir: Path) -> None:
 
 def load_results(out_dir: Path) -> list[RunResult]:
     """Rebuild results (curves, staleness, summary fields) from the CSVs, for --plot-only."""
-    summary = {(row["task"], row["case"], row["arm"]): row
-               for row in csv.DictReader(open(out_dir / SUMMARY_CSV))}
+    with open(out_dir / SUMMARY_CSV) as handle:
+        summary = {(row["task"], row["case"], row["arm"]): row for row in csv.DictReader(handle)}
+    with open(out_dir / CURVES_CSV) as handle:
+        curve_rows = list(csv.DictReader(handle))
     results: dict[tuple[str, str, str], RunResult] = {}
-    for row in csv.DictReader(open(out_dir / CURVES_CSV)):
+    for row in curve_rows:
         key = (row["task"], row["case"], row["arm"])
         info = summary[key]
         if key not in results:
@@ -598,8 +634,8 @@ def load_results(out_dir: Path) -> list[RunResult]:
 
 
 def print_table(results: list[RunResult]) -> None:
-    header = (f"{'task':9} {'case':10} {'arm':9} {'t->target':>9} {'speedup':>7} {'upd->tgt':>8} {'final':>6} "
-              f"{'last10s':>7} {'best':>6} {'vers':>5} {'upd':>5} {'rej':>4} {'stale':>9} {'slow%':>5} "
+    header = (f"{'task':9} {'case':10} {'arm':10} {'t->target':>9} {'speedup':>7} {'held5s':>6} {'upd->tgt':>8} {'final':>6} "
+              f"{'last10s':>7} {'best':>6} {'vers':>5} {'upd':>5} {'upd/s':>5} {'rej':>4} {'stale':>9} {'slow%':>5} "
               f"{'t_v1':>5} {'coordCPU':>8} {'busy':>5}")
     print(header)
     print("-" * len(header))
@@ -614,14 +650,17 @@ def print_table(results: list[RunResult]) -> None:
 
         def fmt(value: Any, spec: str) -> str:
             return "-" if value is None else format(value, spec)
-        print(f"{result.task:9} {result.case:10} {result.arm:9} {fmt(t, '9.1f'):>9} {speedup:>7} "
+        print(f"{result.task:9} {result.case:10} {result.arm:10} {fmt(t, '9.1f'):>9} {speedup:>7} "
+              f"{fmt(row['t_target_sustained_s'], '6.1f'):>6} "
               f"{fmt(row['updates_to_target'], 'd'):>8} {fmt(row['final_acc'], '.4f'):>6} "
               f"{fmt(row['final_acc_last10s'], '.4f'):>7} {row['best_acc']:6.4f} {row['versions']:5d} "
-              f"{row['updates_applied']:5d} {row['rejected']:4d} {stale:>9} {share:>5} {fmt(row['t_v1_s'], '.1f'):>5} "
+              f"{row['updates_applied']:5d} {row['updates_per_s']:5.1f} {row['rejected']:4d} {stale:>9} {share:>5} {fmt(row['t_v1_s'], '.1f'):>5} "
               f"{row['coordinator_cpu_s']:8.1f} {row['machine_busy']:5.2f}")
 
 
 def plot(results: list[RunResult], out_dir: Path) -> list[Path]:
+    """One PNG per (task, case): accuracy vs time (whole budget, and zoomed on the sync time to target),
+    and the staleness histogram of the applied updates."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -631,38 +670,51 @@ def plot(results: list[RunResult], out_dir: Path) -> list[Path]:
     for result in results:
         groups.setdefault((result.task, result.case), []).append(result)
     for (task, case), group in groups.items():
-        figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+        figure = plt.figure(figsize=(13, 9))
+        grid = figure.add_gridspec(2, 2, height_ratios=[1, 1], width_ratios=[3, 2])
+        full, zoom, right = figure.add_subplot(grid[0, :]), figure.add_subplot(grid[1, 0]), figure.add_subplot(grid[1, 1])
         target = group[0].target
+        budget = max(r.budget for r in group)
+        sync = next((r.time_to_target()[0] for r in group if r.arm == "fedavg"), None)
+        zoom_end = min(budget, 1.3 * sync if sync else budget / 3)
         for result in group:
-            points = [p for p in result.curve if p["accuracy"] is not None]
+            points = [p for p in result.curve if p["accuracy"] is not None and p["t"] <= result.budget]
             colour = ARM_COLOURS.get(result.arm)
             t_target, updates, _ = result.time_to_target()
-            label = ARM_LABELS.get(result.arm, result.arm)
-            label += f": {t_target:.1f} s to {target:.2f}" if t_target is not None else f": {target:.2f} not reached"
-            drawstyle = "steps-post" if result.arm == "fedavg" else "default"
-            left.plot([p["t"] for p in points], [p["accuracy"] for p in points], color=colour, label=label,
-                      linewidth=1.6 if result.arm == "fedavg" else 1.0, drawstyle=drawstyle,
-                      alpha=1.0 if result.arm in ("fedavg", "fedbuff3") else 0.85)
-            if t_target is not None:
-                left.axvline(t_target, color=colour, linestyle=":", linewidth=1)
+            name = ARM_LABELS.get(result.arm, result.arm)
+            label = name + (f": {t_target:.1f} s, {updates} updates to {target:.2f}" if t_target is not None
+                            else f": {target:.2f} not reached")
+            final = result.final_mean_accuracy()
+            if final is not None:
+                label += f"; last 10 s {final:.3f}"
+            for axis in (full, zoom):
+                axis.plot([p["t"] for p in points], [p["accuracy"] for p in points], color=colour, label=label,
+                          linewidth=1.8 if result.arm == "fedavg" else 1.0,
+                          drawstyle="steps-post" if result.arm == "fedavg" else "default",
+                          alpha=1.0 if result.arm in ("fedavg", "fedbuff3") else 0.8)
+                if t_target is not None:
+                    axis.axvline(t_target, color=colour, linestyle=":", linewidth=1)
             hist = Counter(result.stalenesses)
             if hist:
                 xs = np.arange(0, max(hist) + 2)
                 total = sum(hist.values())
                 right.step(xs, [hist.get(int(x), 0) / total for x in xs], where="mid", color=colour,
-                           label=f"{ARM_LABELS.get(result.arm, result.arm)} (mean {np.mean(result.stalenesses):.1f}, "
+                           label=f"{name} (mean {np.mean(result.stalenesses):.1f}, "
                                  f"{sum(result.rejected.values())} rejected)")
-        left.axhline(target, color="grey", linestyle="--", linewidth=1)
-        left.set_xlabel("wall-clock seconds since version 0")
-        left.set_ylabel("test accuracy of the global model")
         lows = [p["accuracy"] for r in group for p in r.curve if p["accuracy"] is not None]
-        left.set_ylim(max(0.0, min(target - 0.25, np.percentile(lows, 5) if lows else 0)), 1.0 if task == "digits"
-                      else min(1.0, max(lows, default=target) + 0.05))
-        left.set_xlim(0, max(r.budget for r in group))
-        left.grid(alpha=0.3)
-        left.legend(loc="lower right", fontsize=8)
         example = group[0]
-        left.set_title(f"{task}, {case}: {example.workers} workers, concurrency {example.concurrency}")
+        for axis in (full, zoom):
+            axis.axhline(target, color="grey", linestyle="--", linewidth=1)
+            axis.set_xlabel("wall-clock seconds since version 0")
+            axis.set_ylabel("test accuracy of the global model")
+            axis.set_ylim(max(0.0, target - 0.4), min(1.0, max(lows, default=target) + 0.03))
+            axis.grid(alpha=0.3)
+        full.set_xlim(0, budget)
+        zoom.set_xlim(0, zoom_end)
+        full.legend(loc="lower right", fontsize=8)
+        full.set_title(f"{task}, {case}: {example.workers} workers, concurrency {example.concurrency}, "
+                       f"target {target:.2f} (dotted lines: time to target)")
+        zoom.set_title(f"zoom: first {zoom_end:.0f} s")
         right.set_xlabel("staleness (versions)")
         right.set_ylabel("share of applied updates")
         right.set_title("staleness of applied updates")
@@ -670,7 +722,7 @@ def plot(results: list[RunResult], out_dir: Path) -> list[Path]:
         right.legend(fontsize=7)
         figure.tight_layout()
         path = out_dir / f"async_vs_sync_{task}_{case}.png"
-        figure.savefig(path, dpi=110)
+        figure.savefig(path, dpi=100)
         plt.close(figure)
         paths.append(path)
     return paths
@@ -694,13 +746,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: " + ", ".join(TASKS))
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
-    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated: " + ", ".join(ARMS))
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                        help=f"comma-separated, default {','.join(DEFAULT_ARMS)}; also: fedbuff3ew (control)")
     parser.add_argument("--budget", type=float, default=90.0,
                         help="wall-clock seconds per run, counted from version 0 (default 90)")
     parser.add_argument("--concurrency", type=int, default=10, help="tasks in flight, the same for every arm")
     parser.add_argument("--seed", type=int, default=0, help="seed of the slowdowns and of the initial model")
     parser.add_argument("--quick", action="store_true",
-                        help="digits, stragglers, fedavg and fedbuff3 only, 45 s budget (~3 minutes)")
+                        help="digits, stragglers, fedavg and fedbuff3 only, 45 s budget (~2-3 minutes)")
     parser.add_argument("--out-dir", default=None,
                         help=f"where the CSVs and PNGs go (default {FIGURES.relative_to(ROOT)}; --quick: a temporary "
                              "folder). Rows of (task, case, arm) not re-run are kept from its CSVs")
@@ -708,7 +761,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-dir", default=None, help="process logs (default: a temporary folder)")
     parser.add_argument("--launch", choices=("fork", "spawn", "cold"), default="fork",
                         help="how worker processes start (see the module docstring); default fork")
-    parser.add_argument("--plot-only", action="store_true", help="redraw the table and PNGs from the CSVs")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw the table and PNGs from the CSVs (and recompute their derived columns)")
     parser.add_argument("--amqp-url", default=os.environ.get("FEDQ_AMQP_URL", DEFAULT_AMQP_URL))
     parser.add_argument("--redis-url", default=os.environ.get("FEDQ_REDIS_URL", DEFAULT_REDIS_URL))
     args = parser.parse_args(argv)
@@ -718,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.plot_only:
         results = load_results(out_dir)
+        write_csvs(results, out_dir)  # recomputes the derived columns
         print_table(results)
         for path in plot(results, out_dir):
             print(f"wrote {path}")
