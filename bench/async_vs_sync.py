@@ -85,8 +85,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np
 
-from broker.connection import connect
-from broker.topology import Topology
+from coordinator.status import remove_job
 from common.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
 from common.store import ModelStore, connect_redis
 
@@ -357,15 +356,6 @@ def machine_busy() -> tuple[float, float]:
     return sum(values) - idle, sum(values)
 
 
-def reset_job(amqp_url: str, store: ModelStore, job: str) -> None:
-    store.delete_job()
-    connection = connect(amqp_url, name="fedq-bench-async", attempts=2)
-    try:
-        Topology(job).delete(connection.channel())
-    finally:
-        connection.close()
-
-
 # -- one run -----------------------------------------------------------------
 
 @dataclass
@@ -496,7 +486,7 @@ def run_one(spec: TaskSpec, case: str, arm: str, *, budget: float, concurrency: 
     log_dir = log_root / job
     log_dir.mkdir(parents=True)
     store = ModelStore(connect_redis(redis_url), job)
-    reset_job(amqp_url, store, job)
+    remove_job(amqp_url, store)
     delays, slow = slowdowns(case, spec.workers, seed)
     result = RunResult(spec.name, case, arm, job, spec.target, budget, concurrency, spec.workers, slow_workers=slow)
     connection_flags = ["--job", job, "--amqp-url", amqp_url, "--redis-url", redis_url]
@@ -555,7 +545,7 @@ def run_one(spec: TaskSpec, case: str, arm: str, *, budget: float, concurrency: 
     finally:
         stop_all()
         try:
-            reset_job(amqp_url, store, job)
+            remove_job(amqp_url, store)
         except Exception as error:  # noqa: BLE001 - cleanup must not hide the run's own error
             print(f"  cleanup of {job} failed: {error}", file=sys.stderr)
     return result

@@ -56,6 +56,7 @@ from bench.python_packer import use_python_packer  # noqa: E402
 from broker.connection import connect  # noqa: E402
 from broker.publisher import publish  # noqa: E402
 from broker.topology import Topology  # noqa: E402
+from coordinator.status import remove_job  # noqa: E402
 from common import codec  # noqa: E402
 from common.messages import ClaimCheck, InlineDelta, ModelUpdate, parse_task  # noqa: E402
 from common.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL  # noqa: E402
@@ -416,14 +417,7 @@ def analyse(result: Result, history: list[dict], args: argparse.Namespace) -> No
 
 
 def cleanup(job: str, args: argparse.Namespace) -> None:
-    try:
-        ModelStore(connect_redis(args.redis_url), job).delete_job()
-    finally:
-        connection = connect(args.amqp_url, name="fedq-bench-admin")
-        try:
-            Topology(job).delete(connection.channel())
-        finally:
-            connection.close()
+    remove_job(args.amqp_url, ModelStore(connect_redis(args.redis_url), job))
 
 
 # -- py-spy profile summary ------------------------------------------------------

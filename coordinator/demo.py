@@ -17,9 +17,9 @@ import time
 from typing import Any
 
 from broker.connection import connect
-from broker.topology import Topology
 from common.settings import CONNECTION_OPTIONS, Option, add_options, positive_float, positive_int, resolve
 from common.store import ModelStore, connect_redis
+from coordinator.status import remove_job
 
 HELP = ("Run a coordinator and worker processes on the built-in digits task until the global model "
         "reaches the target accuracy, showing progress and a summary.")
@@ -44,15 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _fedq(*args: str) -> list[str]:
     return [sys.executable, "-m", "common.cli", *args]
-
-
-def reset_job(amqp_url: str, store: ModelStore, job: str) -> None:
-    store.delete_job()
-    connection = connect(amqp_url, name="fedq-demo", attempts=2)
-    try:
-        Topology(job).delete(connection.channel())
-    finally:
-        connection.close()
 
 
 def _progress_line(entry: dict[str, Any], started: float, applied: int, stalenesses: list[int]) -> str:
@@ -96,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
     store = ModelStore(connect_redis(redis_url), job)
     connect(amqp_url, name="fedq-demo-check", attempts=2).close()
     if not args.resume:
-        reset_job(amqp_url, store, job)
+        remove_job(amqp_url, store)
     log_dir = args.log_dir or tempfile.mkdtemp(prefix=f"fedq-{job}-")
     os.makedirs(log_dir, exist_ok=True)
     workers = values["workers"]

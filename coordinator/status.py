@@ -5,12 +5,23 @@ import argparse
 import json
 import time
 
+from broker.connection import connect
 from broker.depth import queue_depths
 from broker.topology import Topology
 from common.settings import CONNECTION_OPTIONS, add_options, resolve
 from common.store import ModelStore, connect_redis
 
 HELP = "Show a job's head model version, the depth of each of its queues and their consumers."
+
+
+def remove_job(amqp_url: str, store: ModelStore) -> None:
+    """Delete every trace of a job: its Redis keys, then its queues and exchanges."""
+    store.delete_job()
+    connection = connect(amqp_url, name="fedq-admin", attempts=2)
+    try:
+        Topology(store.job).delete(connection.channel())
+    finally:
+        connection.close()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -26,16 +26,10 @@ def job(request) -> str:
 
 
 def cleanup_job(name: str) -> None:
-    from broker.connection import connect
-    from broker.topology import Topology
     from common.store import ModelStore, connect_redis
+    from coordinator.status import remove_job
 
-    ModelStore(connect_redis(REDIS_URL), name).delete_job()
-    connection = connect(AMQP_URL, attempts=2)
-    try:
-        Topology(name).delete(connection.channel())
-    finally:
-        connection.close()
+    remove_job(AMQP_URL, ModelStore(connect_redis(REDIS_URL), name))
 
 
 @pytest.fixture
