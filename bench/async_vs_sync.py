@@ -304,35 +304,28 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _signal_all(signum: int) -> None:
+    """Send ``signum`` to every started process and forked worker that still runs."""
+    targets = [process.pid for process in PROCESSES if process.poll() is None]
+    targets += [pid for pid in FORKED if alive(pid)]
+    for pid in targets:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
 def stop_all(grace: float = 15.0) -> None:
     """SIGTERM every process we started that still runs, then SIGKILL what is left after ``grace``.
 
     Forked workers get SIGTERM from their zygote and, as a fallback, by pid.
     """
-    for process in PROCESSES:
-        if process.poll() is None:
-            try:
-                process.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    for pid in FORKED:
-        if alive(pid):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    _signal_all(signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and (any(p.poll() is None for p in PROCESSES) or any(map(alive, FORKED))):
         time.sleep(0.2)
-    for pid in FORKED:
-        if alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    _signal_all(signal.SIGKILL)
     for process in PROCESSES:
-        if process.poll() is None:
-            process.kill()
         process.wait(timeout=10)
         if process.stdout is not None:
             process.stdout.close()
