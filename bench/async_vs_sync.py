@@ -7,7 +7,7 @@ Run from the repository root:
     .venv/bin/python bench/async_vs_sync.py --tasks digits --cases lognormal --arms fedavg,fedbuff3
     .venv/bin/python bench/async_vs_sync.py --plot-only  # redraw figures/table from docs/figures/*.csv
 
-Every run is a real federation: one ``python -m common.cli coordinator``
+Every run is a real federation: one ``python -m fedq.common.cli coordinator``
 process and N ``fedq worker`` processes (worker i with ``--partition i`` and
 ``--slowdown s_i``) that talk only through RabbitMQ and Redis, as in ``fedq
 demo``. Each run has its own job name and is deleted afterwards (Redis keys,
@@ -33,12 +33,12 @@ importing torch (~3.5 s of CPU) take 1-2 minutes to become ready, per run.
 So by default (``fork``) one "zygote" process imports torch, the worker and
 task modules, runs one forward/backward/SGD step on a 2x2 layer (with one torch
 thread, as workers use, so no thread pool exists at fork time), and then forks
-one process per worker that calls ``common.cli.main(["worker", ...])`` -- the
-function behind ``python -m common.cli worker`` -- with its output sent to its
+one process per worker that calls ``fedq.common.cli.main(["worker", ...])`` -- the
+function behind ``python -m fedq.common.cli worker`` -- with its output sent to its
 own log. The workers are still separate processes with their own connections;
 only imports and torch's warm-up are shared. ``spawn`` starts one ``python -c
-"<imports>; <warm-up>; common.cli.main()" worker ...`` per worker instead, and
-``cold`` plain ``python -m common.cli worker ...`` exactly like ``fedq demo``.
+"<imports>; <warm-up>; fedq.common.cli.main()" worker ...`` per worker instead, and
+``cold`` plain ``python -m fedq.common.cli worker ...`` exactly like ``fedq demo``.
 
 Arms (same concurrency, same workers and delays within one task/case):
 
@@ -85,9 +85,9 @@ if str(ROOT) not in sys.path:
 
 import numpy as np
 
-from coordinator.status import remove_job
-from common.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
-from common.store import ModelStore, connect_redis
+from fedq.coordinator.ops.status import remove_job
+from fedq.common.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
+from fedq.common.store import ModelStore, connect_redis
 
 FIGURES = ROOT / "docs" / "figures"
 SUMMARY_CSV = "async_vs_sync.csv"
@@ -142,7 +142,7 @@ TASKS = {
     # The demo's local training settings (coordinator/demo.py DEMO_TRAINING).
     "digits": TaskSpec("digits", "digits", {"num_partitions": 10, "alpha": 0.5}, workers=10, target=0.90,
                        training=("--local-epochs", "2", "--learning-rate", "0.1", "--batch-size", "16"),
-                       preload=("common.tasks.digits", "sklearn.datasets")),
+                       preload=("fedq.common.tasks.digits", "sklearn.datasets")),
     # One worker process per device (30 processes, ~250 MB each); concurrency 10
     # means 10 of the 30 devices train at any time, as in FedAvg's client
     # sampling. Local learning rate 0.01 (FedProx's, for this data set): 0.1
@@ -150,7 +150,7 @@ TASKS = {
     "synthetic": TaskSpec("synthetic", "synthetic", {"alpha": 1, "beta": 1, "num_partitions": 30}, workers=30,
                           target=0.60,
                           training=("--local-epochs", "2", "--learning-rate", "0.01", "--batch-size", "16"),
-                          preload=("common.tasks.synthetic",)),
+                          preload=("fedq.common.tasks.synthetic",)),
 }
 CASES = ("lognormal", "stragglers")
 # The coordinator's --max-seconds clock starts before it evaluates and commits
@@ -182,7 +182,7 @@ FORKED: list[int] = []  # worker pids forked by a zygote we started (see launch_
 
 
 def _fedq(*args: str) -> list[str]:
-    return [sys.executable, "-m", "common.cli", *args]
+    return [sys.executable, "-m", "fedq.common.cli", *args]
 
 
 def warm_up_torch() -> None:
@@ -199,17 +199,17 @@ def warm_up_torch() -> None:
 def zygote(spec_path: str) -> int:
     """``--launch fork``: import and warm up once, then fork one ``fedq worker`` per entry of the spec.
 
-    Each child redirects stdout/stderr to its log and runs ``common.cli.main(["worker", ...])``,
-    the function behind ``python -m common.cli worker``. The zygote prints the children's pids
+    Each child redirects stdout/stderr to its log and runs ``fedq.common.cli.main(["worker", ...])``,
+    the function behind ``python -m fedq.common.cli worker``. The zygote prints the children's pids
     as one JSON line, forwards SIGTERM to them and exits when they all have.
     """
     spec = json.loads(Path(spec_path).read_text())
     import importlib
 
-    for module in ["common.cli", "common.tasks", "worker.cli", "worker.service", *spec["preload"]]:
+    for module in ["fedq.common.cli", "fedq.common.tasks", "fedq.worker.cli", "fedq.worker.service", *spec["preload"]]:
         importlib.import_module(module)
     warm_up_torch()
-    from common.cli import main as fedq_main
+    from fedq.common.cli import main as fedq_main
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the workers themselves
     children: list[int] = []
@@ -268,8 +268,8 @@ def launch_workers(mode: str, preload: tuple[str, ...], argvs: list[list[str]], 
     """Start one worker process per argv (``fedq worker`` arguments); return their pids.
 
     fork:  one zygote imports torch and the task's modules, warms torch up, and forks the workers
-    spawn: one ``python -c "<imports>; <warm-up>; common.cli.main()" worker ...`` process per worker
-    cold:  ``python -m common.cli worker ...`` per worker, exactly like ``fedq demo``
+    spawn: one ``python -c "<imports>; <warm-up>; fedq.common.cli.main()" worker ...`` process per worker
+    cold:  ``python -m fedq.common.cli worker ...`` per worker, exactly like ``fedq demo``
     """
     if mode == "fork":
         spec_path = log_dir / "zygote.json"
@@ -288,9 +288,9 @@ def launch_workers(mode: str, preload: tuple[str, ...], argvs: list[list[str]], 
         if mode == "cold":
             command = _fedq(*argv)
         else:
-            code = (f"import sys, {', '.join(('common.tasks', *preload))}; sys.path.insert(0, {str(ROOT / 'bench')!r}); "
+            code = (f"import sys, {', '.join(('fedq.common.tasks', *preload))}; sys.path.insert(0, {str(ROOT / 'bench')!r}); "
                     "from async_vs_sync import warm_up_torch; warm_up_torch(); "
-                    "from common.cli import main; sys.exit(main())")
+                    "from fedq.common.cli import main; sys.exit(main())")
             command = [sys.executable, "-c", code, *argv]
         pids.append(start(command, log).pid)
     return pids
@@ -517,7 +517,7 @@ def run_one(spec: TaskSpec, case: str, arm: str, *, budget: float, concurrency: 
         result.workers_cpu = sum(worker_cpu.values())
         if coordinator.returncode != 0:
             raise RuntimeError(f"coordinator of {job} exited with {coordinator.returncode}; see {coordinator_log}")
-        history = store.history()
+        history = store.versions.history()
         created0 = history[0]["created"]
         applied = 0
         for entry in history:
@@ -529,9 +529,9 @@ def run_one(spec: TaskSpec, case: str, arm: str, *, budget: float, concurrency: 
             for update in entry["updates"]:
                 result.stalenesses.append(int(update["staleness"]))
                 result.per_worker[update["worker_id"]] = result.per_worker.get(update["worker_id"], 0) + 1
-        result.rejected = store.counters("rejected")
-        result.skipped = store.counters("skipped")
-        result.reason = store.load_state().get("reason", "")
+        result.rejected = store.counters.get("rejected")
+        result.skipped = store.counters.get("skipped")
+        result.reason = store.status.load().get("reason", "")
         warnings = Counter(match.group(1) for match in
                            re.finditer(r" WARNING \S+ event=(\S+)", coordinator_log.read_text(errors="replace")))
         result.warnings = dict(warnings)

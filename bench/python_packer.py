@@ -20,6 +20,6 @@ def use_python_packer() -> None:
 
 if __name__ == "__main__":
     use_python_packer()
-    from common.cli import main
+    from fedq.common.cli import main
 
     sys.exit(main())

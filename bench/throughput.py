@@ -9,7 +9,7 @@ Run from the repository root (the coordinator loads ``bench.models:MLPTask`` by 
     .venv/bin/python bench/throughput.py --only 1M --python-packer     # experiment, see python_packer.py
 
 For each (model size, algorithm) it starts a real coordinator subprocess
-(``python -m common.cli coordinator ... --eval-every 0 --max-versions N``) on a
+(``python -m fedq.common.cli coordinator ... --eval-every 0 --max-versions N``) on a
 fresh job, plus fake workers (threads in this process, one pika connection
 each) that answer every task at once with an all-zeros delta, encoded exactly
 as ``worker.service`` does: inline when the safetensors payload is <= 256 KiB,
@@ -53,15 +53,15 @@ import pika.exceptions  # noqa: E402
 
 from bench.models import LARGE, SMALL, MLPTask, parameter_count  # noqa: E402
 from bench.python_packer import use_python_packer  # noqa: E402
-from broker.connection import connect  # noqa: E402
-from broker.publisher import publish  # noqa: E402
-from broker.topology import Topology  # noqa: E402
-from coordinator.status import remove_job  # noqa: E402
-from common import codec  # noqa: E402
-from common.messages import ClaimCheck, InlineDelta, ModelUpdate, parse_task  # noqa: E402
-from common.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL  # noqa: E402
-from common.store import ModelStore, connect_redis  # noqa: E402
-from worker.service import INLINE_LIMIT_BYTES, UPDATE_BLOB_TTL_SECONDS  # noqa: E402
+from fedq.broker.connection import connect  # noqa: E402
+from fedq.broker.publisher import publish  # noqa: E402
+from fedq.broker.topology import Topology  # noqa: E402
+from fedq.coordinator.ops.status import remove_job  # noqa: E402
+from fedq.common.wire import codec  # noqa: E402
+from fedq.common.wire.messages import ClaimCheck, InlineDelta, ModelUpdate, parse_task  # noqa: E402
+from fedq.common.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL  # noqa: E402
+from fedq.common.store import ModelStore, connect_redis  # noqa: E402
+from fedq.worker.service import INLINE_LIMIT_BYTES, UPDATE_BLOB_TTL_SECONDS  # noqa: E402
 
 TASK = "bench.models:MLPTask"
 
@@ -139,8 +139,8 @@ class FakeWorkers:
                 if self.inline:
                     carried: InlineDelta | ClaimCheck = InlineDelta(self.payload)
                 else:
-                    # As worker.service: the blob is in Redis before the message naming it exists.
-                    key = store.put_update_blob(task.task_id, self.payload, UPDATE_BLOB_TTL_SECONDS)
+                    # As fedq.worker.training: the blob is in Redis before the message naming it exists.
+                    key = store.blobs.put(task.task_id, self.payload, UPDATE_BLOB_TTL_SECONDS)
                     carried = ClaimCheck(key=key, sha256=self.sha256, nbytes=len(self.payload))
                 update = ModelUpdate(job=task.job, task_id=task.task_id, worker_id=worker_id,
                                      base_version=task.model_version, num_examples=8, delta=carried)
@@ -256,7 +256,7 @@ class CpuMonitor:
 
     def sample(self) -> None:
         try:
-            head = self.store.head()
+            head = self.store.versions.head()
             info = self.store.redis.info("cpu")
             memory = self.store.redis.info("memory")["used_memory"]
         except Exception:
@@ -339,7 +339,7 @@ def run_config(config: Config, args: argparse.Namespace, numpy_add: float) -> Re
     workers = FakeWorkers(job, args.amqp_url, args.redis_url, weights, threads=args.worker_threads,
                           prefetch=max(1, args.concurrency))
     result.payload_bytes, result.inline = len(workers.payload), workers.inline
-    entry_point = "bench.python_packer" if args.python_packer else "common.cli"
+    entry_point = "bench.python_packer" if args.python_packer else "fedq.common.cli"
     command = [sys.executable, "-m", entry_point, "coordinator", "--job", job, "--task", TASK,
                "--task-params", json.dumps({"sizes": list(config.sizes)}), "--algorithm", config.algorithm,
                "--concurrency", str(args.concurrency), "--eval-every", "0", "--max-versions", str(versions),
@@ -377,7 +377,7 @@ def run_config(config: Config, args: argparse.Namespace, numpy_add: float) -> Re
         result.worker_updates = workers.close()
         if workers.errors:
             raise RuntimeError(f"fake worker failed: {workers.errors[0]!r}")
-        analyse(result, store.history(), args)
+        analyse(result, store.versions.history(), args)
         if result.measured:
             result.cpu = monitor.usage(first_version=result.versions - result.measured)
         result.redis_bytes_per_version = monitor.memory_per_version()
@@ -425,21 +425,21 @@ def cleanup(job: str, args: argparse.Namespace) -> None:
 # (label, substrings that must all occur in a sample's stack): the first matching
 # entry names the sample's bucket, so the more specific entries come first.
 PROFILE_BUCKETS = [
-    ("Redis SET of the new weights blob (commit)", ("ModelStore.commit (", "BasicKeyCommands.set (")),
-    ("Redis SET of the new weights blob (commit)", ("ModelStore.commit (", "Pipeline.execute (")),
-    ("retention: ModelStore.prune", ("ModelStore.prune (",)),
-    ("Redis Lua commit script", ("ModelStore.commit (", "Script.__call__ (")),
-    ("sha256 (claim check + version digest)", ("digest (common/codec.py",)),
-    ("safetensors encode of the new version", ("encode (common/codec.py",)),
-    ("Redis GET of a claim-checked delta", ("get_blob (",)),
-    ("safetensors decode of a delta", ("decode (common/codec.py",)),
+    ("Redis SET of the new weights blob (commit)", ("VersionStore.commit (", "BasicKeyCommands.set (")),
+    ("Redis SET of the new weights blob (commit)", ("VersionStore.commit (", "Pipeline.execute (")),
+    ("retention: VersionStore.prune", ("VersionStore.prune (",)),
+    ("Redis Lua commit script", ("VersionStore.commit (", "Script.__call__ (")),
+    ("sha256 (claim check + version digest)", ("digest (common/wire/codec.py",)),
+    ("safetensors encode of the new version", ("encode (common/wire/codec.py",)),
+    ("Redis GET of a claim-checked delta", ("UpdateBlobs.get (",)),
+    ("safetensors decode of a delta", ("decode (common/wire/codec.py",)),
     ("isfinite check of a delta", ("check_tensors (",)),
-    ("aggregation step", ("step (coordinator/aggregation.py",)),
-    ("server optimizer", ("apply (coordinator/server_optimizers.py",)),
-    ("json, weights copy, rest of store.commit", ("ModelStore.commit (",)),
+    ("aggregation step", ("step (coordinator/algorithms/aggregation.py",)),
+    ("server optimizer", ("apply (coordinator/algorithms/server_optimizers.py",)),
+    ("json, weights copy, rest of store.commit", ("VersionStore.commit (",)),
     ("publish a task + wait for its confirm", ("publish (broker/publisher.py",)),
     ("Redis HSET in-flight (dispatch)", ("record_dispatch (",)),
-    ("Redis HDEL in-flight (forget)", ("forget_tasks (",)),
+    ("Redis HDEL in-flight (forget)", ("TaskLedger.forget (",)),
     ("Redis HGET applied (duplicate check)", ("applied_version (",)),
     ("basic_ack of updates", ("basic_ack (",)),
     ("parse update (JSON, base64)", ("parse_update (",)),
@@ -456,7 +456,7 @@ def summarise_profile(path: Path, top: int = 14) -> list[str]:
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
-        if "_serve (coordinator/service.py" not in stack:
+        if "_serve (coordinator/service/loop.py" not in stack:
             continue  # start-up (imports, model build, version 0) and other threads
         count = int(count_text)
         total += count

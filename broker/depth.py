@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pika
 import pika.exceptions
 
-from broker.connection import connect
+from fedq.broker.connection import connect
 
 MANAGEMENT_PORT = 15672
 

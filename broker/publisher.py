@@ -12,7 +12,7 @@ from typing import Any
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
-from broker.topology import ROUTING_KEY
+from fedq.broker.topology import ROUTING_KEY
 
 PERSISTENT = pika.DeliveryMode.Persistent
 

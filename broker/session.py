@@ -17,8 +17,8 @@ from typing import Callable
 import pika
 import pika.exceptions
 
-from broker.connection import HEARTBEAT_SECONDS, BrokerError, connect
-from common.logs import kv
+from fedq.broker.connection import HEARTBEAT_SECONDS, BrokerError, connect
+from fedq.common.obs.logs import kv
 
 log = logging.getLogger("fedq.broker")
 

@@ -1,6 +1,6 @@
 """The ``fedq`` command: one entry point, subcommands loaded lazily.
 
-Subcommands live with the package they belong to (``coordinator.cli``,
+Subcommands live with the package they belong to (``fedq.coordinator.service.cli``,
 ``worker.cli``, ...) and are named here as paths, not imported: ``common`` must
 not depend on the services, and ``fedq status`` should not pay torch's
 multi-second import. A path names a module or a ``module:Object``; either
@@ -13,17 +13,17 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "demo": "coordinator.demo",
-    "coordinator": "coordinator.cli",
-    "worker": "worker.cli",
-    "status": "coordinator.status",
-    "monitor": "coordinator.monitor",
-    "report": "coordinator.report",
-    "history": "coordinator.records:History",
-    "show": "coordinator.records:Show",
-    "export": "coordinator.records:Export",
-    "replay": "coordinator.records:Replay",
-    "rollback": "coordinator.records:Rollback",
+    "demo": "fedq.coordinator.ops.demo",
+    "coordinator": "fedq.coordinator.service.cli",
+    "worker": "fedq.worker.cli",
+    "status": "fedq.coordinator.ops.status",
+    "monitor": "fedq.coordinator.ops.monitor",
+    "report": "fedq.coordinator.ops.report",
+    "history": "fedq.coordinator.ops.history:History",
+    "show": "fedq.coordinator.ops.history:Show",
+    "export": "fedq.coordinator.ops.history:Export",
+    "replay": "fedq.coordinator.ops.history:Replay",
+    "rollback": "fedq.coordinator.ops.history:Rollback",
 }
 
 SUMMARIES = {
@@ -47,13 +47,13 @@ class UserError(Exception):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is a sentence for the user (imported lazily)."""
-    from common.settings import SettingsError
-    from common.store import StoreError
-    from common.tasks import TaskPluginError
+    from fedq.common.settings import SettingsError
+    from fedq.common.store import StoreError
+    from fedq.common.tasks import TaskPluginError
 
     kinds: list[type[BaseException]] = [UserError, SettingsError, StoreError, TaskPluginError]
-    if "broker.connection" in sys.modules:
-        kinds.append(sys.modules["broker.connection"].BrokerError)
+    if "fedq.broker.connection" in sys.modules:
+        kinds.append(sys.modules["fedq.broker.connection"].BrokerError)
     return tuple(kinds)
 
 

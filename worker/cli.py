@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from common.logs import setup_logging
-from common.metrics import serve_metrics
-from common.settings import (CONNECTION_OPTIONS, SERVICE_OPTIONS, Option, add_options, non_negative_float,
+from fedq.common.obs.logs import setup_logging
+from fedq.common.obs.metrics import serve_metrics
+from fedq.common.settings import (CONNECTION_OPTIONS, SERVICE_OPTIONS, Option, add_options, non_negative_float,
                              positive_int, resolve)
 
 HELP = "Run a worker: take round tasks of a job, train on this worker's data partition, publish updates."
@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
     values = resolve(args, OPTIONS)
     setup_logging(values["log_level"])
     serve_metrics(values["metrics_port"])
-    from worker.service import Worker, WorkerSettings
+    from fedq.worker.service import Worker, WorkerSettings
 
     worker = Worker(WorkerSettings(
         job=values["job"], amqp_url=values["amqp_url"], redis_url=values["redis_url"],

@@ -29,15 +29,15 @@ import numpy as np
 import pika
 import torch
 
-from broker.session import run_with_reconnect
-from broker.publisher import publish
-from broker.topology import Topology
-from common import codec
-from common import metrics
-from common.logs import kv
-from common.messages import ClaimCheck, InlineDelta, MessageError, ModelUpdate, RoundTask, parse_task
-from common.store import TRANSIENT_REDIS_ERRORS, ModelStore, StoreError, UnknownVersionError, connect_redis
-from common.tasks import FederatedTask, load_task, load_weights_into, weights_of
+from fedq.broker.session import run_with_reconnect
+from fedq.broker.publisher import publish
+from fedq.broker.topology import Topology
+from fedq.common.wire import codec
+from fedq.common.obs import metrics
+from fedq.common.obs.logs import kv
+from fedq.common.wire.messages import ClaimCheck, InlineDelta, MessageError, ModelUpdate, RoundTask, parse_task
+from fedq.common.store import TRANSIENT_REDIS_ERRORS, ModelStore, StoreError, UnknownVersionError, connect_redis
+from fedq.common.tasks import FederatedTask, load_task, load_weights_into, weights_of
 
 log = logging.getLogger("fedq.worker")
 
@@ -67,10 +67,6 @@ class WorkerSettings:
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-class StopWorker(Exception):
-    """Raised inside the loop when a signal asked us to stop."""
 
 
 class Worker:
@@ -112,7 +108,7 @@ class Worker:
                            name=f"fedq-worker-{self.settings.job}-{self.worker_id}",
                            should_stop=lambda: self.stop_requested, also_transient=TRANSIENT_REDIS_ERRORS,
                            heartbeat=self.settings.heartbeat_seconds)
-        self.store.forget_worker(self.worker_id)
+        self.store.workers.forget(self.worker_id)
         log.info(kv("worker_stopped", worker=self.worker_id, tasks_done=self.tasks_done))
         return 0
 
@@ -120,7 +116,7 @@ class Worker:
         if not force and time.monotonic() - self._liveness_written < LIVENESS_REFRESH_SECONDS:
             return
         self._liveness_written = time.monotonic()
-        self.store.touch_worker(self.worker_id, {
+        self.store.workers.touch(self.worker_id, {
             "worker_id": self.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
             "partition": self.partition, "tasks_done": self.tasks_done, "current_task": self._current_task,
             "started": self.started_at}, LIVENESS_TTL_SECONDS)
@@ -210,7 +206,7 @@ class Worker:
             outcome["error"] = error
 
     def _load_plugin(self) -> tuple[FederatedTask, torch.nn.Module]:
-        spec = self.store.load_spec()
+        spec = self.store.status.load_spec()
         if spec is None:
             raise StoreError(f"job {self.settings.job!r} has no spec in Redis; start its coordinator first")
         spec_text = json.dumps(spec, sort_keys=True)
@@ -229,7 +225,7 @@ class Worker:
 
     def train(self, task: RoundTask) -> ModelUpdate:
         plugin, model = self._load_plugin()
-        base = self.store.load_weights(task.model_version)
+        base = self.store.versions.load_weights(task.model_version)
         started = time.monotonic()
         load_weights_into(model, base)
         data = plugin.local_data(self.partition)
@@ -243,7 +239,7 @@ class Worker:
             carried: InlineDelta | ClaimCheck = InlineDelta(payload)
         else:
             # Claim check: the blob is in Redis before the message that names it exists.
-            key = self.store.put_update_blob(task.task_id, payload, UPDATE_BLOB_TTL_SECONDS)
+            key = self.store.blobs.put(task.task_id, payload, UPDATE_BLOB_TTL_SECONDS)
             carried = ClaimCheck(key=key, sha256=codec.digest(payload), nbytes=len(payload))
         return ModelUpdate(job=task.job, task_id=task.task_id, worker_id=self.worker_id,
                            base_version=task.model_version, num_examples=len(data), delta=carried,

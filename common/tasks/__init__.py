@@ -9,13 +9,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from common.tasks.base import FederatedTask, load_weights_into, weights_of
+from fedq.common.tasks.base import FederatedTask, load_weights_into, weights_of
 
 BUILTIN_TASKS = {
-    "digits": "common.tasks.digits:DigitsTask",
-    "digits28": "common.tasks.digits:Digits28Task",
-    "synthetic": "common.tasks.synthetic:SyntheticTask",
-    "linear": "common.tasks.linear:LinearRegressionTask",
+    "digits": "fedq.common.tasks.digits:DigitsTask",
+    "digits28": "fedq.common.tasks.digits:Digits28Task",
+    "synthetic": "fedq.common.tasks.synthetic:SyntheticTask",
+    "linear": "fedq.common.tasks.linear:LinearRegressionTask",
 }
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.codec import Weights
-from common.messages import TrainSettings
+from fedq.common.wire.codec import Weights
+from fedq.common.wire.messages import TrainSettings
 
 
 @dataclass(frozen=True)

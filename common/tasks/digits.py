@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.tasks.base import FederatedTask, LocalData, dirichlet_partition
+from fedq.common.tasks.base import FederatedTask, LocalData, dirichlet_partition
 
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2

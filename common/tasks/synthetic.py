@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.tasks.base import FederatedTask, LocalData
+from fedq.common.tasks.base import FederatedTask, LocalData
 
 FEATURES = 60
 CLASSES = 10

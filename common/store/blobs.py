@@ -1,0 +1,24 @@
+"""Update blobs: the weight delta of one update, keyed by its task id (the claim check)."""
+from __future__ import annotations
+
+import redis
+
+from fedq.common.store.keys import JobKeys
+
+
+class UpdateBlobs:
+    def __init__(self, client: redis.Redis, keys: JobKeys):
+        self.redis = client
+        self.keys = keys
+
+    def key(self, task_id: str) -> str:
+        """The only key an update of ``task_id`` may claim."""
+        return self.keys.update(task_id)
+
+    def put(self, task_id: str, payload: bytes, ttl_seconds: int) -> str:
+        key = self.key(task_id)
+        self.redis.set(key, payload, ex=ttl_seconds)
+        return key
+
+    def get(self, key: str) -> bytes | None:
+        return self.redis.get(key)

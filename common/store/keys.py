@@ -1,0 +1,80 @@
+"""Every Redis key name of a job, in one place.
+
+All keys of one job share the hash tag ``{job}`` so they live in one Redis
+Cluster slot and one Lua script may touch them together::
+
+    fedq:{job}:spec              JSON: task plugin, its parameters, the initial model's seed
+    fedq:{job}:head              the current global version number
+    fedq:{job}:model:<v>         safetensors bytes of version v (immutable once head passed it)
+    fedq:{job}:meta:<v>          JSON metadata of version v (parent, digest, staleness, metrics, ...)
+    fedq:{job}:optstate:<v>      safetensors server-optimizer state after version v (stateful optimizers)
+    fedq:{job}:history           stream, one entry per version, listing every update applied
+    fedq:{job}:abandoned         set of versions left behind by a rollback
+    fedq:{job}:pruned_through    retention has handled every version up to this one
+    fedq:{job}:staging:<v>:<attempt>:model|optstate   weights of a commit in progress (TTL)
+    fedq:{job}:applied           hash task_id -> version that applied it (idempotency record)
+    fedq:{job}:inflight          hash task_id -> JSON {version, issued_at} of dispatched tasks
+    fedq:{job}:update:<task_id>  weight delta of one update: a TTL while it is a pending claim
+                                 check, kept (for replay) once applied, until retention prunes it
+    fedq:{job}:worker:<id>       JSON liveness of one worker (host, tasks done, last seen), short TTL
+    fedq:{job}:counters          hash: rejected.<reason> / skipped.<reason> -> count
+    fedq:{job}:state             JSON {status, reason, ...}: running / stopped / finished
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    job: str
+
+    @property
+    def prefix(self) -> str:
+        return f"fedq:{{{self.job}}}:"
+
+    def _key(self, *parts: Any) -> str:
+        return self.prefix + ":".join(str(part) for part in parts)
+
+    def all(self) -> str:
+        """A SCAN pattern for every key of the job (job names hold no glob characters)."""
+        return self.prefix + "*"
+
+    def kind(self, key: str) -> str:
+        """The kind of one of the job's keys: 'model', 'meta', 'update', ..."""
+        return key[len(self.prefix):].split(":", 1)[0]
+
+    spec = property(lambda self: self._key("spec"))
+    head = property(lambda self: self._key("head"))
+    history = property(lambda self: self._key("history"))
+    abandoned = property(lambda self: self._key("abandoned"))
+    pruned_through = property(lambda self: self._key("pruned_through"))
+    applied = property(lambda self: self._key("applied"))
+    inflight = property(lambda self: self._key("inflight"))
+    counters = property(lambda self: self._key("counters"))
+    state = property(lambda self: self._key("state"))
+
+    def model(self, version: int) -> str:
+        return self._key("model", version)
+
+    def meta(self, version: int) -> str:
+        return self._key("meta", version)
+
+    def optimizer_state(self, version: int) -> str:
+        return self._key("optstate", version)
+
+    def staging(self, version: int | str, attempt: str, kind: str) -> str:
+        return self._key("staging", version, attempt, kind)
+
+    def staging_pattern(self) -> str:
+        return self._key("staging", "*")
+
+    def update(self, task_id: str) -> str:
+        return self._key("update", task_id)
+
+    def worker(self, worker_id: str) -> str:
+        return self._key("worker", worker_id)
+
+    def worker_pattern(self) -> str:
+        return self._key("worker", "*")

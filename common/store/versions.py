@@ -1,0 +1,198 @@
+"""Global model versions: the head, weights, metadata, history stream, optimizer state, retention.
+
+A version is committed by first SETting its weights blob under a staging key of
+this attempt (with a TTL), then running one Lua script that checks the expected
+head and only then renames the blob to ``model:<v>``, moves the head, writes the
+metadata, appends the history entry and records the applied task ids. A crash
+before the script leaves only a staged blob that expires; a crash after it
+leaves a complete version; a writer that loses the compare-and-set touches
+nothing of the winner's.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any, Iterable
+
+import redis
+
+from fedq.common.store.client import HeadMovedError, UnknownVersionError
+from fedq.common.store.keys import JobKeys
+from fedq.common.wire import codec
+
+# Versions are immutable, so cached weights never go stale; a few cover the
+# staleness window FedAsync needs (it mixes against the update's base version).
+WEIGHTS_CACHE_VERSIONS = 8
+# Staged weights of a commit attempt that died before its script ran expire after this.
+STAGING_TTL_SECONDS = 3600
+
+_COMMIT_SCRIPT = """
+local head = redis.call('GET', KEYS[1])
+if (head or '') ~= ARGV[1] then
+  return redis.error_reply('HEADMOVED ' .. (head or 'none'))
+end
+local version = ARGV[2]
+-- the weights (and optimizer state) were staged under keys of this attempt alone;
+-- only the winner of the compare-and-set moves them to their final keys
+redis.call('RENAME', KEYS[7], KEYS[8])
+redis.call('PERSIST', KEYS[8])
+if ARGV[8] == '1' then
+  redis.call('RENAME', KEYS[9], KEYS[10])
+  redis.call('PERSIST', KEYS[10])
+end
+redis.call('SET', KEYS[2], ARGV[3])
+-- the stream id <version>-1 lets readers range over versions without a scan
+redis.call('XADD', KEYS[3], version .. '-1', 'version', version, 'entry', ARGV[4])
+local task_ids = cjson.decode(ARGV[5])
+for _, task_id in ipairs(task_ids) do
+  redis.call('HSET', KEYS[4], task_id, version)
+  redis.call('HDEL', KEYS[5], task_id)
+end
+-- claim-checked blobs were written with a TTL; once applied they are part of the record
+for _, blob_key in ipairs(cjson.decode(ARGV[6])) do
+  redis.call('PERSIST', blob_key)
+end
+-- a rollback abandons the versions after its target: updates based on them are refused
+for _, abandoned in ipairs(cjson.decode(ARGV[7])) do
+  redis.call('SADD', KEYS[6], abandoned)
+end
+redis.call('SET', KEYS[1], version)
+return version
+"""
+
+
+def _frozen(weights: codec.Weights) -> codec.Weights:
+    for array in weights.values():
+        array.flags.writeable = False
+    return weights
+
+
+class VersionStore:
+    """The job's global versions. Raises :class:`UnknownVersionError` for a version it does not hold."""
+
+    def __init__(self, client: redis.Redis, keys: JobKeys):
+        self.redis = client
+        self.keys = keys
+        self._commit = client.register_script(_COMMIT_SCRIPT)
+        self._weights_cache: OrderedDict[int, codec.Weights] = OrderedDict()
+
+    def head(self) -> int | None:
+        raw = self.redis.get(self.keys.head)
+        return None if raw is None else int(raw)
+
+    def load_weights(self, version: int) -> codec.Weights:
+        """The weights of ``version``; callers must not modify the returned arrays."""
+        cached = self._weights_cache.get(version)
+        if cached is not None:
+            self._weights_cache.move_to_end(version)
+            return cached
+        payload = self.redis.get(self.keys.model(version))
+        if payload is None:
+            raise UnknownVersionError(f"job {self.keys.job!r} has no model version {version}")
+        weights = _frozen(codec.decode(payload))
+        self._remember(version, weights)
+        return weights
+
+    def _remember(self, version: int, weights: codec.Weights) -> None:
+        self._weights_cache[version] = weights
+        while len(self._weights_cache) > WEIGHTS_CACHE_VERSIONS:
+            self._weights_cache.popitem(last=False)
+
+    def load_meta(self, version: int) -> dict[str, Any]:
+        raw = self.redis.get(self.keys.meta(version))
+        if raw is None:
+            raise UnknownVersionError(f"job {self.keys.job!r} has no model version {version}")
+        return json.loads(raw)
+
+    def load_optimizer_state(self, version: int) -> codec.Weights:
+        payload = self.redis.get(self.keys.optimizer_state(version))
+        return {} if payload is None else codec.decode(payload)
+
+    def commit(self, expected_head: int | None, weights: codec.Weights, meta: dict[str, Any],
+               applied: list[dict[str, Any]], *, update_blobs: dict[str, bytes] | None = None,
+               optimizer_state: codec.Weights | None = None, abandon: Iterable[int] = ()) -> int:
+        """Write version ``expected_head + 1`` (or 0 when there is no head) atomically.
+
+        ``applied`` lists the updates folded in, in order, each with its
+        ``task_id`` and ``blob_key``; their task ids become idempotency records
+        and leave the in-flight set, and their blobs lose any TTL, in the same
+        transaction. ``update_blobs`` are blobs to write first (inline deltas,
+        kept for replay). ``abandon`` marks versions a rollback leaves behind.
+        Raises HeadMovedError when the head is no longer ``expected_head``.
+        """
+        version = 0 if expected_head is None else expected_head + 1
+        payload = codec.encode(weights)
+        meta = {**meta, "version": version, "parent": expected_head, "digest": codec.digest(payload),
+                "created": meta.get("created", time.time()), "updates_applied": len(applied)}
+        entry = {**meta, "updates": applied}
+        # Everything the script references is written first. Weights go to staging keys
+        # of this attempt: a writer that loses the compare-and-set must not overwrite the
+        # winner's blob. A crash leaves only staged keys, which expire by themselves.
+        attempt = uuid.uuid4().hex
+        staged_model = self.keys.staging(version, attempt, "model")
+        staged_state = self.keys.staging(version, attempt, "optstate")
+        writes = self.redis.pipeline(transaction=False)
+        writes.set(staged_model, payload, ex=STAGING_TTL_SECONDS)
+        if optimizer_state:
+            writes.set(staged_state, codec.encode(optimizer_state), ex=STAGING_TTL_SECONDS)
+        for key, blob in (update_blobs or {}).items():
+            writes.set(key, blob)  # keyed by task id: identical content whoever writes it
+        writes.execute()
+        try:
+            self._commit(
+                keys=[self.keys.head, self.keys.meta(version), self.keys.history, self.keys.applied,
+                      self.keys.inflight, self.keys.abandoned, staged_model, self.keys.model(version),
+                      staged_state, self.keys.optimizer_state(version)],
+                args=["" if expected_head is None else str(expected_head), str(version),
+                      json.dumps(meta, sort_keys=True), json.dumps(entry, sort_keys=True),
+                      json.dumps([update["task_id"] for update in applied]),
+                      json.dumps([update["blob_key"] for update in applied]),
+                      json.dumps([int(version) for version in abandon]), "1" if optimizer_state else "0"])
+        except redis.ResponseError as error:
+            if "HEADMOVED" in str(error):
+                raise HeadMovedError(f"job {self.keys.job!r}: head moved ({error}); "
+                                     "is another coordinator running?") from None
+            raise
+        self._remember(version, _frozen({name: array.copy() for name, array in weights.items()}))
+        return version
+
+    def abandoned(self) -> set[int]:
+        """Versions a rollback left behind; updates computed from them are refused."""
+        return {int(version) for version in self.redis.smembers(self.keys.abandoned)}
+
+    def history(self, start_version: int = 0, end_version: int | None = None) -> list[dict[str, Any]]:
+        """History entries with start_version <= version <= end_version, oldest first."""
+        upper = "+" if end_version is None else f"{end_version}-1"
+        return [json.loads(fields[b"entry"])
+                for _, fields in self.redis.xrange(self.keys.history, min=f"{start_version}-0", max=upper)]
+
+    def recent_history(self, count: int) -> list[dict[str, Any]]:
+        """The last ``count`` history entries, oldest first."""
+        newest_first = self.redis.xrevrange(self.keys.history, count=count)
+        return [json.loads(fields[b"entry"]) for _, fields in reversed(newest_first)]
+
+    def prune(self, head: int, keep_last: int, checkpoint_every: int) -> list[int]:
+        """Delete the weights, optimizer state and update blobs of old versions.
+
+        Kept: the last ``keep_last`` versions and every version divisible by
+        ``checkpoint_every`` (0: no checkpoints). Metadata and history entries
+        are always kept: they are small and say how each version came to be.
+        Returns the versions pruned now.
+        """
+        pruned_through = int(self.redis.get(self.keys.pruned_through) or -1)
+        last_to_prune = head - keep_last
+        pruned = []
+        for version in range(pruned_through + 1, last_to_prune + 1):
+            if checkpoint_every and version % checkpoint_every == 0:
+                continue
+            entries = self.history(version, version)
+            blob_keys = [update["blob_key"] for entry in entries for update in entry["updates"]
+                         if update.get("blob_key")]
+            self.redis.delete(self.keys.model(version), self.keys.optimizer_state(version), *blob_keys)
+            self._weights_cache.pop(version, None)
+            pruned.append(version)
+        if last_to_prune > pruned_through:
+            self.redis.set(self.keys.pruned_through, last_to_prune)
+        return pruned

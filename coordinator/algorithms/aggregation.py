@@ -1,0 +1,191 @@
+"""Aggregation rules as pure functions of (global weights, ordered buffered updates).
+
+Each aggregator turns a buffer of updates into one *server step* ``step`` such
+that the plain server optimizer yields ``x + step``; adaptive server optimizers
+(FedAdam, ...) treat ``-step`` as the pseudo-gradient. The result depends only
+on its inputs (fixed float32 operation order), which replay relies on.
+
+Notation: x is the current global model, x_base the version an update started
+from, delta = x_local - x_base the update, tau its staleness.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import warnings
+
+import numpy as np
+import torch
+
+from fedq.common.wire.codec import Weights
+from fedq.coordinator.algorithms.staleness import Polynomial, StalenessFunction
+
+# One thread: on two cores shared with workers and servers, a second torch
+# thread costs far more than it gains (DESIGN.md measured 1.2-400x).
+torch.set_num_threads(1)
+# Versions are cached as read-only arrays; torch warns when it wraps one, though
+# add_scaled only ever reads its addend.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+@dataclass(frozen=True)
+class BufferedUpdate:
+    task_id: str
+    worker_id: str
+    base_version: int
+    staleness: int
+    num_examples: int
+    delta: Weights
+
+
+def add_scaled(accumulator: np.ndarray, addend: np.ndarray, scale: float) -> None:
+    """accumulator += scale * addend, in place, without numpy's temporary (torch's fused add_)."""
+    torch.from_numpy(accumulator).add_(torch.from_numpy(np.ascontiguousarray(addend)), alpha=scale)
+
+
+def zeros_like(weights: Weights) -> Weights:
+    return {name: np.zeros_like(array) for name, array in weights.items()}
+
+
+class Aggregator(ABC):
+    buffer_size: int
+    name = ""
+
+    @abstractmethod
+    def weights(self, updates: Sequence[BufferedUpdate]) -> list[float]:
+        """The weight each update gets in the step (recorded in the history)."""
+
+    @abstractmethod
+    def step(self, current: Weights, updates: Sequence[BufferedUpdate],
+             base_weights: Callable[[int], Weights]) -> Weights:
+        """The server step for ``updates``; ``base_weights(v)`` returns version v."""
+
+
+class FedAsync(Aggregator):
+    """Xie, Koyejo, Gupta 2019: x <- (1 - alpha_t) x + alpha_t x_new, alpha_t = alpha s(tau).
+
+    x_new = x_base + delta is the worker's locally trained model. Each update is
+    mixed in once with its own alpha_t; the rate never compounds across updates.
+    """
+
+    name = "fedasync"
+
+    def __init__(self, mixing_rate: float = 0.6, staleness: StalenessFunction | None = None):
+        if not 0 < mixing_rate <= 1:
+            raise ValueError("FedAsync needs 0 < mixing_rate <= 1")
+        self.mixing_rate = mixing_rate
+        self.staleness = staleness or Polynomial(0.5)
+        self.buffer_size = 1
+
+    def weights(self, updates: Sequence[BufferedUpdate]) -> list[float]:
+        return [self.mixing_rate * self.staleness(update.staleness) for update in updates]
+
+    def step(self, current: Weights, updates: Sequence[BufferedUpdate],
+             base_weights: Callable[[int], Weights]) -> Weights:
+        if len(updates) != 1:
+            raise ValueError("FedAsync applies exactly one update per step")
+        (update,), (alpha,) = updates, self.weights(updates)
+        base = base_weights(update.base_version)
+        step = {}
+        for name, x in current.items():
+            # alpha (x_base + delta - x): the mix written as a step from x
+            difference = base[name].astype(np.float32, copy=True)
+            add_scaled(difference, update.delta[name], 1.0)
+            add_scaled(difference, x, -1.0)
+            difference *= np.float32(alpha)
+            step[name] = difference
+        return step
+
+
+ROBUST_ESTIMATORS = ("mean", "median", "trimmed_mean")
+
+
+def clip_by_norm(delta: Weights, max_norm: float) -> Weights:
+    """delta scaled by min(1, max_norm / ||delta||_2), the norm taken over all tensors together."""
+    norm = float(np.sqrt(sum(float(np.dot(array.ravel().astype(np.float64), array.ravel())) for array in delta.values())))
+    if norm <= max_norm:
+        return delta
+    scale = np.float32(max_norm / norm)
+    return {name: array * scale for name, array in delta.items()}
+
+
+class FedBuff(Aggregator):
+    """Nguyen et al. 2022: a buffer of K deltas applied as one server step.
+
+    step = sum_i p_i s(tau_i) delta_i, where p_i = 1/K (the paper) or, with
+    ``example_weighted``, n_i / sum_j n_j (FedAvg's weighting). Staleness
+    weights are *not* renormalised by default: stale buffers take smaller steps,
+    as in the paper; ``renormalise`` divides by sum_i p_i s(tau_i) instead.
+    With K = concurrency, a dispatch barrier (tau = 0) and example weighting
+    this is exactly synchronous FedAvg.
+
+    Robust options: ``clip_norm`` first scales each delta down to at most that
+    L2 norm; ``robust`` = ``median`` or ``trimmed_mean`` replaces the weighted
+    mean by a coordinate-wise median / trimmed mean of the deltas, scaled by
+    sum_i p_i s(tau_i) so that staleness still shrinks the step (with fresh
+    updates that factor is 1). ``trim_fraction`` of the deltas is dropped at
+    each end per coordinate.
+    """
+
+    name = "fedbuff"
+
+    def __init__(self, buffer_size: int = 3, staleness: StalenessFunction | None = None,
+                 example_weighted: bool = False, renormalise: bool = False, clip_norm: float = 0.0,
+                 robust: str = "mean", trim_fraction: float = 0.1):
+        if buffer_size < 1:
+            raise ValueError("FedBuff needs buffer_size >= 1")
+        if robust not in ROBUST_ESTIMATORS:
+            raise ValueError(f"unknown robust estimator {robust!r}; choose from {', '.join(ROBUST_ESTIMATORS)}")
+        if not clip_norm >= 0:
+            raise ValueError("clip_norm must be 0 (off) or more")
+        if not 0 <= trim_fraction < 0.5:
+            raise ValueError("trim_fraction must be in [0, 0.5)")
+        self.buffer_size = buffer_size
+        self.staleness = staleness or Polynomial(0.5)
+        self.example_weighted = example_weighted
+        self.renormalise = renormalise
+        self.clip_norm = clip_norm
+        self.robust = robust
+        self.trim_fraction = trim_fraction
+
+    def weights(self, updates: Sequence[BufferedUpdate]) -> list[float]:
+        if self.example_weighted:
+            total = sum(update.num_examples for update in updates)
+            shares = [update.num_examples / total for update in updates]
+        else:
+            shares = [1.0 / len(updates)] * len(updates)
+        weights = [share * self.staleness(update.staleness) for share, update in zip(shares, updates)]
+        total_weight = sum(weights)
+        if self.renormalise and total_weight > 0:  # all-zero weights (e.g. a cutoff): a zero step
+            weights = [weight / total_weight for weight in weights]
+        return weights
+
+    def step(self, current: Weights, updates: Sequence[BufferedUpdate],
+             base_weights: Callable[[int], Weights]) -> Weights:
+        if not updates:
+            raise ValueError("FedBuff needs at least one update")
+        deltas = [clip_by_norm(update.delta, self.clip_norm) if self.clip_norm else update.delta
+                  for update in updates]
+        weights = self.weights(updates)
+        if self.robust != "mean":
+            return self._robust_step(current, deltas, sum(weights))
+        step = zeros_like(current)
+        for delta, weight in zip(deltas, weights):
+            for name, accumulator in step.items():
+                add_scaled(accumulator, delta[name], weight)
+        return step
+
+    def _robust_step(self, current: Weights, deltas: list[Weights], scale: float) -> Weights:
+        step = {}
+        trim = int(self.trim_fraction * len(deltas))
+        for name in current:
+            stacked = np.stack([delta[name] for delta in deltas])
+            if self.robust == "median":
+                center = np.median(stacked, axis=0)
+            else:
+                ordered = np.sort(stacked, axis=0)
+                center = ordered[trim:len(deltas) - trim].mean(axis=0)
+            step[name] = (center * scale).astype(np.float32)
+        return step

@@ -1,0 +1,47 @@
+"""One server step, as a pure function of the recorded inputs.
+
+The coordinator and ``fedq replay`` both compute a version with
+:func:`server_step`, from the aggregation config recorded in the version's
+metadata, the parent's weights and optimizer state, and the ordered updates.
+That single definition is what makes replay verify bit for bit.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Callable, Sequence
+
+from fedq.common.wire.codec import Weights
+from fedq.coordinator.algorithms.aggregation import Aggregator, BufferedUpdate, FedAsync, FedBuff
+from fedq.coordinator.algorithms.server_optimizers import ServerOptimizer
+from fedq.coordinator.algorithms.staleness import parse_staleness
+
+
+def build_aggregator(config: dict[str, Any]) -> Aggregator:
+    staleness = parse_staleness(config["staleness"])
+    if config["algorithm"] == "fedasync":
+        return FedAsync(config["mixing_rate"], staleness)
+    if config["algorithm"] == "fedbuff":
+        return FedBuff(config["buffer_size"], staleness, example_weighted=config["example_weighted"],
+                       clip_norm=config.get("clip_norm", 0.0), robust=config.get("robust", "mean"),
+                       trim_fraction=config.get("trim_fraction", 0.1))
+    # Synchronous FedAvg: every round's updates (tau = 0), example-weighted mean, one step.
+    return FedBuff(config["concurrency"], staleness, example_weighted=True)
+
+
+def build_optimizer(config: dict[str, Any]) -> ServerOptimizer:
+    return ServerOptimizer(config["server_optimizer"], config["server_lr"], config["server_beta1"],
+                           config["server_beta2"], config["server_epsilon"])
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def server_step(aggregator: Aggregator, optimizer: ServerOptimizer, weights: Weights, optimizer_state: Weights,
+                updates: Sequence[BufferedUpdate],
+                base_weights: Callable[[int], Weights]) -> tuple[Weights, Weights, list[float]]:
+    """(new weights, new optimizer state, the weight each update got)."""
+    step = aggregator.step(weights, updates, base_weights)
+    new_weights, new_state = optimizer.apply(weights, step, optimizer_state)
+    return new_weights, new_state, aggregator.weights(updates)

@@ -1,0 +1,148 @@
+"""``fedq demo``: a real federation on one machine.
+
+Starts one coordinator and several worker *processes* that talk only through
+RabbitMQ and Redis, follows the job's history stream in Redis to show progress,
+and prints a summary once the coordinator stops (target reached or time out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from fedq.broker.connection import connect
+from fedq.common.settings import CONNECTION_OPTIONS, Option, add_options, positive_float, positive_int, resolve
+from fedq.common.store import ModelStore, connect_redis
+from fedq.coordinator.ops.status import remove_job
+
+HELP = ("Run a coordinator and worker processes on the built-in digits task until the global model "
+        "reaches the target accuracy, showing progress and a summary.")
+
+OPTIONS = [Option("job", str, "demo", "name of the federation")] + CONNECTION_OPTIONS[1:] + [
+    Option("workers", positive_int, 4, "worker processes to start"),
+    Option("algorithm", str, "fedasync", "aggregation", choices=("fedasync", "fedbuff", "fedavg")),
+    Option("target", positive_float, 0.90, "stop at this test accuracy"),
+    Option("max_seconds", positive_float, 600.0, "give up after this many seconds"),
+]
+# Settings that make the small digits MLP converge in seconds: a few passes over
+# each worker's ~300 examples per task, and every worker's partition covering a
+# share of the data (num_partitions = workers) so the union is the full set.
+DEMO_TRAINING = ["--local-epochs", "2", "--learning-rate", "0.1", "--batch-size", "16"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, OPTIONS)
+    parser.add_argument("--resume", action="store_true", help="continue the job's existing history")
+    parser.add_argument("--log-dir", default=None, help="where process logs go (default: a temporary folder)")
+
+
+def _fedq(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedq.common.cli", *args]
+
+
+def _progress_line(entry: dict[str, Any], started: float, applied: int, stalenesses: list[int]) -> str:
+    accuracy = entry.get("metrics", {}).get("accuracy")
+    accuracy_text = "  n/a " if accuracy is None else f"{accuracy:.4f}"
+    mean = sum(stalenesses) / len(stalenesses) if stalenesses else 0.0
+    return (f"[{time.monotonic() - started:6.1f}s] version {entry['version']:5d}  accuracy {accuracy_text}  "
+            f"updates applied {applied:5d}  staleness mean {mean:4.2f} max {max(stalenesses, default=0):3d}")
+
+
+def follow(store: ModelStore, redis_url: str, coordinator: subprocess.Popen, started: float) -> dict[str, Any]:
+    """Print progress from the history stream until the coordinator exits; return totals."""
+    reader = connect_redis(redis_url, blocking=True)
+    last_id, applied, stalenesses = "0-0", 0, []
+    last_entry: dict[str, Any] | None = None
+    last_print = 0.0
+    interactive = sys.stdout.isatty()
+    while True:
+        exited = coordinator.poll() is not None
+        response = reader.xread({store.keys.history: last_id}, block=500, count=500)
+        for _, messages in response or []:
+            for message_id, fields in messages:
+                last_id = message_id
+                entry = json.loads(fields[b"entry"])
+                applied += len(entry["updates"])
+                stalenesses.extend(update["staleness"] for update in entry["updates"])
+                last_entry = entry
+        if last_entry is not None and (time.monotonic() - last_print > 1.0 or exited):
+            line = _progress_line(last_entry, started, applied, stalenesses)
+            print(("\r" + line) if interactive else line, end="" if interactive else "\n", flush=True)
+            last_print = time.monotonic()
+        if exited and not response:
+            if interactive:
+                print()
+            return {"applied": applied, "stalenesses": stalenesses, "last": last_entry}
+
+
+def main(args: argparse.Namespace) -> int:
+    values = resolve(args, OPTIONS)
+    job, amqp_url, redis_url = values["job"], values["amqp_url"], values["redis_url"]
+    store = ModelStore(connect_redis(redis_url), job)
+    connect(amqp_url, name="fedq-demo-check", attempts=2).close()
+    if not args.resume:
+        remove_job(amqp_url, store)
+    log_dir = args.log_dir or tempfile.mkdtemp(prefix=f"fedq-{job}-")
+    os.makedirs(log_dir, exist_ok=True)
+    workers = values["workers"]
+    connection_flags = ["--job", job, "--amqp-url", amqp_url, "--redis-url", redis_url]
+    print(f"fedq demo: job {job!r}, {workers} worker processes, {values['algorithm']}, "
+          f"target accuracy {values['target']:.2f}; logs in {log_dir}", flush=True)
+    started = time.monotonic()
+    processes: list[subprocess.Popen] = []
+    try:
+        with open(os.path.join(log_dir, "coordinator.log"), "w") as log_file:
+            coordinator = subprocess.Popen(_fedq(
+                "coordinator", *connection_flags, "--task", "digits",
+                "--task-params", json.dumps({"num_partitions": workers}), "--algorithm", values["algorithm"],
+                "--concurrency", str(workers), "--target", str(values["target"]),
+                "--max-seconds", str(values["max_seconds"]), *DEMO_TRAINING),
+                stdout=log_file, stderr=subprocess.STDOUT)
+        processes.append(coordinator)
+        for index in range(workers):
+            with open(os.path.join(log_dir, f"worker-{index}.log"), "w") as log_file:
+                processes.append(subprocess.Popen(_fedq(
+                    "worker", *connection_flags, "--worker-id", f"demo-worker-{index}", "--partition", str(index)),
+                    stdout=log_file, stderr=subprocess.STDOUT))
+        totals = follow(store, redis_url, coordinator, started)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    wall_seconds = time.monotonic() - started
+    return print_summary(store, totals, wall_seconds, values["target"], coordinator.returncode, log_dir)
+
+
+def print_summary(store: ModelStore, totals: dict[str, Any], wall_seconds: float, target: float,
+                  coordinator_exit: int, log_dir: str) -> int:
+    state = store.status.load()
+    head = store.versions.head()
+    accuracy = (store.versions.load_meta(head).get("metrics", {}).get("accuracy") if head is not None else None)
+    stalenesses = totals["stalenesses"]
+    rejected = store.counters.get("rejected")
+    skipped = store.counters.get("skipped")
+    print("\nsummary")
+    print(f"  versions committed   {head}")
+    print(f"  updates applied      {totals['applied']}")
+    print(f"  updates rejected     {sum(rejected.values())} {rejected or ''}")
+    print(f"  duplicates skipped   {sum(skipped.values())}")
+    if stalenesses:
+        print(f"  staleness            mean {sum(stalenesses) / len(stalenesses):.2f}, max {max(stalenesses)}")
+    print(f"  final accuracy       {'n/a' if accuracy is None else f'{accuracy:.4f}'}")
+    print(f"  wall time            {wall_seconds:.1f} s")
+    print(f"  stopped because      {state.get('reason', 'the coordinator exited with code %s' % coordinator_exit)}")
+    if accuracy is not None and accuracy >= target:
+        return 0
+    print(f"fedq demo: the target accuracy {target:.2f} was not reached; see the logs in {log_dir}", file=sys.stderr)
+    return 1

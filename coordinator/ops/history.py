@@ -1,0 +1,192 @@
+"""The Redis history as a record: ``fedq history``, ``show``, ``export``, ``replay``, ``rollback``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from fedq.common.cli import UserError
+from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
+from fedq.common.store import ModelStore, UnknownVersionError, connect_redis
+
+
+def _store(args: argparse.Namespace) -> ModelStore:
+    values = resolve(args, CONNECTION_OPTIONS)
+    store = ModelStore(connect_redis(values["redis_url"]), values["job"])
+    if store.versions.head() is None:
+        raise UserError(f"job {values['job']!r} has no versions in Redis (wrong --job or --redis-url?)")
+    return store
+
+
+def _meta(store: ModelStore, version: int) -> dict[str, Any]:
+    try:
+        return store.versions.load_meta(version)
+    except UnknownVersionError as error:
+        raise UserError(str(error)) from None
+
+
+def _when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _score(metrics: dict[str, float]) -> str:
+    return " ".join(f"{name}={value:.4f}" for name, value in metrics.items()) or "-"
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+class History:
+    HELP = "A table of a job's versions: time, updates, mean/max staleness, metrics; and its Redis memory."
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_options(parser, CONNECTION_OPTIONS)
+        parser.add_argument("--json", action="store_true", help="print JSON lines, one per version")
+        parser.add_argument("--last", type=int, default=None, help="only the last N versions")
+
+    @staticmethod
+    def main(args: argparse.Namespace) -> int:
+        store = _store(args)
+        head = store.versions.head()
+        start = 0 if args.last is None else max(0, head - args.last + 1)
+        entries = store.versions.history(start)
+        if args.json:
+            for entry in entries:
+                print(json.dumps({key: value for key, value in entry.items() if key != "config"}))
+            return 0
+        print(f"{'version':>7}  {'time (UTC)':19}  {'updates':>7}  {'staleness':>9}  {'max':>4}  metrics")
+        for entry in entries:
+            note = f"  (rollback to {entry['rollback_of']})" if "rollback_of" in entry else ""
+            print(f"{entry['version']:>7}  {_when(entry['created'])}  {entry['updates_applied']:>7}  "
+                  f"{entry['mean_staleness']:>9.2f}  {entry['max_staleness']:>4}  {_score(entry['metrics'])}{note}")
+        usage = store.memory_usage()
+        parts = ", ".join(f"{kind} {_size(size)}" for kind, size in sorted(usage.items(), key=lambda item: -item[1]))
+        print(f"Redis memory of job {store.job!r}: {_size(sum(usage.values()))} ({parts})")
+        return 0
+
+
+class Show:
+    HELP = "One version's metadata and the updates it applied."
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_options(parser, CONNECTION_OPTIONS)
+        parser.add_argument("version", type=int)
+        parser.add_argument("--json", action="store_true", help="print JSON")
+
+    @staticmethod
+    def main(args: argparse.Namespace) -> int:
+        store = _store(args)
+        meta = _meta(store, args.version)
+        (entry,) = store.versions.history(args.version, args.version) or [dict(meta, updates=[])]
+        if args.json:
+            print(json.dumps(entry, indent=2))
+            return 0
+        print(f"version {meta['version']} of job {store.job!r}, committed {_when(meta['created'])} UTC")
+        print(f"  parent {meta['parent']}, digest {meta['digest']}")
+        if "rollback_of" in meta:
+            print(f"  rollback to version {meta['rollback_of']}")
+        print(f"  metrics: {_score(meta.get('metrics', {}))}")
+        config = meta.get("config") or {}
+        print("  aggregation: " + ", ".join(f"{key}={value}" for key, value in config.items()))
+        print(f"  {len(entry['updates'])} update(s) applied, in order:")
+        for update in entry["updates"]:
+            print(f"    task {update['task_id']}  worker {update['worker_id']}  base {update['base_version']}  "
+                  f"staleness {update['staleness']}  weight {update['weight']:.4g}  examples {update['num_examples']}")
+        return 0
+
+
+class Export:
+    HELP = "Write one version's weights to a safetensors file that loads into the task's torch model."
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_options(parser, CONNECTION_OPTIONS)
+        parser.add_argument("version", type=int)
+        parser.add_argument("-o", "--output", required=True, help="file to write, e.g. model.safetensors")
+
+    @staticmethod
+    def main(args: argparse.Namespace) -> int:
+        from safetensors.numpy import save_file
+
+        store = _store(args)
+        meta = _meta(store, args.version)
+        try:
+            weights = store.versions.load_weights(args.version)
+        except UnknownVersionError:
+            raise UserError(f"the weights of version {args.version} were pruned by retention") from None
+        spec = store.status.load_spec() or {}
+        save_file(dict(weights), args.output, metadata={
+            "fedq_job": store.job, "fedq_version": str(args.version), "fedq_digest": meta["digest"],
+            "fedq_task": str(spec.get("task")), "fedq_task_params": json.dumps(spec.get("task_params") or {})})
+        print(f"wrote version {args.version} of job {store.job!r} to {args.output} "
+              f"(load with safetensors.torch.load_file and model.load_state_dict)")
+        return 0
+
+
+class Replay:
+    HELP = "Recompute versions FROM+1..TO from the logged updates and verify each bit for bit."
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_options(parser, CONNECTION_OPTIONS)
+        parser.add_argument("--from", dest="start", type=int, default=0, help="start version (default 0)")
+        parser.add_argument("--to", dest="end", type=int, default=None, help="last version (default: head)")
+
+    @staticmethod
+    def main(args: argparse.Namespace) -> int:
+        from fedq.coordinator.ops.replay import ReplayError, replay
+
+        store = _store(args)
+        end = store.versions.head() if args.end is None else args.end
+        started = time.monotonic()
+        last_shown = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            if time.monotonic() - last_shown[0] > 0.5 or done == total:
+                last_shown[0] = time.monotonic()
+                print(f"\rreplaying: {done}/{total} versions verified", end="", file=sys.stderr, flush=True)
+
+        try:
+            result = replay(store, args.start, end, progress)
+        except ReplayError as error:
+            raise UserError(str(error)) from None
+        print(file=sys.stderr)
+        if result.ok:
+            print(f"replay of versions {args.start + 1}..{end}: all {len(result.verified)} verified bit for bit "
+                  f"({time.monotonic() - started:.1f} s)")
+            return 0
+        print(result.divergence.describe())
+        print(f"{len(result.verified)} version(s) verified before the divergence")
+        return 1
+
+
+class Rollback:
+    HELP = "Make an old version the head again, as a new version (history is never rewritten)."
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_options(parser, CONNECTION_OPTIONS)
+        parser.add_argument("version", type=int)
+
+    @staticmethod
+    def main(args: argparse.Namespace) -> int:
+        from fedq.coordinator.ops.replay import ReplayError, rollback
+
+        store = _store(args)
+        try:
+            new_version = rollback(store, args.version)
+        except ReplayError as error:
+            raise UserError(str(error)) from None
+        print(f"version {new_version} of job {store.job!r} is version {args.version} again; "
+              f"updates based on versions {args.version + 1}..{new_version - 1} will be refused")
+        return 0

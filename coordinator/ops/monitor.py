@@ -1,0 +1,88 @@
+"""``fedq monitor``: a live terminal view of one job's queues, training and workers."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
+from fedq.common.store import ModelStore, connect_redis
+from fedq.coordinator.ops.status import RATE_WINDOW_SECONDS, collect
+
+HELP = ("Live view of a job: queue depths (ready / unacked / consumers), head version, update rate, "
+        "staleness, latest accuracy and the workers seen recently.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, CONNECTION_OPTIONS)
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    parser.add_argument("--once", action="store_true", help="print one frame and exit (for scripts and logs)")
+
+
+def _number(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def render(report: dict, now: float) -> Group:
+    progress = report["progress"]
+    state = report["state"].get("status", "not started")
+    metrics = ", ".join(f"{name} {value:.4f}" for name, value in progress["latest_metrics"].items()) or "-"
+    headline = Text.from_markup(
+        f"[bold]job[/] {report['job']}   [bold]state[/] {state}   [bold]head version[/] {_number(report['head'])}"
+        f"   [bold]tasks in flight[/] {report['in_flight']}\n"
+        f"[bold]latest[/] {metrics}\n"
+        f"[bold]last {RATE_WINDOW_SECONDS:.0f} s[/]: {progress['updates_per_second']:.2f} updates/s, "
+        f"{progress['versions_per_second']:.2f} versions/s, staleness mean {_number(progress['mean_staleness'])}"
+        f" max {_number(progress['max_staleness'])}\n"
+        f"[bold]rejected[/] {sum(report['rejected'].values())} {report['rejected'] or ''}   "
+        f"[bold]duplicates skipped[/] {sum(report['skipped'].values())}")
+
+    queues = Table(title="queues", title_justify="left")
+    for column in ("queue", "ready", "unacked", "consumers"):
+        queues.add_column(column, justify="left" if column == "queue" else "right")
+    for queue in report["queues"]:
+        if queue["exists"]:
+            queues.add_row(queue["name"], _number(queue["ready"]), _number(queue["unacked"]),
+                           _number(queue["consumers"]))
+        else:
+            queues.add_row(queue["name"], "[dim]not declared[/]", "", "")
+    source_note = ("" if report["depth_source"] == "management" else
+                   "[yellow]management API not reachable: AMQP counts ready messages only; unacked unknown[/]")
+
+    workers = Table(title=f"workers seen in the last 30 s ({len(report['workers'])})", title_justify="left")
+    for column in ("worker", "host", "partition", "tasks done", "working on", "last seen"):
+        workers.add_column(column)
+    for worker in report["workers"]:
+        workers.add_row(worker["worker_id"], worker.get("host", "?"), str(worker.get("partition", "?")),
+                        str(worker.get("tasks_done", 0)), (worker.get("current_task") or "idle")[:12],
+                        f"{now - worker['last_seen']:.0f} s ago")
+    parts = [headline, queues]
+    if source_note:
+        parts.append(source_note)
+    parts.append(workers)
+    return Group(*parts)
+
+
+def main(args: argparse.Namespace) -> int:
+    values = resolve(args, CONNECTION_OPTIONS)
+    store = ModelStore(connect_redis(values["redis_url"]), values["job"])
+    # Piped into a file or a log, rich would wrap at 80 columns and cut long queue names.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+
+    def frame() -> Group:
+        return render(collect(values["amqp_url"], values["redis_url"], values["job"], store), time.time())
+
+    if args.once:
+        console.print(frame())
+        return 0
+    with Live(frame(), console=console, refresh_per_second=4, screen=False) as live:
+        while True:
+            time.sleep(args.interval)
+            live.update(frame())

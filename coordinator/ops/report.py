@@ -1,0 +1,98 @@
+"""``fedq report``: a self-contained HTML report of a run, drawn from its Redis history."""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import os
+from collections import Counter
+
+from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
+from fedq.common.store import ModelStore, connect_redis
+
+HELP = ("Write an HTML report of a job from its Redis history: accuracy against wall-clock time and version, "
+        "the staleness histogram, updates per worker.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, CONNECTION_OPTIONS)
+    parser.add_argument("-o", "--output", default="report.html", help="HTML file to write")
+    parser.add_argument("--png-dir", default=None, help="also write each figure as a PNG file into this folder")
+
+
+def figures(history: list[dict]) -> dict[str, "object"]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = history[0]["created"]
+    scored = [entry for entry in history if entry.get("metrics")]
+    metric_names = sorted({name for entry in scored for name in entry["metrics"] if name != "loss"}) or ["loss"]
+    drawn = {}
+    for axis_name, x_of in (("time", lambda entry: entry["created"] - start), ("version", lambda entry: entry["version"])):
+        figure, axes = plt.subplots(figsize=(7, 4))
+        for name in metric_names:
+            points = [(x_of(entry), entry["metrics"][name]) for entry in scored if name in entry["metrics"]]
+            axes.plot([x for x, _ in points], [y for _, y in points], label=name)
+        axes.set_xlabel("wall-clock seconds since version 0" if axis_name == "time" else "version")
+        axes.set_ylabel(", ".join(metric_names))
+        axes.grid(alpha=0.3)
+        axes.legend()
+        drawn[f"score_vs_{axis_name}"] = figure
+    staleness = Counter(update["staleness"] for entry in history for update in entry["updates"])
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.bar(list(staleness), list(staleness.values()))
+    axes.set_xlabel("staleness (versions)")
+    axes.set_ylabel("updates applied")
+    drawn["staleness_histogram"] = figure
+    per_worker = Counter(update["worker_id"] for entry in history for update in entry["updates"])
+    figure, axes = plt.subplots(figsize=(7, max(3, 0.3 * len(per_worker))))
+    names = sorted(per_worker)
+    axes.barh(names, [per_worker[name] for name in names])
+    axes.set_xlabel("updates applied")
+    drawn["updates_per_worker"] = figure
+    for figure in drawn.values():
+        figure.tight_layout()
+    return drawn
+
+
+def main(args: argparse.Namespace) -> int:
+    from fedq.common.cli import UserError
+
+    values = resolve(args, CONNECTION_OPTIONS)
+    store = ModelStore(connect_redis(values["redis_url"]), values["job"])
+    history = store.versions.history()
+    if not history:
+        raise UserError(f"job {values['job']!r} has no history in Redis")
+    drawn = figures(history)
+    sections = []
+    for name, figure in drawn.items():
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=110)
+        if args.png_dir:
+            os.makedirs(args.png_dir, exist_ok=True)
+            with open(os.path.join(args.png_dir, f"{name}.png"), "wb") as handle:
+                handle.write(buffer.getvalue())
+        encoded = base64.b64encode(buffer.getvalue()).decode()
+        sections.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2><img src='data:image/png;base64,{encoded}'>")
+    updates = [update for entry in history for update in entry["updates"]]
+    last_scored = next((entry for entry in reversed(history) if entry.get("metrics")), history[-1])
+    summary = {
+        "versions": history[-1]["version"], "updates applied": len(updates),
+        "rejected": sum(store.counters.get("rejected").values()),
+        "mean staleness": f"{sum(u['staleness'] for u in updates) / max(len(updates), 1):.2f}",
+        "max staleness": max((u["staleness"] for u in updates), default=0),
+        "wall-clock seconds": f"{history[-1]['created'] - history[0]['created']:.1f}",
+        "latest metrics": ", ".join(f"{k}={v:.4f}" for k, v in last_scored.get("metrics", {}).items()),
+    }
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
+    document = (f"<!doctype html><meta charset='utf-8'><title>fedq report: {html.escape(store.job)}</title>"
+                f"<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}th{{text-align:left;"
+                f"padding-right:1em}}</style><h1>fedq report: job {html.escape(store.job)}</h1>"
+                f"<table>{rows}</table>{''.join(sections)}")
+    with open(args.output, "w") as handle:
+        handle.write(document)
+    print(f"wrote {args.output} ({len(history)} versions, {len(updates)} updates)")
+    return 0

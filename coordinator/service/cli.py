@@ -1,0 +1,83 @@
+"""``fedq coordinator``: run the coordinator of one job."""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import logging
+
+from fedq.common.obs.logs import kv, setup_logging
+from fedq.common.obs.metrics import serve_metrics
+from fedq.common.settings import (CONNECTION_OPTIONS, SERVICE_OPTIONS, Option, SettingsError, add_options,
+                             non_negative_float, non_negative_int, parse_bool, positive_float, positive_int,
+                             resolve)
+
+HELP = "Run the coordinator of a job: dispatch round tasks, aggregate updates, commit versions to Redis."
+
+
+def _json_object(text):
+    value = json.loads(text) if isinstance(text, str) else text
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object")
+    return value
+
+
+def _optional(parse):
+    return lambda text: None if str(text).lower() in ("", "none") else parse(text)
+
+
+OPTIONS = CONNECTION_OPTIONS + [
+    Option("task", str, "digits", "task plugin: digits, digits28, synthetic, linear or module:object"),
+    Option("task_params", _json_object, {}, "task plugin parameters as a JSON object"),
+    Option("algorithm", str, "fedasync", "aggregation", choices=("fedasync", "fedbuff", "fedavg")),
+    Option("concurrency", positive_int, 4, "tasks kept in flight (sync FedAvg: clients per round)"),
+    Option("buffer_size", positive_int, 3, "FedBuff: updates per server step (K)"),
+    Option("staleness", str, "polynomial:a=0.5", "staleness function, e.g. constant, polynomial:a=0.5, hinge:a=10,b=4"),
+    Option("mixing_rate", positive_float, 0.6, "FedAsync: mixing rate alpha"),
+    Option("max_staleness", non_negative_int, 20, "updates staler than this are rejected"),
+    Option("example_weighted", parse_bool, False, "FedBuff: weight updates by their example counts"),
+    Option("clip_norm", non_negative_float, 0.0, "FedBuff: clip each update to this L2 norm (0: off)"),
+    Option("robust", str, "mean", "FedBuff: combine the buffer by its mean, coordinate-wise median or trimmed mean",
+           choices=("mean", "median", "trimmed_mean")),
+    Option("trim_fraction", non_negative_float, 0.1, "FedBuff trimmed_mean: fraction dropped at each end"),
+    Option("server_optimizer", str, "sgd", "server optimizer",
+           choices=("sgd", "momentum", "adam", "yogi", "adagrad")),
+    Option("server_lr", positive_float, 1.0, "server learning rate"),
+    Option("local_epochs", positive_int, 1, "local epochs per task"),
+    Option("batch_size", positive_int, 32, "local minibatch size"),
+    Option("learning_rate", positive_float, 0.05, "local learning rate"),
+    Option("target", _optional(float), None, "stop once the task's score (accuracy; R^2 for linear) reaches this"),
+    Option("max_versions", _optional(positive_int), None, "stop after this many versions"),
+    Option("max_seconds", _optional(positive_float), None, "stop after this many seconds"),
+    Option("eval_every", non_negative_int, 1, "evaluate every N versions (0: never)"),
+    Option("seed", int, 0, "seed of the initial model"),
+    Option("task_lease_seconds", positive_float, 600.0, "a task not answered within this is replaced"),
+    Option("keep_versions", non_negative_int, 0, "retention: keep the weights of the last N versions (0: all)"),
+    Option("checkpoint_every", non_negative_int, 0, "retention: also keep every k-th version (0: none)"),
+    Option("server_beta1", float, 0.9, "server optimizer: first-moment decay (momentum for 'momentum')"),
+    Option("server_beta2", float, 0.99, "server optimizer: second-moment decay"),
+    Option("server_epsilon", positive_float, 1e-3, "server optimizer: adaptivity epsilon (tau in Reddi et al.)"),
+] + SERVICE_OPTIONS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, OPTIONS)
+
+
+def main(args: argparse.Namespace) -> int:
+    values = resolve(args, OPTIONS)
+    setup_logging(values.pop("log_level"))
+    serve_metrics(values.pop("metrics_port"))
+    from fedq.coordinator.service.loop import Coordinator, CoordinatorSettings
+
+    try:
+        settings = CoordinatorSettings(**values)
+        coordinator = Coordinator(settings)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: coordinator.request_stop())
+    summary = coordinator.run()
+    logging.getLogger("fedq.coordinator").info(kv("summary", head=summary["head"], reason=summary["reason"],
+                                                    seconds=summary["seconds"], **summary["metrics"]))
+    return 0

@@ -1,0 +1,415 @@
+"""The coordinator loop: dispatch tasks, validate and buffer updates, commit versions.
+
+Order of effects for one server step (what makes a crash lose nothing):
+1. buffered updates stay unacked in RabbitMQ until their version is committed;
+2. commit = SET the weights blob, then one Lua script moves the head and writes
+   metadata, history and the applied task ids (see ``common.store``);
+3. only then are the buffered deliveries acked;
+4. then new tasks are dispatched (recorded in Redis once the broker confirmed them).
+A crash before 2 redelivers the updates; a crash between 2 and 3 redelivers
+updates whose task ids are already applied, which are acked and skipped.
+
+Dispatch: asynchronous modes keep ``concurrency`` tasks training and hand out a
+replacement as soon as an update arrives (FedBuff's clients never wait for the
+buffer). Synchronous FedAvg dispatches ``concurrency`` tasks at one version and
+commits when every one of them has come back (or was rejected): the barrier.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pika
+
+from fedq.broker.session import run_with_reconnect
+from fedq.broker.publisher import publish
+from fedq.broker.topology import Topology
+from fedq.common.wire import codec
+from fedq.common.obs.faults import crash_point
+from fedq.common.obs import metrics
+from fedq.common.obs.logs import kv
+from fedq.common.wire.messages import ClaimCheck, MessageError, RoundTask, TrainSettings, parse_update
+from fedq.common.store import TRANSIENT_REDIS_ERRORS, HeadMovedError, ModelStore, StoreError, connect_redis
+from fedq.common.tasks import FederatedTask, load_task, load_weights_into
+from fedq.coordinator.algorithms.aggregation import BufferedUpdate
+from fedq.coordinator.algorithms.step import build_aggregator, build_optimizer, config_digest, server_step
+from fedq.coordinator.service.validation import check_staleness, check_tensors, load_delta
+
+log = logging.getLogger("fedq.coordinator")
+
+ALGORITHMS = ("fedasync", "fedbuff", "fedavg")
+# How often an idle coordinator looks for a head moved by someone else (`fedq rollback`).
+HEAD_CHECK_SECONDS = 2.0
+# Headers on dead-lettered messages, for whoever inspects fedq.<job>.dead.
+REASON_HEADER = "x-fedq-reason"
+DETAIL_HEADER = "x-fedq-detail"
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    job: str
+    amqp_url: str
+    redis_url: str
+    task: str = "digits"
+    task_params: dict[str, Any] = field(default_factory=dict)
+    algorithm: str = "fedasync"
+    concurrency: int = 4
+    buffer_size: int = 3
+    staleness: str = "polynomial:a=0.5"
+    mixing_rate: float = 0.6
+    max_staleness: int = 20
+    example_weighted: bool = False
+    server_optimizer: str = "sgd"
+    server_lr: float = 1.0
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_epsilon: float = 1e-3
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    target: float | None = None
+    max_versions: int | None = None
+    max_seconds: float | None = None
+    eval_every: int = 1
+    seed: int = 0
+    task_lease_seconds: float = 600.0
+    clip_norm: float = 0.0
+    robust: str = "mean"
+    trim_fraction: float = 0.1
+    keep_versions: int = 0
+    checkpoint_every: int = 0
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose from {', '.join(ALGORITHMS)}")
+
+    @property
+    def synchronous(self) -> bool:
+        return self.algorithm == "fedavg"
+
+    def aggregation_config(self) -> dict[str, Any]:
+        """Everything the server step depends on; recorded with every version."""
+        names = ("algorithm", "concurrency", "buffer_size", "staleness", "mixing_rate", "max_staleness",
+                 "example_weighted", "clip_norm", "robust", "trim_fraction", "server_optimizer", "server_lr",
+                 "server_beta1", "server_beta2", "server_epsilon")
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass
+class Pending:
+    """A validated update waiting in the buffer, with its unacked delivery."""
+
+    delivery_tag: int
+    update: BufferedUpdate
+    digest: str
+    blob_key: str
+    inline_payload: bytes | None  # written to blob_key at commit; claim checks are already there
+
+
+class Coordinator:
+    def __init__(self, settings: CoordinatorSettings, store: ModelStore | None = None):
+        self.settings = settings
+        self.topology = Topology(settings.job)
+        self.store = store or ModelStore(connect_redis(settings.redis_url), settings.job)
+        self.config = settings.aggregation_config()
+        self.aggregator = build_aggregator(self.config)
+        self.optimizer = build_optimizer(self.config)
+        self.task: FederatedTask = load_task(settings.task, settings.task_params)
+        self.model = self.task.build_model()
+        self.buffer: list[Pending] = []
+        self.in_flight: dict[str, dict[str, Any]] = {}
+        self.finished_reason: str | None = None
+        self.stop_requested = False
+        self.last_metrics: dict[str, float] = {}
+        self._channel: Any = None
+        self._prepare_job()
+        # --max-seconds counts from version 0, not from loading the task's data.
+        self.started = time.monotonic()
+
+    # -- job state --------------------------------------------------------
+
+    def _prepare_job(self) -> None:
+        spec = {"task": self.settings.task, "task_params": self.settings.task_params, "seed": self.settings.seed}
+        existing = self.store.status.load_spec()
+        if existing is not None and (existing["task"], existing.get("task_params") or {}) != (
+                spec["task"], spec["task_params"]):
+            raise StoreError(f"job {self.settings.job!r} already trains task {existing['task']!r} with "
+                             f"{existing.get('task_params')}; use another --job name")
+        self.store.status.save_spec(spec)
+        self.head = self.store.versions.head()
+        if self.head is None:
+            weights = self.task.initial_weights(self.settings.seed)
+            self.last_metrics = self._evaluate(weights)
+            self.head = self.store.versions.commit(None, weights, {"metrics": self.last_metrics, "config": self.config,
+                                                          "mean_staleness": 0.0, "max_staleness": 0}, [])
+            log.info(kv("initialised", job=self.settings.job, task=self.settings.task, version=0,
+                        parameters=codec.num_parameters(weights)))
+        else:
+            self.last_metrics = self.store.versions.load_meta(self.head).get("metrics", {})
+            log.info(kv("resumed", job=self.settings.job, head=self.head))
+        self._load_head()
+        self.tensor_specs = codec.tensor_specs(self.weights)
+        self.store.status.set(status="running")
+
+    def _load_head(self) -> None:
+        """(Re)load the head version, its optimizer state and the in-flight tasks from Redis.
+
+        Called at every (re)connect: a commit whose reply was lost in a Redis
+        outage may have moved the head after all.
+        """
+        self.head = self.store.versions.head()
+        self.weights = self.store.versions.load_weights(self.head)
+        self.optimizer_state = self.store.versions.load_optimizer_state(self.head)
+        self.abandoned = self.store.versions.abandoned()
+        self.in_flight = self.store.ledger.in_flight()
+        self._head_checked = time.monotonic()
+        metrics.HEAD_VERSION.labels(self.settings.job).set(self.head)
+
+    def _evaluate(self, weights: codec.Weights) -> dict[str, float]:
+        return self.task.evaluate(load_weights_into(self.model, weights))
+
+    # -- the loop ---------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Serve until a stop condition holds; reconnects to RabbitMQ/Redis after connection loss."""
+        run_with_reconnect(self.settings.amqp_url, self._serve, name=f"fedq-coordinator-{self.settings.job}",
+                           should_stop=lambda: self.finished_reason is not None or self.stop_requested,
+                           on_connection_lost=self._on_connection_lost, also_transient=TRANSIENT_REDIS_ERRORS)
+        if self.stop_requested and self.finished_reason is None:
+            # Not finished: buffered updates return to the queue, tasks stay in flight,
+            # and a restarted coordinator continues from the head.
+            self.store.status.set(status="stopped", reason="signal", head=self.head)
+            log.info(kv("stopped", head=self.head))
+        return self.summary()
+
+    def request_stop(self) -> None:
+        """Stop after the current message (signal handlers call this)."""
+        self.stop_requested = True
+
+    def _on_connection_lost(self) -> None:
+        # Deliveries of the lost channel come back from the broker; forget them.
+        self.buffer.clear()
+        self._channel = None
+
+    def _serve(self, connection: pika.BlockingConnection) -> None:
+        channel = self._channel = connection.channel()
+        self.topology.declare(channel)
+        channel.confirm_delivery()
+        # Room for a full buffer plus the updates arriving while it fills.
+        channel.basic_qos(prefetch_count=2 * max(self.aggregator.buffer_size, self.settings.concurrency) + 8)
+        self._load_head()
+        self._top_up()
+        for method, properties, body in channel.consume(self.topology.updates, inactivity_timeout=0.5):
+            if method is not None:
+                self._on_update(method.delivery_tag, properties, body)
+            self._maintain()
+            if self.finished_reason is not None or self.stop_requested:
+                break
+        channel.cancel()
+
+    def _maintain(self) -> None:
+        """Between deliveries: notice a rollback, expire lost tasks, check the clock, keep tasks in flight."""
+        if time.monotonic() - self._head_checked > HEAD_CHECK_SECONDS:
+            self._head_checked = time.monotonic()
+            stored_head = self.store.versions.head()
+            if stored_head != self.head and not self.buffer:
+                log.info(kv("head_changed_elsewhere", old=self.head, new=stored_head))
+                self._load_head()
+        now = time.time()
+        expired = [task_id for task_id, info in self.in_flight.items()
+                   if now - info["issued_at"] > self.settings.task_lease_seconds]
+        if expired:
+            log.warning(kv("tasks_expired", count=len(expired), lease_s=self.settings.task_lease_seconds))
+            self._forget(expired)
+        if self.settings.max_seconds is not None and time.monotonic() - self.started > self.settings.max_seconds:
+            self._finish("max_seconds")
+        self._top_up()
+
+    # -- updates ----------------------------------------------------------
+
+    def _on_update(self, delivery_tag: int, properties: Any, body: bytes) -> None:
+        try:
+            update = parse_update(body)
+            if update.job != self.settings.job:
+                raise MessageError("unknown_job", f"update is for job {update.job!r}, not {self.settings.job!r}")
+        except MessageError as error:
+            self._dead_letter(delivery_tag, properties, body, error, task_id=None)
+            return
+        if self._is_duplicate(update.task_id):
+            self._channel.basic_ack(delivery_tag)
+            self.store.counters.add("skipped", "duplicate")
+            metrics.UPDATES_SKIPPED.labels(self.settings.job, "duplicate").inc()
+            self._forget([update.task_id])
+            log.info(kv("update_skipped", reason="duplicate", task=update.task_id, worker=update.worker_id))
+            return
+        try:
+            staleness = check_staleness(update, self.head, self.settings.max_staleness, self.abandoned)
+            digest, payload, delta = load_delta(update, self.store)
+            check_tensors(delta, self.tensor_specs)
+        except MessageError as error:
+            self._dead_letter(delivery_tag, properties, body, error, task_id=update.task_id)
+            return
+        self.buffer.append(Pending(
+            delivery_tag, BufferedUpdate(task_id=update.task_id, worker_id=update.worker_id,
+                                         base_version=update.base_version, staleness=staleness,
+                                         num_examples=update.num_examples, delta=delta),
+            digest=digest, blob_key=self.store.blobs.key(update.task_id),
+            inline_payload=None if isinstance(update.delta, ClaimCheck) else payload))
+        self._forget([update.task_id])
+        metrics.BUFFER_FILL.labels(self.settings.job).set(len(self.buffer))
+        crash_point("buffered")
+        if self._buffer_ready():
+            self._commit()
+        self._top_up()
+
+    def _is_duplicate(self, task_id: str) -> bool:
+        return (any(pending.update.task_id == task_id for pending in self.buffer)
+                or self.store.ledger.applied_version(task_id) is not None)
+
+    def _buffer_ready(self) -> bool:
+        if self.settings.synchronous:
+            # The barrier: every task of the round has come back or was rejected.
+            return bool(self.buffer) and not self.in_flight
+        return len(self.buffer) >= self.aggregator.buffer_size
+
+    def _dead_letter(self, delivery_tag: int, properties: Any, body: bytes, error: MessageError,
+                     task_id: str | None) -> None:
+        headers = dict(getattr(properties, "headers", None) or {})
+        headers.update({REASON_HEADER: error.reason, DETAIL_HEADER: error.detail[:500]})
+        publish(self._channel, self.topology.dead, body, headers=headers,
+                message_id=getattr(properties, "message_id", None) or uuid.uuid4().hex)
+        self._channel.basic_ack(delivery_tag)
+        self.store.counters.add("rejected", error.reason)
+        metrics.UPDATES_REJECTED.labels(self.settings.job, error.reason).inc()
+        log.warning(kv("update_rejected", reason=error.reason, detail=error.detail, task=task_id))
+        if task_id is not None:
+            # The task is over: its replacement is dispatched by the next top-up.
+            self._forget([task_id])
+            if self._buffer_ready():
+                self._commit()
+
+    # -- the server step --------------------------------------------------
+
+    def _commit(self) -> None:
+        pending, self.buffer = self.buffer, []
+        updates = [item.update for item in pending]
+        aggregation_started = time.perf_counter()
+        new_weights, new_state, weights = server_step(self.aggregator, self.optimizer, self.weights,
+                                                      self.optimizer_state, updates, self.store.versions.load_weights)
+        aggregation_seconds = time.perf_counter() - aggregation_started
+        version = self.head + 1
+        evaluate = self.settings.eval_every > 0 and version % self.settings.eval_every == 0
+        scores = self._evaluate(new_weights) if evaluate else {}
+        stalenesses = [update.staleness for update in updates]
+        applied = [{"task_id": update.task_id, "worker_id": update.worker_id, "base_version": update.base_version,
+                    "staleness": update.staleness, "weight": weight, "num_examples": update.num_examples,
+                    "digest": item.digest, "blob_key": item.blob_key}
+                   for item, update, weight in zip(pending, updates, weights)]
+        meta = {"metrics": scores, "config": self.config, "config_digest": config_digest(self.config),
+                "mean_staleness": sum(stalenesses) / len(stalenesses), "max_staleness": max(stalenesses),
+                "aggregation_seconds": aggregation_seconds}
+        commit_started = time.perf_counter()
+        try:
+            self.head = self.store.versions.commit(
+                self.head, new_weights, meta, applied, optimizer_state=new_state,
+                update_blobs={item.blob_key: item.inline_payload for item in pending if item.inline_payload})
+        except HeadMovedError as error:
+            # Someone else moved the head (a rollback): start over from it. The
+            # updates go back to the queue and are judged again against the new head.
+            log.warning(kv("head_moved", error=str(error)))
+            for item in pending:
+                self._channel.basic_nack(item.delivery_tag, requeue=True)
+            self._load_head()
+            return
+        self.weights, self.optimizer_state = self.store.versions.load_weights(self.head), new_state
+        crash_point("committed")
+        for item in pending:
+            self._channel.basic_ack(item.delivery_tag)
+        self._observe_commit(updates, scores, aggregation_seconds, time.perf_counter() - commit_started)
+        log.info(kv("version_committed", version=self.head, updates=len(updates),
+                    mean_staleness=meta["mean_staleness"], max_staleness=meta["max_staleness"],
+                    **{key: value for key, value in scores.items()}))
+        if self.settings.keep_versions:
+            self.store.versions.prune(self.head, self.settings.keep_versions, self.settings.checkpoint_every)
+        self._check_stop(scores)
+
+    def _observe_commit(self, updates: list[BufferedUpdate], scores: dict[str, float],
+                        aggregation_seconds: float, commit_seconds: float) -> None:
+        job = self.settings.job
+        if scores:
+            self.last_metrics = scores
+            for name, value in scores.items():
+                metrics.MODEL_SCORE.labels(job, name).set(value)
+        metrics.UPDATES_APPLIED.labels(job).inc(len(updates))
+        metrics.VERSIONS_COMMITTED.labels(job).inc()
+        for update in updates:
+            metrics.STALENESS.labels(job).observe(update.staleness)
+        metrics.AGGREGATION_SECONDS.labels(job).observe(aggregation_seconds)
+        metrics.COMMIT_SECONDS.labels(job).observe(commit_seconds)
+        metrics.HEAD_VERSION.labels(job).set(self.head)
+        metrics.BUFFER_FILL.labels(job).set(len(self.buffer))
+
+    def _check_stop(self, scores: dict[str, float]) -> None:
+        score = scores.get(self.task.score_metric)
+        if self.settings.target is not None and score is not None and score >= self.settings.target:
+            self._finish("target_reached")
+        elif self.settings.max_versions is not None and self.head >= self.settings.max_versions:
+            self._finish("max_versions")
+
+    def _finish(self, reason: str) -> None:
+        if self.finished_reason is not None:
+            return
+        self.finished_reason = reason
+        # Outstanding tasks would only train a finished model: withdraw them.
+        if self._channel is not None:
+            self._channel.queue_purge(self.topology.tasks)
+        self._forget(list(self.in_flight))
+        self.store.status.set(status="finished", reason=reason, head=self.head)
+        log.info(kv("finished", reason=reason, head=self.head, **self.last_metrics))
+
+    # -- dispatch ---------------------------------------------------------
+
+    def _top_up(self) -> None:
+        if self.finished_reason is not None or self._channel is None:
+            return
+        if self.settings.synchronous:
+            if self.in_flight or self.buffer:
+                return
+            wanted = self.settings.concurrency
+        else:
+            wanted = self.settings.concurrency - len(self.in_flight)
+        for _ in range(max(wanted, 0)):
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        task_id = uuid.uuid4().hex
+        issued_at = time.time()
+        task = RoundTask(job=self.settings.job, task_id=task_id, model_version=self.head, issued_at=issued_at,
+                         train=TrainSettings(epochs=self.settings.local_epochs, batch_size=self.settings.batch_size,
+                                             learning_rate=self.settings.learning_rate,
+                                             seed=int(task_id[:8], 16)))
+        publish(self._channel, self.topology.tasks, task.to_bytes(), message_id=task_id)
+        crash_point("dispatched")
+        # Recorded only once the broker has the task: a crash in between leaves an
+        # untracked task whose update is still accepted, never a phantom that blocks dispatch.
+        self.store.ledger.record_dispatch(task_id, self.head, issued_at)
+        self.in_flight[task_id] = {"version": self.head, "issued_at": issued_at}
+        metrics.TASKS_DISPATCHED.labels(self.settings.job).inc()
+        metrics.TASKS_IN_FLIGHT.labels(self.settings.job).set(len(self.in_flight))
+
+    def _forget(self, task_ids: list[str]) -> None:
+        for task_id in task_ids:
+            self.in_flight.pop(task_id, None)
+        self.store.ledger.forget(task_ids)
+        metrics.TASKS_IN_FLIGHT.labels(self.settings.job).set(len(self.in_flight))
+
+    # -- reporting --------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        return {"job": self.settings.job, "head": self.head, "reason": self.finished_reason,
+                "metrics": self.last_metrics, "seconds": time.monotonic() - self.started,
+                "rejected": self.store.counters.get("rejected"), "skipped": self.store.counters.get("skipped"),
+                "settings": asdict(self.settings) | {"amqp_url": "***", "redis_url": "***"}}

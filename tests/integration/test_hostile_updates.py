@@ -1,0 +1,87 @@
+"""Hostile and broken updates are dead-lettered with a reason (duplicates skipped); training goes on."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedq.broker.connection import connect
+from fedq.broker.publisher import publish
+from fedq.broker.topology import Topology
+from fedq.common.wire import codec
+from fedq.common.wire.messages import InlineDelta, ModelUpdate
+from fedq.common.tasks import load_task
+from tests.support import AMQP_URL, connection_flags, wait_until
+
+
+
+def update_bytes(job: str, task_id: str, delta: codec.Weights, base_version: int = 0) -> bytes:
+    return ModelUpdate(job=job, task_id=task_id, worker_id="mallory", base_version=base_version, num_examples=10,
+                       delta=InlineDelta(codec.encode(delta))).to_bytes()
+
+
+def drain_dead_letters(job: str) -> list[tuple[str, bytes]]:
+    connection = connect(AMQP_URL)
+    try:
+        channel = connection.channel()
+        letters = []
+        while True:
+            method, properties, body = channel.basic_get(Topology(job).dead, auto_ack=True)
+            if method is None:
+                return letters
+            letters.append(((properties.headers or {}).get("x-fedq-reason"), body))
+    finally:
+        connection.close()
+
+
+def test_hostile_updates_are_dead_lettered_and_training_continues(processes, job, store):
+    coordinator = processes.start("coordinator", "coordinator", *connection_flags(job), "--task", "digits",
+                                  "--task-params", json.dumps({"num_partitions": 2}), "--concurrency", "2",
+                                  "--max-versions", "25")
+    wait_until(lambda: store.versions.head() is not None, 60, "the coordinator did not initialise the job")
+    zero = {name: np.zeros_like(array) for name, array in
+            load_task("digits", {"num_partitions": 2}).initial_weights(0).items()}
+    first_name = next(iter(zero))
+    wrong_shape = dict(zero, **{first_name: np.zeros((3, 3), np.float32)})
+    with_nan = {name: array.copy() for name, array in zero.items()}
+    with_nan[first_name].flat[0] = np.nan
+    future = update_bytes(job, "future-task", zero, base_version=10**6)
+    hostile = {
+        "not_json": b"\x00\xffnot json at all",
+        "schema_version": json.dumps({"schema": "fedq.update/9", "job": job}).encode(),
+        "unknown_job": update_bytes("some-other-job", "other-task", zero),
+        "wrong_shape": update_bytes(job, "shape-task", wrong_shape),
+        "not_finite": update_bytes(job, "nan-task", with_nan),
+        "future_version": future,
+    }
+    connection = connect(AMQP_URL)
+    channel = connection.channel()
+    # The head exists before the coordinator has declared its queues; declaring is idempotent.
+    Topology(job).declare(channel)
+    channel.confirm_delivery()
+    for reason, body in hostile.items():
+        publish(channel, Topology(job).updates, body, message_id=reason)
+
+    wait_until(lambda: sum(store.counters.get("rejected").values()) >= len(hostile), 60,
+               "the coordinator did not reject every hostile update")
+    # Workers join only now, so the duplicate below targets an update that really was applied.
+    processes.start("worker-0", "worker", *connection_flags(job), "--worker-id", "w0", "--partition", "0")
+    processes.start("worker-1", "worker", *connection_flags(job), "--worker-id", "w1", "--partition", "1")
+    wait_until(lambda: (store.versions.head() or 0) >= 3, 90, "no version was committed")
+    applied = store.versions.history(1, 1)[0]["updates"][0]
+    publish(channel, Topology(job).updates, update_bytes(job, applied["task_id"], zero, applied["base_version"]),
+            message_id="duplicate")
+    connection.close()
+
+    assert coordinator.wait(timeout=120) == 0, processes.log("coordinator")[-3000:]
+    assert store.status.load()["reason"] == "max_versions"
+    assert store.counters.get("rejected") == {reason: 1 for reason in hostile}
+    assert store.counters.get("skipped") == {"duplicate": 1}
+    letters = drain_dead_letters(job)
+    assert sorted(reason for reason, _ in letters) == sorted(hostile)
+    assert dict(letters)["future_version"] == future, "the dead letter carries the original body"
+    task_ids = [update["task_id"] for entry in store.versions.history() for update in entry["updates"]]
+    assert task_ids.count(applied["task_id"]) == 1
+    assert "mallory" not in {update["worker_id"] for entry in store.versions.history() for update in entry["updates"]}
+    assert "Traceback" not in processes.log("coordinator")

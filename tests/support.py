@@ -1,0 +1,77 @@
+"""Helpers the integration tests share: the real servers' URLs, fedq subprocesses, waiting for a condition.
+
+Fixtures built on them live in ``tests/integration/conftest.py``; tests import
+helpers from here, never from a conftest.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+AMQP_URL = os.environ.get("FEDQ_TEST_AMQP_URL", "amqp://guest:guest@localhost:5672/")
+REDIS_URL = os.environ.get("FEDQ_TEST_REDIS_URL", "redis://localhost:6379/0")
+
+
+def cleanup_job(name: str) -> None:
+    from fedq.common.store import ModelStore, connect_redis
+    from fedq.coordinator.ops.status import remove_job
+
+    remove_job(AMQP_URL, ModelStore(connect_redis(REDIS_URL), name))
+
+
+class Processes:
+    """fedq subprocesses of one test, with their logs; all are killed at teardown."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.running: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "w")
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        process = subprocess.Popen([sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT, env=environment)
+        self.running[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text()
+
+    def wait_for_log(self, name: str, text: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            content = self.log(name)
+            if text in content:
+                return content
+            if self.running[name].poll() is not None:
+                raise AssertionError(f"{name} exited ({self.running[name].returncode}) before logging {text!r}:\n"
+                                     + content[-3000:])
+            time.sleep(0.1)
+        raise AssertionError(f"{name} did not log {text!r} within {timeout} s:\n" + self.log(name)[-3000:])
+
+    def stop_all(self) -> None:
+        for process in self.running.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+        for process in self.running.values():
+            process.wait(timeout=30)
+
+
+def wait_until(condition: Callable[[], object], timeout: float, message: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(message)
+
+
+def connection_flags(job: str) -> list[str]:
+    return ["--job", job, "--amqp-url", AMQP_URL, "--redis-url", REDIS_URL]
