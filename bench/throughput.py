@@ -61,7 +61,7 @@ from fedq.common.wire import codec  # noqa: E402
 from fedq.common.wire.messages import ClaimCheck, InlineDelta, ModelUpdate, parse_task  # noqa: E402
 from fedq.common.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL  # noqa: E402
 from fedq.common.store import ModelStore, connect_redis  # noqa: E402
-from fedq.worker.service import INLINE_LIMIT_BYTES, UPDATE_BLOB_TTL_SECONDS  # noqa: E402
+from fedq.common.wire.limits import INLINE_LIMIT_BYTES, UPDATE_BLOB_TTL_SECONDS  # noqa: E402
 
 TASK = "bench.models:MLPTask"
 

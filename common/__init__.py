@@ -1,5 +1,8 @@
-"""Shared pieces of fedq: settings, message schemas, tensor codec, Redis model store, task plugins.
+"""What the coordinator and the worker share (they never import each other):
 
-May import only the standard library, numpy, torch and redis: the coordinator and
-the worker both build on it and never on each other.
+``settings``  options from flags, FEDQ_* environment and a TOML job file
+``wire``      message schemas, the tensor codec and size limits (no torch)
+``store``     the Redis model store, one part per concern, every key in ``store.keys``
+``tasks``     task plugins: model, local data, local training, evaluation
+``obs``       logs, Prometheus metrics, fault-injection points
 """

@@ -1,5 +1,6 @@
-"""The coordinator: staleness weighting, aggregation, server optimizers and the service loop.
+"""The coordinator, in three rooms:
 
-The math (``staleness``, ``aggregation``, ``server_optimizers``) is pure functions
-on arrays, testable without a broker; ``service`` is the thin loop around it.
+``algorithms``  the math (staleness, aggregation, server optimizers, the server step): pure, no I/O
+``service``     the loop around it: validation, scheduling, dispatch, commit, its CLI
+``ops``         operator tools that run anywhere: status, monitor, report, history, replay, rollback, demo
 """

@@ -1,1 +1,3 @@
-"""The worker: takes round tasks, trains locally on its own partition, publishes updates."""
+"""The worker: ``service`` is the task loop (consume, train off-thread, publish, ack);
+``training`` runs one task's local training and packs the update; ``cli`` is ``fedq worker``.
+"""

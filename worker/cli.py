@@ -6,7 +6,7 @@ import argparse
 from fedq.common.obs.logs import setup_logging
 from fedq.common.obs.metrics import serve_metrics
 from fedq.common.settings import (CONNECTION_OPTIONS, SERVICE_OPTIONS, Option, add_options, non_negative_float,
-                             positive_int, resolve)
+                                  positive_int, resolve)
 
 HELP = "Run a worker: take round tasks of a job, train on this worker's data partition, publish updates."
 

@@ -10,10 +10,14 @@ its task id at the coordinator.
 Signals: the first SIGTERM/SIGINT lets the current task finish (up to
 ``drain_seconds``), publishes its update and exits; past that, or on a second
 signal, the task is requeued and the worker exits.
+
+Errors: a task whose training raises (a bug in a task plugin, a CUDA error) is
+requeued for another attempt, anywhere, until it was delivered
+``TRAINING_ATTEMPTS`` times, then dead-lettered with the error as its reason;
+the worker keeps serving. Only errors that are not the task's fault end the loop.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -21,34 +25,32 @@ import socket
 import threading
 import time
 import uuid
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import pika
 import torch
 
-from fedq.broker.session import run_with_reconnect
-from fedq.broker.publisher import publish
+from fedq.broker.pika_transport import PikaTransport
 from fedq.broker.topology import Topology
-from fedq.common.wire import codec
+from fedq.broker.transport import DELIVERY_COUNT_HEADER, Channel, Delivery, Transport, dead_letter_headers
 from fedq.common.obs import metrics
 from fedq.common.obs.logs import kv
-from fedq.common.wire.messages import ClaimCheck, InlineDelta, MessageError, ModelUpdate, RoundTask, parse_task
 from fedq.common.store import TRANSIENT_REDIS_ERRORS, ModelStore, StoreError, UnknownVersionError, connect_redis
-from fedq.common.tasks import FederatedTask, load_task, load_weights_into, weights_of
+from fedq.common.tasks import TaskPluginError
+from fedq.common.wire.limits import INLINE_LIMIT_BYTES, TRAINING_ATTEMPTS
+from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate, RoundTask, parse_task
+from fedq.worker.training import LocalTrainer, stable_partition
 
 log = logging.getLogger("fedq.worker")
 
-# A delta above this travels as a Redis claim check instead of inside the message
-# (RabbitMQ 4 caps messages at 16 MiB; large messages also stall the broker).
-INLINE_LIMIT_BYTES = 256 * 1024
-# Claim-checked deltas outlive any sensible queueing delay, then expire by themselves.
-UPDATE_BLOB_TTL_SECONDS = 7 * 24 * 3600
 # Liveness: refreshed every few seconds, gone 30 s after a worker dies.
 LIVENESS_REFRESH_SECONDS = 5.0
 LIVENESS_TTL_SECONDS = 30
+# How often the connection thread looks up from a running training thread (heartbeats, signals).
+TRAINING_POLL_SECONDS = 0.2
+# Errors that are not the task's fault: Redis going away (reconnect and carry on) or a
+# worker that cannot serve this job at all (no spec, a task plugin it cannot import).
+NOT_THE_TASKS_FAULT = (*TRANSIENT_REDIS_ERRORS, TaskPluginError, StoreError)
 
 
 @dataclass(frozen=True)
@@ -70,17 +72,21 @@ def default_worker_id() -> str:
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings):
+    def __init__(self, settings: WorkerSettings, store: ModelStore | None = None,
+                 transport: Transport | None = None):
         self.settings = settings
         self.worker_id = settings.worker_id or default_worker_id()
         self.topology = Topology(settings.job)
-        self.store = ModelStore(connect_redis(settings.redis_url), settings.job)
+        self.store = store or ModelStore(connect_redis(settings.redis_url), settings.job)
+        self.transport = transport or PikaTransport(settings.amqp_url, heartbeat=settings.heartbeat_seconds)
+        self.partition = settings.partition if settings.partition is not None else stable_partition(self.worker_id)
+        self.trainer = LocalTrainer(self.store, self.worker_id, self.partition,
+                                    slowdown_seconds=settings.slowdown_seconds,
+                                    inline_limit_bytes=settings.inline_limit_bytes)
         self.tasks_done = 0
+        self.tasks_failed = 0
         self.stop_requested = False
         self.stop_now = False
-        self._task: FederatedTask | None = None
-        self._spec_text: str | None = None
-        self._model: torch.nn.Module | None = None
         self._current_task: str | None = None
         self._liveness_written = 0.0
         self.started_at = time.time()
@@ -93,21 +99,23 @@ class Worker:
         signal.signal(signal.SIGINT, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.request_stop()
+        log.info(kv("stop_requested", worker=self.worker_id, signal=signal.Signals(signum).name,
+                    immediate=self.stop_now))
+
+    def request_stop(self) -> None:
+        """The first call drains the current task; a second requeues it at once."""
         if self.stop_requested:
             self.stop_now = True
         self.stop_requested = True
-        log.info(kv("stop_requested", worker=self.worker_id, signal=signal.Signals(signum).name,
-                    immediate=self.stop_now))
 
     # -- the loop ---------------------------------------------------------
 
     def run(self) -> int:
         """Serve tasks until stopped or ``max_tasks`` done; reconnects after connection loss."""
         # The job in the connection name lets operators (and tests) find a job's connections.
-        run_with_reconnect(self.settings.amqp_url, self._serve,
-                           name=f"fedq-worker-{self.settings.job}-{self.worker_id}",
-                           should_stop=lambda: self.stop_requested, also_transient=TRANSIENT_REDIS_ERRORS,
-                           heartbeat=self.settings.heartbeat_seconds)
+        self.transport.run(self._serve, name=f"fedq-worker-{self.settings.job}-{self.worker_id}",
+                           should_stop=lambda: self.stop_requested, also_transient=TRANSIENT_REDIS_ERRORS)
         self.store.workers.forget(self.worker_id)
         log.info(kv("worker_stopped", worker=self.worker_id, tasks_done=self.tasks_done))
         return 0
@@ -121,21 +129,18 @@ class Worker:
             "partition": self.partition, "tasks_done": self.tasks_done, "current_task": self._current_task,
             "started": self.started_at}, LIVENESS_TTL_SECONDS)
 
-    def _serve(self, connection: pika.BlockingConnection) -> None:
-        channel = connection.channel()
-        self.topology.declare(channel)
-        channel.confirm_delivery()
-        channel.basic_qos(prefetch_count=1)
+    def _serve(self, channel: Channel) -> None:
+        channel.declare(self.topology)
         log.info(kv("worker_ready", worker=self.worker_id, job=self.settings.job))
         self._report_liveness(force=True)
-        for method, _properties, body in channel.consume(self.topology.tasks, inactivity_timeout=0.5):
+        for delivery in channel.consume(self.topology.tasks, prefetch=1, inactivity_timeout=0.5):
             if self.stop_requested:
                 break
             self._report_liveness()
-            if method is None:
+            if delivery is None:
                 continue
             try:
-                self._handle(connection, channel, method, body)
+                self._handle(channel, delivery)
             finally:
                 self._current_task = None
             if self.settings.max_tasks is not None and self.tasks_done >= self.settings.max_tasks:
@@ -143,14 +148,14 @@ class Worker:
         # Returns any delivery prefetched but not started to the queue.
         channel.cancel()
 
-    def _handle(self, connection: pika.BlockingConnection, channel: Any, method: Any, body: bytes) -> None:
+    def _handle(self, channel: Channel, delivery: Delivery) -> None:
         try:
-            task = parse_task(body)
+            task = parse_task(delivery.body)
             if task.job != self.settings.job:
                 raise MessageError("unknown_job", f"task is for job {task.job!r}")
         except MessageError as error:
             log.warning(kv("task_rejected", worker=self.worker_id, reason=error.reason, detail=error.detail))
-            channel.basic_reject(method.delivery_tag, requeue=False)
+            channel.reject(delivery.tag)
             return
         started = time.monotonic()
         log.info(kv("task_started", worker=self.worker_id, task=task.task_id, base_version=task.model_version))
@@ -163,30 +168,23 @@ class Worker:
         while thread.is_alive():
             # join() returns the moment training ends (no rounding of task times up to a
             # polling interval); between joins the connection thread services heartbeats.
-            thread.join(timeout=0.2)
-            connection.process_data_events(time_limit=0)
+            thread.join(timeout=TRAINING_POLL_SECONDS)
+            channel.poll()
             self._report_liveness()
             if self.stop_requested and drain_deadline is None:
                 drain_deadline = time.monotonic() + self.settings.drain_seconds
             if self.stop_now or (drain_deadline is not None and time.monotonic() > drain_deadline):
-                channel.basic_nack(method.delivery_tag, requeue=True)
+                channel.nack(delivery.tag, requeue=True)
                 metrics.WORKER_TASKS.labels(self.settings.job, "requeued").inc()
                 log.info(kv("task_requeued", worker=self.worker_id, task=task.task_id))
                 return
         if "error" in outcome:
-            error = outcome["error"]
-            metrics.WORKER_FAILURES.labels(self.settings.job, type(error).__name__).inc()
-            if isinstance(error, UnknownVersionError):
-                log.warning(kv("task_rejected", worker=self.worker_id, task=task.task_id, reason="unknown_version",
-                               detail=str(error)))
-                channel.basic_reject(method.delivery_tag, requeue=False)
-                return
-            channel.basic_nack(method.delivery_tag, requeue=True)
-            raise error
+            self._on_training_error(channel, delivery, task, outcome["error"])
+            return
         update: ModelUpdate = outcome["update"]
         body = update.to_bytes()
-        publish(channel, self.topology.updates, body, message_id=task.task_id)
-        channel.basic_ack(method.delivery_tag)
+        channel.publish(self.topology.updates, body, message_id=task.task_id)
+        channel.ack(delivery.tag)
         self.tasks_done += 1
         job = self.settings.job
         metrics.WORKER_TASKS.labels(job, "done").inc()
@@ -197,50 +195,38 @@ class Worker:
                     examples=update.num_examples, seconds=time.monotonic() - started,
                     **{key: value for key, value in update.metrics.items()}))
 
+    def _on_training_error(self, channel: Channel, delivery: Delivery, task: RoundTask, error: Exception) -> None:
+        """A task whose version is gone is refused; a task whose training raised is retried a
+        bounded number of times, then dead-lettered with the error; only errors that are not
+        the task's fault (Redis down, a job this worker cannot serve) leave the loop."""
+        metrics.WORKER_FAILURES.labels(self.settings.job, type(error).__name__).inc()
+        if isinstance(error, UnknownVersionError):
+            log.warning(kv("task_rejected", worker=self.worker_id, task=task.task_id, reason="unknown_version",
+                           detail=str(error)))
+            channel.reject(delivery.tag)
+            return
+        if isinstance(error, NOT_THE_TASKS_FAULT):
+            channel.nack(delivery.tag, requeue=True)
+            raise error
+        self.tasks_failed += 1
+        metrics.WORKER_TASKS.labels(self.settings.job, "failed").inc()
+        attempt = int(delivery.headers.get(DELIVERY_COUNT_HEADER, 0)) + 1
+        detail = f"{type(error).__name__}: {error}"
+        if attempt < TRAINING_ATTEMPTS:
+            log.warning(kv("task_failed", worker=self.worker_id, task=task.task_id, attempt=attempt,
+                           retry=True, error=detail))
+            channel.nack(delivery.tag, requeue=True)
+            return
+        log.error(kv("task_failed", worker=self.worker_id, task=task.task_id, attempt=attempt, retry=False,
+                     error=detail))
+        channel.publish(self.topology.dead, delivery.body, message_id=delivery.message_id or task.task_id,
+                        headers=dead_letter_headers(delivery.headers, "training_failed", detail))
+        channel.ack(delivery.tag)
+
     # -- training (runs in the background thread) ------------------------
 
     def _train_into(self, task: RoundTask, outcome: dict[str, Any]) -> None:
         try:
-            outcome["update"] = self.train(task)
+            outcome["update"] = self.trainer.train(task)
         except Exception as error:  # handed back to the connection thread
             outcome["error"] = error
-
-    def _load_plugin(self) -> tuple[FederatedTask, torch.nn.Module]:
-        spec = self.store.status.load_spec()
-        if spec is None:
-            raise StoreError(f"job {self.settings.job!r} has no spec in Redis; start its coordinator first")
-        spec_text = json.dumps(spec, sort_keys=True)
-        if spec_text != self._spec_text:
-            self._task = load_task(spec["task"], spec.get("task_params") or {})
-            self._model = self._task.build_model()
-            self._spec_text = spec_text
-        return self._task, self._model
-
-    @property
-    def partition(self) -> int:
-        if self.settings.partition is not None:
-            return self.settings.partition
-        # Stable across restarts of the same --worker-id; the plugin takes it modulo its partitions.
-        return zlib.crc32(self.worker_id.encode())
-
-    def train(self, task: RoundTask) -> ModelUpdate:
-        plugin, model = self._load_plugin()
-        base = self.store.versions.load_weights(task.model_version)
-        started = time.monotonic()
-        load_weights_into(model, base)
-        data = plugin.local_data(self.partition)
-        metrics = plugin.train(model, data, task.train)
-        if self.settings.slowdown_seconds:
-            time.sleep(self.settings.slowdown_seconds)
-        trained = weights_of(model)
-        delta = {name: (trained[name] - base[name]).astype(np.float32, copy=False) for name in base}
-        payload = codec.encode(delta)
-        if len(payload) <= self.settings.inline_limit_bytes:
-            carried: InlineDelta | ClaimCheck = InlineDelta(payload)
-        else:
-            # Claim check: the blob is in Redis before the message that names it exists.
-            key = self.store.blobs.put(task.task_id, payload, UPDATE_BLOB_TTL_SECONDS)
-            carried = ClaimCheck(key=key, sha256=codec.digest(payload), nbytes=len(payload))
-        return ModelUpdate(job=task.job, task_id=task.task_id, worker_id=self.worker_id,
-                           base_version=task.model_version, num_examples=len(data), delta=carried,
-                           metrics=metrics, train_seconds=time.monotonic() - started)

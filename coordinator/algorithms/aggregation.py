@@ -20,14 +20,8 @@ import numpy as np
 import torch
 
 from fedq.common.wire.codec import Weights
+from fedq.coordinator.algorithms.registry import ROBUST_ESTIMATORS
 from fedq.coordinator.algorithms.staleness import Polynomial, StalenessFunction
-
-# One thread: on two cores shared with workers and servers, a second torch
-# thread costs far more than it gains (DESIGN.md measured 1.2-400x).
-torch.set_num_threads(1)
-# Versions are cached as read-only arrays; torch warns when it wraps one, though
-# add_scaled only ever reads its addend.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 @dataclass(frozen=True)
@@ -40,9 +34,19 @@ class BufferedUpdate:
     delta: Weights
 
 
+def _readable_tensor(array: np.ndarray) -> torch.Tensor:
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    # Versions are cached as read-only arrays; torch warns when it wraps one, though
+    # the addend is only ever read. Silenced here, not process-wide.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 def add_scaled(accumulator: np.ndarray, addend: np.ndarray, scale: float) -> None:
     """accumulator += scale * addend, in place, without numpy's temporary (torch's fused add_)."""
-    torch.from_numpy(accumulator).add_(torch.from_numpy(np.ascontiguousarray(addend)), alpha=scale)
+    torch.from_numpy(accumulator).add_(_readable_tensor(np.ascontiguousarray(addend)), alpha=scale)
 
 
 def zeros_like(weights: Weights) -> Weights:
@@ -58,9 +62,13 @@ class Aggregator(ABC):
         """The weight each update gets in the step (recorded in the history)."""
 
     @abstractmethod
-    def step(self, current: Weights, updates: Sequence[BufferedUpdate],
-             base_weights: Callable[[int], Weights]) -> Weights:
-        """The server step for ``updates``; ``base_weights(v)`` returns version v."""
+    def step(self, current: Weights, updates: Sequence[BufferedUpdate], base_weights: Callable[[int], Weights],
+             weights: Sequence[float] | None = None) -> Weights:
+        """The server step for ``updates``; ``base_weights(v)`` returns version v.
+
+        ``weights`` are ``self.weights(updates)`` when the caller already has them
+        (the server step records them), so they are computed once.
+        """
 
 
 class FedAsync(Aggregator):
@@ -82,11 +90,11 @@ class FedAsync(Aggregator):
     def weights(self, updates: Sequence[BufferedUpdate]) -> list[float]:
         return [self.mixing_rate * self.staleness(update.staleness) for update in updates]
 
-    def step(self, current: Weights, updates: Sequence[BufferedUpdate],
-             base_weights: Callable[[int], Weights]) -> Weights:
+    def step(self, current: Weights, updates: Sequence[BufferedUpdate], base_weights: Callable[[int], Weights],
+             weights: Sequence[float] | None = None) -> Weights:
         if len(updates) != 1:
             raise ValueError("FedAsync applies exactly one update per step")
-        (update,), (alpha,) = updates, self.weights(updates)
+        (update,), (alpha,) = updates, self.weights(updates) if weights is None else weights
         base = base_weights(update.base_version)
         step = {}
         for name, x in current.items():
@@ -97,9 +105,6 @@ class FedAsync(Aggregator):
             difference *= np.float32(alpha)
             step[name] = difference
         return step
-
-
-ROBUST_ESTIMATORS = ("mean", "median", "trimmed_mean")
 
 
 def clip_by_norm(delta: Weights, max_norm: float) -> Weights:
@@ -162,13 +167,13 @@ class FedBuff(Aggregator):
             weights = [weight / total_weight for weight in weights]
         return weights
 
-    def step(self, current: Weights, updates: Sequence[BufferedUpdate],
-             base_weights: Callable[[int], Weights]) -> Weights:
+    def step(self, current: Weights, updates: Sequence[BufferedUpdate], base_weights: Callable[[int], Weights],
+             weights: Sequence[float] | None = None) -> Weights:
         if not updates:
             raise ValueError("FedBuff needs at least one update")
         deltas = [clip_by_norm(update.delta, self.clip_norm) if self.clip_norm else update.delta
                   for update in updates]
-        weights = self.weights(updates)
+        weights = self.weights(updates) if weights is None else weights
         if self.robust != "mean":
             return self._robust_step(current, deltas, sum(weights))
         step = zeros_like(current)

@@ -20,8 +20,7 @@ import numpy as np
 
 from fedq.common.wire.codec import Weights
 from fedq.coordinator.algorithms.aggregation import add_scaled
-
-OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
+from fedq.coordinator.algorithms.registry import SERVER_OPTIMIZERS as OPTIMIZERS
 
 
 @dataclass(frozen=True)

@@ -12,21 +12,14 @@ import json
 from typing import Any, Callable, Sequence
 
 from fedq.common.wire.codec import Weights
-from fedq.coordinator.algorithms.aggregation import Aggregator, BufferedUpdate, FedAsync, FedBuff
+from fedq.coordinator.algorithms.aggregation import Aggregator, BufferedUpdate
+from fedq.coordinator.algorithms.registry import algorithm
 from fedq.coordinator.algorithms.server_optimizers import ServerOptimizer
-from fedq.coordinator.algorithms.staleness import parse_staleness
 
 
 def build_aggregator(config: dict[str, Any]) -> Aggregator:
-    staleness = parse_staleness(config["staleness"])
-    if config["algorithm"] == "fedasync":
-        return FedAsync(config["mixing_rate"], staleness)
-    if config["algorithm"] == "fedbuff":
-        return FedBuff(config["buffer_size"], staleness, example_weighted=config["example_weighted"],
-                       clip_norm=config.get("clip_norm", 0.0), robust=config.get("robust", "mean"),
-                       trim_fraction=config.get("trim_fraction", 0.1))
-    # Synchronous FedAvg: every round's updates (tau = 0), example-weighted mean, one step.
-    return FedBuff(config["concurrency"], staleness, example_weighted=True)
+    """The aggregator a recorded config names; an unknown algorithm raises ValueError."""
+    return algorithm(config["algorithm"]).build(config)
 
 
 def build_optimizer(config: dict[str, Any]) -> ServerOptimizer:
@@ -42,6 +35,7 @@ def server_step(aggregator: Aggregator, optimizer: ServerOptimizer, weights: Wei
                 updates: Sequence[BufferedUpdate],
                 base_weights: Callable[[int], Weights]) -> tuple[Weights, Weights, list[float]]:
     """(new weights, new optimizer state, the weight each update got)."""
-    step = aggregator.step(weights, updates, base_weights)
+    update_weights = aggregator.weights(updates)
+    step = aggregator.step(weights, updates, base_weights, update_weights)
     new_weights, new_state = optimizer.apply(weights, step, optimizer_state)
-    return new_weights, new_state, aggregator.weights(updates)
+    return new_weights, new_state, update_weights

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from fedq.broker.connection import connect
+from fedq.coordinator.algorithms.registry import ALGORITHMS
 from fedq.common.settings import CONNECTION_OPTIONS, Option, add_options, positive_float, positive_int, resolve
 from fedq.common.store import ModelStore, connect_redis
 from fedq.coordinator.ops.status import remove_job
@@ -26,7 +27,7 @@ HELP = ("Run a coordinator and worker processes on the built-in digits task unti
 
 OPTIONS = [Option("job", str, "demo", "name of the federation")] + CONNECTION_OPTIONS[1:] + [
     Option("workers", positive_int, 4, "worker processes to start"),
-    Option("algorithm", str, "fedasync", "aggregation", choices=("fedasync", "fedbuff", "fedavg")),
+    Option("algorithm", str, "fedasync", "aggregation", choices=tuple(ALGORITHMS)),
     Option("target", positive_float, 0.90, "stop at this test accuracy"),
     Option("max_seconds", positive_float, 600.0, "give up after this many seconds"),
 ]

@@ -8,9 +8,10 @@ import logging
 
 from fedq.common.obs.logs import kv, setup_logging
 from fedq.common.obs.metrics import serve_metrics
+from fedq.coordinator.algorithms.registry import ALGORITHMS, ROBUST_ESTIMATORS, SERVER_OPTIMIZERS, STALENESS_FUNCTIONS
 from fedq.common.settings import (CONNECTION_OPTIONS, SERVICE_OPTIONS, Option, SettingsError, add_options,
-                             non_negative_float, non_negative_int, parse_bool, positive_float, positive_int,
-                             resolve)
+                                  non_negative_float, non_negative_int, parse_bool, positive_float, positive_int,
+                                  resolve)
 
 HELP = "Run the coordinator of a job: dispatch round tasks, aggregate updates, commit versions to Redis."
 
@@ -29,19 +30,20 @@ def _optional(parse):
 OPTIONS = CONNECTION_OPTIONS + [
     Option("task", str, "digits", "task plugin: digits, digits28, synthetic, linear or module:object"),
     Option("task_params", _json_object, {}, "task plugin parameters as a JSON object"),
-    Option("algorithm", str, "fedasync", "aggregation", choices=("fedasync", "fedbuff", "fedavg")),
+    Option("algorithm", str, "fedasync", "aggregation", choices=tuple(ALGORITHMS)),
     Option("concurrency", positive_int, 4, "tasks kept in flight (sync FedAvg: clients per round)"),
     Option("buffer_size", positive_int, 3, "FedBuff: updates per server step (K)"),
-    Option("staleness", str, "polynomial:a=0.5", "staleness function, e.g. constant, polynomial:a=0.5, hinge:a=10,b=4"),
+    Option("staleness", str, "polynomial:a=0.5", f"staleness function NAME[:param=value,...][@average], NAME one of {', '.join(STALENESS_FUNCTIONS)}; "
+           "e.g. polynomial:a=0.5 or hinge:a=10,b=4"),
     Option("mixing_rate", positive_float, 0.6, "FedAsync: mixing rate alpha"),
     Option("max_staleness", non_negative_int, 20, "updates staler than this are rejected"),
     Option("example_weighted", parse_bool, False, "FedBuff: weight updates by their example counts"),
     Option("clip_norm", non_negative_float, 0.0, "FedBuff: clip each update to this L2 norm (0: off)"),
     Option("robust", str, "mean", "FedBuff: combine the buffer by its mean, coordinate-wise median or trimmed mean",
-           choices=("mean", "median", "trimmed_mean")),
+           choices=ROBUST_ESTIMATORS),
     Option("trim_fraction", non_negative_float, 0.1, "FedBuff trimmed_mean: fraction dropped at each end"),
     Option("server_optimizer", str, "sgd", "server optimizer",
-           choices=("sgd", "momentum", "adam", "yogi", "adagrad")),
+           choices=SERVER_OPTIMIZERS),
     Option("server_lr", positive_float, 1.0, "server learning rate"),
     Option("local_epochs", positive_int, 1, "local epochs per task"),
     Option("batch_size", positive_int, 32, "local minibatch size"),
@@ -68,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
     values = resolve(args, OPTIONS)
     setup_logging(values.pop("log_level"))
     serve_metrics(values.pop("metrics_port"))
-    from fedq.coordinator.service.loop import Coordinator, CoordinatorSettings
+    from fedq.coordinator.service.loop import Coordinator
+    from fedq.coordinator.service.settings import CoordinatorSettings
 
     try:
         settings = CoordinatorSettings(**values)

@@ -9,93 +9,44 @@ Order of effects for one server step (what makes a crash lose nothing):
 A crash before 2 redelivers the updates; a crash between 2 and 3 redelivers
 updates whose task ids are already applied, which are acked and skipped.
 
-Dispatch: asynchronous modes keep ``concurrency`` tasks training and hand out a
-replacement as soon as an update arrives (FedBuff's clients never wait for the
-buffer). Synchronous FedAvg dispatches ``concurrency`` tasks at one version and
-commits when every one of them has come back (or was rejected): the barrier.
+The loop only routes: ``validation.validate_update`` judges each update,
+``scheduling`` decides how many tasks to hand out and when the buffer is ready,
+``algorithms.step.server_step`` computes the new version. RabbitMQ is reached
+through a ``fedq.broker.transport.Channel``, so the loop runs on the in-memory
+transport in unit tests.
 """
 from __future__ import annotations
 
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
-import pika
+import torch
 
-from fedq.broker.session import run_with_reconnect
-from fedq.broker.publisher import publish
+from fedq.broker.pika_transport import PikaTransport
 from fedq.broker.topology import Topology
-from fedq.common.wire import codec
-from fedq.common.obs.faults import crash_point
+from fedq.broker.transport import Channel, Delivery, Transport, dead_letter_headers
 from fedq.common.obs import metrics
+from fedq.common.obs.faults import crash_point
 from fedq.common.obs.logs import kv
-from fedq.common.wire.messages import ClaimCheck, MessageError, RoundTask, TrainSettings, parse_update
 from fedq.common.store import TRANSIENT_REDIS_ERRORS, HeadMovedError, ModelStore, StoreError, connect_redis
 from fedq.common.tasks import FederatedTask, load_task, load_weights_into
+from fedq.common.wire import codec
+from fedq.common.wire.messages import RoundTask, TrainSettings
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
 from fedq.coordinator.algorithms.step import build_aggregator, build_optimizer, config_digest, server_step
-from fedq.coordinator.service.validation import check_staleness, check_tensors, load_delta
+from fedq.coordinator.service.scheduling import scheduling_policy
+from fedq.coordinator.service.settings import CoordinatorSettings
+from fedq.coordinator.service.validation import Expectations, Rejected, ValidatedUpdate, validate_update
 
 log = logging.getLogger("fedq.coordinator")
 
-ALGORITHMS = ("fedasync", "fedbuff", "fedavg")
 # How often an idle coordinator looks for a head moved by someone else (`fedq rollback`).
 HEAD_CHECK_SECONDS = 2.0
-# Headers on dead-lettered messages, for whoever inspects fedq.<job>.dead.
-REASON_HEADER = "x-fedq-reason"
-DETAIL_HEADER = "x-fedq-detail"
-
-
-@dataclass(frozen=True)
-class CoordinatorSettings:
-    job: str
-    amqp_url: str
-    redis_url: str
-    task: str = "digits"
-    task_params: dict[str, Any] = field(default_factory=dict)
-    algorithm: str = "fedasync"
-    concurrency: int = 4
-    buffer_size: int = 3
-    staleness: str = "polynomial:a=0.5"
-    mixing_rate: float = 0.6
-    max_staleness: int = 20
-    example_weighted: bool = False
-    server_optimizer: str = "sgd"
-    server_lr: float = 1.0
-    server_beta1: float = 0.9
-    server_beta2: float = 0.99
-    server_epsilon: float = 1e-3
-    local_epochs: int = 1
-    batch_size: int = 32
-    learning_rate: float = 0.05
-    target: float | None = None
-    max_versions: int | None = None
-    max_seconds: float | None = None
-    eval_every: int = 1
-    seed: int = 0
-    task_lease_seconds: float = 600.0
-    clip_norm: float = 0.0
-    robust: str = "mean"
-    trim_fraction: float = 0.1
-    keep_versions: int = 0
-    checkpoint_every: int = 0
-
-    def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose from {', '.join(ALGORITHMS)}")
-
-    @property
-    def synchronous(self) -> bool:
-        return self.algorithm == "fedavg"
-
-    def aggregation_config(self) -> dict[str, Any]:
-        """Everything the server step depends on; recorded with every version."""
-        names = ("algorithm", "concurrency", "buffer_size", "staleness", "mixing_rate", "max_staleness",
-                 "example_weighted", "clip_norm", "robust", "trim_fraction", "server_optimizer", "server_lr",
-                 "server_beta1", "server_beta2", "server_epsilon")
-        return {name: getattr(self, name) for name in names}
+# How long the consumer waits for an update before doing its housekeeping.
+IDLE_SECONDS = 0.5
 
 
 @dataclass
@@ -103,20 +54,28 @@ class Pending:
     """A validated update waiting in the buffer, with its unacked delivery."""
 
     delivery_tag: int
-    update: BufferedUpdate
-    digest: str
-    blob_key: str
-    inline_payload: bytes | None  # written to blob_key at commit; claim checks are already there
+    validated: ValidatedUpdate
+
+    @property
+    def update(self) -> BufferedUpdate:
+        return self.validated.update
 
 
 class Coordinator:
-    def __init__(self, settings: CoordinatorSettings, store: ModelStore | None = None):
+    def __init__(self, settings: CoordinatorSettings, store: ModelStore | None = None,
+                 transport: Transport | None = None):
+        # One thread: on two cores shared with workers and servers, a second torch
+        # thread costs far more than it gains (DESIGN.md measured 1.2-400x).
+        torch.set_num_threads(1)
         self.settings = settings
         self.topology = Topology(settings.job)
         self.store = store or ModelStore(connect_redis(settings.redis_url), settings.job)
+        self.transport = transport or PikaTransport(settings.amqp_url)
         self.config = settings.aggregation_config()
         self.aggregator = build_aggregator(self.config)
         self.optimizer = build_optimizer(self.config)
+        self.policy = scheduling_policy(settings.chosen_algorithm.synchronous, settings.concurrency,
+                                        self.aggregator.buffer_size)
         self.task: FederatedTask = load_task(settings.task, settings.task_params)
         self.model = self.task.build_model()
         self.buffer: list[Pending] = []
@@ -124,7 +83,7 @@ class Coordinator:
         self.finished_reason: str | None = None
         self.stop_requested = False
         self.last_metrics: dict[str, float] = {}
-        self._channel: Any = None
+        self._channel: Channel | None = None
         self._prepare_job()
         # --max-seconds counts from version 0, not from loading the task's data.
         self.started = time.monotonic()
@@ -163,7 +122,7 @@ class Coordinator:
         self.head = self.store.versions.head()
         self.weights = self.store.versions.load_weights(self.head)
         self.optimizer_state = self.store.versions.load_optimizer_state(self.head)
-        self.abandoned = self.store.versions.abandoned()
+        self.abandoned = frozenset(self.store.versions.abandoned())
         self.in_flight = self.store.ledger.in_flight()
         self._head_checked = time.monotonic()
         metrics.HEAD_VERSION.labels(self.settings.job).set(self.head)
@@ -175,7 +134,7 @@ class Coordinator:
 
     def run(self) -> dict[str, Any]:
         """Serve until a stop condition holds; reconnects to RabbitMQ/Redis after connection loss."""
-        run_with_reconnect(self.settings.amqp_url, self._serve, name=f"fedq-coordinator-{self.settings.job}",
+        self.transport.run(self._serve, name=f"fedq-coordinator-{self.settings.job}",
                            should_stop=lambda: self.finished_reason is not None or self.stop_requested,
                            on_connection_lost=self._on_connection_lost, also_transient=TRANSIENT_REDIS_ERRORS)
         if self.stop_requested and self.finished_reason is None:
@@ -194,17 +153,16 @@ class Coordinator:
         self.buffer.clear()
         self._channel = None
 
-    def _serve(self, connection: pika.BlockingConnection) -> None:
-        channel = self._channel = connection.channel()
-        self.topology.declare(channel)
-        channel.confirm_delivery()
-        # Room for a full buffer plus the updates arriving while it fills.
-        channel.basic_qos(prefetch_count=2 * max(self.aggregator.buffer_size, self.settings.concurrency) + 8)
+    def _serve(self, channel: Channel) -> None:
+        self._channel = channel
+        channel.declare(self.topology)
         self._load_head()
         self._top_up()
-        for method, properties, body in channel.consume(self.topology.updates, inactivity_timeout=0.5):
-            if method is not None:
-                self._on_update(method.delivery_tag, properties, body)
+        # Room for a full buffer plus the updates arriving while it fills.
+        prefetch = 2 * max(self.aggregator.buffer_size, self.settings.concurrency) + 8
+        for delivery in channel.consume(self.topology.updates, prefetch=prefetch, inactivity_timeout=IDLE_SECONDS):
+            if delivery is not None:
+                self._on_update(delivery)
             self._maintain()
             if self.finished_reason is not None or self.stop_requested:
                 break
@@ -230,35 +188,19 @@ class Coordinator:
 
     # -- updates ----------------------------------------------------------
 
-    def _on_update(self, delivery_tag: int, properties: Any, body: bytes) -> None:
+    def _on_update(self, delivery: Delivery) -> None:
+        expected = Expectations(job=self.settings.job, head=self.head, max_staleness=self.settings.max_staleness,
+                                tensor_specs=self.tensor_specs, abandoned=self.abandoned)
         try:
-            update = parse_update(body)
-            if update.job != self.settings.job:
-                raise MessageError("unknown_job", f"update is for job {update.job!r}, not {self.settings.job!r}")
-        except MessageError as error:
-            self._dead_letter(delivery_tag, properties, body, error, task_id=None)
+            validated = validate_update(delivery.body, expected, self.store, self._is_duplicate)
+        except Rejected as rejection:
+            if rejection.duplicate:
+                self._skip_duplicate(delivery, rejection)
+            else:
+                self._dead_letter(delivery, rejection)
             return
-        if self._is_duplicate(update.task_id):
-            self._channel.basic_ack(delivery_tag)
-            self.store.counters.add("skipped", "duplicate")
-            metrics.UPDATES_SKIPPED.labels(self.settings.job, "duplicate").inc()
-            self._forget([update.task_id])
-            log.info(kv("update_skipped", reason="duplicate", task=update.task_id, worker=update.worker_id))
-            return
-        try:
-            staleness = check_staleness(update, self.head, self.settings.max_staleness, self.abandoned)
-            digest, payload, delta = load_delta(update, self.store)
-            check_tensors(delta, self.tensor_specs)
-        except MessageError as error:
-            self._dead_letter(delivery_tag, properties, body, error, task_id=update.task_id)
-            return
-        self.buffer.append(Pending(
-            delivery_tag, BufferedUpdate(task_id=update.task_id, worker_id=update.worker_id,
-                                         base_version=update.base_version, staleness=staleness,
-                                         num_examples=update.num_examples, delta=delta),
-            digest=digest, blob_key=self.store.blobs.key(update.task_id),
-            inline_payload=None if isinstance(update.delta, ClaimCheck) else payload))
-        self._forget([update.task_id])
+        self.buffer.append(Pending(delivery.tag, validated))
+        self._forget([validated.update.task_id])
         metrics.BUFFER_FILL.labels(self.settings.job).set(len(self.buffer))
         crash_point("buffered")
         if self._buffer_ready():
@@ -270,24 +212,25 @@ class Coordinator:
                 or self.store.ledger.applied_version(task_id) is not None)
 
     def _buffer_ready(self) -> bool:
-        if self.settings.synchronous:
-            # The barrier: every task of the round has come back or was rejected.
-            return bool(self.buffer) and not self.in_flight
-        return len(self.buffer) >= self.aggregator.buffer_size
+        return self.policy.buffer_ready(in_flight=len(self.in_flight), buffered=len(self.buffer))
 
-    def _dead_letter(self, delivery_tag: int, properties: Any, body: bytes, error: MessageError,
-                     task_id: str | None) -> None:
-        headers = dict(getattr(properties, "headers", None) or {})
-        headers.update({REASON_HEADER: error.reason, DETAIL_HEADER: error.detail[:500]})
-        publish(self._channel, self.topology.dead, body, headers=headers,
-                message_id=getattr(properties, "message_id", None) or uuid.uuid4().hex)
-        self._channel.basic_ack(delivery_tag)
-        self.store.counters.add("rejected", error.reason)
-        metrics.UPDATES_REJECTED.labels(self.settings.job, error.reason).inc()
-        log.warning(kv("update_rejected", reason=error.reason, detail=error.detail, task=task_id))
-        if task_id is not None:
+    def _skip_duplicate(self, delivery: Delivery, duplicate: Rejected) -> None:
+        self._channel.ack(delivery.tag)
+        self.store.counters.add("skipped", "duplicate")
+        metrics.UPDATES_SKIPPED.labels(self.settings.job, "duplicate").inc()
+        self._forget([duplicate.task_id])
+        log.info(kv("update_skipped", reason="duplicate", task=duplicate.task_id, worker=duplicate.worker_id))
+
+    def _dead_letter(self, delivery: Delivery, rejection: Rejected) -> None:
+        self._channel.publish(self.topology.dead, delivery.body, message_id=delivery.message_id or uuid.uuid4().hex,
+                              headers=dead_letter_headers(delivery.headers, rejection.reason, rejection.detail))
+        self._channel.ack(delivery.tag)
+        self.store.counters.add("rejected", rejection.reason)
+        metrics.UPDATES_REJECTED.labels(self.settings.job, rejection.reason).inc()
+        log.warning(kv("update_rejected", reason=rejection.reason, detail=rejection.detail, task=rejection.task_id))
+        if rejection.task_id is not None:
             # The task is over: its replacement is dispatched by the next top-up.
-            self._forget([task_id])
+            self._forget([rejection.task_id])
             if self._buffer_ready():
                 self._commit()
 
@@ -306,7 +249,7 @@ class Coordinator:
         stalenesses = [update.staleness for update in updates]
         applied = [{"task_id": update.task_id, "worker_id": update.worker_id, "base_version": update.base_version,
                     "staleness": update.staleness, "weight": weight, "num_examples": update.num_examples,
-                    "digest": item.digest, "blob_key": item.blob_key}
+                    "digest": item.validated.digest, "blob_key": item.validated.blob_key}
                    for item, update, weight in zip(pending, updates, weights)]
         meta = {"metrics": scores, "config": self.config, "config_digest": config_digest(self.config),
                 "mean_staleness": sum(stalenesses) / len(stalenesses), "max_staleness": max(stalenesses),
@@ -315,19 +258,20 @@ class Coordinator:
         try:
             self.head = self.store.versions.commit(
                 self.head, new_weights, meta, applied, optimizer_state=new_state,
-                update_blobs={item.blob_key: item.inline_payload for item in pending if item.inline_payload})
+                update_blobs={item.validated.blob_key: item.validated.inline_payload
+                              for item in pending if item.validated.inline_payload})
         except HeadMovedError as error:
             # Someone else moved the head (a rollback): start over from it. The
             # updates go back to the queue and are judged again against the new head.
             log.warning(kv("head_moved", error=str(error)))
             for item in pending:
-                self._channel.basic_nack(item.delivery_tag, requeue=True)
+                self._channel.nack(item.delivery_tag, requeue=True)
             self._load_head()
             return
         self.weights, self.optimizer_state = self.store.versions.load_weights(self.head), new_state
         crash_point("committed")
         for item in pending:
-            self._channel.basic_ack(item.delivery_tag)
+            self._channel.ack(item.delivery_tag)
         self._observe_commit(updates, scores, aggregation_seconds, time.perf_counter() - commit_started)
         log.info(kv("version_committed", version=self.head, updates=len(updates),
                     mean_staleness=meta["mean_staleness"], max_staleness=meta["max_staleness"],
@@ -365,7 +309,7 @@ class Coordinator:
         self.finished_reason = reason
         # Outstanding tasks would only train a finished model: withdraw them.
         if self._channel is not None:
-            self._channel.queue_purge(self.topology.tasks)
+            self._channel.purge(self.topology.tasks)
         self._forget(list(self.in_flight))
         self.store.status.set(status="finished", reason=reason, head=self.head)
         log.info(kv("finished", reason=reason, head=self.head, **self.last_metrics))
@@ -375,13 +319,7 @@ class Coordinator:
     def _top_up(self) -> None:
         if self.finished_reason is not None or self._channel is None:
             return
-        if self.settings.synchronous:
-            if self.in_flight or self.buffer:
-                return
-            wanted = self.settings.concurrency
-        else:
-            wanted = self.settings.concurrency - len(self.in_flight)
-        for _ in range(max(wanted, 0)):
+        for _ in range(self.policy.tasks_to_dispatch(in_flight=len(self.in_flight), buffered=len(self.buffer))):
             self._dispatch()
 
     def _dispatch(self) -> None:
@@ -391,7 +329,7 @@ class Coordinator:
                          train=TrainSettings(epochs=self.settings.local_epochs, batch_size=self.settings.batch_size,
                                              learning_rate=self.settings.learning_rate,
                                              seed=int(task_id[:8], 16)))
-        publish(self._channel, self.topology.tasks, task.to_bytes(), message_id=task_id)
+        self._channel.publish(self.topology.tasks, task.to_bytes(), message_id=task_id)
         crash_point("dispatched")
         # Recorded only once the broker has the task: a crash in between leaves an
         # untracked task whose update is still accepted, never a phantom that blocks dispatch.

@@ -1,15 +1,86 @@
-"""Checks an update must pass before it may touch the global model.
+"""Every check an update must pass before it may touch the global model, behind one entry point.
 
-Each failure raises :class:`MessageError` with a stable reason label, used as
-the dead-letter reason header and the rejection counter.
+:func:`validate_update` turns a message body into a :class:`ValidatedUpdate`
+or raises :class:`Rejected` with a stable reason label (the dead-letter reason
+header and the rejection counter). The checks, in order: schema, job,
+duplicate (skipped quietly, not dead-lettered), staleness, the delta (inline or
+claim check, verified against its sha256), tensor names/shapes/dtypes, finite
+values.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
-from fedq.common.wire import codec
-from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate
 from fedq.common.store import ModelStore
+from fedq.common.wire import codec
+from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate, parse_update
+from fedq.coordinator.algorithms.aggregation import BufferedUpdate
+
+
+class Rejected(MessageError):
+    """An update that will not be applied; ``task_id`` is known once the message parsed.
+
+    ``duplicate`` means its task was already applied or is buffered: ack it and
+    move on, it is not hostile (a redelivery after a crash).
+    """
+
+    def __init__(self, error: MessageError, task_id: str | None, *, worker_id: str | None = None,
+                 duplicate: bool = False):
+        super().__init__(error.reason, error.detail)
+        self.task_id = task_id
+        self.worker_id = worker_id
+        self.duplicate = duplicate
+
+
+@dataclass(frozen=True)
+class Expectations:
+    """What an update is checked against: the coordinator's state when it arrives."""
+
+    job: str
+    head: int
+    max_staleness: int
+    tensor_specs: dict[str, tuple[tuple[int, ...], str]]
+    abandoned: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class ValidatedUpdate:
+    update: BufferedUpdate
+    worker_id: str
+    digest: str
+    blob_key: str
+    inline_payload: bytes | None  # written to blob_key at commit; claim checks are already there
+
+
+def validate_update(body: bytes, expected: Expectations, store: ModelStore,
+                    already_taken: Callable[[str], bool]) -> ValidatedUpdate:
+    """The update in ``body``, validated; raises :class:`Rejected` with the reason it is not usable.
+
+    ``already_taken(task_id)`` says whether the task's update is buffered or applied.
+    """
+    try:
+        update = parse_update(body)
+    except MessageError as error:
+        raise Rejected(error, None) from None
+    if update.job != expected.job:
+        raise Rejected(MessageError("unknown_job", f"update is for job {update.job!r}, not {expected.job!r}"), None)
+    if already_taken(update.task_id):
+        raise Rejected(MessageError("duplicate", f"task {update.task_id} was already applied"), update.task_id,
+                       worker_id=update.worker_id, duplicate=True)
+    try:
+        staleness = check_staleness(update, expected.head, expected.max_staleness, expected.abandoned)
+        digest, payload, delta = load_delta(update, store)
+        check_tensors(delta, expected.tensor_specs)
+    except MessageError as error:
+        raise Rejected(error, update.task_id, worker_id=update.worker_id) from None
+    return ValidatedUpdate(
+        BufferedUpdate(task_id=update.task_id, worker_id=update.worker_id, base_version=update.base_version,
+                       staleness=staleness, num_examples=update.num_examples, delta=delta),
+        worker_id=update.worker_id, digest=digest, blob_key=store.blobs.key(update.task_id),
+        inline_payload=None if isinstance(update.delta, ClaimCheck) else payload)
 
 
 def load_delta(update: ModelUpdate, store: ModelStore) -> tuple[str, bytes, codec.Weights]:
@@ -51,7 +122,7 @@ def check_tensors(delta: codec.Weights, expected: dict[str, tuple[tuple[int, ...
             raise MessageError("not_finite", f"tensor {name!r} contains NaN or infinity")
 
 
-def check_staleness(update: ModelUpdate, head: int, max_staleness: int, abandoned: set[int] = frozenset()) -> int:
+def check_staleness(update: ModelUpdate, head: int, max_staleness: int, abandoned: frozenset[int] = frozenset()) -> int:
     """The update's staleness (head - base_version), if it is acceptable."""
     if update.base_version in abandoned:
         raise MessageError("rolled_back", f"base version {update.base_version} was abandoned by a rollback")

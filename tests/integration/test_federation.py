@@ -42,9 +42,15 @@ def test_three_workers_reach_target_accuracy(processes, job, store, algorithm):
     assert store.versions.load_meta(head)["metrics"]["accuracy"] >= 0.9
     task_ids = applied_task_ids(store)
     assert len(task_ids) == len(set(task_ids)), "an update was applied twice"
+    # Each worker took one of the first three tasks (all consumed before the first dispatch).
+    # Whether its update landed before the target was reached is timing, except under the
+    # barrier, whose first round waits for all three.
+    for index in range(3):
+        processes.wait_for_log(f"worker-{index}", "event=task_started", timeout=120)
     workers = {update["worker_id"] for entry in store.versions.history() for update in entry["updates"]}
-    assert workers == {"w0", "w1", "w2"}, "every worker process contributed"
+    assert workers <= {"w0", "w1", "w2"}
     if algorithm == "fedavg":
+        assert workers == {"w0", "w1", "w2"}, "every worker process contributed"
         # The dispatch barrier: every round is exactly the 3 fresh updates of one version.
         for entry in store.versions.history(1):
             assert [update["staleness"] for update in entry["updates"]] == [0, 0, 0]

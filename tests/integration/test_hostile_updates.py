@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 from fedq.broker.connection import connect
 from fedq.broker.publisher import publish

@@ -14,7 +14,7 @@ from fedq.common.wire import codec
 from fedq.common.tasks import load_task
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
 from fedq.coordinator.ops.replay import replay
-from fedq.coordinator.service.loop import CoordinatorSettings
+from fedq.coordinator.service.settings import CoordinatorSettings
 from fedq.coordinator.algorithms.step import build_aggregator, build_optimizer, config_digest, server_step
 from tests.support import REDIS_URL, ROOT
 

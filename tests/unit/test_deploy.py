@@ -564,7 +564,7 @@ def test_rabbitmq_limits_fit_fedq():
     assert consumer_timeout_seconds > lease
     assert consumer_timeout_seconds > max(fedq_metrics.TASK_SECONDS_BUCKETS)
     # Large deltas travel as Redis claim checks; inline ones (base64 in JSON) must fit.
-    inline_limit = module_constant(ROOT / "worker" / "service.py", "INLINE_LIMIT_BYTES")
+    inline_limit = module_constant(ROOT / "common" / "wire" / "limits.py", "INLINE_LIMIT_BYTES")
     max_message_size = int(config["max_message_size"])
     assert 4 * inline_limit <= max_message_size <= 16 * 1024 * 1024, \
         "keep max_message_size modest (RabbitMQ 4's 16 MiB) but above inline updates"

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedq.common.wire.messages import (TASK_SCHEMA, UPDATE_SCHEMA, ClaimCheck, InlineDelta, MessageError, ModelUpdate,
-                             RoundTask, TrainSettings, parse_task, parse_update)
+                                       RoundTask, TrainSettings, parse_task, parse_update)
 
 FAST = settings(max_examples=100, deadline=None, database=None)
 

@@ -6,8 +6,8 @@ import argparse
 import pytest
 
 from fedq.common.settings import (CONNECTION_OPTIONS, DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, Option, SettingsError,
-                             add_options, non_negative_float, non_negative_int, parse_bool, positive_float,
-                             positive_int, resolve)
+                                  add_options, non_negative_float, non_negative_int, parse_bool, positive_float,
+                                  positive_int, resolve)
 
 OPTIONS = CONNECTION_OPTIONS + [
     Option("buffer_size", positive_int, 3, "updates per step"),

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedq.coordinator.algorithms.staleness import (Constant, Cutoff, Exponential, Hinge, NormalisedAt, Polynomial,
-                                   StalenessFunction, parse_staleness)
+                                                   StalenessFunction, parse_staleness)
 
 FAST = settings(max_examples=150, deadline=None, database=None)
 

@@ -1,0 +1,78 @@
+"""The seam between the service loops and RabbitMQ: a small transport protocol.
+
+The coordinator's and the worker's loops talk to a :class:`Channel` only:
+consume deliveries with manual ack, ack / nack / reject them, publish with a
+broker confirm, purge a queue, and service the connection while long work runs.
+:mod:`fedq.broker.pika_transport` implements it on RabbitMQ,
+:mod:`fedq.broker.memory` in memory for the loops' unit tests.
+
+A :class:`Transport` runs a session function on a fresh channel and starts it
+again after a lost connection; delivery tags of a lost channel mean nothing
+afterwards (unacked messages come back from the broker).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
+
+from fedq.broker.topology import Topology
+
+# Headers on dead-lettered messages, for whoever inspects fedq.<job>.dead.
+REASON_HEADER = "x-fedq-reason"
+DETAIL_HEADER = "x-fedq-detail"
+# Quorum queues put on a redelivered message how often it was delivered before.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message handed to a consumer, unacked until the consumer says otherwise."""
+
+    tag: int
+    body: bytes
+    message_id: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+
+
+class Channel(Protocol):
+    def declare(self, topology: Topology) -> None:
+        """Idempotently declare a job's exchanges and queues."""
+
+    def consume(self, queue: str, *, prefetch: int, inactivity_timeout: float) -> Iterator[Delivery | None]:
+        """Deliveries from ``queue``, at most ``prefetch`` unacked; None after each quiet ``inactivity_timeout``."""
+
+    def cancel(self) -> None:
+        """Stop consuming; prefetched deliveries not yet handled return to the queue."""
+
+    def publish(self, exchange: str, body: bytes, *, message_id: str, headers: dict[str, Any] | None = None) -> None:
+        """Publish a persistent message; returns once the broker confirmed it, raises if it refused."""
+
+    def ack(self, tag: int) -> None: ...
+
+    def nack(self, tag: int, *, requeue: bool = True) -> None:
+        """Give a delivery back (``requeue``) or drop it to the dead letters."""
+
+    def reject(self, tag: int) -> None:
+        """Refuse a delivery for good: the queue dead-letters it."""
+
+    def purge(self, queue: str) -> None: ...
+
+    def poll(self) -> None:
+        """Service the connection (heartbeats) without blocking; call it while long work runs."""
+
+
+class Transport(Protocol):
+    def run(self, session: Callable[[Channel], None], *, name: str, should_stop: Callable[[], bool] = ...,
+            on_connection_lost: Callable[[], None] = ...,
+            also_transient: tuple[type[BaseException], ...] = ()) -> None:
+        """Call ``session(channel)`` until it returns or ``should_stop()``; reconnect after a lost connection.
+
+        ``name`` labels the connection (operators find a job's connections by it);
+        ``also_transient`` adds errors (e.g. Redis connection errors) that mean
+        "wait and start the session again".
+        """
+
+
+def dead_letter_headers(headers: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
+    """A rejected message's headers plus why it was rejected (the detail cut to 500 characters)."""
+    return {**headers, REASON_HEADER: reason, DETAIL_HEADER: detail[:500]}

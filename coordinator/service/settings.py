@@ -1,0 +1,56 @@
+"""The coordinator's settings: everything a run depends on, checked when built."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedq.coordinator.algorithms.registry import Algorithm, algorithm
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    job: str
+    amqp_url: str
+    redis_url: str
+    task: str = "digits"
+    task_params: dict[str, Any] = field(default_factory=dict)
+    algorithm: str = "fedasync"
+    concurrency: int = 4
+    buffer_size: int = 3
+    staleness: str = "polynomial:a=0.5"
+    mixing_rate: float = 0.6
+    max_staleness: int = 20
+    example_weighted: bool = False
+    server_optimizer: str = "sgd"
+    server_lr: float = 1.0
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_epsilon: float = 1e-3
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    target: float | None = None
+    max_versions: int | None = None
+    max_seconds: float | None = None
+    eval_every: int = 1
+    seed: int = 0
+    task_lease_seconds: float = 600.0
+    clip_norm: float = 0.0
+    robust: str = "mean"
+    trim_fraction: float = 0.1
+    keep_versions: int = 0
+    checkpoint_every: int = 0
+
+    def __post_init__(self):
+        algorithm(self.algorithm)  # an unknown name raises here, with the choices
+
+    @property
+    def chosen_algorithm(self) -> Algorithm:
+        return algorithm(self.algorithm)
+
+    def aggregation_config(self) -> dict[str, Any]:
+        """Everything the server step depends on; recorded with every version."""
+        names = ("algorithm", "concurrency", "buffer_size", "staleness", "mixing_rate", "max_staleness",
+                 "example_weighted", "clip_norm", "robust", "trim_fraction", "server_optimizer", "server_lr",
+                 "server_beta1", "server_beta2", "server_epsilon")
+        return {name: getattr(self, name) for name in names}
