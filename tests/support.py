@@ -75,3 +75,84 @@ def wait_until(condition: Callable[[], object], timeout: float, message: str, in
 
 def connection_flags(job: str) -> list[str]:
     return ["--job", job, "--amqp-url", AMQP_URL, "--redis-url", REDIS_URL]
+
+
+def take_dead_letters(job: str) -> list[tuple[dict, bytes]]:
+    """Take every message from the job's dead-letter queue on the real RabbitMQ: (headers, body)."""
+    from fedq.broker.connection import connect
+    from fedq.broker.topology import Topology
+
+    connection = connect(AMQP_URL)
+    try:
+        channel = connection.channel()
+        letters = []
+        while True:
+            method, properties, body = channel.basic_get(Topology(job).dead, auto_ack=True)
+            if method is None:
+                return letters
+            letters.append((dict(properties.headers or {}), body))
+    finally:
+        connection.close()
+
+
+# -- the loops in memory: no RabbitMQ, no Redis (unit tests) --------------------------------
+
+class InBackground:
+    """Run a service loop (``run()`` of a Coordinator or Worker) in a thread; re-raise what it raised."""
+
+    def __init__(self, service):
+        import threading
+
+        self.service = service
+        self.result = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name=type(service).__name__)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self.service.run()
+        except BaseException as error:  # handed to the test thread by join()
+            self.error = error
+
+    def join(self, timeout: float = 60):
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise AssertionError(f"{type(self.service).__name__} still running after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def stop(self, timeout: float = 60):
+        self.service.request_stop()
+        return self.join(timeout)
+
+
+def memory_store(job: str):
+    """A ModelStore on fakeredis (with Lua, for the commit script): Redis semantics, no server."""
+    import fakeredis
+
+    from fedq.common.store import ModelStore
+
+    return ModelStore(fakeredis.FakeRedis(), job)
+
+
+def update_body(task, delta: dict, *, worker_id: str = "w", num_examples: int = 10, job: str | None = None) -> bytes:
+    """The update message a worker would send for ``task`` (a RoundTask), delta inline."""
+    from fedq.common.wire import codec
+    from fedq.common.wire.messages import InlineDelta, ModelUpdate
+
+    return ModelUpdate(job=job or task.job, task_id=task.task_id, worker_id=worker_id, base_version=task.model_version,
+                       num_examples=num_examples, delta=InlineDelta(codec.encode(delta))).to_bytes()
+
+
+def exploding_task(**params):
+    """A task plugin (``tests.support:exploding_task``) whose local training always raises,
+    as a bug in someone's plugin would."""
+    from fedq.common.tasks.linear import LinearRegressionTask
+
+    class ExplodingTask(LinearRegressionTask):
+        def train(self, model, data, settings):
+            raise RuntimeError("the plugin's training step blew up")
+
+    return ExplodingTask(**params)

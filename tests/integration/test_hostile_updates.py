@@ -11,8 +11,7 @@ from fedq.broker.topology import Topology
 from fedq.common.wire import codec
 from fedq.common.wire.messages import InlineDelta, ModelUpdate
 from fedq.common.tasks import load_task
-from tests.support import AMQP_URL, connection_flags, wait_until
-
+from tests.support import AMQP_URL, connection_flags, take_dead_letters, wait_until
 
 
 def update_bytes(job: str, task_id: str, delta: codec.Weights, base_version: int = 0) -> bytes:
@@ -21,17 +20,7 @@ def update_bytes(job: str, task_id: str, delta: codec.Weights, base_version: int
 
 
 def drain_dead_letters(job: str) -> list[tuple[str, bytes]]:
-    connection = connect(AMQP_URL)
-    try:
-        channel = connection.channel()
-        letters = []
-        while True:
-            method, properties, body = channel.basic_get(Topology(job).dead, auto_ack=True)
-            if method is None:
-                return letters
-            letters.append(((properties.headers or {}).get("x-fedq-reason"), body))
-    finally:
-        connection.close()
+    return [(headers.get("x-fedq-reason"), body) for headers, body in take_dead_letters(job)]
 
 
 def test_hostile_updates_are_dead_lettered_and_training_continues(processes, job, store):

@@ -1,0 +1,180 @@
+"""The coordinator's loop on the in-memory transport and fakeredis: routing, the barrier, rollbacks, stops."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedq.broker.memory import MemoryBroker, MemoryTransport, Message
+from fedq.broker.topology import Topology
+from fedq.broker.transport import DETAIL_HEADER, REASON_HEADER
+from fedq.common.wire.messages import parse_task
+from fedq.coordinator.ops.replay import rollback
+from fedq.coordinator.service.loop import Coordinator
+from fedq.coordinator.service.settings import CoordinatorSettings
+from tests.support import InBackground, memory_store, update_body, wait_until
+
+JOB = "unit"
+TOPOLOGY = Topology(JOB)
+DEADLINE = 60  # seconds: generous, the conditions are checked as often as they change
+
+
+@pytest.fixture
+def broker():
+    return MemoryBroker()
+
+
+@pytest.fixture
+def store():
+    return memory_store(JOB)
+
+
+def start(broker, store, **settings) -> tuple[Coordinator, InBackground]:
+    values = dict(job=JOB, amqp_url="memory://", redis_url="memory://", task="linear", eval_every=0)
+    coordinator = Coordinator(CoordinatorSettings(**(values | settings)), store, MemoryTransport(broker))
+    return coordinator, InBackground(coordinator)
+
+
+def take_task(broker):
+    message = broker.get(TOPOLOGY.tasks, timeout=DEADLINE)
+    assert message is not None, "no task was dispatched"
+    return parse_task(message.body)
+
+
+def answer(broker, task, delta, **fields) -> None:
+    broker.publish(TOPOLOGY.updates, Message(update_body(task, delta, **fields), task.task_id))
+
+
+def delta_like(store, value: float) -> dict:
+    return {name: np.full(array.shape, value, array.dtype) for name, array in store.versions.load_weights(0).items()}
+
+
+def wait_for_head(store, version: int) -> None:
+    wait_until(lambda: store.versions.head() == version, DEADLINE, f"head never reached {version}")
+
+
+def test_a_duplicate_update_is_acked_and_skipped_not_applied_twice(broker, store):
+    _, running = start(broker, store, algorithm="fedasync", concurrency=1)
+    task = take_task(broker)
+    answer(broker, task, delta_like(store, 0.1))
+    answer(broker, task, delta_like(store, 0.1))  # a redelivery, e.g. after a worker crash
+    wait_until(lambda: store.counters.get("skipped") == {"duplicate": 1}, DEADLINE, "the duplicate was not skipped")
+    running.stop()
+    applied = [update["task_id"] for entry in store.versions.history() for update in entry["updates"]]
+    assert applied == [task.task_id]
+    assert broker.ready(TOPOLOGY.updates) == [] and broker.unacked(TOPOLOGY.updates) == 0
+    assert broker.ready(TOPOLOGY.dead) == []
+
+
+def test_hostile_updates_are_dead_lettered_with_their_reason_and_training_goes_on(broker, store):
+    _, running = start(broker, store, algorithm="fedasync", concurrency=1)
+    task = take_task(broker)
+    good = delta_like(store, 0.1)
+    broker.publish(TOPOLOGY.updates, Message(b"\x80 not json", "garbage"))
+    answer(broker, task, {name: array[..., :1] for name, array in good.items()})              # wrong shape
+    answer(broker, task, {name: np.full_like(array, np.nan) for name, array in good.items()})  # NaN
+    answer(broker, task, good, job="another-job")
+    wait_until(lambda: len(broker.ready(TOPOLOGY.dead)) == 4, DEADLINE, "not every hostile update was dead-lettered")
+    dead = broker.ready(TOPOLOGY.dead)
+    assert [message.headers[REASON_HEADER] for message in dead] == ["not_json", "wrong_shape", "not_finite",
+                                                                    "unknown_job"]
+    assert all(message.headers[DETAIL_HEADER] for message in dead)
+    # A rejected update ends its task: a replacement goes out, and a good answer is applied.
+    replacement = take_task(broker)
+    answer(broker, replacement, good)
+    wait_for_head(store, 1)
+    running.stop()
+    assert store.counters.get("rejected") == {"not_json": 1, "wrong_shape": 1, "not_finite": 1, "unknown_job": 1}
+    assert store.versions.head() == 1
+
+
+def test_the_synchronous_barrier_waits_for_every_task_of_the_round(broker, store):
+    _, running = start(broker, store, algorithm="fedavg", concurrency=3)
+    tasks = [take_task(broker) for _ in range(3)]
+    assert {task.model_version for task in tasks} == {0}
+    for task in tasks[:2]:
+        answer(broker, task, delta_like(store, 0.3))
+    wait_until(lambda: broker.ready(TOPOLOGY.updates) == [], DEADLINE, "the first two updates were not consumed")
+    # Two of three back: no server step and no new task until the round is complete.
+    assert store.versions.head() == 0 and broker.ready(TOPOLOGY.tasks) == []
+    answer(broker, tasks[2], delta_like(store, 0.3))
+    wait_for_head(store, 1)
+    next_round = [take_task(broker) for _ in range(3)]
+    running.stop()
+    entry = store.versions.history(1, 1)[0]
+    assert sorted(update["task_id"] for update in entry["updates"]) == sorted(task.task_id for task in tasks)
+    assert [update["staleness"] for update in entry["updates"]] == [0, 0, 0]
+    assert {task.model_version for task in next_round} == {1}
+
+
+def test_a_rollback_while_updates_are_buffered_is_never_overwritten(broker, store):
+    _, running = start(broker, store, algorithm="fedbuff", buffer_size=2, concurrency=2, staleness="constant")
+    for task in (take_task(broker), take_task(broker)):
+        answer(broker, task, delta_like(store, 1.0))
+    wait_for_head(store, 1)
+    from_v0, from_v1 = take_task(broker), take_task(broker)  # the replacements, dispatched before and after v1
+    assert (from_v0.model_version, from_v1.model_version) == (0, 1)
+    answer(broker, from_v0, delta_like(store, 1.0))
+    wait_until(lambda: broker.unacked(TOPOLOGY.updates) == 1, DEADLINE, "the update was not buffered")
+    rolled_back = rollback(store, 0)  # an operator, meanwhile: version 2 = version 0, version 1 abandoned
+    answer(broker, from_v1, delta_like(store, 1.0))
+    # The commit meets the moved head: nothing is written, the buffer returns to the queue and is
+    # judged again; the update computed from the abandoned version 1 is refused.
+    wait_until(lambda: [message.headers[REASON_HEADER] for message in broker.ready(TOPOLOGY.dead)] == ["rolled_back"],
+               DEADLINE, "the update based on the abandoned version was not refused")
+    assert store.versions.head() == rolled_back == 2
+    newer = [take_task(broker) for _ in range(2)]
+    fresh = next(task for task in newer if task.model_version == rolled_back)
+    answer(broker, fresh, delta_like(store, 1.0))
+    wait_for_head(store, rolled_back + 1)
+    running.stop()
+    assert store.versions.load_meta(rolled_back)["rollback_of"] == 0
+    entry = store.versions.history(rolled_back + 1, rolled_back + 1)[0]
+    assert entry["parent"] == rolled_back
+    assert [update["task_id"] for update in entry["updates"]] == [from_v0.task_id, fresh.task_id]
+    assert [update["staleness"] for update in entry["updates"]] == [2, 0]
+
+
+def test_stop_returns_buffered_updates_to_the_queue_and_a_restart_applies_them(broker, store):
+    coordinator, running = start(broker, store, algorithm="fedbuff", buffer_size=3, concurrency=3)
+    tasks = [take_task(broker) for _ in range(3)]
+    for task in tasks[:2]:
+        answer(broker, task, delta_like(store, 0.1))
+    wait_until(lambda: broker.unacked(TOPOLOGY.updates) == 2, DEADLINE, "the updates were not buffered")
+    summary = running.stop()  # what SIGTERM does
+    assert summary["reason"] is None and store.status.load()["status"] == "stopped"
+    assert len(broker.ready(TOPOLOGY.updates)) == 2 and store.versions.head() == 0
+    _, restarted = start(broker, store, algorithm="fedbuff", buffer_size=3, concurrency=3)
+    answer(broker, tasks[2], delta_like(store, 0.1))
+    wait_for_head(store, 1)
+    restarted.stop()
+    entry = store.versions.history(1, 1)[0]
+    assert sorted(update["task_id"] for update in entry["updates"]) == sorted(task.task_id for task in tasks)
+
+
+def test_a_dropped_connection_redelivers_the_buffer_and_nothing_is_applied_twice(broker, store):
+    coordinator, running = start(broker, store, algorithm="fedbuff", buffer_size=2, concurrency=2)
+    first, second = take_task(broker), take_task(broker)
+    answer(broker, first, delta_like(store, 0.2))
+    wait_until(lambda: broker.unacked(TOPOLOGY.updates) == 1, DEADLINE, "the first update was not buffered")
+    sessions = coordinator.transport.sessions
+    broker.drop_connections()
+    wait_until(lambda: coordinator.transport.sessions > sessions, DEADLINE, "the coordinator did not reconnect")
+    answer(broker, second, delta_like(store, 0.2))
+    wait_for_head(store, 1)
+    running.stop()
+    applied = [update["task_id"] for entry in store.versions.history() for update in entry["updates"]]
+    assert sorted(applied) == sorted([first.task_id, second.task_id])
+
+
+def test_the_target_stops_the_run_and_withdraws_outstanding_tasks(broker, store):
+    _, running = start(broker, store, algorithm="fedasync", concurrency=2, max_versions=1)
+    task = take_task(broker)
+    answer(broker, task, delta_like(store, 0.0))
+    summary = running.join(DEADLINE)
+    assert summary["reason"] == "max_versions" and store.status.load()["status"] == "finished"
+    assert broker.ready(TOPOLOGY.tasks) == [] and store.ledger.in_flight() == {}
+
+
+def test_an_unknown_algorithm_is_an_error_not_fedavg():
+    with pytest.raises(ValueError, match="unknown algorithm 'fedsgd'; choose from fedasync, fedbuff, fedavg"):
+        CoordinatorSettings(job=JOB, amqp_url="", redis_url="", algorithm="fedsgd")

@@ -1,0 +1,105 @@
+"""The worker's loop on the in-memory transport and fakeredis: ack after publish, drain, training errors."""
+from __future__ import annotations
+
+import signal
+import uuid
+
+import pytest
+
+from fedq.broker.memory import DEATH_REASON_HEADER, MemoryBroker, MemoryTransport, Message
+from fedq.broker.topology import Topology
+from fedq.broker.transport import DETAIL_HEADER, REASON_HEADER
+from fedq.common.tasks import load_task
+from fedq.common.wire.limits import TRAINING_ATTEMPTS
+from fedq.common.wire.messages import RoundTask, TrainSettings, parse_update
+from fedq.worker.service import Worker, WorkerSettings
+from tests.support import InBackground, memory_store, wait_until
+
+JOB = "unit"
+TOPOLOGY = Topology(JOB)
+DEADLINE = 60
+
+
+@pytest.fixture
+def broker():
+    return MemoryBroker()
+
+
+def job_store(task: str = "linear"):
+    """A store holding what a coordinator leaves for workers: the spec and version 0."""
+    store = memory_store(JOB)
+    store.status.save_spec({"task": task, "task_params": {}, "seed": 0})
+    store.versions.commit(None, load_task(task).initial_weights(0), {"metrics": {}}, [])
+    return store
+
+
+def start(broker, store, **settings) -> tuple[Worker, InBackground]:
+    worker = Worker(WorkerSettings(job=JOB, amqp_url="memory://", redis_url="memory://", worker_id="w0",
+                                   **settings), store, MemoryTransport(broker))
+    return worker, InBackground(worker)
+
+
+def send_task(broker, version: int = 0) -> RoundTask:
+    task = RoundTask(job=JOB, task_id=uuid.uuid4().hex, model_version=version, issued_at=0.0,
+                     train=TrainSettings(epochs=1, batch_size=32, learning_rate=0.05, seed=1))
+    broker.declare(TOPOLOGY)
+    broker.publish(TOPOLOGY.tasks, Message(task.to_bytes(), task.task_id))
+    return task
+
+
+def test_a_task_is_acked_only_after_its_update_is_published(broker):
+    store = job_store()
+    task = send_task(broker)
+    worker, running = start(broker, store, max_tasks=1)
+    assert running.join(DEADLINE) == 0
+    (message,) = broker.ready(TOPOLOGY.updates)
+    update = parse_update(message.body)
+    assert (update.task_id, update.worker_id, update.base_version) == (task.task_id, "w0", 0)
+    assert broker.ready(TOPOLOGY.tasks) == [] and broker.unacked(TOPOLOGY.tasks) == 0
+    assert worker.tasks_done == 1
+
+
+def test_a_training_error_is_retried_then_dead_lettered_and_the_worker_keeps_serving(broker):
+    store = job_store("tests.support:exploding_task")
+    task = send_task(broker)
+    worker, running = start(broker, store)
+    wait_until(lambda: broker.ready(TOPOLOGY.dead), DEADLINE, "the failing task was not dead-lettered")
+    (dead,) = broker.ready(TOPOLOGY.dead)
+    assert dead.message_id == task.task_id
+    assert dead.headers[REASON_HEADER] == "training_failed"
+    assert "RuntimeError: the plugin's training step blew up" in dead.headers[DETAIL_HEADER]
+    assert worker.tasks_failed == TRAINING_ATTEMPTS
+    # Still serving: the next task is taken (and fails the same way) instead of the process exiting.
+    send_task(broker)
+    wait_until(lambda: worker.tasks_failed > TRAINING_ATTEMPTS, DEADLINE, "the worker stopped taking tasks")
+    assert running.thread.is_alive()
+    assert running.stop() == 0
+    assert broker.ready(TOPOLOGY.updates) == []
+
+
+def test_a_task_for_a_version_that_is_gone_is_refused(broker):
+    store = job_store()
+    send_task(broker, version=7)
+    worker, running = start(broker, store)
+    wait_until(lambda: broker.ready(TOPOLOGY.dead), DEADLINE, "the task was not refused")
+    assert broker.ready(TOPOLOGY.dead)[0].headers[DEATH_REASON_HEADER] == "rejected"
+    assert running.stop() == 0
+
+
+@pytest.mark.parametrize("signals, outcome", [(1, "finished"), (2, "requeued")])
+def test_sigterm_mid_task_drains_or_requeues_and_loses_nothing(broker, signals, outcome):
+    store = job_store()
+    task = send_task(broker)
+    worker, running = start(broker, store, slowdown_seconds=2.0)
+    wait_until(lambda: worker._current_task == task.task_id, DEADLINE, "the task never started")
+    for _ in range(signals):
+        worker._on_signal(signal.SIGTERM, None)  # what the installed handler runs
+    assert running.join(DEADLINE) == 0
+    if outcome == "finished":
+        assert [parse_update(message.body).task_id for message in broker.ready(TOPOLOGY.updates)] == [task.task_id]
+        assert broker.ready(TOPOLOGY.tasks) == []
+    else:
+        assert broker.ready(TOPOLOGY.updates) == []
+        assert [message.message_id for message in broker.ready(TOPOLOGY.tasks)] == [task.task_id]
+    assert broker.unacked(TOPOLOGY.tasks) == 0
+    assert store.workers.live() == [], "a stopped worker leaves the registry"
