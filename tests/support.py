@@ -156,3 +156,30 @@ def exploding_task(**params):
             raise RuntimeError("the plugin's training step blew up")
 
     return ExplodingTask(**params)
+
+
+class BlockedTraining:
+    """A task plugin (``tests.support:blocked_task``) whose training waits until the test releases it,
+    so a test can act mid-task however fast or slow the machine is."""
+
+    started = None  # threading.Event, set when training begins
+    release = None  # threading.Event the training waits for
+
+    @classmethod
+    def reset(cls) -> None:
+        import threading
+
+        cls.started, cls.release = threading.Event(), threading.Event()
+
+
+def blocked_task(**params):
+    from fedq.common.tasks.linear import LinearRegressionTask
+
+    class BlockedTask(LinearRegressionTask):
+        def train(self, model, data, settings):
+            BlockedTraining.started.set()
+            if not BlockedTraining.release.wait(timeout=120):
+                raise TimeoutError("the test never released the training")
+            return super().train(model, data, settings)
+
+    return BlockedTask(**params)

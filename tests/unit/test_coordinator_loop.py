@@ -93,7 +93,7 @@ def test_the_synchronous_barrier_waits_for_every_task_of_the_round(broker, store
     assert {task.model_version for task in tasks} == {0}
     for task in tasks[:2]:
         answer(broker, task, delta_like(store, 0.3))
-    wait_until(lambda: broker.ready(TOPOLOGY.updates) == [], DEADLINE, "the first two updates were not consumed")
+    wait_until(lambda: broker.unacked(TOPOLOGY.updates) == 2, DEADLINE, "the first two updates were not buffered")
     # Two of three back: no server step and no new task until the round is complete.
     assert store.versions.head() == 0 and broker.ready(TOPOLOGY.tasks) == []
     answer(broker, tasks[2], delta_like(store, 0.3))

@@ -13,7 +13,7 @@ from fedq.common.tasks import load_task
 from fedq.common.wire.limits import TRAINING_ATTEMPTS
 from fedq.common.wire.messages import RoundTask, TrainSettings, parse_update
 from fedq.worker.service import Worker, WorkerSettings
-from tests.support import InBackground, memory_store, wait_until
+from tests.support import BlockedTraining, InBackground, memory_store, wait_until
 
 JOB = "unit"
 TOPOLOGY = Topology(JOB)
@@ -88,13 +88,17 @@ def test_a_task_for_a_version_that_is_gone_is_refused(broker):
 
 @pytest.mark.parametrize("signals, outcome", [(1, "finished"), (2, "requeued")])
 def test_sigterm_mid_task_drains_or_requeues_and_loses_nothing(broker, signals, outcome):
-    store = job_store()
+    BlockedTraining.reset()
+    store = job_store("tests.support:blocked_task")
     task = send_task(broker)
-    worker, running = start(broker, store, slowdown_seconds=2.0)
-    wait_until(lambda: worker._current_task == task.task_id, DEADLINE, "the task never started")
+    worker, running = start(broker, store)
+    assert BlockedTraining.started.wait(DEADLINE), "the task never started"
     for _ in range(signals):
         worker._on_signal(signal.SIGTERM, None)  # what the installed handler runs
+    if outcome == "finished":
+        BlockedTraining.release.set()  # the first signal lets the current task finish
     assert running.join(DEADLINE) == 0
+    BlockedTraining.release.set()
     if outcome == "finished":
         assert [parse_update(message.body).task_id for message in broker.ready(TOPOLOGY.updates)] == [task.task_id]
         assert broker.ready(TOPOLOGY.tasks) == []
