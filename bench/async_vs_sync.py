@@ -518,17 +518,17 @@ def run_one(spec: TaskSpec, case: str, arm: str, *, budget: float, concurrency: 
         if coordinator.returncode != 0:
             raise RuntimeError(f"coordinator of {job} exited with {coordinator.returncode}; see {coordinator_log}")
         history = store.versions.history()
-        created0 = history[0]["created"]
+        created0 = history[0].created
         applied = 0
         for entry in history:
-            applied += len(entry["updates"])
-            metrics = entry.get("metrics") or {}
-            result.curve.append({"version": entry["version"], "t": entry["created"] - created0,
+            applied += len(entry.updates)
+            metrics = entry.metrics or {}
+            result.curve.append({"version": entry.version, "t": entry.created - created0,
                                  "accuracy": metrics.get("accuracy"), "loss": metrics.get("loss"),
                                  "updates": applied})
-            for update in entry["updates"]:
-                result.stalenesses.append(int(update["staleness"]))
-                result.per_worker[update["worker_id"]] = result.per_worker.get(update["worker_id"], 0) + 1
+            for update in entry.updates:
+                result.stalenesses.append(int(update.staleness))
+                result.per_worker[update.worker_id] = result.per_worker.get(update.worker_id, 0) + 1
         result.rejected = store.counters.get("rejected")
         result.skipped = store.counters.get("skipped")
         result.reason = store.status.load().get("reason", "")

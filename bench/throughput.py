@@ -395,8 +395,8 @@ def run_config(config: Config, args: argparse.Namespace, numpy_add: float) -> Re
 
 
 def analyse(result: Result, history: list[dict], args: argparse.Namespace) -> None:
-    entries = sorted(history, key=lambda entry: entry["version"])
-    result.versions = entries[-1]["version"] if entries else 0
+    entries = sorted(history, key=lambda entry: entry.version)
+    result.versions = entries[-1].version if entries else 0
     # Version 0 is the initial model; skip it and a warm-up (connection set-up,
     # first allocations, the workers' first prefetch filling the pipeline).
     warmup = max(args.warmup, int(len(entries) * args.warmup_fraction))
@@ -404,16 +404,16 @@ def analyse(result: Result, history: list[dict], args: argparse.Namespace) -> No
     if len(window) < 3:
         result.notes.append(f"only {len(entries)} versions committed: too few to measure")
         return
-    created = [entry["created"] for entry in entries]
+    created = [entry.created for entry in entries]
     intervals = [created[index] - created[index - 1] for index in range(1 + warmup, len(entries))]
     result.measured = len(intervals)
     result.interval_median = statistics.median(intervals)
     result.interval_p90 = float(np.percentile(intervals, 90))
     result.updates_per_s_median = result.config.buffer_size / result.interval_median
     span = created[-1] - created[warmup]
-    result.updates_per_s_mean = sum(entry["updates_applied"] for entry in window) / span
-    result.aggregation_median = statistics.median(entry["aggregation_seconds"] for entry in window)
-    result.mean_staleness = statistics.fmean(entry["mean_staleness"] for entry in window)
+    result.updates_per_s_mean = sum(entry.updates_applied for entry in window) / span
+    result.aggregation_median = statistics.median(entry.aggregation_seconds for entry in window)
+    result.mean_staleness = statistics.fmean(entry.mean_staleness for entry in window)
 
 
 def cleanup(job: str, args: argparse.Namespace) -> None:

@@ -11,13 +11,13 @@ nothing of the winner's.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections import OrderedDict
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import redis
 
+from fedq.common.records import AppliedUpdate, VersionRecord
 from fedq.common.store.client import HeadMovedError, UnknownVersionError
 from fedq.common.store.keys import JobKeys
 from fedq.common.wire import codec
@@ -100,33 +100,33 @@ class VersionStore:
         while len(self._weights_cache) > WEIGHTS_CACHE_VERSIONS:
             self._weights_cache.popitem(last=False)
 
-    def load_meta(self, version: int) -> dict[str, Any]:
+    def load_meta(self, version: int) -> VersionRecord:
+        """The record of ``version`` without its update list (that is in the history)."""
         raw = self.redis.get(self.keys.meta(version))
         if raw is None:
             raise UnknownVersionError(f"job {self.keys.job!r} has no model version {version}")
-        return json.loads(raw)
+        return VersionRecord.from_json(raw)
 
     def load_optimizer_state(self, version: int) -> codec.Weights:
         payload = self.redis.get(self.keys.optimizer_state(version))
         return {} if payload is None else codec.decode(payload)
 
-    def commit(self, expected_head: int | None, weights: codec.Weights, meta: dict[str, Any],
-               applied: list[dict[str, Any]], *, update_blobs: dict[str, bytes] | None = None,
-               optimizer_state: codec.Weights | None = None, abandon: Iterable[int] = ()) -> int:
-        """Write version ``expected_head + 1`` (or 0 when there is no head) atomically.
+    def commit(self, expected_head: int | None, weights: codec.Weights, applied: Sequence[AppliedUpdate] = (), *,
+               update_blobs: dict[str, bytes] | None = None, optimizer_state: codec.Weights | None = None,
+               abandon: Iterable[int] = (), **record_fields: Any) -> int:
+        """Write version ``expected_head + 1`` (or 0 when there is no head) atomically; return it.
 
-        ``applied`` lists the updates folded in, in order, each with its
-        ``task_id`` and ``blob_key``; their task ids become idempotency records
-        and leave the in-flight set, and their blobs lose any TTL, in the same
-        transaction. ``update_blobs`` are blobs to write first (inline deltas,
-        kept for replay). ``abandon`` marks versions a rollback leaves behind.
-        Raises HeadMovedError when the head is no longer ``expected_head``.
+        ``applied`` lists the updates folded in, in order; their task ids become
+        idempotency records and leave the in-flight set, and their blobs lose any
+        TTL, in the same transaction. ``update_blobs`` are blobs to write first
+        (inline deltas, kept for replay). ``abandon`` marks versions a rollback
+        leaves behind. ``record_fields`` are the rest of the :class:`VersionRecord`
+        (metrics, config, ...). Raises HeadMovedError when the head is no longer
+        ``expected_head``.
         """
         version = 0 if expected_head is None else expected_head + 1
         payload = codec.encode(weights)
-        meta = {**meta, "version": version, "parent": expected_head, "digest": codec.digest(payload),
-                "created": meta.get("created", time.time()), "updates_applied": len(applied)}
-        entry = {**meta, "updates": applied}
+        record = VersionRecord.build(version, expected_head, codec.digest(payload), tuple(applied), **record_fields)
         # Everything the script references is written first. Weights go to staging keys
         # of this attempt: a writer that loses the compare-and-set must not overwrite the
         # winner's blob. A crash leaves only staged keys, which expire by themselves.
@@ -146,9 +146,9 @@ class VersionStore:
                       self.keys.inflight, self.keys.abandoned, staged_model, self.keys.model(version),
                       staged_state, self.keys.optimizer_state(version)],
                 args=["" if expected_head is None else str(expected_head), str(version),
-                      json.dumps(meta, sort_keys=True), json.dumps(entry, sort_keys=True),
-                      json.dumps([update["task_id"] for update in applied]),
-                      json.dumps([update["blob_key"] for update in applied]),
+                      record.meta_json(), record.entry_json(),
+                      json.dumps([update.task_id for update in applied]),
+                      json.dumps([update.blob_key for update in applied]),
                       json.dumps([int(version) for version in abandon]), "1" if optimizer_state else "0"])
         except redis.ResponseError as error:
             if "HEADMOVED" in str(error):
@@ -162,16 +162,30 @@ class VersionStore:
         """Versions a rollback left behind; updates computed from them are refused."""
         return {int(version) for version in self.redis.smembers(self.keys.abandoned)}
 
-    def history(self, start_version: int = 0, end_version: int | None = None) -> list[dict[str, Any]]:
-        """History entries with start_version <= version <= end_version, oldest first."""
+    def history(self, start_version: int = 0, end_version: int | None = None) -> list[VersionRecord]:
+        """Records (with their updates) of start_version <= version <= end_version, oldest first."""
         upper = "+" if end_version is None else f"{end_version}-1"
-        return [json.loads(fields[b"entry"])
+        return [VersionRecord.from_json(fields[b"entry"])
                 for _, fields in self.redis.xrange(self.keys.history, min=f"{start_version}-0", max=upper)]
 
-    def recent_history(self, count: int) -> list[dict[str, Any]]:
-        """The last ``count`` history entries, oldest first."""
+    def recent_history(self, count: int) -> list[VersionRecord]:
+        """The records of the last ``count`` versions, oldest first."""
         newest_first = self.redis.xrevrange(self.keys.history, count=count)
-        return [json.loads(fields[b"entry"]) for _, fields in reversed(newest_first)]
+        return [VersionRecord.from_json(fields[b"entry"]) for _, fields in reversed(newest_first)]
+
+    def follow(self, blocking_client: redis.Redis, after_id: str = "0-0", block_ms: int = 500,
+               count: int = 500) -> tuple[str, list[VersionRecord]]:
+        """Records committed after stream id ``after_id``, waiting up to ``block_ms`` for one.
+
+        Needs a client without a socket timeout (``connect_redis(url, blocking=True)``).
+        Returns the id to pass next time and the records, oldest first.
+        """
+        records = []
+        for _, messages in blocking_client.xread({self.keys.history: after_id}, block=block_ms, count=count) or []:
+            for message_id, fields in messages:
+                after_id = message_id
+                records.append(VersionRecord.from_json(fields[b"entry"]))
+        return after_id, records
 
     def prune(self, head: int, keep_last: int, checkpoint_every: int) -> list[int]:
         """Delete the weights, optimizer state and update blobs of old versions.
@@ -188,8 +202,7 @@ class VersionStore:
             if checkpoint_every and version % checkpoint_every == 0:
                 continue
             entries = self.history(version, version)
-            blob_keys = [update["blob_key"] for entry in entries for update in entry["updates"]
-                         if update.get("blob_key")]
+            blob_keys = [update.blob_key for entry in entries for update in entry.updates if update.blob_key]
             self.redis.delete(self.keys.model(version), self.keys.optimizer_state(version), *blob_keys)
             self._weights_cache.pop(version, None)
             pruned.append(version)

@@ -18,6 +18,7 @@ from typing import Any
 
 from fedq.broker.connection import connect
 from fedq.coordinator.algorithms.registry import ALGORITHMS
+from fedq.common.records import VersionRecord
 from fedq.common.settings import CONNECTION_OPTIONS, Option, add_options, positive_float, positive_int, resolve
 from fedq.common.store import ModelStore, connect_redis
 from fedq.coordinator.ops.status import remove_job
@@ -47,11 +48,11 @@ def _fedq(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedq.common.cli", *args]
 
 
-def _progress_line(entry: dict[str, Any], started: float, applied: int, stalenesses: list[int]) -> str:
-    accuracy = entry.get("metrics", {}).get("accuracy")
+def _progress_line(entry: VersionRecord, started: float, applied: int, stalenesses: list[int]) -> str:
+    accuracy = entry.metrics.get("accuracy")
     accuracy_text = "  n/a " if accuracy is None else f"{accuracy:.4f}"
     mean = sum(stalenesses) / len(stalenesses) if stalenesses else 0.0
-    return (f"[{time.monotonic() - started:6.1f}s] version {entry['version']:5d}  accuracy {accuracy_text}  "
+    return (f"[{time.monotonic() - started:6.1f}s] version {entry.version:5d}  accuracy {accuracy_text}  "
             f"updates applied {applied:5d}  staleness mean {mean:4.2f} max {max(stalenesses, default=0):3d}")
 
 
@@ -59,24 +60,21 @@ def follow(store: ModelStore, redis_url: str, coordinator: subprocess.Popen, sta
     """Print progress from the history stream until the coordinator exits; return totals."""
     reader = connect_redis(redis_url, blocking=True)
     last_id, applied, stalenesses = "0-0", 0, []
-    last_entry: dict[str, Any] | None = None
+    last_entry: VersionRecord | None = None
     last_print = 0.0
     interactive = sys.stdout.isatty()
     while True:
         exited = coordinator.poll() is not None
-        response = reader.xread({store.keys.history: last_id}, block=500, count=500)
-        for _, messages in response or []:
-            for message_id, fields in messages:
-                last_id = message_id
-                entry = json.loads(fields[b"entry"])
-                applied += len(entry["updates"])
-                stalenesses.extend(update["staleness"] for update in entry["updates"])
-                last_entry = entry
+        last_id, records = store.versions.follow(reader, last_id)
+        for entry in records:
+            applied += len(entry.updates)
+            stalenesses.extend(update.staleness for update in entry.updates)
+            last_entry = entry
         if last_entry is not None and (time.monotonic() - last_print > 1.0 or exited):
             line = _progress_line(last_entry, started, applied, stalenesses)
             print(("\r" + line) if interactive else line, end="" if interactive else "\n", flush=True)
             last_print = time.monotonic()
-        if exited and not response:
+        if exited and not records:
             if interactive:
                 print()
             return {"applied": applied, "stalenesses": stalenesses, "last": last_entry}

@@ -6,9 +6,9 @@ import json
 import sys
 import time
 from datetime import datetime, timezone
-from typing import Any
 
 from fedq.common.cli import UserError
+from fedq.common.records import VersionRecord
 from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
 from fedq.common.store import ModelStore, UnknownVersionError, connect_redis
 
@@ -21,7 +21,7 @@ def _store(args: argparse.Namespace) -> ModelStore:
     return store
 
 
-def _meta(store: ModelStore, version: int) -> dict[str, Any]:
+def _meta(store: ModelStore, version: int) -> VersionRecord:
     try:
         return store.versions.load_meta(version)
     except UnknownVersionError as error:
@@ -61,13 +61,13 @@ class History:
         entries = store.versions.history(start)
         if args.json:
             for entry in entries:
-                print(json.dumps({key: value for key, value in entry.items() if key != "config"}))
+                print(json.dumps({key: value for key, value in entry.to_dict().items() if key != "config"}))
             return 0
         print(f"{'version':>7}  {'time (UTC)':19}  {'updates':>7}  {'staleness':>9}  {'max':>4}  metrics")
         for entry in entries:
-            note = f"  (rollback to {entry['rollback_of']})" if "rollback_of" in entry else ""
-            print(f"{entry['version']:>7}  {_when(entry['created'])}  {entry['updates_applied']:>7}  "
-                  f"{entry['mean_staleness']:>9.2f}  {entry['max_staleness']:>4}  {_score(entry['metrics'])}{note}")
+            note = f"  (rollback to {entry.rollback_of})" if entry.rollback_of is not None else ""
+            print(f"{entry.version:>7}  {_when(entry.created)}  {entry.updates_applied:>7}  "
+                  f"{entry.mean_staleness:>9.2f}  {entry.max_staleness:>4}  {_score(entry.metrics)}{note}")
         usage = store.memory_usage()
         parts = ", ".join(f"{kind} {_size(size)}" for kind, size in sorted(usage.items(), key=lambda item: -item[1]))
         print(f"Redis memory of job {store.job!r}: {_size(sum(usage.values()))} ({parts})")
@@ -87,21 +87,20 @@ class Show:
     def main(args: argparse.Namespace) -> int:
         store = _store(args)
         meta = _meta(store, args.version)
-        (entry,) = store.versions.history(args.version, args.version) or [dict(meta, updates=[])]
+        (entry,) = store.versions.history(args.version, args.version) or [meta]
         if args.json:
-            print(json.dumps(entry, indent=2))
+            print(json.dumps(entry.to_dict(), indent=2))
             return 0
-        print(f"version {meta['version']} of job {store.job!r}, committed {_when(meta['created'])} UTC")
-        print(f"  parent {meta['parent']}, digest {meta['digest']}")
-        if "rollback_of" in meta:
-            print(f"  rollback to version {meta['rollback_of']}")
-        print(f"  metrics: {_score(meta.get('metrics', {}))}")
-        config = meta.get("config") or {}
-        print("  aggregation: " + ", ".join(f"{key}={value}" for key, value in config.items()))
-        print(f"  {len(entry['updates'])} update(s) applied, in order:")
-        for update in entry["updates"]:
-            print(f"    task {update['task_id']}  worker {update['worker_id']}  base {update['base_version']}  "
-                  f"staleness {update['staleness']}  weight {update['weight']:.4g}  examples {update['num_examples']}")
+        print(f"version {meta.version} of job {store.job!r}, committed {_when(meta.created)} UTC")
+        print(f"  parent {meta.parent}, digest {meta.digest}")
+        if meta.rollback_of is not None:
+            print(f"  rollback to version {meta.rollback_of}")
+        print(f"  metrics: {_score(meta.metrics)}")
+        print("  aggregation: " + ", ".join(f"{key}={value}" for key, value in (meta.config or {}).items()))
+        print(f"  {len(entry.updates)} update(s) applied, in order:")
+        for update in entry.updates:
+            print(f"    task {update.task_id}  worker {update.worker_id}  base {update.base_version}  "
+                  f"staleness {update.staleness}  weight {update.weight:.4g}  examples {update.num_examples}")
         return 0
 
 
@@ -126,7 +125,7 @@ class Export:
             raise UserError(f"the weights of version {args.version} were pruned by retention") from None
         spec = store.status.load_spec() or {}
         save_file(dict(weights), args.output, metadata={
-            "fedq_job": store.job, "fedq_version": str(args.version), "fedq_digest": meta["digest"],
+            "fedq_job": store.job, "fedq_version": str(args.version), "fedq_digest": meta.digest,
             "fedq_task": str(spec.get("task")), "fedq_task_params": json.dumps(spec.get("task_params") or {})})
         print(f"wrote version {args.version} of job {store.job!r} to {args.output} "
               f"(load with safetensors.torch.load_file and model.load_state_dict)")

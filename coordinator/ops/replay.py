@@ -9,10 +9,11 @@ recorded digest. A rollback version must equal the version it rolled back to.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
+from fedq.common.records import VersionRecord
 from fedq.common.wire import codec
 from fedq.common.store import ModelStore, UnknownVersionError
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
@@ -60,19 +61,19 @@ def _kept_weights(store: ModelStore, version: int, advice: str) -> codec.Weights
         raise ReplayError(f"the weights of version {version} were pruned; {advice}") from None
 
 
-def _load_updates(store: ModelStore, entry: dict[str, Any]) -> list[BufferedUpdate]:
+def _load_updates(store: ModelStore, entry: VersionRecord) -> list[BufferedUpdate]:
     updates = []
-    for record in entry["updates"]:
-        payload = store.blobs.get(record["blob_key"])
+    for record in entry.updates:
+        payload = store.blobs.get(record.blob_key)
         if payload is None:
-            raise ReplayError(f"version {entry['version']}: the blob of update {record['task_id']} is gone "
+            raise ReplayError(f"version {entry.version}: the blob of update {record.task_id} is gone "
                               f"(pruned by retention or never kept); cannot replay past it")
-        if codec.digest(payload) != record["digest"]:
-            raise ReplayError(f"version {entry['version']}: the blob of update {record['task_id']} does not "
+        if codec.digest(payload) != record.digest:
+            raise ReplayError(f"version {entry.version}: the blob of update {record.task_id} does not "
                               f"match its recorded digest")
-        updates.append(BufferedUpdate(task_id=record["task_id"], worker_id=record["worker_id"],
-                                      base_version=record["base_version"], staleness=record["staleness"],
-                                      num_examples=record["num_examples"], delta=codec.decode(payload)))
+        updates.append(BufferedUpdate(task_id=record.task_id, worker_id=record.worker_id,
+                                      base_version=record.base_version, staleness=record.staleness,
+                                      num_examples=record.num_examples, delta=codec.decode(payload)))
     return updates
 
 
@@ -98,37 +99,41 @@ def replay(store: ModelStore, start: int, end: int,
 
     verified = []
     entries = store.versions.history(start + 1, end)
-    if [entry["version"] for entry in entries] != list(range(start + 1, end + 1)):
+    if [entry.version for entry in entries] != list(range(start + 1, end + 1)):
         raise ReplayError(f"the history of versions {start + 1}..{end} is incomplete")
     for position, entry in enumerate(entries, 1):
-        version = entry["version"]
+        version = entry.version
+        # The metadata, not the history entry, is what the version's digest and config are
+        # read from: it is what `fedq show` prints and what tampering would change.
         meta = store.versions.load_meta(version)
-        if "rollback_of" in meta:
-            target = meta["rollback_of"]
-            weights = base_weights(target)
-            state = store.versions.load_optimizer_state(target)
+        if meta.rollback_of is not None:
+            weights = base_weights(meta.rollback_of)
+            state = store.versions.load_optimizer_state(meta.rollback_of)
         else:
-            config = meta["config"]
-            weights, state, _ = server_step(build_aggregator(config), build_optimizer(config), weights, state,
-                                            _load_updates(store, entry), base_weights)
+            try:
+                aggregator, optimizer = build_aggregator(meta.config), build_optimizer(meta.config)
+            except (KeyError, TypeError, ValueError) as error:
+                raise ReplayError(f"version {version}: its recorded aggregation config cannot be used: {error}") from None
+            weights, state, _ = server_step(aggregator, optimizer, weights, state, _load_updates(store, entry),
+                                            base_weights)
         replayed[version] = weights
         digest = codec.weights_digest(weights)
-        if digest != meta["digest"]:
+        if digest != meta.digest:
             return ReplayResult(start, end, verified, _divergence(store, version, meta, digest, weights))
         verified.append(version)
         progress(position, len(entries))
     return ReplayResult(start, end, verified, None)
 
 
-def _divergence(store: ModelStore, version: int, meta: dict[str, Any], digest: str,
+def _divergence(store: ModelStore, version: int, meta: VersionRecord, digest: str,
                 weights: codec.Weights) -> Divergence:
-    divergence = Divergence(version, meta["digest"], digest)
+    divergence = Divergence(version, meta.digest, digest)
     try:
         recorded = store.versions.load_weights(version)
     except UnknownVersionError:
         divergence.note = "the recorded weights were pruned, so only the digests can be compared"
         return divergence
-    if codec.weights_digest(recorded) != meta["digest"]:
+    if codec.weights_digest(recorded) != meta.digest:
         divergence.note = "the stored weights themselves do not match the recorded digest (corrupted blob)"
     for name, array in recorded.items():
         if name not in weights or weights[name].shape != array.shape:
@@ -150,8 +155,7 @@ def rollback(store: ModelStore, version: int) -> int:
     if version == head:
         raise ReplayError(f"version {version} is already the head")
     weights = _kept_weights(store, version, "choose a kept version")
-    target_meta = store.versions.load_meta(version)
-    meta = {"rollback_of": version, "config": target_meta.get("config"), "metrics": target_meta.get("metrics", {}),
-            "mean_staleness": 0.0, "max_staleness": 0}
-    return store.versions.commit(head, weights, meta, [], optimizer_state=store.versions.load_optimizer_state(version),
-                        abandon=range(version + 1, head + 1))
+    target = store.versions.load_meta(version)
+    return store.versions.commit(head, weights, optimizer_state=store.versions.load_optimizer_state(version),
+                                 abandon=range(version + 1, head + 1), rollback_of=version, config=target.config,
+                                 metrics=target.metrics)

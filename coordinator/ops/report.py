@@ -27,27 +27,27 @@ def figures(history: list[dict]) -> dict[str, "object"]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    start = history[0]["created"]
-    scored = [entry for entry in history if entry.get("metrics")]
-    metric_names = sorted({name for entry in scored for name in entry["metrics"] if name != "loss"}) or ["loss"]
+    start = history[0].created
+    scored = [entry for entry in history if entry.metrics]
+    metric_names = sorted({name for entry in scored for name in entry.metrics if name != "loss"}) or ["loss"]
     drawn = {}
-    for axis_name, x_of in (("time", lambda entry: entry["created"] - start), ("version", lambda entry: entry["version"])):
+    for axis_name, x_of in (("time", lambda entry: entry.created - start), ("version", lambda entry: entry.version)):
         figure, axes = plt.subplots(figsize=(7, 4))
         for name in metric_names:
-            points = [(x_of(entry), entry["metrics"][name]) for entry in scored if name in entry["metrics"]]
+            points = [(x_of(entry), entry.metrics[name]) for entry in scored if name in entry.metrics]
             axes.plot([x for x, _ in points], [y for _, y in points], label=name)
         axes.set_xlabel("wall-clock seconds since version 0" if axis_name == "time" else "version")
         axes.set_ylabel(", ".join(metric_names))
         axes.grid(alpha=0.3)
         axes.legend()
         drawn[f"score_vs_{axis_name}"] = figure
-    staleness = Counter(update["staleness"] for entry in history for update in entry["updates"])
+    staleness = Counter(update.staleness for entry in history for update in entry.updates)
     figure, axes = plt.subplots(figsize=(7, 4))
     axes.bar(list(staleness), list(staleness.values()))
     axes.set_xlabel("staleness (versions)")
     axes.set_ylabel("updates applied")
     drawn["staleness_histogram"] = figure
-    per_worker = Counter(update["worker_id"] for entry in history for update in entry["updates"])
+    per_worker = Counter(update.worker_id for entry in history for update in entry.updates)
     figure, axes = plt.subplots(figsize=(7, max(3, 0.3 * len(per_worker))))
     names = sorted(per_worker)
     axes.barh(names, [per_worker[name] for name in names])
@@ -77,15 +77,15 @@ def main(args: argparse.Namespace) -> int:
                 handle.write(buffer.getvalue())
         encoded = base64.b64encode(buffer.getvalue()).decode()
         sections.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2><img src='data:image/png;base64,{encoded}'>")
-    updates = [update for entry in history for update in entry["updates"]]
-    last_scored = next((entry for entry in reversed(history) if entry.get("metrics")), history[-1])
+    updates = [update for entry in history for update in entry.updates]
+    last_scored = next((entry for entry in reversed(history) if entry.metrics), history[-1])
     summary = {
-        "versions": history[-1]["version"], "updates applied": len(updates),
+        "versions": history[-1].version, "updates applied": len(updates),
         "rejected": sum(store.counters.get("rejected").values()),
-        "mean staleness": f"{sum(u['staleness'] for u in updates) / max(len(updates), 1):.2f}",
-        "max staleness": max((u["staleness"] for u in updates), default=0),
-        "wall-clock seconds": f"{history[-1]['created'] - history[0]['created']:.1f}",
-        "latest metrics": ", ".join(f"{k}={v:.4f}" for k, v in last_scored.get("metrics", {}).items()),
+        "mean staleness": f"{sum(u.staleness for u in updates) / max(len(updates), 1):.2f}",
+        "max staleness": max((u.staleness for u in updates), default=0),
+        "wall-clock seconds": f"{history[-1].created - history[0].created:.1f}",
+        "latest metrics": ", ".join(f"{k}={v:.4f}" for k, v in last_scored.metrics.items()),
     }
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
     document = (f"<!doctype html><meta charset='utf-8'><title>fedq report: {html.escape(store.job)}</title>"

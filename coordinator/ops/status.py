@@ -35,17 +35,17 @@ RATE_WINDOW_SECONDS = 30.0
 
 def training_progress(store: ModelStore, now: float) -> dict:
     """Update rate, staleness and latest metrics from the recent history."""
-    recent = [entry for entry in store.versions.recent_history(500) if entry["version"] > 0]
-    window = [entry for entry in recent if entry["created"] >= now - RATE_WINDOW_SECONDS]
-    staleness = [update["staleness"] for entry in window for update in entry["updates"]]
-    scored = [entry for entry in recent if entry.get("metrics")]
+    recent = [entry for entry in store.versions.recent_history(500) if entry.version > 0]
+    window = [entry for entry in recent if entry.created >= now - RATE_WINDOW_SECONDS]
+    staleness = [update.staleness for entry in window for update in entry.updates]
+    scored = [entry for entry in recent if entry.metrics]
     return {
         "versions_per_second": len(window) / RATE_WINDOW_SECONDS,
-        "updates_per_second": sum(len(entry["updates"]) for entry in window) / RATE_WINDOW_SECONDS,
+        "updates_per_second": sum(len(entry.updates) for entry in window) / RATE_WINDOW_SECONDS,
         "mean_staleness": sum(staleness) / len(staleness) if staleness else None,
         "max_staleness": max(staleness) if staleness else None,
-        "latest_metrics": scored[-1]["metrics"] if scored else {},
-        "last_commit": recent[-1]["created"] if recent else None,
+        "latest_metrics": scored[-1].metrics if scored else {},
+        "last_commit": recent[-1].created if recent else None,
     }
 
 
@@ -53,9 +53,9 @@ def collect(amqp_url: str, redis_url: str, job: str, store: ModelStore | None = 
     store = store or ModelStore(connect_redis(redis_url), job)
     head = store.versions.head()
     source, depths = queue_depths(amqp_url, list(Topology(job).queues))
-    meta = store.versions.load_meta(head) if head is not None else {}
+    metrics = store.versions.load_meta(head).metrics if head is not None else {}
     return {
-        "job": job, "head": head, "state": store.status.load(), "metrics": meta.get("metrics", {}),
+        "job": job, "head": head, "state": store.status.load(), "metrics": metrics,
         "in_flight": len(store.ledger.in_flight()), "rejected": store.counters.get("rejected"),
         "skipped": store.counters.get("skipped"), "depth_source": source,
         "queues": [{"name": depth.name, "exists": depth.exists, "ready": depth.ready, "unacked": depth.unacked,

@@ -102,12 +102,11 @@ class Coordinator:
         if self.head is None:
             weights = self.task.initial_weights(self.settings.seed)
             self.last_metrics = self._evaluate(weights)
-            self.head = self.store.versions.commit(None, weights, {"metrics": self.last_metrics, "config": self.config,
-                                                          "mean_staleness": 0.0, "max_staleness": 0}, [])
+            self.head = self.store.versions.commit(None, weights, metrics=self.last_metrics, config=self.config)
             log.info(kv("initialised", job=self.settings.job, task=self.settings.task, version=0,
                         parameters=codec.num_parameters(weights)))
         else:
-            self.last_metrics = self.store.versions.load_meta(self.head).get("metrics", {})
+            self.last_metrics = self.store.versions.load_meta(self.head).metrics
             log.info(kv("resumed", job=self.settings.job, head=self.head))
         self._load_head()
         self.tensor_specs = codec.tensor_specs(self.weights)
@@ -246,20 +245,15 @@ class Coordinator:
         version = self.head + 1
         evaluate = self.settings.eval_every > 0 and version % self.settings.eval_every == 0
         scores = self._evaluate(new_weights) if evaluate else {}
-        stalenesses = [update.staleness for update in updates]
-        applied = [{"task_id": update.task_id, "worker_id": update.worker_id, "base_version": update.base_version,
-                    "staleness": update.staleness, "weight": weight, "num_examples": update.num_examples,
-                    "digest": item.validated.digest, "blob_key": item.validated.blob_key}
-                   for item, update, weight in zip(pending, updates, weights)]
-        meta = {"metrics": scores, "config": self.config, "config_digest": config_digest(self.config),
-                "mean_staleness": sum(stalenesses) / len(stalenesses), "max_staleness": max(stalenesses),
-                "aggregation_seconds": aggregation_seconds}
+        applied = [item.validated.applied(weight) for item, weight in zip(pending, weights)]
         commit_started = time.perf_counter()
         try:
             self.head = self.store.versions.commit(
-                self.head, new_weights, meta, applied, optimizer_state=new_state,
+                self.head, new_weights, applied, optimizer_state=new_state,
                 update_blobs={item.validated.blob_key: item.validated.inline_payload
-                              for item in pending if item.validated.inline_payload})
+                              for item in pending if item.validated.inline_payload},
+                metrics=scores, config=self.config, config_digest=config_digest(self.config),
+                aggregation_seconds=aggregation_seconds)
         except HeadMovedError as error:
             # Someone else moved the head (a rollback): start over from it. The
             # updates go back to the queue and are judged again against the new head.
@@ -273,8 +267,9 @@ class Coordinator:
         for item in pending:
             self._channel.ack(item.delivery_tag)
         self._observe_commit(updates, scores, aggregation_seconds, time.perf_counter() - commit_started)
+        stalenesses = [update.staleness for update in updates]
         log.info(kv("version_committed", version=self.head, updates=len(updates),
-                    mean_staleness=meta["mean_staleness"], max_staleness=meta["max_staleness"],
+                    mean_staleness=sum(stalenesses) / len(stalenesses), max_staleness=max(stalenesses),
                     **{key: value for key, value in scores.items()}))
         if self.settings.keep_versions:
             self.store.versions.prune(self.head, self.settings.keep_versions, self.settings.checkpoint_every)

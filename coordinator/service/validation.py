@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from fedq.common.records import AppliedUpdate
 from fedq.common.store import ModelStore
 from fedq.common.wire import codec
 from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate, parse_update
@@ -53,6 +54,13 @@ class ValidatedUpdate:
     digest: str
     blob_key: str
     inline_payload: bytes | None  # written to blob_key at commit; claim checks are already there
+
+    def applied(self, weight: float) -> AppliedUpdate:
+        """Its record in the history once a server step applied it with ``weight``."""
+        update = self.update
+        return AppliedUpdate(task_id=update.task_id, worker_id=update.worker_id, base_version=update.base_version,
+                             staleness=update.staleness, weight=weight, num_examples=update.num_examples,
+                             digest=self.digest, blob_key=self.blob_key)
 
 
 def validate_update(body: bytes, expected: Expectations, store: ModelStore,

@@ -40,7 +40,7 @@ def done_task_ids(processes, names) -> set[str]:
 
 
 def assert_exactly_once_and_replayable(store: ModelStore) -> list[str]:
-    task_ids = [update["task_id"] for entry in store.versions.history() for update in entry["updates"]]
+    task_ids = [update.task_id for entry in store.versions.history() for update in entry.updates]
     assert len(task_ids) == len(set(task_ids)), "an update was applied twice"
     result = replay(store, 0, store.versions.head())
     assert result.ok, result.divergence.describe()

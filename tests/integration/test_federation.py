@@ -22,7 +22,7 @@ def start_worker(processes, job, index: int, *extra: str):
 
 
 def applied_task_ids(store) -> list[str]:
-    return [update["task_id"] for entry in store.versions.history() for update in entry["updates"]]
+    return [update.task_id for entry in store.versions.history() for update in entry.updates]
 
 
 @pytest.mark.parametrize("algorithm", ["fedasync", "fedbuff", "fedavg"])
@@ -39,7 +39,7 @@ def test_three_workers_reach_target_accuracy(processes, job, store, algorithm):
     assert coordinator.wait(timeout=200) == 0, processes.log("coordinator")[-3000:]
     head = store.versions.head()
     assert store.status.load()["reason"] == "target_reached", processes.log("coordinator")[-3000:]
-    assert store.versions.load_meta(head)["metrics"]["accuracy"] >= 0.9
+    assert store.versions.load_meta(head).metrics["accuracy"] >= 0.9
     task_ids = applied_task_ids(store)
     assert len(task_ids) == len(set(task_ids)), "an update was applied twice"
     # Each worker took one of the first three tasks (all consumed before the first dispatch).
@@ -47,13 +47,13 @@ def test_three_workers_reach_target_accuracy(processes, job, store, algorithm):
     # barrier, whose first round waits for all three.
     for index in range(3):
         processes.wait_for_log(f"worker-{index}", "event=task_started", timeout=120)
-    workers = {update["worker_id"] for entry in store.versions.history() for update in entry["updates"]}
+    workers = {update.worker_id for entry in store.versions.history() for update in entry.updates}
     assert workers <= {"w0", "w1", "w2"}
     if algorithm == "fedavg":
         assert workers == {"w0", "w1", "w2"}, "every worker process contributed"
         # The dispatch barrier: every round is exactly the 3 fresh updates of one version.
         for entry in store.versions.history(1):
-            assert [update["staleness"] for update in entry["updates"]] == [0, 0, 0]
+            assert [update.staleness for update in entry.updates] == [0, 0, 0]
     assert store.counters.get("rejected") == {}
 
 
@@ -75,8 +75,8 @@ def test_worker_killed_mid_task_loses_no_task(processes, job, store):
     task_ids = applied_task_ids(store)
     assert task_ids.count(killed_task) == 1
     assert len(task_ids) == len(set(task_ids))
-    assert {"w1", "w2"} & {update["worker_id"] for entry in store.versions.history() for update in entry["updates"]
-                           if update["task_id"] == killed_task}
+    assert {"w1", "w2"} & {update.worker_id for entry in store.versions.history() for update in entry.updates
+                           if update.task_id == killed_task}
 
 
 def test_training_longer_than_three_heartbeats_still_delivers(processes, job, store):
@@ -88,8 +88,8 @@ def test_training_longer_than_three_heartbeats_still_delivers(processes, job, st
     assert worker_log.count("event=task_done") >= 2, worker_log[-3000:]
     assert "connection_lost" not in worker_log
     for entry in store.versions.history(1):
-        (update,) = entry["updates"]
-        assert update["worker_id"] == "w0"
+        (update,) = entry.updates
+        assert update.worker_id == "w0"
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedbuff"])
@@ -103,7 +103,7 @@ def test_textbook_784_128_10_mlp_trains_in_sync_and_fedbuff_modes(processes, job
         start_worker(processes, job, index)
     assert coordinator.wait(timeout=200) == 0, processes.log("coordinator")[-3000:]
     assert store.status.load()["reason"] == "target_reached"
-    assert store.versions.load_meta(store.versions.head())["config"]["algorithm"] == algorithm
+    assert store.versions.load_meta(store.versions.head()).config["algorithm"] == algorithm
     assert set(store.versions.load_weights(0)) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert store.versions.load_weights(0)["0.weight"].shape == (128, 784)
 
@@ -120,14 +120,14 @@ def test_rollback_while_running_is_picked_up_by_workers(processes, job, store):
     rollback(store, 3)  # what `fedq rollback` does (tested in test_records), without its start-up time
     assert coordinator.wait(timeout=180) == 0, processes.log("coordinator")[-3000:]
     history = store.versions.history()
-    (rollback_entry,) = [entry for entry in history if entry.get("rollback_of") == 3]
-    rollback_version = rollback_entry["version"]
+    (rollback_entry,) = [entry for entry in history if entry.rollback_of == 3]
+    rollback_version = rollback_entry.version
     abandoned = set(range(4, rollback_version))
     assert store.versions.abandoned() == abandoned
-    after = [entry for entry in history if entry["version"] > rollback_version]
+    after = [entry for entry in history if entry.version > rollback_version]
     assert after, "training did not go on from the rolled-back version"
     for entry in after:
-        for update in entry["updates"]:
-            assert update["base_version"] not in abandoned
-    assert any(update["base_version"] >= rollback_version for entry in after for update in entry["updates"])
+        for update in entry.updates:
+            assert update.base_version not in abandoned
+    assert any(update.base_version >= rollback_version for entry in after for update in entry.updates)
     assert replay(store, 0, store.versions.head()).ok

@@ -57,8 +57,8 @@ def test_hostile_updates_are_dead_lettered_and_training_continues(processes, job
     processes.start("worker-0", "worker", *connection_flags(job), "--worker-id", "w0", "--partition", "0")
     processes.start("worker-1", "worker", *connection_flags(job), "--worker-id", "w1", "--partition", "1")
     wait_until(lambda: (store.versions.head() or 0) >= 3, 90, "no version was committed")
-    applied = store.versions.history(1, 1)[0]["updates"][0]
-    publish(channel, Topology(job).updates, update_bytes(job, applied["task_id"], zero, applied["base_version"]),
+    applied = store.versions.history(1, 1)[0].updates[0]
+    publish(channel, Topology(job).updates, update_bytes(job, applied.task_id, zero, applied.base_version),
             message_id="duplicate")
     connection.close()
 
@@ -69,7 +69,7 @@ def test_hostile_updates_are_dead_lettered_and_training_continues(processes, job
     letters = drain_dead_letters(job)
     assert sorted(reason for reason, _ in letters) == sorted(hostile)
     assert dict(letters)["future_version"] == future, "the dead letter carries the original body"
-    task_ids = [update["task_id"] for entry in store.versions.history() for update in entry["updates"]]
-    assert task_ids.count(applied["task_id"]) == 1
-    assert "mallory" not in {update["worker_id"] for entry in store.versions.history() for update in entry["updates"]}
+    task_ids = [update.task_id for entry in store.versions.history() for update in entry.updates]
+    assert task_ids.count(applied.task_id) == 1
+    assert "mallory" not in {update.worker_id for entry in store.versions.history() for update in entry.updates}
     assert "Traceback" not in processes.log("coordinator")

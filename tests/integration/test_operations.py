@@ -125,16 +125,16 @@ def test_coordinator_metrics_match_the_history(processes, job, store):
     label = (("job", job),)
     head = store.versions.head()
     history = store.versions.history(1)
-    applied = sum(len(entry["updates"]) for entry in history)
+    applied = sum(len(entry.updates) for entry in history)
     assert samples[("fedq_head_version", label)] == head
     assert samples[("fedq_updates_applied_total", label)] == applied
     assert samples[("fedq_versions_committed_total", label)] == head
     assert samples[("fedq_updates_rejected_total", (("job", job), ("reason", "not_json")))] == 1
     assert samples[("fedq_staleness_count", label)] == applied
-    assert samples[("fedq_staleness_sum", label)] == sum(u["staleness"] for e in history for u in e["updates"])
+    assert samples[("fedq_staleness_sum", label)] == sum(u.staleness for e in history for u in e.updates)
     assert samples[("fedq_aggregation_seconds_count", label)] == head
     assert samples[("fedq_commit_seconds_count", label)] == head
     assert samples[("fedq_tasks_in_flight", label)] == len(store.ledger.in_flight())
     assert samples[("fedq_tasks_dispatched_total", label)] >= applied
-    accuracy = next(entry["metrics"]["accuracy"] for entry in reversed(history) if entry["metrics"])
+    accuracy = next(entry.metrics["accuracy"] for entry in reversed(history) if entry.metrics)
     assert samples[("fedq_model_score", (("job", job), ("metric", "accuracy")))] == pytest.approx(accuracy)

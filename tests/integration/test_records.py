@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedq.common.records import AppliedUpdate
 from fedq.common.wire import codec
 from fedq.common.tasks import load_task
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
@@ -31,7 +33,7 @@ def build_history(store, versions: int, algorithm: str = "fedbuff", optimizer: s
     aggregator, server_optimizer = build_aggregator(config), build_optimizer(config)
     store.status.save_spec({"task": TASK, "task_params": {}, "seed": 0})
     weights = load_task(TASK).initial_weights(0)
-    head = store.versions.commit(None, weights, {"metrics": {}, "config": config, "mean_staleness": 0, "max_staleness": 0}, [])
+    head = store.versions.commit(None, weights, metrics={}, config=config)
     state: codec.Weights = {}
     for _ in range(versions):
         updates, blobs, applied = [], {}, []
@@ -46,16 +48,12 @@ def build_history(store, versions: int, algorithm: str = "fedbuff", optimizer: s
         weights, state, update_weights = server_step(aggregator, server_optimizer, weights, state, updates,
                                                      store.versions.load_weights)
         for update, weight in zip(updates, update_weights):
-            applied.append({"task_id": update.task_id, "worker_id": "w", "base_version": update.base_version,
-                            "staleness": update.staleness, "weight": weight, "num_examples": update.num_examples,
-                            "digest": codec.digest(blobs[store.blobs.key(update.task_id)]),
-                            "blob_key": store.blobs.key(update.task_id)})
-        staleness = [update.staleness for update in updates]
-        head = store.versions.commit(head, weights, {"metrics": {"r2": 0.5}, "config": config,
-                                            "config_digest": config_digest(config),
-                                            "mean_staleness": float(np.mean(staleness)),
-                                            "max_staleness": max(staleness)},
-                            applied, update_blobs=blobs, optimizer_state=state)
+            applied.append(AppliedUpdate(task_id=update.task_id, worker_id="w", base_version=update.base_version,
+                                         staleness=update.staleness, weight=weight, num_examples=update.num_examples,
+                                         digest=codec.digest(blobs[store.blobs.key(update.task_id)]),
+                                         blob_key=store.blobs.key(update.task_id)))
+        head = store.versions.commit(head, weights, applied, update_blobs=blobs, optimizer_state=state,
+                                     metrics={"r2": 0.5}, config=config, config_digest=config_digest(config))
     return head
 
 
@@ -76,7 +74,7 @@ def test_replay_reports_the_first_divergence(store):
     from fedq.coordinator.ops.replay import ReplayError
 
     head = build_history(store, 8)
-    blob_key = store.versions.history(5, 5)[0]["updates"][0]["blob_key"]
+    blob_key = store.versions.history(5, 5)[0].updates[0].blob_key
     original = store.blobs.get(blob_key)
     tampered = codec.decode(original)
     first = next(iter(tampered))
@@ -90,7 +88,7 @@ def test_replay_reports_the_first_divergence(store):
     # A recorded config that no longer matches what produced version 6: a divergence,
     # reported at version 6 with the tensors that differ.
     meta = store.versions.load_meta(6)
-    store.redis.set(store.keys.meta(6), json.dumps(dict(meta, config=dict(meta["config"], server_lr=0.02))))
+    store.redis.set(store.keys.meta(6), replace(meta, config=dict(meta.config, server_lr=0.02)).meta_json())
     result = replay(store, 0, head)
     assert not result.ok
     assert result.verified == [1, 2, 3, 4, 5]
@@ -110,8 +108,8 @@ def test_show_history_and_export_commands(store, job, tmp_path):
     assert [json.loads(line)["version"] for line in lines] == list(range(head + 1))
     shown = fedq("show", "--job", job, "--redis-url", REDIS_URL, "3")
     assert shown.returncode == 0 and "2 update(s) applied, in order" in shown.stdout
-    for update in store.versions.history(3, 3)[0]["updates"]:
-        assert update["task_id"] in shown.stdout
+    for update in store.versions.history(3, 3)[0].updates:
+        assert update.task_id in shown.stdout
     output = tmp_path / "model.safetensors"
     exported = fedq("export", "--job", job, "--redis-url", REDIS_URL, "3", "-o", str(output))
     assert exported.returncode == 0, exported.stderr
@@ -128,7 +126,7 @@ def test_rollback_is_a_new_version_and_replays(store, job):
     result = fedq("rollback", "--job", job, "--redis-url", REDIS_URL, "2")
     assert result.returncode == 0, result.stderr
     assert store.versions.head() == head + 1
-    assert codec.weights_digest(store.versions.load_weights(head + 1)) == store.versions.load_meta(2)["digest"]
+    assert codec.weights_digest(store.versions.load_weights(head + 1)) == store.versions.load_meta(2).digest
     assert store.versions.abandoned() == set(range(3, head + 1))
     assert len(store.versions.history()) == head + 2, "history is appended to, never rewritten"
     assert replay(store, 0, head + 1).ok
@@ -142,7 +140,7 @@ def test_retention_keeps_last_versions_and_checkpoints(store):
     for version in range(head + 1):
         kept = store.redis.exists(store.keys.model(version))
         assert bool(kept) == (version in (0, 5, 10, 11, 12)), version
-        blobs = [update["blob_key"] for update in store.versions.history(version, version)[0]["updates"]]
+        blobs = [update.blob_key for update in store.versions.history(version, version)[0].updates]
         assert all(bool(store.redis.exists(key)) == bool(kept) for key in blobs), version
     assert store.versions.prune(head, keep_last=3, checkpoint_every=5) == []
     assert replay(store, 10, head).ok
@@ -156,11 +154,11 @@ def test_a_writer_that_loses_the_compare_and_set_changes_nothing(store):
     from fedq.common.store import HeadMovedError
 
     head = build_history(store, 3)
-    winner_digest = store.versions.load_meta(head)["digest"]
+    winner_digest = store.versions.load_meta(head).digest
     keys_before = set(store.redis.scan_iter(match=store.keys.all()))
     loser = {name: array + 1.0 for name, array in store.versions.load_weights(head).items()}
     with pytest.raises(HeadMovedError):
-        store.versions.commit(head - 1, loser, {"metrics": {}}, [], optimizer_state={"m.x": np.ones(2, np.float32)})
+        store.versions.commit(head - 1, loser, optimizer_state={"m.x": np.ones(2, np.float32)})
     assert store.versions.head() == head
     assert codec.digest(store.redis.get(store.keys.model(head))) == winner_digest
     staged = set(store.redis.scan_iter(match=store.keys.staging_pattern()))

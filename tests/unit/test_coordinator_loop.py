@@ -59,7 +59,7 @@ def test_a_duplicate_update_is_acked_and_skipped_not_applied_twice(broker, store
     answer(broker, task, delta_like(store, 0.1))  # a redelivery, e.g. after a worker crash
     wait_until(lambda: store.counters.get("skipped") == {"duplicate": 1}, DEADLINE, "the duplicate was not skipped")
     running.stop()
-    applied = [update["task_id"] for entry in store.versions.history() for update in entry["updates"]]
+    applied = [update.task_id for entry in store.versions.history() for update in entry.updates]
     assert applied == [task.task_id]
     assert broker.ready(TOPOLOGY.updates) == [] and broker.unacked(TOPOLOGY.updates) == 0
     assert broker.ready(TOPOLOGY.dead) == []
@@ -101,8 +101,8 @@ def test_the_synchronous_barrier_waits_for_every_task_of_the_round(broker, store
     next_round = [take_task(broker) for _ in range(3)]
     running.stop()
     entry = store.versions.history(1, 1)[0]
-    assert sorted(update["task_id"] for update in entry["updates"]) == sorted(task.task_id for task in tasks)
-    assert [update["staleness"] for update in entry["updates"]] == [0, 0, 0]
+    assert sorted(update.task_id for update in entry.updates) == sorted(task.task_id for task in tasks)
+    assert [update.staleness for update in entry.updates] == [0, 0, 0]
     assert {task.model_version for task in next_round} == {1}
 
 
@@ -127,11 +127,11 @@ def test_a_rollback_while_updates_are_buffered_is_never_overwritten(broker, stor
     answer(broker, fresh, delta_like(store, 1.0))
     wait_for_head(store, rolled_back + 1)
     running.stop()
-    assert store.versions.load_meta(rolled_back)["rollback_of"] == 0
+    assert store.versions.load_meta(rolled_back).rollback_of == 0
     entry = store.versions.history(rolled_back + 1, rolled_back + 1)[0]
-    assert entry["parent"] == rolled_back
-    assert [update["task_id"] for update in entry["updates"]] == [from_v0.task_id, fresh.task_id]
-    assert [update["staleness"] for update in entry["updates"]] == [2, 0]
+    assert entry.parent == rolled_back
+    assert [update.task_id for update in entry.updates] == [from_v0.task_id, fresh.task_id]
+    assert [update.staleness for update in entry.updates] == [2, 0]
 
 
 def test_stop_returns_buffered_updates_to_the_queue_and_a_restart_applies_them(broker, store):
@@ -148,7 +148,7 @@ def test_stop_returns_buffered_updates_to_the_queue_and_a_restart_applies_them(b
     wait_for_head(store, 1)
     restarted.stop()
     entry = store.versions.history(1, 1)[0]
-    assert sorted(update["task_id"] for update in entry["updates"]) == sorted(task.task_id for task in tasks)
+    assert sorted(update.task_id for update in entry.updates) == sorted(task.task_id for task in tasks)
 
 
 def test_a_dropped_connection_redelivers_the_buffer_and_nothing_is_applied_twice(broker, store):
@@ -162,7 +162,7 @@ def test_a_dropped_connection_redelivers_the_buffer_and_nothing_is_applied_twice
     answer(broker, second, delta_like(store, 0.2))
     wait_for_head(store, 1)
     running.stop()
-    applied = [update["task_id"] for entry in store.versions.history() for update in entry["updates"]]
+    applied = [update.task_id for entry in store.versions.history() for update in entry.updates]
     assert sorted(applied) == sorted([first.task_id, second.task_id])
 
 

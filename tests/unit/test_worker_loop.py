@@ -29,7 +29,7 @@ def job_store(task: str = "linear"):
     """A store holding what a coordinator leaves for workers: the spec and version 0."""
     store = memory_store(JOB)
     store.status.save_spec({"task": task, "task_params": {}, "seed": 0})
-    store.versions.commit(None, load_task(task).initial_weights(0), {"metrics": {}}, [])
+    store.versions.commit(None, load_task(task).initial_weights(0))
     return store
 
 
