@@ -47,7 +47,8 @@ def connect(url: str, *, name: str = "fedq", heartbeat: int = HEARTBEAT_SECONDS,
     """Open a blocking connection, retrying transient failures with exponential backoff."""
     params = parameters(url, heartbeat=heartbeat, name=name)
     backoff = FIRST_BACKOFF_SECONDS
-    for attempt in range(1, attempts + 1):
+    attempt = 1
+    while True:
         try:
             return pika.BlockingConnection(params)
         except pika.exceptions.ProbableAuthenticationError:
@@ -55,13 +56,13 @@ def connect(url: str, *, name: str = "fedq", heartbeat: int = HEARTBEAT_SECONDS,
         except pika.exceptions.ProbableAccessDeniedError:
             raise BrokerError(f"RabbitMQ at {_safe(url)} denied access to the virtual host") from None
         except pika.exceptions.AMQPConnectionError as error:
-            if attempt == attempts:
+            if attempt >= attempts:
                 raise BrokerError(f"cannot reach RabbitMQ at {_safe(url)} after {attempts} attempts: "
                                   f"{error!r}") from None
             log.warning("event=amqp_connect_retry attempt=%d backoff_s=%.1f error=%r", attempt, backoff, error)
             time.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
-    raise AssertionError("unreachable")
+            attempt += 1
 
 
 def _safe(url: str) -> str:

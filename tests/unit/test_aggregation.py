@@ -379,7 +379,6 @@ def read_only(weights):
     return frozen
 
 
-@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")   # pytest resets the module's filter
 def test_aggregators_accept_read_only_inputs():
     """The coordinator caches versions as read-only arrays; stepping must neither fail nor need to write them."""
     current = read_only({"w": f32([1.0, 2.0])})
