@@ -127,7 +127,7 @@ def print_summary(store: ModelStore, totals: dict[str, Any], wall_seconds: float
                   coordinator_exit: int, log_dir: str) -> int:
     state = store.status.load()
     head = store.versions.head()
-    accuracy = (store.versions.load_meta(head).get("metrics", {}).get("accuracy") if head is not None else None)
+    accuracy = (store.versions.load_meta(head).metrics.get("accuracy") if head is not None else None)
     stalenesses = totals["stalenesses"]
     rejected = store.counters.get("rejected")
     skipped = store.counters.get("skipped")
