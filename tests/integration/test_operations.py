@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -119,11 +118,17 @@ def test_coordinator_metrics_match_the_history(processes, job, store):
     for worker in workers:
         worker.wait(timeout=60)
     wait_until(lambda: store.counters.get("rejected").get("not_json") == 1, 30, "the garbage was not rejected")
-    time.sleep(1.5)  # let the last commit's metrics land
-
-    samples = scrape(port)
     label = (("job", job),)
-    head = store.versions.head()
+
+    def settled():
+        """The metrics of the last commit, once they have caught up with the history."""
+        head = store.versions.head()
+        samples = scrape(port)
+        caught_up = (samples.get(("fedq_versions_committed_total", label)) == head
+                     and samples.get(("fedq_head_version", label)) == head)
+        return (samples, head) if caught_up and store.versions.head() == head else None
+
+    samples, head = wait_until(settled, 60, "the coordinator's metrics never caught up with its history")
     history = store.versions.history(1)
     applied = sum(len(entry.updates) for entry in history)
     assert samples[("fedq_head_version", label)] == head
