@@ -85,6 +85,7 @@ def take_dead_letters(job: str) -> list[tuple[dict, bytes]]:
     connection = connect(AMQP_URL)
     try:
         channel = connection.channel()
+        Topology(job).declare(channel)  # idempotent: the services may not have declared it yet
         letters = []
         while True:
             method, properties, body = channel.basic_get(Topology(job).dead, auto_ack=True)
