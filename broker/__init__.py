@@ -1,7 +1,6 @@
-"""RabbitMQ plumbing for fedq: connection with bounded reconnect, per-job topology,
-confirmed publishing, heartbeat-safe consuming and queue depth. Imports only ``common``.
+"""RabbitMQ plumbing for fedq. The service loops see only ``transport`` (a small protocol:
+consume, ack, nack, reject, publish, purge, poll); ``pika_transport`` implements it on RabbitMQ
+(``connection`` with bounded retry, ``session`` reconnecting, ``topology``, ``publisher`` with
+confirms), ``memory`` in memory for unit tests; ``depth`` reads queue depths for operators.
+Imports only ``fedq.common``.
 """
-from fedq.broker.connection import BrokerError, connect
-from fedq.broker.topology import Topology
-
-__all__ = ["BrokerError", "Topology", "connect"]
