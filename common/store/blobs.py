@@ -22,3 +22,10 @@ class UpdateBlobs:
 
     def get(self, key: str) -> bytes | None:
         return self.redis.get(key)
+
+    def size(self, key: str) -> int:
+        """The blob's length in bytes without reading it (0 when there is none).
+
+        Raises ``redis.ResponseError`` (WRONGTYPE) when the key holds no string.
+        """
+        return int(self.redis.strlen(key))

@@ -50,5 +50,22 @@ def tensor_specs(tensors: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int
     return {name: (tuple(array.shape), array.dtype.name) for name, array in tensors.items()}
 
 
+# Room for a safetensors header: its 8-byte length, and per tensor a JSON entry with
+# the name, dtype, shape and offsets (about 70 bytes plus the name in practice).
+HEADER_BYTES_PER_TENSOR = 160
+HEADER_BYTES_FIXED = 1024
+
+
+def max_encoded_size(specs: Mapping[str, tuple[tuple[int, ...], str]]) -> int:
+    """An upper bound on the safetensors size of tensors with these (shape, dtype) specs.
+
+    Used to refuse an oversized payload before reading it: anything larger cannot
+    decode to tensors of these shapes.
+    """
+    data = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for shape, dtype in specs.values())
+    header = HEADER_BYTES_FIXED + sum(len(name.encode()) + HEADER_BYTES_PER_TENSOR for name in specs)
+    return 8 + header + data
+
+
 def num_parameters(tensors: Mapping[str, np.ndarray]) -> int:
     return int(sum(array.size for array in tensors.values()))

@@ -110,6 +110,7 @@ class Coordinator:
             log.info(kv("resumed", job=self.settings.job, head=self.head))
         self._load_head()
         self.tensor_specs = codec.tensor_specs(self.weights)
+        self.max_delta_bytes = codec.max_encoded_size(self.tensor_specs)
         self.store.status.set(status="running")
 
     def _load_head(self) -> None:
@@ -189,7 +190,8 @@ class Coordinator:
 
     def _on_update(self, delivery: Delivery) -> None:
         expected = Expectations(job=self.settings.job, head=self.head, max_staleness=self.settings.max_staleness,
-                                tensor_specs=self.tensor_specs, abandoned=self.abandoned)
+                                tensor_specs=self.tensor_specs, abandoned=self.abandoned,
+                                max_delta_bytes=self.max_delta_bytes)
         try:
             validated = validate_update(delivery.body, expected, self.store, self._is_duplicate)
         except Rejected as rejection:

@@ -3,9 +3,9 @@
 :func:`validate_update` turns a message body into a :class:`ValidatedUpdate`
 or raises :class:`Rejected` with a stable reason label (the dead-letter reason
 header and the rejection counter). The checks, in order: schema, job,
-duplicate (skipped quietly, not dead-lettered), staleness, the delta (inline or
-claim check, verified against its sha256), tensor names/shapes/dtypes, finite
-values.
+duplicate (skipped quietly, not dead-lettered), staleness, the delta's size
+(before a claimed blob is read), the delta itself (inline or claim check,
+verified against its sha256), tensor names/shapes/dtypes, finite values.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import redis
 
 from fedq.common.records import AppliedUpdate
 from fedq.common.store import ModelStore
@@ -45,6 +46,8 @@ class Expectations:
     max_staleness: int
     tensor_specs: dict[str, tuple[tuple[int, ...], str]]
     abandoned: frozenset[int] = frozenset()
+    # No delta matching tensor_specs is larger (codec.max_encoded_size): a bigger payload is refused unread.
+    max_delta_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def validate_update(body: bytes, expected: Expectations, store: ModelStore,
                        worker_id=update.worker_id, duplicate=True)
     try:
         staleness = check_staleness(update, expected.head, expected.max_staleness, expected.abandoned)
-        digest, payload, delta = load_delta(update, store)
+        digest, payload, delta = load_delta(update, store, expected.max_delta_bytes)
         check_tensors(delta, expected.tensor_specs)
     except MessageError as error:
         raise Rejected(error, update.task_id, worker_id=update.worker_id) from None
@@ -91,27 +94,47 @@ def validate_update(body: bytes, expected: Expectations, store: ModelStore,
         inline_payload=None if isinstance(update.delta, ClaimCheck) else payload)
 
 
-def load_delta(update: ModelUpdate, store: ModelStore) -> tuple[str, bytes, codec.Weights]:
+def load_delta(update: ModelUpdate, store: ModelStore,
+               max_bytes: int | None = None) -> tuple[str, bytes, codec.Weights]:
     """The update's delta as (sha256, safetensors bytes, arrays), from the message or
-    its Redis claim check (verified against the claimed sha256)."""
+    its Redis claim check (verified against the claimed sha256).
+
+    A payload over ``max_bytes`` is refused as ``too_large``; a claimed blob is
+    measured in Redis first and only read when its size is acceptable.
+    """
     if isinstance(update.delta, ClaimCheck):
         claim = update.delta
         if claim.key != store.blobs.key(update.task_id):
             # An update may only claim its own blob, never another job's or another update's.
             raise MessageError("bad_claim", f"claim key {claim.key!r} is not this update's blob key")
+        _check_size(claim.nbytes, max_bytes, f"claim-checked blob {claim.key!r}")
+        try:
+            stored = store.blobs.size(claim.key)
+        except redis.ResponseError:  # WRONGTYPE: someone put a hash or list there
+            raise MessageError("bad_claim", f"claim key {claim.key!r} does not hold a blob") from None
+        if stored == 0:
+            raise MessageError("missing_blob", f"claim-checked blob {claim.key!r} is gone (expired or never written)")
+        if stored != claim.nbytes:
+            raise MessageError("bad_digest", f"blob {claim.key!r} does not match its sha256/size")
         payload = store.blobs.get(claim.key)
-        if payload is None:
+        if payload is None:  # expired between the two reads
             raise MessageError("missing_blob", f"claim-checked blob {claim.key!r} is gone (expired or never written)")
         digest = codec.digest(payload)
         if len(payload) != claim.nbytes or digest != claim.sha256:
             raise MessageError("bad_digest", f"blob {claim.key!r} does not match its sha256/size")
     else:
         payload = update.delta.payload
+        _check_size(len(payload), max_bytes, "the inline delta")
         digest = codec.digest(payload)
     try:
         return digest, payload, codec.decode(payload)
     except codec.CodecError as error:
         raise MessageError("bad_tensor", str(error)) from None
+
+
+def _check_size(nbytes: int, max_bytes: int | None, what: str) -> None:
+    if max_bytes is not None and nbytes > max_bytes:
+        raise MessageError("too_large", f"{what} has {nbytes} bytes; no delta of this model has more than {max_bytes}")
 
 
 def check_tensors(delta: codec.Weights, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:

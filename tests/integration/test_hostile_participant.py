@@ -1,0 +1,47 @@
+"""A participant with a worker's credentials tries to crash or bloat the coordinator (real RabbitMQ and Redis)."""
+from __future__ import annotations
+
+import json
+
+from fedq.broker.connection import connect
+from fedq.broker.publisher import publish
+from fedq.broker.topology import Topology
+from fedq.common.wire.messages import ClaimCheck, ModelUpdate
+from tests.support import AMQP_URL, connection_flags, wait_until
+
+
+def claim_update(job: str, task_id: str, claim: ClaimCheck) -> bytes:
+    return ModelUpdate(job=job, task_id=task_id, worker_id="mallory", base_version=0, num_examples=10,
+                       delta=claim).to_bytes()
+
+
+def test_a_claim_key_of_the_wrong_type_or_an_oversized_claim_costs_one_dead_letter(processes, job, store):
+    coordinator = processes.start("coordinator", "coordinator", *connection_flags(job), "--task", "digits",
+                                  "--task-params", json.dumps({"num_partitions": 2}), "--concurrency", "2",
+                                  "--max-versions", "5", "--max-staleness", "100")
+    wait_until(lambda: store.versions.head() is not None, 120, "the coordinator did not initialise the job")
+    # Before the fix, GET on a hash raised WRONGTYPE: the coordinator crashed, and again on every restart.
+    store.redis.hset(store.blobs.key("hash-task"), "not", "a blob")
+    # A 500 MB claim with a plausible digest: refused by its size, never read.
+    store.redis.setrange(store.blobs.key("huge-task"), 500 * 1024 * 1024 - 1, b"\0")
+    hostile = {
+        "hash-task": ClaimCheck(key=store.blobs.key("hash-task"), sha256="0" * 64, nbytes=10),
+        "huge-task": ClaimCheck(key=store.blobs.key("huge-task"), sha256="0" * 64, nbytes=500 * 1024 * 1024),
+    }
+    connection = connect(AMQP_URL)
+    channel = connection.channel()
+    Topology(job).declare(channel)
+    channel.confirm_delivery()
+    for task_id, claim in hostile.items():
+        publish(channel, Topology(job).updates, claim_update(job, task_id, claim), message_id=task_id)
+    connection.close()
+    wait_until(lambda: store.counters.get("rejected") == {"bad_claim": 1, "too_large": 1}, 120,
+               f"the hostile claims were not rejected: {store.counters.get('rejected')}")
+    assert coordinator.poll() is None, processes.log("coordinator")[-3000:]
+    # The job goes on: honest workers train it to its end.
+    for index in range(2):
+        processes.start(f"worker-{index}", "worker", *connection_flags(job), "--worker-id", f"w{index}",
+                        "--partition", str(index))
+    assert coordinator.wait(timeout=300) == 0, processes.log("coordinator")[-3000:]
+    assert store.status.load()["reason"] == "max_versions"
+    assert "Traceback" not in processes.log("coordinator")
