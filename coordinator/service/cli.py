@@ -41,6 +41,9 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("clip_norm", non_negative_float, 0.0, "FedBuff: clip each update to this L2 norm (0: off)"),
     Option("robust", str, "mean", "FedBuff: combine the buffer by its mean, coordinate-wise median or trimmed mean",
            choices=ROBUST_ESTIMATORS),
+    Option("norm_outlier_factor", non_negative_float, 10.0,
+           "refuse an update whose L2 norm exceeds this many times the median of accepted ones "
+           "(and of the model's own norm) as norm_outlier (0: off)"),
     Option("trim_fraction", non_negative_float, 0.1, "FedBuff trimmed_mean: fraction dropped at each end"),
     Option("server_optimizer", str, "sgd", "server optimizer",
            choices=SERVER_OPTIMIZERS),

@@ -23,6 +23,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedq.broker.pika_transport import PikaTransport
@@ -34,12 +35,13 @@ from fedq.common.obs.logs import kv
 from fedq.common.store import TRANSIENT_REDIS_ERRORS, HeadMovedError, ModelStore, StoreError, connect_redis
 from fedq.common.tasks import FederatedTask, load_task, load_weights_into
 from fedq.common.wire import codec
-from fedq.common.wire.messages import RoundTask, TrainSettings
+from fedq.common.wire.messages import MessageError, RoundTask, TrainSettings
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
 from fedq.coordinator.algorithms.step import build_aggregator, build_optimizer, config_digest, server_step
 from fedq.coordinator.service.scheduling import scheduling_policy
 from fedq.coordinator.service.settings import CoordinatorSettings
-from fedq.coordinator.service.validation import Expectations, Rejected, ValidatedUpdate, validate_update
+from fedq.coordinator.service.validation import (Expectations, NormGuard, Rejected, ValidatedUpdate, l2_norm,
+                                                validate_update)
 
 log = logging.getLogger("fedq.coordinator")
 
@@ -53,7 +55,7 @@ IDLE_SECONDS = 0.5
 class Pending:
     """A validated update waiting in the buffer, with its unacked delivery."""
 
-    delivery_tag: int
+    delivery: Delivery
     validated: ValidatedUpdate
 
     @property
@@ -74,6 +76,7 @@ class Coordinator:
         self.config = settings.aggregation_config()
         self.aggregator = build_aggregator(self.config)
         self.optimizer = build_optimizer(self.config)
+        self.norm_guard = NormGuard(settings.norm_outlier_factor)
         self.policy = scheduling_policy(settings.chosen_algorithm.synchronous, settings.concurrency,
                                         self.aggregator.buffer_size)
         self.task: FederatedTask = load_task(settings.task, settings.task_params)
@@ -121,6 +124,7 @@ class Coordinator:
         """
         self.head = self.store.versions.head()
         self.weights = self.store.versions.load_weights(self.head)
+        self.model_norm = l2_norm(self.weights)
         self.optimizer_state = self.store.versions.load_optimizer_state(self.head)
         self.abandoned = frozenset(self.store.versions.abandoned())
         self.in_flight = self.store.ledger.in_flight()
@@ -191,7 +195,8 @@ class Coordinator:
     def _on_update(self, delivery: Delivery) -> None:
         expected = Expectations(job=self.settings.job, head=self.head, max_staleness=self.settings.max_staleness,
                                 tensor_specs=self.tensor_specs, abandoned=self.abandoned,
-                                max_delta_bytes=self.max_delta_bytes)
+                                max_delta_bytes=self.max_delta_bytes,
+                                max_delta_norm=self.norm_guard.bound(self.model_norm))
         try:
             validated = validate_update(delivery.body, expected, self.store, self._is_duplicate)
         except Rejected as rejection:
@@ -200,7 +205,7 @@ class Coordinator:
             else:
                 self._dead_letter(delivery, rejection)
             return
-        self.buffer.append(Pending(delivery.tag, validated))
+        self.buffer.append(Pending(delivery, validated))
         self._forget([validated.update.task_id])
         metrics.BUFFER_FILL.labels(self.settings.job).set(len(self.buffer))
         crash_point("buffered")
@@ -244,6 +249,15 @@ class Coordinator:
         new_weights, new_state, weights = server_step(self.aggregator, self.optimizer, self.weights,
                                                       self.optimizer_state, updates, self.store.versions.load_weights)
         aggregation_seconds = time.perf_counter() - aggregation_started
+        if not all(np.isfinite(array).all() for array in new_weights.values()):
+            # Every update passed its own checks, yet their step is not a model: refuse the
+            # step and its updates, keep the head, and go on.
+            log.error(kv("step_rejected", reason="non_finite_step", head=self.head, updates=len(pending)))
+            for item in pending:
+                self._dead_letter(item.delivery, Rejected(
+                    MessageError("non_finite_step", f"the server step with this update is not finite at head "
+                                                    f"{self.head}"), item.update.task_id))
+            return
         version = self.head + 1
         evaluate = self.settings.eval_every > 0 and version % self.settings.eval_every == 0
         scores = self._evaluate(new_weights) if evaluate else {}
@@ -261,13 +275,15 @@ class Coordinator:
             # updates go back to the queue and are judged again against the new head.
             log.warning(kv("head_moved", error=str(error)))
             for item in pending:
-                self._channel.nack(item.delivery_tag, requeue=True)
+                self._channel.nack(item.delivery.tag, requeue=True)
             self._load_head()
             return
         self.weights, self.optimizer_state = self.store.versions.load_weights(self.head), new_state
+        self.model_norm = l2_norm(self.weights)
+        self.norm_guard.accepted([item.validated.norm for item in pending])
         crash_point("committed")
         for item in pending:
-            self._channel.ack(item.delivery_tag)
+            self._channel.ack(item.delivery.tag)
         self._observe_commit(updates, scores, aggregation_seconds, time.perf_counter() - commit_started)
         stalenesses = [update.staleness for update in updates]
         log.info(kv("version_committed", version=self.head, updates=len(updates),

@@ -39,6 +39,7 @@ class CoordinatorSettings:
     robust: str = "mean"
     trim_fraction: float = 0.1
     keep_versions: int = 0
+    norm_outlier_factor: float = 10.0
     checkpoint_every: int = 0
 
     def __post_init__(self):

@@ -5,10 +5,14 @@ or raises :class:`Rejected` with a stable reason label (the dead-letter reason
 header and the rejection counter). The checks, in order: schema, job,
 duplicate (skipped quietly, not dead-lettered), staleness, the delta's size
 (before a claimed blob is read), the delta itself (inline or claim check,
-verified against its sha256), tensor names/shapes/dtypes, finite values.
+verified against its sha256), tensor names/shapes/dtypes, finite values, and
+the delta's L2 norm against what the job has accepted (:class:`NormGuard`).
 """
 from __future__ import annotations
 
+import math
+import statistics
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,6 +52,8 @@ class Expectations:
     abandoned: frozenset[int] = frozenset()
     # No delta matching tensor_specs is larger (codec.max_encoded_size): a bigger payload is refused unread.
     max_delta_bytes: int | None = None
+    # A delta with a larger L2 norm is refused as norm_outlier (NormGuard.bound); None: no bound.
+    max_delta_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class ValidatedUpdate:
     digest: str
     blob_key: str
     inline_payload: bytes | None  # written to blob_key at commit; claim checks are already there
+    norm: float = 0.0  # L2 norm of the delta, over all tensors
 
     def applied(self, weight: float) -> AppliedUpdate:
         """Its record in the history once a server step applied it with ``weight``."""
@@ -85,13 +92,48 @@ def validate_update(body: bytes, expected: Expectations, store: ModelStore,
         staleness = check_staleness(update, expected.head, expected.max_staleness, expected.abandoned)
         digest, payload, delta = load_delta(update, store, expected.max_delta_bytes)
         check_tensors(delta, expected.tensor_specs)
+        norm = l2_norm(delta)
+        if expected.max_delta_norm is not None and norm > expected.max_delta_norm:
+            raise MessageError("norm_outlier", f"the delta's L2 norm {norm:.4g} exceeds this job's bound "
+                                               f"{expected.max_delta_norm:.4g}")
     except MessageError as error:
         raise Rejected(error, update.task_id, worker_id=update.worker_id) from None
     return ValidatedUpdate(
         BufferedUpdate(task_id=update.task_id, worker_id=update.worker_id, base_version=update.base_version,
                        staleness=staleness, num_examples=update.num_examples, delta=delta),
         worker_id=update.worker_id, digest=digest, blob_key=store.blobs.key(update.task_id),
-        inline_payload=None if isinstance(update.delta, ClaimCheck) else payload)
+        inline_payload=None if isinstance(update.delta, ClaimCheck) else payload, norm=norm)
+
+
+def l2_norm(weights: codec.Weights) -> float:
+    """The L2 norm over all tensors together, accumulated in float64 (no float32 overflow)."""
+    return math.sqrt(sum(float(np.dot(array.ravel().astype(np.float64), array.ravel().astype(np.float64)))
+                         for array in weights.values()))
+
+
+class NormGuard:
+    """Bounds the L2 norm of an update by what the job has accepted, so that finite poison
+    (a delta filled with 1e30, or an honest one scaled up) is refused as ``norm_outlier``.
+
+    The bound is ``factor`` times the median norm of the last ``window`` accepted updates,
+    and never below ``factor`` times the model's own norm: that floor bounds the first
+    updates, before any history exists, and keeps honest updates of a job whose steps
+    shrink over time from being refused. The median moves only once most of the window
+    is poisoned. Honest updates of one job differ by a few times (data sizes, learning
+    rates), so ``factor = 10`` keeps them while refusing anything an order of magnitude off.
+    """
+
+    def __init__(self, factor: float, window: int = 100):
+        self.factor = factor
+        self.norms: deque[float] = deque(maxlen=window)
+
+    def bound(self, model_norm: float) -> float | None:
+        """The largest acceptable update norm now; None when there is nothing to compare with yet."""
+        typical = max(statistics.median(self.norms) if self.norms else 0.0, model_norm)
+        return self.factor * typical if self.factor and typical > 0 else None
+
+    def accepted(self, norms: list[float]) -> None:
+        self.norms.extend(norms)
 
 
 def load_delta(update: ModelUpdate, store: ModelStore,

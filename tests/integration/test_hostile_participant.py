@@ -45,3 +45,37 @@ def test_a_claim_key_of_the_wrong_type_or_an_oversized_claim_costs_one_dead_lett
     assert coordinator.wait(timeout=300) == 0, processes.log("coordinator")[-3000:]
     assert store.status.load()["reason"] == "max_versions"
     assert "Traceback" not in processes.log("coordinator")
+
+
+def test_finite_poison_is_refused_and_the_model_stays_sound(processes, job, store):
+    import numpy as np
+
+    from fedq.common.tasks import load_task
+    from fedq.common.wire import codec
+    from fedq.common.wire.messages import InlineDelta
+
+    coordinator = processes.start("coordinator", "coordinator", *connection_flags(job), "--task", "digits",
+                                  "--task-params", json.dumps({"num_partitions": 2}), "--concurrency", "2",
+                                  "--max-versions", "20", "--max-staleness", "100")
+    wait_until(lambda: store.versions.head() is not None, 120, "the coordinator did not initialise the job")
+    shapes = load_task("digits", {"num_partitions": 2}).initial_weights(0)
+    connection = connect(AMQP_URL)
+    channel = connection.channel()
+    Topology(job).declare(channel)
+    channel.confirm_delivery()
+    for index, value in enumerate([1e30] * 6 + [3e38] * 6):  # the values that broke the model before
+        delta = {name: np.full_like(array, value) for name, array in shapes.items()}
+        poison = ModelUpdate(job=job, task_id=f"poison-{index}", worker_id="mallory", base_version=0, num_examples=10,
+                             delta=InlineDelta(codec.encode(delta))).to_bytes()
+        publish(channel, Topology(job).updates, poison, message_id=f"poison-{index}")
+    connection.close()
+    wait_until(lambda: store.counters.get("rejected") == {"norm_outlier": 12}, 120,
+               f"not every poisoned update was refused: {store.counters.get('rejected')}")
+    for index in range(2):
+        processes.start(f"worker-{index}", "worker", *connection_flags(job), "--worker-id", f"w{index}",
+                        "--partition", str(index))
+    assert coordinator.wait(timeout=300) == 0, processes.log("coordinator")[-3000:]
+    head = store.versions.head()
+    assert all(np.isfinite(array).all() for array in store.versions.load_weights(head).values())
+    assert "mallory" not in {update.worker_id for entry in store.versions.history() for update in entry.updates}
+    assert np.isfinite(store.versions.load_meta(head).metrics["loss"])

@@ -178,3 +178,29 @@ def test_the_target_stops_the_run_and_withdraws_outstanding_tasks(broker, store)
 def test_an_unknown_algorithm_is_an_error_not_fedavg():
     with pytest.raises(ValueError, match="unknown algorithm 'fedsgd'; choose from fedasync, fedbuff, fedavg"):
         CoordinatorSettings(job=JOB, amqp_url="", redis_url="", algorithm="fedsgd")
+
+
+def test_a_poisoned_update_with_finite_values_is_refused_as_a_norm_outlier(broker, store):
+    _, running = start(broker, store, algorithm="fedasync", concurrency=1)
+    task = take_task(broker)
+    answer(broker, task, delta_like(store, 1e30))  # finite, so no NaN check catches it
+    wait_until(lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["norm_outlier"],
+               DEADLINE, "the poisoned update was not refused")
+    answer(broker, take_task(broker), delta_like(store, 0.1))  # an honest one still lands
+    wait_for_head(store, 1)
+    running.stop()
+    assert all(np.isfinite(array).all() and np.abs(array).max() < 10 for array in store.versions.load_weights(1).values())
+
+
+def test_a_step_that_is_not_finite_is_refused_and_the_head_stays(broker, store):
+    # With the norm guard off, each update is finite but the step (server_lr 10 x 3e38) overflows.
+    _, running = start(broker, store, algorithm="fedbuff", buffer_size=1, concurrency=1, server_lr=10.0,
+                       staleness="constant", norm_outlier_factor=0.0)
+    answer(broker, take_task(broker), delta_like(store, 3e38))
+    wait_until(lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["non_finite_step"],
+               DEADLINE, "the non-finite step was not refused")
+    assert store.versions.head() == 0
+    answer(broker, take_task(broker), delta_like(store, 0.01))
+    wait_for_head(store, 1)
+    running.stop()
+    assert all(np.isfinite(array).all() for array in store.versions.load_weights(1).values())

@@ -1,12 +1,14 @@
 """validate_update end to end on fakeredis: hostile claim checks end in a reason, never a crash or a big read."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from fedq.common.wire import codec
 from fedq.common.wire.messages import ClaimCheck, InlineDelta, ModelUpdate
-from fedq.coordinator.service.validation import Expectations, Rejected, validate_update
+from fedq.coordinator.service.validation import Expectations, NormGuard, Rejected, validate_update
 from tests.support import memory_store
 
 JOB = "unit"
@@ -68,3 +70,26 @@ def test_a_missing_blob_and_an_oversized_inline_delta_have_their_reasons():
     assert reason(store, body("t1", ClaimCheck(key=store.blobs.key("t1"), sha256="0" * 64, nbytes=100))) \
         == "missing_blob"
     assert reason(store, body("t2", InlineDelta(b"\0" * (EXPECTED.max_delta_bytes + 1)))) == "too_large"
+
+
+def test_the_norm_bound_follows_the_model_first_then_the_median_of_accepted_updates():
+    guard = NormGuard(10.0, window=3)
+    assert guard.bound(model_norm=2.0) == 20.0            # no history yet: ten times the model's norm
+    assert NormGuard(10.0).bound(model_norm=0.0) is None  # nothing to compare with: no bound
+    assert NormGuard(0.0).bound(model_norm=2.0) is None   # off
+    guard.accepted([5.0, 7.0, 6.0])
+    assert guard.bound(model_norm=2.0) == 60.0            # ten times the median
+    guard.accepted([1000.0])                              # one outlier in the window hardly moves the median
+    assert guard.bound(model_norm=2.0) == 70.0
+
+
+def test_an_update_over_the_norm_bound_is_a_norm_outlier():
+    store = memory_store(JOB)
+    delta = {name: np.full_like(array, 3.0) for name, array in MODEL.items()}  # norm 3 * 6 = 18
+    expected = replace(EXPECTED, max_delta_norm=17.9)
+    with pytest.raises(Rejected) as info:
+        validate_update(body("t1", InlineDelta(codec.encode(delta))), expected, store, lambda task_id: False)
+    assert info.value.reason == "norm_outlier"
+    validated = validate_update(body("t1", InlineDelta(codec.encode(delta))), replace(expected, max_delta_norm=18.1),
+                                store, lambda task_id: False)
+    assert validated.norm == pytest.approx(18.0)
