@@ -12,6 +12,8 @@ import time
 import pika
 import pika.exceptions
 
+from fedq.common.retry import CONNECT_ATTEMPTS, backoff_delays
+
 log = logging.getLogger("fedq.broker")
 
 # Heartbeats every 30 s: long enough that a loaded 2-core machine doesn't miss
@@ -19,10 +21,6 @@ log = logging.getLogger("fedq.broker")
 HEARTBEAT_SECONDS = 30
 # A broker under a memory or disk alarm blocks publishers; fail instead of hanging.
 BLOCKED_CONNECTION_TIMEOUT_SECONDS = 60
-# Bounded: a wrong URL or a server that is down should fail within ~8 s, not hang.
-CONNECT_ATTEMPTS = 5
-FIRST_BACKOFF_SECONDS = 0.5
-MAX_BACKOFF_SECONDS = 8.0
 
 
 class BrokerError(RuntimeError):
@@ -46,7 +44,7 @@ def connect(url: str, *, name: str = "fedq", heartbeat: int = HEARTBEAT_SECONDS,
             attempts: int = CONNECT_ATTEMPTS) -> pika.BlockingConnection:
     """Open a blocking connection, retrying transient failures with exponential backoff."""
     params = parameters(url, heartbeat=heartbeat, name=name)
-    backoff = FIRST_BACKOFF_SECONDS
+    delays = backoff_delays(attempts)
     attempt = 1
     while True:
         try:
@@ -56,12 +54,12 @@ def connect(url: str, *, name: str = "fedq", heartbeat: int = HEARTBEAT_SECONDS,
         except pika.exceptions.ProbableAccessDeniedError:
             raise BrokerError(f"RabbitMQ at {_safe(url)} denied access to the virtual host") from None
         except pika.exceptions.AMQPConnectionError as error:
-            if attempt >= attempts:
+            backoff = next(delays, None)
+            if backoff is None:
                 raise BrokerError(f"cannot reach RabbitMQ at {_safe(url)} after {attempts} attempts: "
                                   f"{error!r}") from None
             log.warning("event=amqp_connect_retry attempt=%d backoff_s=%.1f error=%r", attempt, backoff, error)
             time.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
             attempt += 1
 
 

@@ -225,3 +225,18 @@ def test_sigterm_stops_the_coordinator_cleanly_and_a_restart_continues(processes
     assert f"event=resumed job={job} head={stopped_at}" in processes.log("coordinator-2")
     assert store.status.load()["reason"] == "max_versions"
     assert_exactly_once_and_replayable(store)
+
+
+def test_services_started_while_redis_is_down_wait_for_it(processes, job, own_redis):
+    own_redis["server"].terminate()
+    own_redis["server"].wait(timeout=20)
+    redis_url = f"redis://127.0.0.1:{own_redis['port']}/0"
+    coordinator = processes.start("coordinator", "coordinator", *flags(job, redis_url), *TRAINING,
+                                  "--concurrency", "2", "--max-versions", "3")
+    processes.start("worker-0", "worker", *flags(job, redis_url), "--worker-id", "w0")
+    # Redis comes up only once the coordinator has found it down and is backing off.
+    processes.wait_for_log("coordinator", "event=redis_connect_retry", timeout=180)
+    own_redis["server"] = own_redis["start"]()
+    assert coordinator.wait(timeout=180) == 0, processes.log("coordinator")[-3000:]
+    assert ModelStore(connect_redis(redis_url), job).status.load()["reason"] == "max_versions"
+    assert "event=worker_ready" in processes.wait_for_log("worker-0", "event=worker_ready", timeout=60)
