@@ -12,6 +12,7 @@ import time
 import pika
 import pika.exceptions
 
+from fedq.broker import header_decoding
 from fedq.common.retry import CONNECT_ATTEMPTS, backoff_delays
 
 log = logging.getLogger("fedq.broker")
@@ -43,6 +44,8 @@ def parameters(url: str, *, heartbeat: int = HEARTBEAT_SECONDS, name: str = "fed
 def connect(url: str, *, name: str = "fedq", heartbeat: int = HEARTBEAT_SECONDS,
             attempts: int = CONNECT_ATTEMPTS) -> pika.BlockingConnection:
     """Open a blocking connection, retrying transient failures with exponential backoff."""
+    # Before any delivery is decoded: a header pika cannot decode must not cost the connection.
+    header_decoding.install()
     params = parameters(url, heartbeat=heartbeat, name=name)
     delays = backoff_delays(attempts)
     attempt = 1

@@ -4,12 +4,26 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 import pika
+import pika.data
 
 from fedq.broker.connection import HEARTBEAT_SECONDS
 from fedq.broker.publisher import publish
 from fedq.broker.session import run_with_reconnect
 from fedq.broker.topology import Topology
 from fedq.broker.transport import Channel, Delivery
+
+
+def encodable(headers: dict[str, Any]) -> dict[str, Any]:
+    """The headers pika can encode again. A dead-lettered message keeps its sender's headers,
+    and a hostile sender's may not survive the trip back (an integer past 2^63, say)."""
+    kept = {}
+    for name, value in headers.items():
+        try:
+            pika.data.encode_table([], {name: value})
+        except Exception:  # noqa: BLE001 - pika raises struct.error, TypeError, its own errors, ...
+            continue
+        kept[name] = value
+    return kept
 
 
 class PikaChannel:
@@ -35,7 +49,7 @@ class PikaChannel:
         self.channel.cancel()
 
     def publish(self, exchange: str, body: bytes, *, message_id: str, headers: dict[str, Any] | None = None) -> None:
-        publish(self.channel, exchange, body, message_id=message_id, headers=headers)
+        publish(self.channel, exchange, body, message_id=message_id, headers=encodable(headers or {}))
 
     def ack(self, tag: int) -> None:
         self.channel.basic_ack(tag)

@@ -76,3 +76,13 @@ class Transport(Protocol):
 def dead_letter_headers(headers: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
     """A rejected message's headers plus why it was rejected (the detail cut to 500 characters)."""
     return {**headers, REASON_HEADER: reason, DETAIL_HEADER: detail[:500]}
+
+
+def delivery_count(delivery: Delivery) -> int:
+    """How often the queue delivered this message before (0 on the first delivery).
+
+    Read defensively: the header is the broker's on a quorum queue, but a sender
+    may have set anything there on a first delivery.
+    """
+    count = delivery.headers.get(DELIVERY_COUNT_HEADER, 0)
+    return count if isinstance(count, int) and not isinstance(count, bool) and 0 <= count < 2**31 else 0

@@ -96,6 +96,40 @@ def take_dead_letters(job: str) -> list[tuple[dict, bytes]]:
         connection.close()
 
 
+def publish_with_undecodable_header(job: str, exchange: str, body: bytes, message_id: str) -> None:
+    """Publish ``body`` with a header pika 1.4.4 cannot decode: a timestamp of 2^64-1 seconds.
+
+    pika's encoder cannot write one, so the test swaps in an encoder that does, as any
+    other AMQP client may.
+    """
+    import struct
+    from unittest import mock
+
+    import pika.data
+
+    from fedq.broker.connection import connect
+    from fedq.broker.publisher import publish
+    from fedq.broker.topology import Topology
+
+    original = pika.data.encode_value
+
+    def encode_value(pieces, value):
+        if value == "<undecodable timestamp>":
+            pieces.append(struct.pack(">cQ", b"T", 2**64 - 1))
+            return 9
+        return original(pieces, value)
+
+    connection = connect(AMQP_URL)
+    try:
+        channel = connection.channel()
+        Topology(job).declare(channel)
+        channel.confirm_delivery()
+        with mock.patch.object(pika.data, "encode_value", encode_value):
+            publish(channel, exchange, body, message_id=message_id, headers={"sent": "<undecodable timestamp>"})
+    finally:
+        connection.close()
+
+
 # -- the loops in memory: no RabbitMQ, no Redis (unit tests) --------------------------------
 
 class InBackground:

@@ -32,12 +32,12 @@ import torch
 
 from fedq.broker.pika_transport import PikaTransport
 from fedq.broker.topology import Topology
-from fedq.broker.transport import DELIVERY_COUNT_HEADER, Channel, Delivery, Transport, dead_letter_headers
+from fedq.broker.transport import Channel, Delivery, Transport, dead_letter_headers, delivery_count
 from fedq.common.obs import metrics
 from fedq.common.obs.logs import kv
 from fedq.common.store import TRANSIENT_REDIS_ERRORS, ModelStore, StoreError, UnknownVersionError, connect_redis
 from fedq.common.tasks import TaskPluginError
-from fedq.common.wire.limits import INLINE_LIMIT_BYTES, TRAINING_ATTEMPTS
+from fedq.common.wire.limits import INLINE_LIMIT_BYTES, MAX_TASK_MESSAGE_BYTES, TRAINING_ATTEMPTS
 from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate, RoundTask, parse_task
 from fedq.worker.training import LocalTrainer, stable_partition
 
@@ -150,6 +150,8 @@ class Worker:
 
     def _handle(self, channel: Channel, delivery: Delivery) -> None:
         try:
+            if len(delivery.body) > MAX_TASK_MESSAGE_BYTES:
+                raise MessageError("too_large", f"a task message of {len(delivery.body)} bytes is not a round task")
             task = parse_task(delivery.body)
             if task.job != self.settings.job:
                 raise MessageError("unknown_job", f"task is for job {task.job!r}")
@@ -210,7 +212,7 @@ class Worker:
             raise error
         self.tasks_failed += 1
         metrics.WORKER_TASKS.labels(self.settings.job, "failed").inc()
-        attempt = int(delivery.headers.get(DELIVERY_COUNT_HEADER, 0)) + 1
+        attempt = delivery_count(delivery) + 1
         detail = f"{type(error).__name__}: {error}"
         if attempt < TRAINING_ATTEMPTS:
             log.warning(kv("task_failed", worker=self.worker_id, task=task.task_id, attempt=attempt,

@@ -205,6 +205,12 @@ class Coordinator:
             else:
                 self._dead_letter(delivery, rejection)
             return
+        except TRANSIENT_REDIS_ERRORS:
+            raise  # Redis is away: reconnect, and this message comes back
+        except Exception as error:  # noqa: BLE001 - validate_update wraps its own; this is the last guard
+            log.exception(kv("update_unusable", error=repr(error)))
+            self._dead_letter(delivery, Rejected(MessageError("unusable", f"{type(error).__name__}: {error}"), None))
+            return
         self.buffer.append(Pending(delivery, validated))
         self._forget([validated.update.task_id])
         metrics.BUFFER_FILL.labels(self.settings.job).set(len(self.buffer))
@@ -228,6 +234,8 @@ class Coordinator:
         log.info(kv("update_skipped", reason="duplicate", task=duplicate.task_id, worker=duplicate.worker_id))
 
     def _dead_letter(self, delivery: Delivery, rejection: Rejected) -> None:
+        if rejection.reason == "unusable" and rejection.__cause__ is not None:
+            log.error(kv("update_unusable", task=rejection.task_id), exc_info=rejection.__cause__)
         self._channel.publish(self.topology.dead, delivery.body, message_id=delivery.message_id or uuid.uuid4().hex,
                               headers=dead_letter_headers(delivery.headers, rejection.reason, rejection.detail))
         self._channel.ack(delivery.tag)

@@ -2,7 +2,7 @@
 
 :func:`validate_update` turns a message body into a :class:`ValidatedUpdate`
 or raises :class:`Rejected` with a stable reason label (the dead-letter reason
-header and the rejection counter). The checks, in order: schema, job,
+header and the rejection counter). The checks, in order: the message's size, schema, job,
 duplicate (skipped quietly, not dead-lettered), staleness, the delta's size
 (before a claimed blob is read), the delta itself (inline or claim check,
 verified against its sha256), tensor names/shapes/dtypes, finite values, and
@@ -20,8 +20,9 @@ import numpy as np
 import redis
 
 from fedq.common.records import AppliedUpdate
-from fedq.common.store import ModelStore
+from fedq.common.store import TRANSIENT_REDIS_ERRORS, ModelStore
 from fedq.common.wire import codec
+from fedq.common.wire.limits import max_update_message_bytes
 from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate, parse_update
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
 
@@ -79,6 +80,10 @@ def validate_update(body: bytes, expected: Expectations, store: ModelStore,
 
     ``already_taken(task_id)`` says whether the task's update is buffered or applied.
     """
+    if expected.max_delta_bytes is not None and len(body) > max_update_message_bytes(expected.max_delta_bytes):
+        raise Rejected(MessageError("too_large", f"the message has {len(body)} bytes; no update of this model has "
+                                                 f"more than {max_update_message_bytes(expected.max_delta_bytes)}"),
+                       None)
     try:
         update = parse_update(body)
     except MessageError as error:
@@ -98,6 +103,11 @@ def validate_update(body: bytes, expected: Expectations, store: ModelStore,
                                                f"{expected.max_delta_norm:.4g}")
     except MessageError as error:
         raise Rejected(error, update.task_id, worker_id=update.worker_id) from None
+    except TRANSIENT_REDIS_ERRORS:
+        raise  # Redis is away, not this update's fault: the caller reconnects and it comes back
+    except Exception as error:  # noqa: BLE001 - a Redis refusal or a bug: it ends this update, not the service
+        raise Rejected(MessageError("unusable", f"{type(error).__name__}: {error}"), update.task_id,
+                       worker_id=update.worker_id) from error
     return ValidatedUpdate(
         BufferedUpdate(task_id=update.task_id, worker_id=update.worker_id, base_version=update.base_version,
                        staleness=staleness, num_examples=update.num_examples, delta=delta),

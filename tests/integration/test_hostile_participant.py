@@ -79,3 +79,32 @@ def test_finite_poison_is_refused_and_the_model_stays_sound(processes, job, stor
     assert all(np.isfinite(array).all() for array in store.versions.load_weights(head).values())
     assert "mallory" not in {update.worker_id for entry in store.versions.history() for update in entry.updates}
     assert np.isfinite(store.versions.load_meta(head).metrics["loss"])
+
+
+def test_a_header_pika_cannot_decode_costs_one_dead_letter_not_a_stall(processes, job, store):
+    import time
+
+    from tests.support import publish_with_undecodable_header, take_dead_letters
+
+    coordinator = processes.start("coordinator", "coordinator", *connection_flags(job), "--task", "digits",
+                                  "--task-params", json.dumps({"num_partitions": 2}), "--concurrency", "2",
+                                  "--max-versions", "4", "--max-staleness", "100")
+    processes.wait_for_log("coordinator", "event=initialised", timeout=120)
+    worker = processes.start("worker-0", "worker", *connection_flags(job), "--worker-id", "w0", "--partition", "0")
+    processes.wait_for_log("worker-0", "event=worker_ready", timeout=120)
+    topology = Topology(job)
+    # Before, each of these made its consumer reconnect until the queue's delivery limit (4.5 min).
+    sent = time.monotonic()
+    publish_with_undecodable_header(job, topology.updates, b"not an update", "poisoned-update")
+    publish_with_undecodable_header(job, topology.tasks, b"not a task", "poisoned-task")
+    letters = wait_until(lambda: [letter for letter in take_dead_letters(job)
+                                  if letter[1] in (b"not an update", b"not a task")] or None, 60,
+                         "the poisoned messages were not dead-lettered")
+    while len(letters) < 2:
+        letters += wait_until(lambda: take_dead_letters(job), 60, "the second message was not dead-lettered")
+    assert time.monotonic() - sent < 10, f"{time.monotonic() - sent:.1f} s to get two messages out of the way"
+    processes.start("worker-1", "worker", *connection_flags(job), "--worker-id", "w1", "--partition", "1")
+    assert coordinator.wait(timeout=300) == 0, processes.log("coordinator")[-3000:]
+    for name in ("coordinator", "worker-0"):
+        assert "event=connection_lost" not in processes.log(name), processes.log(name)[-3000:]
+    assert worker.poll() is None

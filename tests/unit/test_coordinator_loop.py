@@ -204,3 +204,30 @@ def test_a_step_that_is_not_finite_is_refused_and_the_head_stays(broker, store):
     wait_for_head(store, 1)
     running.stop()
     assert all(np.isfinite(array).all() for array in store.versions.load_weights(1).values())
+
+
+def test_an_error_nobody_foresaw_ends_that_update_only(broker, store):
+    _, running = start(broker, store, algorithm="fedasync", concurrency=1)
+    task = take_task(broker)
+    real_size = store.blobs.size
+    store.blobs.size = lambda key: (_ for _ in ()).throw(RuntimeError("a Redis reply nobody expected"))
+    from fedq.common.wire.messages import ClaimCheck, ModelUpdate
+
+    claim = ClaimCheck(key=store.blobs.key(task.task_id), sha256="0" * 64, nbytes=100)
+    broker.publish(TOPOLOGY.updates, Message(ModelUpdate(job=JOB, task_id=task.task_id, worker_id="w", base_version=0,
+                                                         num_examples=1, delta=claim).to_bytes(), task.task_id))
+    wait_until(lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["unusable"],
+               DEADLINE, "the update was not dead-lettered")
+    store.blobs.size = real_size
+    answer(broker, take_task(broker), delta_like(store, 0.1))  # the loop goes on
+    wait_for_head(store, 1)
+    running.stop()
+
+
+def test_an_update_message_larger_than_any_delta_of_the_model_is_refused_unread(broker, store):
+    _, running = start(broker, store, algorithm="fedasync", concurrency=1)
+    task = take_task(broker)
+    broker.publish(TOPOLOGY.updates, Message(b"{" + b" " * (2 * 1024 * 1024) + b"}", task.task_id))
+    wait_until(lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["too_large"],
+               DEADLINE, "the oversized message was not refused")
+    running.stop()
