@@ -35,7 +35,8 @@ from fedq.broker.topology import Topology
 from fedq.broker.transport import Channel, Delivery, Transport, dead_letter_headers, delivery_count
 from fedq.common.obs import metrics
 from fedq.common.obs.logs import kv
-from fedq.common.store import TRANSIENT_REDIS_ERRORS, ModelStore, StoreError, UnknownVersionError, connect_redis
+from fedq.common.store import (TRANSIENT_REDIS_ERRORS, ModelStore, StoreError, TamperedVersionError, UnknownVersionError,
+                               connect_redis)
 from fedq.common.tasks import TaskPluginError
 from fedq.common.wire.limits import INLINE_LIMIT_BYTES, MAX_TASK_MESSAGE_BYTES, TRAINING_ATTEMPTS
 from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate, RoundTask, parse_task
@@ -156,8 +157,7 @@ class Worker:
             if task.job != self.settings.job:
                 raise MessageError("unknown_job", f"task is for job {task.job!r}")
         except MessageError as error:
-            log.warning(kv("task_rejected", worker=self.worker_id, reason=error.reason, detail=error.detail))
-            channel.reject(delivery.tag)
+            self._refuse(channel, delivery, error.reason, error.detail)
             return
         started = time.monotonic()
         log.info(kv("task_started", worker=self.worker_id, task=task.task_id, base_version=task.model_version))
@@ -202,10 +202,10 @@ class Worker:
         bounded number of times, then dead-lettered with the error; only errors that are not
         the task's fault (Redis down, a job this worker cannot serve) leave the loop."""
         metrics.WORKER_FAILURES.labels(self.settings.job, type(error).__name__).inc()
-        if isinstance(error, UnknownVersionError):
-            log.warning(kv("task_rejected", worker=self.worker_id, task=task.task_id, reason="unknown_version",
-                           detail=str(error)))
-            channel.reject(delivery.tag)
+        if isinstance(error, (UnknownVersionError, TamperedVersionError)):
+            # No worker can train this task: its model version is gone or not what was committed.
+            reason = "unknown_version" if isinstance(error, UnknownVersionError) else "tampered_version"
+            self._refuse(channel, delivery, reason, str(error), task.task_id)
             return
         if isinstance(error, NOT_THE_TASKS_FAULT):
             channel.nack(delivery.tag, requeue=True)
@@ -223,6 +223,15 @@ class Worker:
                      error=detail))
         channel.publish(self.topology.dead, delivery.body, message_id=delivery.message_id or task.task_id,
                         headers=dead_letter_headers(delivery.headers, "training_failed", detail))
+        channel.ack(delivery.tag)
+
+    def _refuse(self, channel: Channel, delivery: Delivery, reason: str, detail: str,
+                task_id: str | None = None) -> None:
+        """A task no worker should train: to the dead letters with its reason, and on to the next."""
+        log.warning(kv("task_rejected", worker=self.worker_id, task=task_id, reason=reason, detail=detail))
+        metrics.WORKER_TASKS.labels(self.settings.job, "refused").inc()
+        channel.publish(self.topology.dead, delivery.body, message_id=delivery.message_id or task_id or "unknown",
+                        headers=dead_letter_headers(delivery.headers, reason, detail))
         channel.ack(delivery.tag)
 
     # -- training (runs in the background thread) ------------------------

@@ -15,15 +15,15 @@ from __future__ import annotations
 import redis
 
 from fedq.common.store.blobs import UpdateBlobs
-from fedq.common.store.client import (TRANSIENT_REDIS_ERRORS, HeadMovedError, StoreError, UnknownVersionError,
-                                      connect_redis)
+from fedq.common.store.client import (TRANSIENT_REDIS_ERRORS, HeadMovedError, StoreError, TamperedVersionError,
+                                      UnknownVersionError, connect_redis)
 from fedq.common.store.keys import JobKeys
 from fedq.common.store.ledger import TaskLedger
 from fedq.common.store.status import JobStatus, OutcomeCounters
 from fedq.common.store.versions import VersionStore
 from fedq.common.store.workers import WorkerRegistry
 
-__all__ = ["TRANSIENT_REDIS_ERRORS", "HeadMovedError", "JobKeys", "ModelStore", "StoreError",
+__all__ = ["TRANSIENT_REDIS_ERRORS", "HeadMovedError", "JobKeys", "ModelStore", "StoreError", "TamperedVersionError",
            "UnknownVersionError", "connect_redis"]
 
 

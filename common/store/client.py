@@ -26,6 +26,10 @@ class UnknownVersionError(StoreError):
     """The job has no such model version (never committed, or pruned)."""
 
 
+class TamperedVersionError(StoreError):
+    """A version's stored weights (or the head) do not match what was committed: tampering or corruption."""
+
+
 def connect_redis(url: str, *, blocking: bool = False, attempts: int = CONNECT_ATTEMPTS) -> redis.Redis:
     """A client for ``url``, once Redis answers; ``blocking`` clients have no socket timeout (for XREAD BLOCK).
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import redis
 
-from fedq.common.records import AppliedUpdate, VersionRecord
-from fedq.common.store.client import HeadMovedError, UnknownVersionError
+from fedq.common.records import AppliedUpdate, RecordError, VersionRecord
+from fedq.common.store.client import HeadMovedError, TamperedVersionError, UnknownVersionError
 from fedq.common.store.keys import JobKeys
 from fedq.common.wire import codec
 
@@ -63,6 +64,14 @@ return version
 """
 
 
+@dataclass(frozen=True)
+class _Verified:
+    """Weights whose bytes matched ``digest`` when they were read (or written)."""
+
+    weights: codec.Weights
+    digest: str
+
+
 def _frozen(weights: codec.Weights) -> codec.Weights:
     for array in weights.values():
         array.flags.writeable = False
@@ -76,26 +85,84 @@ class VersionStore:
         self.redis = client
         self.keys = keys
         self._commit = client.register_script(_COMMIT_SCRIPT)
-        self._weights_cache: OrderedDict[int, codec.Weights] = OrderedDict()
+        self._weights_cache: OrderedDict[int, _Verified] = OrderedDict()
 
     def head(self) -> int | None:
-        raw = self.redis.get(self.keys.head)
-        return None if raw is None else int(raw)
+        """The head version; raises :class:`TamperedVersionError` when the head is not a committed version."""
+        reads = self.redis.pipeline(transaction=False)
+        reads.get(self.keys.head)
+        reads.xrevrange(self.keys.history, count=1)
+        raw, newest = reads.execute()
+        last = None if not newest else int(newest[0][1][b"version"])
+        if raw is None and last is None:
+            return None  # a new job
+        if raw != str(last).encode():
+            raise TamperedVersionError(
+                f"the head of job {self.keys.job!r} is {raw and raw[:40]!r}, but the last committed version is {last}: "
+                f"{self.repair_advice()}")
+        return last
 
-    def load_weights(self, version: int) -> codec.Weights:
-        """The weights of ``version``; callers must not modify the returned arrays."""
+    def last_committed(self) -> int | None:
+        """The newest version in the history stream: what the head must be."""
+        newest = self.redis.xrevrange(self.keys.history, count=1)
+        return None if not newest else int(newest[0][1][b"version"])
+
+    def load_weights(self, version: int, expected_digest: str | None = None) -> codec.Weights:
+        """The weights of ``version``, verified against ``expected_digest`` or else the digest its
+        metadata recorded; callers must not modify the returned arrays.
+
+        Raises :class:`UnknownVersionError` when they are not stored (never committed, or
+        pruned) and :class:`TamperedVersionError` when they do not match.
+        """
         cached = self._weights_cache.get(version)
-        if cached is not None:
+        if cached is not None and expected_digest in (None, cached.digest):
             self._weights_cache.move_to_end(version)
-            return cached
-        payload = self.redis.get(self.keys.model(version))
+            return cached.weights
+        reads = self.redis.pipeline(transaction=False)
+        reads.get(self.keys.model(version))
+        reads.get(self.keys.meta(version))
+        payload, meta = reads.execute()
         if payload is None:
             raise UnknownVersionError(f"job {self.keys.job!r} has no model version {version}")
+        recorded = expected_digest or (VersionRecord.from_json(meta).digest if meta is not None else None)
+        digest = codec.digest(payload)
+        if digest != recorded:
+            raise TamperedVersionError(
+                f"the stored weights of version {version} of job {self.keys.job!r} do not match the digest "
+                f"{'the coordinator signed' if expected_digest else 'recorded when it was committed'} "
+                "(tampered with or corrupted)")
         weights = _frozen(codec.decode(payload))
-        self._remember(version, weights)
+        self._remember(version, _Verified(weights, digest))
         return weights
 
-    def _remember(self, version: int, weights: codec.Weights) -> None:
+    def verify(self, version: int) -> bool | None:
+        """Whether the stored weights of ``version`` match their recorded digest; None when not stored."""
+        try:
+            self.load_weights(version)
+            return True
+        except UnknownVersionError:
+            return None
+        except (TamperedVersionError, codec.CodecError, RecordError):
+            return False
+
+    def last_good_version(self, below: int | None = None, search: int = 1000) -> int | None:
+        """The newest version (below ``below``) whose weights are stored and verify, looking back ``search``."""
+        newest = self.last_committed() if below is None else below - 1
+        if newest is None:
+            return None
+        for version in range(newest, max(newest - search, -1), -1):
+            if self.verify(version):
+                return version
+        return None
+
+    def repair_advice(self) -> str:
+        """The command that makes the newest good version the head again."""
+        good = self.last_good_version()
+        if good is None:
+            return "no stored version verifies; start the job afresh under a new --job name"
+        return f"make version {good} (the newest that verifies) the head again with: fedq rollback --job {self.keys.job} {good}"
+
+    def _remember(self, version: int, weights: _Verified) -> None:
         self._weights_cache[version] = weights
         while len(self._weights_cache) > WEIGHTS_CACHE_VERSIONS:
             self._weights_cache.popitem(last=False)
@@ -111,9 +178,13 @@ class VersionStore:
         payload = self.redis.get(self.keys.optimizer_state(version))
         return {} if payload is None else codec.decode(payload)
 
+    def raw_head(self) -> bytes | None:
+        """The head key as stored, whatever it holds (for repairing a tampered head)."""
+        return self.redis.get(self.keys.head)
+
     def commit(self, expected_head: int | None, weights: codec.Weights, applied: Sequence[AppliedUpdate] = (), *,
                update_blobs: dict[str, bytes] | None = None, optimizer_state: codec.Weights | None = None,
-               abandon: Iterable[int] = (), **record_fields: Any) -> int:
+               abandon: Iterable[int] = (), replacing_head: bytes | None = None, **record_fields: Any) -> int:
         """Write version ``expected_head + 1`` (or 0 when there is no head) atomically; return it.
 
         ``applied`` lists the updates folded in, in order; their task ids become
@@ -122,7 +193,8 @@ class VersionStore:
         (inline deltas, kept for replay). ``abandon`` marks versions a rollback
         leaves behind. ``record_fields`` are the rest of the :class:`VersionRecord`
         (metrics, config, ...). Raises HeadMovedError when the head is no longer
-        ``expected_head``.
+        ``expected_head`` (or, when repairing a tampered head, no longer holds
+        ``replacing_head``).
         """
         version = 0 if expected_head is None else expected_head + 1
         payload = codec.encode(weights)
@@ -145,7 +217,8 @@ class VersionStore:
                 keys=[self.keys.head, self.keys.meta(version), self.keys.history, self.keys.applied,
                       self.keys.inflight, self.keys.abandoned, staged_model, self.keys.model(version),
                       staged_state, self.keys.optimizer_state(version)],
-                args=["" if expected_head is None else str(expected_head), str(version),
+                args=[replacing_head.decode(errors="replace") if replacing_head is not None
+                      else "" if expected_head is None else str(expected_head), str(version),
                       record.meta_json(), record.entry_json(),
                       json.dumps([update.task_id for update in applied]),
                       json.dumps([update.blob_key for update in applied]),
@@ -155,7 +228,8 @@ class VersionStore:
                 raise HeadMovedError(f"job {self.keys.job!r}: head moved ({error}); "
                                      "is another coordinator running?") from None
             raise
-        self._remember(version, _frozen({name: array.copy() for name, array in weights.items()}))
+        self._remember(version, _Verified(_frozen({name: array.copy() for name, array in weights.items()}),
+                                          record.digest))
         return version
 
     def abandoned(self) -> set[int]:

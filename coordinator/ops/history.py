@@ -16,7 +16,8 @@ from fedq.common.store import ModelStore, UnknownVersionError, connect_redis
 def _store(args: argparse.Namespace) -> ModelStore:
     values = resolve(args, CONNECTION_OPTIONS)
     store = ModelStore(connect_redis(values["redis_url"]), values["job"])
-    if store.versions.head() is None:
+    # Not head(): these commands must work on a job whose head was tampered with, to repair it.
+    if store.versions.last_committed() is None:
         raise UserError(f"job {values['job']!r} has no versions in Redis (wrong --job or --redis-url?)")
     return store
 
@@ -58,7 +59,7 @@ class History:
     @staticmethod
     def main(args: argparse.Namespace) -> int:
         store = _store(args)
-        head = store.versions.head()
+        head = store.versions.last_committed()
         start = 0 if args.last is None else max(0, head - args.last + 1)
         entries = store.versions.history(start)
         if args.json:
@@ -148,7 +149,7 @@ class Replay:
         from fedq.coordinator.ops.replay import ReplayError, replay
 
         store = _store(args)
-        end = store.versions.head() if args.end is None else args.end
+        end = store.versions.last_committed() if args.end is None else args.end
         started = time.monotonic()
         last_shown = [0.0]
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from fedq.common.records import VersionRecord
 from fedq.common.wire import codec
-from fedq.common.store import ModelStore, UnknownVersionError
+from fedq.common.store import ModelStore, TamperedVersionError, UnknownVersionError
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
 from fedq.coordinator.algorithms.step import build_aggregator, build_optimizer, server_step
 
@@ -33,8 +33,12 @@ class Divergence:
     note: str = ""
 
     def describe(self) -> str:
-        lines = [f"version {self.version} diverges: recorded digest {self.recorded_digest[:16]}…, "
-                 f"replayed {self.replayed_digest[:16]}…"]
+        if self.recorded_digest == self.replayed_digest:
+            lines = [f"version {self.version} replays to its recorded digest {self.recorded_digest[:16]}…, "
+                     "but its stored weights are different"]
+        else:
+            lines = [f"version {self.version} diverges: recorded digest {self.recorded_digest[:16]}…, "
+                     f"replayed {self.replayed_digest[:16]}…"]
         if self.differences:
             lines += [f"  tensor {name}: max |difference| {value:.3g}" for name, value in self.differences.items()]
         if self.note:
@@ -59,6 +63,8 @@ def _kept_weights(store: ModelStore, version: int, advice: str) -> codec.Weights
         return store.versions.load_weights(version)
     except UnknownVersionError:
         raise ReplayError(f"the weights of version {version} were pruned; {advice}") from None
+    except TamperedVersionError as error:
+        raise ReplayError(str(error)) from None
 
 
 def _load_updates(store: ModelStore, entry: VersionRecord) -> list[BufferedUpdate]:
@@ -80,7 +86,7 @@ def _load_updates(store: ModelStore, entry: VersionRecord) -> list[BufferedUpdat
 def replay(store: ModelStore, start: int, end: int,
            progress: Callable[[int, int], None] = lambda done, total: None) -> ReplayResult:
     """Recompute versions start+1..end from version ``start``; stop at the first divergence."""
-    head = store.versions.head()
+    head = store.versions.last_committed()
     if head is None:
         raise ReplayError(f"job {store.job!r} has no versions")
     if not 0 <= start < end <= head:
@@ -96,6 +102,8 @@ def replay(store: ModelStore, start: int, end: int,
             return store.versions.load_weights(version)
         except UnknownVersionError:
             raise ReplayError(f"base version {version} was pruned; cannot replay an update computed from it") from None
+        except TamperedVersionError as error:
+            raise ReplayError(str(error)) from None
 
     verified = []
     entries = store.versions.history(start + 1, end)
@@ -118,7 +126,9 @@ def replay(store: ModelStore, start: int, end: int,
                                             base_weights)
         replayed[version] = weights
         digest = codec.weights_digest(weights)
-        if digest != meta.digest:
+        if digest != meta.digest or store.versions.verify(version) is False:
+            # Either the history does not recompute to the record, or the stored weights
+            # (what workers train from and export writes) are not what was recorded.
             return ReplayResult(start, end, verified, _divergence(store, version, meta, digest, weights))
         verified.append(version)
         progress(position, len(entries))
@@ -128,13 +138,18 @@ def replay(store: ModelStore, start: int, end: int,
 def _divergence(store: ModelStore, version: int, meta: VersionRecord, digest: str,
                 weights: codec.Weights) -> Divergence:
     divergence = Divergence(version, meta.digest, digest)
-    try:
-        recorded = store.versions.load_weights(version)
-    except UnknownVersionError:
+    payload = store.redis.get(store.keys.model(version))
+    if payload is None:
         divergence.note = "the recorded weights were pruned, so only the digests can be compared"
         return divergence
-    if codec.weights_digest(recorded) != meta.digest:
-        divergence.note = "the stored weights themselves do not match the recorded digest (corrupted blob)"
+    if codec.digest(payload) != meta.digest:
+        divergence.note = (f"the stored weights of version {version} do not match its recorded digest: tampered "
+                           f"with or corrupted ({store.versions.repair_advice()})")
+    try:
+        recorded = codec.decode(payload)
+    except codec.CodecError:
+        divergence.note += "; they are not even a safetensors file"
+        return divergence
     for name, array in recorded.items():
         if name not in weights or weights[name].shape != array.shape:
             divergence.differences[name] = float("inf")
@@ -149,13 +164,17 @@ def rollback(store: ModelStore, version: int) -> int:
     The versions after ``version`` are marked abandoned: updates computed from
     them are refused. Workers pick the new head up with their next task.
     """
-    head = store.versions.head()
+    try:
+        head, tampered_head = store.versions.head(), None
+    except TamperedVersionError:
+        # The repair: the new version follows the last one committed, whatever the head key holds now.
+        head, tampered_head = store.versions.last_committed(), store.versions.raw_head() or b""
     if head is None or not 0 <= version <= head:
         raise ReplayError(f"job {store.job!r} has no version {version} (head is {head})")
-    if version == head:
+    if version == head and tampered_head is None:
         raise ReplayError(f"version {version} is already the head")
     weights = _kept_weights(store, version, "choose a kept version")
     target = store.versions.load_meta(version)
     return store.versions.commit(head, weights, optimizer_state=store.versions.load_optimizer_state(version),
                                  abandon=range(version + 1, head + 1), rollback_of=version, config=target.config,
-                                 metrics=target.metrics)
+                                 metrics=target.metrics, replacing_head=tampered_head)

@@ -9,7 +9,7 @@ from fedq.broker.connection import connect
 from fedq.broker.depth import queue_depths
 from fedq.broker.topology import Topology
 from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
-from fedq.common.store import ModelStore, connect_redis
+from fedq.common.store import ModelStore, TamperedVersionError, connect_redis
 
 HELP = "Show a job's head model version, the depth of each of its queues and their consumers."
 
@@ -51,11 +51,14 @@ def training_progress(store: ModelStore, now: float) -> dict:
 
 def collect(amqp_url: str, redis_url: str, job: str, store: ModelStore | None = None) -> dict:
     store = store or ModelStore(connect_redis(redis_url), job)
-    head = store.versions.head()
+    try:
+        head, problem = store.versions.head(), None
+    except TamperedVersionError as error:
+        head, problem = store.versions.last_committed(), str(error)
     source, depths = queue_depths(amqp_url, list(Topology(job).queues))
     metrics = store.versions.load_meta(head).metrics if head is not None else {}
     return {
-        "job": job, "head": head, "state": store.status.load(), "metrics": metrics,
+        "job": job, "head": head, "problem": problem, "state": store.status.load(), "metrics": metrics,
         "in_flight": len(store.ledger.in_flight()), "rejected": store.counters.get("rejected"),
         "skipped": store.counters.get("skipped"), "depth_source": source,
         "queues": [{"name": depth.name, "exists": depth.exists, "ready": depth.ready, "unacked": depth.unacked,
@@ -77,6 +80,8 @@ def main(args: argparse.Namespace) -> int:
     head = "none (no coordinator has run)" if report["head"] is None else report["head"]
     state = report["state"].get("status", "unknown")
     print(f"job {report['job']}: head version {head}, {state}, {report['in_flight']} task(s) in flight")
+    if report["problem"]:
+        print(f"  PROBLEM: {report['problem']}")
     if report["metrics"]:
         print("  latest metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in report["metrics"].items()))
     progress = report["progress"]

@@ -32,7 +32,8 @@ from fedq.broker.transport import Channel, Delivery, Transport, dead_letter_head
 from fedq.common.obs import metrics
 from fedq.common.obs.faults import crash_point
 from fedq.common.obs.logs import kv
-from fedq.common.store import TRANSIENT_REDIS_ERRORS, HeadMovedError, ModelStore, StoreError, connect_redis
+from fedq.common.store import (TRANSIENT_REDIS_ERRORS, HeadMovedError, ModelStore, StoreError, TamperedVersionError,
+                               UnknownVersionError, connect_redis)
 from fedq.common.tasks import FederatedTask, load_task, load_weights_into
 from fedq.common.wire import codec
 from fedq.common.wire.messages import MessageError, RoundTask, TrainSettings
@@ -138,9 +139,16 @@ class Coordinator:
 
     def run(self) -> dict[str, Any]:
         """Serve until a stop condition holds; reconnects to RabbitMQ/Redis after connection loss."""
-        self.transport.run(self._serve, name=f"fedq-coordinator-{self.settings.job}",
-                           should_stop=lambda: self.finished_reason is not None or self.stop_requested,
-                           on_connection_lost=self._on_connection_lost, also_transient=TRANSIENT_REDIS_ERRORS)
+        try:
+            self.transport.run(self._serve, name=f"fedq-coordinator-{self.settings.job}",
+                               should_stop=lambda: self.finished_reason is not None or self.stop_requested,
+                               on_connection_lost=self._on_connection_lost, also_transient=TRANSIENT_REDIS_ERRORS)
+        except TamperedVersionError as error:
+            # The head names weights that are not what was committed: nothing can be built on
+            # it. Stop and say how to repair it (the message names the rollback command).
+            self.store.status.set(status="failed", reason="tampered_head", detail=str(error))
+            log.error(kv("head_tampered", detail=str(error)))
+            raise
         if self.stop_requested and self.finished_reason is None:
             # Not finished: buffered updates return to the queue, tasks stay in flight,
             # and a restarted coordinator continues from the head.
@@ -254,17 +262,20 @@ class Coordinator:
         pending, self.buffer = self.buffer, []
         updates = [item.update for item in pending]
         aggregation_started = time.perf_counter()
-        new_weights, new_state, weights = server_step(self.aggregator, self.optimizer, self.weights,
-                                                      self.optimizer_state, updates, self.store.versions.load_weights)
+        try:
+            new_weights, new_state, weights = server_step(self.aggregator, self.optimizer, self.weights,
+                                                          self.optimizer_state, updates,
+                                                          self.store.versions.load_weights)
+        except (UnknownVersionError, TamperedVersionError) as error:
+            # FedAsync mixes against the update's base version: pruned or tampered with, it cannot be used.
+            self._refuse_step(pending, "base_unavailable", str(error))
+            return
         aggregation_seconds = time.perf_counter() - aggregation_started
         if not all(np.isfinite(array).all() for array in new_weights.values()):
             # Every update passed its own checks, yet their step is not a model: refuse the
             # step and its updates, keep the head, and go on.
-            log.error(kv("step_rejected", reason="non_finite_step", head=self.head, updates=len(pending)))
-            for item in pending:
-                self._dead_letter(item.delivery, Rejected(
-                    MessageError("non_finite_step", f"the server step with this update is not finite at head "
-                                                    f"{self.head}"), item.update.task_id))
+            self._refuse_step(pending, "non_finite_step", f"the server step with this update is not finite at head "
+                                                          f"{self.head}")
             return
         version = self.head + 1
         evaluate = self.settings.eval_every > 0 and version % self.settings.eval_every == 0
@@ -300,6 +311,12 @@ class Coordinator:
         if self.settings.keep_versions:
             self.store.versions.prune(self.head, self.settings.keep_versions, self.settings.checkpoint_every)
         self._check_stop(scores)
+
+    def _refuse_step(self, pending: list[Pending], reason: str, detail: str) -> None:
+        """The buffered updates cannot make a version: dead-letter them, keep the head, go on."""
+        log.error(kv("step_rejected", reason=reason, head=self.head, updates=len(pending), detail=detail))
+        for item in pending:
+            self._dead_letter(item.delivery, Rejected(MessageError(reason, detail), item.update.task_id))
 
     def _observe_commit(self, updates: list[BufferedUpdate], scores: dict[str, float],
                         aggregation_seconds: float, commit_seconds: float) -> None:

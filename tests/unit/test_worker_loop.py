@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from fedq.broker.memory import DEATH_REASON_HEADER, MemoryBroker, MemoryTransport, Message
+from fedq.broker.memory import MemoryBroker, MemoryTransport, Message
 from fedq.broker.topology import Topology
 from fedq.broker.transport import DETAIL_HEADER, REASON_HEADER
 from fedq.common.tasks import load_task
@@ -82,7 +82,7 @@ def test_a_task_for_a_version_that_is_gone_is_refused(broker):
     send_task(broker, version=7)
     worker, running = start(broker, store)
     wait_until(lambda: broker.ready(TOPOLOGY.dead), DEADLINE, "the task was not refused")
-    assert broker.ready(TOPOLOGY.dead)[0].headers[DEATH_REASON_HEADER] == "rejected"
+    assert broker.ready(TOPOLOGY.dead)[0].headers[REASON_HEADER] == "unknown_version"
     assert running.stop() == 0
 
 
@@ -107,3 +107,29 @@ def test_sigterm_mid_task_drains_or_requeues_and_loses_nothing(broker, signals, 
         assert [message.message_id for message in broker.ready(TOPOLOGY.tasks)] == [task.task_id]
     assert broker.unacked(TOPOLOGY.tasks) == 0
     assert store.workers.live() == [], "a stopped worker leaves the registry"
+
+
+def test_a_task_whose_version_was_tampered_with_is_refused_and_the_worker_goes_on(broker):
+    store = job_store()
+    weights = {name: array + 1.0 for name, array in store.versions.load_weights(0).items()}
+    from fedq.common.wire import codec
+
+    store.redis.set(store.keys.model(0), codec.encode(weights))  # someone overwrote version 0 in Redis
+    store.versions._weights_cache.clear()
+    send_task(broker)
+    worker, running = start(broker, store)
+    wait_until(lambda: broker.ready(TOPOLOGY.dead), DEADLINE, "the task was not refused")
+    assert broker.ready(TOPOLOGY.dead)[0].headers[REASON_HEADER] == "tampered_version"
+    assert broker.ready(TOPOLOGY.updates) == []
+    assert running.thread.is_alive()
+    assert running.stop() == 0
+
+
+def test_an_oversized_task_message_is_refused_unread(broker):
+    store = job_store()
+    broker.declare(TOPOLOGY)
+    broker.publish(TOPOLOGY.tasks, Message(b"[" * (1024 * 1024), "huge"))
+    worker, running = start(broker, store)
+    wait_until(lambda: broker.ready(TOPOLOGY.dead), DEADLINE, "the task was not refused")
+    assert broker.ready(TOPOLOGY.dead)[0].headers[REASON_HEADER] == "too_large"
+    assert running.stop() == 0
