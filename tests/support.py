@@ -199,12 +199,16 @@ class BlockedTraining:
 
     started = None  # threading.Event, set when training begins
     release = None  # threading.Event the training waits for
+    running = 0     # trainings running now, and the most ever at once
+    most_at_once = 0
 
     @classmethod
     def reset(cls) -> None:
         import threading
 
         cls.started, cls.release = threading.Event(), threading.Event()
+        cls.running = cls.most_at_once = 0
+        cls.lock = threading.Lock()
 
 
 def blocked_task(**params):
@@ -212,9 +216,16 @@ def blocked_task(**params):
 
     class BlockedTask(LinearRegressionTask):
         def train(self, model, data, settings):
-            BlockedTraining.started.set()
-            if not BlockedTraining.release.wait(timeout=120):
-                raise TimeoutError("the test never released the training")
-            return super().train(model, data, settings)
+            with BlockedTraining.lock:
+                BlockedTraining.running += 1
+                BlockedTraining.most_at_once = max(BlockedTraining.most_at_once, BlockedTraining.running)
+            try:
+                BlockedTraining.started.set()
+                if not BlockedTraining.release.wait(timeout=120):
+                    raise TimeoutError("the test never released the training")
+                return super().train(model, data, settings)
+            finally:
+                with BlockedTraining.lock:
+                    BlockedTraining.running -= 1
 
     return BlockedTask(**params)

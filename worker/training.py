@@ -5,6 +5,7 @@ Runs in the worker's training thread: nothing here touches the broker.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import zlib
 
@@ -36,6 +37,7 @@ class LocalTrainer:
         self._plugin: FederatedTask | None = None
         self._model: torch.nn.Module | None = None
         self._spec_text: str | None = None
+        self._one_at_a_time = threading.Lock()
 
     def _load_plugin(self) -> tuple[FederatedTask, torch.nn.Module]:
         spec = self.store.status.load_spec()
@@ -49,6 +51,15 @@ class LocalTrainer:
         return self._plugin, self._model
 
     def train(self, task: RoundTask) -> ModelUpdate:
+        """Train ``task`` and pack its update. One call at a time: a training abandoned by a lost
+        connection may still be running when the next task (or the same one, redelivered)
+        starts, and two trainings of one torch module corrupt each other (autograd errors,
+        segmentation faults). The later call waits; the abandoned one's result is discarded
+        by its caller, which is gone."""
+        with self._one_at_a_time:
+            return self._train(task)
+
+    def _train(self, task: RoundTask) -> ModelUpdate:
         plugin, model = self._load_plugin()
         base = self.store.versions.load_weights(task.model_version)
         started = time.monotonic()

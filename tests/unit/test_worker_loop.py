@@ -133,3 +133,20 @@ def test_an_oversized_task_message_is_refused_unread(broker):
     wait_until(lambda: broker.ready(TOPOLOGY.dead), DEADLINE, "the task was not refused")
     assert broker.ready(TOPOLOGY.dead)[0].headers[REASON_HEADER] == "too_large"
     assert running.stop() == 0
+
+
+def test_a_connection_lost_mid_training_never_runs_two_trainings_of_one_model(broker):
+    BlockedTraining.reset()
+    store = job_store("tests.support:blocked_task")
+    task = send_task(broker)
+    worker, running = start(broker, store, max_tasks=1)
+    assert BlockedTraining.started.wait(DEADLINE), "the task never started"
+    sessions = worker.transport.sessions
+    broker.drop_connections()  # the task returns to the queue while its training still runs
+    wait_until(lambda: worker.transport.sessions > sessions and broker.unacked(TOPOLOGY.tasks) == 1, DEADLINE,
+               "the redelivered task was not taken again")
+    BlockedTraining.release.set()
+    assert running.join(DEADLINE) == 0
+    assert BlockedTraining.most_at_once == 1, "two trainings ran on one model at once"
+    # The abandoned training's result is discarded: one update, from the redelivery.
+    assert [parse_update(message.body).task_id for message in broker.ready(TOPOLOGY.updates)] == [task.task_id]
