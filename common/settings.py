@@ -8,6 +8,7 @@ line and every source is handled the same way.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import tomllib
@@ -124,6 +125,14 @@ def resolve(args: argparse.Namespace, options: list[Option],
     if "job" in values and values["job"] is None:
         raise SettingsError("name the federation with --job NAME (or FEDQ_JOB)")
     return values
+
+
+def json_object(text: Any) -> dict[str, Any]:
+    """A JSON object given as text (flag, environment) or as a TOML table."""
+    value = json.loads(text) if isinstance(text, str) else text
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object")
+    return value
 
 
 def positive_int(text: Any) -> int:

@@ -96,6 +96,47 @@ def take_dead_letters(job: str) -> list[tuple[dict, bytes]]:
         connection.close()
 
 
+def take_tasks(job: str, count: int, timeout: float = 120) -> list:
+    """Take ``count`` round tasks off the job's task queue, as any worker (or a hostile one) can."""
+    from fedq.broker.connection import connect
+    from fedq.broker.topology import Topology
+    from fedq.common.wire.messages import parse_task
+
+    connection = connect(AMQP_URL)
+    try:
+        channel = connection.channel()
+        Topology(job).declare(channel)
+        tasks = []
+
+        def take_one():
+            method, _, body = channel.basic_get(Topology(job).tasks, auto_ack=True)
+            if method is not None:
+                tasks.append(parse_task(body))
+            return len(tasks) >= count
+
+        wait_until(take_one, timeout, f"the job did not hand out {count} task(s)")
+        return tasks
+    finally:
+        connection.close()
+
+
+def publish_updates(job: str, bodies: dict[str, bytes]) -> None:
+    """Publish update messages (message id -> body) to the job's update exchange, confirmed."""
+    from fedq.broker.connection import connect
+    from fedq.broker.publisher import publish
+    from fedq.broker.topology import Topology
+
+    connection = connect(AMQP_URL)
+    try:
+        channel = connection.channel()
+        Topology(job).declare(channel)
+        channel.confirm_delivery()
+        for message_id, body in bodies.items():
+            publish(channel, Topology(job).updates, body, message_id=message_id)
+    finally:
+        connection.close()
+
+
 def publish_with_undecodable_header(job: str, exchange: str, body: bytes, message_id: str) -> None:
     """Publish ``body`` with a header pika 1.4.4 cannot decode: a timestamp of 2^64-1 seconds.
 
@@ -170,6 +211,40 @@ def memory_store(job: str):
     from fedq.common.store import ModelStore
 
     return ModelStore(fakeredis.FakeRedis(), job)
+
+
+def publish_job(store, task: str = "linear", task_params: dict | None = None, *, commit: bool = True):
+    """What a coordinator leaves for workers: the job's signing key (returned), its signed
+    description and (``commit``) version 0."""
+    from fedq.common.tasks import load_task
+    from fedq.common.wire import codec
+    from fedq.common.wire.description import JobDescription
+
+    key = store.status.signing_key()
+    weights = load_task(task, task_params or {}).initial_weights(0)
+    store.status.save_description(JobDescription(
+        job=store.job, task=task, task_params=task_params or {}, seed=0, tensors=codec.tensor_specs(weights),
+        public_key=key.verify_key.to_text()).signed(key))
+    if commit:
+        store.versions.commit(None, weights)
+    return key
+
+
+def signed_task(key, store, version: int = 0, *, task_id: str | None = None, learning_rate: float = 0.05):
+    """A round task for ``version`` as the coordinator issues it: with the version's digest, signed by ``key``."""
+    import dataclasses
+    import uuid
+
+    from fedq.common.wire.messages import RoundTask, TrainSettings
+
+    try:
+        digest = store.versions.digest_of(version)
+    except Exception:  # noqa: BLE001 - a version that does not exist: any well-formed digest
+        digest = "0" * 64
+    task = RoundTask(job=store.job, task_id=task_id or uuid.uuid4().hex, model_version=version, issued_at=0.0,
+                     train=TrainSettings(epochs=1, batch_size=32, learning_rate=learning_rate, seed=1),
+                     model_digest=digest)
+    return dataclasses.replace(task, signature=key.sign(task.signed_document()))
 
 
 def update_body(task, delta: dict, *, worker_id: str = "w", num_examples: int = 10, job: str | None = None) -> bytes:

@@ -5,8 +5,8 @@ import argparse
 
 from fedq.common.obs.logs import setup_logging
 from fedq.common.obs.metrics import serve_metrics
-from fedq.common.settings import (CONNECTION_OPTIONS, SERVICE_OPTIONS, Option, add_options, non_negative_float,
-                                  positive_int, resolve)
+from fedq.common.settings import (CONNECTION_OPTIONS, SERVICE_OPTIONS, Option, add_options, json_object,
+                                  non_negative_float, positive_int, resolve)
 
 HELP = "Run a worker: take round tasks of a job, train on this worker's data partition, publish updates."
 
@@ -15,7 +15,18 @@ def _optional_int(text):
     return None if str(text).lower() in ("", "none") else int(text)
 
 
+def _fingerprint(text):
+    from fedq.common.wire.signing import parse_fingerprint
+
+    return None if str(text).lower() in ("", "none") else parse_fingerprint(str(text))
+
+
 OPTIONS = CONNECTION_OPTIONS + [
+    Option("task", str, None, "this worker's task plugin: digits, digits28, synthetic, linear or module:object "
+           "(default: the job's, if it is built in; a worker never imports code named in Redis)"),
+    Option("task_params", json_object, None, "its parameters as a JSON object (default: the job's)"),
+    Option("coordinator_key", _fingerprint, None, "fingerprint of the job's coordinator key, as the coordinator "
+           "logs it (event=coordinator_key): tasks and the job description must be signed by it"),
     Option("worker_id", str, "", "stable id of this worker (default: host-pid-random)"),
     Option("partition", _optional_int, None, "data partition of this worker (default: from the worker id)"),
     Option("slowdown", non_negative_float, 0.0, "extra seconds per task, to simulate a slow device"),
@@ -39,6 +50,7 @@ def main(args: argparse.Namespace) -> int:
         job=values["job"], amqp_url=values["amqp_url"], redis_url=values["redis_url"],
         worker_id=values["worker_id"], partition=values["partition"], slowdown_seconds=values["slowdown"],
         max_tasks=values["max_tasks"], drain_seconds=values["drain_seconds"],
-        heartbeat_seconds=values["heartbeat"]))
+        heartbeat_seconds=values["heartbeat"], task=values["task"], task_params=values["task_params"],
+        coordinator_key=values["coordinator_key"]))
     worker.install_signal_handlers()
     return worker.run()

@@ -1,7 +1,9 @@
 """The worker loop: one task at a time, training off the connection's thread.
 
-For each task: read the task's model version from Redis (cached per version),
-train on this worker's partition in a background thread while the connection
+For each task: check that the job's coordinator signed it (``worker.job``: a
+forged task is dead-lettered as ``bad_signature``, never trained), read the
+task's model version from Redis (cached per version, verified against the
+digest the task carries), train on this worker's partition in a background thread while the connection
 thread keeps servicing heartbeats, publish the update, wait for the broker's
 confirm, and only then ack the task. A crash at any point leaves the task
 unacked, so RabbitMQ redelivers it; an update published twice is recognised by
@@ -14,7 +16,10 @@ signal, the task is requeued and the worker exits.
 Errors: a task whose training raises (a bug in a task plugin, a CUDA error) is
 requeued for another attempt, anywhere, until it was delivered
 ``TRAINING_ATTEMPTS`` times, then dead-lettered with the error as its reason;
-the worker keeps serving. Only errors that are not the task's fault end the loop.
+a task whose version is gone or tampered with is dead-lettered at once. Either
+way the coordinator gets a refusal, so it replaces the task without waiting for
+its lease, and the worker keeps serving. Only errors that are not the task's
+fault end the loop (a worker configured for another task than the job's).
 """
 from __future__ import annotations
 
@@ -39,7 +44,9 @@ from fedq.common.store import (TRANSIENT_REDIS_ERRORS, ModelStore, StoreError, T
                                connect_redis)
 from fedq.common.tasks import TaskPluginError
 from fedq.common.wire.limits import INLINE_LIMIT_BYTES, MAX_TASK_MESSAGE_BYTES, TRAINING_ATTEMPTS
-from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate, RoundTask, parse_task
+from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate, RoundTask, TaskRefusal, parse_task
+from fedq.common.wire.signing import SignatureError
+from fedq.worker.job import BoundJob, JobBinder, JobMismatchError, UnverifiableJobError
 from fedq.worker.training import LocalTrainer, stable_partition
 
 log = logging.getLogger("fedq.worker")
@@ -49,8 +56,11 @@ LIVENESS_REFRESH_SECONDS = 5.0
 LIVENESS_TTL_SECONDS = 30
 # How often the connection thread looks up from a running training thread (heartbeats, signals).
 TRAINING_POLL_SECONDS = 0.2
+# A task that cannot be verified now (the job's description is missing or rewritten) goes back
+# to the queue after this long: the coordinator restores its description every few seconds.
+UNVERIFIABLE_RETRY_SECONDS = 1.0
 # Errors that are not the task's fault: Redis going away (reconnect and carry on) or a
-# worker that cannot serve this job at all (no spec, a task plugin it cannot import).
+# worker that cannot serve this job at all (a task plugin it cannot import, or not the job's).
 NOT_THE_TASKS_FAULT = (*TRANSIENT_REDIS_ERRORS, TaskPluginError, StoreError)
 
 
@@ -66,6 +76,11 @@ class WorkerSettings:
     drain_seconds: float = 60.0
     heartbeat_seconds: int = 30
     inline_limit_bytes: int = INLINE_LIMIT_BYTES
+    # This worker's task plugin and parameters; None: the job's, if it is a built-in task (see worker.job).
+    task: str | None = None
+    task_params: dict[str, Any] | None = None
+    # The fingerprint of the job's coordinator key, pinned; None: trust the key the job's description names.
+    coordinator_key: str | None = None
 
 
 def default_worker_id() -> str:
@@ -81,17 +96,23 @@ class Worker:
         self.store = store or ModelStore(connect_redis(settings.redis_url), settings.job)
         self.transport = transport or PikaTransport(settings.amqp_url, heartbeat=settings.heartbeat_seconds)
         self.partition = settings.partition if settings.partition is not None else stable_partition(self.worker_id)
+        self.job = JobBinder(self.store, settings.task, settings.task_params, settings.coordinator_key)
         self.trainer = LocalTrainer(self.store, self.worker_id, self.partition,
                                     slowdown_seconds=settings.slowdown_seconds,
                                     inline_limit_bytes=settings.inline_limit_bytes)
         self.tasks_done = 0
         self.tasks_failed = 0
+        self.tasks_unverifiable = 0  # deliveries given back because the job's description did not verify
         self.stop_requested = False
         self.stop_now = False
         self._current_task: str | None = None
         self._liveness_written = 0.0
         self.started_at = time.time()
         torch.set_num_threads(1)
+        try:
+            self.job.current()  # a worker configured for another task stops here, with the flags to fix it
+        except UnverifiableJobError as error:
+            log.warning(kv("job_not_verified_yet", job=settings.job, detail=str(error)))
 
     # -- signals ----------------------------------------------------------
 
@@ -159,10 +180,29 @@ class Worker:
         except MessageError as error:
             self._refuse(channel, delivery, error.reason, error.detail)
             return
+        try:
+            job = self.job.current()
+            job.verify_key.verify(task.signed_document(), task.signature)
+        except UnverifiableJobError as error:
+            # The job's description is missing or rewritten: no task can be checked now, but the
+            # coordinator puts its description back within seconds. Wait a little, give the task
+            # back; the queue's delivery limit ends a task that never becomes verifiable.
+            log.warning(kv("task_unverifiable", worker=self.worker_id, task=task.task_id, detail=str(error)))
+            self.tasks_unverifiable += 1
+            self._wait_polling(channel, UNVERIFIABLE_RETRY_SECONDS)
+            channel.nack(delivery.tag, requeue=True)
+            return
+        except SignatureError as error:
+            # Not issued by the job's coordinator: a forged task is never trained.
+            self._refuse(channel, delivery, "bad_signature", f"task {task.task_id[:64]}: {error}")
+            return
+        except JobMismatchError:
+            channel.nack(delivery.tag, requeue=True)  # another worker, configured right, may take it
+            raise
         started = time.monotonic()
         log.info(kv("task_started", worker=self.worker_id, task=task.task_id, base_version=task.model_version))
         outcome: dict[str, Any] = {}
-        thread = threading.Thread(target=self._train_into, args=(task, outcome), daemon=True,
+        thread = threading.Thread(target=self._train_into, args=(task, job, outcome), daemon=True,
                                   name=f"train-{task.task_id[:8]}")
         thread.start()
         drain_deadline = None
@@ -205,7 +245,7 @@ class Worker:
         if isinstance(error, (UnknownVersionError, TamperedVersionError)):
             # No worker can train this task: its model version is gone or not what was committed.
             reason = "unknown_version" if isinstance(error, UnknownVersionError) else "tampered_version"
-            self._refuse(channel, delivery, reason, str(error), task.task_id)
+            self._refuse(channel, delivery, reason, str(error), task)
             return
         if isinstance(error, NOT_THE_TASKS_FAULT):
             channel.nack(delivery.tag, requeue=True)
@@ -221,23 +261,37 @@ class Worker:
             return
         log.error(kv("task_failed", worker=self.worker_id, task=task.task_id, attempt=attempt, retry=False,
                      error=detail))
-        channel.publish(self.topology.dead, delivery.body, message_id=delivery.message_id or task.task_id,
-                        headers=dead_letter_headers(delivery.headers, "training_failed", detail))
-        channel.ack(delivery.tag)
+        self._refuse(channel, delivery, "training_failed", detail, task)
 
     def _refuse(self, channel: Channel, delivery: Delivery, reason: str, detail: str,
-                task_id: str | None = None) -> None:
-        """A task no worker should train: to the dead letters with its reason, and on to the next."""
+                issued: RoundTask | None = None) -> None:
+        """A task no worker should train: to the dead letters with its reason, and on to the next.
+
+        ``issued``: a task the coordinator verifiably issued; it is told, so that it replaces
+        the task now instead of when its lease ends.
+        """
+        task_id = issued.task_id if issued is not None else None
         log.warning(kv("task_rejected", worker=self.worker_id, task=task_id, reason=reason, detail=detail))
         metrics.WORKER_TASKS.labels(self.settings.job, "refused").inc()
+        if issued is not None:
+            refusal = TaskRefusal(job=issued.job, task_id=issued.task_id, worker_id=self.worker_id, reason=reason,
+                                  detail=detail[:500])
+            channel.publish(self.topology.updates, refusal.to_bytes(), message_id=f"refusal-{issued.task_id}")
         channel.publish(self.topology.dead, delivery.body, message_id=delivery.message_id or task_id or "unknown",
                         headers=dead_letter_headers(delivery.headers, reason, detail))
         channel.ack(delivery.tag)
 
+    def _wait_polling(self, channel: Channel, seconds: float) -> None:
+        """Wait on the connection's thread while still servicing heartbeats."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self.stop_requested:
+            channel.poll()
+            time.sleep(min(TRAINING_POLL_SECONDS, max(deadline - time.monotonic(), 0)))
+
     # -- training (runs in the background thread) ------------------------
 
-    def _train_into(self, task: RoundTask, outcome: dict[str, Any]) -> None:
+    def _train_into(self, task: RoundTask, job: BoundJob, outcome: dict[str, Any]) -> None:
         try:
-            outcome["update"] = self.trainer.train(task)
+            outcome["update"] = self.trainer.train(task, job)
         except Exception as error:  # handed back to the connection thread
             outcome["error"] = error

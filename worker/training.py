@@ -4,7 +4,6 @@ Runs in the worker's training thread: nothing here touches the broker.
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 import zlib
@@ -12,11 +11,12 @@ import zlib
 import numpy as np
 import torch
 
-from fedq.common.store import ModelStore, StoreError
-from fedq.common.tasks import FederatedTask, load_task, load_weights_into, weights_of
+from fedq.common.store import ModelStore
+from fedq.common.tasks import FederatedTask, load_weights_into, weights_of
 from fedq.common.wire import codec
 from fedq.common.wire.limits import INLINE_LIMIT_BYTES, UPDATE_BLOB_TTL_SECONDS
 from fedq.common.wire.messages import ClaimCheck, InlineDelta, ModelUpdate, RoundTask
+from fedq.worker.job import BoundJob
 
 
 def stable_partition(worker_id: str) -> int:
@@ -34,34 +34,21 @@ class LocalTrainer:
         self.partition = partition
         self.slowdown_seconds = slowdown_seconds
         self.inline_limit_bytes = inline_limit_bytes
-        self._plugin: FederatedTask | None = None
-        self._model: torch.nn.Module | None = None
-        self._spec_text: str | None = None
         self._one_at_a_time = threading.Lock()
 
-    def _load_plugin(self) -> tuple[FederatedTask, torch.nn.Module]:
-        spec = self.store.status.load_spec()
-        if spec is None:
-            raise StoreError(f"job {self.store.job!r} has no spec in Redis; start its coordinator first")
-        spec_text = json.dumps(spec, sort_keys=True)
-        if spec_text != self._spec_text:
-            self._plugin = load_task(spec["task"], spec.get("task_params") or {})
-            self._model = self._plugin.build_model()
-            self._spec_text = spec_text
-        return self._plugin, self._model
-
-    def train(self, task: RoundTask) -> ModelUpdate:
+    def train(self, task: RoundTask, job: BoundJob) -> ModelUpdate:
         """Train ``task`` and pack its update. One call at a time: a training abandoned by a lost
         connection may still be running when the next task (or the same one, redelivered)
         starts, and two trainings of one torch module corrupt each other (autograd errors,
         segmentation faults). The later call waits; the abandoned one's result is discarded
         by its caller, which is gone."""
         with self._one_at_a_time:
-            return self._train(task)
+            return self._train(task, job.plugin, job.model)
 
-    def _train(self, task: RoundTask) -> ModelUpdate:
-        plugin, model = self._load_plugin()
-        base = self.store.versions.load_weights(task.model_version)
+    def _train(self, task: RoundTask, plugin: FederatedTask, model: torch.nn.Module) -> ModelUpdate:
+        # Verified against the digest the coordinator signed into the task, not only the one in
+        # Redis: weights and metadata rewritten together are refused all the same.
+        base = self.store.versions.load_weights(task.model_version, expected_digest=task.model_digest)
         started = time.monotonic()
         load_weights_into(model, base)
         data = plugin.local_data(self.partition)

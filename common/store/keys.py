@@ -3,7 +3,8 @@
 All keys of one job share the hash tag ``{job}`` so they live in one Redis
 Cluster slot and one Lua script may touch them together::
 
-    fedq:{job}:spec              JSON: task plugin, its parameters, the initial model's seed
+    fedq:{job}:spec              JSON job description, signed: task name, parameters, seed, tensors, public key
+    fedq:{job}:signing_key       the coordinator's Ed25519 private key (raw 32 bytes): the coordinator's alone
     fedq:{job}:head              the current global version number
     fedq:{job}:model:<v>         safetensors bytes of version v (immutable once head passed it)
     fedq:{job}:meta:<v>          JSON metadata of version v (parent, digest, staleness, metrics, ...)
@@ -13,7 +14,7 @@ Cluster slot and one Lua script may touch them together::
     fedq:{job}:pruned_through    retention has handled every version up to this one
     fedq:{job}:staging:<v>:<attempt>:model|optstate   weights of a commit in progress (TTL)
     fedq:{job}:applied           hash task_id -> version that applied it (idempotency record)
-    fedq:{job}:inflight          hash task_id -> JSON {version, issued_at} of dispatched tasks
+    fedq:{job}:inflight          hash task_id -> JSON {version, issued_at}: tasks issued and not closed
     fedq:{job}:update:<task_id>  weight delta of one update: a TTL while it is a pending claim
                                  check, kept (for replay) once applied, until retention prunes it
     fedq:{job}:worker:<id>       JSON liveness of one worker (host, tasks done, last seen), short TTL
@@ -46,6 +47,7 @@ class JobKeys:
         return key[len(self.prefix):].split(":", 1)[0]
 
     spec = property(lambda self: self._key("spec"))
+    signing_key = property(lambda self: self._key("signing_key"))
     head = property(lambda self: self._key("head"))
     history = property(lambda self: self._key("history"))
     abandoned = property(lambda self: self._key("abandoned"))

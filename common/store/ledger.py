@@ -1,12 +1,26 @@
-"""The task ledger: tasks dispatched and not yet answered, and the task ids already applied."""
+"""The task ledger: tasks the coordinator issued and has not closed, and the task ids already applied.
+
+An update is accepted only for an open task (``inflight``), and only once
+(``applied``). A task is opened before it is published, stays open while its
+update waits in the buffer, and is closed by the commit that applies its update
+(in the commit script), or when its update is refused, its lease ends or the
+job finishes.
+"""
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Iterable
 
 import redis
 
 from fedq.common.store.keys import JobKeys
+
+
+@dataclass(frozen=True)
+class OpenTask:
+    version: int       # the model version the task was issued at: its update's base version
+    issued_at: float   # wall-clock seconds, for the lease
 
 
 class TaskLedger:
@@ -19,14 +33,21 @@ class TaskLedger:
         raw = self.redis.hget(self.keys.applied, task_id)
         return None if raw is None else int(raw)
 
-    def record_dispatch(self, task_id: str, version: int, issued_at: float) -> None:
-        self.redis.hset(self.keys.inflight, task_id, json.dumps({"version": version, "issued_at": issued_at}))
+    def open(self, task_id: str, task: OpenTask) -> None:
+        self.redis.hset(self.keys.inflight, task_id, json.dumps({"version": task.version,
+                                                                 "issued_at": task.issued_at}))
 
-    def in_flight(self) -> dict[str, dict[str, Any]]:
-        raw = self.redis.hgetall(self.keys.inflight)
-        return {task_id.decode(): json.loads(value) for task_id, value in raw.items()}
+    def open_tasks(self) -> dict[str, OpenTask]:
+        tasks = {}
+        for task_id, value in self.redis.hgetall(self.keys.inflight).items():
+            try:
+                record = json.loads(value)
+                tasks[task_id.decode()] = OpenTask(int(record["version"]), float(record["issued_at"]))
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                continue  # not written by a coordinator: it opens nothing
+        return tasks
 
-    def forget(self, task_ids: Iterable[str]) -> None:
+    def close(self, task_ids: Iterable[str]) -> None:
         task_ids = list(task_ids)
         if task_ids:
             self.redis.hdel(self.keys.inflight, *task_ids)

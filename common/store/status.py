@@ -1,4 +1,4 @@
-"""The job's description (its spec), its run status, and the counters of updates not applied."""
+"""The job's signed description and signing key, its run status, and the counters of updates not applied."""
 from __future__ import annotations
 
 import json
@@ -8,21 +8,44 @@ from typing import Any
 import redis
 
 from fedq.common.store.keys import JobKeys
+from fedq.common.wire.description import JobDescription
+from fedq.common.wire.signing import SigningKey
 
 
 class JobStatus:
-    """What the job trains (spec) and whether its coordinator is running, stopped or finished."""
+    """What the job trains (its signed description), the coordinator's signing key, and whether
+    the coordinator is running, stopped or finished."""
 
     def __init__(self, client: redis.Redis, keys: JobKeys):
         self.redis = client
         self.keys = keys
 
-    def load_spec(self) -> dict[str, Any] | None:
-        raw = self.redis.get(self.keys.spec)
-        return None if raw is None else json.loads(raw)
+    def load_description_text(self) -> bytes | None:
+        """The description as stored (parse it with ``JobDescription.from_json``)."""
+        return self.redis.get(self.keys.spec)
 
-    def save_spec(self, spec: dict[str, Any]) -> None:
-        self.redis.set(self.keys.spec, json.dumps(spec, sort_keys=True))
+    def load_description(self) -> JobDescription | None:
+        raw = self.load_description_text()
+        return None if raw is None else JobDescription.from_json(raw)
+
+    def previous_task(self) -> tuple[str, dict[str, Any]] | None:
+        """(task, parameters) the job was started with, read leniently: also from older fedq's spec."""
+        raw = self.load_description_text()
+        if raw is None:
+            return None
+        try:
+            document = json.loads(raw)
+            return str(document["task"]), dict(document.get("task_params") or {})
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def save_description(self, description: JobDescription) -> None:
+        self.redis.set(self.keys.spec, description.to_json())
+
+    def signing_key(self) -> SigningKey:
+        """The job's private key, created on first use. Only the coordinator calls this."""
+        self.redis.set(self.keys.signing_key, SigningKey.generate().to_bytes(), nx=True)
+        return SigningKey.from_bytes(self.redis.get(self.keys.signing_key))
 
     def set(self, **state: Any) -> None:
         self.redis.set(self.keys.state, json.dumps({**state, "updated": time.time()}))

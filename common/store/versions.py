@@ -135,6 +135,27 @@ class VersionStore:
         self._remember(version, _Verified(weights, digest))
         return weights
 
+    def digest_of(self, version: int) -> str:
+        """The recorded sha256 of ``version``'s weights (what tasks sign and workers check)."""
+        cached = self._weights_cache.get(version)
+        return cached.digest if cached is not None else self.load_meta(version).digest
+
+    def restore(self, version: int) -> bool:
+        """Write back ``version``'s weights from this process's verified copy if the stored bytes
+        differ from it; True when it did. A copy exists for recent versions this process committed
+        or read (the coordinator's head among them)."""
+        cached = self._weights_cache.get(version)
+        if cached is None:
+            return False
+        stored = self.redis.get(self.keys.model(version))
+        if stored is not None and codec.digest(stored) == cached.digest:
+            return False
+        payload = codec.encode(cached.weights)
+        if codec.digest(payload) != cached.digest:
+            return False
+        self.redis.set(self.keys.model(version), payload)
+        return True
+
     def verify(self, version: int) -> bool | None:
         """Whether the stored weights of ``version`` match their recorded digest; None when not stored."""
         try:

@@ -38,7 +38,7 @@ def load_task(name: str, params: dict[str, Any] | None = None) -> FederatedTask:
         raise TaskPluginError(f"module {module_name!r} has no {object_name!r}")
     try:
         task = factory(**(params or {}))
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise TaskPluginError(f"task {name!r} does not accept parameters {params}: {error}") from None
     if not isinstance(task, FederatedTask):
         raise TaskPluginError(f"{path} did not produce a FederatedTask")

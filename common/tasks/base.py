@@ -11,6 +11,10 @@ from fedq.common.wire.codec import Weights
 from fedq.common.wire.messages import TrainSettings
 
 
+# A bound on the partitions a built-in task splits its data into (Dirichlet draws per class).
+MAX_PARTITIONS = 100_000
+
+
 @dataclass(frozen=True)
 class LocalData:
     features: torch.Tensor
@@ -79,6 +83,18 @@ class FederatedTask(ABC):
         outputs = model(data.features)
         accuracy = float((outputs.argmax(dim=1) == data.targets).float().mean())
         return {"accuracy": accuracy, "loss": float(self.loss(outputs, data.targets))}
+
+
+def check_parameter(name: str, value: object, low: float, high: float, *, integer: bool = True) -> None:
+    """Refuse a task parameter outside [low, high] (or of the wrong type) with one sentence.
+
+    Built-in tasks bound every size they are given: a worker adopts a job's parameters
+    from its description, and a size of 10^9 must be an error, not an allocation.
+    """
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} from {low:g} to {high:g}, "
+                         f"not {value!r}")
 
 
 def weights_of(model: torch.nn.Module) -> Weights:

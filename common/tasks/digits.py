@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedq.common.tasks.base import FederatedTask, LocalData, dirichlet_partition
+from fedq.common.tasks.base import MAX_PARTITIONS, FederatedTask, LocalData, check_parameter, dirichlet_partition
 
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
@@ -22,10 +22,10 @@ class DigitsTask(FederatedTask):
     score_metric = "accuracy"
 
     def __init__(self, num_partitions: int = 10, alpha: float = 0.5, seed: int = 0, hidden: int = 64):
-        if num_partitions < 1:
-            raise ValueError("num_partitions must be at least 1")
-        if alpha <= 0:
-            raise ValueError("alpha must be more than 0")
+        check_parameter("num_partitions", num_partitions, 1, MAX_PARTITIONS)
+        check_parameter("alpha", alpha, 1e-6, 1e6, integer=False)
+        check_parameter("seed", seed, 0, 2**32 - 1)
+        check_parameter("hidden", hidden, 1, 65536)
         self.num_partitions = num_partitions
         self.alpha = alpha
         self.seed = seed

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedq.common.tasks.base import FederatedTask, LocalData
+from fedq.common.tasks.base import MAX_PARTITIONS, FederatedTask, LocalData, check_parameter
 
 FEATURES = 10
 
@@ -22,6 +22,10 @@ class LinearRegressionTask(FederatedTask):
     score_metric = "r2"
 
     def __init__(self, num_partitions: int = 2, samples_per_party: int = 500, noise: float = 0.1, seed: int = 0):
+        check_parameter("num_partitions", num_partitions, 1, MAX_PARTITIONS)
+        check_parameter("samples_per_party", samples_per_party, 1, 1_000_000)
+        check_parameter("noise", noise, 0, 1e6, integer=False)
+        check_parameter("seed", seed, 0, 2**32 - 1)
         self.num_partitions = num_partitions
         self.samples_per_party = samples_per_party
         self.noise = noise

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedq.common.tasks.base import FederatedTask, LocalData
+from fedq.common.tasks.base import MAX_PARTITIONS, FederatedTask, LocalData, check_parameter
 
 FEATURES = 60
 CLASSES = 10
@@ -28,8 +28,11 @@ class SyntheticTask(FederatedTask):
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, num_partitions: int = 30, seed: int = 0,
                  max_samples: int = 2000):
-        if num_partitions < 1:
-            raise ValueError("num_partitions must be at least 1")
+        check_parameter("alpha", alpha, 0, 1e6, integer=False)
+        check_parameter("beta", beta, 0, 1e6, integer=False)
+        check_parameter("num_partitions", num_partitions, 1, MAX_PARTITIONS)
+        check_parameter("seed", seed, 0, 2**32 - 1)
+        check_parameter("max_samples", max_samples, 1, 1_000_000)
         self.alpha, self.beta = alpha, beta
         self.num_partitions = num_partitions
         self.seed = seed

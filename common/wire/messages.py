@@ -2,7 +2,7 @@
 update (worker -> coordinator).
 
 Messages are JSON objects whose ``schema`` field names the kind and version
-(``fedq.task/1``). Parsing checks every field's type and raises
+(``fedq.task/2``). Parsing checks every field's type and raises
 :class:`MessageError` with a short machine-readable ``reason`` (used as the
 dead-letter reason and metric label) and a sentence for humans. Nothing is ever
 unpickled.
@@ -15,8 +15,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-TASK_SCHEMA = "fedq.task/1"
+# /2: tasks carry the digest of their model version and the coordinator's signature.
+TASK_SCHEMA = "fedq.task/2"
 UPDATE_SCHEMA = "fedq.update/1"
+REFUSAL_SCHEMA = "fedq.refusal/1"
 
 
 class MessageError(ValueError):
@@ -40,14 +42,26 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class RoundTask:
+    """One round task. ``model_digest`` is the sha256 of the version's weights (workers verify
+    what they load against it); ``signature`` is the coordinator's over everything else
+    (:meth:`signed_document`), which makes the task a capability only the coordinator issues."""
+
     job: str
     task_id: str
     model_version: int
     train: TrainSettings
     issued_at: float
+    model_digest: str = ""
+    signature: str = ""
+
+    def signed_document(self) -> dict[str, Any]:
+        """What the signature covers: the whole message but the signature."""
+        document = {"schema": TASK_SCHEMA, **asdict(self)}
+        del document["signature"]
+        return document
 
     def to_bytes(self) -> bytes:
-        body = {"schema": TASK_SCHEMA, **asdict(self)}
+        body = {**self.signed_document(), "signature": self.signature}
         return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -92,7 +106,22 @@ class ModelUpdate:
         return json.dumps(body, separators=(",", ":")).encode()
 
 
-def _load_object(body: bytes, expected_schema: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TaskRefusal:
+    """A worker says it cannot train an issued task (its version is gone or tampered with, its
+    training keeps failing): the coordinator closes the task at once instead of at its lease's end."""
+
+    job: str
+    task_id: str
+    worker_id: str
+    reason: str
+    detail: str = ""
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"schema": REFUSAL_SCHEMA, **asdict(self)}, separators=(",", ":")).encode()
+
+
+def _load_json(body: bytes) -> dict[str, Any]:
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):
@@ -101,6 +130,10 @@ def _load_object(body: bytes, expected_schema: str) -> dict[str, Any]:
         raise MessageError("not_json", "the message body is not JSON") from None
     if not isinstance(document, dict):
         raise MessageError("bad_schema", "the message is not a JSON object")
+    return document
+
+
+def _check_schema(document: dict[str, Any], expected_schema: str) -> dict[str, Any]:
     schema = document.get("schema")
     kind = expected_schema.split("/")[0]
     if not isinstance(schema, str) or not schema.startswith(kind + "/"):
@@ -108,6 +141,10 @@ def _load_object(body: bytes, expected_schema: str) -> dict[str, Any]:
     if schema != expected_schema:
         raise MessageError("schema_version", f"schema {schema!r} is not supported (this build speaks {expected_schema})")
     return document
+
+
+def _load_object(body: bytes, expected_schema: str) -> dict[str, Any]:
+    return _check_schema(_load_json(body), expected_schema)
 
 
 def _field(document: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
@@ -145,13 +182,37 @@ def parse_task(body: bytes) -> RoundTask:
     version = _field(document, "model_version", int)
     if version < 0:
         raise MessageError("bad_schema", "model_version must be 0 or more")
+    issued_at = _field(document, "issued_at", (int, float))
+    if not _finite_number(issued_at):
+        raise MessageError("bad_schema", "field 'issued_at' must be a finite number")
+    model_digest = _field(document, "model_digest", str)
+    if len(model_digest) != 64 or any(char not in "0123456789abcdef" for char in model_digest):
+        raise MessageError("bad_schema", "field 'model_digest' must be a sha256 in hex")
     return RoundTask(job=_non_empty_text(document, "job"), task_id=_non_empty_text(document, "task_id"),
-                     model_version=version, train=settings,
-                     issued_at=float(_field(document, "issued_at", (int, float))))
+                     model_version=version, train=settings, issued_at=issued_at, model_digest=model_digest,
+                     signature=_non_empty_text(document, "signature", 200))
+
+
+def parse_worker_message(body: bytes) -> ModelUpdate | TaskRefusal:
+    """What a worker sends on the update exchange: an update, or the refusal of a task."""
+    document = _load_json(body)
+    schema = document.get("schema")
+    if isinstance(schema, str) and schema.startswith(REFUSAL_SCHEMA.split("/")[0] + "/"):
+        return _refusal(_check_schema(document, REFUSAL_SCHEMA))
+    return _update(_check_schema(document, UPDATE_SCHEMA))
+
+
+def _refusal(document: dict[str, Any]) -> TaskRefusal:
+    return TaskRefusal(job=_non_empty_text(document, "job"), task_id=_non_empty_text(document, "task_id"),
+                       worker_id=_non_empty_text(document, "worker_id"), reason=_non_empty_text(document, "reason", 64),
+                       detail=str(document.get("detail", ""))[:500])
 
 
 def parse_update(body: bytes) -> ModelUpdate:
-    document = _load_object(body, UPDATE_SCHEMA)
+    return _update(_load_object(body, UPDATE_SCHEMA))
+
+
+def _update(document: dict[str, Any]) -> ModelUpdate:
     base_version = _field(document, "base_version", int)
     num_examples = _field(document, "num_examples", int)
     if base_version < 0:

@@ -118,6 +118,7 @@ class Export:
 
     @staticmethod
     def main(args: argparse.Namespace) -> int:
+        from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
         store = _store(args)
@@ -126,10 +127,13 @@ class Export:
             weights = store.versions.load_weights(args.version)
         except UnknownVersionError:
             raise UserError(f"the weights of version {args.version} were pruned by retention") from None
-        spec = store.status.load_spec() or {}
-        save_file(dict(weights), args.output, metadata={
-            "fedq_job": store.job, "fedq_version": str(args.version), "fedq_digest": meta.digest,
-            "fedq_task": str(spec.get("task")), "fedq_task_params": json.dumps(spec.get("task_params") or {})})
+        task, task_params = store.status.previous_task() or (None, {})
+        try:
+            save_file(dict(weights), args.output, metadata={
+                "fedq_job": store.job, "fedq_version": str(args.version), "fedq_digest": meta.digest,
+                "fedq_task": str(task), "fedq_task_params": json.dumps(task_params)})
+        except (OSError, SafetensorError) as error:
+            raise UserError(f"cannot write {args.output}: {error}") from None
         print(f"wrote version {args.version} of job {store.job!r} to {args.output} "
               f"(load with safetensors.torch.load_file and model.load_state_dict)")
         return 0

@@ -59,7 +59,7 @@ def collect(amqp_url: str, redis_url: str, job: str, store: ModelStore | None = 
     metrics = store.versions.load_meta(head).metrics if head is not None else {}
     return {
         "job": job, "head": head, "problem": problem, "state": store.status.load(), "metrics": metrics,
-        "in_flight": len(store.ledger.in_flight()), "rejected": store.counters.get("rejected"),
+        "in_flight": len(store.ledger.open_tasks()), "rejected": store.counters.get("rejected"),
         "skipped": store.counters.get("skipped"), "depth_source": source,
         "queues": [{"name": depth.name, "exists": depth.exists, "ready": depth.ready, "unacked": depth.unacked,
                     "consumers": depth.consumers} for depth in depths],

@@ -2,25 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import logging
 
 from fedq.common.obs.logs import kv, setup_logging
 from fedq.common.obs.metrics import serve_metrics
 from fedq.coordinator.algorithms.registry import ALGORITHMS, ROBUST_ESTIMATORS, SERVER_OPTIMIZERS, STALENESS_FUNCTIONS
-from fedq.common.settings import (CONNECTION_OPTIONS, SERVICE_OPTIONS, Option, SettingsError, add_options,
+from fedq.common.settings import (CONNECTION_OPTIONS, SERVICE_OPTIONS, Option, SettingsError, add_options, json_object,
                                   non_negative_float, non_negative_int, parse_bool, positive_float, positive_int,
                                   resolve)
 
 HELP = "Run the coordinator of a job: dispatch round tasks, aggregate updates, commit versions to Redis."
-
-
-def _json_object(text):
-    value = json.loads(text) if isinstance(text, str) else text
-    if not isinstance(value, dict):
-        raise ValueError("must be a JSON object")
-    return value
 
 
 def _optional(parse):
@@ -29,7 +21,7 @@ def _optional(parse):
 
 OPTIONS = CONNECTION_OPTIONS + [
     Option("task", str, "digits", "task plugin: digits, digits28, synthetic, linear or module:object"),
-    Option("task_params", _json_object, {}, "task plugin parameters as a JSON object"),
+    Option("task_params", json_object, {}, "task plugin parameters as a JSON object"),
     Option("algorithm", str, "fedasync", "aggregation", choices=tuple(ALGORITHMS)),
     Option("concurrency", positive_int, 4, "tasks kept in flight (sync FedAvg: clients per round)"),
     Option("buffer_size", positive_int, 3, "FedBuff: updates per server step (K)"),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -35,14 +35,16 @@ from fedq.common.obs.logs import kv
 from fedq.common.store import (TRANSIENT_REDIS_ERRORS, HeadMovedError, ModelStore, StoreError, TamperedVersionError,
                                UnknownVersionError, connect_redis)
 from fedq.common.tasks import FederatedTask, load_task, load_weights_into
+from fedq.common.store.ledger import OpenTask
 from fedq.common.wire import codec
-from fedq.common.wire.messages import MessageError, RoundTask, TrainSettings
+from fedq.common.wire.description import JobDescription
+from fedq.common.wire.messages import MessageError, RoundTask, TaskRefusal, TrainSettings
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
 from fedq.coordinator.algorithms.step import build_aggregator, build_optimizer, config_digest, server_step
 from fedq.coordinator.service.scheduling import scheduling_policy
 from fedq.coordinator.service.settings import CoordinatorSettings
-from fedq.coordinator.service.validation import (Expectations, NormGuard, Rejected, ValidatedUpdate, l2_norm,
-                                                validate_update)
+from fedq.coordinator.service.validation import (Expectations, NormGuard, Rejected, ValidatedRefusal, ValidatedUpdate,
+                                                l2_norm, validate_update)
 
 log = logging.getLogger("fedq.coordinator")
 
@@ -83,7 +85,9 @@ class Coordinator:
         self.task: FederatedTask = load_task(settings.task, settings.task_params)
         self.model = self.task.build_model()
         self.buffer: list[Pending] = []
-        self.in_flight: dict[str, dict[str, Any]] = {}
+        # Tasks issued and not yet closed (applied, refused, expired): the only ones an update may answer.
+        # A mirror of the Redis ledger; buffered updates' tasks stay open until their version is committed.
+        self.open_tasks: dict[str, OpenTask] = {}
         self.finished_reason: str | None = None
         self.stop_requested = False
         self.last_metrics: dict[str, float] = {}
@@ -95,16 +99,22 @@ class Coordinator:
     # -- job state --------------------------------------------------------
 
     def _prepare_job(self) -> None:
-        spec = {"task": self.settings.task, "task_params": self.settings.task_params, "seed": self.settings.seed}
-        existing = self.store.status.load_spec()
-        if existing is not None and (existing["task"], existing.get("task_params") or {}) != (
-                spec["task"], spec["task_params"]):
-            raise StoreError(f"job {self.settings.job!r} already trains task {existing['task']!r} with "
-                             f"{existing.get('task_params')}; use another --job name")
-        self.store.status.save_spec(spec)
+        previous = self.store.status.previous_task()
+        if previous is not None and previous != (self.settings.task, self.settings.task_params):
+            raise StoreError(f"job {self.settings.job!r} already trains task {previous[0]!r} with "
+                             f"{previous[1]}; use another --job name")
+        # The job's key signs every task: workers train only what this coordinator issued.
+        self.signing_key = self.store.status.signing_key()
+        weights = self.task.initial_weights(self.settings.seed)
+        self.description = JobDescription(
+            job=self.settings.job, task=self.settings.task, task_params=self.settings.task_params,
+            seed=self.settings.seed, tensors=codec.tensor_specs(weights),
+            public_key=self.signing_key.verify_key.to_text()).signed(self.signing_key)
+        self.store.status.save_description(self.description)
+        log.info(kv("coordinator_key", job=self.settings.job, fingerprint=self.signing_key.verify_key.fingerprint,
+                    pin_with="--coordinator-key"))
         self.head = self.store.versions.head()
         if self.head is None:
-            weights = self.task.initial_weights(self.settings.seed)
             self.last_metrics = self._evaluate(weights)
             self.head = self.store.versions.commit(None, weights, metrics=self.last_metrics, config=self.config)
             log.info(kv("initialised", job=self.settings.job, task=self.settings.task, version=0,
@@ -117,18 +127,25 @@ class Coordinator:
         self.max_delta_bytes = codec.max_encoded_size(self.tensor_specs)
         self.store.status.set(status="running")
 
+    def _keep_description(self) -> None:
+        """Put the job's description back if someone rewrote it: workers check every task against it."""
+        if self.store.status.load_description_text() != self.description.to_json().encode():
+            log.warning(kv("description_restored", job=self.settings.job, reason="it was changed in Redis"))
+            self.store.status.save_description(self.description)
+
     def _load_head(self) -> None:
-        """(Re)load the head version, its optimizer state and the in-flight tasks from Redis.
+        """(Re)load the head version, its optimizer state and the open tasks from Redis.
 
         Called at every (re)connect: a commit whose reply was lost in a Redis
         outage may have moved the head after all.
         """
         self.head = self.store.versions.head()
         self.weights = self.store.versions.load_weights(self.head)
+        self.head_digest = self.store.versions.digest_of(self.head)
         self.model_norm = l2_norm(self.weights)
         self.optimizer_state = self.store.versions.load_optimizer_state(self.head)
         self.abandoned = frozenset(self.store.versions.abandoned())
-        self.in_flight = self.store.ledger.in_flight()
+        self.open_tasks = self.store.ledger.open_tasks()
         self._head_checked = time.monotonic()
         metrics.HEAD_VERSION.labels(self.settings.job).set(self.head)
 
@@ -184,13 +201,17 @@ class Coordinator:
         """Between deliveries: notice a rollback, expire lost tasks, check the clock, keep tasks in flight."""
         if time.monotonic() - self._head_checked > HEAD_CHECK_SECONDS:
             self._head_checked = time.monotonic()
+            self._keep_description()
             stored_head = self.store.versions.head()
+            if stored_head is None:
+                raise StoreError(f"job {self.settings.job!r} was deleted from Redis while its coordinator ran")
             if stored_head != self.head and not self.buffer:
                 log.info(kv("head_changed_elsewhere", old=self.head, new=stored_head))
                 self._load_head()
         now = time.time()
-        expired = [task_id for task_id, info in self.in_flight.items()
-                   if now - info["issued_at"] > self.settings.task_lease_seconds]
+        buffered = {pending.update.task_id for pending in self.buffer}
+        expired = [task_id for task_id, task in self.open_tasks.items()
+                   if now - task.issued_at > self.settings.task_lease_seconds and task_id not in buffered]
         if expired:
             log.warning(kv("tasks_expired", count=len(expired), lease_s=self.settings.task_lease_seconds))
             self._forget(expired)
@@ -206,7 +227,7 @@ class Coordinator:
                                 max_delta_bytes=self.max_delta_bytes,
                                 max_delta_norm=self.norm_guard.bound(self.model_norm))
         try:
-            validated = validate_update(delivery.body, expected, self.store, self._is_duplicate)
+            validated = validate_update(delivery.body, expected, self.store, self._is_duplicate, self._issued_version)
         except Rejected as rejection:
             if rejection.duplicate:
                 self._skip_duplicate(delivery, rejection)
@@ -219,10 +240,29 @@ class Coordinator:
             log.exception(kv("update_unusable", error=repr(error)))
             self._dead_letter(delivery, Rejected(MessageError("unusable", f"{type(error).__name__}: {error}"), None))
             return
+        # Its task stays open (in Redis too) until the version is committed: a crash
+        # before that redelivers the update, which must still find its task.
+        if isinstance(validated, ValidatedRefusal):
+            self._on_refusal(delivery, validated.refusal)
+            return
         self.buffer.append(Pending(delivery, validated))
-        self._forget([validated.update.task_id])
         metrics.BUFFER_FILL.labels(self.settings.job).set(len(self.buffer))
         crash_point("buffered")
+        if self._buffer_ready():
+            self._commit()
+        self._top_up()
+
+    def _on_refusal(self, delivery: Delivery, refusal: TaskRefusal) -> None:
+        """A worker cannot train an issued task: close it now (a replacement goes out) rather than
+        at the end of its lease. A tampered version is restored from this coordinator's verified copy."""
+        self._channel.ack(delivery.tag)
+        self.store.counters.add("refused", refusal.reason)
+        log.warning(kv("task_refused", task=refusal.task_id, worker=refusal.worker_id, reason=refusal.reason,
+                       detail=refusal.detail))
+        version = self.open_tasks[refusal.task_id].version
+        self._forget([refusal.task_id])
+        if refusal.reason == "tampered_version" and self.store.versions.restore(version):
+            log.warning(kv("version_restored", version=version, reason="its stored weights were tampered with"))
         if self._buffer_ready():
             self._commit()
         self._top_up()
@@ -231,14 +271,22 @@ class Coordinator:
         return (any(pending.update.task_id == task_id for pending in self.buffer)
                 or self.store.ledger.applied_version(task_id) is not None)
 
+    def _issued_version(self, task_id: str) -> int | None:
+        task = self.open_tasks.get(task_id)
+        return None if task is None else task.version
+
+    @property
+    def in_flight(self) -> int:
+        """Tasks out with workers: open, and not answered by a buffered update."""
+        return len(self.open_tasks) - len(self.buffer)
+
     def _buffer_ready(self) -> bool:
-        return self.policy.buffer_ready(in_flight=len(self.in_flight), buffered=len(self.buffer))
+        return self.policy.buffer_ready(in_flight=self.in_flight, buffered=len(self.buffer))
 
     def _skip_duplicate(self, delivery: Delivery, duplicate: Rejected) -> None:
         self._channel.ack(delivery.tag)
         self.store.counters.add("skipped", "duplicate")
         metrics.UPDATES_SKIPPED.labels(self.settings.job, "duplicate").inc()
-        self._forget([duplicate.task_id])
         log.info(kv("update_skipped", reason="duplicate", task=duplicate.task_id, worker=duplicate.worker_id))
 
     def _dead_letter(self, delivery: Delivery, rejection: Rejected) -> None:
@@ -297,7 +345,10 @@ class Coordinator:
                 self._channel.nack(item.delivery.tag, requeue=True)
             self._load_head()
             return
+        for item in pending:  # the commit script closed them in Redis
+            self.open_tasks.pop(item.update.task_id, None)
         self.weights, self.optimizer_state = self.store.versions.load_weights(self.head), new_state
+        self.head_digest = self.store.versions.digest_of(self.head)
         self.model_norm = l2_norm(self.weights)
         self.norm_guard.accepted([item.validated.norm for item in pending])
         crash_point("committed")
@@ -348,7 +399,7 @@ class Coordinator:
         # Outstanding tasks would only train a finished model: withdraw them.
         if self._channel is not None:
             self._channel.purge(self.topology.tasks)
-        self._forget(list(self.in_flight))
+        self._forget(list(self.open_tasks))
         self.store.status.set(status="finished", reason=reason, head=self.head)
         log.info(kv("finished", reason=reason, head=self.head, **self.last_metrics))
 
@@ -357,7 +408,7 @@ class Coordinator:
     def _top_up(self) -> None:
         if self.finished_reason is not None or self._channel is None:
             return
-        for _ in range(self.policy.tasks_to_dispatch(in_flight=len(self.in_flight), buffered=len(self.buffer))):
+        for _ in range(self.policy.tasks_to_dispatch(in_flight=self.in_flight, buffered=len(self.buffer))):
             self._dispatch()
 
     def _dispatch(self) -> None:
@@ -366,21 +417,26 @@ class Coordinator:
         task = RoundTask(job=self.settings.job, task_id=task_id, model_version=self.head, issued_at=issued_at,
                          train=TrainSettings(epochs=self.settings.local_epochs, batch_size=self.settings.batch_size,
                                              learning_rate=self.settings.learning_rate,
-                                             seed=int(task_id[:8], 16)))
+                                             seed=int(task_id[:8], 16)),
+                         model_digest=self.head_digest)
+        task = replace(task, signature=self.signing_key.sign(task.signed_document()))
+        # Recorded before the broker has it, so that an update answering it is accepted even
+        # if this coordinator dies right after publishing. A crash before the publish leaves
+        # an open task nobody can answer; it counts as in flight until its lease ends.
+        opened = OpenTask(version=self.head, issued_at=issued_at)
+        self.store.ledger.open(task_id, opened)
+        self.open_tasks[task_id] = opened
         self._channel.publish(self.topology.tasks, task.to_bytes(), message_id=task_id)
         crash_point("dispatched")
-        # Recorded only once the broker has the task: a crash in between leaves an
-        # untracked task whose update is still accepted, never a phantom that blocks dispatch.
-        self.store.ledger.record_dispatch(task_id, self.head, issued_at)
-        self.in_flight[task_id] = {"version": self.head, "issued_at": issued_at}
         metrics.TASKS_DISPATCHED.labels(self.settings.job).inc()
-        metrics.TASKS_IN_FLIGHT.labels(self.settings.job).set(len(self.in_flight))
+        metrics.TASKS_IN_FLIGHT.labels(self.settings.job).set(len(self.open_tasks))
 
     def _forget(self, task_ids: list[str]) -> None:
+        """Close tasks: refused, expired or withdrawn; an update answering them is unknown_task from now on."""
         for task_id in task_ids:
-            self.in_flight.pop(task_id, None)
-        self.store.ledger.forget(task_ids)
-        metrics.TASKS_IN_FLIGHT.labels(self.settings.job).set(len(self.in_flight))
+            self.open_tasks.pop(task_id, None)
+        self.store.ledger.close(task_ids)
+        metrics.TASKS_IN_FLIGHT.labels(self.settings.job).set(len(self.open_tasks))
 
     # -- reporting --------------------------------------------------------
 

@@ -3,7 +3,8 @@
 :func:`validate_update` turns a message body into a :class:`ValidatedUpdate`
 or raises :class:`Rejected` with a stable reason label (the dead-letter reason
 header and the rejection counter). The checks, in order: the message's size, schema, job,
-duplicate (skipped quietly, not dead-lettered), staleness, the delta's size
+duplicate (skipped quietly, not dead-lettered), an open task of this job answered from the
+version it was issued at, staleness, the delta's size
 (before a claimed blob is read), the delta itself (inline or claim check,
 verified against its sha256), tensor names/shapes/dtypes, finite values, and
 the delta's L2 norm against what the job has accepted (:class:`NormGuard`).
@@ -23,7 +24,7 @@ from fedq.common.records import AppliedUpdate
 from fedq.common.store import TRANSIENT_REDIS_ERRORS, ModelStore
 from fedq.common.wire import codec
 from fedq.common.wire.limits import max_update_message_bytes
-from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate, parse_update
+from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate, TaskRefusal, parse_worker_message
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
 
 
@@ -74,26 +75,46 @@ class ValidatedUpdate:
                              digest=self.digest, blob_key=self.blob_key)
 
 
-def validate_update(body: bytes, expected: Expectations, store: ModelStore,
-                    already_taken: Callable[[str], bool]) -> ValidatedUpdate:
+@dataclass(frozen=True)
+class ValidatedRefusal:
+    """A worker's refusal of an open task of this job: the task can be closed and replaced."""
+
+    refusal: TaskRefusal
+    version: int  # the version the task was issued at
+
+
+def validate_update(body: bytes, expected: Expectations, store: ModelStore, already_taken: Callable[[str], bool],
+                    issued_version: Callable[[str], int | None]) -> ValidatedUpdate | ValidatedRefusal:
     """The update in ``body``, validated; raises :class:`Rejected` with the reason it is not usable.
 
-    ``already_taken(task_id)`` says whether the task's update is buffered or applied.
+    A worker's refusal of a task is checked the same way (this job's, an open task) and
+    returned as a :class:`ValidatedRefusal`.
+
+    ``already_taken(task_id)`` says whether the task's update is buffered or applied;
+    ``issued_version(task_id)`` is the version an open task was issued at (None: no such
+    open task: never issued by this job's coordinator, or closed).
     """
     if expected.max_delta_bytes is not None and len(body) > max_update_message_bytes(expected.max_delta_bytes):
         raise Rejected(MessageError("too_large", f"the message has {len(body)} bytes; no update of this model has "
                                                  f"more than {max_update_message_bytes(expected.max_delta_bytes)}"),
                        None)
     try:
-        update = parse_update(body)
+        update = parse_worker_message(body)
     except MessageError as error:
         raise Rejected(error, None) from None
     if update.job != expected.job:
         raise Rejected(MessageError("unknown_job", f"update is for job {update.job!r}, not {expected.job!r}"), None)
+    if isinstance(update, TaskRefusal):
+        version = issued_version(update.task_id)
+        if version is None or already_taken(update.task_id):
+            raise Rejected(MessageError("unknown_task", f"refused task {update.task_id[:64]!r} is not an open task "
+                                                        "of this job"), None, worker_id=update.worker_id)
+        return ValidatedRefusal(update, version)
     if already_taken(update.task_id):
         raise Rejected(MessageError("duplicate", f"task {update.task_id} was already applied"), update.task_id,
                        worker_id=update.worker_id, duplicate=True)
     try:
+        check_issued(update, issued_version(update.task_id))
         staleness = check_staleness(update, expected.head, expected.max_staleness, expected.abandoned)
         digest, payload, delta = load_delta(update, store, expected.max_delta_bytes)
         check_tensors(delta, expected.tensor_specs)
@@ -203,6 +224,17 @@ def check_tensors(delta: codec.Weights, expected: dict[str, tuple[tuple[int, ...
             raise MessageError("wrong_dtype", f"tensor {name!r} has dtype {array.dtype.name}, model has {dtype}")
         if not np.isfinite(array).all():
             raise MessageError("not_finite", f"tensor {name!r} contains NaN or infinity")
+
+
+def check_issued(update: ModelUpdate, issued_version: int | None) -> None:
+    """An update answers one open task, from the version that task named: a task id made up,
+    reused or already closed answers nothing, and a base version claimed fresher than the
+    task's would buy an undeserved staleness weight."""
+    if issued_version is None:
+        raise MessageError("unknown_task", f"task {update.task_id[:64]!r} is not an open task of this job")
+    if update.base_version != issued_version:
+        raise MessageError("wrong_base_version", f"task {update.task_id} was issued at version {issued_version}, "
+                                                 f"the update claims base version {update.base_version}")
 
 
 def check_staleness(update: ModelUpdate, head: int, max_staleness: int, abandoned: frozenset[int] = frozenset()) -> int:

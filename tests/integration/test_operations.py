@@ -139,7 +139,7 @@ def test_coordinator_metrics_match_the_history(processes, job, store):
     assert samples[("fedq_staleness_sum", label)] == sum(u.staleness for e in history for u in e.updates)
     assert samples[("fedq_aggregation_seconds_count", label)] == head
     assert samples[("fedq_commit_seconds_count", label)] == head
-    assert samples[("fedq_tasks_in_flight", label)] == len(store.ledger.in_flight())
+    assert samples[("fedq_tasks_in_flight", label)] == len(store.ledger.open_tasks())
     assert samples[("fedq_tasks_dispatched_total", label)] >= applied
     accuracy = next(entry.metrics["accuracy"] for entry in reversed(history) if entry.metrics)
     assert samples[("fedq_model_score", (("job", job), ("metric", "accuracy")))] == pytest.approx(accuracy)

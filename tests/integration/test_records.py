@@ -18,7 +18,7 @@ from fedq.coordinator.algorithms.aggregation import BufferedUpdate
 from fedq.coordinator.ops.replay import replay
 from fedq.coordinator.service.settings import CoordinatorSettings
 from fedq.coordinator.algorithms.step import build_aggregator, build_optimizer, config_digest, server_step
-from tests.support import REDIS_URL, ROOT
+from tests.support import REDIS_URL, ROOT, publish_job
 
 
 TASK = "linear"
@@ -31,7 +31,7 @@ def build_history(store, versions: int, algorithm: str = "fedbuff", optimizer: s
                                    server_optimizer=optimizer, server_lr=0.01)
     config = settings.aggregation_config()
     aggregator, server_optimizer = build_aggregator(config), build_optimizer(config)
-    store.status.save_spec({"task": TASK, "task_params": {}, "seed": 0})
+    publish_job(store, TASK, commit=False)
     weights = load_task(TASK).initial_weights(0)
     head = store.versions.commit(None, weights, metrics={}, config=config)
     state: codec.Weights = {}

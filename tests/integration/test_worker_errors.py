@@ -9,7 +9,8 @@ def test_a_task_whose_training_raises_is_dead_lettered_and_the_worker_keeps_serv
     processes.start("coordinator", "coordinator", *connection_flags(job), "--task", "tests.support:exploding_task",
                     "--concurrency", "1", "--max-seconds", "600")
     processes.wait_for_log("coordinator", "event=initialised", timeout=180)
-    worker = processes.start("worker", "worker", *connection_flags(job), "--worker-id", "w0")
+    worker = processes.start("worker", "worker", *connection_flags(job), "--worker-id", "w0",
+                             "--task", "tests.support:exploding_task")
     letters: list = []
     # The quorum queue's x-delivery-count is what bounds the attempts; wait for the verdict.
     wait_until(lambda: letters.extend(take_dead_letters(job)) or letters, 180, "no task was dead-lettered")

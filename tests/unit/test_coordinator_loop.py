@@ -71,19 +71,24 @@ def test_hostile_updates_are_dead_lettered_with_their_reason_and_training_goes_o
     good = delta_like(store, 0.1)
     broker.publish(TOPOLOGY.updates, Message(b"\x80 not json", "garbage"))
     answer(broker, task, {name: array[..., :1] for name, array in good.items()})              # wrong shape
+    # A rejected update closes its task, and a replacement goes out: answering it again is unknown_task.
+    answer(broker, task, good)
+    task = take_task(broker)
     answer(broker, task, {name: np.full_like(array, np.nan) for name, array in good.items()})  # NaN
-    answer(broker, task, good, job="another-job")
-    wait_until(lambda: len(broker.ready(TOPOLOGY.dead)) == 4, DEADLINE, "not every hostile update was dead-lettered")
+    open_task = take_task(broker)
+    answer(broker, open_task, good, job="another-job")  # not this job's: its task stays open
+    wait_until(lambda: len(broker.ready(TOPOLOGY.dead)) == 5, DEADLINE, "not every hostile update was dead-lettered")
     dead = broker.ready(TOPOLOGY.dead)
-    assert [message.headers[REASON_HEADER] for message in dead] == ["not_json", "wrong_shape", "not_finite",
-                                                                    "unknown_job"]
+    assert [message.headers[REASON_HEADER] for message in dead] == ["not_json", "wrong_shape", "unknown_task",
+                                                                    "not_finite", "unknown_job"]
     assert all(message.headers[DETAIL_HEADER] for message in dead)
-    # A rejected update ends its task: a replacement goes out, and a good answer is applied.
-    replacement = take_task(broker)
+    # A good answer to the open task is applied.
+    replacement = open_task
     answer(broker, replacement, good)
     wait_for_head(store, 1)
     running.stop()
-    assert store.counters.get("rejected") == {"not_json": 1, "wrong_shape": 1, "not_finite": 1, "unknown_job": 1}
+    assert store.counters.get("rejected") == {"not_json": 1, "wrong_shape": 1, "unknown_task": 1, "not_finite": 1,
+                                              "unknown_job": 1}
     assert store.versions.head() == 1
 
 
@@ -172,7 +177,7 @@ def test_the_target_stops_the_run_and_withdraws_outstanding_tasks(broker, store)
     answer(broker, task, delta_like(store, 0.0))
     summary = running.join(DEADLINE)
     assert summary["reason"] == "max_versions" and store.status.load()["status"] == "finished"
-    assert broker.ready(TOPOLOGY.tasks) == [] and store.ledger.in_flight() == {}
+    assert broker.ready(TOPOLOGY.tasks) == [] and store.ledger.open_tasks() == {}
 
 
 def test_an_unknown_algorithm_is_an_error_not_fedavg():
@@ -230,4 +235,36 @@ def test_an_update_message_larger_than_any_delta_of_the_model_is_refused_unread(
     broker.publish(TOPOLOGY.updates, Message(b"{" + b" " * (2 * 1024 * 1024) + b"}", task.task_id))
     wait_until(lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["too_large"],
                DEADLINE, "the oversized message was not refused")
+    running.stop()
+
+
+def test_a_refused_task_is_replaced_at_once_and_a_tampered_version_is_restored(broker, store):
+    from fedq.common.wire import codec
+    from fedq.common.wire.messages import TaskRefusal
+
+    _, running = start(broker, store, algorithm="fedasync", concurrency=1, task_lease_seconds=3600)
+    task = take_task(broker)
+    genuine = store.redis.get(store.keys.model(0))
+    store.redis.set(store.keys.model(0), codec.encode(delta_like(store, 5.0)))  # tampered with in Redis
+    refusal = TaskRefusal(job=JOB, task_id=task.task_id, worker_id="w", reason="tampered_version")
+    broker.publish(TOPOLOGY.updates, Message(refusal.to_bytes(), "refusal"))
+    replacement = take_task(broker)  # long before the hour-long lease
+    assert replacement.task_id != task.task_id
+    assert store.redis.get(store.keys.model(0)) == genuine
+    # A refusal for a task that is not open closes nothing: it is dead-lettered.
+    broker.publish(TOPOLOGY.updates, Message(refusal.to_bytes(), "again"))
+    wait_until(lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["unknown_task"],
+               DEADLINE, "the stale refusal was not refused")
+    answer(broker, replacement, delta_like(store, 0.1))
+    wait_for_head(store, 1)
+    running.stop()
+    assert store.counters.get("refused") == {"tampered_version": 1}
+
+
+def test_a_rewritten_job_description_is_put_back(broker, store):
+    _, running = start(broker, store, algorithm="fedasync", concurrency=1)
+    take_task(broker)
+    genuine = store.status.load_description_text()
+    store.redis.set(store.keys.spec, b'{"task": "subprocess:run", "task_params": {"args": "id"}}')
+    wait_until(lambda: store.status.load_description_text() == genuine, DEADLINE, "the description was not restored")
     running.stop()

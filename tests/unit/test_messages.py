@@ -22,6 +22,8 @@ tasks = st.builds(
     train=st.builds(TrainSettings, epochs=st.integers(1, 100), batch_size=st.integers(1, 4096),
                     learning_rate=st.floats(min_value=1e-6, max_value=10.0), seed=st.integers(0, 2 ** 31)),
     issued_at=st.floats(min_value=0.0, max_value=4e9),
+    model_digest=st.text("0123456789abcdef", min_size=64, max_size=64),
+    signature=st.text(min_size=1, max_size=200),
 )
 deltas = st.one_of(
     st.builds(InlineDelta, payload=st.binary(max_size=300)),
@@ -47,7 +49,8 @@ def good_update(**overrides) -> dict:
 
 def good_task(**overrides) -> dict:
     document = {"schema": TASK_SCHEMA, "job": "j", "task_id": "t1", "model_version": 4,
-                "train": {"epochs": 1, "batch_size": 32, "learning_rate": 0.05, "seed": 7}, "issued_at": 12.5}
+                "train": {"epochs": 1, "batch_size": 32, "learning_rate": 0.05, "seed": 7}, "issued_at": 12.5,
+                "model_digest": "ab" * 32, "signature": "c2lnbmVk"}
     document.update(overrides)
     return document
 
@@ -99,7 +102,7 @@ def test_update_round_trip_claim_check_example():
 def test_task_to_bytes_carries_schema():
     task = RoundTask(job="j", task_id="t", model_version=0, train=TrainSettings(), issued_at=1.0)
     document = json.loads(task.to_bytes())
-    assert document["schema"] == "fedq.task/1"
+    assert document["schema"] == "fedq.task/2"
     assert document["train"] == {"epochs": 1, "batch_size": 32, "learning_rate": 0.05, "seed": 0}
 
 
@@ -152,7 +155,7 @@ def test_other_update_version_is_schema_version(schema):
 
 
 def test_other_task_version_is_schema_version():
-    assert reason_of(parse_task, body(good_task(schema="fedq.task/2"))) == "schema_version"
+    assert reason_of(parse_task, body(good_task(schema="fedq.task/1"))) == "schema_version"
 
 
 # -- failures: update fields -----------------------------------------------------------
@@ -233,6 +236,9 @@ def test_message_error_is_a_value_error_with_reason_and_detail():
     good_task(job=""),
     good_task(issued_at="now"),
     good_task(issued_at=None),
+    good_task(model_digest="not a digest"),
+    good_task(signature=""),
+    {k: v for k, v in good_task().items() if k != "signature"},
     {k: v for k, v in good_task().items() if k != "task_id"},
     {k: v for k, v in good_task().items() if k != "train"},
 ])

@@ -18,6 +18,11 @@ EXPECTED = Expectations(job=JOB, head=3, max_staleness=5, tensor_specs=SPECS,
                         max_delta_bytes=codec.max_encoded_size(SPECS))
 
 
+def issued_at_2(task_id: str) -> int | None:
+    """Every task id the tests use is an open task issued at version 2 (the updates' base version)."""
+    return 2
+
+
 def body(task_id: str, delta) -> bytes:
     return ModelUpdate(job=JOB, task_id=task_id, worker_id="w", base_version=2, num_examples=5, delta=delta).to_bytes()
 
@@ -28,7 +33,7 @@ def claim_of(store, task_id: str, payload: bytes) -> ClaimCheck:
 
 def reason(store, message: bytes) -> str:
     with pytest.raises(Rejected) as info:
-        validate_update(message, EXPECTED, store, lambda task_id: False)
+        validate_update(message, EXPECTED, store, lambda task_id: False, issued_at_2)
     return info.value.reason
 
 
@@ -36,7 +41,7 @@ def test_a_genuine_claim_checked_update_is_validated():
     store = memory_store(JOB)
     payload = codec.encode({name: np.ones_like(array) for name, array in MODEL.items()})
     store.blobs.put("t1", payload, 60)
-    validated = validate_update(body("t1", claim_of(store, "t1", payload)), EXPECTED, store, lambda task_id: False)
+    validated = validate_update(body("t1", claim_of(store, "t1", payload)), EXPECTED, store, lambda task_id: False, issued_at_2)
     assert validated.update.staleness == 1 and validated.inline_payload is None
     assert validated.digest == codec.digest(payload)
     assert len(payload) <= EXPECTED.max_delta_bytes
@@ -88,8 +93,32 @@ def test_an_update_over_the_norm_bound_is_a_norm_outlier():
     delta = {name: np.full_like(array, 3.0) for name, array in MODEL.items()}  # norm 3 * 6 = 18
     expected = replace(EXPECTED, max_delta_norm=17.9)
     with pytest.raises(Rejected) as info:
-        validate_update(body("t1", InlineDelta(codec.encode(delta))), expected, store, lambda task_id: False)
+        validate_update(body("t1", InlineDelta(codec.encode(delta))), expected, store, lambda task_id: False, issued_at_2)
     assert info.value.reason == "norm_outlier"
     validated = validate_update(body("t1", InlineDelta(codec.encode(delta))), replace(expected, max_delta_norm=18.1),
-                                store, lambda task_id: False)
+                                store, lambda task_id: False, issued_at_2)
     assert validated.norm == pytest.approx(18.0)
+
+
+def test_an_update_for_a_task_never_issued_or_already_closed_is_unknown_task():
+    store = memory_store(JOB)
+    delta = InlineDelta(codec.encode({name: np.ones_like(array) for name, array in MODEL.items()}))
+    with pytest.raises(Rejected) as info:
+        validate_update(body("made-up", delta), EXPECTED, store, lambda task_id: False, lambda task_id: None)
+    assert info.value.reason == "unknown_task" and info.value.task_id == "made-up"
+
+
+def test_an_update_claiming_a_fresher_base_than_its_task_is_refused():
+    store = memory_store(JOB)
+    delta = InlineDelta(codec.encode({name: np.ones_like(array) for name, array in MODEL.items()}))
+    with pytest.raises(Rejected) as info:  # the task was issued at version 1; the update claims 2 (less stale)
+        validate_update(body("t1", delta), EXPECTED, store, lambda task_id: False, lambda task_id: 1)
+    assert info.value.reason == "wrong_base_version"
+
+
+def test_a_duplicate_is_recognised_before_its_closed_task_would_make_it_unknown():
+    store = memory_store(JOB)
+    delta = InlineDelta(codec.encode({name: np.ones_like(array) for name, array in MODEL.items()}))
+    with pytest.raises(Rejected) as info:
+        validate_update(body("t1", delta), EXPECTED, store, lambda task_id: True, lambda task_id: None)
+    assert info.value.duplicate and info.value.reason == "duplicate"

@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import signal
-import uuid
 
 import pytest
 
 from fedq.broker.memory import MemoryBroker, MemoryTransport, Message
 from fedq.broker.topology import Topology
 from fedq.broker.transport import DETAIL_HEADER, REASON_HEADER
-from fedq.common.tasks import load_task
 from fedq.common.wire.limits import TRAINING_ATTEMPTS
-from fedq.common.wire.messages import RoundTask, TrainSettings, parse_update
+from fedq.common.wire.messages import RoundTask, TaskRefusal, parse_update, parse_worker_message
 from fedq.worker.service import Worker, WorkerSettings
-from tests.support import BlockedTraining, InBackground, memory_store, wait_until
+from tests.support import BlockedTraining, InBackground, memory_store, publish_job, signed_task, wait_until
 
 JOB = "unit"
 TOPOLOGY = Topology(JOB)
@@ -26,22 +24,24 @@ def broker():
 
 
 def job_store(task: str = "linear"):
-    """A store holding what a coordinator leaves for workers: the spec and version 0."""
+    """A store holding what a coordinator leaves for workers: the signed description and version 0."""
     store = memory_store(JOB)
-    store.status.save_spec({"task": task, "task_params": {}, "seed": 0})
-    store.versions.commit(None, load_task(task).initial_weights(0))
+    store.signing_key = publish_job(store, task)  # the tests' stand-in for the coordinator's key
+    # A plugin that is not built in must be the worker's own configuration, as in production.
+    store.worker_task = task if ":" in task else None
     return store
 
 
 def start(broker, store, **settings) -> tuple[Worker, InBackground]:
+    settings = {"task": store.worker_task} | settings
     worker = Worker(WorkerSettings(job=JOB, amqp_url="memory://", redis_url="memory://", worker_id="w0",
                                    **settings), store, MemoryTransport(broker))
     return worker, InBackground(worker)
 
 
-def send_task(broker, version: int = 0) -> RoundTask:
-    task = RoundTask(job=JOB, task_id=uuid.uuid4().hex, model_version=version, issued_at=0.0,
-                     train=TrainSettings(epochs=1, batch_size=32, learning_rate=0.05, seed=1))
+def send_task(broker, store=None, version: int = 0) -> RoundTask:
+    """Publish a task the job's coordinator issued (signed with the job's key)."""
+    task = signed_task(store.signing_key, store, version)
     broker.declare(TOPOLOGY)
     broker.publish(TOPOLOGY.tasks, Message(task.to_bytes(), task.task_id))
     return task
@@ -49,7 +49,7 @@ def send_task(broker, version: int = 0) -> RoundTask:
 
 def test_a_task_is_acked_only_after_its_update_is_published(broker):
     store = job_store()
-    task = send_task(broker)
+    task = send_task(broker, store)
     worker, running = start(broker, store, max_tasks=1)
     assert running.join(DEADLINE) == 0
     (message,) = broker.ready(TOPOLOGY.updates)
@@ -61,7 +61,7 @@ def test_a_task_is_acked_only_after_its_update_is_published(broker):
 
 def test_a_training_error_is_retried_then_dead_lettered_and_the_worker_keeps_serving(broker):
     store = job_store("tests.support:exploding_task")
-    task = send_task(broker)
+    task = send_task(broker, store)
     worker, running = start(broker, store)
     wait_until(lambda: broker.ready(TOPOLOGY.dead), DEADLINE, "the failing task was not dead-lettered")
     (dead,) = broker.ready(TOPOLOGY.dead)
@@ -70,16 +70,23 @@ def test_a_training_error_is_retried_then_dead_lettered_and_the_worker_keeps_ser
     assert "RuntimeError: the plugin's training step blew up" in dead.headers[DETAIL_HEADER]
     assert worker.tasks_failed == TRAINING_ATTEMPTS
     # Still serving: the next task is taken (and fails the same way) instead of the process exiting.
-    send_task(broker)
+    send_task(broker, store)
     wait_until(lambda: worker.tasks_failed > TRAINING_ATTEMPTS, DEADLINE, "the worker stopped taking tasks")
     assert running.thread.is_alive()
     assert running.stop() == 0
-    assert broker.ready(TOPOLOGY.updates) == []
+    # No update: a refusal per failed task, so that the coordinator replaces it at once.
+    assert {refusal_reason(message) for message in broker.ready(TOPOLOGY.updates)} == {"training_failed"}
+
+
+def refusal_reason(message) -> str:
+    refusal = parse_worker_message(message.body)
+    assert isinstance(refusal, TaskRefusal), "the worker sent an update where it should have refused"
+    return refusal.reason
 
 
 def test_a_task_for_a_version_that_is_gone_is_refused(broker):
     store = job_store()
-    send_task(broker, version=7)
+    send_task(broker, store, version=7)
     worker, running = start(broker, store)
     wait_until(lambda: broker.ready(TOPOLOGY.dead), DEADLINE, "the task was not refused")
     assert broker.ready(TOPOLOGY.dead)[0].headers[REASON_HEADER] == "unknown_version"
@@ -90,7 +97,7 @@ def test_a_task_for_a_version_that_is_gone_is_refused(broker):
 def test_sigterm_mid_task_drains_or_requeues_and_loses_nothing(broker, signals, outcome):
     BlockedTraining.reset()
     store = job_store("tests.support:blocked_task")
-    task = send_task(broker)
+    task = send_task(broker, store)
     worker, running = start(broker, store)
     assert BlockedTraining.started.wait(DEADLINE), "the task never started"
     for _ in range(signals):
@@ -116,11 +123,11 @@ def test_a_task_whose_version_was_tampered_with_is_refused_and_the_worker_goes_o
 
     store.redis.set(store.keys.model(0), codec.encode(weights))  # someone overwrote version 0 in Redis
     store.versions._weights_cache.clear()
-    send_task(broker)
+    send_task(broker, store)
     worker, running = start(broker, store)
     wait_until(lambda: broker.ready(TOPOLOGY.dead), DEADLINE, "the task was not refused")
     assert broker.ready(TOPOLOGY.dead)[0].headers[REASON_HEADER] == "tampered_version"
-    assert broker.ready(TOPOLOGY.updates) == []
+    assert [refusal_reason(message) for message in broker.ready(TOPOLOGY.updates)] == ["tampered_version"]
     assert running.thread.is_alive()
     assert running.stop() == 0
 
@@ -138,7 +145,7 @@ def test_an_oversized_task_message_is_refused_unread(broker):
 def test_a_connection_lost_mid_training_never_runs_two_trainings_of_one_model(broker):
     BlockedTraining.reset()
     store = job_store("tests.support:blocked_task")
-    task = send_task(broker)
+    task = send_task(broker, store)
     worker, running = start(broker, store, max_tasks=1)
     assert BlockedTraining.started.wait(DEADLINE), "the task never started"
     sessions = worker.transport.sessions
