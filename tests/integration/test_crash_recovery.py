@@ -210,7 +210,9 @@ def test_rabbitmq_connections_dropped_mid_run(processes, job, store):
 
 
 def test_sigterm_stops_the_coordinator_cleanly_and_a_restart_continues(processes, job, store):
-    coordinator_flags = ["coordinator", *flags(job), *TRAINING, "--concurrency", "2", "--max-versions", "20"]
+    coordinator_flags = ["coordinator", *flags(job), *TRAINING, "--concurrency", "2"]
+    # The first coordinator has no version limit, so on a fast machine it cannot finish before the
+    # signal arrives; the second runs on to a limit beyond wherever the first stopped.
     first = processes.start("coordinator-1", *coordinator_flags)
     for index in range(2):
         processes.start(f"worker-{index}", "worker", *flags(job), "--worker-id", f"w{index}",
@@ -220,7 +222,7 @@ def test_sigterm_stops_the_coordinator_cleanly_and_a_restart_continues(processes
     assert first.wait(timeout=30) == 0
     assert store.status.load()["status"] == "stopped"
     stopped_at = store.versions.head()
-    second = processes.start("coordinator-2", *coordinator_flags)
+    second = processes.start("coordinator-2", *coordinator_flags, "--max-versions", str(stopped_at + 15))
     assert second.wait(timeout=120) == 0, processes.log("coordinator-2")[-3000:]
     assert f"event=resumed job={job} head={stopped_at}" in processes.log("coordinator-2")
     assert store.status.load()["reason"] == "max_versions"
