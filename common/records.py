@@ -32,6 +32,9 @@ class AppliedUpdate:
     num_examples: int
     digest: str    # sha256 of the delta's safetensors bytes
     blob_key: str  # where the delta is kept for replay (until retention prunes it)
+    # The delta's L2 norm: a restarted coordinator bounds new updates by it. None in records
+    # written before it was kept.
+    norm: float | None = None
 
 
 @dataclass(frozen=True)

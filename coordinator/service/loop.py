@@ -44,7 +44,7 @@ from fedq.coordinator.algorithms.step import build_aggregator, build_optimizer, 
 from fedq.coordinator.service.scheduling import scheduling_policy
 from fedq.coordinator.service.settings import CoordinatorSettings
 from fedq.coordinator.service.validation import (Expectations, NormGuard, Rejected, ValidatedRefusal, ValidatedUpdate,
-                                                l2_norm, validate_update)
+                                                l2_distance, l2_norm, validate_update)
 
 log = logging.getLogger("fedq.coordinator")
 
@@ -121,6 +121,9 @@ class Coordinator:
                         parameters=codec.num_parameters(weights)))
         else:
             self.last_metrics = self.store.versions.load_meta(self.head).metrics
+            # A restart bounds updates by the norms the job accepted before, not by a fresh warm-up.
+            recent = self.store.versions.recent_history(self.norm_guard.norms.maxlen)
+            self.norm_guard.accepted([update.norm for record in recent for update in record.updates])
             log.info(kv("resumed", job=self.settings.job, head=self.head))
         self._load_head()
         self.tensor_specs = codec.tensor_specs(self.weights)
@@ -324,6 +327,12 @@ class Coordinator:
             # step and its updates, keep the head, and go on.
             self._refuse_step(pending, "non_finite_step", f"the server step with this update is not finite at head "
                                                           f"{self.head}")
+            return
+        step_norm, step_bound = l2_distance(new_weights, self.weights), self.norm_guard.step_bound(self.model_norm)
+        if step_bound is not None and step_norm > step_bound:
+            # Finite, yet a jump no step of this job has come near: not a model to commit.
+            self._refuse_step(pending, "implausible_step", f"the server step's L2 norm {step_norm:.4g} exceeds "
+                                                           f"{step_bound:.4g} at head {self.head}")
             return
         version = self.head + 1
         evaluate = self.settings.eval_every > 0 and version % self.settings.eval_every == 0

@@ -211,6 +211,30 @@ def test_a_step_that_is_not_finite_is_refused_and_the_head_stays(broker, store):
     assert all(np.isfinite(array).all() for array in store.versions.load_weights(1).values())
 
 
+def test_a_finite_step_far_beyond_the_model_is_refused_as_implausible_and_the_head_stays(broker, store):
+    # Each update is within its bound, but a server learning rate of 10,000 makes the step a jump.
+    _, running = start(broker, store, algorithm="fedbuff", buffer_size=1, concurrency=1, server_lr=10_000.0,
+                       staleness="constant")
+    answer(broker, take_task(broker), delta_like(store, 0.01))
+    wait_until(lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["implausible_step"],
+               DEADLINE, "the implausible step was not refused")
+    running.stop()
+    assert store.versions.head() == 0
+
+
+def test_a_restarted_coordinator_bounds_updates_by_the_norms_accepted_before(broker, store):
+    _, running = start(broker, store, algorithm="fedasync", concurrency=1)
+    answer(broker, take_task(broker), delta_like(store, 0.01))
+    wait_for_head(store, 1)
+    running.stop()
+    [applied] = store.versions.history(1, 1)[0].updates
+    assert applied.norm == pytest.approx(0.01 * np.sqrt(sum(a.size for a in store.versions.load_weights(0).values())),
+                                         rel=1e-5)
+    restarted, running = start(broker, store, algorithm="fedasync", concurrency=1)
+    running.stop()
+    assert list(restarted.norm_guard.norms) == [applied.norm]
+
+
 def test_an_error_nobody_foresaw_ends_that_update_only(broker, store):
     _, running = start(broker, store, algorithm="fedasync", concurrency=1)
     task = take_task(broker)

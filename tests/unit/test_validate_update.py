@@ -77,15 +77,26 @@ def test_a_missing_blob_and_an_oversized_inline_delta_have_their_reasons():
     assert reason(store, body("t2", InlineDelta(b"\0" * (EXPECTED.max_delta_bytes + 1)))) == "too_large"
 
 
-def test_the_norm_bound_follows_the_model_first_then_the_median_of_accepted_updates():
-    guard = NormGuard(10.0, window=3)
+def test_the_norm_bound_follows_the_model_until_the_warm_up_then_the_median_of_accepted_updates():
+    guard = NormGuard(10.0, window=4, warmup=3)
     assert guard.bound(model_norm=2.0) == 20.0            # no history yet: ten times the model's norm
     assert NormGuard(10.0).bound(model_norm=0.0) is None  # nothing to compare with: no bound
     assert NormGuard(0.0).bound(model_norm=2.0) is None   # off
-    guard.accepted([5.0, 7.0, 6.0])
-    assert guard.bound(model_norm=2.0) == 60.0            # ten times the median
+    guard.accepted([0.5, 0.7])
+    assert guard.bound(model_norm=2.0) == 20.0            # still warming up
+    guard.accepted([0.6, None])                           # None: a record from before norms were kept
+    assert guard.bound(model_norm=2.0) == pytest.approx(6.0)  # ten times the median, even below the model's norm
     guard.accepted([1000.0])                              # one outlier in the window hardly moves the median
-    assert guard.bound(model_norm=2.0) == 70.0
+    assert guard.bound(model_norm=2.0) == pytest.approx(6.5)
+
+
+def test_a_plausible_step_is_bounded_by_the_model_or_one_acceptable_update():
+    guard = NormGuard(10.0, window=4, warmup=1)
+    assert NormGuard(0.0).step_bound(model_norm=2.0) is None
+    assert NormGuard(10.0).step_bound(model_norm=0.0) is None
+    assert guard.step_bound(model_norm=2.0) == 20.0
+    guard.accepted([5.0])
+    assert guard.step_bound(model_norm=2.0) == 50.0
 
 
 def test_an_update_over_the_norm_bound_is_a_norm_outlier():
