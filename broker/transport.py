@@ -20,6 +20,10 @@ from fedq.broker.topology import Topology
 # Headers on dead-lettered messages, for whoever inspects fedq.<job>.dead.
 REASON_HEADER = "x-fedq-reason"
 DETAIL_HEADER = "x-fedq-detail"
+# Which queue a dead letter was taken off: "updates" or "tasks" (``ORIGINS``); `fedq dead
+# --requeue` sends it back there.
+ORIGIN_HEADER = "x-fedq-origin"
+ORIGINS = ("updates", "tasks")
 # Quorum queues put on a redelivered message how often it was delivered before.
 DELIVERY_COUNT_HEADER = "x-delivery-count"
 
@@ -73,9 +77,12 @@ class Transport(Protocol):
         """
 
 
-def dead_letter_headers(headers: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
-    """A rejected message's headers plus why it was rejected (the detail cut to 500 characters)."""
-    return {**headers, REASON_HEADER: reason, DETAIL_HEADER: detail[:500]}
+def dead_letter_headers(headers: dict[str, Any], reason: str, detail: str, *, origin: str) -> dict[str, Any]:
+    """A rejected message's headers plus why it was rejected (the detail cut to 500 characters)
+    and which queue it came off (one of ``ORIGINS``)."""
+    if origin not in ORIGINS:
+        raise ValueError(f"origin must be one of {ORIGINS}, not {origin!r}")
+    return {**headers, REASON_HEADER: reason, DETAIL_HEADER: detail[:500], ORIGIN_HEADER: origin}
 
 
 def delivery_count(delivery: Delivery) -> int:

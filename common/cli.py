@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "export": "fedq.coordinator.ops.history:Export",
     "replay": "fedq.coordinator.ops.history:Replay",
     "rollback": "fedq.coordinator.ops.history:Rollback",
+    "dead": "fedq.coordinator.ops.dead",
 }
 
 SUMMARIES = {
@@ -38,6 +39,7 @@ SUMMARIES = {
     "export": "write one version to a safetensors file",
     "replay": "recompute versions from the logged updates and verify them bit for bit",
     "rollback": "make an old version the head again, as a new version",
+    "dead": "list a job's dead letters with their reasons; drain them or requeue them",
 }
 
 
@@ -86,4 +88,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m fedq.common.cli`, this file is `__main__`, and the subcommands importing
+    # `fedq.common.cli` get a second copy with a UserError class of its own that `__main__`'s
+    # except clause would not catch (a traceback instead of one sentence). Run the one copy.
+    from fedq.common.cli import main as package_main
+
+    sys.exit(package_main())

@@ -278,7 +278,7 @@ class Worker:
                                   detail=detail[:500])
             channel.publish(self.topology.updates, refusal.to_bytes(), message_id=f"refusal-{issued.task_id}")
         channel.publish(self.topology.dead, delivery.body, message_id=delivery.message_id or task_id or "unknown",
-                        headers=dead_letter_headers(delivery.headers, reason, detail))
+                        headers=dead_letter_headers(delivery.headers, reason, detail, origin="tasks"))
         channel.ack(delivery.tag)
 
     def _wait_polling(self, channel: Channel, seconds: float) -> None:

@@ -296,7 +296,8 @@ class Coordinator:
         if rejection.reason == "unusable" and rejection.__cause__ is not None:
             log.error(kv("update_unusable", task=rejection.task_id), exc_info=rejection.__cause__)
         self._channel.publish(self.topology.dead, delivery.body, message_id=delivery.message_id or uuid.uuid4().hex,
-                              headers=dead_letter_headers(delivery.headers, rejection.reason, rejection.detail))
+                              headers=dead_letter_headers(delivery.headers, rejection.reason, rejection.detail,
+                                                          origin="updates"))
         self._channel.ack(delivery.tag)
         self.store.counters.add("rejected", rejection.reason)
         metrics.UPDATES_REJECTED.labels(self.settings.job, rejection.reason).inc()

@@ -23,6 +23,9 @@ def fedq(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     (["coordinator", "--job", "x", "--staleness", "sideways"], "unknown staleness function 'sideways'"),
     (["coordinator", "--job", "x", "--task", "no.such.module:Task"], "cannot import task module 'no.such.module'"),
     (["coordinator", "--job", "x", "--concurrency", "0"], "--concurrency='0' is not valid: must be at least 1"),
+    (["dead", "--job", "x", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/"], "cannot reach RabbitMQ"),
+    # A UserError raised in a subcommand, under `python -m fedq.common.cli` (the module is then also `__main__`).
+    (["history", "--job", "no-such-job-in-redis"], "job 'no-such-job-in-redis' has no versions in Redis"),
 ])
 def test_user_errors_are_one_sentence(args, sentence):
     result = fedq(*args)

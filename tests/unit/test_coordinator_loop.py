@@ -6,7 +6,7 @@ import pytest
 
 from fedq.broker.memory import MemoryBroker, MemoryTransport, Message
 from fedq.broker.topology import Topology
-from fedq.broker.transport import DETAIL_HEADER, REASON_HEADER
+from fedq.broker.transport import DETAIL_HEADER, ORIGIN_HEADER, REASON_HEADER
 from fedq.common.wire.messages import parse_task
 from fedq.coordinator.ops.replay import rollback
 from fedq.coordinator.service.loop import Coordinator
@@ -82,6 +82,7 @@ def test_hostile_updates_are_dead_lettered_with_their_reason_and_training_goes_o
     assert [message.headers[REASON_HEADER] for message in dead] == ["not_json", "wrong_shape", "unknown_task",
                                                                     "not_finite", "unknown_job"]
     assert all(message.headers[DETAIL_HEADER] for message in dead)
+    assert {message.headers[ORIGIN_HEADER] for message in dead} == {"updates"}  # where `fedq dead --requeue` sends it
     # A good answer to the open task is applied.
     replacement = open_task
     answer(broker, replacement, good)

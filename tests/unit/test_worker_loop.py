@@ -7,7 +7,7 @@ import pytest
 
 from fedq.broker.memory import MemoryBroker, MemoryTransport, Message
 from fedq.broker.topology import Topology
-from fedq.broker.transport import DETAIL_HEADER, REASON_HEADER
+from fedq.broker.transport import DETAIL_HEADER, ORIGIN_HEADER, REASON_HEADER
 from fedq.common.wire.limits import TRAINING_ATTEMPTS
 from fedq.common.wire.messages import RoundTask, TaskRefusal, parse_update, parse_worker_message
 from fedq.worker.service import Worker, WorkerSettings
@@ -66,7 +66,7 @@ def test_a_training_error_is_retried_then_dead_lettered_and_the_worker_keeps_ser
     wait_until(lambda: broker.ready(TOPOLOGY.dead), DEADLINE, "the failing task was not dead-lettered")
     (dead,) = broker.ready(TOPOLOGY.dead)
     assert dead.message_id == task.task_id
-    assert dead.headers[REASON_HEADER] == "training_failed"
+    assert dead.headers[REASON_HEADER] == "training_failed" and dead.headers[ORIGIN_HEADER] == "tasks"
     assert "RuntimeError: the plugin's training step blew up" in dead.headers[DETAIL_HEADER]
     assert worker.tasks_failed == TRAINING_ATTEMPTS
     # Still serving: the next task is taken (and fails the same way) instead of the process exiting.
