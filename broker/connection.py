@@ -7,13 +7,16 @@ because retrying them cannot succeed.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 
 import pika
 import pika.exceptions
 
 from fedq.broker import header_decoding
+from fedq.common import tls
 from fedq.common.retry import CONNECT_ATTEMPTS, backoff_delays
+from fedq.common.settings import redact_url
 
 log = logging.getLogger("fedq.broker")
 
@@ -38,6 +41,11 @@ def parameters(url: str, *, heartbeat: int = HEARTBEAT_SECONDS, name: str = "fed
     params.connection_attempts = 1
     params.socket_timeout = 10
     params.client_properties = {"connection_name": name}
+    if params.ssl_options is not None:  # amqps://: verify the broker, present our certificate if we have one
+        try:
+            params.ssl_options = pika.SSLOptions(tls.configured().context(), server_hostname=params.host)
+        except tls.TLSError as error:
+            raise BrokerError(str(error)) from None
     return params
 
 
@@ -53,24 +61,35 @@ def connect(url: str, *, name: str = "fedq", heartbeat: int = HEARTBEAT_SECONDS,
         try:
             return pika.BlockingConnection(params)
         except pika.exceptions.ProbableAuthenticationError:
-            raise BrokerError(f"RabbitMQ at {_safe(url)} refused the user name or password") from None
+            raise BrokerError(f"RabbitMQ at {redact_url(url)} refused the user name or password") from None
         except pika.exceptions.ProbableAccessDeniedError:
-            raise BrokerError(f"RabbitMQ at {_safe(url)} denied access to the virtual host") from None
+            raise BrokerError(f"RabbitMQ at {redact_url(url)} denied access to the virtual host") from None
+        except ssl.SSLError as error:  # pika raises a failed handshake as is
+            raise BrokerError(f"RabbitMQ at {redact_url(url)} failed the TLS handshake: {error}") from None
         except pika.exceptions.AMQPConnectionError as error:
+            if _tls_failure(error):
+                raise BrokerError(f"RabbitMQ at {redact_url(url)} failed the TLS handshake: {_tls_failure(error)}") from None
             backoff = next(delays, None)
             if backoff is None:
-                raise BrokerError(f"cannot reach RabbitMQ at {_safe(url)} after {attempts} attempts: "
+                raise BrokerError(f"cannot reach RabbitMQ at {redact_url(url)} after {attempts} attempts: "
                                   f"{error!r}") from None
             log.warning("event=amqp_connect_retry attempt=%d backoff_s=%.1f error=%r", attempt, backoff, error)
             time.sleep(backoff)
             attempt += 1
 
 
-def _safe(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+def _tls_failure(error: BaseException) -> str | None:
+    """The TLS error under a connection error, if that is what it was: a wrong CA or a refused
+    certificate is final, retrying cannot help."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError):
+            return str(current)
+        pending.extend(item for item in (*getattr(current, "args", ()), current.__cause__, current.__context__)
+                       if isinstance(item, BaseException))
+    return None

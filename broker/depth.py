@@ -6,19 +6,13 @@ when it answers and fall back to AMQP otherwise, saying which source was used.
 """
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.parse
-import urllib.request
-from base64 import b64encode
 from dataclasses import dataclass
 
 import pika
 import pika.exceptions
 
 from fedq.broker.connection import connect
-
-MANAGEMENT_PORT = 15672
+from fedq.broker.management import ManagementAPI, ManagementError, quote
 
 
 @dataclass(frozen=True)
@@ -30,25 +24,19 @@ class QueueDepth:
     exists: bool = True
 
 
-def management_depths(amqp_url: str, queues: list[str], timeout: float = 2.0) -> list[QueueDepth] | None:
+def management_depths(amqp_url: str, queues: list[str], management_url: str | None = None,
+                      timeout: float = 2.0) -> list[QueueDepth] | None:
     """Depths from the management API, or None when it is not reachable."""
-    params = pika.URLParameters(amqp_url)
-    credentials = params.credentials
-    vhost = urllib.parse.quote(params.virtual_host, safe="")
-    token = b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
+    api = ManagementAPI.for_amqp_url(amqp_url, management_url, timeout=timeout)
+    vhost = quote(pika.URLParameters(amqp_url).virtual_host)
     depths = []
     for queue in queues:
-        url = f"http://{params.host}:{MANAGEMENT_PORT}/api/queues/{vhost}/{urllib.parse.quote(queue, safe='')}"
-        request = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                document = json.load(response)
-        except urllib.error.HTTPError as error:
-            if error.code == 404:
+            document = api.request("GET", f"queues/{vhost}/{quote(queue)}")
+        except ManagementError as error:
+            if error.status == 404:
                 depths.append(QueueDepth(queue, None, None, None, exists=False))
                 continue
-            return None
-        except (urllib.error.URLError, OSError, ValueError):
             return None
         depths.append(QueueDepth(queue, document.get("messages_ready", 0),
                                  document.get("messages_unacknowledged", 0), document.get("consumers", 0)))
@@ -74,9 +62,10 @@ def amqp_depths(amqp_url: str, queues: list[str]) -> list[QueueDepth]:
     return depths
 
 
-def queue_depths(amqp_url: str, queues: list[str]) -> tuple[str, list[QueueDepth]]:
+def queue_depths(amqp_url: str, queues: list[str],
+                 management_url: str | None = None) -> tuple[str, list[QueueDepth]]:
     """(source, depths): source is 'management' or 'amqp'."""
-    depths = management_depths(amqp_url, queues)
+    depths = management_depths(amqp_url, queues, management_url)
     if depths is not None:
         return "management", depths
     return "amqp", amqp_depths(amqp_url, queues)

@@ -62,9 +62,25 @@ def _parse_job(name: str) -> str:
 
 CONNECTION_OPTIONS = [
     Option("job", _parse_job, None, "name of the federation; jobs sharing RabbitMQ and Redis never see each other"),
-    Option("amqp_url", str, DEFAULT_AMQP_URL, "RabbitMQ URL"),
-    Option("redis_url", str, DEFAULT_REDIS_URL, "Redis URL"),
+    Option("amqp_url", str, DEFAULT_AMQP_URL, "RabbitMQ URL (amqps://... for TLS)"),
+    Option("redis_url", str, DEFAULT_REDIS_URL, "Redis URL (rediss://... for TLS)"),
+    Option("tls_ca", str, None, "CA bundle (PEM) that signs the RabbitMQ, Redis and management API servers' "
+           "certificates, for amqps://, rediss:// and https:// URLs (default: the system's CAs)"),
+    Option("tls_cert", str, None, "this participant's client certificate (PEM), for servers that demand mutual TLS"),
+    Option("tls_key", str, None, "the client certificate's private key (PEM)"),
+    Option("management_url", str, None, "RabbitMQ management API, e.g. https://rabbit:15671/ (default: the AMQP "
+           "host, port 15672 over http, or 15671 over https for amqps://)"),
 ]
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
 
 
 def add_options(parser: argparse.ArgumentParser, options: list[Option]) -> None:
@@ -124,7 +140,21 @@ def resolve(args: argparse.Namespace, options: list[Option],
         values[option.name] = value
     if "job" in values and values["job"] is None:
         raise SettingsError("name the federation with --job NAME (or FEDQ_JOB)")
+    if "tls_ca" in values:
+        _configure_tls(values)
     return values
+
+
+def _configure_tls(values: dict[str, Any]) -> None:
+    """TLS files are the process's: every connection it opens from now on uses them (``fedq.common.tls``),
+    so they leave ``values`` here and no settings object carries them."""
+    from fedq.common import tls
+
+    paths = values.pop("tls_ca"), values.pop("tls_cert"), values.pop("tls_key")
+    try:
+        tls.configure(tls.TLSFiles(*paths))
+    except tls.TLSError as error:
+        raise SettingsError(str(error)) from None
 
 
 def json_object(text: Any) -> dict[str, Any]:

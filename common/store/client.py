@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 
 import redis
 
+from fedq.common import tls
+
 from fedq.common.retry import CONNECT_ATTEMPTS, backoff_delays
+from fedq.common.settings import redact_url
 
 log = logging.getLogger("fedq.store")
 
@@ -37,10 +41,12 @@ def connect_redis(url: str, *, blocking: bool = False, attempts: int = CONNECT_A
     a bad URL or refused credentials fail at once.
     """
     try:
+        # rediss://: verify the server against the configured CA, check its host name, send our certificate.
+        secure = tls.configured().redis_arguments() if url.startswith("rediss://") else {}
         client = redis.Redis.from_url(url, socket_timeout=None if blocking else 30,
-                                      socket_connect_timeout=5, health_check_interval=30)
+                                      socket_connect_timeout=5, health_check_interval=30, **secure)
     except ValueError as error:
-        raise StoreError(f"Redis URL {url!r} is not valid: {error}") from None
+        raise StoreError(f"Redis URL {redact_url(url)!r} is not valid: {error}") from None
     delays = backoff_delays(attempts)
     attempt = 1
     while True:
@@ -48,13 +54,15 @@ def connect_redis(url: str, *, blocking: bool = False, attempts: int = CONNECT_A
             client.ping()
             return client
         except redis.AuthenticationError as error:  # a ConnectionError to redis-py, but final
-            raise StoreError(f"Redis at {url} refused the connection: {error}") from None
+            raise StoreError(f"Redis at {redact_url(url)} refused the connection: {error}") from None
         except TRANSIENT_REDIS_ERRORS as error:
+            if isinstance(error.__context__, ssl.SSLError) or "SSL" in str(error):
+                raise StoreError(f"Redis at {redact_url(url)} failed the TLS handshake: {error}") from None
             backoff = next(delays, None)
             if backoff is None:
-                raise StoreError(f"cannot reach Redis at {url} after {attempts} attempts: {error}") from None
+                raise StoreError(f"cannot reach Redis at {redact_url(url)} after {attempts} attempts: {error}") from None
             log.warning("event=redis_connect_retry attempt=%d backoff_s=%.1f error=%r", attempt, backoff, error)
             time.sleep(backoff)
             attempt += 1
         except redis.RedisError as error:  # authentication, ACL: retrying cannot help
-            raise StoreError(f"Redis at {url} refused the connection: {error}") from None
+            raise StoreError(f"Redis at {redact_url(url)} refused the connection: {error}") from None

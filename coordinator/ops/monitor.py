@@ -77,7 +77,8 @@ def main(args: argparse.Namespace) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=160)
 
     def frame() -> Group:
-        return render(collect(values["amqp_url"], values["redis_url"], values["job"], store), time.time())
+        return render(collect(values["amqp_url"], values["redis_url"], values["job"], store,
+                              values["management_url"]), time.time())
 
     if args.once:
         console.print(frame())

@@ -49,13 +49,14 @@ def training_progress(store: ModelStore, now: float) -> dict:
     }
 
 
-def collect(amqp_url: str, redis_url: str, job: str, store: ModelStore | None = None) -> dict:
+def collect(amqp_url: str, redis_url: str, job: str, store: ModelStore | None = None,
+            management_url: str | None = None) -> dict:
     store = store or ModelStore(connect_redis(redis_url), job)
     try:
         head, problem = store.versions.head(), None
     except TamperedVersionError as error:
         head, problem = store.versions.last_committed(), str(error)
-    source, depths = queue_depths(amqp_url, list(Topology(job).queues))
+    source, depths = queue_depths(amqp_url, list(Topology(job).queues), management_url)
     metrics = store.versions.load_meta(head).metrics if head is not None else {}
     return {
         "job": job, "head": head, "problem": problem, "state": store.status.load(), "metrics": metrics,
@@ -73,7 +74,7 @@ def _cell(value) -> str:
 
 def main(args: argparse.Namespace) -> int:
     values = resolve(args, CONNECTION_OPTIONS)
-    report = collect(values["amqp_url"], values["redis_url"], values["job"])
+    report = collect(values["amqp_url"], values["redis_url"], values["job"], management_url=values["management_url"])
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

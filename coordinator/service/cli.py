@@ -65,6 +65,7 @@ def main(args: argparse.Namespace) -> int:
     values = resolve(args, OPTIONS)
     setup_logging(values.pop("log_level"))
     serve_metrics(values.pop("metrics_port"))
+    values.pop("management_url")  # the coordinator never calls the management API
     from fedq.coordinator.service.loop import Coordinator
     from fedq.coordinator.service.settings import CoordinatorSettings
 

@@ -32,7 +32,8 @@ def job_file(tmp_path, text: str, name: str = "job.toml") -> str:
 def test_defaults_when_nothing_but_job_is_given():
     values = resolve(parse("--job", "demo"), OPTIONS, environ={})
     assert values == {"job": "demo", "amqp_url": DEFAULT_AMQP_URL, "redis_url": DEFAULT_REDIS_URL,
-                      "buffer_size": 3, "mixing_rate": 0.6, "example_weighted": False, "algorithm": "fedasync"}
+                      "buffer_size": 3, "mixing_rate": 0.6, "example_weighted": False, "algorithm": "fedasync",
+                      "management_url": None}
 
 
 @pytest.mark.parametrize("sources, expected", [
@@ -214,3 +215,23 @@ def test_option_flag_and_env_names():
 def test_job_name_with_trailing_newline_is_rejected():
     with pytest.raises(SettingsError):
         resolve(parse("--job", "demo\n"), OPTIONS, environ={})
+
+
+def test_tls_files_must_exist_and_a_certificate_comes_with_its_key(tmp_path):
+    from fedq.common import tls
+
+    with pytest.raises(SettingsError, match="does not exist"):
+        resolve(parse("--job", "demo", "--tls-ca", str(tmp_path / "missing.pem")), OPTIONS, environ={})
+    (tmp_path / "cert.pem").write_text("x")
+    with pytest.raises(SettingsError, match="certificate and its key together"):
+        resolve(parse("--job", "demo", "--tls-cert", str(tmp_path / "cert.pem")), OPTIONS, environ={})
+    resolve(parse("--job", "demo"), OPTIONS, environ={"FEDQ_TLS_CA": str(tmp_path / "cert.pem")})
+    assert tls.configured().ca_file == str(tmp_path / "cert.pem")
+    tls.configure(tls.TLSFiles())
+
+
+def test_a_url_is_shown_without_its_password():
+    from fedq.common.settings import redact_url
+
+    assert redact_url("amqps://site-3:s3cret@rabbit:5671/") == "amqps://site-3:***@rabbit:5671/"
+    assert redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
