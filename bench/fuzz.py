@@ -4,7 +4,6 @@ Run from the repository root:
 
     .venv/bin/python bench/fuzz.py --messages 10000          # ~1 minute on an idle 2-core machine
     .venv/bin/python bench/fuzz.py --messages 300 --seed 7   # what tests/integration/test_fuzz.py runs
-    .venv/bin/python bench/fuzz.py --known-bugs              # + the kinds that stall a service today
 
 It starts a real coordinator (digits, FedBuff K=2) and two honest workers as subprocesses, waits
 until they have committed a few versions, and then sends ``--messages`` messages of the kinds in
@@ -454,7 +453,7 @@ def _wait(condition, timeout: float, what: str, services: Services, progress: Pr
 
 def run(messages: int = 300, *, seed: int = 0, job: str | None = None, amqp_url: str = DEFAULT_AMQP_URL,
         redis_url: str = DEFAULT_REDIS_URL, log_dir: str | Path | None = None, window: int = 200,
-        known_bugs: bool = False, only: set[str] | None = None, concurrency: int = 6, max_staleness: int = 6,
+        only: set[str] | None = None, concurrency: int = 6, max_staleness: int = 6,
         warmup_versions: int = 3, settle_quiet: float = 60.0, timeout: float = 300.0,
         progress: TextIO | None = sys.stderr, cleanup: bool = True) -> FuzzReport:
     """Start a job, fuzz it with ``messages`` messages, account for every one; the report.
@@ -468,8 +467,6 @@ def run(messages: int = 300, *, seed: int = 0, job: str | None = None, amqp_url:
     log_dir.mkdir(parents=True, exist_ok=True)
     say = Progress(progress)
     report = FuzzReport(job=job, seed=seed, log_dir=str(log_dir), messages=messages)
-    if known_bugs or any(fm.KINDS[name].known_bug for name in only or ()):
-        sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))  # our own consumers decode the deep headers
     store = ModelStore(connect_redis(redis_url), job)
     services = Services(job, amqp_url, redis_url, log_dir, concurrency=concurrency, max_staleness=max_staleness)
     broker: Broker | None = None
@@ -491,7 +488,7 @@ def run(messages: int = 300, *, seed: int = 0, job: str | None = None, amqp_url:
         report.rss_before = report.rss_peak = rss_mib(pid)
         report.head_before = store.versions.last_committed()
         fuzz_started = time.time()
-        _fuzz(report, ctx, ledger, broker, collector, services, store, seed=seed, known_bugs=known_bugs, only=only,
+        _fuzz(report, ctx, ledger, broker, collector, services, store, seed=seed, only=only,
               window=window, max_staleness=max_staleness, timeout=timeout, say=say)
         report.fuzz_seconds = time.time() - fuzz_started
         settle_started = time.monotonic()
@@ -536,10 +533,10 @@ def run(messages: int = 300, *, seed: int = 0, job: str | None = None, amqp_url:
 
 
 def _fuzz(report: FuzzReport, ctx: fm.Context, ledger: Ledger, broker: Broker, collector: DeadLetterCollector,
-          services: Services, store: ModelStore, *, seed: int, known_bugs: bool, only: set[str] | None, window: int,
+          services: Services, store: ModelStore, *, seed: int, only: set[str] | None, window: int,
           max_staleness: int, timeout: float, say: Progress) -> None:
     """Send every planned message, answering genuine tasks as they become available."""
-    kinds = list(enumerate(fm.plan(report.messages, seed, known_bugs=known_bugs, only=only)))
+    kinds = list(enumerate(fm.plan(report.messages, seed, only=only)))
     task_kinds = collections.deque((index, name) for index, name in kinds
                                    if fm.KINDS[name].family == "task" and name != "too_stale")
     stale = collections.deque(index for index, name in kinds if name == "too_stale")
@@ -838,8 +835,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the kinds and variants (default 0)")
     parser.add_argument("--window", type=int, default=200,
                         help="most messages waiting in the update queue before the fuzzer waits (default 200)")
-    parser.add_argument("--known-bugs", action="store_true",
-                        help="also send one message of each kind that stalls a service today")
     parser.add_argument("--only", default="", help="comma-separated kinds to send (default: all)")
     parser.add_argument("--list", action="store_true", help="list the kinds and exit")
     parser.add_argument("--concurrency", type=int, default=6, help="coordinator --concurrency (default 6)")
@@ -856,7 +851,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for name, entry in sorted(fm.KINDS.items(), key=lambda item: (item[1].family, item[0])):
-            print(f"{name:<24}{entry.family:<8}{entry.weight:>5}{'  known bug' if entry.known_bug else ''}"
+            print(f"{name:<24}{entry.family:<8}{entry.weight:>5}"
                   f"  {entry.description}")
         return 0
     only = {name.strip() for name in args.only.split(",") if name.strip()} or None
@@ -865,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown kinds: {', '.join(sorted(unknown))} (see --list)")
     try:
         report = run(args.messages, seed=args.seed, job=args.job, amqp_url=args.amqp_url, redis_url=args.redis_url,
-                     log_dir=args.log_dir, window=args.window, known_bugs=args.known_bugs, only=only,
+                     log_dir=args.log_dir, window=args.window, only=only,
                      concurrency=args.concurrency, max_staleness=args.max_staleness, settle_quiet=args.settle_quiet,
                      timeout=args.timeout, cleanup=not args.keep_job)
     except RuntimeError as error:  # the services did not start, or died before the fuzzing began

@@ -165,16 +165,15 @@ class Kind:
     family: str  # "updates", "task" (needs a genuine task), "tasks" (forged tasks)
     weight: float
     build: Builder
-    known_bug: bool = False  # makes a service stall today: only with --known-bugs
     description: str = ""
 
 
 KINDS: dict[str, Kind] = {}
 
 
-def kind(name: str, family: str, weight: float, *, known_bug: bool = False):
+def kind(name: str, family: str, weight: float):
     def register(build: Builder) -> Builder:
-        KINDS[name] = Kind(name, family, weight, build, known_bug,
+        KINDS[name] = Kind(name, family, weight, build,
                            " ".join((build.__doc__ or "").split("\n\n")[0].split()))
         return build
     return register
@@ -530,12 +529,21 @@ def weird_headers(ctx: Context, rng: random.Random, _task) -> Message:
                                repeat_expected=carrier.repeat_expected or carrier.expected)
 
 
-@kind("deep_header", UPDATES, 0, known_bug=True)
+def deep_value(rng: random.Random) -> tuple[str, RawField]:
+    """A table or array nested 1,000 to 15,000 deep: deeper than pika's recursive decoder can go
+    (fedq.broker.header_decoding stops at 32 levels)."""
+    depth = rng.choice([1000, 2000, 15_000])  # 15,000 levels of a table: 105 KB, within a frame
+    if rng.random() < 0.5:
+        return f"table nested {depth:,} deep", raw_nested_table(depth)
+    return f"array nested {depth:,} deep", raw_nested_array(depth)
+
+
+@kind("deep_header", UPDATES, 1)
 def deep_header(ctx: Context, rng: random.Random, _task) -> Message:
-    """A header table nested 2,000 deep: pika's recursive decoder raises RecursionError (known bug)."""
+    """A header nested thousands deep, past what pika's recursive decoder can take."""
     carrier = made_up_task(ctx, rng, None)
-    return dataclasses.replace(carrier, kind="deep_header", variant="table nested 2,000 deep",
-                               headers={"deep": raw_nested_table(2000)})
+    variant, value = deep_value(rng)
+    return dataclasses.replace(carrier, kind="deep_header", variant=variant, headers={"deep": value})
 
 
 def frame_filler(ctx: Context, message_id: str, headroom: int = 60) -> str:
@@ -551,9 +559,9 @@ def frame_filler(ctx: Context, message_id: str, headroom: int = 60) -> str:
     return "x" * (ctx.frame_max - 8 - headroom - size(""))
 
 
-@kind("frame_filling_header", UPDATES, 0, known_bug=True)
+@kind("frame_filling_header", UPDATES, 1)
 def frame_filling_header(ctx: Context, rng: random.Random, _task) -> Message:
-    """Headers that nearly fill an AMQP frame: the dead letter's added headers overflow it (known bug)."""
+    """Headers that nearly fill an AMQP frame: no room left for the dead letter's reason headers."""
     carrier = made_up_task(ctx, rng, None)
     message_id = "fz-frame-%016x" % rng.getrandbits(64)
     pad = frame_filler(ctx, message_id)
@@ -941,17 +949,17 @@ def forged_weird_headers(ctx: Context, rng: random.Random, _task) -> Message:
     return dataclasses.replace(message, kind="forged_weird_headers", variant=variant, headers=headers)
 
 
-@kind("forged_deep_header", TASKS, 0, known_bug=True)
+@kind("forged_deep_header", TASKS, 0.5)
 def forged_deep_header(ctx: Context, rng: random.Random, _task) -> Message:
-    """A forged task with a header table nested 2,000 deep: a worker's pika cannot decode it (known bug)."""
+    """A forged task with a header nested thousands deep, for the workers' pika to decode."""
     message = forged_wrong_key(ctx, rng, None)
-    return dataclasses.replace(message, kind="forged_deep_header", variant="table nested 2,000 deep",
-                               headers={"deep": raw_nested_table(2000)})
+    variant, value = deep_value(rng)
+    return dataclasses.replace(message, kind="forged_deep_header", variant=variant, headers={"deep": value})
 
 
-@kind("forged_frame_filling_header", TASKS, 0, known_bug=True)
+@kind("forged_frame_filling_header", TASKS, 0.5)
 def forged_frame_filling_header(ctx: Context, rng: random.Random, _task) -> Message:
-    """A forged task whose headers nearly fill a frame: the worker's dead letter overflows it (known bug)."""
+    """A forged task whose headers nearly fill a frame: no room left for a worker's dead-letter reason."""
     message = forged_wrong_key(ctx, rng, None)
     message_id = "fz-frame-%016x" % rng.getrandbits(64)
     pad = frame_filler(ctx, message_id)
@@ -975,20 +983,15 @@ FAMILIES = {"updates": "update exchange, no task needed", "task": "answers to ge
             "tasks": "forged tasks on the task exchange"}
 
 
-def plan(messages: int, seed: int, *, known_bugs: bool = False, only: set[str] | None = None) -> list[str]:
-    """The kinds of ``messages`` messages, in proportion to their weights, in a seeded random order.
-
-    With ``known_bugs``, one message of each kind that stalls a service today is included.
-    """
-    chosen = {name: entry for name, entry in KINDS.items()
-              if (only is None or name in only) and not entry.known_bug and entry.weight > 0}
-    bugs = [name for name, entry in KINDS.items() if entry.known_bug and (known_bugs or (only and name in only))]
-    budget = max(messages - len(bugs), 0)
+def plan(messages: int, seed: int, *, only: set[str] | None = None) -> list[str]:
+    """The kinds of ``messages`` messages, in proportion to their weights, in a seeded random order."""
+    chosen = {name: entry for name, entry in KINDS.items() if (only is None or name in only) and entry.weight > 0}
+    budget = messages
     total = sum(entry.weight for entry in chosen.values())
     exact = {name: budget * entry.weight / total for name, entry in chosen.items()} if total else {}
     counts = {name: int(value) for name, value in exact.items()}
     for name in sorted(exact, key=lambda key: (counts[key] - exact[key], key))[:budget - sum(counts.values())]:
         counts[name] += 1
-    kinds = [name for name, count in sorted(counts.items()) for _ in range(count)] + bugs
+    kinds = [name for name, count in sorted(counts.items()) for _ in range(count)]
     random.Random(seed).shuffle(kinds)
     return kinds

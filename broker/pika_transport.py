@@ -10,19 +10,36 @@ from fedq.broker.connection import HEARTBEAT_SECONDS
 from fedq.broker.publisher import publish
 from fedq.broker.session import run_with_reconnect
 from fedq.broker.topology import Topology
-from fedq.broker.transport import Channel, Delivery
+from fedq.broker.transport import DETAIL_HEADER, ORIGIN_HEADER, REASON_HEADER, Channel, Delivery
+
+# Room in a content header frame for everything but the headers: frame and property overhead,
+# a message id of up to 255 bytes, and the x-delivery-count the broker adds on redelivery.
+OTHER_PROPERTIES_ROOM = 2048
+DROPPED_HEADER = "x-fedq-dropped-headers"
+_OURS = (REASON_HEADER, DETAIL_HEADER, ORIGIN_HEADER)
 
 
-def encodable(headers: dict[str, Any]) -> dict[str, Any]:
-    """The headers pika can encode again. A dead-lettered message keeps its sender's headers,
-    and a hostile sender's may not survive the trip back (an integer past 2^63, say)."""
-    kept = {}
+def encodable(headers: dict[str, Any], frame_max: int = pika.spec.FRAME_MAX_SIZE) -> dict[str, Any]:
+    """The headers pika can encode again, in one frame. A dead-lettered message keeps its sender's
+    headers, and a hostile sender's may not survive the trip back: an integer past 2^63, or headers
+    that filled the frame before our reason was added (the broker would close the connection).
+    The largest of the sender's headers go first; the letter names them in ``x-fedq-dropped-headers``."""
+    sizes = {}
     for name, value in headers.items():
         try:
-            pika.data.encode_table([], {name: value})
+            sizes[name] = pika.data.encode_table([], {name: value})
         except Exception:  # noqa: BLE001 - pika raises struct.error, TypeError, its own errors, ...
             continue
-        kept[name] = value
+    budget = frame_max - OTHER_PROPERTIES_ROOM
+    dropped = []
+    for name in sorted((name for name in sizes if name not in _OURS), key=sizes.get, reverse=True):
+        if sum(sizes.values()) <= budget:
+            break
+        del sizes[name]
+        dropped.append(name)
+    kept = {name: headers[name] for name in sizes}
+    if dropped:
+        kept[DROPPED_HEADER] = ",".join(dropped)[:500]
     return kept
 
 
@@ -49,7 +66,13 @@ class PikaChannel:
         self.channel.cancel()
 
     def publish(self, exchange: str, body: bytes, *, message_id: str, headers: dict[str, Any] | None = None) -> None:
-        publish(self.channel, exchange, body, message_id=message_id, headers=encodable(headers or {}))
+        publish(self.channel, exchange, body, message_id=message_id,
+                headers=encodable(headers or {}, self._frame_max()))
+
+    def _frame_max(self) -> int:
+        """The frame size this connection negotiated with the broker (pika keeps it in its parameters)."""
+        implementation = getattr(self.connection, "_impl", None)
+        return getattr(getattr(implementation, "params", None), "frame_max", None) or pika.spec.FRAME_MAX_SIZE
 
     def ack(self, tag: int) -> None:
         self.channel.basic_ack(tag)

@@ -27,11 +27,16 @@ def test_hundreds_of_hostile_messages_are_refused_and_accounted_for_and_training
     assert report.all_alive, table
     assert report.exit_codes["coordinator"] == 0, table
     assert report.tracebacks == {name: 0 for name in report.tracebacks}, table
+    # No message cost a connection: headers nested thousands deep and headers that fill the frame
+    # once made the coordinator and workers reconnect until the broker gave up on the message.
+    assert report.reconnects == {name: 0 for name in report.reconnects}, table
     # Sent: all of them, of every family, and each one accounted for with the outcome it should have.
     assert len(report.sent) == MESSAGES and not report.not_sent and not report.not_delivered, table
     families = {fuzz_messages.KINDS[message.kind].family for message in report.sent}
     assert families == {"updates", "task", "tasks"}, table
     assert len({message.kind for message in report.sent}) >= 30, table
+    assert {"deep_header", "frame_filling_header", "forged_deep_header", "forged_frame_filling_header"} \
+        <= {message.kind for message in report.sent}, table
     assert report.unaccounted == 0, table
     assert report.mismatches == [], table
     assert sum(report.rejected.values()) >= len(report.sent) - report.skipped - sum(report.refused.values()) \

@@ -46,3 +46,38 @@ def test_install_twice_keeps_one_wrapper():
 def test_headers_pika_cannot_encode_again_are_dropped_before_republishing():
     headers = {"x-fedq-reason": "not_json", "huge": 2**64 - 1, "nested": {"ok": 1}}
     assert encodable(headers) == {"x-fedq-reason": "not_json", "nested": {"ok": 1}}
+
+
+def nested(kind: bytes, depth: int) -> bytes:
+    """A value nested ``depth`` deep, built without recursion ({"n": {"n": ...}} or [[[...]]])."""
+    inner = b""
+    for _ in range(depth):
+        inner = (b"\x01n" if kind == b"F" else b"") + kind + struct.pack(">I", len(inner)) + inner
+    return kind + struct.pack(">I", len(inner)) + inner
+
+
+def test_tables_and_arrays_nested_thousands_deep_decode_to_a_placeholder_without_recursing():
+    header_decoding.install()
+    limit = header_decoding.MAX_DEPTH
+    for kind in (b"F", b"A"):
+        encoded = table((b"deep", nested(kind, 20_000)), (b"after", b"S" + struct.pack(">I", 2) + b"ok"))
+        decoded, offset = pika.data.decode_table(encoded, 0)
+        assert offset == len(encoded) and decoded["after"] == "ok"
+        levels, value = 0, decoded["deep"]
+        while isinstance(value, (dict, list)):
+            value = value["n"] if isinstance(value, dict) else value[0]
+            levels += 1
+        assert value == header_decoding.TOO_DEEP and levels == limit
+    shallow, _ = pika.data.decode_table(table((b"ok", nested(b"F", limit - 1))), 0)
+    assert header_decoding.TOO_DEEP not in repr(shallow), "what fits is decoded in full"
+
+
+def test_headers_that_would_overflow_the_frame_are_dropped_largest_first_and_named():
+    headers = {"pad": "x" * 130_000, "small": "kept", "x-fedq-reason": "unknown_task",
+               "x-fedq-detail": "d" * 500, "x-fedq-origin": "updates"}
+    kept = encodable(headers)
+    assert kept == {"small": "kept", "x-fedq-reason": "unknown_task", "x-fedq-detail": "d" * 500,
+                    "x-fedq-origin": "updates", "x-fedq-dropped-headers": "pad"}
+    assert pika.data.encode_table([], kept) < pika.spec.FRAME_MAX_SIZE - 1024
+    assert encodable({"pad": "x" * 3000}, frame_max=4096) == {"x-fedq-dropped-headers": "pad"}
+    assert encodable({"pad": "x" * 1000}, frame_max=4096) == {"pad": "x" * 1000}
