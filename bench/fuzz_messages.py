@@ -571,11 +571,16 @@ def frame_filling_header(ctx: Context, rng: random.Random, _task) -> Message:
 
 # -- task: answers to genuine tasks taken off the task queue ---------------------------------
 
+def claimant(rng: random.Random) -> str:
+    """The worker id a hostile answer names: one in five, an honest worker's."""
+    return rng.choice(HONEST_WORKERS) if rng.random() < 0.2 else FUZZ_WORKER
+
+
 def _answer(ctx: Context, kind_name: str, variant: str, task: RoundTask, rng: random.Random,
             expected: str | set[str], payload: codec.Weights | bytes | None = None, *, claim: dict | None = None,
             base_version: int | None = None, worker_id: str | None = None, **fields: Any) -> Message:
     """A hostile answer to ``task``; one in five claims to come from an honest worker."""
-    worker = worker_id or (rng.choice(HONEST_WORKERS) if rng.random() < 0.2 else FUZZ_WORKER)
+    worker = worker_id or claimant(rng)
     base = task.model_version if base_version is None else base_version
     if claim is not None:
         body = _json(update_document(ctx.job, task.task_id, claim=claim, worker_id=worker, base_version=base))
@@ -727,10 +732,11 @@ BLOB_TTL_SECONDS = 3600  # what the fuzzer writes in Redis expires by itself
 @kind("claim_missing", "task", 2)
 def claim_missing(ctx: Context, rng: random.Random, task: RoundTask) -> Message:
     """A genuine task answered with a claim check to its own key, where no blob was ever written."""
-    key = ctx.store.blobs.key(task.task_id)
+    worker = claimant(rng)
+    key = ctx.store.blobs.key(task.task_id, worker)
     nbytes = rng.choice([0, 100, 19520])
     return _answer(ctx, "claim_missing", f"nbytes {nbytes}", task, rng, "missing_blob",
-                   claim=_claim(key, sha256="%064x" % rng.getrandbits(256), nbytes=nbytes))
+                   claim=_claim(key, sha256="%064x" % rng.getrandbits(256), nbytes=nbytes), worker_id=worker)
 
 
 @kind("claim_wrong_key", "task", 2)
@@ -742,19 +748,21 @@ def claim_wrong_key(ctx: Context, rng: random.Random, task: RoundTask) -> Messag
     variant, key = _pick(rng, {
         "the model weights": lambda: keys.model(0),
         "the signing key": lambda: keys.signing_key,
-        "another task's blob": lambda: keys.update(other),
-        "another job's blob": lambda: f"fedq:{{other-job}}:update:{task.task_id}",
-        "its key with a prefix": lambda: " " + keys.update(task.task_id),
-        "a wildcard": lambda: keys.update("*"),
+        "another task's blob": lambda: keys.update(FUZZ_WORKER, other),
+        "another worker's blob": lambda: keys.update(HONEST_WORKERS[0], task.task_id),
+        "another job's blob": lambda: f"fedq:{{other-job}}:update:{FUZZ_WORKER}:{task.task_id}",
+        "its key with a prefix": lambda: " " + keys.update(FUZZ_WORKER, task.task_id),
+        "a wildcard": lambda: keys.update(FUZZ_WORKER, "*"),
     })
     return _answer(ctx, "claim_wrong_key", variant, task, rng, "bad_claim",
-                   claim=_claim(key, sha256="0" * 64, nbytes=100))
+                   claim=_claim(key, sha256="0" * 64, nbytes=100), worker_id=FUZZ_WORKER)
 
 
 @kind("claim_wrongtype", "task", 1)
 def claim_wrongtype(ctx: Context, rng: random.Random, task: RoundTask) -> Message:
     """A genuine task answered with a claim check to its own key, where the fuzzer put a hash or a list."""
-    key = ctx.store.blobs.key(task.task_id)
+    worker = claimant(rng)
+    key = ctx.store.blobs.key(task.task_id, worker)
     variant = rng.choice(["hash", "list", "set"])
     writes = ctx.store.redis.pipeline(transaction=False)
     {"hash": lambda: writes.hset(key, "not", "a blob"), "list": lambda: writes.rpush(key, "not", "a blob"),
@@ -762,13 +770,14 @@ def claim_wrongtype(ctx: Context, rng: random.Random, task: RoundTask) -> Messag
     writes.expire(key, BLOB_TTL_SECONDS)
     writes.execute()
     return _answer(ctx, "claim_wrongtype", f"a {variant} at its key", task, rng, "bad_claim",
-                   claim=_claim(key, sha256="0" * 64, nbytes=10))
+                   claim=_claim(key, sha256="0" * 64, nbytes=10), worker_id=worker)
 
 
 @kind("claim_bad_digest", "task", 2)
 def claim_bad_digest(ctx: Context, rng: random.Random, task: RoundTask) -> Message:
     """A genuine task answered with a claim check whose blob does not match the claimed sha256 or size."""
-    key = ctx.store.blobs.key(task.task_id)
+    worker = claimant(rng)
+    key = ctx.store.blobs.key(task.task_id, worker)
     payload = codec.encode(ctx.small(rng))
     ctx.store.redis.set(key, payload, ex=BLOB_TTL_SECONDS)
     variant, claim = _pick(rng, {
@@ -777,13 +786,14 @@ def claim_bad_digest(ctx: Context, rng: random.Random, task: RoundTask) -> Messa
         "size one over": lambda: _claim(key, payload, nbytes=len(payload) + 1),
         "sha256 of another payload": lambda: _claim(key, payload, sha256=codec.digest(payload + b"x")),
     })
-    return _answer(ctx, "claim_bad_digest", variant, task, rng, "bad_digest", claim=claim)
+    return _answer(ctx, "claim_bad_digest", variant, task, rng, "bad_digest", claim=claim, worker_id=worker)
 
 
 @kind("claim_poison", "task", 1)
 def claim_poison(ctx: Context, rng: random.Random, task: RoundTask) -> Message:
     """A genuine task answered with a claim check whose blob matches its digest and is poison."""
-    key = ctx.store.blobs.key(task.task_id)
+    worker = claimant(rng)
+    key = ctx.store.blobs.key(task.task_id, worker)
     variant, (payload, expected) = _pick(rng, {
         "NaN": lambda: (codec.encode({n: np.full_like(a, np.nan) for n, a in ctx.weights.items()}), "not_finite"),
         "1e25": lambda: (codec.encode({n: np.full_like(a, 1e25) for n, a in ctx.weights.items()}), "norm_outlier"),
@@ -791,15 +801,18 @@ def claim_poison(ctx: Context, rng: random.Random, task: RoundTask) -> Message:
         "no tensors": lambda: (codec.encode({}), "wrong_tensors"),
     })
     ctx.store.redis.set(key, payload, ex=BLOB_TTL_SECONDS)
-    return _answer(ctx, "claim_poison", variant, task, rng, expected, claim=_claim(key, payload))
+    return _answer(ctx, "claim_poison", variant, task, rng, expected, claim=_claim(key, payload),
+                   worker_id=worker)
 
 
 @kind("claim_too_large", "task", 1)
 def claim_too_large(ctx: Context, rng: random.Random, task: RoundTask) -> Message:
     """A genuine task answered with a claim check to a blob larger than any delta of this model."""
+    worker = claimant(rng)
     nbytes = rng.choice([ctx.max_delta_bytes + 1, 10**9, 2**62])
     return _answer(ctx, "claim_too_large", f"nbytes {nbytes}", task, rng, "too_large",
-                   claim=_claim(ctx.store.blobs.key(task.task_id), sha256="0" * 64, nbytes=nbytes))
+                   claim=_claim(ctx.store.blobs.key(task.task_id, worker), sha256="0" * 64, nbytes=nbytes),
+                   worker_id=worker)
 
 
 @kind("refusal_of_task", "task", 1)

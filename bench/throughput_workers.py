@@ -69,7 +69,7 @@ class FakeWorkers:
                     carried: InlineDelta | ClaimCheck = InlineDelta(self.payload)
                 else:
                     # As fedq.worker.training: the blob is in Redis before the message naming it exists.
-                    key = store.blobs.put(task.task_id, self.payload, UPDATE_BLOB_TTL_SECONDS)
+                    key = store.blobs.put(task.task_id, worker_id, self.payload, UPDATE_BLOB_TTL_SECONDS)
                     carried = ClaimCheck(key=key, sha256=self.sha256, nbytes=len(self.payload))
                 update = ModelUpdate(job=task.job, task_id=task.task_id, worker_id=worker_id,
                                      base_version=task.model_version, num_examples=8, delta=carried)

@@ -29,11 +29,16 @@ class Unroutable(RuntimeError):
     """Published to an exchange that routes to no queue."""
 
 
+class UserIdRefused(RuntimeError):
+    """A publish whose user_id is not the connection's user: RabbitMQ closes the channel (406)."""
+
+
 @dataclass
 class Message:
     body: bytes
     message_id: str | None
     headers: dict[str, Any] = field(default_factory=dict)
+    user_id: str | None = None
     returns: int = 0  # times given back to the queue (nack, lost consumer): the quorum delivery count
 
 
@@ -91,9 +96,9 @@ class MemoryBroker:
 
     # -- what tests use -------------------------------------------------
 
-    def open_channel(self) -> MemoryChannel:
+    def open_channel(self, user: str = "guest") -> MemoryChannel:
         with self._condition:
-            channel = MemoryChannel(self)
+            channel = MemoryChannel(self, user)
             self._channels.append(channel)
             return channel
 
@@ -126,8 +131,9 @@ class MemoryBroker:
 
 
 class MemoryChannel:
-    def __init__(self, broker: MemoryBroker):
+    def __init__(self, broker: MemoryBroker, user: str = "guest"):
         self.broker = broker
+        self.user = user  # the connection's user, as RabbitMQ authenticated it
         self._unacked: dict[int, tuple[_Queue, Message]] = {}
         self._open = True
         self._consuming = False
@@ -178,15 +184,18 @@ class MemoryChannel:
                     headers = dict(message.headers)
                     if message.returns:
                         headers[DELIVERY_COUNT_HEADER] = message.returns
-                    delivery = Delivery(tag, message.body, message.message_id, headers)
+                    delivery = Delivery(tag, message.body, message.message_id, headers, message.user_id)
             yield delivery
 
     def cancel(self) -> None:
         self._consuming = False
 
-    def publish(self, exchange: str, body: bytes, *, message_id: str, headers: dict[str, Any] | None = None) -> None:
+    def publish(self, exchange: str, body: bytes, *, message_id: str, headers: dict[str, Any] | None = None,
+                user_id: str | None = None) -> None:
         self._check_open()
-        self.broker.publish(exchange, Message(bytes(body), message_id, dict(headers or {})))
+        if user_id is not None and user_id != self.user:
+            raise UserIdRefused(f"user_id property set to {user_id!r} but the connection's user is {self.user!r}")
+        self.broker.publish(exchange, Message(bytes(body), message_id, dict(headers or {}), user_id))
 
     def _settle(self, tag: int) -> tuple[_Queue, Message]:
         self._check_open()
@@ -222,15 +231,16 @@ class MemoryChannel:
 class MemoryTransport:
     """Runs a session on a fresh in-memory channel, again after each dropped connection."""
 
-    def __init__(self, broker: MemoryBroker):
+    def __init__(self, broker: MemoryBroker, user: str = "guest"):
         self.broker = broker
+        self.user = user
         self.sessions = 0
 
     def run(self, session: Callable[[Channel], None], *, name: str, should_stop: Callable[[], bool] = lambda: False,
             on_connection_lost: Callable[[], None] = lambda: None,
             also_transient: tuple[type[BaseException], ...] = ()) -> None:
         while not should_stop():
-            channel = self.broker.open_channel()
+            channel = self.broker.open_channel(self.user)
             self.sessions += 1
             try:
                 session(channel)

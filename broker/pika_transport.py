@@ -60,14 +60,16 @@ class PikaChannel:
             if method is None:
                 yield None
             else:
-                yield Delivery(method.delivery_tag, body, properties.message_id, dict(properties.headers or {}))
+                yield Delivery(method.delivery_tag, body, properties.message_id, dict(properties.headers or {}),
+                               properties.user_id)
 
     def cancel(self) -> None:
         self.channel.cancel()
 
-    def publish(self, exchange: str, body: bytes, *, message_id: str, headers: dict[str, Any] | None = None) -> None:
+    def publish(self, exchange: str, body: bytes, *, message_id: str, headers: dict[str, Any] | None = None,
+                user_id: str | None = None) -> None:
         publish(self.channel, exchange, body, message_id=message_id,
-                headers=encodable(headers or {}, self._frame_max()))
+                headers=encodable(headers or {}, self._frame_max()), user_id=user_id)
 
     def _frame_max(self) -> int:
         """The frame size this connection negotiated with the broker (pika keeps it in its parameters)."""
@@ -94,6 +96,9 @@ class PikaTransport:
     def __init__(self, amqp_url: str, *, heartbeat: int = HEARTBEAT_SECONDS):
         self.amqp_url = amqp_url
         self.heartbeat = heartbeat
+        credentials = pika.URLParameters(amqp_url).credentials
+        # The user the broker will authenticate: what a publish's user_id must be (None: certificate login).
+        self.user: str | None = getattr(credentials, "username", None)
 
     def run(self, session: Callable[[Channel], None], *, name: str, should_stop: Callable[[], bool] = lambda: False,
             on_connection_lost: Callable[[], None] = lambda: None,

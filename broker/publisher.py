@@ -18,10 +18,10 @@ PERSISTENT = pika.DeliveryMode.Persistent
 
 
 def publish(channel: BlockingChannel, exchange: str, body: bytes, *, message_id: str,
-            headers: dict[str, Any] | None = None, routing_key: str = ROUTING_KEY) -> None:
+            headers: dict[str, Any] | None = None, routing_key: str = ROUTING_KEY, user_id: str | None = None) -> None:
     """Publish one persistent JSON message and wait for the broker's confirm."""
     channel.basic_publish(
         exchange=exchange, routing_key=routing_key, body=body, mandatory=True,
         properties=pika.BasicProperties(content_type="application/json", delivery_mode=PERSISTENT,
                                         message_id=message_id, timestamp=int(time.time()),
-                                        headers=headers or {}))
+                                        headers=headers or {}, user_id=user_id))

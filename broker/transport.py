@@ -36,6 +36,9 @@ class Delivery:
     body: bytes
     message_id: str | None = None
     headers: dict[str, Any] = field(default_factory=dict)
+    # The publisher's user as the broker validated it (RabbitMQ refuses a publish whose
+    # user_id is not the connection's user); None when the publisher set none.
+    user_id: str | None = None
 
 
 class Channel(Protocol):
@@ -48,8 +51,11 @@ class Channel(Protocol):
     def cancel(self) -> None:
         """Stop consuming; prefetched deliveries not yet handled return to the queue."""
 
-    def publish(self, exchange: str, body: bytes, *, message_id: str, headers: dict[str, Any] | None = None) -> None:
-        """Publish a persistent message; returns once the broker confirmed it, raises if it refused."""
+    def publish(self, exchange: str, body: bytes, *, message_id: str, headers: dict[str, Any] | None = None,
+                user_id: str | None = None) -> None:
+        """Publish a persistent message; returns once the broker confirmed it, raises if it refused.
+
+        ``user_id`` (the connection's user) lets the consumer know who sent it: the broker checks it."""
 
     def ack(self, tag: int) -> None: ...
 
@@ -66,6 +72,10 @@ class Channel(Protocol):
 
 
 class Transport(Protocol):
+    # The user the broker authenticates this transport's connections as (None: not known,
+    # e.g. certificate login); a publish's ``user_id``.
+    user: str | None
+
     def run(self, session: Callable[[Channel], None], *, name: str, should_stop: Callable[[], bool] = ...,
             on_connection_lost: Callable[[], None] = ...,
             also_transient: tuple[type[BaseException], ...] = ()) -> None:

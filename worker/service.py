@@ -225,7 +225,7 @@ class Worker:
             return
         update: ModelUpdate = outcome["update"]
         body = update.to_bytes()
-        channel.publish(self.topology.updates, body, message_id=task.task_id)
+        channel.publish(self.topology.updates, body, message_id=task.task_id, user_id=self.transport.user)
         channel.ack(delivery.tag)
         self.tasks_done += 1
         job = self.settings.job
@@ -276,7 +276,8 @@ class Worker:
         if issued is not None:
             refusal = TaskRefusal(job=issued.job, task_id=issued.task_id, worker_id=self.worker_id, reason=reason,
                                   detail=detail[:500])
-            channel.publish(self.topology.updates, refusal.to_bytes(), message_id=f"refusal-{issued.task_id}")
+            channel.publish(self.topology.updates, refusal.to_bytes(), message_id=f"refusal-{issued.task_id}",
+                            user_id=self.transport.user)
         channel.publish(self.topology.dead, delivery.body, message_id=delivery.message_id or task_id or "unknown",
                         headers=dead_letter_headers(delivery.headers, reason, detail, origin="tasks"))
         channel.ack(delivery.tag)

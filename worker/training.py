@@ -66,5 +66,5 @@ class LocalTrainer:
         if len(payload) <= self.inline_limit_bytes:
             return InlineDelta(payload)
         # Claim check: the blob is in Redis before the message that names it exists.
-        key = self.store.blobs.put(task.task_id, payload, UPDATE_BLOB_TTL_SECONDS)
+        key = self.store.blobs.put(task.task_id, self.worker_id, payload, UPDATE_BLOB_TTL_SECONDS)
         return ClaimCheck(key=key, sha256=codec.digest(payload), nbytes=len(payload))

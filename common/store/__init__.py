@@ -17,6 +17,7 @@ import redis
 from fedq.common.store.blobs import UpdateBlobs
 from fedq.common.store.client import (TRANSIENT_REDIS_ERRORS, HeadMovedError, StoreError, TamperedVersionError,
                                       UnknownVersionError, connect_redis)
+from fedq.common.store.identities import IdentityRegistry
 from fedq.common.store.keys import JobKeys
 from fedq.common.store.ledger import TaskLedger
 from fedq.common.store.status import JobStatus, OutcomeCounters
@@ -38,6 +39,7 @@ class ModelStore:
         self.ledger = TaskLedger(client, self.keys)
         self.blobs = UpdateBlobs(client, self.keys)
         self.workers = WorkerRegistry(client, self.keys)
+        self.identities = IdentityRegistry(client, self.keys)
         self.status = JobStatus(client, self.keys)
         self.counters = OutcomeCounters(client, self.keys)
 

@@ -1,4 +1,4 @@
-"""Update blobs: the weight delta of one update, keyed by its task id (the claim check)."""
+"""Update blobs: the weight delta of one update, keyed by its worker and task id (the claim check)."""
 from __future__ import annotations
 
 import redis
@@ -11,12 +11,12 @@ class UpdateBlobs:
         self.redis = client
         self.keys = keys
 
-    def key(self, task_id: str) -> str:
-        """The only key an update of ``task_id`` may claim."""
-        return self.keys.update(task_id)
+    def key(self, task_id: str, worker_id: str) -> str:
+        """The only key an update of ``task_id`` from ``worker_id`` may claim."""
+        return self.keys.update(worker_id, task_id)
 
-    def put(self, task_id: str, payload: bytes, ttl_seconds: int) -> str:
-        key = self.key(task_id)
+    def put(self, task_id: str, worker_id: str, payload: bytes, ttl_seconds: int) -> str:
+        key = self.key(task_id, worker_id)
         self.redis.set(key, payload, ex=ttl_seconds)
         return key
 

@@ -15,9 +15,11 @@ Cluster slot and one Lua script may touch them together::
     fedq:{job}:staging:<v>:<attempt>:model|optstate   weights of a commit in progress (TTL)
     fedq:{job}:applied           hash task_id -> version that applied it (idempotency record)
     fedq:{job}:inflight          hash task_id -> JSON {version, issued_at}: tasks issued and not closed
-    fedq:{job}:update:<task_id>  weight delta of one update: a TTL while it is a pending claim
-                                 check, kept (for replay) once applied, until retention prunes it
+    fedq:{job}:update:<worker_id>:<task_id>  weight delta of one update, under its worker's id (a
+                                 worker's Redis user may write only its own): a TTL while it is a
+                                 pending claim check, kept (for replay) once applied, until retention prunes it
     fedq:{job}:worker:<id>       JSON liveness of one worker (host, tasks done, last seen), short TTL
+    fedq:{job}:identities        hash worker_id -> JSON identity enrolled by `fedq admin` (user, revoked_at)
     fedq:{job}:counters          hash: rejected.<reason> / skipped.<reason> -> count
     fedq:{job}:state             JSON {status, reason, ...}: running / stopped / finished
 """
@@ -56,6 +58,7 @@ class JobKeys:
     inflight = property(lambda self: self._key("inflight"))
     counters = property(lambda self: self._key("counters"))
     state = property(lambda self: self._key("state"))
+    identities = property(lambda self: self._key("identities"))
 
     def model(self, version: int) -> str:
         return self._key("model", version)
@@ -72,8 +75,8 @@ class JobKeys:
     def staging_pattern(self) -> str:
         return self._key("staging", "*")
 
-    def update(self, task_id: str) -> str:
-        return self._key("update", task_id)
+    def update(self, worker_id: str, task_id: str) -> str:
+        return self._key("update", worker_id, task_id)
 
     def worker(self, worker_id: str) -> str:
         return self._key("worker", worker_id)

@@ -30,6 +30,8 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("mixing_rate", positive_float, 0.6, "FedAsync: mixing rate alpha"),
     Option("max_staleness", non_negative_int, 20, "updates staler than this are rejected"),
     Option("example_weighted", parse_bool, False, "FedBuff: weight updates by their example counts"),
+    Option("require_identity", parse_bool, False, "accept updates only from workers enrolled with `fedq admin "
+           "enroll` (automatic once the job has one), each from its own RabbitMQ user"),
     Option("clip_norm", non_negative_float, 0.0, "FedBuff: clip each update to this L2 norm (0: off)"),
     Option("robust", str, "mean", "FedBuff: combine the buffer by its mean, coordinate-wise median or trimmed mean",
            choices=ROBUST_ESTIMATORS),

@@ -228,9 +228,11 @@ class Coordinator:
         expected = Expectations(job=self.settings.job, head=self.head, max_staleness=self.settings.max_staleness,
                                 tensor_specs=self.tensor_specs, abandoned=self.abandoned,
                                 max_delta_bytes=self.max_delta_bytes,
-                                max_delta_norm=self.norm_guard.bound(self.model_norm))
+                                max_delta_norm=self.norm_guard.bound(self.model_norm),
+                                require_identity=self.settings.require_identity)
         try:
-            validated = validate_update(delivery.body, expected, self.store, self._is_duplicate, self._issued_version)
+            validated = validate_update(delivery.body, expected, self.store, self._is_duplicate, self._issued_version,
+                                        delivery.user_id)
         except Rejected as rejection:
             if rejection.duplicate:
                 self._skip_duplicate(delivery, rejection)

@@ -41,6 +41,9 @@ class CoordinatorSettings:
     keep_versions: int = 0
     norm_outlier_factor: float = 10.0
     checkpoint_every: int = 0
+    # Accept updates only from enrolled, unrevoked identities even before any is enrolled
+    # (otherwise the check starts with the job's first `fedq admin enroll`).
+    require_identity: bool = False
 
     def __post_init__(self):
         algorithm(self.algorithm)  # an unknown name raises here, with the choices

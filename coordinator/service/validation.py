@@ -3,7 +3,8 @@
 :func:`validate_update` turns a message body into a :class:`ValidatedUpdate`
 or raises :class:`Rejected` with a stable reason label (the dead-letter reason
 header and the rejection counter). The checks, in order: the message's size, schema, job,
-duplicate (skipped quietly, not dead-lettered), an open task of this job answered from the
+the sender's identity (once the job has enrolled identities: the worker id is the one enrolled
+for the RabbitMQ user that published it, and not revoked), duplicate (skipped quietly, not dead-lettered), an open task of this job answered from the
 version it was issued at, staleness, the delta's size
 (before a claimed blob is read), the delta itself (inline or claim check,
 verified against its sha256), tensor names/shapes/dtypes, finite values, and
@@ -56,6 +57,8 @@ class Expectations:
     max_delta_bytes: int | None = None
     # A delta with a larger L2 norm is refused as norm_outlier (NormGuard.bound); None: no bound.
     max_delta_norm: float | None = None
+    # Identities are checked even before the job has enrolled any (--require-identity).
+    require_identity: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,8 @@ class ValidatedRefusal:
 
 
 def validate_update(body: bytes, expected: Expectations, store: ModelStore, already_taken: Callable[[str], bool],
-                    issued_version: Callable[[str], int | None]) -> ValidatedUpdate | ValidatedRefusal:
+                    issued_version: Callable[[str], int | None],
+                    sender: str | None = None) -> ValidatedUpdate | ValidatedRefusal:
     """The update in ``body``, validated; raises :class:`Rejected` with the reason it is not usable.
 
     A worker's refusal of a task is checked the same way (this job's, an open task) and
@@ -92,7 +96,8 @@ def validate_update(body: bytes, expected: Expectations, store: ModelStore, alre
 
     ``already_taken(task_id)`` says whether the task's update is buffered or applied;
     ``issued_version(task_id)`` is the version an open task was issued at (None: no such
-    open task: never issued by this job's coordinator, or closed).
+    open task: never issued by this job's coordinator, or closed). ``sender`` is the RabbitMQ
+    user that published the message, as the broker validated it (its ``user_id``).
     """
     if expected.max_delta_bytes is not None and len(body) > max_update_message_bytes(expected.max_delta_bytes):
         raise Rejected(MessageError("too_large", f"the message has {len(body)} bytes; no update of this model has "
@@ -104,6 +109,10 @@ def validate_update(body: bytes, expected: Expectations, store: ModelStore, alre
         raise Rejected(error, None) from None
     if update.job != expected.job:
         raise Rejected(MessageError("unknown_job", f"update is for job {update.job!r}, not {expected.job!r}"), None)
+    try:
+        check_identity(update.worker_id, sender, store, expected.require_identity)
+    except MessageError as error:
+        raise Rejected(error, None, worker_id=update.worker_id) from None
     if isinstance(update, TaskRefusal):
         version = issued_version(update.task_id)
         if version is None or already_taken(update.task_id):
@@ -132,8 +141,26 @@ def validate_update(body: bytes, expected: Expectations, store: ModelStore, alre
     return ValidatedUpdate(
         BufferedUpdate(task_id=update.task_id, worker_id=update.worker_id, base_version=update.base_version,
                        staleness=staleness, num_examples=update.num_examples, delta=delta),
-        worker_id=update.worker_id, digest=digest, blob_key=store.blobs.key(update.task_id),
+        worker_id=update.worker_id, digest=digest, blob_key=store.blobs.key(update.task_id, update.worker_id),
         inline_payload=None if isinstance(update.delta, ClaimCheck) else payload, norm=norm)
+
+
+def check_identity(worker_id: str, sender: str | None, store: ModelStore, required: bool) -> None:
+    """Once a job has enrolled identities (``fedq admin enroll``), or ``required``, an update or
+    refusal must come from the RabbitMQ user enrolled for the worker id it names, not revoked.
+
+    Read from Redis for every message, so a revocation holds from the next message on.
+    """
+    enrolled_any, identity = store.identities.lookup(worker_id)
+    if not (required or enrolled_any):
+        return
+    if identity is None:
+        raise MessageError("unknown_worker", f"worker {worker_id[:64]!r} is not enrolled in this job")
+    if identity.revoked:
+        raise MessageError("revoked_worker", f"worker {worker_id!r} was revoked")
+    if sender != identity.user:
+        raise MessageError("impersonation", f"the message names worker {worker_id!r} but was published by "
+                                            f"{'an unnamed user' if sender is None else repr(sender[:64])}")
 
 
 def l2_norm(weights: codec.Weights) -> float:
@@ -198,8 +225,8 @@ def load_delta(update: ModelUpdate, store: ModelStore,
     """
     if isinstance(update.delta, ClaimCheck):
         claim = update.delta
-        if claim.key != store.blobs.key(update.task_id):
-            # An update may only claim its own blob, never another job's or another update's.
+        if claim.key != store.blobs.key(update.task_id, update.worker_id):
+            # An update may only claim its own blob, never another job's, worker's or update's.
             raise MessageError("bad_claim", f"claim key {claim.key!r} is not this update's blob key")
         _check_size(claim.nbytes, max_bytes, f"claim-checked blob {claim.key!r}")
         try:

@@ -70,13 +70,13 @@ def test_forged_fabricated_replayed_and_poisoned_updates_are_refused_and_the_job
     processes.wait_for_log("coordinator", "event=initialised", timeout=180)
     # Mallory takes six tasks, as any worker may, and answers each with something hostile.
     poison, huge_poison, hash_claim, huge_claim, fresher, _ = take_tasks(job, 6)
-    store.redis.hset(store.blobs.key(hash_claim.task_id), "not", "a blob")       # GET would raise WRONGTYPE
-    store.redis.setrange(store.blobs.key(huge_claim.task_id), 500 * 1024 * 1024 - 1, b"\0")  # a 500 MB blob
+    store.redis.hset(store.blobs.key(hash_claim.task_id, "mallory"), "not", "a blob")       # GET would raise WRONGTYPE
+    store.redis.setrange(store.blobs.key(huge_claim.task_id, "mallory"), 500 * 1024 * 1024 - 1, b"\0")  # a 500 MB blob
     publish_updates(job, {
         "poison": update(job, poison, model_like(1e30)),           # finite, and far beyond any honest norm
         "huge-poison": update(job, huge_poison, model_like(3e38)),
-        "hash-claim": update(job, hash_claim, ClaimCheck(store.blobs.key(hash_claim.task_id), "0" * 64, 10)),
-        "huge-claim": update(job, huge_claim, ClaimCheck(store.blobs.key(huge_claim.task_id), "0" * 64,
+        "hash-claim": update(job, hash_claim, ClaimCheck(store.blobs.key(hash_claim.task_id, "mallory"), "0" * 64, 10)),
+        "huge-claim": update(job, huge_claim, ClaimCheck(store.blobs.key(huge_claim.task_id, "mallory"), "0" * 64,
                                                          500 * 1024 * 1024)),
         "fresher": update(job, fresher, model_like(0.0), base_version=fresher.model_version + 5),
         **{f"made-up-{index}": update(job, f"made-up-{index}", model_like(0.01)) for index in range(20)},

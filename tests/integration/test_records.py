@@ -44,14 +44,14 @@ def build_history(store, versions: int, algorithm: str = "fedbuff", optimizer: s
             payload = codec.encode(delta)
             update = BufferedUpdate(task_id, "w", base, head - base, int(rng.integers(10, 100)), delta)
             updates.append(update)
-            blobs[store.blobs.key(task_id)] = payload
+            blobs[store.blobs.key(task_id, "w")] = payload
         weights, state, update_weights = server_step(aggregator, server_optimizer, weights, state, updates,
                                                      store.versions.load_weights)
         for update, weight in zip(updates, update_weights):
             applied.append(AppliedUpdate(task_id=update.task_id, worker_id="w", base_version=update.base_version,
                                          staleness=update.staleness, weight=weight, num_examples=update.num_examples,
-                                         digest=codec.digest(blobs[store.blobs.key(update.task_id)]),
-                                         blob_key=store.blobs.key(update.task_id)))
+                                         digest=codec.digest(blobs[store.blobs.key(update.task_id, "w")]),
+                                         blob_key=store.blobs.key(update.task_id, "w")))
         head = store.versions.commit(head, weights, applied, update_blobs=blobs, optimizer_state=state,
                                      metrics={"r2": 0.5}, config=config, config_digest=config_digest(config))
     return head

@@ -243,7 +243,7 @@ def test_an_error_nobody_foresaw_ends_that_update_only(broker, store):
     store.blobs.size = lambda key: (_ for _ in ()).throw(RuntimeError("a Redis reply nobody expected"))
     from fedq.common.wire.messages import ClaimCheck, ModelUpdate
 
-    claim = ClaimCheck(key=store.blobs.key(task.task_id), sha256="0" * 64, nbytes=100)
+    claim = ClaimCheck(key=store.blobs.key(task.task_id, "w"), sha256="0" * 64, nbytes=100)
     broker.publish(TOPOLOGY.updates, Message(ModelUpdate(job=JOB, task_id=task.task_id, worker_id="w", base_version=0,
                                                          num_examples=1, delta=claim).to_bytes(), task.task_id))
     wait_until(lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["unusable"],

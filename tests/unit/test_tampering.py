@@ -27,7 +27,7 @@ def job_with_versions(count: int):
         payload = codec.encode(delta)
         task_id = f"t{version}"
         applied = AppliedUpdate(task_id=task_id, worker_id="w", base_version=version - 1, staleness=0, weight=1.0,
-                                num_examples=1, digest=codec.digest(payload), blob_key=store.blobs.key(task_id))
+                                num_examples=1, digest=codec.digest(payload), blob_key=store.blobs.key(task_id, "w"))
         weights = {"w": weights["w"] + 1}
         store.versions.commit(version - 1, weights, [applied], update_blobs={applied.blob_key: payload}, config=config)
     return store

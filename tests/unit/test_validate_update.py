@@ -28,7 +28,7 @@ def body(task_id: str, delta) -> bytes:
 
 
 def claim_of(store, task_id: str, payload: bytes) -> ClaimCheck:
-    return ClaimCheck(key=store.blobs.key(task_id), sha256=codec.digest(payload), nbytes=len(payload))
+    return ClaimCheck(key=store.blobs.key(task_id, "w"), sha256=codec.digest(payload), nbytes=len(payload))
 
 
 def reason(store, message: bytes) -> str:
@@ -40,7 +40,7 @@ def reason(store, message: bytes) -> str:
 def test_a_genuine_claim_checked_update_is_validated():
     store = memory_store(JOB)
     payload = codec.encode({name: np.ones_like(array) for name, array in MODEL.items()})
-    store.blobs.put("t1", payload, 60)
+    store.blobs.put("t1", "w", payload, 60)
     validated = validate_update(body("t1", claim_of(store, "t1", payload)), EXPECTED, store, lambda task_id: False, issued_at_2)
     assert validated.update.staleness == 1 and validated.inline_payload is None
     assert validated.digest == codec.digest(payload)
@@ -49,21 +49,21 @@ def test_a_genuine_claim_checked_update_is_validated():
 
 def test_a_claim_key_holding_a_hash_is_a_bad_claim_not_a_crash():
     store = memory_store(JOB)
-    store.redis.hset(store.blobs.key("t1"), "field", "value")  # WRONGTYPE for GET and STRLEN
-    assert reason(store, body("t1", ClaimCheck(key=store.blobs.key("t1"), sha256="0" * 64, nbytes=100))) == "bad_claim"
+    store.redis.hset(store.blobs.key("t1", "w"), "field", "value")  # WRONGTYPE for GET and STRLEN
+    assert reason(store, body("t1", ClaimCheck(key=store.blobs.key("t1", "w"), sha256="0" * 64, nbytes=100))) == "bad_claim"
 
 
 def test_an_oversized_claim_is_refused_before_redis_is_asked():
     store = memory_store(JOB)
     huge = EXPECTED.max_delta_bytes + 1
     # Nothing stored under the key: the size alone decides, before the blob (or its absence) is looked at.
-    assert reason(store, body("t1", ClaimCheck(key=store.blobs.key("t1"), sha256="0" * 64, nbytes=huge))) == "too_large"
+    assert reason(store, body("t1", ClaimCheck(key=store.blobs.key("t1", "w"), sha256="0" * 64, nbytes=huge))) == "too_large"
 
 
 def test_a_claim_whose_stored_blob_is_larger_than_claimed_is_not_read():
     store = memory_store(JOB)
-    store.blobs.put("t1", b"\0" * (EXPECTED.max_delta_bytes * 50), 60)  # a lie about its size
-    claim = ClaimCheck(key=store.blobs.key("t1"), sha256="0" * 64, nbytes=100)
+    store.blobs.put("t1", "w", b"\0" * (EXPECTED.max_delta_bytes * 50), 60)  # a lie about its size
+    claim = ClaimCheck(key=store.blobs.key("t1", "w"), sha256="0" * 64, nbytes=100)
     reads = []
     store.blobs.get = lambda key: reads.append(key)  # a GET would be a mistake here
     assert reason(store, body("t1", claim)) == "bad_digest"
@@ -72,7 +72,7 @@ def test_a_claim_whose_stored_blob_is_larger_than_claimed_is_not_read():
 
 def test_a_missing_blob_and_an_oversized_inline_delta_have_their_reasons():
     store = memory_store(JOB)
-    assert reason(store, body("t1", ClaimCheck(key=store.blobs.key("t1"), sha256="0" * 64, nbytes=100))) \
+    assert reason(store, body("t1", ClaimCheck(key=store.blobs.key("t1", "w"), sha256="0" * 64, nbytes=100))) \
         == "missing_blob"
     assert reason(store, body("t2", InlineDelta(b"\0" * (EXPECTED.max_delta_bytes + 1)))) == "too_large"
 
