@@ -31,6 +31,11 @@ class BrokerError(RuntimeError):
     """RabbitMQ cannot be used; the message is one sentence for the user."""
 
 
+class CredentialsRefused(BrokerError):
+    """The broker refused these credentials: wrong, changed or revoked. Final, even for a
+    service that was connected before (``fedq admin revoke`` deletes the user)."""
+
+
 def parameters(url: str, *, heartbeat: int = HEARTBEAT_SECONDS, name: str = "fedq") -> pika.URLParameters:
     try:
         params = pika.URLParameters(url)
@@ -61,9 +66,9 @@ def connect(url: str, *, name: str = "fedq", heartbeat: int = HEARTBEAT_SECONDS,
         try:
             return pika.BlockingConnection(params)
         except pika.exceptions.ProbableAuthenticationError:
-            raise BrokerError(f"RabbitMQ at {redact_url(url)} refused the user name or password") from None
+            raise CredentialsRefused(f"RabbitMQ at {redact_url(url)} refused the user name or password") from None
         except pika.exceptions.ProbableAccessDeniedError:
-            raise BrokerError(f"RabbitMQ at {redact_url(url)} denied access to the virtual host") from None
+            raise CredentialsRefused(f"RabbitMQ at {redact_url(url)} denied access to the virtual host") from None
         except ssl.SSLError as error:  # pika raises a failed handshake as is
             raise BrokerError(f"RabbitMQ at {redact_url(url)} failed the TLS handshake: {error}") from None
         except pika.exceptions.AMQPConnectionError as error:

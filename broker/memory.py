@@ -163,6 +163,20 @@ class MemoryChannel:
         self._check_open()
         self.broker.declare(topology)
 
+    def remove_stray_bindings(self, topology: Topology) -> None:
+        """Nothing to undo: the in-memory broker routes each exchange to its one queue."""
+        self._check_open()
+
+    def wait_for_queue(self, queue: str, should_stop: Callable[[], bool]) -> bool:
+        condition = self.broker._condition
+        with condition:
+            while not should_stop():
+                self._check_open()
+                if queue in self.broker._queues:
+                    return True
+                condition.wait(0.1)
+        return False
+
     def consume(self, queue_name: str, *, prefetch: int, inactivity_timeout: float) -> Iterator[Delivery | None]:
         condition = self.broker._condition
         self._consuming = True

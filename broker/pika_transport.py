@@ -4,13 +4,14 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 import pika
+import pika.exceptions
 import pika.data
 
 from fedq.broker.connection import HEARTBEAT_SECONDS
 from fedq.broker.publisher import publish
 from fedq.broker.session import run_with_reconnect
 from fedq.broker.topology import Topology
-from fedq.broker.transport import DETAIL_HEADER, ORIGIN_HEADER, REASON_HEADER, Channel, Delivery
+from fedq.broker.transport import DETAIL_HEADER, ORIGIN_HEADER, REASON_HEADER, AccessRefused, Channel, Delivery
 
 # Room in a content header frame for everything but the headers: frame and property overhead,
 # a message id of up to 255 bytes, and the x-delivery-count the broker adds on redelivery.
@@ -52,7 +53,33 @@ class PikaChannel:
         self.channel.confirm_delivery()
 
     def declare(self, topology: Topology) -> None:
-        topology.declare(self.channel)
+        try:
+            topology.declare(self.channel)
+        except pika.exceptions.ChannelClosedByBroker as error:
+            if error.reply_code != 403:
+                raise
+            self._reopen()
+            raise AccessRefused(error.reply_text) from None
+
+    def wait_for_queue(self, queue: str, should_stop: Callable[[], bool], poll_seconds: float = 1.0) -> bool:
+        while not should_stop():
+            try:
+                self.channel.queue_declare(queue, passive=True)  # needs no permission
+                return True
+            except pika.exceptions.ChannelClosedByBroker as error:
+                if error.reply_code != 404:
+                    raise
+                self._reopen()
+                self.connection.sleep(poll_seconds)  # heartbeats go on
+        return False
+
+    def remove_stray_bindings(self, topology: Topology) -> None:
+        topology.remove_stray_bindings(self.channel)
+
+    def _reopen(self) -> None:
+        """A new channel in place of one the broker closed."""
+        self.channel = self.connection.channel()
+        self.channel.confirm_delivery()
 
     def consume(self, queue: str, *, prefetch: int, inactivity_timeout: float) -> Iterator[Delivery | None]:
         self.channel.basic_qos(prefetch_count=prefetch)

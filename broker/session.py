@@ -17,7 +17,7 @@ from typing import Callable
 import pika
 import pika.exceptions
 
-from fedq.broker.connection import HEARTBEAT_SECONDS, BrokerError, connect
+from fedq.broker.connection import HEARTBEAT_SECONDS, BrokerError, CredentialsRefused, connect
 from fedq.common.obs.logs import kv
 
 log = logging.getLogger("fedq.broker")
@@ -45,7 +45,7 @@ def run_with_reconnect(amqp_url: str, session: Callable[[pika.BlockingConnection
         try:
             connection = connect(amqp_url, name=name, heartbeat=heartbeat)
         except BrokerError as error:
-            if not connected_once:
+            if not connected_once or isinstance(error, CredentialsRefused):
                 raise
             backoff = RECONNECT_BACKOFF_SECONDS[-1]
             log.warning(kv("reconnect_failed", name=name, error=str(error), retry_in_s=backoff))

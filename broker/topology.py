@@ -53,6 +53,15 @@ class Topology:
                 "x-dead-letter-exchange": self.dead,
             })
             channel.queue_bind(name, name, routing_key=ROUTING_KEY)
+        self.remove_stray_bindings(channel)
+
+    def remove_stray_bindings(self, channel: BlockingChannel) -> None:
+        """Unbind the update and dead queues from the task exchange. A worker may read the task
+        queue, which is also read permission on the task exchange of the same name, and write to
+        the update and dead exchanges, also write permission on those queues: enough to bind
+        them, and copy every task there. Harmless to call when there is no such binding."""
+        for queue in (self.updates, self.dead):
+            channel.queue_unbind(queue, self.tasks, routing_key=ROUTING_KEY)
 
     def delete(self, channel: BlockingChannel) -> None:
         for name in self.queues:

@@ -28,6 +28,10 @@ ORIGINS = ("updates", "tasks")
 DELIVERY_COUNT_HEADER = "x-delivery-count"
 
 
+class AccessRefused(Exception):
+    """The broker refused an operation this user has no permission for (AMQP 403)."""
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One message handed to a consumer, unacked until the consumer says otherwise."""
@@ -43,7 +47,14 @@ class Delivery:
 
 class Channel(Protocol):
     def declare(self, topology: Topology) -> None:
-        """Idempotently declare a job's exchanges and queues."""
+        """Idempotently declare a job's exchanges and queues; raises :class:`AccessRefused` for a
+        user without configure permission (a worker enrolled with `fedq admin`)."""
+
+    def wait_for_queue(self, queue: str, should_stop: Callable[[], bool]) -> bool:
+        """Wait until ``queue`` exists (someone else declares it); False if ``should_stop()`` first."""
+
+    def remove_stray_bindings(self, topology: Topology) -> None:
+        """Undo bindings a worker may add (see ``Topology.remove_stray_bindings``)."""
 
     def consume(self, queue: str, *, prefetch: int, inactivity_timeout: float) -> Iterator[Delivery | None]:
         """Deliveries from ``queue``, at most ``prefetch`` unacked; None after each quiet ``inactivity_timeout``."""

@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "replay": "fedq.coordinator.ops.history:Replay",
     "rollback": "fedq.coordinator.ops.history:Rollback",
     "dead": "fedq.coordinator.ops.dead",
+    "admin": "fedq.coordinator.ops.admin",
 }
 
 SUMMARIES = {
@@ -40,6 +41,7 @@ SUMMARIES = {
     "replay": "recompute versions from the logged updates and verify them bit for bit",
     "rollback": "make an old version the head again, as a new version",
     "dead": "list a job's dead letters with their reasons; drain them or requeue them",
+    "admin": "enroll, list and revoke a job's worker identities (RabbitMQ users, Redis ACL users)",
 }
 
 

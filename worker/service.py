@@ -37,7 +37,7 @@ import torch
 
 from fedq.broker.pika_transport import PikaTransport
 from fedq.broker.topology import Topology
-from fedq.broker.transport import Channel, Delivery, Transport, dead_letter_headers, delivery_count
+from fedq.broker.transport import AccessRefused, Channel, Delivery, Transport, dead_letter_headers, delivery_count
 from fedq.common.obs import metrics
 from fedq.common.obs.logs import kv
 from fedq.common.store import (TRANSIENT_REDIS_ERRORS, ModelStore, StoreError, TamperedVersionError, UnknownVersionError,
@@ -152,7 +152,13 @@ class Worker:
             "started": self.started_at}, LIVENESS_TTL_SECONDS)
 
     def _serve(self, channel: Channel) -> None:
-        channel.declare(self.topology)
+        try:
+            channel.declare(self.topology)
+        except AccessRefused:
+            # Enrolled with `fedq admin`, a worker may not declare anything: the coordinator does.
+            log.info(kv("waiting_for_job_queues", worker=self.worker_id, queue=self.topology.tasks))
+            if not channel.wait_for_queue(self.topology.tasks, lambda: self.stop_requested):
+                return
         log.info(kv("worker_ready", worker=self.worker_id, job=self.settings.job))
         self._report_liveness(force=True)
         for delivery in channel.consume(self.topology.tasks, prefetch=1, inactivity_timeout=0.5):

@@ -50,6 +50,8 @@ log = logging.getLogger("fedq.coordinator")
 
 # How often an idle coordinator looks for a head moved by someone else (`fedq rollback`).
 HEAD_CHECK_SECONDS = 2.0
+# How often the coordinator removes bindings a worker added to copy tasks elsewhere.
+STRAY_BINDINGS_CHECK_SECONDS = 5.0
 # How long the consumer waits for an update before doing its housekeeping.
 IDLE_SECONDS = 0.5
 
@@ -149,7 +151,7 @@ class Coordinator:
         self.optimizer_state = self.store.versions.load_optimizer_state(self.head)
         self.abandoned = frozenset(self.store.versions.abandoned())
         self.open_tasks = self.store.ledger.open_tasks()
-        self._head_checked = time.monotonic()
+        self._head_checked = self._bindings_checked = time.monotonic()
         metrics.HEAD_VERSION.labels(self.settings.job).set(self.head)
 
     def _evaluate(self, weights: codec.Weights) -> dict[str, float]:
@@ -202,6 +204,9 @@ class Coordinator:
 
     def _maintain(self) -> None:
         """Between deliveries: notice a rollback, expire lost tasks, check the clock, keep tasks in flight."""
+        if time.monotonic() - self._bindings_checked > STRAY_BINDINGS_CHECK_SECONDS:
+            self._bindings_checked = time.monotonic()
+            self._channel.remove_stray_bindings(self.topology)
         if time.monotonic() - self._head_checked > HEAD_CHECK_SECONDS:
             self._head_checked = time.monotonic()
             self._keep_description()
