@@ -832,6 +832,8 @@ def print_report(report: FuzzReport, out: TextIO = sys.stdout) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM unwinds like Ctrl-C, so that the services this run started are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=10000, help="how many hostile messages (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kinds and variants (default 0)")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -188,6 +189,8 @@ def run_arm(attack: str, defence: str, seconds: float, share: float, logs: Path)
 
 
 def main() -> int:
+    # SIGTERM unwinds like Ctrl-C, so that the services this run started are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=40.0, help="training time of each arm (default: 40)")
     parser.add_argument("--share", type=float, default=0.10, help="Mallory's share of the updates sent (default: 0.1)")

@@ -102,3 +102,13 @@ def test_a_federation_trains_over_tls_and_status_reads_the_management_api_over_h
         worker.wait(timeout=30)
     for log in ((tmp_path / "worker.log").read_text(), coordinator.stdout + coordinator.stderr):
         assert secure_rabbitmq.admin.password not in log and secure_redis.admin.password not in log
+
+
+def test_plain_tcp_to_the_tls_ports_is_refused(tls_files, secure_rabbitmq, secure_redis):
+    from fedq.broker.connection import BrokerError, connect
+    from fedq.common.store import StoreError, connect_redis
+
+    with pytest.raises(BrokerError):
+        connect(secure_rabbitmq.amqps_url().replace("amqps://", "amqp://"), attempts=1)
+    with pytest.raises(StoreError):
+        connect_redis(secure_redis.url().replace("rediss://", "redis://"), attempts=1)
