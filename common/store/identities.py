@@ -1,5 +1,9 @@
 """Enrolled worker identities: who may send updates to a job, and who was revoked.
 
+An identity is a worker or a site: replicas of a site (a Kubernetes Deployment scaled by
+KEDA) share its credentials and name themselves ``<site>.<replica>`` (``site-a.pod-7f9c``);
+their updates count as the site's, and its Redis user may write their blobs and liveness.
+
 ``fedq admin enroll`` writes one entry per worker id when it creates the worker's RabbitMQ
 and Redis users; ``fedq admin revoke`` marks it revoked (the entry stays, for the audit
 trail). The coordinator reads the entry of every update's worker: once a job has any
@@ -20,6 +24,11 @@ from fedq.common.store.keys import JobKeys
 # Worker ids that can be enrolled: they become parts of user names and of Redis ACL key
 # patterns, so no glob characters, no separators.
 ENROLLABLE_WORKER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def identity_of(worker_id: str) -> str:
+    """The enrolled identity a worker id belongs to: itself, or the site before the first '.'."""
+    return worker_id.split(".", 1)[0]
 
 
 def identity_user(job: str, worker_id: str) -> str:

@@ -78,8 +78,10 @@ def grant(role: str, job: str, name: str) -> Grant:
     if role == "worker":
         rabbitmq = RabbitPermissions(configure=NOTHING, write=_alternatives(topology.updates, topology.dead),
                                      read=_alternatives(topology.tasks))
+        # Its own blobs and liveness, and those of its replicas (worker ids "<name>.<replica>").
         patterns = (*(f"%R~{keys.prefix}{kind}" for kind in ("spec", "model:*", "meta:*")),
-                    f"%W~{keys.update(name, '*')}", f"~{keys.worker(name)}")
+                    f"%W~{keys.update(name, '*')}", f"%W~{keys.update(name + '.*', '*')}",
+                    f"~{keys.worker(name)}", f"~{keys.worker(name + '.*')}")
         return Grant(role, name, rabbitmq, ("resetchannels", *patterns, "-@all", *CONNECT_COMMANDS, *WORKER_COMMANDS))
     if role == "coordinator":
         everything = _alternatives(*topology.queues)

@@ -23,6 +23,7 @@ import redis
 
 from fedq.common.records import AppliedUpdate
 from fedq.common.store import TRANSIENT_REDIS_ERRORS, ModelStore
+from fedq.common.store.identities import identity_of
 from fedq.common.wire import codec
 from fedq.common.wire.limits import max_update_message_bytes
 from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate, TaskRefusal, parse_worker_message
@@ -147,11 +148,12 @@ def validate_update(body: bytes, expected: Expectations, store: ModelStore, alre
 
 def check_identity(worker_id: str, sender: str | None, store: ModelStore, required: bool) -> None:
     """Once a job has enrolled identities (``fedq admin enroll``), or ``required``, an update or
-    refusal must come from the RabbitMQ user enrolled for the worker id it names, not revoked.
+    refusal must come from the RabbitMQ user enrolled for the worker id it names (or for the site
+    a replica's id ``<site>.<replica>`` names), not revoked.
 
     Read from Redis for every message, so a revocation holds from the next message on.
     """
-    enrolled_any, identity = store.identities.lookup(worker_id)
+    enrolled_any, identity = store.identities.lookup(identity_of(worker_id))
     if not (required or enrolled_any):
         return
     if identity is None:

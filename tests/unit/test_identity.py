@@ -128,3 +128,17 @@ def test_the_channel_refuses_a_user_id_that_is_not_its_own():
     channel = MemoryBroker().open_channel(user="fedq.ident.alice")
     with pytest.raises(UserIdRefused):
         channel.publish(TOPOLOGY.updates, b"{}", message_id="m", user_id="fedq.ident.bob")
+
+
+def test_replicas_of_an_enrolled_site_count_as_the_site(broker, store):
+    store.identities.enroll("site-a", identity_user(JOB, "site-a"))
+    running = start(broker, store)
+    task = take_task(broker)
+    send(broker, update_body(task, small_delta(store), worker_id="site-a2.pod-1"), "other-site",
+         identity_user(JOB, "site-a"))
+    wait_until(lambda: dead_reasons(broker) == ["unknown_worker"], DEADLINE, "another site's name was accepted")
+    send(broker, update_body(task, small_delta(store), worker_id="site-a.pod-7f9c"), "replica",
+         identity_user(JOB, "site-a"))
+    wait_until(lambda: store.versions.head() == 1, DEADLINE, "the replica's update was not applied")
+    running.stop()
+    assert applied_workers(store) == ["site-a.pod-7f9c"]

@@ -89,3 +89,11 @@ def test_a_site_url_carries_the_new_credentials_only():
     assert site_url("amqps://admin:secret@rabbit:5671/%2F", "fedq.j1.alice", "p/w") == \
         "amqps://fedq.j1.alice:p%2Fw@rabbit:5671/%2F"
     assert site_url("rediss://redis:6380/0", "u", "p") == "rediss://u:p@redis:6380/0"
+
+
+def test_replicas_of_a_site_write_their_own_keys_and_no_other_sites():
+    rules = grant("worker", "j1", "alice").redis_rules
+    for key in (KEYS.update("alice.pod-1", "t1"), KEYS.worker("alice.pod-1")):
+        assert allowed(rules, "W", key), key
+    for key in (KEYS.update("alicex", "t1"), KEYS.worker("alicex"), KEYS.update("alice-2.pod", "t1")):
+        assert not allowed(rules, "W", key), key
