@@ -27,7 +27,7 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("task_params", json_object, None, "its parameters as a JSON object (default: the job's)"),
     Option("coordinator_key", _fingerprint, None, "fingerprint of the job's coordinator key, as the coordinator "
            "logs it (event=coordinator_key): tasks and the job description must be signed by it"),
-    Option("worker_id", str, "", "stable id of this worker (default: host-pid-random)"),
+    Option("worker_id", str, "", "stable id of this worker; {hostname} is replaced by the host name, e.g. site-a.{hostname} for replicas of an enrolled site (default: host-pid-random)"),
     Option("partition", _optional_int, None, "data partition of this worker (default: from the worker id)"),
     Option("slowdown", non_negative_float, 0.0, "extra seconds per task, to simulate a slow device"),
     Option("max_tasks", _optional_int, None, "exit after this many tasks"),

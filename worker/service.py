@@ -91,7 +91,8 @@ class Worker:
     def __init__(self, settings: WorkerSettings, store: ModelStore | None = None,
                  transport: Transport | None = None):
         self.settings = settings
-        self.worker_id = settings.worker_id or default_worker_id()
+        # "{hostname}" lets replicas of one site name themselves: --worker-id 'site-a.{hostname}'.
+        self.worker_id = (settings.worker_id or default_worker_id()).replace("{hostname}", socket.gethostname())
         self.topology = Topology(settings.job)
         self.store = store or ModelStore(connect_redis(settings.redis_url), settings.job)
         self.transport = transport or PikaTransport(settings.amqp_url, heartbeat=settings.heartbeat_seconds)

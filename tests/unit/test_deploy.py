@@ -95,11 +95,13 @@ def compose() -> dict:
 
 
 def compose_default(value: Any) -> str:
-    """A compose value as compose would interpolate it with no variables set: ``${X:-d}`` -> d."""
+    """A compose value as compose would interpolate it with no variables set: ``${X:-d}`` -> d;
+    ``${X:?message}`` (a password, which must come from deploy/make-env.sh) -> ``<X>``."""
     text = str(value)
     text = re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:?-([^}]*)\}", r"\1", text)
+    text = re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*):\?[^}]*\}", r"<\1>", text)
     assert not re.search(r"\$\{[A-Za-z_]", text.replace("$$", "")), \
-        f"{value!r}: give every ${{VAR}} a default (${{VAR:-default}}) so the file works without a .env"
+        f"{value!r}: give every ${{VAR}} a default (${{VAR:-default}}), or require it (${{VAR:?why}})"
     return text.replace("$$", "$")
 
 
@@ -255,6 +257,8 @@ def check_env_vars(environment: dict[str, str], command: str | None, where: str)
             continue
         assert name in set(readable) | ALWAYS_READ, \
             f"{where}: {name} is not read by fedq {command or 'coordinator/worker'} (typo or removed option?)"
+        if name in ALWAYS_READ:
+            continue
         option = OPTIONS_BY_COMMAND[command][name] if command else next(
             options[name] for options in OPTIONS_BY_COMMAND.values() if name in options)
         if value.startswith("<from"):
@@ -276,6 +280,10 @@ def test_compose_fedq_variables_are_options_of_the_service_that_reads_them():
     assert interpolated <= ALL_ENV_VARS, f"docker-compose.yml interpolates unknown {interpolated - ALL_ENV_VARS}"
 
 
+def container_env(container: dict) -> dict[str, str | None]:
+    return {item["name"]: item.get("value") for item in container.get("env") or []}
+
+
 def test_k8s_fedq_variables_are_options_of_the_services_that_read_them():
     for command in OPTIONS_BY_COMMAND:
         deployment, container = deployment_running(command)
@@ -286,13 +294,14 @@ def test_k8s_fedq_variables_are_options_of_the_services_that_read_them():
         # Shared configmaps and secrets: each variable must be read by at least one service.
         shared = container_environment(container)
         check_env_vars(shared, None, where + " (envFrom)")
-        assert {"FEDQ_JOB", "FEDQ_AMQP_URL", "FEDQ_REDIS_URL"} <= set(shared), \
-            f"{where}: FEDQ_JOB, FEDQ_AMQP_URL and FEDQ_REDIS_URL must all reach the container"
+        # The URLs come from the party's own job file (FEDQ_CONFIG, a mounted Secret).
+        assert "FEDQ_JOB" in shared and container_env(container).get("FEDQ_CONFIG"), \
+            f"{where}: FEDQ_JOB and the party's job file (FEDQ_CONFIG) must reach the container"
     for kind, field in (("ConfigMap", "data"), ("Secret", "stringData")):
         for document in k8s_objects(kind):
             keys = set((document.get(field) or {}))
-            if document["metadata"]["name"].startswith("fedq-keda"):
-                continue  # read by KEDA, not by fedq
+            if document["metadata"]["name"].startswith("fedq-keda") or keys == {"job.toml"}:
+                continue  # read by KEDA, or a party's job file, mounted (not environment variables)
             unknown = {key for key in keys if key not in ALL_ENV_VARS}
             assert not unknown, f"{kind} {document['metadata']['name']}: keys no fedq service reads: {unknown}"
 
@@ -577,8 +586,14 @@ def test_rabbitmq_limits_fit_fedq():
     assert environment.get("RABBITMQ_DEFAULT_USER") not in (None, "", "guest"), "create a non-guest user"
     assert any("rabbitmq.conf" in volume for volume in rabbitmq["volumes"]), "compose must mount rabbitmq.conf"
     for name, (_command, service) in compose_fedq_services().items():
-        url = compose_environment(service)["FEDQ_AMQP_URL"]
-        assert "guest:" not in url and "@rabbitmq:" in url, f"compose {name}: {url!r}"
+        environment = compose_environment(service)
+        assert "FEDQ_AMQP_URL" not in environment and "FEDQ_REDIS_URL" not in environment, \
+            f"compose {name}: the URLs (and passwords) come from its own job file"
+        assert "--config" in service["command"], f"compose {name} reads no job file"
+    enroll = compose_environment(compose()["services"]["enroll"])
+    assert "guest:" not in enroll["FEDQ_AMQP_URL"] and "<RABBITMQ_PASSWORD>" in enroll["FEDQ_AMQP_URL"]
+    for password in ("RABBITMQ_PASSWORD", "REDIS_PASSWORD", "GRAFANA_PASSWORD"):
+        assert re.search(r"\$\{%s:\?" % password, COMPOSE.read_text()), f"{password} has a default"
 
 
 # -- manifests as a set ----------------------------------------------------------------
@@ -590,3 +605,27 @@ def test_k8s_manifests_are_namespace_agnostic_and_all_in_kustomization():
     kustomization = load_yaml(K8S / "kustomization.yaml")
     listed = set(kustomization["resources"])
     assert listed == {path.name for path in k8s_files()}, "kustomization.yaml must list every manifest"
+
+
+def test_each_party_reads_its_own_job_file_and_no_shared_credentials():
+    """Coordinator and workers mount different Secrets (docs/security.md): no URL with a password
+    is shared between them through the ConfigMap or a common Secret."""
+    deployments = {document["metadata"]["name"]: document for document in k8s_documents()
+                   if document.get("kind") == "Deployment"}
+    secrets = {}
+    for name, deployment in deployments.items():
+        spec = deployment["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        environment = {item["name"]: item.get("value") for item in container.get("env", [])}
+        assert environment.get("FEDQ_CONFIG") == "/etc/fedq/job.toml", name
+        assert not any(source.get("secretRef") for source in container.get("envFrom", [])), name
+        mounted = {volume["name"]: volume["secret"]["secretName"] for volume in spec["volumes"] if "secret" in volume}
+        secrets[name] = set(mounted.values())
+        assert spec["securityContext"]["fsGroup"] == 10001, "the image's user reads the job file"
+    assert secrets["fedq-coordinator"].isdisjoint(secrets["fedq-worker"])
+    for document in k8s_documents():
+        if document.get("kind") == "Secret" and "job.toml" in document.get("stringData", {}):
+            job_file = tomllib.loads(document["stringData"]["job.toml"])["job"]
+            assert "guest" not in job_file["amqp_url"]
+    configmap = next(document for document in k8s_documents() if document.get("kind") == "ConfigMap")
+    assert not {"FEDQ_AMQP_URL", "FEDQ_REDIS_URL"} & set(configmap["data"])
