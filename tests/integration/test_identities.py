@@ -241,6 +241,8 @@ def test_enrolled_parties_train_over_tls_a_worker_can_do_only_its_part_and_revoc
         cut_at = head()
         assert "connection(s) closed" in revoked.stdout
         wait_until(lambda: processes["alice"].poll() is not None, 120, "the revoked worker still runs")
+        print(f"revocation: fedq admin revoke took {revoke_seconds:.1f} s; the worker had exited "
+              f"{time.monotonic() - started:.1f} s after it began")
         wait_until(lambda: head() >= cut_at + 5 and applied_by("bob")[-1] > cut_at, 300,
                    "training did not go on with bob")
         assert [version for version in applied_by("alice") if version > cut_at] == [], \
