@@ -1000,6 +1000,18 @@ def pki(tmp_path_factory) -> ThrowawayPKI:
     return ThrowawayPKI(tmp_path_factory.mktemp("pki"), extra_ips=[f"10.200.0.{i}" for i in range(1, 10)])
 
 
+@pytest.fixture
+def tls_flags(pki):
+    """fedq's TLS files for this process (the PKI's CA and a client certificate), and the same
+    as ``fedq`` flags for subprocesses; put back to none afterwards."""
+    from fedq.common import tls
+
+    cert, key = pki.client("fedq-test")
+    tls.configure(tls.TLSFiles(str(pki.ca_cert), str(cert), str(key)))
+    yield ["--tls-ca", str(pki.ca_cert), "--tls-cert", str(cert), "--tls-key", str(key)]
+    tls.configure(tls.TLSFiles())
+
+
 @pytest.fixture(scope="module")
 def secure_rabbitmq(pki, tmp_path_factory):
     """A private RabbitMQ node per module: AMQPS only (mutual TLS), HTTPS management, EXTERNAL cert login."""

@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from tests import netns
-from tests.private_servers import PrivateRabbitMQ, PrivateRedis, pki  # noqa: F401 (fixture)
+from tests.private_servers import PrivateRabbitMQ, PrivateRedis, pki, tls_flags  # noqa: F401 (fixtures)
 from tests.support import ROOT, wait_until
 
 pytestmark = pytest.mark.timeout(1200)
@@ -61,16 +61,6 @@ def reached_from(hosts, url: str) -> str:
     credentials, _, address = rest.rpartition("@")
     port_and_path = address.split(":", 1)[1]
     return f"{scheme}://{credentials + '@' if credentials else ''}{netns.SERVER_ADDRESS}:{port_and_path}"
-
-
-@pytest.fixture
-def tls_flags(pki):
-    from fedq.common import tls
-
-    cert, key = pki.client("fedq-test")
-    tls.configure(tls.TLSFiles(str(pki.ca_cert), str(cert), str(key)))
-    yield ["--tls-ca", str(pki.ca_cert), "--tls-cert", str(cert), "--tls-key", str(key)]
-    tls.configure(tls.TLSFiles())
 
 
 class Site:

@@ -12,22 +12,11 @@ import uuid
 
 import pytest
 
-from tests.private_servers import pki, secure_rabbitmq, secure_redis  # noqa: F401 (fixtures)
+from tests.private_servers import pki, secure_rabbitmq, secure_redis, tls_flags  # noqa: F401 (fixtures)
 from tests.support import ROOT
 
 # Starting a RabbitMQ node counts toward the first test's timeout; a busy machine takes minutes.
 pytestmark = pytest.mark.timeout(900)
-
-
-@pytest.fixture
-def tls_files(pki):
-    """This process uses the PKI's CA and a client certificate for its TLS connections."""
-    from fedq.common import tls
-
-    cert, key = pki.client("fedq-test")
-    tls.configure(tls.TLSFiles(str(pki.ca_cert), str(cert), str(key)))
-    yield ["--tls-ca", str(pki.ca_cert), "--tls-cert", str(cert), "--tls-key", str(key)]
-    tls.configure(tls.TLSFiles())
 
 
 def fedq(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -35,7 +24,7 @@ def fedq(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def test_connections_verify_the_server_and_present_the_client_certificate(tls_files, secure_rabbitmq,
+def test_connections_verify_the_server_and_present_the_client_certificate(tls_flags, secure_rabbitmq,
                                                                           secure_redis):
     from fedq.broker.connection import connect
     from fedq.common.store import connect_redis
@@ -45,7 +34,7 @@ def test_connections_verify_the_server_and_present_the_client_certificate(tls_fi
     connection.close()
     client = connect_redis(secure_redis.url(), attempts=1)
     assert client.ping()
-    assert client.connection_pool.connection_kwargs["ssl_ca_certs"] == tls_files[1]
+    assert client.connection_pool.connection_kwargs["ssl_ca_certs"] == tls_flags[1]
 
 
 def test_a_server_signed_by_another_ca_is_refused_at_once_with_one_sentence(pki, secure_rabbitmq, secure_redis):
@@ -80,10 +69,10 @@ def test_without_a_client_certificate_the_broker_refuses(pki, secure_rabbitmq):
 
 
 def test_a_federation_trains_over_tls_and_status_reads_the_management_api_over_https(
-        tls_files, secure_rabbitmq, secure_redis, tmp_path):
+        tls_flags, secure_rabbitmq, secure_redis, tmp_path):
     job = f"tls-{uuid.uuid4().hex[:6]}"
     connection = ["--job", job, "--amqp-url", secure_rabbitmq.amqps_url(), "--redis-url", secure_redis.url(),
-                  *tls_files]
+                  *tls_flags]
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("coordinator", "worker")}
     worker = subprocess.Popen([sys.executable, "-m", "fedq.common.cli", "worker", *connection, "--worker-id", "w0",
                                "--partition", "0"], cwd=ROOT, stdout=logs["worker"], stderr=subprocess.STDOUT)
@@ -104,7 +93,7 @@ def test_a_federation_trains_over_tls_and_status_reads_the_management_api_over_h
         assert secure_rabbitmq.admin.password not in log and secure_redis.admin.password not in log
 
 
-def test_plain_tcp_to_the_tls_ports_is_refused(tls_files, secure_rabbitmq, secure_redis):
+def test_plain_tcp_to_the_tls_ports_is_refused(tls_flags, secure_rabbitmq, secure_redis):
     from fedq.broker.connection import BrokerError, connect
     from fedq.common.store import StoreError, connect_redis
 
