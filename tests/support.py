@@ -204,6 +204,10 @@ class InBackground:
         return self.join(timeout)
 
 
+# The loops' unit tests poll often: their in-memory broker and fakeredis answer at once.
+FAST_POLLING = {"idle_seconds": 0.05, "head_check_seconds": 0.2}
+
+
 def memory_store(job: str):
     """A ModelStore on fakeredis (with Lua, for the commit script): Redis semantics, no server."""
     import fakeredis

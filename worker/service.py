@@ -81,6 +81,8 @@ class WorkerSettings:
     task_params: dict[str, Any] | None = None
     # The fingerprint of the job's coordinator key, pinned; None: trust the key the job's description names.
     coordinator_key: str | None = None
+    # How long the consumer waits for a task before looking up (stop requests, liveness); tests shorten it.
+    idle_seconds: float = 0.5
 
 
 def default_worker_id() -> str:
@@ -162,7 +164,7 @@ class Worker:
                 return
         log.info(kv("worker_ready", worker=self.worker_id, job=self.settings.job))
         self._report_liveness(force=True)
-        for delivery in channel.consume(self.topology.tasks, prefetch=1, inactivity_timeout=0.5):
+        for delivery in channel.consume(self.topology.tasks, prefetch=1, inactivity_timeout=self.settings.idle_seconds):
             if self.stop_requested:
                 break
             self._report_liveness()

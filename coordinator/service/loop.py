@@ -48,12 +48,8 @@ from fedq.coordinator.service.validation import (Expectations, NormGuard, Reject
 
 log = logging.getLogger("fedq.coordinator")
 
-# How often an idle coordinator looks for a head moved by someone else (`fedq rollback`).
-HEAD_CHECK_SECONDS = 2.0
 # How often the coordinator removes bindings a worker added to copy tasks elsewhere.
 STRAY_BINDINGS_CHECK_SECONDS = 5.0
-# How long the consumer waits for an update before doing its housekeeping.
-IDLE_SECONDS = 0.5
 
 
 @dataclass
@@ -194,7 +190,7 @@ class Coordinator:
         self._top_up()
         # Room for a full buffer plus the updates arriving while it fills.
         prefetch = 2 * max(self.aggregator.buffer_size, self.settings.concurrency) + 8
-        for delivery in channel.consume(self.topology.updates, prefetch=prefetch, inactivity_timeout=IDLE_SECONDS):
+        for delivery in channel.consume(self.topology.updates, prefetch=prefetch, inactivity_timeout=self.settings.idle_seconds):
             if delivery is not None:
                 self._on_update(delivery)
             self._maintain()
@@ -207,7 +203,7 @@ class Coordinator:
         if time.monotonic() - self._bindings_checked > STRAY_BINDINGS_CHECK_SECONDS:
             self._bindings_checked = time.monotonic()
             self._channel.remove_stray_bindings(self.topology)
-        if time.monotonic() - self._head_checked > HEAD_CHECK_SECONDS:
+        if time.monotonic() - self._head_checked > self.settings.head_check_seconds:
             self._head_checked = time.monotonic()
             self._keep_description()
             stored_head = self.store.versions.head()

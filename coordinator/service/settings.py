@@ -44,6 +44,10 @@ class CoordinatorSettings:
     # Accept updates only from enrolled, unrevoked identities even before any is enrolled
     # (otherwise the check starts with the job's first `fedq admin enroll`).
     require_identity: bool = False
+    # How long the consumer waits for an update before its housekeeping, and how often an idle
+    # coordinator looks for a head moved elsewhere or a rewritten description (tests shorten both).
+    idle_seconds: float = 0.5
+    head_check_seconds: float = 2.0
 
     def __post_init__(self):
         algorithm(self.algorithm)  # an unknown name raises here, with the choices

@@ -16,7 +16,7 @@ from fedq.coordinator.service.loop import Coordinator
 from fedq.coordinator.service.settings import CoordinatorSettings
 from fedq.worker.job import JobBinder, JobMismatchError, UnverifiableJobError
 from fedq.worker.service import Worker, WorkerSettings
-from tests.support import InBackground, memory_store, publish_job, signed_task, wait_until
+from tests.support import FAST_POLLING, InBackground, memory_store, publish_job, signed_task, wait_until
 
 JOB = "unit"
 TOPOLOGY = Topology(JOB)
@@ -24,7 +24,8 @@ DEADLINE = 60
 
 
 def worker_for(broker, store, **settings) -> tuple[Worker, InBackground]:
-    worker = Worker(WorkerSettings(job=JOB, amqp_url="memory://", redis_url="memory://", worker_id="w0", **settings),
+    worker = Worker(WorkerSettings(job=JOB, amqp_url="memory://", redis_url="memory://", worker_id="w0",
+                                   idle_seconds=FAST_POLLING["idle_seconds"], **settings),
                     store, MemoryTransport(broker))
     return worker, InBackground(worker)
 
@@ -40,7 +41,8 @@ def dead_reasons(broker) -> list[str]:
 
 def test_the_coordinator_signs_every_task_and_its_description_with_the_jobs_key():
     broker, store = MemoryBroker(), memory_store(JOB)
-    coordinator = Coordinator(CoordinatorSettings(job=JOB, amqp_url="", redis_url="", task="linear", eval_every=0),
+    coordinator = Coordinator(CoordinatorSettings(job=JOB, amqp_url="", redis_url="", task="linear", eval_every=0,
+                                                  **FAST_POLLING),
                               store, MemoryTransport(broker))
     running = InBackground(coordinator)
     message = broker.get(TOPOLOGY.tasks, timeout=DEADLINE)

@@ -11,7 +11,7 @@ from fedq.common.wire.messages import parse_task
 from fedq.coordinator.ops.replay import rollback
 from fedq.coordinator.service.loop import Coordinator
 from fedq.coordinator.service.settings import CoordinatorSettings
-from tests.support import InBackground, memory_store, update_body, wait_until
+from tests.support import FAST_POLLING, InBackground, memory_store, update_body, wait_until
 
 JOB = "unit"
 TOPOLOGY = Topology(JOB)
@@ -29,7 +29,8 @@ def store():
 
 
 def start(broker, store, **settings) -> tuple[Coordinator, InBackground]:
-    values = dict(job=JOB, amqp_url="memory://", redis_url="memory://", task="linear", eval_every=0)
+    values = dict(job=JOB, amqp_url="memory://", redis_url="memory://", task="linear", eval_every=0,
+                  **FAST_POLLING)
     coordinator = Coordinator(CoordinatorSettings(**(values | settings)), store, MemoryTransport(broker))
     return coordinator, InBackground(coordinator)
 

@@ -16,7 +16,7 @@ from fedq.common.store.identities import identity_user
 from fedq.common.wire.messages import ClaimCheck, ModelUpdate, parse_task
 from fedq.coordinator.service.loop import Coordinator
 from fedq.coordinator.service.settings import CoordinatorSettings
-from tests.support import InBackground, memory_store, update_body, wait_until
+from tests.support import FAST_POLLING, InBackground, memory_store, update_body, wait_until
 
 JOB = "ident"
 TOPOLOGY = Topology(JOB)
@@ -35,7 +35,7 @@ def store():
 
 def start(broker, store, **settings) -> InBackground:
     values = dict(job=JOB, amqp_url="memory://", redis_url="memory://", task="linear", eval_every=0,
-                  algorithm="fedasync", concurrency=1)
+                  algorithm="fedasync", concurrency=1, **FAST_POLLING)
     return InBackground(Coordinator(CoordinatorSettings(**(values | settings)), store, MemoryTransport(broker)))
 
 

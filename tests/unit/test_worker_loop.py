@@ -11,7 +11,7 @@ from fedq.broker.transport import DETAIL_HEADER, ORIGIN_HEADER, REASON_HEADER
 from fedq.common.wire.limits import TRAINING_ATTEMPTS
 from fedq.common.wire.messages import RoundTask, TaskRefusal, parse_update, parse_worker_message
 from fedq.worker.service import Worker, WorkerSettings
-from tests.support import BlockedTraining, InBackground, memory_store, publish_job, signed_task, wait_until
+from tests.support import FAST_POLLING, BlockedTraining, InBackground, memory_store, publish_job, signed_task, wait_until
 
 JOB = "unit"
 TOPOLOGY = Topology(JOB)
@@ -33,7 +33,7 @@ def job_store(task: str = "linear"):
 
 
 def start(broker, store, **settings) -> tuple[Worker, InBackground]:
-    settings = {"task": store.worker_task} | settings
+    settings = {"task": store.worker_task, "idle_seconds": FAST_POLLING["idle_seconds"]} | settings
     worker = Worker(WorkerSettings(job=JOB, amqp_url="memory://", redis_url="memory://", worker_id="w0",
                                    **settings), store, MemoryTransport(broker))
     return worker, InBackground(worker)
