@@ -72,8 +72,9 @@ def connect(url: str, *, name: str = "fedq", heartbeat: int = HEARTBEAT_SECONDS,
         except ssl.SSLError as error:  # pika raises a failed handshake as is
             raise BrokerError(f"RabbitMQ at {redact_url(url)} failed the TLS handshake: {error}") from None
         except pika.exceptions.AMQPConnectionError as error:
-            if _tls_failure(error):
-                raise BrokerError(f"RabbitMQ at {redact_url(url)} failed the TLS handshake: {_tls_failure(error)}") from None
+            handshake = _tls_failure(error)
+            if handshake:
+                raise BrokerError(f"RabbitMQ at {redact_url(url)} failed the TLS handshake: {handshake}") from None
             backoff = next(delays, None)
             if backoff is None:
                 raise BrokerError(f"cannot reach RabbitMQ at {redact_url(url)} after {attempts} attempts: "

@@ -14,8 +14,9 @@ with ``RecursionError``, with the same result.
 :func:`install` wraps pika's ``decode_value`` so that such a value decodes to
 its raw number (seconds as an ``int``, the float as it is) and the message is
 delivered like any other, and so that a table or array nested deeper than
-:data:`MAX_DEPTH` decodes to :data:`TOO_DEEP` without being descended into. Upstream fixed the timestamp case in pika/pika#1699,
-not yet in a release; the wrapper stays harmless once it is.
+:data:`MAX_DEPTH` decodes to :data:`TOO_DEEP` without being descended into.
+Upstream fixed the timestamp case in pika/pika#1699, not yet in a release; the
+wrapper stays harmless once it is.
 """
 from __future__ import annotations
 

@@ -164,7 +164,8 @@ class Worker:
                 return
         log.info(kv("worker_ready", worker=self.worker_id, job=self.settings.job))
         self._report_liveness(force=True)
-        for delivery in channel.consume(self.topology.tasks, prefetch=1, inactivity_timeout=self.settings.idle_seconds):
+        for delivery in channel.consume(self.topology.tasks, prefetch=1,
+                                        inactivity_timeout=self.settings.idle_seconds):
             if self.stop_requested:
                 break
             self._report_liveness()

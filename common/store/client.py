@@ -8,7 +8,6 @@ import time
 import redis
 
 from fedq.common import tls
-
 from fedq.common.retry import CONNECT_ATTEMPTS, backoff_delays
 from fedq.common.settings import redact_url
 
@@ -60,7 +59,8 @@ def connect_redis(url: str, *, blocking: bool = False, attempts: int = CONNECT_A
                 raise StoreError(f"Redis at {redact_url(url)} failed the TLS handshake: {error}") from None
             backoff = next(delays, None)
             if backoff is None:
-                raise StoreError(f"cannot reach Redis at {redact_url(url)} after {attempts} attempts: {error}") from None
+                raise StoreError(f"cannot reach Redis at {redact_url(url)} after {attempts} attempts: "
+                                 f"{error}") from None
             log.warning("event=redis_connect_retry attempt=%d backoff_s=%.1f error=%r", attempt, backoff, error)
             time.sleep(backoff)
             attempt += 1

@@ -190,7 +190,8 @@ class Coordinator:
         self._top_up()
         # Room for a full buffer plus the updates arriving while it fills.
         prefetch = 2 * max(self.aggregator.buffer_size, self.settings.concurrency) + 8
-        for delivery in channel.consume(self.topology.updates, prefetch=prefetch, inactivity_timeout=self.settings.idle_seconds):
+        for delivery in channel.consume(self.topology.updates, prefetch=prefetch,
+                                        inactivity_timeout=self.settings.idle_seconds):
             if delivery is not None:
                 self._on_update(delivery)
             self._maintain()

@@ -4,7 +4,8 @@
 or raises :class:`Rejected` with a stable reason label (the dead-letter reason
 header and the rejection counter). The checks, in order: the message's size, schema, job,
 the sender's identity (once the job has enrolled identities: the worker id is the one enrolled
-for the RabbitMQ user that published it, and not revoked), duplicate (skipped quietly, not dead-lettered), an open task of this job answered from the
+for the RabbitMQ user that published it, and not revoked), duplicate (skipped quietly, not
+dead-lettered), an open task of this job answered from the
 version it was issued at, staleness, the delta's size
 (before a claimed blob is read), the delta itself (inline or claim check,
 verified against its sha256), tensor names/shapes/dtypes, finite values, and
@@ -159,9 +160,9 @@ def check_identity(worker_id: str, sender: str | None, store: ModelStore, requir
     if identity is None:
         raise MessageError("unknown_worker", f"worker {worker_id[:64]!r} is not enrolled in this job")
     if identity.revoked:
-        raise MessageError("revoked_worker", f"worker {worker_id!r} was revoked")
+        raise MessageError("revoked_worker", f"worker {worker_id[:64]!r} was revoked")
     if sender != identity.user:
-        raise MessageError("impersonation", f"the message names worker {worker_id!r} but was published by "
+        raise MessageError("impersonation", f"the message names worker {worker_id[:64]!r} but was published by "
                                             f"{'an unnamed user' if sender is None else repr(sender[:64])}")
 
 

@@ -144,10 +144,12 @@ def test_enrolled_parties_train_over_tls_a_worker_can_do_only_its_part_and_revoc
         wait_until(lambda: applied_by("alice") and applied_by("bob"), 600,
                    "both enrolled workers had updates applied: " + (tmp_path / "coordinator.log").read_text()[-3000:])
         if hosts is not None:  # they did so from their own hosts: the broker saw their bridge addresses
-            _, connections = secure_rabbitmq.management_request("/api/connections?columns=user,peer_host")
-            peers = {(connection.get("user"), connection.get("peer_host")) for connection in connections}
-            assert (f"fedq.{job}.alice", hosts.addresses["alice"]) in peers, peers
-            assert (f"fedq.{job}.bob", hosts.addresses["bob"]) in peers, peers
+            def peers() -> set:
+                _, connections = secure_rabbitmq.management_request("/api/connections?columns=user,peer_host")
+                return {(connection.get("user"), connection.get("peer_host")) for connection in connections}
+            expected = {(f"fedq.{job}.alice", hosts.addresses["alice"]), (f"fedq.{job}.bob", hosts.addresses["bob"])}
+            # The management API lists a connection once its statistics were emitted (every 5 s).
+            wait_until(lambda: expected <= peers(), 120, f"connections not from the workers' hosts: {peers()}")
 
         # -- what alice's credentials cannot do, each refused by the server --------------------------
         alice = sites["alice"]
@@ -170,7 +172,8 @@ def test_enrolled_parties_train_over_tls_a_worker_can_do_only_its_part_and_revoc
         channel.queue_bind(topology_updates, topology_tasks, routing_key="fedq")
 
         def bound() -> list:
-            _, bindings = secure_rabbitmq.management_request(f"/api/bindings/%2F/e/{topology_tasks}/q/{topology_updates}")
+            _, bindings = secure_rabbitmq.management_request(
+                f"/api/bindings/%2F/e/{topology_tasks}/q/{topology_updates}")
             return bindings
         assert bound(), "the binding was made"
         wait_until(lambda: not bound(), 60, "the coordinator did not remove the stray binding")

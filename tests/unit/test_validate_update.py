@@ -50,14 +50,16 @@ def test_a_genuine_claim_checked_update_is_validated():
 def test_a_claim_key_holding_a_hash_is_a_bad_claim_not_a_crash():
     store = memory_store(JOB)
     store.redis.hset(store.blobs.key("t1", "w"), "field", "value")  # WRONGTYPE for GET and STRLEN
-    assert reason(store, body("t1", ClaimCheck(key=store.blobs.key("t1", "w"), sha256="0" * 64, nbytes=100))) == "bad_claim"
+    claim = ClaimCheck(key=store.blobs.key("t1", "w"), sha256="0" * 64, nbytes=100)
+    assert reason(store, body("t1", claim)) == "bad_claim"
 
 
 def test_an_oversized_claim_is_refused_before_redis_is_asked():
     store = memory_store(JOB)
     huge = EXPECTED.max_delta_bytes + 1
     # Nothing stored under the key: the size alone decides, before the blob (or its absence) is looked at.
-    assert reason(store, body("t1", ClaimCheck(key=store.blobs.key("t1", "w"), sha256="0" * 64, nbytes=huge))) == "too_large"
+    claim = ClaimCheck(key=store.blobs.key("t1", "w"), sha256="0" * 64, nbytes=huge)
+    assert reason(store, body("t1", claim)) == "too_large"
 
 
 def test_a_claim_whose_stored_blob_is_larger_than_claimed_is_not_read():

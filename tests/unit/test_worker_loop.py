@@ -11,7 +11,8 @@ from fedq.broker.transport import DETAIL_HEADER, ORIGIN_HEADER, REASON_HEADER
 from fedq.common.wire.limits import TRAINING_ATTEMPTS
 from fedq.common.wire.messages import RoundTask, TaskRefusal, parse_update, parse_worker_message
 from fedq.worker.service import Worker, WorkerSettings
-from tests.support import FAST_POLLING, BlockedTraining, InBackground, memory_store, publish_job, signed_task, wait_until
+from tests.support import (FAST_POLLING, BlockedTraining, InBackground, memory_store, publish_job, signed_task,
+                           wait_until)
 
 JOB = "unit"
 TOPOLOGY = Topology(JOB)
