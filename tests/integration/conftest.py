@@ -29,7 +29,9 @@ def store(job):
 
 
 @pytest.fixture
-def processes(tmp_path) -> Processes:
+def processes(tmp_path, job) -> Processes:
+    # Depends on `job` so that it is torn down first: the processes are killed before the job's
+    # keys and queues are removed, and none can write them again afterwards.
     group = Processes(tmp_path)
     yield group
     group.stop_all()
