@@ -559,14 +559,18 @@ def frame_filler(ctx: Context, message_id: str, headroom: int = 60) -> str:
     return "x" * (ctx.frame_max - 8 - headroom - size(""))
 
 
+def filling_the_frame(ctx: Context, rng: random.Random, carrier: Message, kind_name: str) -> Message:
+    """``carrier`` with a header that fills its frame but for the broker's own headers."""
+    message_id = "fz-frame-%016x" % rng.getrandbits(64)
+    pad = frame_filler(ctx, message_id)
+    return dataclasses.replace(carrier, kind=kind_name, variant=f"a {len(pad)}-byte header", headers={"pad": pad},
+                               message_id=message_id, keep_message_id=True)
+
+
 @kind("frame_filling_header", UPDATES, 1)
 def frame_filling_header(ctx: Context, rng: random.Random, _task) -> Message:
     """Headers that nearly fill an AMQP frame: no room left for the dead letter's reason headers."""
-    carrier = made_up_task(ctx, rng, None)
-    message_id = "fz-frame-%016x" % rng.getrandbits(64)
-    pad = frame_filler(ctx, message_id)
-    return dataclasses.replace(carrier, kind="frame_filling_header", variant=f"a {len(pad)}-byte header",
-                               headers={"pad": pad}, message_id=message_id, keep_message_id=True)
+    return filling_the_frame(ctx, rng, made_up_task(ctx, rng, None), "frame_filling_header")
 
 
 # -- task: answers to genuine tasks taken off the task queue ---------------------------------
@@ -973,11 +977,7 @@ def forged_deep_header(ctx: Context, rng: random.Random, _task) -> Message:
 @kind("forged_frame_filling_header", TASKS, 0.5)
 def forged_frame_filling_header(ctx: Context, rng: random.Random, _task) -> Message:
     """A forged task whose headers nearly fill a frame: no room left for a worker's dead-letter reason."""
-    message = forged_wrong_key(ctx, rng, None)
-    message_id = "fz-frame-%016x" % rng.getrandbits(64)
-    pad = frame_filler(ctx, message_id)
-    return dataclasses.replace(message, kind="forged_frame_filling_header", variant=f"a {len(pad)}-byte header",
-                               headers={"pad": pad}, message_id=message_id, keep_message_id=True)
+    return filling_the_frame(ctx, rng, forged_wrong_key(ctx, rng, None), "forged_frame_filling_header")
 
 
 @kind("replayed_task", TASKS, 0.5)

@@ -69,9 +69,7 @@ def connect(url: str, *, name: str = "fedq", heartbeat: int = HEARTBEAT_SECONDS,
             raise CredentialsRefused(f"RabbitMQ at {redact_url(url)} refused the user name or password") from None
         except pika.exceptions.ProbableAccessDeniedError:
             raise CredentialsRefused(f"RabbitMQ at {redact_url(url)} denied access to the virtual host") from None
-        except ssl.SSLError as error:  # pika raises a failed handshake as is
-            raise BrokerError(f"RabbitMQ at {redact_url(url)} failed the TLS handshake: {error}") from None
-        except pika.exceptions.AMQPConnectionError as error:
+        except (ssl.SSLError, pika.exceptions.AMQPConnectionError) as error:  # a handshake error may come bare
             handshake = _tls_failure(error)
             if handshake:
                 raise BrokerError(f"RabbitMQ at {redact_url(url)} failed the TLS handshake: {handshake}") from None

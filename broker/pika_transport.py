@@ -31,12 +31,12 @@ def encodable(headers: dict[str, Any], frame_max: int = pika.spec.FRAME_MAX_SIZE
             sizes[name] = pika.data.encode_table([], {name: value})
         except Exception:  # noqa: BLE001 - pika raises struct.error, TypeError, its own errors, ...
             continue
-    budget = frame_max - OTHER_PROPERTIES_ROOM
+    budget, total = frame_max - OTHER_PROPERTIES_ROOM, sum(sizes.values())
     dropped = []
     for name in sorted((name for name in sizes if name not in _OURS), key=sizes.get, reverse=True):
-        if sum(sizes.values()) <= budget:
+        if total <= budget:
             break
-        del sizes[name]
+        total -= sizes.pop(name)
         dropped.append(name)
     kept = {name: headers[name] for name in sizes}
     if dropped:
