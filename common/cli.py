@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "export": "fedq.coordinator.ops.history:Export",
     "replay": "fedq.coordinator.ops.history:Replay",
     "rollback": "fedq.coordinator.ops.history:Rollback",
+    "archive": "fedq.coordinator.ops.archive",
     "dead": "fedq.coordinator.ops.dead",
     "admin": "fedq.coordinator.ops.admin",
 }
@@ -40,6 +41,7 @@ SUMMARIES = {
     "export": "write one version to a safetensors file",
     "replay": "recompute versions from the logged updates and verify them bit for bit",
     "rollback": "make an old version the head again, as a new version",
+    "archive": "move a job's older history from Redis to its archive now",
     "dead": "list a job's dead letters with their reasons; drain them or requeue them",
     "admin": "enroll, list and revoke a job's worker identities (RabbitMQ users, Redis ACL users)",
 }

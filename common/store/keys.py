@@ -11,13 +11,17 @@ Cluster slot and one Lua script may touch them together::
     fedq:{job}:optstate:<v>      safetensors server-optimizer state after version v (stateful optimizers)
     fedq:{job}:history           stream, one entry per version, listing every update applied
     fedq:{job}:abandoned         set of versions left behind by a rollback
-    fedq:{job}:pruned_through    retention has handled every version up to this one
+    fedq:{job}:pruned_through    every version up to this one has left the hot tier (its records and blobs
+                                 are in the archive only; see coordinator/service/archiver.py)
+    fedq:{job}:archive           JSON {url, hot_versions, checkpoint_every}: the job's archive (the cold tier)
+    fedq:{job}:archived_through  the archive holds every version up to this one
+    fedq:{job}:archiver_lock     held by the one archiver moving the job's history (a redis-py Lock)
     fedq:{job}:staging:<v>:<attempt>:model|optstate   weights of a commit in progress (TTL)
     fedq:{job}:applied           hash task_id -> version that applied it (idempotency record)
     fedq:{job}:inflight          hash task_id -> JSON {version, issued_at}: tasks issued and not closed
     fedq:{job}:update:<worker_id>:<task_id>  weight delta of one update, under its worker's id (a
                                  worker's Redis user may write only its own): a TTL while it is a
-                                 pending claim check, kept (for replay) once applied, until retention prunes it
+                                 pending claim check, kept (for replay) once applied, until it is archived
     fedq:{job}:worker:<id>       JSON liveness of one worker (host, tasks done, last seen), short TTL
     fedq:{job}:identities        hash worker_id -> JSON identity enrolled by `fedq admin` (user, revoked_at)
     fedq:{job}:counters          hash: rejected.<reason> / skipped.<reason> -> count
@@ -54,6 +58,9 @@ class JobKeys:
     history = property(lambda self: self._key("history"))
     abandoned = property(lambda self: self._key("abandoned"))
     pruned_through = property(lambda self: self._key("pruned_through"))
+    archive = property(lambda self: self._key("archive"))
+    archived_through = property(lambda self: self._key("archived_through"))
+    archiver_lock = property(lambda self: self._key("archiver_lock"))
     applied = property(lambda self: self._key("applied"))
     inflight = property(lambda self: self._key("inflight"))
     counters = property(lambda self: self._key("counters"))

@@ -1,4 +1,4 @@
-"""Global model versions: the head, weights, metadata, history stream, optimizer state, retention.
+"""Global model versions: the head, weights, metadata, history stream and optimizer state in Redis.
 
 A version is committed by first SETting its weights blob under a staging key of
 this attempt (with a TTL), then running one Lua script that checks the expected
@@ -282,25 +282,6 @@ class VersionStore:
                 records.append(VersionRecord.from_json(fields[b"entry"]))
         return after_id, records
 
-    def prune(self, head: int, keep_last: int, checkpoint_every: int) -> list[int]:
-        """Delete the weights, optimizer state and update blobs of old versions.
-
-        Kept: the last ``keep_last`` versions and every version divisible by
-        ``checkpoint_every`` (0: no checkpoints). Metadata and history entries
-        are always kept: they are small and say how each version came to be.
-        Returns the versions pruned now.
-        """
-        pruned_through = int(self.redis.get(self.keys.pruned_through) or -1)
-        last_to_prune = head - keep_last
-        pruned = []
-        for version in range(pruned_through + 1, last_to_prune + 1):
-            if checkpoint_every and version % checkpoint_every == 0:
-                continue
-            entries = self.history(version, version)
-            blob_keys = [update.blob_key for entry in entries for update in entry.updates if update.blob_key]
-            self.redis.delete(self.keys.model(version), self.keys.optimizer_state(version), *blob_keys)
-            self._weights_cache.pop(version, None)
-            pruned.append(version)
-        if last_to_prune > pruned_through:
-            self.redis.set(self.keys.pruned_through, last_to_prune)
-        return pruned
+    def forget(self, version: int) -> None:
+        """Drop this process's cached copy of ``version`` (it left Redis for the archive)."""
+        self._weights_cache.pop(version, None)

@@ -1,4 +1,7 @@
-"""The Redis history as a record: ``fedq history``, ``show``, ``export``, ``replay``, ``rollback``."""
+"""The history as a record: ``fedq history``, ``show``, ``export``, ``replay``, ``rollback``.
+
+Each reads both tiers, Redis and the archive, through :class:`TieredHistory`.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,23 +12,33 @@ from datetime import datetime, timezone
 
 from fedq.common.cli import UserError
 from fedq.common.records import VersionRecord
-from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
-from fedq.common.store import ModelStore, UnknownVersionError, connect_redis
+from fedq.common.settings import CONNECTION_OPTIONS, Option, add_options, resolve
+from fedq.common.store import ModelStore, StoreError, UnknownVersionError, connect_redis
+from fedq.common.store.archive import ArchiveError
+from fedq.common.store.tiers import TieredHistory, open_job_archive
+
+HISTORY_OPTIONS = CONNECTION_OPTIONS + [
+    Option("archive", str, None, "the job's archive, a directory or fsspec URL (default: the one its "
+           "coordinator recorded in Redis)"),
+]
 
 
-def _store(args: argparse.Namespace) -> ModelStore:
-    values = resolve(args, CONNECTION_OPTIONS)
+def open_history(args: argparse.Namespace) -> TieredHistory:
+    values = resolve(args, HISTORY_OPTIONS)
     store = ModelStore(connect_redis(values["redis_url"]), values["job"])
     # Not head(): these commands must work on a job whose head was tampered with, to repair it.
     if store.versions.last_committed() is None:
         raise UserError(f"job {values['job']!r} has no versions in Redis (wrong --job or --redis-url?)")
-    return store
-
-
-def _meta(store: ModelStore, version: int) -> VersionRecord:
     try:
-        return store.versions.load_meta(version)
-    except UnknownVersionError as error:
+        return TieredHistory(store, open_job_archive(store, values["archive"]))
+    except ArchiveError as error:
+        raise UserError(str(error)) from None
+
+
+def _meta(history: TieredHistory, version: int) -> VersionRecord:
+    try:
+        return history.meta(version)
+    except (UnknownVersionError, ArchiveError) as error:
         raise UserError(str(error)) from None
 
 
@@ -52,16 +65,17 @@ class History:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        add_options(parser, CONNECTION_OPTIONS)
+        add_options(parser, HISTORY_OPTIONS)
         parser.add_argument("--json", action="store_true", help="print JSON lines, one per version")
         parser.add_argument("--last", type=int, default=None, help="only the last N versions")
 
     @staticmethod
     def main(args: argparse.Namespace) -> int:
-        store = _store(args)
-        head = store.versions.last_committed()
+        history = open_history(args)
+        store = history.store
+        head = history.last_committed()
         start = 0 if args.last is None else max(0, head - args.last + 1)
-        entries = store.versions.history(start)
+        entries = history.records(start)
         if args.json:
             for entry in entries:
                 print(json.dumps({key: value for key, value in entry.to_dict().items() if key != "config"}))
@@ -74,6 +88,9 @@ class History:
         usage = store.memory_usage()
         parts = ", ".join(f"{kind} {_size(size)}" for kind, size in sorted(usage.items(), key=lambda item: -item[1]))
         print(f"Redis memory of job {store.job!r}: {_size(sum(usage.values()))} ({parts})")
+        if history.archive is not None:
+            print(f"archive {history.archive.url}: {_size(history.archive.size())}, versions 0.."
+                  f"{history.archive.last_archived()}; Redis holds versions {history.oldest_in_redis()}..{head}")
         return 0
 
 
@@ -82,15 +99,16 @@ class Show:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        add_options(parser, CONNECTION_OPTIONS)
+        add_options(parser, HISTORY_OPTIONS)
         parser.add_argument("version", type=int)
         parser.add_argument("--json", action="store_true", help="print JSON")
 
     @staticmethod
     def main(args: argparse.Namespace) -> int:
-        store = _store(args)
-        meta = _meta(store, args.version)
-        (entry,) = store.versions.history(args.version, args.version) or [meta]
+        history = open_history(args)
+        store = history.store
+        meta = _meta(history, args.version)
+        entry = history.record(args.version)
         if args.json:
             print(json.dumps(entry.to_dict(), indent=2))
             return 0
@@ -112,7 +130,7 @@ class Export:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        add_options(parser, CONNECTION_OPTIONS)
+        add_options(parser, HISTORY_OPTIONS)
         parser.add_argument("version", type=int)
         parser.add_argument("-o", "--output", required=True, help="file to write, e.g. model.safetensors")
 
@@ -121,12 +139,15 @@ class Export:
         from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
-        store = _store(args)
-        meta = _meta(store, args.version)
+        from fedq.coordinator.ops.replay import ReplayError, reconstruct
+
+        history = open_history(args)
+        store = history.store
+        meta = _meta(history, args.version)
         try:
-            weights = store.versions.load_weights(args.version)
-        except UnknownVersionError:
-            raise UserError(f"the weights of version {args.version} were pruned by retention") from None
+            weights = reconstruct(history, args.version)
+        except (ReplayError, StoreError, ArchiveError) as error:
+            raise UserError(str(error)) from None
         task, task_params = store.status.previous_task() or (None, {})
         try:
             save_file(dict(weights), args.output, metadata={
@@ -144,7 +165,7 @@ class Replay:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        add_options(parser, CONNECTION_OPTIONS)
+        add_options(parser, HISTORY_OPTIONS)
         parser.add_argument("--from", dest="start", type=int, default=0, help="start version (default 0)")
         parser.add_argument("--to", dest="end", type=int, default=None, help="last version (default: head)")
 
@@ -152,8 +173,8 @@ class Replay:
     def main(args: argparse.Namespace) -> int:
         from fedq.coordinator.ops.replay import ReplayError, replay
 
-        store = _store(args)
-        end = store.versions.last_committed() if args.end is None else args.end
+        history = open_history(args)
+        end = history.last_committed() if args.end is None else args.end
         started = time.monotonic()
         last_shown = [0.0]
 
@@ -163,8 +184,8 @@ class Replay:
                 print(f"\rreplaying: {done}/{total} versions verified", end="", file=sys.stderr, flush=True)
 
         try:
-            result = replay(store, args.start, end, progress)
-        except ReplayError as error:
+            result = replay(history, args.start, end, progress)
+        except (ReplayError, StoreError, ArchiveError) as error:
             raise UserError(str(error)) from None
         print(file=sys.stderr)
         if result.ok:
@@ -181,17 +202,18 @@ class Rollback:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        add_options(parser, CONNECTION_OPTIONS)
+        add_options(parser, HISTORY_OPTIONS)
         parser.add_argument("version", type=int)
 
     @staticmethod
     def main(args: argparse.Namespace) -> int:
         from fedq.coordinator.ops.replay import ReplayError, rollback
 
-        store = _store(args)
+        history = open_history(args)
+        store = history.store
         try:
-            new_version = rollback(store, args.version)
-        except ReplayError as error:
+            new_version = rollback(history, args.version)
+        except (ReplayError, StoreError, ArchiveError) as error:
             raise UserError(str(error)) from None
         print(f"version {new_version} of job {store.job!r} is version {args.version} again; "
               f"updates based on versions {args.version + 1}..{new_version - 1} will be refused")

@@ -1,4 +1,4 @@
-"""Recompute versions from the Redis history and check them bit for bit; roll back.
+"""Recompute versions from the history (Redis and the archive) and check them bit for bit; roll back.
 
 Each history entry names its parent, its aggregation config (in the version's
 metadata) and, in order, the updates it applied with their blob keys and
@@ -8,20 +8,27 @@ recorded digest. A rollback version must equal the version it rolled back to.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
-from fedq.common.records import VersionRecord
+from fedq.common.records import RecordError, VersionRecord
+from fedq.common.store import ModelStore, TamperedVersionError
+from fedq.common.store.archive import model_blob
+from fedq.common.store.tiers import TieredHistory, open_job_archive
 from fedq.common.wire import codec
-from fedq.common.store import ModelStore, TamperedVersionError, UnknownVersionError
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
 from fedq.coordinator.algorithms.step import build_aggregator, build_optimizer, server_step
 
 
+# Recently recomputed versions kept for FedAsync's base versions: at most this many bytes of weights.
+RECOMPUTE_CACHE_BYTES = 1 << 30
+
+
 class ReplayError(RuntimeError):
-    """Replay cannot proceed (missing start version, pruned blob, ...); one sentence."""
+    """Replay cannot proceed (no stored start, a missing blob, ...); one sentence."""
 
 
 @dataclass
@@ -58,89 +65,157 @@ class ReplayResult:
         return self.divergence is None
 
 
-def _kept_weights(store: ModelStore, version: int, advice: str) -> codec.Weights:
-    try:
-        return store.versions.load_weights(version)
-    except UnknownVersionError:
-        raise ReplayError(f"the weights of version {version} were pruned; {advice}") from None
-    except TamperedVersionError as error:
-        raise ReplayError(str(error)) from None
+def _history(source: ModelStore | TieredHistory) -> TieredHistory:
+    """Both tiers of the job's history (a bare store reads the archive its coordinator recorded)."""
+    if isinstance(source, TieredHistory):
+        return source
+    return TieredHistory(source, open_job_archive(source))
 
 
-def _load_updates(store: ModelStore, entry: VersionRecord) -> list[BufferedUpdate]:
-    updates = []
-    for record in entry.updates:
-        payload = store.blobs.get(record.blob_key)
-        if payload is None:
-            raise ReplayError(f"version {entry.version}: the blob of update {record.task_id} is gone "
-                              f"(pruned by retention or never kept); cannot replay past it")
-        if codec.digest(payload) != record.digest:
-            raise ReplayError(f"version {entry.version}: the blob of update {record.task_id} does not "
-                              f"match its recorded digest")
-        updates.append(BufferedUpdate(task_id=record.task_id, worker_id=record.worker_id,
-                                      base_version=record.base_version, staleness=record.staleness,
-                                      num_examples=record.num_examples, delta=codec.decode(payload)))
-    return updates
+class _Recomputer:
+    """Weights and optimizer state of any version: stored, or recomputed from the nearest stored one.
 
+    Keeps the versions it computed lately (FedAsync mixes against an update's base
+    version) within a memory bound; anything evicted is recomputed on demand.
+    """
 
-def replay(store: ModelStore, start: int, end: int,
-           progress: Callable[[int, int], None] = lambda done, total: None) -> ReplayResult:
-    """Recompute versions start+1..end from version ``start``; stop at the first divergence."""
-    head = store.versions.last_committed()
-    if head is None:
-        raise ReplayError(f"job {store.job!r} has no versions")
-    if not 0 <= start < end <= head:
-        raise ReplayError(f"need 0 <= from < to <= head ({head}); got from {start}, to {end}")
-    weights = _kept_weights(store, start, "start from a kept version")
-    state = store.versions.load_optimizer_state(start)
-    replayed: dict[int, codec.Weights] = {start: weights}
+    def __init__(self, history: TieredHistory):
+        self.history = history
+        self.recent: OrderedDict[int, tuple[codec.Weights, codec.Weights]] = OrderedDict()
+        self.capacity = 3
 
-    def base_weights(version: int) -> codec.Weights:
-        if version in replayed:
-            return replayed[version]
+    def remember(self, version: int, weights: codec.Weights, state: codec.Weights) -> None:
+        self.recent[version] = (weights, state)
+        self.recent.move_to_end(version)
+        model_bytes = max(1, sum(array.nbytes for array in weights.values()))
+        self.capacity = max(3, min(64, RECOMPUTE_CACHE_BYTES // model_bytes))
+        while len(self.recent) > self.capacity:
+            self.recent.popitem(last=False)
+
+    def version(self, version: int) -> tuple[codec.Weights, codec.Weights]:
+        if version in self.recent:
+            self.recent.move_to_end(version)
+            return self.recent[version]
         try:
-            return store.versions.load_weights(version)
-        except UnknownVersionError:
-            raise ReplayError(f"base version {version} was pruned; cannot replay an update computed from it") from None
+            stored = self.history.stored_weights(version)
         except TamperedVersionError as error:
             raise ReplayError(str(error)) from None
+        if stored is not None:
+            return stored, self.history.optimizer_state(version)
+        start = self.history.nearest_stored(version)
+        if start is None:
+            raise ReplayError(f"no weights at or before version {version} are stored in Redis or the archive; "
+                              "cannot recompute it")
+        weights, state = self.version(start)
+        for record in _records(self.history, start + 1, version):
+            weights, state = self.step(record, self.history.meta(record.version), weights, state)
+        return weights, state
 
-    verified = []
-    entries = store.versions.history(start + 1, end)
-    if [entry.version for entry in entries] != list(range(start + 1, end + 1)):
-        raise ReplayError(f"the history of versions {start + 1}..{end} is incomplete")
-    for position, entry in enumerate(entries, 1):
-        version = entry.version
-        # The metadata, not the history entry, is what the version's digest and config are
-        # read from: it is what `fedq show` prints and what tampering would change.
-        meta = store.versions.load_meta(version)
+    def step(self, entry: VersionRecord, meta: VersionRecord, weights: codec.Weights,
+             state: codec.Weights) -> tuple[codec.Weights, codec.Weights]:
+        """The version ``entry`` describes, from its parent's weights and state."""
         if meta.rollback_of is not None:
-            weights = base_weights(meta.rollback_of)
-            state = store.versions.load_optimizer_state(meta.rollback_of)
+            weights, state = self.version(meta.rollback_of)
         else:
             try:
                 aggregator, optimizer = build_aggregator(meta.config), build_optimizer(meta.config)
             except (KeyError, TypeError, ValueError) as error:
-                raise ReplayError(f"version {version}: its recorded aggregation config cannot be used: {error}") from None
-            weights, state, _ = server_step(aggregator, optimizer, weights, state, _load_updates(store, entry),
-                                            base_weights)
-        replayed[version] = weights
+                raise ReplayError(f"version {entry.version}: its recorded aggregation config cannot be used: "
+                                  f"{error}") from None
+            weights, state, _ = server_step(aggregator, optimizer, weights, state, self._updates(entry),
+                                            lambda base: self.version(base)[0])
+        self.remember(entry.version, weights, state)
+        return weights, state
+
+    def _updates(self, entry: VersionRecord) -> list[BufferedUpdate]:
+        updates = []
+        for record in entry.updates:
+            try:
+                payload = self.history.update_blob(entry.version, record)
+            except TamperedVersionError as error:
+                raise ReplayError(str(error)) from None
+            if payload is None:
+                raise ReplayError(f"version {entry.version}: the blob of update {record.task_id} is in neither "
+                                  "Redis nor the archive; cannot replay past it")
+            updates.append(BufferedUpdate(task_id=record.task_id, worker_id=record.worker_id,
+                                          base_version=record.base_version, staleness=record.staleness,
+                                          num_examples=record.num_examples, delta=codec.decode(payload)))
+        return updates
+
+
+def _records(history: TieredHistory, start: int, end: int) -> Iterator[VersionRecord]:
+    """Records start..end in order; a missing one is an error, not an early end."""
+    expected = start
+    for record in history.records(start, end):
+        if record.version != expected:
+            break
+        yield record
+        expected += 1
+    if expected <= end:
+        raise ReplayError(f"the history of versions {start}..{end} is incomplete: version {expected} is in "
+                          "neither Redis nor the archive")
+
+
+def reconstruct(source: ModelStore | TieredHistory, version: int) -> codec.Weights:
+    """The weights of ``version``, stored or recomputed (checked against the recorded digest)."""
+    history = _history(source)
+    weights, _ = _Recomputer(history).version(version)
+    if codec.weights_digest(weights) != history.meta(version).digest:
+        raise ReplayError(f"version {version} recomputes to weights that differ from the recorded digest; "
+                          f"run fedq replay to find where the history diverges")
+    return weights
+
+
+def replay(source: ModelStore | TieredHistory, start: int, end: int,
+           progress: Callable[[int, int], None] = lambda done, total: None) -> ReplayResult:
+    """Recompute versions start+1..end from version ``start``; stop at the first divergence.
+
+    Reads both tiers: records and update blobs from Redis or the archive, and the
+    start from stored weights or, between checkpoints, recomputed.
+    """
+    history = _history(source)
+    head = history.last_committed()
+    if head is None:
+        raise ReplayError(f"job {history.job!r} has no versions")
+    if not 0 <= start < end <= head:
+        raise ReplayError(f"need 0 <= from < to <= head ({head}); got from {start}, to {end}")
+    recomputer = _Recomputer(history)
+    weights, state = recomputer.version(start)
+    recomputer.remember(start, weights, state)
+    verified = []
+    for position, entry in enumerate(_records(history, start + 1, end), 1):
+        version = entry.version
+        # The metadata, not the history entry, is what the version's digest and config are
+        # read from: it is what `fedq show` prints and what tampering would change.
+        meta = history.meta(version)
+        weights, state = recomputer.step(entry, meta, weights, state)
         digest = codec.weights_digest(weights)
-        if digest != meta.digest or store.versions.verify(version) is False:
+        if digest != meta.digest or _stored_differs(history, version):
             # Either the history does not recompute to the record, or the stored weights
             # (what workers train from and export writes) are not what was recorded.
-            return ReplayResult(start, end, verified, _divergence(store, version, meta, digest, weights))
+            return ReplayResult(start, end, verified, _divergence(history, version, meta, digest, weights))
         verified.append(version)
-        progress(position, len(entries))
+        progress(position, end - start)
     return ReplayResult(start, end, verified, None)
 
 
-def _divergence(store: ModelStore, version: int, meta: VersionRecord, digest: str,
+def _stored_differs(history: TieredHistory, version: int) -> bool:
+    try:
+        history.stored_weights(version)
+        return False
+    except (TamperedVersionError, codec.CodecError, RecordError):
+        return True
+
+
+def _divergence(history: TieredHistory, version: int, meta: VersionRecord, digest: str,
                 weights: codec.Weights) -> Divergence:
     divergence = Divergence(version, meta.digest, digest)
+    store = history.store
     payload = store.redis.get(store.keys.model(version))
+    if payload is None and history.archive is not None:
+        payload = history.archive.blob(version, model_blob(version))
     if payload is None:
-        divergence.note = "the recorded weights were pruned, so only the digests can be compared"
+        divergence.note = "the version's weights are not stored (only checkpoints are), so only digests can be compared"
         return divergence
     if codec.digest(payload) != meta.digest:
         divergence.note = (f"the stored weights of version {version} do not match its recorded digest: tampered "
@@ -158,12 +233,14 @@ def _divergence(store: ModelStore, version: int, meta: VersionRecord, digest: st
     return divergence
 
 
-def rollback(store: ModelStore, version: int) -> int:
+def rollback(source: ModelStore | TieredHistory, version: int) -> int:
     """Make ``version`` the head again as a new version; history is never rewritten.
 
     The versions after ``version`` are marked abandoned: updates computed from
     them are refused. Workers pick the new head up with their next task.
     """
+    history = _history(source)
+    store = history.store
     try:
         head, tampered_head = store.versions.head(), None
     except TamperedVersionError:
@@ -173,8 +250,12 @@ def rollback(store: ModelStore, version: int) -> int:
         raise ReplayError(f"job {store.job!r} has no version {version} (head is {head})")
     if version == head and tampered_head is None:
         raise ReplayError(f"version {version} is already the head")
-    weights = _kept_weights(store, version, "choose a kept version")
-    target = store.versions.load_meta(version)
-    return store.versions.commit(head, weights, optimizer_state=store.versions.load_optimizer_state(version),
+    # An archived version between checkpoints is recomputed; the result must match its record.
+    weights, state = _Recomputer(history).version(version)
+    target = history.meta(version)
+    if codec.weights_digest(weights) != target.digest:
+        raise ReplayError(f"version {version} recomputes to weights that differ from its recorded digest; "
+                          "run fedq replay to find where the history diverges")
+    return store.versions.commit(head, weights, optimizer_state=state,
                                  abandon=range(version + 1, head + 1), rollback_of=version, config=target.config,
                                  metrics=target.metrics, replacing_head=tampered_head)

@@ -1,4 +1,4 @@
-"""``fedq report``: a self-contained HTML report of a run, drawn from its Redis history."""
+"""``fedq report``: a self-contained HTML report of a run, drawn from its history (Redis and the archive)."""
 from __future__ import annotations
 
 import argparse
@@ -8,15 +8,15 @@ import io
 import os
 from collections import Counter
 
-from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
-from fedq.common.store import ModelStore, connect_redis
+from fedq.common.settings import add_options
+from fedq.coordinator.ops.history import HISTORY_OPTIONS, open_history
 
-HELP = ("Write an HTML report of a job from its Redis history: accuracy against wall-clock time and version, "
+HELP = ("Write an HTML report of a job from its history: accuracy against wall-clock time and version, "
         "the staleness histogram, updates per worker.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_options(parser, CONNECTION_OPTIONS)
+    add_options(parser, HISTORY_OPTIONS)
     parser.add_argument("-o", "--output", default="report.html", help="HTML file to write")
     parser.add_argument("--png-dir", default=None, help="also write each figure as a PNG file into this folder")
 
@@ -59,13 +59,9 @@ def figures(history: list[dict]) -> dict[str, "object"]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from fedq.common.cli import UserError
-
-    values = resolve(args, CONNECTION_OPTIONS)
-    store = ModelStore(connect_redis(values["redis_url"]), values["job"])
-    history = store.versions.history()
-    if not history:
-        raise UserError(f"job {values['job']!r} has no history in Redis")
+    tiers = open_history(args)
+    store = tiers.store
+    history = list(tiers.records())  # both tiers: the whole run, not just what Redis still holds
     drawn = figures(history)
     sections = []
     for name, figure in drawn.items():

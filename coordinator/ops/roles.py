@@ -40,7 +40,8 @@ MONITOR_COMMANDS = ("+get", "+mget", "+strlen", "+exists", "+type", "+ttl", "+hg
 COORDINATOR_COMMANDS = ("+@all", "-@dangerous", "-@admin", "-@pubsub", "+memory|usage")
 # Every kind of key of a job except the signing key (see fedq.common.store.keys).
 READABLE_KINDS = ("spec", "head", "model:*", "meta:*", "optstate:*", "history", "abandoned", "pruned_through",
-                  "applied", "inflight", "update:*", "worker:*", "counters", "state", "identities", "staging:*")
+                  "archive", "archived_through", "applied", "inflight", "update:*", "worker:*", "counters", "state",
+                  "identities", "staging:*")
 
 
 class RoleError(ValueError):

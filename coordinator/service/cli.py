@@ -51,8 +51,14 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("eval_every", non_negative_int, 1, "evaluate every N versions (0: never)"),
     Option("seed", int, 0, "seed of the initial model"),
     Option("task_lease_seconds", positive_float, 600.0, "a task not answered within this is replaced"),
-    Option("keep_versions", non_negative_int, 0, "retention: keep the weights of the last N versions (0: all)"),
-    Option("checkpoint_every", non_negative_int, 0, "retention: also keep every k-th version (0: none)"),
+    Option("archive", str, "", "where older history goes: a directory or fsspec URL (s3://bucket/prefix, ...); "
+           "'none' keeps everything in Redis (default: ~/.local/share/fedq/archive)"),
+    Option("hot_versions", non_negative_int, 0, "versions kept whole in Redis; older ones move to the archive "
+           "(0: max_staleness + 2)"),
+    Option("checkpoint_every", non_negative_int, 50, "the archive keeps the weights of every k-th version; replay "
+           "recomputes the ones between (0: version 0 only)"),
+    Option("archive_seconds", positive_float, 10.0, "how often the coordinator moves history to the archive"),
+    Option("redis_budget_mb", positive_int, 2048, "warn when the job's Redis memory passes 80 % of this"),
     Option("server_beta1", float, 0.9, "server optimizer: first-moment decay (momentum for 'momentum')"),
     Option("server_beta2", float, 0.99, "server optimizer: second-moment decay"),
     Option("server_epsilon", positive_float, 1e-3, "server optimizer: adaptivity epsilon (tau in Reddi et al.)"),

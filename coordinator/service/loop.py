@@ -41,6 +41,7 @@ from fedq.common.wire.description import JobDescription
 from fedq.common.wire.messages import MessageError, RoundTask, TaskRefusal, TrainSettings
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
 from fedq.coordinator.algorithms.step import build_aggregator, build_optimizer, config_digest, server_step
+from fedq.coordinator.service.archiver import ArchiveThread
 from fedq.coordinator.service.scheduling import scheduling_policy
 from fedq.coordinator.service.settings import CoordinatorSettings
 from fedq.coordinator.service.validation import (Expectations, NormGuard, Rejected, ValidatedRefusal, ValidatedUpdate,
@@ -126,6 +127,11 @@ class Coordinator:
         self._load_head()
         self.tensor_specs = codec.tensor_specs(self.weights)
         self.max_delta_bytes = codec.max_encoded_size(self.tensor_specs)
+        self.store.status.record_archive(self.settings.archive_url, self.settings.hot_window,
+                                         self.settings.checkpoint_every)
+        if self.settings.archive_url is None:
+            log.warning(kv("no_archive", job=self.settings.job,
+                           detail="--archive none: Redis keeps every version and update of this job"))
         self.store.status.set(status="running")
 
     def _keep_description(self) -> None:
@@ -157,6 +163,7 @@ class Coordinator:
 
     def run(self) -> dict[str, Any]:
         """Serve until a stop condition holds; reconnects to RabbitMQ/Redis after connection loss."""
+        archiving = self._start_archiving()
         try:
             self.transport.run(self._serve, name=f"fedq-coordinator-{self.settings.job}",
                                should_stop=lambda: self.finished_reason is not None or self.stop_requested,
@@ -167,12 +174,29 @@ class Coordinator:
             self.store.status.set(status="failed", reason="tampered_head", detail=str(error))
             log.error(kv("head_tampered", detail=str(error)))
             raise
+        finally:
+            if archiving is not None:
+                archiving.stop()  # after one last pass: a finished job's history reaches the archive
         if self.stop_requested and self.finished_reason is None:
             # Not finished: buffered updates return to the queue, tasks stay in flight,
             # and a restarted coordinator continues from the head.
             self.store.status.set(status="stopped", reason="signal", head=self.head)
             log.info(kv("stopped", head=self.head))
         return self.summary()
+
+    def _start_archiving(self) -> ArchiveThread | None:
+        url = self.settings.archive_url
+        if url is None:
+            return None
+        from fedq.common.store.archive import Archive
+
+        thread = ArchiveThread(ModelStore(self.store.redis, self.settings.job), Archive(url).job(self.settings.job),
+                               self.settings.hot_window, self.settings.checkpoint_every,
+                               self.settings.archive_seconds, self.settings.redis_budget_mb * 2**20)
+        thread.start()
+        log.info(kv("archiving", job=self.settings.job, archive=url, hot_versions=self.settings.hot_window,
+                    checkpoint_every=self.settings.checkpoint_every))
+        return thread
 
     def request_stop(self) -> None:
         """Stop after the current message (signal handlers call this)."""
@@ -373,8 +397,6 @@ class Coordinator:
         log.info(kv("version_committed", version=self.head, updates=len(updates),
                     mean_staleness=sum(stalenesses) / len(stalenesses), max_staleness=max(stalenesses),
                     **{key: value for key, value in scores.items()}))
-        if self.settings.keep_versions:
-            self.store.versions.prune(self.head, self.settings.keep_versions, self.settings.checkpoint_every)
         self._check_stop(scores)
 
     def _refuse_step(self, pending: list[Pending], reason: str, detail: str) -> None:

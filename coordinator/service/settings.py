@@ -38,9 +38,15 @@ class CoordinatorSettings:
     clip_norm: float = 0.0
     robust: str = "mean"
     trim_fraction: float = 0.1
-    keep_versions: int = 0
     norm_outlier_factor: float = 10.0
-    checkpoint_every: int = 0
+    # The history's two tiers (see coordinator/service/archiver.py): Redis keeps the last
+    # hot_versions versions in full; older ones move to the archive, which keeps the weights of
+    # every checkpoint_every-th version. archive "" is the local default, "none" keeps all in Redis.
+    archive: str = ""
+    hot_versions: int = 0  # 0: max_staleness + 2, every version a stale update may still be based on
+    checkpoint_every: int = 50
+    archive_seconds: float = 10.0
+    redis_budget_mb: int = 2048
     # Accept updates only from enrolled, unrevoked identities even before any is enrolled
     # (otherwise the check starts with the job's first `fedq admin enroll`).
     require_identity: bool = False
@@ -51,6 +57,23 @@ class CoordinatorSettings:
 
     def __post_init__(self):
         algorithm(self.algorithm)  # an unknown name raises here, with the choices
+        if self.hot_versions and self.hot_versions <= self.max_staleness:
+            raise ValueError(f"--hot-versions {self.hot_versions} must exceed --max-staleness {self.max_staleness}: "
+                             "an update may be based on any version that recent, and its weights must be in Redis")
+
+    @property
+    def hot_window(self) -> int:
+        """Versions whose weights, records and blobs stay in Redis."""
+        return self.hot_versions or self.max_staleness + 2
+
+    @property
+    def archive_url(self) -> str | None:
+        """Where older history goes (None: nowhere, Redis keeps it all)."""
+        from fedq.common.store.archive import default_archive_url, normalise_url
+
+        if self.archive.lower() == "none":
+            return None
+        return normalise_url(self.archive or default_archive_url())
 
     @property
     def chosen_algorithm(self) -> Algorithm:

@@ -1,4 +1,4 @@
-"""The Redis history as the record: replay, show, export, rollback, retention (real Redis)."""
+"""The history as the record: replay, show, export, rollback, and both tiers (real Redis)."""
 from __future__ import annotations
 
 import json
@@ -118,7 +118,7 @@ def test_show_history_and_export_commands(store, job, tmp_path):
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, torch.from_numpy(store.versions.load_weights(3)[name].copy()))
     missing = fedq("show", "--job", job, "--redis-url", REDIS_URL, "99")
-    assert missing.returncode == 1 and "has no model version 99" in missing.stderr
+    assert missing.returncode == 1 and "has no version 99 (its head is" in missing.stderr
 
 
 def test_rollback_is_a_new_version_and_replays(store, job):
@@ -133,21 +133,38 @@ def test_rollback_is_a_new_version_and_replays(store, job):
     assert fedq("replay", "--job", job, "--redis-url", REDIS_URL).returncode == 0
 
 
-def test_retention_keeps_last_versions_and_checkpoints(store):
-    head = build_history(store, 12)
-    pruned = store.versions.prune(head, keep_last=3, checkpoint_every=5)
-    assert pruned == [1, 2, 3, 4, 6, 7, 8, 9]
+def test_history_commands_read_both_tiers_after_fedq_archive(store, job, tmp_path):
+    head = build_history(store, 14)
+    archive = str(tmp_path / "archive")
+    moved = fedq("archive", "--job", job, "--redis-url", REDIS_URL, "--archive", archive, "--hot-versions", "3",
+                 "--checkpoint-every", "5")
+    assert moved.returncode == 0, moved.stderr
+    assert f"archive holds versions 0..{head}; {head + 1 - 3} version(s) left Redis" in moved.stdout
     for version in range(head + 1):
-        kept = store.redis.exists(store.keys.model(version))
-        assert bool(kept) == (version in (0, 5, 10, 11, 12)), version
-        blobs = [update.blob_key for update in store.versions.history(version, version)[0].updates]
-        assert all(bool(store.redis.exists(key)) == bool(kept) for key in blobs), version
-    assert store.versions.prune(head, keep_last=3, checkpoint_every=5) == []
-    assert replay(store, 10, head).ok
-    from fedq.coordinator.ops.replay import ReplayError
+        in_redis = version > head - 3
+        assert bool(store.redis.exists(store.keys.model(version))) == in_redis, version
+        assert bool(store.redis.exists(store.keys.meta(version))) == in_redis, version
+    assert store.redis.xlen(store.keys.history) == 3
+    # Every reader finds the archive by itself (no --archive): the URL was recorded in Redis.
+    store.status.record_archive(archive, 3, 5)
+    replayed = fedq("replay", "--job", job, "--redis-url", REDIS_URL)
+    assert replayed.returncode == 0 and f"all {head} verified bit for bit" in replayed.stdout, replayed.stderr
+    shown = fedq("show", "--job", job, "--redis-url", REDIS_URL, "--json", "3")
+    assert shown.returncode == 0 and len(json.loads(shown.stdout)["updates"]) == 2
+    listed = fedq("history", "--job", job, "--redis-url", REDIS_URL, "--json")
+    assert [json.loads(line)["version"] for line in listed.stdout.splitlines()] == list(range(head + 1))
+    exported = fedq("export", "--job", job, "--redis-url", REDIS_URL, "7", "-o", str(tmp_path / "v7.safetensors"))
+    assert exported.returncode == 0, exported.stderr  # 7 is no checkpoint: recomputed from 5
+    digest = codec.weights_digest({name: tensor.numpy() for name, tensor in
+                                   load_file(str(tmp_path / "v7.safetensors")).items()})
+    from fedq.common.store.tiers import TieredHistory, open_job_archive
 
-    with pytest.raises(ReplayError, match="pruned"):
-        replay(store, 3, head)
+    assert digest == TieredHistory(store, open_job_archive(store)).meta(7).digest
+    rolled = fedq("rollback", "--job", job, "--redis-url", REDIS_URL, "6")
+    assert rolled.returncode == 0, rolled.stderr
+    assert fedq("replay", "--job", job, "--redis-url", REDIS_URL).returncode == 0
+    report = fedq("report", "--job", job, "--redis-url", REDIS_URL, "-o", str(tmp_path / "report.html"))
+    assert report.returncode == 0 and f"({head + 2} versions" in report.stdout, report.stderr
 
 
 def test_a_writer_that_loses_the_compare_and_set_changes_nothing(store):

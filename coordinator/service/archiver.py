@@ -1,0 +1,229 @@
+"""The archiver: moves a job's older history from Redis (the hot tier) to the archive, never losing a record.
+
+One pass (:meth:`Archiver.run_once`):
+
+1. **Copy.** Every committed version the archive lacks is written to segments:
+   its record, the blob of every update it applied, and its weights and
+   optimizer state when it is a checkpoint (version 0 and every
+   ``checkpoint_every``-th). A segment is durable before the call returns
+   (fsync and rename, or a completed upload).
+2. **Note.** ``archived_through`` in Redis moves to the last archived version
+   (for status and monitors; the archive's own listing is the truth).
+3. **Trim.** Versions both archived and older than the hot window (the last
+   ``hot_versions``) leave Redis, one version per MULTI transaction: weights,
+   optimizer state, metadata, update blobs, history entry and idempotency
+   records. ``pruned_through`` moves with each.
+
+A crash between any two steps leaves a version in both tiers (a duplicate),
+never in neither: step 3 deletes only what the archive listed before it began.
+Segments are copied forward from the archive's last version, so a crash after
+step 1 makes the next pass start after it, and a crash before it rewrites the
+same range. The idempotency records leave with their version: an update
+redelivered after that is refused as an ``unknown_task`` (its task was closed
+when it was applied), so it is still never applied twice.
+
+Only one archiver runs per job (a Redis lock); the coordinator runs it in a
+thread every ``archive_seconds`` and once more when the job finishes, and
+``fedq archive`` runs one pass by hand.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import redis
+
+from fedq.common.obs.faults import crash_point
+from fedq.common.obs.logs import kv
+from fedq.common.records import VersionRecord
+from fedq.common.store import ModelStore
+from fedq.common.store.archive import JobArchive, model_blob, optimizer_blob
+
+log = logging.getLogger("fedq.archiver")
+
+# A segment closes once its blobs pass this size (at least one version each): big enough that
+# an object store sees few requests, small enough to build and upload without strain.
+SEGMENT_BYTES = 256 * 1024 * 1024
+# The lock outlives a pass that stalls (a slow upload) and frees itself when its holder died.
+LOCK_SECONDS = 600
+
+
+@dataclass
+class ArchivePass:
+    """What one pass did."""
+
+    archived: list[tuple[int, int]] = field(default_factory=list)  # (first, last) of each segment written
+    trimmed: int = 0            # versions that left Redis
+    archived_through: int = -1  # the archive's newest version after the pass
+    skipped: str | None = None  # why nothing was done ("another archiver holds the lock", ...)
+
+
+class Archiver:
+    def __init__(self, store: ModelStore, archive: JobArchive, hot_versions: int, checkpoint_every: int,
+                 segment_bytes: int = SEGMENT_BYTES):
+        if hot_versions < 1:
+            raise ValueError("the hot tier keeps at least the head (hot_versions >= 1)")
+        self.store = store
+        self.archive = archive
+        self.hot_versions = hot_versions
+        self.checkpoint_every = checkpoint_every
+        self.segment_bytes = segment_bytes
+
+    def is_checkpoint(self, version: int) -> bool:
+        return version == 0 or (self.checkpoint_every > 0 and version % self.checkpoint_every == 0)
+
+    def run_once(self) -> ArchivePass:
+        lock = self.store.redis.lock(self.store.keys.archiver_lock, timeout=LOCK_SECONDS, blocking=False)
+        if not lock.acquire():
+            return ArchivePass(skipped="another archiver holds the job's lock")
+        try:
+            return self._pass(lock)
+        finally:
+            try:
+                lock.release()
+            except redis.exceptions.LockError:
+                pass  # it expired during a very slow pass; nobody else's lock is touched
+
+    def _pass(self, lock: redis.lock.Lock) -> ArchivePass:
+        result = ArchivePass()
+        head = self.store.versions.last_committed()
+        if head is None:
+            return result
+        through = self.archive.last_archived()
+        while through < head:
+            records = self._next_segment(through + 1, head)
+            segment = self.archive.write_segment(records, self._blobs(records))
+            crash_point("archive.segment_written")
+            through = segment.last
+            result.archived.append((segment.first, segment.last))
+            self.store.redis.set(self.store.keys.archived_through, through)
+            crash_point("archive.cursor_moved")
+            lock.reacquire()
+            log.info(kv("archived", job=self.store.job, first=segment.first, last=segment.last,
+                        bytes=segment.size))
+        result.archived_through = through
+        result.trimmed = self._trim(min(through, head - self.hot_versions))
+        return result
+
+    def _next_segment(self, first: int, head: int) -> list[VersionRecord]:
+        """The records of the next segment: from ``first`` until the blobs pass the segment size."""
+        records, total = [], 0
+        for version in range(first, head + 1):
+            (record,) = self.store.versions.history(version, version) or (None,)
+            if record is None:
+                # Trimming follows archiving, so this means the record was lost some other way.
+                raise RuntimeError(f"version {version} of job {self.store.job!r} is neither in the archive "
+                                   f"{self.archive.url} nor in Redis: was the archive moved or deleted?")
+            records.append(record)
+            sizes = self.store.redis.pipeline(transaction=False)
+            for key in self._blob_keys(record):
+                sizes.strlen(key)
+            total += sum(sizes.execute())
+            if total >= self.segment_bytes:
+                break
+        return records
+
+    def _blob_keys(self, record: VersionRecord) -> list[str]:
+        keys = [update.blob_key for update in record.updates]
+        if self.is_checkpoint(record.version):
+            keys += [self.store.keys.model(record.version), self.store.keys.optimizer_state(record.version)]
+        return keys
+
+    def _blobs(self, records: list[VersionRecord]) -> Iterator[tuple[str, bytes]]:
+        """(name, bytes) of every blob the segment holds, read from Redis one at a time."""
+        for record in records:
+            for update in record.updates:
+                payload = self.store.blobs.get(update.blob_key)
+                if payload is None:
+                    # Written before the archive existed and pruned then: the record says what is missing.
+                    log.error(kv("archive_blob_missing", job=self.store.job, version=record.version,
+                                 task=update.task_id))
+                    continue
+                yield update.blob_key, payload
+            if self.is_checkpoint(record.version):
+                weights = self.store.redis.get(self.store.keys.model(record.version))
+                if weights is None:
+                    raise RuntimeError(f"checkpoint version {record.version} of job {self.store.job!r} has no "
+                                       "weights in Redis")
+                yield model_blob(record.version), weights
+                state = self.store.redis.get(self.store.keys.optimizer_state(record.version))
+                if state is not None:
+                    yield optimizer_blob(record.version), state
+
+    def _trim(self, last: int) -> int:
+        """Remove versions up to ``last`` from Redis (the archive holds them); the count removed."""
+        keys = self.store.keys
+        trimmed = 0
+        for version in range(int(self.store.redis.get(keys.pruned_through) or -1) + 1, last + 1):
+            (record,) = self.store.versions.history(version, version) or (None,)
+            removal = self.store.redis.pipeline(transaction=True)
+            removal.delete(keys.model(version), keys.optimizer_state(version), keys.meta(version),
+                           *(update.blob_key for update in (record.updates if record else ())))
+            if record is not None and record.updates:
+                removal.hdel(keys.applied, *(update.task_id for update in record.updates))
+            # Stream ids are <version>-1: MINID <version+1>-0 drops exactly the entries up to this version.
+            removal.xtrim(keys.history, minid=f"{version + 1}-0", approximate=False)
+            removal.set(keys.pruned_through, version)
+            removal.execute()
+            self.store.versions.forget(version)
+            trimmed += 1
+            crash_point("archive.version_trimmed")
+        return trimmed
+
+
+class ArchiveThread:
+    """Runs archive passes in the background of a coordinator, on a Redis connection of its own."""
+
+    def __init__(self, store: ModelStore, archive: JobArchive, hot_versions: int, checkpoint_every: int,
+                 every_seconds: float, budget_bytes: int):
+        # A store of its own (its own weights cache) on the coordinator's client: redis-py's pool is thread-safe.
+        self.store, self.job = store, store.job
+        self.archive, self.hot_versions, self.checkpoint_every = archive, hot_versions, checkpoint_every
+        self.every_seconds = every_seconds
+        self.budget_bytes = budget_bytes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"fedq-archiver-{self.job}", daemon=True)
+        self.passes = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 600.0) -> None:
+        """Stop after one last pass (everything committed so far reaches the archive)."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        archiver = Archiver(self.store, self.archive, self.hot_versions, self.checkpoint_every)
+        while True:
+            stopping = self._stop.wait(self.every_seconds)
+            try:
+                done = archiver.run_once()
+                self.passes += 1
+                self._check_budget(self.store)
+                if done.skipped:
+                    log.info(kv("archive_skipped", job=self.job, reason=done.skipped))
+            except Exception as error:  # noqa: BLE001 - Redis and the archive keep everything; retry next time
+                log.warning(kv("archive_failed", job=self.job, error=repr(error)[:300]))
+            if stopping:
+                return
+
+    def _check_budget(self, store: ModelStore) -> None:
+        used = sum(store.memory_usage().values())
+        if used > self.budget_bytes * 0.8:
+            log.warning(kv("redis_budget", job=self.job, used_mib=round(used / 2**20, 1),
+                           budget_mib=round(self.budget_bytes / 2**20, 1),
+                           advice="lower --hot-versions or --max-staleness, or raise --redis-budget-mb"))
+
+
+def wait_for_archive(store: ModelStore, archive: JobArchive, version: int, deadline_seconds: float = 120) -> bool:
+    """Whether the archive holds ``version`` within the deadline (for tests and `fedq archive --wait`)."""
+    deadline = time.monotonic() + deadline_seconds
+    while time.monotonic() < deadline:
+        if archive.last_archived() >= version:
+            return True
+        time.sleep(0.2)
+    return False
