@@ -13,7 +13,7 @@ Cluster slot and one Lua script may touch them together::
     fedq:{job}:abandoned         set of versions left behind by a rollback
     fedq:{job}:pruned_through    every version up to this one has left the hot tier (its records and blobs
                                  are in the archive only; see coordinator/service/archiver.py)
-    fedq:{job}:archive           JSON {url, hot_versions, checkpoint_every}: the job's archive (the cold tier)
+    fedq:{job}:archive           JSON {url, hot_versions, checkpoint_every, redis_budget_mb}: how history is kept
     fedq:{job}:archived_through  the archive holds every version up to this one
     fedq:{job}:archiver_lock     held by the one archiver moving the job's history (a redis-py Lock)
     fedq:{job}:staging:<v>:<attempt>:model|optstate   weights of a commit in progress (TTL)

@@ -48,8 +48,8 @@ class JobStatus:
         return SigningKey.from_bytes(self.redis.get(self.keys.signing_key))
 
     def archive_settings(self) -> dict[str, Any]:
-        """How the coordinator archives the job's older history: {url, hot_versions, checkpoint_every}
-        ({} when it keeps everything in Redis)."""
+        """How the coordinator keeps the job's history: {url (None: all in Redis), hot_versions,
+        checkpoint_every, redis_budget_mb} ({} before a coordinator ran)."""
         raw = self.redis.get(self.keys.archive)
         try:
             return {} if raw is None else dict(json.loads(raw))
@@ -59,12 +59,11 @@ class JobStatus:
     def archive_url(self) -> str | None:
         return self.archive_settings().get("url")
 
-    def record_archive(self, url: str | None, hot_versions: int, checkpoint_every: int) -> None:
-        if url is None:
-            self.redis.delete(self.keys.archive)
-        else:
-            self.redis.set(self.keys.archive, json.dumps({"url": url, "hot_versions": hot_versions,
-                                                          "checkpoint_every": checkpoint_every}))
+    def record_archive(self, url: str | None, hot_versions: int, checkpoint_every: int,
+                       redis_budget_mb: int | None = None) -> None:
+        self.redis.set(self.keys.archive, json.dumps({"url": url, "hot_versions": hot_versions,
+                                                      "checkpoint_every": checkpoint_every,
+                                                      "redis_budget_mb": redis_budget_mb}))
 
     def set(self, **state: Any) -> None:
         self.redis.set(self.keys.state, json.dumps({**state, "updated": time.time()}))

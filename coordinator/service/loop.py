@@ -128,7 +128,7 @@ class Coordinator:
         self.tensor_specs = codec.tensor_specs(self.weights)
         self.max_delta_bytes = codec.max_encoded_size(self.tensor_specs)
         self.store.status.record_archive(self.settings.archive_url, self.settings.hot_window,
-                                         self.settings.checkpoint_every)
+                                         self.settings.checkpoint_every, self.settings.redis_budget_mb)
         if self.settings.archive_url is None:
             log.warning(kv("no_archive", job=self.settings.job,
                            detail="--archive none: Redis keeps every version and update of this job"))
