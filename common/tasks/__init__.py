@@ -16,6 +16,7 @@ BUILTIN_TASKS = {
     "digits28": "fedq.common.tasks.digits:Digits28Task",
     "synthetic": "fedq.common.tasks.synthetic:SyntheticTask",
     "linear": "fedq.common.tasks.linear:LinearRegressionTask",
+    "images": "fedq.common.tasks.images:SyntheticImagesTask",
 }
 
 
