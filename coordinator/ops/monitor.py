@@ -1,4 +1,4 @@
-"""``fedq monitor``: a live terminal view of one job's queues, training and workers."""
+"""``fedq monitor``: a live terminal view of one job's queues, training, workers, Redis memory and archive."""
 from __future__ import annotations
 
 import argparse
@@ -12,10 +12,14 @@ from rich.text import Text
 
 from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
 from fedq.common.store import ModelStore, connect_redis
-from fedq.coordinator.ops.status import RATE_WINDOW_SECONDS, collect
+from fedq.coordinator.ops.status import RATE_WINDOW_SECONDS, ArchiveReader, archive_line, collect, memory_line
 
 HELP = ("Live view of a job: queue depths (ready / unacked / consumers), head version, update rate, "
-        "staleness, latest accuracy and the workers seen recently.")
+        "staleness, latest accuracy, the workers seen recently, Redis memory against the job's budget and "
+        "the archive's size and lag.")
+
+# The archive's size is a listing (of an object store, perhaps): read it this often, not every frame.
+ARCHIVE_REFRESH_SECONDS = 15.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +47,8 @@ def render(report: dict, now: float) -> Group:
         f" max {_number(progress['max_staleness'])}\n"
         f"[bold]rejected[/] {sum(report['rejected'].values())} {report['rejected'] or ''}   "
         f"[bold]duplicates skipped[/] {sum(report['skipped'].values())}")
+    storage = Text(f"{memory_line(report)}\n{archive_line(report)}")
+    warnings = [Text(f"WARNING: {warning}", style="bold red") for warning in report["warnings"]]
 
     queues = Table(title="queues", title_justify="left")
     for column in ("queue", "ready", "unacked", "consumers"):
@@ -63,7 +69,7 @@ def render(report: dict, now: float) -> Group:
         workers.add_row(worker["worker_id"], worker.get("host", "?"), str(worker.get("partition", "?")),
                         str(worker.get("tasks_done", 0)), (worker.get("current_task") or "idle")[:12],
                         f"{now - worker['last_seen']:.0f} s ago")
-    parts = [headline, queues]
+    parts = [headline, storage, *warnings, queues]
     if source_note:
         parts.append(source_note)
     parts.append(workers)
@@ -75,10 +81,11 @@ def main(args: argparse.Namespace) -> int:
     store = ModelStore(connect_redis(values["redis_url"]), values["job"])
     # Piped into a file or a log, rich would wrap at 80 columns and cut long queue names.
     console = Console() if sys.stdout.isatty() else Console(width=160)
+    archive_reader = ArchiveReader(max_age=ARCHIVE_REFRESH_SECONDS)
 
     def frame() -> Group:
         return render(collect(values["amqp_url"], values["redis_url"], values["job"], store,
-                              values["management_url"]), time.time())
+                              values["management_url"], archive_reader), time.time())
 
     if args.once:
         console.print(frame())

@@ -1,9 +1,14 @@
-"""``fedq status``: a job's head version, queue depths and consumers."""
+"""``fedq status``: a job's head version, queue depths and consumers, and how its history is kept:
+the job's Redis memory against its budget, and the archive (its size and how far it trails the head)."""
 from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
+from typing import Any, Callable
+
+import redis
 
 from fedq.broker.connection import connect
 from fedq.broker.depth import queue_depths
@@ -11,7 +16,18 @@ from fedq.broker.topology import Topology
 from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
 from fedq.common.store import ModelStore, TamperedVersionError, connect_redis
 
-HELP = "Show a job's head model version, the depth of each of its queues and their consumers."
+HELP = ("Show a job's head model version, the depth of each of its queues and their consumers, its Redis memory "
+        "against its budget and its archive's size and lag, with a WARNING line for each that needs attention.")
+
+# Redis memory past this share of the job's budget is a warning (the coordinator's archiver logs the same).
+MEMORY_WARNING_FRACTION = 0.8
+# The archive may trail the head by this many hot windows before we call the archiver stuck...
+ARCHIVE_LAG_WINDOWS = 2
+# ...or by the versions the job commits in this long, whichever is more: a fast job commits many
+# versions between two passes of the archiver (every 10 s by default), and that is no fault.
+ARCHIVE_LAG_SECONDS = 60.0
+# Listing an object store that does not answer must not hang `status` (s3fs retries for minutes).
+ARCHIVE_READ_SECONDS = 10.0
 
 
 def remove_job(amqp_url: str, store: ModelStore) -> None:
@@ -49,8 +65,133 @@ def training_progress(store: ModelStore, now: float) -> dict:
     }
 
 
+def _mib(nbytes: int | float) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def _within(seconds: float, function: Callable[[], Any]) -> Any:
+    """``function()``, or TimeoutError when it takes longer than ``seconds`` (it is left running, in a
+    daemon thread that cannot keep the process alive)."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function()
+        except Exception as error:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="fedq-archive-read", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+class ArchiveReader:
+    """Reads the size of a job's archive (a listing), keeping the opened filesystem between reads and
+    each answer for ``max_age`` seconds: a monitor refreshing every second would otherwise list an
+    object store every second. A failure is an answer too (kept as long): it becomes a warning."""
+
+    def __init__(self, max_age: float = 0.0, timeout: float = ARCHIVE_READ_SECONDS):
+        self.max_age = max_age
+        self.timeout = timeout
+        self._archives: dict[tuple[str, str], Any] = {}
+        self._answers: dict[tuple[str, str], tuple[float, int | None, str | None]] = {}
+
+    def size(self, url: str, job: str) -> tuple[int | None, str | None]:
+        """(bytes, None), or (None, why the archive could not be read)."""
+        key = (url, job)
+        answer = self._answers.get(key)
+        if answer is not None and time.monotonic() - answer[0] < self.max_age:
+            return answer[1], answer[2]
+        try:
+            nbytes, problem = _within(self.timeout, lambda: self._job_archive(url, job).size()), None
+        except Exception as error:  # noqa: BLE001 - any failure of any filesystem: a warning, not a traceback
+            nbytes, problem = None, str(error) or type(error).__name__
+            self._archives.pop(key, None)  # open it afresh next time (credentials or network may be back)
+        self._answers[key] = (time.monotonic(), nbytes, problem)
+        return nbytes, problem
+
+    def _job_archive(self, url: str, job: str):
+        from fedq.common.store.archive import Archive  # fsspec is imported only when there is an archive
+
+        key = (url, job)
+        if key not in self._archives:
+            self._archives[key] = Archive(url).job(job)
+        return self._archives[key]
+
+
+def archive_lag_limit(hot_versions: int, versions_per_second: float) -> int:
+    """How many versions the archive may trail the head before the archiver counts as stuck."""
+    return max(ARCHIVE_LAG_WINDOWS * max(hot_versions, 1), int(versions_per_second * ARCHIVE_LAG_SECONDS + 0.5))
+
+
+def _optional_int(raw: bytes | None) -> int | None:
+    return None if raw is None else int(raw)
+
+
+def storage_health(store: ModelStore, head: int | None, versions_per_second: float = 0.0,
+                   archive_reader: ArchiveReader | None = None) -> dict:
+    """The job's Redis memory against its budget, its archive (size, lag), and warnings about either.
+
+    {"redis_memory_bytes", "redis_memory_by_kind", "redis_budget_bytes", "archive": {"url", "bytes",
+    "archived_through", "lag_versions", "hot_versions", "pruned_through", "recorded"}, "warnings": [...]}
+    """
+    settings = store.status.archive_settings()
+    warnings: list[str] = []
+    try:
+        by_kind = store.memory_usage()
+        used: int | None = sum(by_kind.values())
+    except redis.ResponseError as error:  # an ACL without MEMORY USAGE or SCAN: the rest still helps
+        by_kind, used = {}, None
+        warnings.append(f"cannot measure the job's Redis memory: {error}")
+    budget_mb = settings.get("redis_budget_mb")
+    budget = int(budget_mb * 2**20) if budget_mb else None
+    url = settings.get("url")
+    hot_versions = int(settings.get("hot_versions") or 0)
+    reads = store.redis.pipeline(transaction=False)
+    reads.get(store.keys.archived_through)
+    reads.get(store.keys.pruned_through)
+    archived_through, pruned_through = (_optional_int(raw) for raw in reads.execute())
+
+    archive: dict[str, Any] = {"url": url, "bytes": None, "archived_through": archived_through, "lag_versions": None,
+                               "hot_versions": hot_versions or None, "pruned_through": pruned_through,
+                               "recorded": bool(settings)}
+    if used is not None and budget and used > MEMORY_WARNING_FRACTION * budget:
+        advice = ("start the coordinator with --archive DIR or URL, so that older history leaves Redis"
+                  if settings and url is None else
+                  "lower --hot-versions (or --max-staleness), or raise --redis-budget-mb and Redis's maxmemory")
+        warnings.append(f"Redis memory of job {store.job!r} is {_mib(used)}, {100 * used / budget:.0f} % of its "
+                        f"{_mib(budget)} budget (warning above {MEMORY_WARNING_FRACTION:.0%}): {advice}")
+    if url is not None:
+        archive["bytes"], problem = (archive_reader or ArchiveReader()).size(url, store.job)
+        if problem is not None:
+            warnings.append(f"cannot read the archive {url}: {problem}")
+        if head is not None:
+            archive["lag_versions"] = head - (archived_through if archived_through is not None else -1)
+            limit = archive_lag_limit(hot_versions, versions_per_second)
+            if archive["lag_versions"] > limit:
+                warnings.append(f"the archive is {archive['lag_versions']} versions behind the head (more than "
+                                f"{limit}): is the archiver stuck? Look for event=archive_failed in the coordinator's "
+                                f"log, or move the history now with `fedq archive --job {store.job}`")
+    return {"redis_memory_bytes": used, "redis_memory_by_kind": by_kind, "redis_budget_bytes": budget,
+            "archive": archive, "warnings": warnings}
+
+
 def collect(amqp_url: str, redis_url: str, job: str, store: ModelStore | None = None,
-            management_url: str | None = None) -> dict:
+            management_url: str | None = None, archive_reader: ArchiveReader | None = None) -> dict:
+    """Everything `status` shows, as a dict (`status --json` prints it). ``archive_reader`` keeps
+    archive sizes between calls (a monitor's refreshes)."""
     store = store or ModelStore(connect_redis(redis_url), job)
     try:
         head, problem = store.versions.head(), None
@@ -58,14 +199,42 @@ def collect(amqp_url: str, redis_url: str, job: str, store: ModelStore | None = 
         head, problem = store.versions.last_committed(), str(error)
     source, depths = queue_depths(amqp_url, list(Topology(job).queues), management_url)
     metrics = store.versions.load_meta(head).metrics if head is not None else {}
+    progress = training_progress(store, time.time())
     return {
         "job": job, "head": head, "problem": problem, "state": store.status.load(), "metrics": metrics,
         "in_flight": len(store.ledger.open_tasks()), "rejected": store.counters.get("rejected"),
         "skipped": store.counters.get("skipped"), "depth_source": source,
         "queues": [{"name": depth.name, "exists": depth.exists, "ready": depth.ready, "unacked": depth.unacked,
                     "consumers": depth.consumers} for depth in depths],
-        "workers": store.workers.live(), "progress": training_progress(store, time.time()),
+        "workers": store.workers.live(), "progress": progress,
+        **storage_health(store, head, progress["versions_per_second"], archive_reader),
     }
+
+
+def memory_line(report: dict) -> str:
+    """The job's Redis memory against its budget, in words."""
+    used, budget = report["redis_memory_bytes"], report["redis_budget_bytes"]
+    if used is None:
+        return "Redis memory unknown"
+    if not budget:
+        return f"Redis memory {_mib(used)} (no budget recorded: no coordinator has run)"
+    return f"Redis memory {_mib(used)} of a {_mib(budget)} budget ({100 * used / budget:.0f} %)"
+
+
+def archive_line(report: dict) -> str:
+    """Where the job's older history goes, how big it is and how far it trails the head, in words."""
+    archive = report["archive"]
+    if archive["url"] is None:
+        if archive["recorded"]:
+            return "no archive: Redis keeps everything"
+        return "archive: not recorded (no coordinator has run)"
+    size = "size unknown" if archive["bytes"] is None else _size(archive["bytes"])
+    through = archive["archived_through"]
+    held = "holds no version yet" if through is None else f"holds versions 0..{through}"
+    lag = "" if archive["lag_versions"] is None else f", {archive['lag_versions']} version(s) behind the head"
+    oldest_hot = (archive["pruned_through"] if archive["pruned_through"] is not None else -1) + 1
+    hot = "" if report["head"] is None else f"; Redis holds versions {oldest_hot}..{report['head']}"
+    return f"archive {archive['url']}: {size}, {held}{lag}{hot}"
 
 
 def _cell(value) -> str:
@@ -93,6 +262,10 @@ def main(args: argparse.Namespace) -> int:
           + (", ".join(worker["worker_id"] for worker in report["workers"]) or "none"))
     if report["rejected"] or report["skipped"]:
         print(f"  rejected {report['rejected'] or '{}'}, skipped {report['skipped'] or '{}'}")
+    print(f"  {memory_line(report)}")
+    print(f"  {archive_line(report)}")
+    for warning in report["warnings"]:
+        print(f"  WARNING: {warning}")
     print(f"  {'queue':<32} {'ready':>7} {'unacked':>8} {'consumers':>10}")
     for queue in report["queues"]:
         if not queue["exists"]:
