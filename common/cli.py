@@ -27,6 +27,8 @@ SUBCOMMANDS = {
     "archive": "fedq.coordinator.ops.archive",
     "dead": "fedq.coordinator.ops.dead",
     "admin": "fedq.coordinator.ops.admin",
+    "jobs": "fedq.coordinator.ops.jobs:Jobs",
+    "delete": "fedq.coordinator.ops.jobs:Delete",
 }
 
 SUMMARIES = {
@@ -44,6 +46,8 @@ SUMMARIES = {
     "archive": "move a job's older history from Redis to its archive now",
     "dead": "list a job's dead letters with their reasons; drain them or requeue them",
     "admin": "enroll, list and revoke a job's worker identities (RabbitMQ users, Redis ACL users)",
+    "jobs": "list every job in Redis: status, head, live workers, Redis memory, archive size and URL",
+    "delete": "delete a job's Redis keys, queues and exchanges, and with --archive its archive segments",
 }
 
 
