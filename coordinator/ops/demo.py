@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,14 +20,19 @@ from typing import Any
 from fedq.broker.connection import connect
 from fedq.coordinator.algorithms.registry import ALGORITHMS
 from fedq.common.records import VersionRecord
-from fedq.common.settings import CONNECTION_OPTIONS, Option, add_options, positive_float, positive_int, resolve
+from fedq.common.cli import UserError
+from fedq.common.settings import (CONNECTION_OPTIONS, Option, add_options, positive_float, positive_int, redact_url,
+                                  resolve)
 from fedq.common.store import ModelStore, connect_redis
-from fedq.coordinator.ops.status import remove_job
 
 HELP = ("Run a coordinator and worker processes on the built-in digits task until the global model "
         "reaches the target accuracy, showing progress and a summary.")
 
-OPTIONS = [Option("job", str, "demo", "name of the federation")] + CONNECTION_OPTIONS[1:] + [
+# Each run is a job of its own, so that people sharing one RabbitMQ and Redis never clobber each
+# other's demo; the default is a description, not a name (no job name holds a space).
+FRESH_JOB = "a new one each run, demo-<yyyymmdd-hhmmss UTC>-<4 hex digits>"
+OPTIONS = [Option("job", CONNECTION_OPTIONS[0].parse, FRESH_JOB, "name of the federation; an existing job "
+                  "is continued only with --resume")] + CONNECTION_OPTIONS[1:] + [
     Option("workers", positive_int, 4, "worker processes to start"),
     Option("algorithm", str, "fedasync", "aggregation", choices=tuple(ALGORITHMS)),
     Option("target", positive_float, 0.90, "stop at this test accuracy"),
@@ -40,7 +46,7 @@ DEMO_TRAINING = ["--local-epochs", "2", "--learning-rate", "0.1", "--batch-size"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, OPTIONS)
-    parser.add_argument("--resume", action="store_true", help="continue the job's existing history")
+    parser.add_argument("--resume", action="store_true", help="continue the existing job named with --job")
     parser.add_argument("--log-dir", default=None, help="where process logs go (default: a temporary folder)")
 
 
@@ -80,14 +86,84 @@ def follow(store: ModelStore, redis_url: str, coordinator: subprocess.Popen, sta
             return {"applied": applied, "stalenesses": stalenesses, "last": last_entry}
 
 
+# Two runs in the same second draw the same name once in 65536: a retry or two settles it.
+FRESH_NAME_ATTEMPTS = 3
+
+
+def fresh_job_name() -> str:
+    return f"demo-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+def job_exists(store: ModelStore, amqp_url: str) -> bool:
+    """Whether anything of the job is on the servers: one of its queues, or a Redis key.
+    (Connecting to RabbitMQ first also tells a user whose broker is down before anything starts.)"""
+    import pika.exceptions
+
+    from fedq.broker.topology import Topology
+
+    connection = connect(amqp_url, name="fedq-demo-check", attempts=2)
+    try:
+        for queue in Topology(store.job).queues:
+            try:
+                connection.channel().queue_declare(queue, passive=True)
+                return True
+            except pika.exceptions.ChannelClosedByBroker:
+                continue  # a missing queue closes only its channel
+    finally:
+        connection.close()
+    return next(store.redis.scan_iter(match=store.keys.all(), count=1000), None) is not None
+
+
+def choose_job(values: dict[str, Any], resume: bool, store_for) -> ModelStore:
+    """The job this run trains: a fresh one, or the one named with --job. The demo deletes
+    nothing, so a job it did not create is only ever continued, and only when asked to."""
+    if values["job"] == FRESH_JOB:
+        if resume:
+            raise UserError("--resume continues an existing job: name it with --job NAME")
+        for _ in range(FRESH_NAME_ATTEMPTS):
+            store = store_for(fresh_job_name())
+            if not job_exists(store, values["amqp_url"]):
+                return store
+        raise UserError(f"{FRESH_NAME_ATTEMPTS} fresh job names in a row already exist on these servers; "
+                        "name a new job with --job NAME")
+    store = store_for(values["job"])
+    if not resume and job_exists(store, values["amqp_url"]):
+        raise UserError(f"job {store.job!r} already exists on these servers; continue it with --resume, or leave "
+                        f"out --job to train a new one")
+    return store
+
+
+def connection_flags_to_print(values: dict[str, Any]) -> str:
+    """The connection flags the printed commands need: those that differ from the defaults, passwords hidden."""
+    flags = []
+    for option in CONNECTION_OPTIONS[1:]:
+        value = values.get(option.name)
+        if value is not None and value != option.default:
+            flags += [option.flag, redact_url(value) if option.name.endswith("_url") else value]
+    return "".join(f" {flag}" for flag in flags)
+
+
+def print_next_steps(job: str, values: dict[str, Any]) -> None:
+    flags = connection_flags_to_print(values)
+    print(f"\njob {job!r} stays on the servers:")
+    print(f"  inspect it   fedq history --job {job}{flags}")
+    print(f"  remove it    fedq delete --job {job} --archive{flags}", flush=True)
+
+
 def main(args: argparse.Namespace) -> int:
     values = resolve(args, OPTIONS)
-    job, amqp_url, redis_url = values["job"], values["amqp_url"], values["redis_url"]
-    store = ModelStore(connect_redis(redis_url), job)
-    connect(amqp_url, name="fedq-demo-check", attempts=2).close()
-    if not args.resume:
-        remove_job(amqp_url, store)
-    log_dir = args.log_dir or tempfile.mkdtemp(prefix=f"fedq-{job}-")
+    redis_client = connect_redis(values["redis_url"])
+    store = choose_job(values, args.resume, lambda name: ModelStore(redis_client, name))
+    job = store.job
+    try:
+        return run(store, values, args.log_dir)
+    finally:
+        print_next_steps(job, values)
+
+
+def run(store: ModelStore, values: dict[str, Any], log_dir: str | None) -> int:
+    job, amqp_url, redis_url = store.job, values["amqp_url"], values["redis_url"]
+    log_dir = log_dir or tempfile.mkdtemp(prefix=f"fedq-{job}-")
     os.makedirs(log_dir, exist_ok=True)
     workers = values["workers"]
     connection_flags = ["--job", job, "--amqp-url", amqp_url, "--redis-url", redis_url]

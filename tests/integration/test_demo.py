@@ -1,20 +1,59 @@
-"""The README's first command ends in `fedq demo`: it must train to its target and say so."""
+"""The README's first command ends in `fedq demo`: it must train to its target and say so, in a job
+of its own, never touching another user's job on the same servers."""
 from __future__ import annotations
 
+import re
+import shlex
 import subprocess
 import sys
 
-from tests.support import AMQP_URL, REDIS_URL, ROOT
+import numpy as np
+
+from fedq.common.store import ModelStore, connect_redis
+from tests.support import AMQP_URL, REDIS_URL, ROOT, cleanup_job
 
 
-def test_the_demo_reaches_its_target_and_prints_a_summary(job, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "fedq.common.cli", "demo", "--job", job, "--amqp-url", AMQP_URL,
-         "--redis-url", REDIS_URL, "--workers", "2", "--target", "0.85", "--log-dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+def fedq(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def test_the_demo_reaches_its_target_in_a_fresh_job_and_says_how_to_remove_it(tmp_path):
+    result = fedq("demo", "--amqp-url", AMQP_URL, "--redis-url", REDIS_URL, "--workers", "2", "--target", "0.85",
+                  "--log-dir", str(tmp_path))
+    named = re.match(r"fedq demo: job '(demo-\d{8}-\d{6}-[0-9a-f]{4})'", result.stdout)
+    job = named and named[1]
+    try:
+        assert job, "the demo did not name its job at start:\n" + result.stdout[:2000]
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+        summary = result.stdout.split("\nsummary\n", 1)[1]
+        assert "stopped because      target_reached" in summary
+        accuracy = float(summary.split("final accuracy", 1)[1].split()[0])
+        assert accuracy >= 0.85
+        assert f"fedq history --job {job}\n" in summary
+        # The printed command removes the job (the test's URLs are the defaults, so it names none).
+        remove = re.search(r"remove it +(fedq delete .*)", summary)[1]
+        assert remove == f"fedq delete --job {job} --archive"
+        store = ModelStore(connect_redis(REDIS_URL), job)
+        assert store.versions.last_committed() is not None
+        removed = fedq(*shlex.split(remove)[1:], "--yes", timeout=120)
+        assert removed.returncode == 0, removed.stderr
+        assert not list(store.redis.scan_iter(match=store.keys.all()))
+    finally:
+        if job:
+            cleanup_job(job)
+
+
+def test_the_demo_refuses_a_job_that_already_exists_and_leaves_it_alone(store, job):
+    # Another user's job on the same servers: the demo must neither train on it nor delete it.
+    head = store.versions.commit(None, {"layer.weight": np.ones((4, 4), np.float32)})
+    keys = set(store.redis.scan_iter(match=store.keys.all()))
+    result = fedq("demo", "--job", job, "--amqp-url", AMQP_URL, "--redis-url", REDIS_URL, timeout=120)
+    assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    summary = result.stdout.split("\nsummary\n", 1)[1]
-    assert "stopped because      target_reached" in summary
-    accuracy = float(summary.split("final accuracy", 1)[1].split()[0])
-    assert accuracy >= 0.85
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"fedq demo: error: job {job!r} already exists on these servers; continue it with --resume, or leave out "
+        "--job to train a new one")
+    assert set(store.redis.scan_iter(match=store.keys.all())) == keys
+    assert store.versions.last_committed() == head
