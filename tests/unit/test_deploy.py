@@ -550,8 +550,33 @@ def test_one_coordinator_at_a_time():
 
 # -- broker and store configuration -------------------------------------------------
 
+def redis_bytes(text: str) -> int:
+    """A Redis memory size (``3gb``, ``2048mb``, ``1g`` = 10**9, ``100`` bytes) in bytes."""
+    match = re.fullmatch(r"(\d+)(k|kb|m|mb|g|gb)?", text.strip().lower())
+    assert match, f"not a Redis memory size: {text!r}"
+    scale = {None: 1, "k": 10**3, "kb": 2**10, "m": 10**6, "mb": 2**20, "g": 10**9, "gb": 2**30}
+    return int(match[1]) * scale[match[2]]
+
+
+def docker_bytes(text: Any) -> int:
+    """A compose memory size (``5g``, ``512m``, ``1024``) in bytes; Docker's units are binary."""
+    match = re.fullmatch(r"(\d+)([bkmg]?)b?", str(text).strip().lower())
+    assert match, f"not a compose memory size: {text!r}"
+    return int(match[1]) * {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}[match[2]]
+
+
+def coordinator_budget_bytes(environment: dict[str, str]) -> int:
+    """The Redis budget a coordinator runs with (--redis-budget-mb), in bytes."""
+    option = OPTIONS_BY_COMMAND["coordinator"]["FEDQ_REDIS_BUDGET_MB"]
+    return option.parse(environment.get("FEDQ_REDIS_BUDGET_MB", option.default)) * 2**20
+
+
+REDIS_SETTINGS_ON_THE_COMMAND_LINE = ("--maxmemory", "--maxmemory-policy", "--appendonly", "--appendfsync")
+
+
 def test_redis_is_durable_and_never_evicts():
     config = parse_conf(DEPLOY / "redis" / "redis.conf", None)
+    # The AOF keeps the hot tier (every version not yet archived) across a restart.
     assert config.get("appendonly") == "yes"
     assert config.get("appendfsync") in ("everysec", "always")
     # Evicting a model version, the history or the applied-task ids corrupts the record.
@@ -561,6 +586,82 @@ def test_redis_is_durable_and_never_evicts():
     command = service.get("command") or []
     config_path = next(volume.split(":")[1] for volume in service["volumes"] if "redis.conf" in volume)
     assert command[:2] == ["redis-server", config_path], "compose must start redis-server with deploy/redis/redis.conf"
+    assert any(str(volume).endswith(":/data") for volume in service["volumes"]), "the AOF needs a volume at /data"
+    # Arguments after the file override it: neither compose file may undo the settings above.
+    overlay = load_yaml(DEPLOY / "docker-compose.tls.yml")["services"].get("redis", {})
+    for where, arguments in (("docker-compose.yml", command), ("docker-compose.tls.yml", overlay.get("command"))):
+        arguments = arguments or []
+        assert not arguments or arguments[:2] == ["redis-server", config_path], f"{where}: redis.conf first"
+        overridden = [word for word in arguments if word in REDIS_SETTINGS_ON_THE_COMMAND_LINE]
+        assert not overridden, f"{where} overrides redis.conf's {overridden}"
+
+
+def test_redis_maxmemory_holds_the_coordinators_budget():
+    config = parse_conf(DEPLOY / "redis" / "redis.conf", None)
+    assert "maxmemory" in config, "redis.conf must set maxmemory (no limit: the host's memory runs out first)"
+    maxmemory = redis_bytes(config["maxmemory"])
+    # One job per deployment here; with more, maxmemory must exceed the sum of their budgets.
+    _name, coordinator = compose_service_running("coordinator")
+    _deployment, container = deployment_running("coordinator")
+    for where, environment in (("docker-compose.yml", compose_environment(coordinator)),
+                               ("deploy/k8s", container_environment(container))):
+        budget = coordinator_budget_bytes(environment)
+        assert maxmemory >= budget, f"redis.conf maxmemory {config['maxmemory']} is below the {where} " \
+                                    f"coordinator's Redis budget ({budget // 2**20} MiB)"
+    redis_service = next(service for service in compose()["services"].values()
+                         if str(service.get("image", "")).startswith("redis"))
+    limit = ((redis_service.get("deploy") or {}).get("resources") or {}).get("limits", {}).get("memory")
+    if limit is not None:
+        assert docker_bytes(limit) > maxmemory, \
+            "the Redis container's memory limit must exceed maxmemory, or the kernel kills Redis first"
+
+
+ARCHIVE_OPTION = OPTIONS_BY_COMMAND["coordinator"]["FEDQ_ARCHIVE"]
+
+
+def archive_directory(environment: dict[str, str], where: str) -> str:
+    """The local directory a coordinator archives to (FEDQ_ARCHIVE must name one explicitly:
+    the default, under the home directory, is not on a volume)."""
+    assert "FEDQ_ARCHIVE" in environment, f"{where}: set FEDQ_ARCHIVE to a directory on a volume"
+    url = ARCHIVE_OPTION.parse(environment["FEDQ_ARCHIVE"])
+    assert url.lower() != "none", f"{where}: FEDQ_ARCHIVE=none keeps all history in Redis"
+    assert "://" not in url and url.startswith("/"), f"{where}: FEDQ_ARCHIVE={url!r}: an absolute path here"
+    return url.rstrip("/")
+
+
+def covers(mount_path: str, path: str) -> bool:
+    mount_path = mount_path.rstrip("/")
+    return path == mount_path or path.startswith(mount_path + "/")
+
+
+def test_the_coordinator_archives_to_a_volume():
+    name, service = compose_service_running("coordinator")
+    path = archive_directory(compose_environment(service), f"compose service {name}")
+    mounts = [volume.split(":") for volume in service.get("volumes") or [] if isinstance(volume, str)]
+    mount = next((parts for parts in mounts if covers(parts[1], path)), None)
+    assert mount, f"compose service {name}: no volume holds the archive {path}"
+    assert "ro" not in mount[2:], f"compose service {name}: the archive volume is read-only"
+    assert mount[0] in (compose().get("volumes") or {}), \
+        f"compose service {name}: the archive is on {mount[0]!r}, not a named volume (it would die with the container)"
+    # An empty named volume takes the owner of the image's directory: the image's user must own it.
+    dockerfile = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    assert re.search(rf"mkdir -p {re.escape(mount[1])}\b", dockerfile) and re.search(
+        rf"chown (-R )?10001:10001 ({re.escape(mount[1])}|{re.escape(str(Path(mount[1]).parent))})\b", dockerfile), \
+        f"the Dockerfile must create {mount[1]} owned by the fedq user"
+
+    deployment, container = deployment_running("coordinator")
+    where = f"Deployment {deployment['metadata']['name']}"
+    path = archive_directory(container_environment(container), where)
+    mount = next((mount for mount in container.get("volumeMounts") or [] if covers(mount["mountPath"], path)), None)
+    assert mount and not mount.get("readOnly"), f"{where}: mount a writable volume at {path}"
+    volume = next(volume for volume in deployment["spec"]["template"]["spec"]["volumes"]
+                  if volume["name"] == mount["name"])
+    assert "persistentVolumeClaim" in volume, f"{where}: the archive must be on a PersistentVolumeClaim, not " \
+                                              f"{sorted(set(volume) - {'name'})} (it would die with the pod)"
+    claim = k8s_object("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    assert "ReadWriteOnce" in claim["spec"]["accessModes"] or "ReadWriteMany" in claim["spec"]["accessModes"]
+    # fsGroup makes the claim writable by the image's user (test_each_party_reads_its_own_job_file...).
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == 10001
 
 
 def test_rabbitmq_limits_fit_fedq():
