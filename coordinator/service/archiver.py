@@ -8,7 +8,9 @@ One pass (:meth:`Archiver.run_once`):
    ``checkpoint_every``-th). A segment is durable before the call returns
    (fsync and rename, or a completed upload).
 2. **Note.** ``archived_through`` in Redis moves to the last archived version
-   (for status and monitors; the archive's own listing is the truth).
+   (for status and monitors; the archive's own listing is the truth), and the
+   segment's update blobs leave Redis: they are most of its bytes and nothing
+   hot reads them.
 3. **Trim.** Versions both archived and older than the hot window (the last
    ``hot_versions``) leave Redis, one version per MULTI transaction: weights,
    optimizer state, metadata, update blobs, history entry and idempotency
@@ -101,6 +103,7 @@ class Archiver:
             result.archived.append((segment.first, segment.last))
             self.store.redis.set(self.store.keys.archived_through, through)
             crash_point("archive.cursor_moved")
+            self._drop_update_blobs(records)
             lock.reacquire()
             log.info(kv("archived", job=self.store.job, first=segment.first, last=segment.last,
                         bytes=segment.size))
@@ -152,6 +155,14 @@ class Archiver:
                 state = self.store.redis.get(self.store.keys.optimizer_state(record.version))
                 if state is not None:
                     yield optimizer_blob(record.version), state
+
+    def _drop_update_blobs(self, records: list[VersionRecord]) -> None:
+        """Update blobs leave Redis as soon as they are archived: nothing hot reads an applied update
+        (replay reads the archive), and they are most of a version's bytes (K deltas per version
+        against one set of weights). A crash before this leaves them until their version's trim."""
+        keys = [update.blob_key for record in records for update in record.updates]
+        for start in range(0, len(keys), 500):
+            self.store.redis.delete(*keys[start:start + 500])
 
     def _trim(self, last: int) -> int:
         """Remove versions up to ``last`` from Redis (the archive holds them); the count removed."""

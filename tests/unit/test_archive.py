@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedq.common.records import AppliedUpdate
-from fedq.common.store.archive import Archive, ArchiveError, model_blob
+from fedq.common.store.archive import Archive, ArchiveError, model_blob, optimizer_blob
 from fedq.common.store.tiers import TieredHistory
 from fedq.common.wire import codec
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
@@ -70,6 +70,7 @@ def test_archived_history_leaves_redis_and_replays_bit_for_bit_across_the_bounda
     assert store.redis.get(store.keys.model(20)) is None and store.redis.get(store.keys.meta(20)) is None
     assert store.blobs.get(store.blobs.key("t20", "site-a")) is None
     assert store.ledger.applied_version("t20") is None and store.ledger.applied_version("t36") == 36
+    assert store.blobs.get(store.blobs.key("t36", "site-a")) is None  # archived: applied blobs leave at once
     assert store.redis.xlen(store.keys.history) == 5 and store.versions.load_weights(35) is not None
     assert archive.checkpoints() == [0, 10, 20, 30]
     history = TieredHistory(store, archive)
@@ -138,8 +139,11 @@ def test_segments_are_small_when_asked_and_overlapping_ones_read_alike(tmp_path)
     # A copy of a range that overlaps two segments (as when an archiver died before Redis heard
     # of its segment, and the next pass cut segments elsewhere) changes nothing.
     first, last = done.archived[-1][0] - 1, done.archived[-1][1]
-    records = [store.versions.history(version, version)[0] for version in range(first, last + 1)]
-    archive.write_segment(records, mover._blobs(records))
+    records = [archive.record(version) for version in range(first, last + 1)]
+    archive.write_segment(records, [(name, archive.blob(record.version, name)) for record in records
+                                    for name in [update.blob_key for update in record.updates]
+                                    + ([model_blob(record.version), optimizer_blob(record.version)]
+                                       if mover.is_checkpoint(record.version) else [])])
     assert len(archive.segments(refresh=True)) == len(done.archived) + 1
     assert Archiver(store, archive, hot_versions=3, checkpoint_every=5).run_once().trimmed == 17
     assert replay(TieredHistory(store, archive), 0, 19).ok
