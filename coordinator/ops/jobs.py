@@ -17,11 +17,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from fedq.broker.connection import connect
 from fedq.common.cli import UserError
 from fedq.common.settings import CONNECTION_OPTIONS, JOB_NAME_PATTERN, Option, add_options, redact_url, resolve
 from fedq.common.store import ModelStore, connect_redis
-from fedq.common.store.archive import Archive, ArchiveError
+from fedq.common.store.archive import Archive, normalise_url
 from fedq.coordinator.ops.history import _size as human_size
+from fedq.coordinator.ops.status import ArchiveReader, remove_job
 
 # A job's key that only a coordinator writes: the signed description (from the coordinator's
 # start) or the head (from its first commit). Worker liveness or update blobs alone make no job.
@@ -60,17 +62,21 @@ class JobSummary:
     archive_problem: str | None = None
 
 
-def summarise(store: ModelStore) -> JobSummary:
-    archive_url, archive_bytes, problem = store.status.archive_url(), None, None
-    if archive_url is not None:
-        try:
-            job_archive = Archive(archive_url).job(store.job)
-            archive_url, archive_bytes = job_archive.url, job_archive.size()
-        except ArchiveError as error:
-            problem = str(error)
+def job_archive_url(archive_url: str, job: str) -> str:
+    """Where the job's segments are: its folder under the archive root (as ``JobArchive.url``)."""
+    return f"{normalise_url(archive_url).rstrip('/')}/{job}"
+
+
+def summarise(store: ModelStore, archives: ArchiveReader) -> JobSummary:
+    # The reader gives up on an archive that does not answer (an object store down) after a few
+    # seconds and reports why, rather than hanging the listing.
+    root, archive_bytes, problem = store.status.archive_url(), None, None
+    if root is not None:
+        archive_bytes, problem = archives.size(root, store.job)
     return JobSummary(job=store.job, status=store.status.load().get("status"),
                       head=store.versions.last_committed(), workers=len(store.workers.live()),
-                      redis_bytes=sum(store.memory_usage().values()), archive_url=archive_url,
+                      redis_bytes=sum(store.memory_usage().values()),
+                      archive_url=None if root is None else job_archive_url(root, store.job),
                       archive_bytes=archive_bytes, archive_problem=problem)
 
 
@@ -96,7 +102,8 @@ class Jobs:
         else:
             keys = ModelStore(client, values["job"]).keys
             names = [values["job"]] if client.exists(keys.spec, keys.head) else []
-        summaries = [summarise(ModelStore(client, name)) for name in names]
+        archives = ArchiveReader()
+        summaries = [summarise(ModelStore(client, name), archives) for name in names]
         if args.json:
             print(json.dumps([asdict(summary) for summary in summaries], indent=2))
             return 0
@@ -182,9 +189,6 @@ class Delete:
 
     @staticmethod
     def main(args: argparse.Namespace) -> int:
-        from fedq.broker.connection import connect
-        from fedq.coordinator.ops.status import remove_job
-
         # The job must be named on the command line: a FEDQ_JOB variable or a job file
         # left in place should never choose what gets deleted.
         if args.job_name and args.job and args.job_name != args.job:
@@ -207,11 +211,11 @@ class Delete:
         job_archive, archive_bytes = None, 0
         recorded_url = store.status.archive_url()
         if args.archive and recorded_url is not None:
-            try:
-                job_archive = Archive(recorded_url).job(job)
-                archive_bytes = job_archive.size()
-            except ArchiveError as error:
-                raise UserError(f"{error}; nothing deleted") from None
+            archive_bytes, problem = ArchiveReader().size(recorded_url, job)
+            if problem is not None:
+                raise UserError(f"cannot read the archive {job_archive_url(recorded_url, job)} ({problem}); "
+                                "nothing deleted")
+            job_archive = Archive(recorded_url).job(job)
         existing_queues = [queue.name for queue in queues if queue.exists]
         if not keys and not existing_queues and not archive_bytes:
             raise UserError(f"job {job!r} has no keys in Redis at {redact_url(values['redis_url'])} and no queues "
@@ -241,7 +245,7 @@ class Delete:
               + (f"; {human_size(archive_bytes)} ({archive_bytes} bytes) of archive segments in {job_archive.url}"
                  if job_archive is not None else ""))
         if recorded_url is not None and job_archive is None:
-            print(f"kept its archive in {recorded_url.rstrip('/')}/{job} (add --archive to delete it too)")
+            print(f"kept its archive in {job_archive_url(recorded_url, job)} (add --archive to delete it too)")
         if args.archive and recorded_url is None:
             print("it had no archive recorded in Redis")
         return 0

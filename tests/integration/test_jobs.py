@@ -122,6 +122,18 @@ def test_a_job_whose_coordinator_only_started_is_listed_without_a_head(store, jo
                        "archive_problem": None}]
 
 
+def test_an_archive_that_cannot_be_read_is_a_question_mark_and_a_sentence(store, job):
+    commit_versions(store, 1)
+    store.status.record_archive("nosuchprotocol://bucket/archive", 3, 5)
+    table = fedq("jobs", "--redis-url", REDIS_URL, "--job", job)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[1].split()[-2:] == ["?", f"nosuchprotocol://bucket/archive/{job}"]
+    assert last_error_line(table).startswith(f"job {job!r}: cannot open the archive")
+    refused = fedq("delete", job, "--yes", "--archive", "--redis-url", REDIS_URL, "--amqp-url", AMQP_URL)
+    assert refused.returncode == 1 and "nothing deleted" in last_error_line(refused)
+    assert job_keys(store)
+
+
 def test_listing_jobs_does_not_import_torch():
     probe = "import sys, fedq.coordinator.ops.jobs; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
