@@ -17,7 +17,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+import pika.exceptions
+
 from fedq.broker.connection import connect
+from fedq.broker.topology import Topology
 from fedq.common.cli import UserError
 from fedq.common.settings import CONNECTION_OPTIONS, JOB_NAME_PATTERN, Option, add_options, redact_url, resolve
 from fedq.common.store import ModelStore, connect_redis
@@ -136,10 +139,6 @@ class QueueState:
 def inspect_queues(channel_factory, job: str) -> list[QueueState]:
     """Which of the job's queues exist, and their consumers (a passive declare; a missing queue
     closes the channel, hence one channel per queue)."""
-    import pika.exceptions
-
-    from fedq.broker.topology import Topology
-
     states = []
     for name in Topology(job).queues:
         channel = channel_factory()
