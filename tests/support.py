@@ -308,3 +308,10 @@ def blocked_task(**params):
                     BlockedTraining.running -= 1
 
     return BlockedTask(**params)
+
+
+def whole_history(store) -> list:
+    """Every version's record, from both tiers (Redis keeps only recent ones once the archiver ran)."""
+    from fedq.common.store.tiers import TieredHistory, open_job_archive
+
+    return list(TieredHistory(store, open_job_archive(store)).records())

@@ -49,8 +49,9 @@ log = logging.getLogger("fedq.archiver")
 # A segment closes once its blobs pass this size (at least one version each): big enough that
 # an object store sees few requests, small enough to build and upload without strain.
 SEGMENT_BYTES = 256 * 1024 * 1024
-# The lock outlives a pass that stalls (a slow upload) and frees itself when its holder died.
-LOCK_SECONDS = 600
+# The lock is renewed at every blob a pass reads, so it only has to outlive one blob's upload;
+# when its holder dies (a killed coordinator) the next archiver waits at most this long.
+LOCK_SECONDS = 30
 
 
 @dataclass
@@ -77,9 +78,10 @@ class Archiver:
     def is_checkpoint(self, version: int) -> bool:
         return version == 0 or (self.checkpoint_every > 0 and version % self.checkpoint_every == 0)
 
-    def run_once(self) -> ArchivePass:
-        lock = self.store.redis.lock(self.store.keys.archiver_lock, timeout=LOCK_SECONDS, blocking=False)
-        if not lock.acquire():
+    def run_once(self, wait_seconds: float = 0.0) -> ArchivePass:
+        """One pass; waits up to ``wait_seconds`` for another archiver's lock (or a dead one's to expire)."""
+        lock = self.store.redis.lock(self.store.keys.archiver_lock, timeout=LOCK_SECONDS)
+        if not lock.acquire(blocking=wait_seconds > 0, blocking_timeout=wait_seconds or None):
             return ArchivePass(skipped="another archiver holds the job's lock")
         try:
             return self._pass(lock)
@@ -97,18 +99,17 @@ class Archiver:
         through = self.archive.last_archived()
         while through < head:
             records = self._next_segment(through + 1, head)
-            segment = self.archive.write_segment(records, self._blobs(records))
+            segment = self.archive.write_segment(records, self._blobs(records, lock))
             crash_point("archive.segment_written")
             through = segment.last
             result.archived.append((segment.first, segment.last))
             self.store.redis.set(self.store.keys.archived_through, through)
             crash_point("archive.cursor_moved")
             self._drop_update_blobs(records)
-            lock.reacquire()
             log.info(kv("archived", job=self.store.job, first=segment.first, last=segment.last,
                         bytes=segment.size))
         result.archived_through = through
-        result.trimmed = self._trim(min(through, head - self.hot_versions))
+        result.trimmed = self._trim(min(through, head - self.hot_versions), lock)
         return result
 
     def _next_segment(self, first: int, head: int) -> list[VersionRecord]:
@@ -135,10 +136,11 @@ class Archiver:
             keys += [self.store.keys.model(record.version), self.store.keys.optimizer_state(record.version)]
         return keys
 
-    def _blobs(self, records: list[VersionRecord]) -> Iterator[tuple[str, bytes]]:
+    def _blobs(self, records: list[VersionRecord], lock: redis.lock.Lock) -> Iterator[tuple[str, bytes]]:
         """(name, bytes) of every blob the segment holds, read from Redis one at a time."""
         for record in records:
             for update in record.updates:
+                lock.reacquire()
                 payload = self.store.blobs.get(update.blob_key)
                 if payload is None:
                     # Written before the archive existed and pruned then: the record says what is missing.
@@ -147,6 +149,7 @@ class Archiver:
                     continue
                 yield update.blob_key, payload
             if self.is_checkpoint(record.version):
+                lock.reacquire()
                 weights = self.store.redis.get(self.store.keys.model(record.version))
                 if weights is None:
                     raise RuntimeError(f"checkpoint version {record.version} of job {self.store.job!r} has no "
@@ -164,11 +167,12 @@ class Archiver:
         for start in range(0, len(keys), 500):
             self.store.redis.delete(*keys[start:start + 500])
 
-    def _trim(self, last: int) -> int:
+    def _trim(self, last: int, lock: redis.lock.Lock) -> int:
         """Remove versions up to ``last`` from Redis (the archive holds them); the count removed."""
         keys = self.store.keys
         trimmed = 0
         for version in range(int(self.store.redis.get(keys.pruned_through) or -1) + 1, last + 1):
+            lock.reacquire()
             (record,) = self.store.versions.history(version, version) or (None,)
             removal = self.store.redis.pipeline(transaction=True)
             removal.delete(keys.model(version), keys.optimizer_state(version), keys.meta(version),
@@ -209,14 +213,19 @@ class ArchiveThread:
 
     def _run(self) -> None:
         archiver = Archiver(self.store, self.archive, self.hot_versions, self.checkpoint_every)
+        skipped = None
         while True:
             stopping = self._stop.wait(self.every_seconds)
             try:
-                done = archiver.run_once()
+                # The last pass waits out a lock left by a killed predecessor: a finished
+                # job's history should reach the archive.
+                done = archiver.run_once(wait_seconds=LOCK_SECONDS + 5 if stopping else 0)
                 self.passes += 1
                 self._check_budget(self.store)
-                if done.skipped:
-                    log.info(kv("archive_skipped", job=self.job, reason=done.skipped))
+                if done.skipped != skipped:  # say it once, not every pass
+                    log.info(kv("archive_skipped", job=self.job, reason=done.skipped) if done.skipped
+                             else kv("archive_resumed", job=self.job))
+                    skipped = done.skipped
             except Exception as error:  # noqa: BLE001 - Redis and the archive keep everything; retry next time
                 log.warning(kv("archive_failed", job=self.job, error=repr(error)[:300]))
             if stopping:

@@ -21,7 +21,7 @@ import pytest
 
 from fedq.common.store import ModelStore, connect_redis
 from fedq.coordinator.ops.replay import replay
-from tests.support import AMQP_URL, REDIS_URL, wait_until
+from tests.support import AMQP_URL, REDIS_URL, wait_until, whole_history
 
 
 TRAINING = ["--task", "digits", "--task-params", json.dumps({"num_partitions": 3}), "--local-epochs", "2",
@@ -40,7 +40,7 @@ def done_task_ids(processes, names) -> set[str]:
 
 
 def assert_exactly_once_and_replayable(store: ModelStore) -> list[str]:
-    task_ids = [update.task_id for entry in store.versions.history() for update in entry.updates]
+    task_ids = [update.task_id for entry in whole_history(store) for update in entry.updates]
     assert len(task_ids) == len(set(task_ids)), "an update was applied twice"
     result = replay(store, 0, store.versions.head())
     assert result.ok, result.divergence.describe()

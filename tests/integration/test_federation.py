@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from tests.support import connection_flags, wait_until
+from tests.support import connection_flags, wait_until, whole_history
 
 
 DIGITS_TRAINING = ["--task", "digits", "--local-epochs", "2", "--learning-rate", "0.1", "--batch-size", "16"]
@@ -22,7 +22,7 @@ def start_worker(processes, job, index: int, *extra: str):
 
 
 def applied_task_ids(store) -> list[str]:
-    return [update.task_id for entry in store.versions.history() for update in entry.updates]
+    return [update.task_id for entry in whole_history(store) for update in entry.updates]
 
 
 @pytest.mark.parametrize("algorithm", ["fedasync", "fedbuff", "fedavg"])
@@ -47,7 +47,7 @@ def test_three_workers_reach_target_accuracy(processes, job, store, algorithm):
     # barrier, whose first round waits for all three.
     for index in range(3):
         processes.wait_for_log(f"worker-{index}", "event=task_started", timeout=120)
-    workers = {update.worker_id for entry in store.versions.history() for update in entry.updates}
+    workers = {update.worker_id for entry in whole_history(store) for update in entry.updates}
     assert workers <= {"w0", "w1", "w2"}
     if algorithm == "fedavg":
         assert workers == {"w0", "w1", "w2"}, "every worker process contributed"
@@ -75,7 +75,7 @@ def test_worker_killed_mid_task_loses_no_task(processes, job, store):
     task_ids = applied_task_ids(store)
     assert task_ids.count(killed_task) == 1
     assert len(task_ids) == len(set(task_ids))
-    assert {"w1", "w2"} & {update.worker_id for entry in store.versions.history() for update in entry.updates
+    assert {"w1", "w2"} & {update.worker_id for entry in whole_history(store) for update in entry.updates
                            if update.task_id == killed_task}
 
 
@@ -119,7 +119,7 @@ def test_rollback_while_running_is_picked_up_by_workers(processes, job, store):
     wait_until(lambda: (store.versions.head() or 0) >= 12, 90, "no progress before the rollback")
     rollback(store, 3)  # what `fedq rollback` does (tested in test_records), without its start-up time
     assert coordinator.wait(timeout=180) == 0, processes.log("coordinator")[-3000:]
-    history = store.versions.history()
+    history = whole_history(store)
     (rollback_entry,) = [entry for entry in history if entry.rollback_of == 3]
     rollback_version = rollback_entry.version
     abandoned = set(range(4, rollback_version))

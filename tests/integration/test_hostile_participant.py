@@ -18,7 +18,7 @@ from fedq.common.wire import codec
 from fedq.common.wire.messages import ClaimCheck, InlineDelta, ModelUpdate, RoundTask, TrainSettings
 from fedq.common.wire.signing import SigningKey
 from tests.support import (ROOT, connection_flags, publish_updates, publish_with_undecodable_header, take_dead_letters,
-                           take_tasks, wait_until)
+                           take_tasks, wait_until, whole_history)
 
 PARAMS = {"num_partitions": 2}
 # Settings under which two digits workers reach 0.85 test accuracy within a few dozen versions.
@@ -57,7 +57,7 @@ def assert_reached_target_unharmed(processes, coordinator, store, timeout: float
     head = store.versions.head()
     assert store.versions.load_meta(head).metrics["accuracy"] >= TARGET
     assert all(np.isfinite(array).all() for array in store.versions.load_weights(head).values())
-    assert "mallory" not in {update.worker_id for entry in store.versions.history() for update in entry.updates}
+    assert "mallory" not in {update.worker_id for entry in whole_history(store) for update in entry.updates}
     assert "Traceback" not in processes.log(name)
 
 
@@ -101,7 +101,7 @@ def test_forged_fabricated_replayed_and_poisoned_updates_are_refused_and_the_job
     second = start_coordinator(processes, job, *algorithm, "--target", str(TARGET), "--max-seconds", "240",
                                name="coordinator-2")
     assert_reached_target_unharmed(processes, second, store, name="coordinator-2")
-    applied_ids = [update.task_id for entry in store.versions.history() for update in entry.updates]
+    applied_ids = [update.task_id for entry in whole_history(store) for update in entry.updates]
     assert applied_ids.count(applied.task_id) == 1 and "replayed-task" not in applied_ids
 
 
@@ -128,7 +128,7 @@ def test_a_plugin_named_in_redis_is_never_run_and_forged_tasks_are_never_trained
     assert not pwned.exists(), "a worker ran a command named in Redis"
     letters = {headers.get("x-fedq-reason"): body for headers, body in take_dead_letters(job)}
     assert "bad_signature" in letters
-    applied = {update.task_id for entry in store.versions.history() for update in entry.updates}
+    applied = {update.task_id for entry in whole_history(store) for update in entry.updates}
     assert not {"forged-lr-1000", "garbled"} & applied
     for index in range(2):
         assert "Traceback" not in processes.log(f"worker-{index}")

@@ -11,7 +11,7 @@ from fedq.broker.topology import Topology
 from fedq.common.wire import codec
 from fedq.common.wire.messages import InlineDelta, ModelUpdate
 from fedq.common.tasks import load_task
-from tests.support import AMQP_URL, connection_flags, take_dead_letters, take_tasks, wait_until
+from tests.support import AMQP_URL, connection_flags, take_dead_letters, take_tasks, wait_until, whole_history
 
 
 def update_bytes(job: str, task_id: str, delta: codec.Weights, base_version: int = 0) -> bytes:
@@ -75,7 +75,7 @@ def test_hostile_updates_are_dead_lettered_and_training_continues(processes, job
     letters = drain_dead_letters(job)
     assert sorted(reason for reason, _ in letters) == sorted(hostile)
     assert dict(letters)["wrong_base_version"] == claims_fresher, "the dead letter carries the original body"
-    task_ids = [update.task_id for entry in store.versions.history() for update in entry.updates]
+    task_ids = [update.task_id for entry in whole_history(store) for update in entry.updates]
     assert task_ids.count(applied.task_id) == 1
-    assert "mallory" not in {update.worker_id for entry in store.versions.history() for update in entry.updates}
+    assert "mallory" not in {update.worker_id for entry in whole_history(store) for update in entry.updates}
     assert "Traceback" not in processes.log("coordinator")

@@ -20,7 +20,7 @@ import redis
 
 from tests import netns
 from tests.private_servers import PrivateRabbitMQ, PrivateRedis, pki, tls_flags  # noqa: F401 (fixtures)
-from tests.support import ROOT, wait_until
+from tests.support import ROOT, wait_until, whole_history
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -138,7 +138,7 @@ def test_enrolled_parties_train_over_tls_a_worker_can_do_only_its_part_and_revoc
             return admin_store.versions.head() or 0
 
         def applied_by(worker: str) -> list[int]:
-            return [entry.version for entry in admin_store.versions.history() for update in entry.updates
+            return [entry.version for entry in whole_history(admin_store) for update in entry.updates
                     if update.worker_id == worker]
 
         wait_until(lambda: applied_by("alice") and applied_by("bob"), 600,

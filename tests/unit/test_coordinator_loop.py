@@ -11,7 +11,7 @@ from fedq.common.wire.messages import parse_task
 from fedq.coordinator.ops.replay import rollback
 from fedq.coordinator.service.loop import Coordinator
 from fedq.coordinator.service.settings import CoordinatorSettings
-from tests.support import FAST_POLLING, InBackground, memory_store, update_body, wait_until
+from tests.support import FAST_POLLING, InBackground, memory_store, update_body, wait_until, whole_history
 
 JOB = "unit"
 TOPOLOGY = Topology(JOB)
@@ -60,7 +60,7 @@ def test_a_duplicate_update_is_acked_and_skipped_not_applied_twice(broker, store
     answer(broker, task, delta_like(store, 0.1))  # a redelivery, e.g. after a worker crash
     wait_until(lambda: store.counters.get("skipped") == {"duplicate": 1}, DEADLINE, "the duplicate was not skipped")
     running.stop()
-    applied = [update.task_id for entry in store.versions.history() for update in entry.updates]
+    applied = [update.task_id for entry in whole_history(store) for update in entry.updates]
     assert applied == [task.task_id]
     assert broker.ready(TOPOLOGY.updates) == [] and broker.unacked(TOPOLOGY.updates) == 0
     assert broker.ready(TOPOLOGY.dead) == []
@@ -169,7 +169,7 @@ def test_a_dropped_connection_redelivers_the_buffer_and_nothing_is_applied_twice
     answer(broker, second, delta_like(store, 0.2))
     wait_for_head(store, 1)
     running.stop()
-    applied = [update.task_id for entry in store.versions.history() for update in entry.updates]
+    applied = [update.task_id for entry in whole_history(store) for update in entry.updates]
     assert sorted(applied) == sorted([first.task_id, second.task_id])
 
 

@@ -16,7 +16,7 @@ from fedq.common.store.identities import identity_user
 from fedq.common.wire.messages import ClaimCheck, ModelUpdate, parse_task
 from fedq.coordinator.service.loop import Coordinator
 from fedq.coordinator.service.settings import CoordinatorSettings
-from tests.support import FAST_POLLING, InBackground, memory_store, update_body, wait_until
+from tests.support import FAST_POLLING, InBackground, memory_store, update_body, wait_until, whole_history
 
 JOB = "ident"
 TOPOLOGY = Topology(JOB)
@@ -59,7 +59,7 @@ def dead_reasons(broker) -> list[str]:
 
 
 def applied_workers(store) -> list[str]:
-    return [update.worker_id for entry in store.versions.history() for update in entry.updates]
+    return [update.worker_id for entry in whole_history(store) for update in entry.updates]
 
 
 def test_a_job_without_identities_accepts_any_sender_as_before(broker, store):
