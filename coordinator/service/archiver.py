@@ -24,15 +24,19 @@ same range. The idempotency records leave with their version: an update
 redelivered after that is refused as an ``unknown_task`` (its task was closed
 when it was applied), so it is still never applied twice.
 
-Only one archiver runs per job (a Redis lock); the coordinator runs it in a
+Only one archiver runs per job (a Redis lock, freed at once when its holder was
+a process of the same host that is gone); the coordinator runs it in a
 thread every ``archive_seconds`` and once more when the job finishes, and
 ``fedq archive`` runs one pass by hand.
 """
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -45,6 +49,8 @@ from fedq.common.store import ModelStore
 from fedq.common.store.archive import JobArchive, model_blob, optimizer_blob
 
 log = logging.getLogger("fedq.archiver")
+
+_DELETE_IF_UNCHANGED = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 # A segment closes once its blobs pass this size (at least one version each): big enough that
 # an object store sees few requests, small enough to build and upload without strain.
@@ -81,8 +87,11 @@ class Archiver:
     def run_once(self, wait_seconds: float = 0.0) -> ArchivePass:
         """One pass; waits up to ``wait_seconds`` for another archiver's lock (or a dead one's to expire)."""
         lock = self.store.redis.lock(self.store.keys.archiver_lock, timeout=LOCK_SECONDS)
-        if not lock.acquire(blocking=wait_seconds > 0, blocking_timeout=wait_seconds or None):
-            return ArchivePass(skipped="another archiver holds the job's lock")
+        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        if not lock.acquire(blocking=False, token=token):
+            self._break_lock_of_dead_holder()
+            if not lock.acquire(blocking=wait_seconds > 0, blocking_timeout=wait_seconds or None, token=token):
+                return ArchivePass(skipped="another archiver holds the job's lock")
         try:
             return self._pass(lock)
         finally:
@@ -90,6 +99,28 @@ class Archiver:
                 lock.release()
             except redis.exceptions.LockError:
                 pass  # it expired during a very slow pass; nobody else's lock is touched
+
+    def _break_lock_of_dead_holder(self) -> None:
+        """Free the lock at once when its holder was a process of this host that no longer runs
+        (a coordinator restarted after a crash); anywhere else, only its expiry frees it."""
+        key = self.store.keys.archiver_lock
+        holder = self.store.redis.get(key)
+        if holder is None:
+            return
+        host, _, rest = holder.decode(errors="replace").partition(":")
+        pid = rest.partition(":")[0]
+        if host != socket.gethostname() or not pid.isdigit():
+            return
+        try:
+            os.kill(int(pid), 0)
+            return  # alive (or, in a fresh container, a namesake): wait for the expiry
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            return
+        self.store.redis.eval(_DELETE_IF_UNCHANGED, 1, key, holder)
+        log.info(kv("archive_lock_freed", job=self.store.job, holder=holder.decode(errors="replace"),
+                    reason="its process is gone"))
 
     def _pass(self, lock: redis.lock.Lock) -> ArchivePass:
         result = ArchivePass()
