@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-fraction", type=float, default=0.1, help="... or this fraction, if more")
     parser.add_argument("--max-seconds", type=float, default=45.0, help="coordinator --max-seconds cap per run")
     parser.add_argument("--coordinator-args", default="",
-                        help="extra coordinator flags, e.g. '--keep-versions 20' (quoted, one string)")
+                        help="extra coordinator flags, e.g. '--hot-versions 30' (quoted, one string)")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each run, wait up to this long for the machine to be idle (shared hosts)")
     parser.add_argument("--retries", type=int, default=0,

@@ -57,8 +57,8 @@ def print_table(results: list[Result]) -> None:
         if any(result.cpu.get("other", 0) > BUSY_OTHER for result in results):
             print(f"NOTE: 'other' > {BUSY_OTHER:.0%} of a core: something else was busy on this machine; figures are pessimistic.")
     print()
-    print("Redis memory growth per version (the server's used_memory, so other jobs' writes count too). By default")
-    print("every version's weights and every applied update's delta are kept; see --coordinator-args='--keep-versions N'):")
+    print("Redis memory growth per version (the server's used_memory, so other jobs' writes count too; the")
+    print("coordinator's archiver moves history out of Redis every --archive-seconds, so short runs see the peak):")
     for result in results:
         print(f"{result.config.model:>6}  {result.config.algorithm:<13}  "
               f"+{result.redis_bytes_per_version / 2**20:8.2f} MiB/version   "

@@ -364,7 +364,8 @@ def test_dockerfile_installs_pinned_cpu_torch_and_runs_fedq_as_non_root():
     assert all("--index-url https://download.pytorch.org/whl/cpu" in line for line in torch_lines), \
         "install torch from the PyTorch CPU index (the PyPI Linux wheel pulls in CUDA)"
     pip_installs = [line for line in lines if "pip install" in line]
-    assert any(re.search(r"pip install \.(\s|$|&)", line) for line in pip_installs), "the image must pip install ."
+    assert any(re.search(r"pip install '?\.(\[s3\])?'?(\s|$|&)", line) for line in pip_installs), \
+        "the image must pip install . (with the s3 extra, for s3:// archives)"
     assert not any("--index-url" in line for line in pip_installs if "torch" not in line), \
         "only torch comes from the PyTorch index; the rest from PyPI"
 
