@@ -294,3 +294,32 @@ def test_a_rewritten_job_description_is_put_back(broker, store):
     store.redis.set(store.keys.spec, b'{"task": "subprocess:run", "task_params": {"args": "id"}}')
     wait_until(lambda: store.status.load_description_text() == genuine, DEADLINE, "the description was not restored")
     running.stop()
+
+
+def test_a_running_coordinator_archives_old_versions_and_keeps_redis_to_its_window(broker, store, tmp_path):
+    """The archiver thread moves history while the loop commits; a late redelivery of an update
+    whose version left Redis is refused (its task is closed), never applied twice."""
+    archive = str(tmp_path / "archive")
+    _, running = start(broker, store, algorithm="fedasync", concurrency=1, max_staleness=1, archive=archive,
+                       archive_seconds=0.05, checkpoint_every=4)
+    first = None
+    for version in range(1, 13):
+        task = take_task(broker)
+        first = first or task
+        answer(broker, task, delta_like(store, 0.01))
+        wait_for_head(store, version)
+    hot_window = 1 + 2
+    wait_until(lambda: int(store.redis.get(store.keys.pruned_through) or -1) == 12 - hot_window, DEADLINE,
+               "the archiver did not trim Redis to the hot window")
+    answer(broker, first, delta_like(store, 0.01))  # applied at version 1, long archived
+    wait_until(lambda: store.counters.get("rejected").get("unknown_task") == 1, DEADLINE,
+               "the late redelivery was not refused")
+    running.stop()
+    assert store.redis.xlen(store.keys.history) == hot_window
+    records = whole_history(store)
+    assert [record.version for record in records] == list(range(13))
+    applied = [update.task_id for record in records for update in record.updates]
+    assert len(applied) == len(set(applied)) == 12
+    from fedq.coordinator.ops.replay import replay
+
+    assert replay(store, 0, 12).ok
