@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from fedq.common.records import VersionRecord
+from fedq.common.store.client import StoreError
 
 MAGIC = b"FQSEG001"
 FOOTER = struct.Struct("<Q")
@@ -49,7 +50,7 @@ _SEGMENT_NAME = re.compile(r"segment-(\d{10})-(\d{10})\.fqseg$")
 INDEX_CACHE_SEGMENTS = 16
 
 
-class ArchiveError(RuntimeError):
+class ArchiveError(StoreError):
     """The archive cannot be reached, or holds something unreadable; the message is for the user."""
 
 
@@ -108,7 +109,7 @@ class Archive:
         self.url = normalise_url(url)
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
-        except (ImportError, ValueError) as error:
+        except (ImportError, ValueError, OSError) as error:
             raise ArchiveError(f"cannot open the archive {self.url!r}: {error}") from None
         self.local = "file" in _protocols(self.fs)
 

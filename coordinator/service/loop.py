@@ -35,6 +35,7 @@ from fedq.common.obs.logs import kv
 from fedq.common.store import (TRANSIENT_REDIS_ERRORS, HeadMovedError, ModelStore, StoreError, TamperedVersionError,
                                UnknownVersionError, connect_redis)
 from fedq.common.tasks import FederatedTask, load_task, load_weights_into
+from fedq.common.store.archive import Archive
 from fedq.common.store.ledger import OpenTask
 from fedq.common.wire import codec
 from fedq.common.wire.description import JobDescription
@@ -81,6 +82,8 @@ class Coordinator:
         self.norm_guard = NormGuard(settings.norm_outlier_factor)
         self.policy = scheduling_policy(settings.chosen_algorithm.synchronous, settings.concurrency,
                                         self.aggregator.buffer_size)
+        # Opened now, so that a URL nothing can open is one sentence before the job starts.
+        self.archive = None if settings.archive_url is None else Archive(settings.archive_url).job(settings.job)
         self.task: FederatedTask = load_task(settings.task, settings.task_params)
         self.model = self.task.build_model()
         self.buffer: list[Pending] = []
@@ -185,16 +188,13 @@ class Coordinator:
         return self.summary()
 
     def _start_archiving(self) -> ArchiveThread | None:
-        url = self.settings.archive_url
-        if url is None:
+        if self.archive is None:
             return None
-        from fedq.common.store.archive import Archive
-
-        thread = ArchiveThread(ModelStore(self.store.redis, self.settings.job), Archive(url).job(self.settings.job),
+        thread = ArchiveThread(ModelStore(self.store.redis, self.settings.job), self.archive,
                                self.settings.hot_window, self.settings.checkpoint_every,
                                self.settings.archive_seconds, self.settings.redis_budget_mb * 2**20)
         thread.start()
-        log.info(kv("archiving", job=self.settings.job, archive=url, hot_versions=self.settings.hot_window,
+        log.info(kv("archiving", job=self.settings.job, archive=self.archive.url, hot_versions=self.settings.hot_window,
                     checkpoint_every=self.settings.checkpoint_every))
         return thread
 

@@ -24,6 +24,9 @@ def fedq(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     (["coordinator", "--job", "x", "--task", "no.such.module:Task"], "cannot import task module 'no.such.module'"),
     (["coordinator", "--job", "x", "--concurrency", "0"], "--concurrency='0' is not valid: must be at least 1"),
     (["dead", "--job", "x", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/"], "cannot reach RabbitMQ"),
+    (["coordinator", "--job", "x", "--archive", "nosuch://bucket/x"], "cannot open the archive 'nosuch://bucket/x'"),
+    (["coordinator", "--job", "x", "--max-staleness", "5", "--hot-versions", "3"], "--hot-versions 3 must exceed"),
+    (["archive", "--job", "no-such-job-in-redis"], "job 'no-such-job-in-redis' has no versions in Redis"),
     # A UserError raised in a subcommand, under `python -m fedq.common.cli` (the module is then also `__main__`).
     (["history", "--job", "no-such-job-in-redis"], "job 'no-such-job-in-redis' has no versions in Redis"),
 ])
