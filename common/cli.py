@@ -55,6 +55,14 @@ class UserError(Exception):
     """An error the user can fix; printed as one sentence, no traceback."""
 
 
+def human_size(nbytes: float) -> str:
+    """Bytes as people read them: 812 B, 4.0 KiB, 3.8 MiB, 17.2 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is a sentence for the user (imported lazily)."""
     from fedq.common.settings import SettingsError

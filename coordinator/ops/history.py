@@ -10,7 +10,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from fedq.common.cli import UserError
+from fedq.common.cli import UserError, human_size
 from fedq.common.records import VersionRecord
 from fedq.common.settings import CONNECTION_OPTIONS, Option, add_options, resolve
 from fedq.common.store import ModelStore, StoreError, UnknownVersionError, connect_redis
@@ -50,16 +50,6 @@ def _score(metrics: dict[str, float]) -> str:
     return " ".join(f"{name}={value:.4f}" for name, value in metrics.items()) or "-"
 
 
-def _size(nbytes: float) -> str:
-    if nbytes < 1024:
-        return f"{nbytes:.0f} B"
-    for unit in ("KiB", "MiB"):
-        nbytes /= 1024
-        if nbytes < 1024:
-            return f"{nbytes:.1f} {unit}"
-    return f"{nbytes / 1024:.1f} GiB"
-
-
 class History:
     HELP = "A table of a job's versions: time, updates, mean/max staleness, metrics; and its Redis memory."
 
@@ -86,10 +76,11 @@ class History:
             print(f"{entry.version:>7}  {_when(entry.created)}  {entry.updates_applied:>7}  "
                   f"{entry.mean_staleness:>9.2f}  {entry.max_staleness:>4}  {_score(entry.metrics)}{note}")
         usage = store.memory_usage()
-        parts = ", ".join(f"{kind} {_size(size)}" for kind, size in sorted(usage.items(), key=lambda item: -item[1]))
-        print(f"Redis memory of job {store.job!r}: {_size(sum(usage.values()))} ({parts})")
+        parts = ", ".join(f"{kind} {human_size(size)}"
+                          for kind, size in sorted(usage.items(), key=lambda item: -item[1]))
+        print(f"Redis memory of job {store.job!r}: {human_size(sum(usage.values()))} ({parts})")
         if history.archive is not None:
-            print(f"archive {history.archive.url}: {_size(history.archive.size())}, versions 0.."
+            print(f"archive {history.archive.url}: {human_size(history.archive.size())}, versions 0.."
                   f"{history.archive.last_archived()}; Redis holds versions {history.oldest_in_redis()}..{head}")
         return 0
 

@@ -21,11 +21,10 @@ import pika.exceptions
 
 from fedq.broker.connection import connect
 from fedq.broker.topology import Topology
-from fedq.common.cli import UserError
+from fedq.common.cli import UserError, human_size
 from fedq.common.settings import CONNECTION_OPTIONS, JOB_NAME_PATTERN, Option, add_options, redact_url, resolve
 from fedq.common.store import ModelStore, connect_redis
 from fedq.common.store.archive import Archive, normalise_url
-from fedq.coordinator.ops.history import _size as human_size
 from fedq.coordinator.ops.status import ArchiveReader, remove_job
 
 # A job's key that only a coordinator writes: the signed description (from the coordinator's

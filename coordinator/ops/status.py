@@ -13,6 +13,7 @@ import redis
 from fedq.broker.connection import connect
 from fedq.broker.depth import queue_depths
 from fedq.broker.topology import Topology
+from fedq.common.cli import human_size
 from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
 from fedq.common.store import ModelStore, TamperedVersionError, connect_redis
 
@@ -67,13 +68,6 @@ def training_progress(store: ModelStore, now: float) -> dict:
 
 def _mib(nbytes: int | float) -> str:
     return f"{nbytes / 2**20:.1f} MiB"
-
-
-def _size(nbytes: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} B"
 
 
 def _within(seconds: float, function: Callable[[], Any]) -> Any:
@@ -228,7 +222,7 @@ def archive_line(report: dict) -> str:
         if archive["recorded"]:
             return "no archive: Redis keeps everything"
         return "archive: not recorded (no coordinator has run)"
-    size = "size unknown" if archive["bytes"] is None else _size(archive["bytes"])
+    size = "size unknown" if archive["bytes"] is None else human_size(archive["bytes"])
     through = archive["archived_through"]
     held = "holds no version yet" if through is None else f"holds versions 0..{through}"
     lag = "" if archive["lag_versions"] is None else f", {archive['lag_versions']} version(s) behind the head"
