@@ -14,6 +14,7 @@ from bench.async_vs_sync_results import RunResult
 from bench.harness import (CLOCK_TICKS, cleanup, cpu_seconds, fedq_command, launch_workers, machine_busy, start,
                            stop_all, wait_exit, wait_ready)
 from fedq.common.store import ModelStore, connect_redis
+from fedq.common.store.tiers import whole_history
 
 
 def run_one(spec: TaskSpec, case: str, arm: str, *, budget: float, concurrency: int, seed: int, amqp_url: str,
@@ -59,7 +60,7 @@ def run_one(spec: TaskSpec, case: str, arm: str, *, budget: float, concurrency: 
         result.workers_cpu = sum(cpu.values())
         if code != 0:
             raise RuntimeError(f"coordinator of {job} exited with {code}; see {coordinator_log}")
-        history = store.versions.history()
+        history = whole_history(store)  # both tiers: the archiver moves older versions out of Redis
         created0 = history[0].created
         applied = 0
         for entry in history:

@@ -434,7 +434,9 @@ def oversized(ctx: Context, rng: random.Random, _task) -> Message:
 
 @kind("replayed_honest", UPDATES, 2)
 def replayed_honest(ctx: Context, rng: random.Random, _task) -> Message:
-    """An applied honest update sent again under its own task id, as it was or with a poisoned delta."""
+    """An applied honest update sent again under its own task id, as it was or with a poisoned delta:
+    skipped as a duplicate while its version is in Redis, refused as ``unknown_task`` once the
+    archiver moved that version (and its ledger entry) out; never applied either way."""
     if not ctx.applied:
         return made_up_task(ctx, rng, None)
     applied = rng.choice(ctx.applied)
@@ -447,8 +449,9 @@ def replayed_honest(ctx: Context, rng: random.Random, _task) -> Message:
     })
     worker = rng.choice([applied.worker_id, FUZZ_WORKER])
     body = update_body(ctx, applied.task_id, payload, worker_id=worker, base_version=applied.base_version)
-    return _message("replayed_honest", variant, body, DUPLICATE, via="skipped", worker_id=worker,
-                    repeat_expected=frozenset([DUPLICATE]))
+    outcomes = frozenset([DUPLICATE, "unknown_task"])
+    return _message("replayed_honest", variant, body, outcomes, via="skipped", worker_id=worker,
+                    repeat_expected=outcomes)
 
 
 @kind("replayed_elsewhere", UPDATES, 1)
@@ -479,7 +482,7 @@ def duplicate_hostile(ctx: Context, rng: random.Random, _task) -> Message:
     expected = original.repeat_expected or original.expected
     return _message("duplicate_hostile", f"of {original.kind}", original.body, expected, exchange=original.exchange,
                     headers=dict(original.headers), task_id=original.task_id, worker_id=original.worker_id,
-                    repeat_expected=expected, via="skipped" if expected == {DUPLICATE} else "dead_letter")
+                    repeat_expected=expected, via="skipped" if DUPLICATE in expected else "dead_letter")
 
 
 def stateless_body(ctx: Context, rng: random.Random) -> Message:
@@ -848,7 +851,7 @@ def _forged(ctx: Context, rng: random.Random, **changes: Any) -> RoundTask:
                      model_digest=changes.pop("model_digest", ctx.head_digest), **changes)
 
 
-def _task_message(kind_name: str, variant: str, body: bytes, expected: str, **fields: Any) -> Message:
+def _task_message(kind_name: str, variant: str, body: bytes, expected: str | frozenset[str], **fields: Any) -> Message:
     return _message(kind_name, variant, body, expected, exchange=TASKS, **fields)
 
 
@@ -983,13 +986,15 @@ def forged_frame_filling_header(ctx: Context, rng: random.Random, _task) -> Mess
 @kind("replayed_task", TASKS, 0.5)
 def replayed_task(ctx: Context, rng: random.Random, _task) -> Message:
     """A genuine, correctly signed task whose answer was already refused, published again: an honest
-    worker trains it, and the coordinator refuses that update (its task is closed)."""
+    worker trains it, and the coordinator refuses that update (its task is closed); or, once the
+    archiver moved the task's version out of Redis, the worker refuses the task itself."""
     if not ctx.closed_tasks:
         return forged_wrong_key(ctx, rng, None)
     task = ctx.closed_tasks.pop(rng.randrange(len(ctx.closed_tasks)))
-    return _task_message("replayed_task", f"task of version {task.model_version}", task.to_bytes(), "unknown_task",
+    outcomes = frozenset(["unknown_task", "unknown_version"])
+    return _task_message("replayed_task", f"task of version {task.model_version}", task.to_bytes(), outcomes,
                          task_id=task.task_id, via="honest_update", account_id=task.task_id,
-                         repeat_expected=frozenset(["unknown_task"]))
+                         repeat_expected=outcomes)
 
 
 FAMILIES = {"updates": "update exchange, no task needed", "task": "answers to genuine tasks taken off the queue",

@@ -284,8 +284,8 @@ def wait_for_quiet_machine(limit_seconds: float, threshold: float = 0.3) -> floa
 # -- jobs --------------------------------------------------------------------
 
 def cleanup(job: str, amqp_url: str, redis_url: str) -> None:
-    """Delete the job: its Redis keys, RabbitMQ queues and exchanges."""
-    remove_job(amqp_url, ModelStore(connect_redis(redis_url), job))
+    """Delete the job: its archive, Redis keys, RabbitMQ queues and exchanges."""
+    remove_job(amqp_url, ModelStore(connect_redis(redis_url), job), archive=True)
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_all()
         if not args.keep:
             cleanup(job, DEFAULT_AMQP_URL, DEFAULT_REDIS_URL)
-            Archive(archive_url).job(job).delete()
+            Archive(archive_url).job(job).delete()  # also when the coordinator never recorded it
             if args.archive is None:
                 shutil.rmtree(logs / "archive", ignore_errors=True)
 

@@ -43,6 +43,7 @@ from fedq.broker.connection import connect  # noqa: E402
 from fedq.broker.publisher import publish  # noqa: E402
 from fedq.broker.topology import Topology  # noqa: E402
 from fedq.common.store import ModelStore, connect_redis  # noqa: E402
+from fedq.common.store.tiers import whole_history  # noqa: E402
 from fedq.common.tasks import load_task, load_weights_into  # noqa: E402
 from fedq.common.wire import codec  # noqa: E402
 from fedq.common.wire.messages import InlineDelta, ModelUpdate, MessageError, parse_task  # noqa: E402
@@ -173,7 +174,7 @@ def run_arm(attack: str, defence: str, seconds: float, share: float, logs: Path)
         head = store.versions.head()
         task = load_task("digits", TASK_PARAMS)
         accuracy = task.evaluate(load_weights_into(task.build_model(), store.versions.load_weights(head)))["accuracy"]
-        history = store.versions.history()
+        history = whole_history(store)  # both tiers: the archiver moves older versions out of Redis
         applied = [update.worker_id for record in history for update in record.updates]
         hostile_applied = applied.count(MALLORY)
         norms = [(update.worker_id, update.norm) for record in history for update in record.updates

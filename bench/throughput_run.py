@@ -21,6 +21,7 @@ from bench.throughput_workers import FakeWorkers
 from fedq.broker.connection import connect
 from fedq.broker.topology import Topology
 from fedq.common.store import ModelStore, connect_redis
+from fedq.common.store.tiers import whole_history
 
 TASK = "bench.models:MLPTask"
 
@@ -137,7 +138,7 @@ def run_config(config: Config, args: argparse.Namespace, numpy_add: float) -> Re
         result.worker_updates = workers.close()
         if workers.errors:
             raise RuntimeError(f"fake worker failed: {workers.errors[0]!r}")
-        analyse(result, store.versions.history(), args)
+        analyse(result, whole_history(store), args)  # both tiers
         if result.measured:
             result.cpu = monitor.usage(first_version=result.versions - result.measured)
         result.redis_bytes_per_version = monitor.memory_per_version()

@@ -25,11 +25,8 @@ def cleanup_job(name: str) -> None:
 
     store = ModelStore(connect_redis(REDIS_URL), name)
     url = store.status.archive_url()
-    if url and "://" not in url:  # a test's S3 server is gone by now; its folders are temporary anyway
-        from fedq.common.store.archive import Archive
-
-        Archive(url).job(name).delete()
-    remove_job(AMQP_URL, store)
+    # A test's S3 server is gone by now; its folders are temporary anyway.
+    remove_job(AMQP_URL, store, archive=bool(url) and "://" not in url)
 
 
 class Processes:
@@ -317,8 +314,3 @@ def blocked_task(**params):
     return BlockedTask(**params)
 
 
-def whole_history(store) -> list:
-    """Every version's record, from both tiers (Redis keeps only recent ones once the archiver ran)."""
-    from fedq.common.store.tiers import TieredHistory, open_job_archive
-
-    return list(TieredHistory(store, open_job_archive(store)).records())

@@ -25,6 +25,11 @@ def open_job_archive(store: ModelStore, url: str | None = None,
     return None if url is None else Archive(url, storage_options).job(store.job)
 
 
+def whole_history(store: ModelStore) -> list[VersionRecord]:
+    """Every version's record, oldest first, from both tiers (the job's recorded archive)."""
+    return list(TieredHistory(store, open_job_archive(store)).records())
+
+
 class TieredHistory:
     def __init__(self, store: ModelStore, archive: JobArchive | None):
         self.store = store

@@ -16,6 +16,7 @@ from fedq.broker.topology import Topology
 from fedq.common.cli import human_size
 from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
 from fedq.common.store import ModelStore, TamperedVersionError, connect_redis
+from fedq.common.store.archive import Archive
 
 HELP = ("Show a job's head model version, the depth of each of its queues and their consumers, its Redis memory "
         "against its budget and its archive's size and lag, with a WARNING line for each that needs attention.")
@@ -31,8 +32,13 @@ ARCHIVE_LAG_SECONDS = 60.0
 ARCHIVE_READ_SECONDS = 10.0
 
 
-def remove_job(amqp_url: str, store: ModelStore) -> None:
-    """Delete every trace of a job: its Redis keys, then its queues and exchanges."""
+def remove_job(amqp_url: str, store: ModelStore, *, archive: bool = False) -> None:
+    """Delete every trace of a job: with ``archive``, its archive segments first (their URL is
+    recorded in Redis, so a failure leaves the job whole to try again), then its Redis keys,
+    then its queues and exchanges."""
+    recorded_url = store.status.archive_url() if archive else None
+    if recorded_url is not None:
+        Archive(recorded_url).job(store.job).delete()
     store.delete_job()
     connection = connect(amqp_url, name="fedq-admin", attempts=2)
     try:

@@ -20,8 +20,9 @@ from base64 import b64encode
 import pytest
 
 from fedq.common.store import ModelStore, connect_redis
+from fedq.common.store.tiers import whole_history
 from fedq.coordinator.ops.replay import replay
-from tests.support import AMQP_URL, REDIS_URL, wait_until, whole_history
+from tests.support import AMQP_URL, REDIS_URL, wait_until
 
 
 TRAINING = ["--task", "digits", "--task-params", json.dumps({"num_partitions": 3}), "--local-epochs", "2",

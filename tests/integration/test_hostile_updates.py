@@ -8,10 +8,11 @@ import numpy as np
 from fedq.broker.connection import connect
 from fedq.broker.publisher import publish
 from fedq.broker.topology import Topology
+from fedq.common.store.tiers import whole_history
 from fedq.common.wire import codec
 from fedq.common.wire.messages import InlineDelta, ModelUpdate
 from fedq.common.tasks import load_task
-from tests.support import AMQP_URL, connection_flags, take_dead_letters, take_tasks, wait_until, whole_history
+from tests.support import AMQP_URL, connection_flags, take_dead_letters, take_tasks, wait_until
 
 
 def update_bytes(job: str, task_id: str, delta: codec.Weights, base_version: int = 0) -> bytes:

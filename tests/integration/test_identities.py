@@ -6,6 +6,7 @@ cannot do anything but its part; a revoked worker is cut off.
 """
 from __future__ import annotations
 
+from fedq.common.store.tiers import whole_history
 import json
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import redis
 
 from tests import netns
 from tests.private_servers import PrivateRabbitMQ, PrivateRedis, pki, tls_flags  # noqa: F401 (fixtures)
-from tests.support import ROOT, wait_until, whole_history
+from tests.support import ROOT, wait_until
 
 pytestmark = pytest.mark.timeout(1200)
 

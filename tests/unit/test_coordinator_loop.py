@@ -7,11 +7,12 @@ import pytest
 from fedq.broker.memory import MemoryBroker, MemoryTransport, Message
 from fedq.broker.topology import Topology
 from fedq.broker.transport import DETAIL_HEADER, ORIGIN_HEADER, REASON_HEADER
+from fedq.common.store.tiers import whole_history
 from fedq.common.wire.messages import parse_task
 from fedq.coordinator.ops.replay import rollback
 from fedq.coordinator.service.loop import Coordinator
 from fedq.coordinator.service.settings import CoordinatorSettings
-from tests.support import FAST_POLLING, InBackground, memory_store, update_body, wait_until, whole_history
+from tests.support import FAST_POLLING, InBackground, memory_store, update_body, wait_until
 
 JOB = "unit"
 TOPOLOGY = Topology(JOB)

@@ -13,10 +13,11 @@ from fedq.broker.memory import MemoryBroker, MemoryTransport, Message, UserIdRef
 from fedq.broker.topology import Topology
 from fedq.broker.transport import REASON_HEADER
 from fedq.common.store.identities import identity_user
+from fedq.common.store.tiers import whole_history
 from fedq.common.wire.messages import ClaimCheck, ModelUpdate, parse_task
 from fedq.coordinator.service.loop import Coordinator
 from fedq.coordinator.service.settings import CoordinatorSettings
-from tests.support import FAST_POLLING, InBackground, memory_store, update_body, wait_until, whole_history
+from tests.support import FAST_POLLING, InBackground, memory_store, update_body, wait_until
 
 JOB = "ident"
 TOPOLOGY = Topology(JOB)
