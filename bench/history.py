@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         replay = subprocess.run(fedq_command("replay", "--job", job, "--archive", archive_url), cwd=ROOT,
                                 capture_output=True, text=True)
         summary["replay_seconds"] = round(time.monotonic() - replay_started, 1)
-        summary["replay"] = (replay.stdout + replay.stderr).strip().splitlines()[-1]
+        # Its verdict is on stdout; an error (one sentence) on stderr, after the progress line.
+        summary["replay"] = (replay.stdout.strip() or replay.stderr.strip().replace("\r", "\n")).splitlines()[-1]
         summary["replay_ok"] = replay.returncode == 0
         print(f"fedq replay --from 0 --to HEAD ({summary['replay_seconds']} s): {summary['replay']}")
         if args.json:

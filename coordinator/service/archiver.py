@@ -244,15 +244,16 @@ class ArchiveThread:
 
     def _run(self) -> None:
         archiver = Archiver(self.store, self.archive, self.hot_versions, self.checkpoint_every)
-        skipped = None
+        skipped, pause = None, self.every_seconds
         while True:
-            stopping = self._stop.wait(self.every_seconds)
+            stopping = self._stop.wait(pause)
+            pause = self.every_seconds
             try:
                 # The last pass waits out a lock left by a killed predecessor: a finished
                 # job's history should reach the archive.
                 done = archiver.run_once(wait_seconds=LOCK_SECONDS + 5 if stopping else 0)
                 self.passes += 1
-                self._check_budget(self.store)
+                pause = self.pause_after(done, self._check_budget(self.store))
                 if done.skipped != skipped:  # say it once, not every pass
                     log.info(kv("archive_skipped", job=self.job, reason=done.skipped) if done.skipped
                              else kv("archive_resumed", job=self.job))
@@ -262,12 +263,22 @@ class ArchiveThread:
             if stopping:
                 return
 
-    def _check_budget(self, store: ModelStore) -> None:
+    def pause_after(self, done: ArchivePass, used_bytes: int) -> float:
+        """How long to wait before the next pass. A pass that moved something while the job holds
+        over half its budget starts the next at once: a large model's updates (tens of MB/s) would
+        otherwise pile up for a whole interval; a small one's wait, so that segments are not tiny."""
+        if done.archived and used_bytes > self.budget_bytes / 2:
+            return 0.0
+        return self.every_seconds
+
+    def _check_budget(self, store: ModelStore) -> int:
+        """The job's Redis memory, warned about from 80 % of the budget."""
         used = sum(store.memory_usage().values())
         if used > self.budget_bytes * 0.8:
             log.warning(kv("redis_budget", job=self.job, used_mib=round(used / 2**20, 1),
                            budget_mib=round(self.budget_bytes / 2**20, 1),
                            advice="lower --hot-versions or --max-staleness, or raise --redis-budget-mb"))
+        return used
 
 
 def wait_for_archive(store: ModelStore, archive: JobArchive, version: int, deadline_seconds: float = 120) -> bool:

@@ -185,3 +185,13 @@ def test_only_one_archiver_moves_a_job_at_a_time(tmp_path):
     assert Archiver(store, archive, hot_versions=3, checkpoint_every=5).run_once().skipped
     held.release()
     assert Archiver(store, archive, hot_versions=3, checkpoint_every=5).run_once().archived_through == 9
+
+
+def test_the_archiver_catches_up_at_once_only_when_behind_and_over_half_its_budget(tmp_path):
+    store = build_job(3)
+    thread = archiver_module.ArchiveThread(store, Archive(str(tmp_path)).job(store.job), hot_versions=2,
+                                           checkpoint_every=4, every_seconds=10, budget_bytes=1000)
+    moved = archiver_module.ArchivePass(archived=[(0, 4)])
+    assert thread.pause_after(moved, used_bytes=600) == 0.0  # a large model's backlog: go again now
+    assert thread.pause_after(moved, used_bytes=400) == 10   # a small job: let a segment's worth gather
+    assert thread.pause_after(archiver_module.ArchivePass(), used_bytes=900) == 10  # nothing to move
