@@ -58,6 +58,9 @@ SEGMENT_BYTES = 256 * 1024 * 1024
 # The lock is renewed at every blob a pass reads, so it only has to outlive one blob's upload;
 # when its holder dies (a killed coordinator) the next archiver waits at most this long.
 LOCK_SECONDS = 30
+# Past this share of its Redis budget, with history still to move, a job's coordinator holds
+# new tasks back until the archiver has caught up: the budget is a bound, not only a warning.
+HOLD_DISPATCH_FRACTION = 0.9
 
 
 @dataclass
@@ -231,6 +234,7 @@ class ArchiveThread:
         self.every_seconds = every_seconds
         self.budget_bytes = budget_bytes
         self._stop = threading.Event()
+        self._over_budget = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"fedq-archiver-{self.job}", daemon=True)
         self.passes = 0
 
@@ -253,15 +257,31 @@ class ArchiveThread:
                 # job's history should reach the archive.
                 done = archiver.run_once(wait_seconds=LOCK_SECONDS + 5 if stopping else 0)
                 self.passes += 1
-                pause = self.pause_after(done, self._check_budget(self.store))
+                used = self._check_budget(self.store)
+                self._judge_budget(done, used)
+                pause = self.pause_after(done, used)
                 if done.skipped != skipped:  # say it once, not every pass
                     log.info(kv("archive_skipped", job=self.job, reason=done.skipped) if done.skipped
                              else kv("archive_resumed", job=self.job))
                     skipped = done.skipped
             except Exception as error:  # noqa: BLE001 - Redis and the archive keep everything; retry next time
+                self._over_budget.clear()  # a failing archive must not also stall the training
                 log.warning(kv("archive_failed", job=self.job, error=repr(error)[:300]))
             if stopping:
+                self._over_budget.clear()
                 return
+
+    def holding_dispatch(self) -> bool:
+        """Whether the coordinator should issue no new task for now (see HOLD_DISPATCH_FRACTION)."""
+        return self._over_budget.is_set()
+
+    def _judge_budget(self, done: ArchivePass, used_bytes: int) -> None:
+        # Holding back helps only while there is history to move: when a pass found nothing, the
+        # hot window itself is over the budget, and stalling the job would not shrink it.
+        if done.archived and used_bytes > self.budget_bytes * HOLD_DISPATCH_FRACTION:
+            self._over_budget.set()
+        else:
+            self._over_budget.clear()
 
     def pause_after(self, done: ArchivePass, used_bytes: int) -> float:
         """How long to wait before the next pass. A pass that moved something while the job holds

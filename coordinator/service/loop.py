@@ -94,6 +94,8 @@ class Coordinator:
         self.stop_requested = False
         self.last_metrics: dict[str, float] = {}
         self._channel: Channel | None = None
+        self.archiving: ArchiveThread | None = None  # while running: moves history out, may hold dispatch
+        self._dispatch_held = False
         self._prepare_job()
         # --max-seconds counts from version 0, not from loading the task's data.
         self.started = time.monotonic()
@@ -166,7 +168,7 @@ class Coordinator:
 
     def run(self) -> dict[str, Any]:
         """Serve until a stop condition holds; reconnects to RabbitMQ/Redis after connection loss."""
-        archiving = self._start_archiving()
+        self.archiving = archiving = self._start_archiving()
         try:
             self.transport.run(self._serve, name=f"fedq-coordinator-{self.settings.job}",
                                should_stop=lambda: self.finished_reason is not None or self.stop_requested,
@@ -443,6 +445,14 @@ class Coordinator:
 
     def _top_up(self) -> None:
         if self.finished_reason is not None or self._channel is None:
+            return
+        held = self.archiving is not None and self.archiving.holding_dispatch()
+        if held != self._dispatch_held:
+            self._dispatch_held = held
+            log.warning(kv("dispatch_held", job=self.settings.job, budget_mb=self.settings.redis_budget_mb,
+                           detail="the job's Redis memory is near its budget; new tasks wait for the archiver")
+                        if held else kv("dispatch_resumed", job=self.settings.job))
+        if held:
             return
         for _ in range(self.policy.tasks_to_dispatch(in_flight=self.in_flight, buffered=len(self.buffer))):
             self._dispatch()

@@ -324,3 +324,25 @@ def test_a_running_coordinator_archives_old_versions_and_keeps_redis_to_its_wind
     from fedq.coordinator.ops.replay import replay
 
     assert replay(store, 0, 12).ok
+
+
+def test_no_task_is_issued_while_the_archiver_holds_dispatch_and_training_resumes_after(broker, store, tmp_path,
+                                                                                         monkeypatch):
+    """Near its Redis budget, with history still to move, the job waits for the archiver rather
+    than fill Redis; once it caught up, tasks flow again."""
+    import threading
+
+    from fedq.coordinator.service.archiver import ArchiveThread
+
+    over_budget = threading.Event()
+    over_budget.set()
+    monkeypatch.setattr(ArchiveThread, "holding_dispatch", lambda self: over_budget.is_set())
+    coordinator, running = start(broker, store, algorithm="fedasync", concurrency=2,
+                                 archive=str(tmp_path / "archive"), archive_seconds=0.05)
+    wait_until(lambda: coordinator._dispatch_held, DEADLINE, "the coordinator never saw the hold")
+    assert broker.get(TOPOLOGY.tasks, timeout=1.0) is None, "a task was issued while dispatch was held"
+    over_budget.clear()
+    task = take_task(broker)
+    answer(broker, task, delta_like(store, 0.01))
+    wait_for_head(store, 1)
+    running.stop()

@@ -195,3 +195,17 @@ def test_the_archiver_catches_up_at_once_only_when_behind_and_over_half_its_budg
     assert thread.pause_after(moved, used_bytes=600) == 0.0  # a large model's backlog: go again now
     assert thread.pause_after(moved, used_bytes=400) == 10   # a small job: let a segment's worth gather
     assert thread.pause_after(archiver_module.ArchivePass(), used_bytes=900) == 10  # nothing to move
+
+
+def test_dispatch_is_held_only_while_over_budget_with_history_still_to_move(tmp_path):
+    store = build_job(3)
+    thread = archiver_module.ArchiveThread(store, Archive(str(tmp_path)).job(store.job), hot_versions=2,
+                                           checkpoint_every=4, every_seconds=10, budget_bytes=1000)
+    moved, nothing = archiver_module.ArchivePass(archived=[(0, 4)]), archiver_module.ArchivePass()
+    thread._judge_budget(moved, used_bytes=950)
+    assert thread.holding_dispatch()
+    thread._judge_budget(moved, used_bytes=850)   # caught up below 90 % of the budget
+    assert not thread.holding_dispatch()
+    thread._judge_budget(moved, used_bytes=950)
+    thread._judge_budget(nothing, used_bytes=950)  # the hot window alone is over: stalling would not help
+    assert not thread.holding_dispatch()
