@@ -58,7 +58,8 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("checkpoint_every", non_negative_int, 50, "the archive keeps the weights of every k-th version; replay "
            "recomputes the ones between (0: version 0 only)"),
     Option("archive_seconds", positive_float, 10.0, "how often the coordinator moves history to the archive"),
-    Option("redis_budget_mb", positive_int, 2048, "warn when the job's Redis memory passes 80 % of this"),
+    Option("redis_budget_mb", positive_int, 2048,
+           "the job's Redis memory: warn past 80 %%; past 90 %%, new tasks wait for the archiver to catch up"),
     Option("server_beta1", float, 0.9, "server optimizer: first-moment decay (momentum for 'momentum')"),
     Option("server_beta2", float, 0.99, "server optimizer: second-moment decay"),
     Option("server_epsilon", positive_float, 1e-3, "server optimizer: adaptivity epsilon (tau in Reddi et al.)"),

@@ -5,6 +5,7 @@ import argparse
 
 import pytest
 
+from fedq.common.cli import SUBCOMMANDS, main
 from fedq.common.settings import (CONNECTION_OPTIONS, DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, Option, SettingsError,
                                   add_options, non_negative_float, non_negative_int, parse_bool, positive_float,
                                   positive_int, resolve)
@@ -235,3 +236,13 @@ def test_a_url_is_shown_without_its_password():
 
     assert redact_url("amqps://site-3:s3cret@rabbit:5671/") == "amqps://site-3:***@rabbit:5671/"
     assert redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+
+
+@pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
+def test_every_command_prints_its_help(command, capsys):
+    # argparse formats help texts with %: a bare "80 %" in one option's help once made
+    # `fedq coordinator --help` a traceback.
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: fedq {command}" in capsys.readouterr().out
