@@ -61,6 +61,9 @@ LOCK_SECONDS = 30
 # Past this share of its Redis budget, with history still to move, a job's coordinator holds
 # new tasks back until the archiver has caught up: the budget is a bound, not only a warning.
 HOLD_DISPATCH_FRACTION = 0.9
+WARN_FRACTION = 0.8
+# How often the coordinator measures the job's Redis memory (a MEMORY USAGE per key, a few ms).
+MEASURE_SECONDS = 1.0
 
 
 @dataclass
@@ -227,14 +230,19 @@ class ArchiveThread:
     """Runs archive passes in the background of a coordinator, on a Redis connection of its own."""
 
     def __init__(self, store: ModelStore, archive: JobArchive, hot_versions: int, checkpoint_every: int,
-                 every_seconds: float, budget_bytes: int):
+                 every_seconds: float, budget_bytes: int, reserve_bytes: int = 0):
         # A store of its own (its own weights cache) on the coordinator's client: redis-py's pool is thread-safe.
         self.store, self.job = store, store.job
         self.archive, self.hot_versions, self.checkpoint_every = archive, hot_versions, checkpoint_every
         self.every_seconds = every_seconds
         self.budget_bytes = budget_bytes
+        # What arrives after dispatch stops: an update blob from every task in flight and the
+        # versions they make. Held from 90 % of the budget, or earlier if that is more.
+        self.hold_above = min(budget_bytes * HOLD_DISPATCH_FRACTION, budget_bytes - reserve_bytes)
         self._stop = threading.Event()
-        self._over_budget = threading.Event()
+        # Written by the coordinator's thread (holding_dispatch), read by this one (the warning).
+        self._holding, self._measured_at, self._peak_bytes = False, float("-inf"), 0
+        self.measure_seconds = MEASURE_SECONDS
         self._thread = threading.Thread(target=self._run, name=f"fedq-archiver-{self.job}", daemon=True)
         self.passes = 0
 
@@ -257,31 +265,35 @@ class ArchiveThread:
                 # job's history should reach the archive.
                 done = archiver.run_once(wait_seconds=LOCK_SECONDS + 5 if stopping else 0)
                 self.passes += 1
-                used = self._check_budget(self.store)
-                self._judge_budget(done, used)
-                pause = self.pause_after(done, used)
+                pause = self.pause_after(done, self._check_budget(self.store))
                 if done.skipped != skipped:  # say it once, not every pass
                     log.info(kv("archive_skipped", job=self.job, reason=done.skipped) if done.skipped
                              else kv("archive_resumed", job=self.job))
                     skipped = done.skipped
             except Exception as error:  # noqa: BLE001 - Redis and the archive keep everything; retry next time
-                self._over_budget.clear()  # a failing archive must not also stall the training
                 log.warning(kv("archive_failed", job=self.job, error=repr(error)[:300]))
             if stopping:
-                self._over_budget.clear()
                 return
 
     def holding_dispatch(self) -> bool:
-        """Whether the coordinator should issue no new task for now (see HOLD_DISPATCH_FRACTION)."""
-        return self._over_budget.is_set()
-
-    def _judge_budget(self, done: ArchivePass, used_bytes: int) -> None:
-        # Holding back helps only while there is history to move: when a pass found nothing, the
-        # hot window itself is over the budget, and stalling the job would not shrink it.
-        if done.archived and used_bytes > self.budget_bytes * HOLD_DISPATCH_FRACTION:
-            self._over_budget.set()
-        else:
-            self._over_budget.clear()
+        """Whether the coordinator should issue no new task for now: the job holds over 90 % of its
+        budget (less the reserve) while versions wait for the archive. Called by the coordinator between deliveries;
+        measures at most once a second. The archive only catching up frees Redis, so holding
+        helps only while it is behind: a hot window over the budget on its own is not held (the
+        warning says what to change). An archive that is down keeps the job held, Redis whole."""
+        now = time.monotonic()
+        if now - self._measured_at < self.measure_seconds:
+            return self._holding
+        self._measured_at = now
+        try:
+            used = sum(self.store.memory_usage().values())
+            head = self.store.versions.last_committed()
+            archived = int(self.store.redis.get(self.store.keys.archived_through) or -1)
+        except redis.RedisError:
+            return self._holding  # the coordinator's own Redis calls will say what is wrong
+        self._peak_bytes = max(self._peak_bytes, used)
+        self._holding = used > self.hold_above and head is not None and archived < head
+        return self._holding
 
     def pause_after(self, done: ArchivePass, used_bytes: int) -> float:
         """How long to wait before the next pass. A pass that moved something while the job holds
@@ -292,13 +304,15 @@ class ArchiveThread:
         return self.every_seconds
 
     def _check_budget(self, store: ModelStore) -> int:
-        """The job's Redis memory, warned about from 80 % of the budget."""
+        """The job's Redis memory at its peak since the last pass (it is lowest right after a pass,
+        which has just dropped the archived blobs), warned about from 80 % of the budget."""
         used = sum(store.memory_usage().values())
-        if used > self.budget_bytes * 0.8:
-            log.warning(kv("redis_budget", job=self.job, used_mib=round(used / 2**20, 1),
+        peak, self._peak_bytes = max(used, self._peak_bytes), 0
+        if peak > self.budget_bytes * WARN_FRACTION:
+            log.warning(kv("redis_budget", job=self.job, used_mib=round(peak / 2**20, 1),
                            budget_mib=round(self.budget_bytes / 2**20, 1),
                            advice="lower --hot-versions or --max-staleness, or raise --redis-budget-mb"))
-        return used
+        return peak
 
 
 def wait_for_archive(store: ModelStore, archive: JobArchive, version: int, deadline_seconds: float = 120) -> bool:

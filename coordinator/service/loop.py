@@ -192,9 +192,11 @@ class Coordinator:
     def _start_archiving(self) -> ArchiveThread | None:
         if self.archive is None:
             return None
+        model_bytes = sum(array.nbytes for array in self.weights.values())
         thread = ArchiveThread(ModelStore(self.store.redis, self.settings.job), self.archive,
                                self.settings.hot_window, self.settings.checkpoint_every,
-                               self.settings.archive_seconds, self.settings.redis_budget_mb * 2**20)
+                               self.settings.archive_seconds, self.settings.redis_budget_mb * 2**20,
+                               reserve_bytes=(self.settings.concurrency + 2) * model_bytes)
         thread.start()
         log.info(kv("archiving", job=self.settings.job, archive=self.archive.url, hot_versions=self.settings.hot_window,
                     checkpoint_every=self.settings.checkpoint_every))

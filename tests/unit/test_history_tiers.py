@@ -197,15 +197,25 @@ def test_the_archiver_catches_up_at_once_only_when_behind_and_over_half_its_budg
     assert thread.pause_after(archiver_module.ArchivePass(), used_bytes=900) == 10  # nothing to move
 
 
-def test_dispatch_is_held_only_while_over_budget_with_history_still_to_move(tmp_path):
-    store = build_job(3)
+def test_dispatch_is_held_only_while_over_budget_with_history_still_to_move(tmp_path, monkeypatch):
+    store = build_job(5)  # head 4, nothing archived yet
     thread = archiver_module.ArchiveThread(store, Archive(str(tmp_path)).job(store.job), hot_versions=2,
                                            checkpoint_every=4, every_seconds=10, budget_bytes=1000)
-    moved, nothing = archiver_module.ArchivePass(archived=[(0, 4)]), archiver_module.ArchivePass()
-    thread._judge_budget(moved, used_bytes=950)
+    thread.measure_seconds = 0
+    used = {"update": 950}
+    monkeypatch.setattr(store, "memory_usage", lambda: dict(used))
     assert thread.holding_dispatch()
-    thread._judge_budget(moved, used_bytes=850)   # caught up below 90 % of the budget
+    used["update"] = 850  # below 90 % of the budget again
     assert not thread.holding_dispatch()
-    thread._judge_budget(moved, used_bytes=950)
-    thread._judge_budget(nothing, used_bytes=950)  # the hot window alone is over: stalling would not help
+    used["update"] = 950
+    store.redis.set(store.keys.archived_through, 4)  # the archive caught up: the hot window alone is over
     assert not thread.holding_dispatch()
+    store.redis.set(store.keys.archived_through, 3)
+    assert thread.holding_dispatch()
+    thread.measure_seconds = 3600  # measured at most once a second: the answer stands until then
+    used["update"] = 0
+    assert thread.holding_dispatch()
+    # What tasks in flight will still bring is held back for: a large model is held earlier.
+    large = archiver_module.ArchiveThread(store, Archive(str(tmp_path)).job(store.job), hot_versions=2,
+                                          checkpoint_every=4, every_seconds=10, budget_bytes=1000, reserve_bytes=300)
+    assert large.hold_above == 700 and thread.hold_above == 900
