@@ -13,12 +13,13 @@ import time
 import numpy as np
 
 from fedq.broker.topology import Topology
+from fedq.common.store.tiers import whole_history
 from fedq.common.tasks import load_task
 from fedq.common.wire import codec
 from fedq.common.wire.messages import ClaimCheck, InlineDelta, ModelUpdate, RoundTask, TrainSettings
 from fedq.common.wire.signing import SigningKey
 from tests.support import (ROOT, connection_flags, publish_updates, publish_with_undecodable_header, take_dead_letters,
-                           take_tasks, wait_until, whole_history)
+                           take_tasks, wait_until)
 
 PARAMS = {"num_partitions": 2}
 # Settings under which two digits workers reach 0.85 test accuracy within a few dozen versions.
