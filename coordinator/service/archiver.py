@@ -277,10 +277,11 @@ class ArchiveThread:
 
     def holding_dispatch(self) -> bool:
         """Whether the coordinator should issue no new task for now: the job holds over 90 % of its
-        budget (less the reserve) while versions wait for the archive. Called by the coordinator between deliveries;
-        measures at most once a second. The archive only catching up frees Redis, so holding
-        helps only while it is behind: a hot window over the budget on its own is not held (the
-        warning says what to change). An archive that is down keeps the job held, Redis whole."""
+        budget (less the reserve) while versions wait for the archive. Called by the coordinator
+        between deliveries; measures at most once a second. Only the archive catching up frees
+        Redis, so holding helps only while it is behind: a hot window over the budget on its own
+        is not held (the warning says what to change). An archive that is down keeps the job
+        held, and Redis whole, until it is back."""
         now = time.monotonic()
         if now - self._measured_at < self.measure_seconds:
             return self._holding
