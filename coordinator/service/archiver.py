@@ -243,6 +243,7 @@ class ArchiveThread:
         # Written by the coordinator's thread (holding_dispatch), read by this one (the warning).
         self._holding, self._measured_at, self._peak_bytes = False, float("-inf"), 0
         self.measure_seconds = MEASURE_SECONDS
+        self._unmeasurable = False
         self._thread = threading.Thread(target=self._run, name=f"fedq-archiver-{self.job}", daemon=True)
         self.passes = 0
 
@@ -307,7 +308,14 @@ class ArchiveThread:
     def _check_budget(self, store: ModelStore) -> int:
         """The job's Redis memory at its peak since the last pass (it is lowest right after a pass,
         which has just dropped the archived blobs), warned about from 80 % of the budget."""
-        used = sum(store.memory_usage().values())
+        try:
+            used = sum(store.memory_usage().values())
+        except redis.ResponseError as error:
+            # A Redis that refuses MEMORY USAGE (some managed services): archive on, unmeasured.
+            if not self._unmeasurable:
+                self._unmeasurable = True
+                log.warning(kv("redis_budget_unmeasured", job=self.job, error=str(error)[:200]))
+            return 0
         peak, self._peak_bytes = max(used, self._peak_bytes), 0
         if peak > self.budget_bytes * WARN_FRACTION:
             log.warning(kv("redis_budget", job=self.job, used_mib=round(peak / 2**20, 1),

@@ -49,6 +49,9 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("max_versions", _optional(positive_int), None, "stop after this many versions"),
     Option("max_seconds", _optional(positive_float), None, "stop after this many seconds"),
     Option("eval_every", non_negative_int, 1, "evaluate every N versions (0: never)"),
+    Option("plateau", _optional(non_negative_int), None, "stop when the score has not improved by --plateau-epsilon "
+           "in this many evaluations (default: 100 with --target, else never; 0: never)"),
+    Option("plateau_epsilon", non_negative_float, 0.001, "the least improvement of the score that counts"),
     Option("seed", int, 0, "seed of the initial model"),
     Option("task_lease_seconds", positive_float, 600.0, "a task not answered within this is replaced"),
     Option("archive", str, "", "where older history goes: a directory or fsspec URL (s3://bucket/prefix, ...); "

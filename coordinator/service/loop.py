@@ -66,6 +66,26 @@ class Pending:
         return self.validated.update
 
 
+class Plateau:
+    """Whether a score has stopped improving: not by ``epsilon`` over its best in ``patience``
+    evaluations (patience 0: never). Counted from this process's start: a restarted
+    coordinator gives a job a fresh chance."""
+
+    def __init__(self, patience: int, epsilon: float):
+        self.patience, self.epsilon = patience, epsilon
+        self.best: float | None = None
+        self.evaluations = 0
+        self._since_best = 0
+
+    def stalled(self, score: float) -> bool:
+        self.evaluations += 1
+        if self.best is None or score > self.best + self.epsilon:
+            self.best, self._since_best = score, 0
+        else:
+            self._since_best += 1
+        return self.patience > 0 and self._since_best >= self.patience
+
+
 class Coordinator:
     def __init__(self, settings: CoordinatorSettings, store: ModelStore | None = None,
                  transport: Transport | None = None):
@@ -96,6 +116,7 @@ class Coordinator:
         self._channel: Channel | None = None
         self.archiving: ArchiveThread | None = None  # while running: moves history out, may hold dispatch
         self._dispatch_held = False
+        self.plateau = Plateau(settings.plateau_evaluations, settings.plateau_epsilon)
         self._prepare_job()
         # --max-seconds counts from version 0, not from loading the task's data.
         self.started = time.monotonic()
@@ -431,6 +452,13 @@ class Coordinator:
             self._finish("target_reached")
         elif self.settings.max_versions is not None and self.head >= self.settings.max_versions:
             self._finish("max_versions")
+        elif score is not None and self.plateau.stalled(score):
+            if self.settings.target is not None:
+                log.warning(kv("target_unreachable", target=self.settings.target, best=self.plateau.best,
+                               evaluations=self.plateau.evaluations,
+                               detail=f"no improvement of {self.task.score_metric} by "
+                                      f"{self.settings.plateau_epsilon} in {self.plateau.patience} evaluations"))
+            self._finish("plateau")
 
     def _finish(self, reason: str) -> None:
         if self.finished_reason is not None:

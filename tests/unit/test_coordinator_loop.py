@@ -183,6 +183,36 @@ def test_the_target_stops_the_run_and_withdraws_outstanding_tasks(broker, store)
     assert broker.ready(TOPOLOGY.tasks) == [] and store.ledger.open_tasks() == {}
 
 
+def test_a_target_the_run_cannot_reach_ends_it_on_a_plateau_with_a_warning(broker, store, caplog):
+    # R^2 never exceeds 1: the target is out of reach, and no update moves the model.
+    _, running = start(broker, store, algorithm="fedasync", concurrency=1, eval_every=1, target=2.0, plateau=3)
+    while running.thread.is_alive():
+        task = broker.get(TOPOLOGY.tasks, timeout=0.2)
+        if task is not None:
+            answer(broker, parse_task(task.body), delta_like(store, 0.0))
+    summary = running.join(DEADLINE)
+    assert summary["reason"] == "plateau" and store.status.load()["reason"] == "plateau"
+    assert store.versions.head() == 4  # the first score, then three that did not improve on it
+    assert "event=target_unreachable target=2 " in caplog.text
+
+
+def test_the_plateau_counts_only_improvements_by_epsilon():
+    from fedq.coordinator.service.loop import Plateau
+
+    plateau = Plateau(patience=2, epsilon=0.01)
+    assert [plateau.stalled(score) for score in (0.5, 0.505, 0.52, 0.525, 0.529)] == [False, False, False, False, True]
+    assert plateau.best == 0.52 and plateau.evaluations == 5
+    assert not any(Plateau(patience=0, epsilon=0.01).stalled(0.5) for _ in range(100))
+
+
+def test_without_a_target_no_plateau_ends_the_run_unless_asked():
+    settings = lambda **values: CoordinatorSettings(job=JOB, amqp_url="", redis_url="", **values)  # noqa: E731
+    assert settings().plateau_evaluations == 0
+    assert settings(target=0.9).plateau_evaluations == 100
+    assert settings(target=0.9, plateau=0).plateau_evaluations == 0
+    assert settings(plateau=7).plateau_evaluations == 7
+
+
 def test_an_unknown_algorithm_is_an_error_not_fedavg():
     with pytest.raises(ValueError, match="unknown algorithm 'fedsgd'; choose from fedasync, fedbuff, fedavg"):
         CoordinatorSettings(job=JOB, amqp_url="", redis_url="", algorithm="fedsgd")
