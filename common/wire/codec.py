@@ -18,11 +18,18 @@ Weights = dict[str, np.ndarray]
 
 
 class CodecError(ValueError):
-    """Bytes that are not a valid safetensors tensor file."""
+    """Bytes that are not a valid safetensors tensor file, or tensors that cannot make one."""
+
+
+RESERVED_NAME = "__metadata__"
 
 
 def encode(tensors: Mapping[str, np.ndarray]) -> bytes:
     """Serialise named arrays; the output is byte-identical for identical input."""
+    if RESERVED_NAME in tensors:
+        # safetensors keeps its header's metadata under this key: a tensor of that name makes
+        # a payload that no reader can parse.
+        raise CodecError(f"a tensor may not be named {RESERVED_NAME!r}: safetensors reserves it")
     # np.asarray(order="C") keeps 0-d tensors 0-d (np.ascontiguousarray would make them 1-d).
     return _save_numpy({name: np.asarray(array, order="C") for name, array in tensors.items()})
 
