@@ -12,6 +12,7 @@ from fedq.coordinator.algorithms.registry import Algorithm, algorithm
 # never ended.
 PLATEAU_WITH_TARGET = 100
 
+
 @dataclass(frozen=True)
 class CoordinatorSettings:
     job: str
