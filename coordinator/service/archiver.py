@@ -266,7 +266,7 @@ class ArchiveThread:
                 # job's history should reach the archive.
                 done = archiver.run_once(wait_seconds=LOCK_SECONDS + 5 if stopping else 0)
                 self.passes += 1
-                pause = self.pause_after(done, self._check_budget(self.store))
+                pause = self.pause_after(done, self._check_budget())
                 if done.skipped != skipped:  # say it once, not every pass
                     log.info(kv("archive_skipped", job=self.job, reason=done.skipped) if done.skipped
                              else kv("archive_resumed", job=self.job))
@@ -288,7 +288,7 @@ class ArchiveThread:
             return self._holding
         self._measured_at = now
         try:
-            used = sum(self.store.memory_usage().values())
+            used = self._job_bytes()
             head = self.store.versions.last_committed()
             archived = int(self.store.redis.get(self.store.keys.archived_through) or -1)
         except redis.RedisError:
@@ -305,11 +305,14 @@ class ArchiveThread:
             return 0.0
         return self.every_seconds
 
-    def _check_budget(self, store: ModelStore) -> int:
+    def _job_bytes(self) -> int:
+        return sum(self.store.memory_usage().values())
+
+    def _check_budget(self) -> int:
         """The job's Redis memory at its peak since the last pass (it is lowest right after a pass,
         which has just dropped the archived blobs), warned about from 80 % of the budget."""
         try:
-            used = sum(store.memory_usage().values())
+            used = self._job_bytes()
         except redis.ResponseError as error:
             # A Redis that refuses MEMORY USAGE (some managed services): archive on, unmeasured.
             if not self._unmeasurable:
