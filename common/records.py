@@ -35,6 +35,11 @@ class AppliedUpdate:
     # The delta's L2 norm: a restarted coordinator bounds new updates by it. None in records
     # written before it was kept.
     norm: float | None = None
+    # What adaptive weighting used: the staleness its worker's measured speed predicted, and the
+    # worker's share of the active workers' examples. None: not measured, or a record written
+    # before they were kept.
+    expected_staleness: float | None = None
+    data_share: float | None = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,16 @@ def _optional_int(text):
     return None if str(text).lower() in ("", "none") else int(text)
 
 
+def _optional_str(text):
+    return None if str(text).lower() in ("", "none") else str(text)
+
+
+def _device(text):
+    from fedq.worker.training import training_device
+
+    return str(training_device(str(text)))
+
+
 def _fingerprint(text):
     from fedq.common.wire.signing import parse_fingerprint
 
@@ -28,7 +38,11 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("coordinator_key", _fingerprint, None, "fingerprint of the job's coordinator key, as the coordinator "
            "logs it (event=coordinator_key): tasks and the job description must be signed by it"),
     Option("worker_id", str, "", "stable id of this worker; {hostname} is replaced by the host name, e.g. site-a.{hostname} for replicas of an enrolled site (default: host-pid-random)"),
-    Option("partition", _optional_int, None, "data partition of this worker (default: from the worker id)"),
+    Option("partition", _optional_int, None, "data partition of a built-in task this worker trains on (default: "
+           "the coordinator leases one that no other live worker holds)"),
+    Option("data", _optional_str, None, "this worker's own data: a path or fsspec URL handed to the task plugin's "
+           "local_data_at (built-in tasks read an .npz with arrays 'features' and 'targets'); no partition is leased"),
+    Option("device", _device, "cpu", "torch device to train on: cpu, cuda, cuda:N or mps"),
     Option("slowdown", non_negative_float, 0.0, "extra seconds per task, to simulate a slow device"),
     Option("max_tasks", _optional_int, None, "exit after this many tasks"),
     Option("drain_seconds", non_negative_float, 60.0, "on SIGTERM, how long the current task may still run"),
@@ -48,7 +62,8 @@ def main(args: argparse.Namespace) -> int:
 
     worker = Worker(WorkerSettings(
         job=values["job"], amqp_url=values["amqp_url"], redis_url=values["redis_url"],
-        worker_id=values["worker_id"], partition=values["partition"], slowdown_seconds=values["slowdown"],
+        worker_id=values["worker_id"], partition=values["partition"], data=values["data"], device=values["device"],
+        slowdown_seconds=values["slowdown"],
         max_tasks=values["max_tasks"], drain_seconds=values["drain_seconds"],
         heartbeat_seconds=values["heartbeat"], task=values["task"], task_params=values["task_params"],
         coordinator_key=values["coordinator_key"]))

@@ -47,7 +47,7 @@ from fedq.common.wire.limits import INLINE_LIMIT_BYTES, MAX_TASK_MESSAGE_BYTES, 
 from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate, RoundTask, TaskRefusal, parse_task
 from fedq.common.wire.signing import SignatureError
 from fedq.worker.job import BoundJob, JobBinder, JobMismatchError, UnverifiableJobError
-from fedq.worker.training import LocalTrainer, stable_partition
+from fedq.worker.training import LocalTrainer, job_partitions, stable_partition, training_device
 
 log = logging.getLogger("fedq.worker")
 
@@ -59,6 +59,8 @@ TRAINING_POLL_SECONDS = 0.2
 # A task that cannot be verified now (the job's description is missing or rewritten) goes back
 # to the queue after this long: the coordinator restores its description every few seconds.
 UNVERIFIABLE_RETRY_SECONDS = 1.0
+# How often a worker waiting for its partition lease looks again.
+LEASE_POLL_SECONDS = 0.25
 # Errors that are not the task's fault: Redis going away (reconnect and carry on) or a
 # worker that cannot serve this job at all (a task plugin it cannot import, or not the job's).
 NOT_THE_TASKS_FAULT = (*TRANSIENT_REDIS_ERRORS, TaskPluginError, StoreError)
@@ -70,7 +72,12 @@ class WorkerSettings:
     amqp_url: str
     redis_url: str
     worker_id: str = ""
+    # This worker's data: a partition of a built-in task's split (None: the coordinator leases one),
+    # or a location the task plugin reads (``data``: a path or URL; then no partition is leased).
     partition: int | None = None
+    data: str | None = None
+    # torch device to train on ("cpu", "cuda", "cuda:1", "mps").
+    device: str = "cpu"
     slowdown_seconds: float = 0.0
     max_tasks: int | None = None
     drain_seconds: float = 60.0
@@ -83,6 +90,9 @@ class WorkerSettings:
     coordinator_key: str | None = None
     # How long the consumer waits for a task before looking up (stop requests, liveness); tests shorten it.
     idle_seconds: float = 0.5
+    # How long a worker waits for the coordinator to lease it a partition before it takes one from
+    # its id (as before leases existed), with a warning.
+    lease_wait_seconds: float = 20.0
 
 
 def default_worker_id() -> str:
@@ -98,10 +108,13 @@ class Worker:
         self.topology = Topology(settings.job)
         self.store = store or ModelStore(connect_redis(settings.redis_url), settings.job)
         self.transport = transport or PikaTransport(settings.amqp_url, heartbeat=settings.heartbeat_seconds)
-        self.partition = settings.partition if settings.partition is not None else stable_partition(self.worker_id)
+        # Where this worker's data comes from: "data" (--data), "flag" (--partition) or "lease".
+        self.data_source = "data" if settings.data else "flag" if settings.partition is not None else "lease"
+        self.partition: int | None = settings.partition
+        self._lease_warned = False
         self.job = JobBinder(self.store, settings.task, settings.task_params, settings.coordinator_key)
-        self.trainer = LocalTrainer(self.store, self.worker_id, self.partition,
-                                    slowdown_seconds=settings.slowdown_seconds,
+        self.trainer = LocalTrainer(self.store, self.worker_id, device=training_device(settings.device),
+                                    data_location=settings.data, slowdown_seconds=settings.slowdown_seconds,
                                     inline_limit_bytes=settings.inline_limit_bytes)
         self.tasks_done = 0
         self.tasks_failed = 0
@@ -151,8 +164,34 @@ class Worker:
         self._liveness_written = time.monotonic()
         self.store.workers.touch(self.worker_id, {
             "worker_id": self.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
-            "partition": self.partition, "tasks_done": self.tasks_done, "current_task": self._current_task,
+            "partition": self.partition, "partition_source": self.data_source, "data": self.settings.data,
+            "device": self.settings.device, "tasks_done": self.tasks_done, "current_task": self._current_task,
             "started": self.started_at}, LIVENESS_TTL_SECONDS)
+
+    def _leased_partition(self, channel: Channel) -> int | None:
+        """The partition to train this task on: the flag's, else the coordinator's lease (waited for
+        up to ``lease_wait_seconds``; a lease can change after this worker was away), else one from
+        the worker id. None with --data."""
+        if self.data_source != "lease":
+            return self.partition
+        deadline = time.monotonic() + self.settings.lease_wait_seconds
+        leased = self.store.partitions.of(self.worker_id)
+        while leased is None and time.monotonic() < deadline and not self.stop_requested:
+            self._wait_polling(channel, LEASE_POLL_SECONDS)
+            leased = self.store.partitions.of(self.worker_id)
+        if leased is None:
+            leased = stable_partition(self.worker_id) % job_partitions(self.job.current())
+            if not self._lease_warned:
+                self._lease_warned = True
+                log.warning(kv("partition_not_leased", worker=self.worker_id, partition=leased,
+                               waited_s=self.settings.lease_wait_seconds,
+                               detail="no lease from the coordinator; training on a partition chosen from the "
+                                      "worker id, which another worker may share"))
+        if leased != self.partition:
+            log.info(kv("partition_leased", worker=self.worker_id, partition=leased, previous=self.partition))
+            self.partition = leased
+            self._report_liveness(force=True)
+        return leased
 
     def _serve(self, channel: Channel) -> None:
         try:
@@ -209,10 +248,12 @@ class Worker:
         except JobMismatchError:
             channel.nack(delivery.tag, requeue=True)  # another worker, configured right, may take it
             raise
+        partition = self._leased_partition(channel)
         started = time.monotonic()
-        log.info(kv("task_started", worker=self.worker_id, task=task.task_id, base_version=task.model_version))
+        log.info(kv("task_started", worker=self.worker_id, task=task.task_id, base_version=task.model_version,
+                    partition=partition))
         outcome: dict[str, Any] = {}
-        thread = threading.Thread(target=self._train_into, args=(task, job, outcome), daemon=True,
+        thread = threading.Thread(target=self._train_into, args=(task, job, partition, outcome), daemon=True,
                                   name=f"train-{task.task_id[:8]}")
         thread.start()
         drain_deadline = None
@@ -301,8 +342,8 @@ class Worker:
 
     # -- training (runs in the background thread) ------------------------
 
-    def _train_into(self, task: RoundTask, job: BoundJob, outcome: dict[str, Any]) -> None:
+    def _train_into(self, task: RoundTask, job: BoundJob, partition: int | None, outcome: dict[str, Any]) -> None:
         try:
-            outcome["update"] = self.trainer.train(task, job)
+            outcome["update"] = self.trainer.train(task, job, partition)
         except Exception as error:  # handed back to the connection thread
             outcome["error"] = error

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from fedq.common.store import ModelStore
-from fedq.common.tasks import FederatedTask, load_weights_into, weights_of
+from fedq.common.tasks import FederatedTask, TaskPluginError, load_weights_into, weights_of
+from fedq.common.tasks.base import LocalData
 from fedq.common.wire import codec
 from fedq.common.wire.limits import INLINE_LIMIT_BYTES, UPDATE_BLOB_TTL_SECONDS
 from fedq.common.wire.messages import ClaimCheck, InlineDelta, ModelUpdate, RoundTask
@@ -24,34 +25,79 @@ def stable_partition(worker_id: str) -> int:
     return zlib.crc32(worker_id.encode())
 
 
-class LocalTrainer:
-    """Trains the job's model on this worker's data partition, one task at a time."""
+def job_partitions(job: BoundJob) -> int:
+    return max(1, int(job.plugin.num_partitions))
 
-    def __init__(self, store: ModelStore, worker_id: str, partition: int, *, slowdown_seconds: float = 0.0,
+
+def training_device(spec: str) -> torch.device:
+    """The torch device ``spec`` names, checked now: a worker told to use a GPU it lacks says so at start."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise TaskPluginError(f"--device {spec!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise TaskPluginError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s) that "
+                              "torch can use; train on --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TaskPluginError("--device mps: the MPS backend is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise TaskPluginError(f"--device {spec!r}: fedq trains on cpu, cuda or mps")
+    return device
+
+
+class LocalTrainer:
+    """Trains the job's model on this worker's data, one task at a time.
+
+    The data is a partition of the task's split, or (``data_location``, from --data) whatever the
+    plugin's ``local_data_at`` reads there, checked once against the model.
+    """
+
+    def __init__(self, store: ModelStore, worker_id: str, *, device: torch.device = torch.device("cpu"),
+                 data_location: str | None = None, slowdown_seconds: float = 0.0,
                  inline_limit_bytes: int = INLINE_LIMIT_BYTES):
         self.store = store
         self.worker_id = worker_id
-        self.partition = partition
+        self.device = device
+        self.data_location = data_location
         self.slowdown_seconds = slowdown_seconds
         self.inline_limit_bytes = inline_limit_bytes
         self._one_at_a_time = threading.Lock()
+        self._located: dict[int, LocalData] = {}  # id(plugin) -> the data read from data_location
 
-    def train(self, task: RoundTask, job: BoundJob) -> ModelUpdate:
+    def train(self, task: RoundTask, job: BoundJob, partition: int | None) -> ModelUpdate:
         """Train ``task`` and pack its update. One call at a time: a training abandoned by a lost
         connection may still be running when the next task (or the same one, redelivered)
         starts, and two trainings of one torch module corrupt each other (autograd errors,
         segmentation faults). The later call waits; the abandoned one's result is discarded
         by its caller, which is gone."""
         with self._one_at_a_time:
-            return self._train(task, job.plugin, job.model)
+            return self._train(task, job.plugin, job.model, partition)
 
-    def _train(self, task: RoundTask, plugin: FederatedTask, model: torch.nn.Module) -> ModelUpdate:
+    def data(self, plugin: FederatedTask, model: torch.nn.Module, partition: int | None) -> LocalData:
+        if self.data_location is None:
+            return plugin.local_data(partition)
+        if id(plugin) not in self._located:
+            data = plugin.local_data_at(self.data_location)
+            try:
+                with torch.no_grad():
+                    model(data.features[:1])
+            except Exception as error:  # noqa: BLE001 - any failure means the data does not fit the model
+                raise TaskPluginError(f"the data at {self.data_location} does not fit the job's model "
+                                      f"({type(error).__name__}: {error})") from None
+            self._located[id(plugin)] = data
+        return self._located[id(plugin)]
+
+    def _train(self, task: RoundTask, plugin: FederatedTask, model: torch.nn.Module,
+               partition: int | None) -> ModelUpdate:
         # Verified against the digest the coordinator signed into the task, not only the one in
         # Redis: weights and metadata rewritten together are refused all the same.
         base = self.store.versions.load_weights(task.model_version, expected_digest=task.model_digest)
         started = time.monotonic()
-        load_weights_into(model, base)
-        data = plugin.local_data(self.partition)
+        load_weights_into(model.cpu(), base)
+        data = self.data(plugin, model, partition)
+        if self.device.type != "cpu":  # weights_of below copies the trained weights back
+            model.to(self.device)
+            data = LocalData(data.features.to(self.device), data.targets.to(self.device))
         metrics = plugin.train(model, data, task.train)
         if self.slowdown_seconds:
             time.sleep(self.slowdown_seconds)

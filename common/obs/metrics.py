@@ -28,6 +28,13 @@ HEAD_VERSION = Gauge("fedq_head_version", "Current global model version", ["job"
 BUFFER_FILL = Gauge("fedq_buffer_fill", "Validated updates waiting in the aggregation buffer", ["job"])
 TASKS_IN_FLIGHT = Gauge("fedq_tasks_in_flight", "Tasks dispatched and not yet answered", ["job"])
 MODEL_SCORE = Gauge("fedq_model_score", "Latest evaluation metric of the global model", ["job", "metric"])
+# Each worker's contribution, as the coordinator sees it (one series per worker id).
+PER_WORKER_APPLIED = Counter("fedq_contribution_applied_total", "Updates of a worker folded into versions",
+                             ["job", "worker"])
+PER_WORKER_REJECTED = Counter("fedq_contribution_rejected_total", "Updates of a worker dead-lettered, by reason",
+                              ["job", "worker", "reason"])
+PER_WORKER_ROUND_TRIP = Gauge("fedq_contribution_round_trip_seconds",
+                              "Smoothed seconds from a task's issue to its worker's update", ["job", "worker"])
 
 # -- worker ---------------------------------------------------------------
 WORKER_TASK_SECONDS = Histogram("fedq_worker_task_seconds", "Wall time of one task on a worker", ["job"],

@@ -17,9 +17,11 @@ import redis
 from fedq.common.store.blobs import UpdateBlobs
 from fedq.common.store.client import (TRANSIENT_REDIS_ERRORS, HeadMovedError, StoreError, TamperedVersionError,
                                       UnknownVersionError, connect_redis)
+from fedq.common.store.fleet import FleetRecords
 from fedq.common.store.identities import IdentityRegistry
 from fedq.common.store.keys import JobKeys
 from fedq.common.store.ledger import TaskLedger
+from fedq.common.store.partitions import PartitionLeases
 from fedq.common.store.status import JobStatus, OutcomeCounters
 from fedq.common.store.versions import VersionStore
 from fedq.common.store.workers import WorkerRegistry
@@ -39,6 +41,8 @@ class ModelStore:
         self.ledger = TaskLedger(client, self.keys)
         self.blobs = UpdateBlobs(client, self.keys)
         self.workers = WorkerRegistry(client, self.keys)
+        self.partitions = PartitionLeases(client, self.keys)
+        self.fleet = FleetRecords(client, self.keys)
         self.identities = IdentityRegistry(client, self.keys)
         self.status = JobStatus(client, self.keys)
         self.counters = OutcomeCounters(client, self.keys)

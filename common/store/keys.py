@@ -23,6 +23,10 @@ Cluster slot and one Lua script may touch them together::
                                  worker's Redis user may write only its own): a TTL while it is a
                                  pending claim check, kept (for replay) once applied, until it is archived
     fedq:{job}:worker:<id>       JSON liveness of one worker (host, tasks done, last seen), short TTL
+    fedq:{job}:partitions        hash worker_id -> the data partition the coordinator leased to it
+    fedq:{job}:partition:<id>    that worker's partition, alone: the one key of the lease its worker may read
+    fedq:{job}:fleet             hash worker_id -> JSON of what the coordinator measured of it (speed,
+                                 expected staleness, updates applied and rejected)
     fedq:{job}:identities        hash worker_id -> JSON identity enrolled by `fedq admin` (user, revoked_at)
     fedq:{job}:counters          hash: rejected.<reason> / skipped.<reason> -> count
     fedq:{job}:state             JSON {status, reason, ...}: running / stopped / finished
@@ -66,6 +70,8 @@ class JobKeys:
     counters = property(lambda self: self._key("counters"))
     state = property(lambda self: self._key("state"))
     identities = property(lambda self: self._key("identities"))
+    partitions = property(lambda self: self._key("partitions"))
+    fleet = property(lambda self: self._key("fleet"))
 
     def model(self, version: int) -> str:
         return self._key("model", version)
@@ -87,6 +93,9 @@ class JobKeys:
 
     def worker(self, worker_id: str) -> str:
         return self._key("worker", worker_id)
+
+    def partition(self, worker_id: str) -> str:
+        return self._key("partition", worker_id)
 
     def worker_pattern(self) -> str:
         return self._key("worker", "*")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fedq.common.tasks.base import FederatedTask, load_weights_into, weights_of
+from fedq.common.tasks.base import FederatedTask, TaskPluginError, load_weights_into, weights_of
 
 BUILTIN_TASKS = {
     "digits": "fedq.common.tasks.digits:DigitsTask",
@@ -18,10 +18,6 @@ BUILTIN_TASKS = {
     "linear": "fedq.common.tasks.linear:LinearRegressionTask",
     "images": "fedq.common.tasks.images:SyntheticImagesTask",
 }
-
-
-class TaskPluginError(ValueError):
-    pass
 
 
 def load_task(name: str, params: dict[str, Any] | None = None) -> FederatedTask:

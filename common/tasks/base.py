@@ -1,6 +1,7 @@
 """The contract between fedq and a task plugin."""
 from __future__ import annotations
 
+import io
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -9,6 +10,10 @@ import torch
 
 from fedq.common.wire.codec import Weights
 from fedq.common.wire.messages import TrainSettings
+
+
+class TaskPluginError(ValueError):
+    """A task plugin, or the data it is given, that a worker or coordinator cannot use (one sentence)."""
 
 
 # A bound on the partitions a built-in task splits its data into (Dirichlet draws per class).
@@ -44,6 +49,29 @@ class FederatedTask(ABC):
     @abstractmethod
     def local_data(self, partition: int) -> LocalData:
         """The training data of one partition (one worker's private data)."""
+
+    def local_data_at(self, location: str) -> LocalData:
+        """A worker's own data, read from ``location`` (its ``--data``) instead of a partition.
+
+        The default reads an ``.npz`` file (a local path or any fsspec URL) holding two arrays,
+        ``features`` and ``targets`` (``numpy.savez(path, features=..., targets=...)``); no pickles
+        are loaded. Plugins for other formats override it.
+        """
+        import fsspec  # the archive's dependency already; only workers with --data need it
+
+        try:
+            with fsspec.open(location, "rb") as file:
+                arrays = np.load(io.BytesIO(file.read()), allow_pickle=False)
+                features, targets = arrays["features"], arrays["targets"]
+        except (OSError, ValueError, KeyError) as error:
+            raise TaskPluginError(f"cannot read --data {location}: an .npz file with arrays 'features' and "
+                                  f"'targets' is expected ({type(error).__name__}: {error})") from None
+        if len(features) != len(targets) or len(targets) == 0:
+            raise TaskPluginError(f"--data {location} holds {len(features)} feature rows and {len(targets)} "
+                                  "targets; they must be as many, and more than none")
+        targets = torch.from_numpy(targets.astype(np.int64) if targets.dtype.kind in "iub" else
+                                   targets.astype(np.float32))
+        return LocalData(torch.from_numpy(features.astype(np.float32)), targets)
 
     @abstractmethod
     def test_data(self) -> LocalData:

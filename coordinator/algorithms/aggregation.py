@@ -32,6 +32,75 @@ class BufferedUpdate:
     staleness: int
     num_examples: int
     delta: Weights
+    # What adaptive weighting needs, measured by the coordinator (coordinator/service/fleet.py) and
+    # recorded with the update so that a replay weighs it the same: the staleness its worker's
+    # speed predicts, and its worker's share of the examples of the active workers. None: not measured.
+    expected_staleness: float | None = None
+    data_share: float | None = None
+
+
+# An expected staleness below this counts as this (a worker faster than the version rate).
+MIN_EXPECTED_STALENESS = 0.05
+
+
+@dataclass(frozen=True)
+class AdaptiveStaleness:
+    """Weights that follow each worker's measured speed instead of cutting slow workers off.
+
+    *Fairness* (in the spirit of FedStaleWeight, Ma et al. 2024, which reweighs buffered
+    updates by their clients' average staleness): a worker whose tasks take T_i seconds sends
+    an update every tau_hat_i = r T_i versions (r: versions per second), so weighing each of
+    its updates by w_i = d_i tau_hat_i, d_i its share of the active workers' examples, gives
+    it d_i of the weight per version on average: each worker's influence follows its data, not
+    its speed. In a fleet of equal workers this is FedBuff's 1/K (tau_hat = N/K, d = 1/N), and
+    FedAsync's alpha with K = 1. No single update weighs more than ``max_weight`` (1: the server
+    never steps further than the worker did), which also bounds a worker that overstates its
+    example count.
+
+    *Damping* (after FADAS, Wang et al. ICML 2024, which scales the server step by
+    tau_c / tau_max once the buffer's largest staleness passes a threshold tau_c): here the
+    threshold is per worker, ``damp_above`` times its expected staleness. A slow worker's
+    normal updates never shrink the step, which FADAS's fleet-wide threshold would (starving
+    it again); an update much staler than its own worker's norm (a stalled worker, a
+    backlog) shrinks the whole step by how far it exceeds that.
+
+    Both are pure functions of the recorded updates, so replay recomputes them.
+    """
+
+    damp_above: float = 2.0
+    max_weight: float = 1.0
+
+    def __post_init__(self):
+        if not self.damp_above >= 1:
+            raise ValueError("damp_above must be at least 1")
+        if not self.max_weight > 0:
+            raise ValueError("max_weight must be above 0")
+
+    @staticmethod
+    def expected(update: BufferedUpdate) -> float:
+        # Not measured yet (a worker's first update): as stale as it is, neither boosted nor damped.
+        if update.expected_staleness is None:
+            return max(float(update.staleness), 1.0)
+        return max(update.expected_staleness, MIN_EXPECTED_STALENESS)
+
+    def surprise(self, update: BufferedUpdate) -> float:
+        """How many times staler than its worker's norm the update is: (1 + tau) / (1 + tau_hat)."""
+        return (1.0 + update.staleness) / (1.0 + self.expected(update))
+
+    def damping(self, updates: Sequence[BufferedUpdate]) -> float:
+        worst = max(self.surprise(update) for update in updates)
+        return 1.0 if worst <= self.damp_above else self.damp_above / worst
+
+    def fair_weight(self, update: BufferedUpdate, buffered: int) -> float:
+        """d_i tau_hat_i, at most max_weight; an update without a data share (a record from before
+        shares were measured) gets FedBuff's 1/K."""
+        if update.data_share is None:
+            return 1.0 / buffered
+        return min(self.max_weight, update.data_share * self.expected(update))
+
+    def weights(self, updates: Sequence[BufferedUpdate]) -> list[float]:
+        damping = self.damping(updates)
+        return [self.fair_weight(update, len(updates)) * damping for update in updates]
 
 
 def _readable_tensor(array: np.ndarray) -> torch.Tensor:
@@ -80,14 +149,18 @@ class FedAsync(Aggregator):
 
     name = "fedasync"
 
-    def __init__(self, mixing_rate: float = 0.6, staleness: StalenessFunction | None = None):
+    def __init__(self, mixing_rate: float = 0.6, staleness: StalenessFunction | None = None,
+                 adaptive: AdaptiveStaleness | None = None):
         if not 0 < mixing_rate <= 1:
             raise ValueError("FedAsync needs 0 < mixing_rate <= 1")
         self.mixing_rate = mixing_rate
         self.staleness = staleness or Polynomial(0.5)
+        self.adaptive = adaptive
         self.buffer_size = 1
 
     def weights(self, updates: Sequence[BufferedUpdate]) -> list[float]:
+        if self.adaptive is not None:
+            return [self.mixing_rate * weight for weight in self.adaptive.weights(updates)]
         return [self.mixing_rate * self.staleness(update.staleness) for update in updates]
 
     def step(self, current: Weights, updates: Sequence[BufferedUpdate], base_weights: Callable[[int], Weights],
@@ -132,13 +205,16 @@ class FedBuff(Aggregator):
     sum_i p_i s(tau_i) so that staleness still shrinks the step (with fresh
     updates that factor is 1). ``trim_fraction`` of the deltas is dropped at
     each end per coordinate.
+
+    ``adaptive`` (:class:`AdaptiveStaleness`) replaces p_i s(tau_i) by d_i tau_hat_i (each
+    worker's data share per version it spans), times the damping.
     """
 
     name = "fedbuff"
 
     def __init__(self, buffer_size: int = 3, staleness: StalenessFunction | None = None,
                  example_weighted: bool = False, renormalise: bool = False, clip_norm: float = 0.0,
-                 robust: str = "mean", trim_fraction: float = 0.1):
+                 robust: str = "mean", trim_fraction: float = 0.1, adaptive: AdaptiveStaleness | None = None):
         if buffer_size < 1:
             raise ValueError("FedBuff needs buffer_size >= 1")
         if robust not in ROBUST_ESTIMATORS:
@@ -154,8 +230,11 @@ class FedBuff(Aggregator):
         self.clip_norm = clip_norm
         self.robust = robust
         self.trim_fraction = trim_fraction
+        self.adaptive = adaptive
 
     def weights(self, updates: Sequence[BufferedUpdate]) -> list[float]:
+        if self.adaptive is not None:
+            return self.adaptive.weights(updates)
         if self.example_weighted:
             total = sum(update.num_examples for update in updates)
             shares = [update.num_examples / total for update in updates]

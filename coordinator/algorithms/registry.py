@@ -17,8 +17,11 @@ if TYPE_CHECKING:
 
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
 ROBUST_ESTIMATORS = ("mean", "median", "trimmed_mean")
+# How staleness bounds and weighs updates: by each worker's measured speed, or by a fixed cut.
+STALENESS_BOUNDS = ("adaptive", "fixed")
 
-__all__ = ["ALGORITHMS", "ROBUST_ESTIMATORS", "SERVER_OPTIMIZERS", "STALENESS_FUNCTIONS", "Algorithm", "algorithm"]
+__all__ = ["ALGORITHMS", "ROBUST_ESTIMATORS", "SERVER_OPTIMIZERS", "STALENESS_BOUNDS", "STALENESS_FUNCTIONS", "Algorithm",
+           "algorithm"]
 
 
 @dataclass(frozen=True)
@@ -31,10 +34,19 @@ class Algorithm:
     build: Callable[[dict[str, Any]], Aggregator]
 
 
+def _adaptive(config: dict[str, Any]):
+    """The adaptive weighting a config asks for; None for the fixed cut (and configs recorded before it)."""
+    from fedq.coordinator.algorithms.aggregation import AdaptiveStaleness
+
+    if config.get("staleness_bound", "fixed") == "fixed":
+        return None
+    return AdaptiveStaleness(config.get("damp_above", 2.0), config.get("max_update_weight", 1.0))
+
+
 def _fedasync(config: dict[str, Any]) -> Aggregator:
     from fedq.coordinator.algorithms.aggregation import FedAsync
 
-    return FedAsync(config["mixing_rate"], parse_staleness(config["staleness"]))
+    return FedAsync(config["mixing_rate"], parse_staleness(config["staleness"]), adaptive=_adaptive(config))
 
 
 def _fedbuff(config: dict[str, Any]) -> Aggregator:
@@ -42,7 +54,8 @@ def _fedbuff(config: dict[str, Any]) -> Aggregator:
 
     return FedBuff(config["buffer_size"], parse_staleness(config["staleness"]),
                    example_weighted=config["example_weighted"], clip_norm=config.get("clip_norm", 0.0),
-                   robust=config.get("robust", "mean"), trim_fraction=config.get("trim_fraction", 0.1))
+                   robust=config.get("robust", "mean"), trim_fraction=config.get("trim_fraction", 0.1),
+                   adaptive=_adaptive(config))
 
 
 def _fedavg(config: dict[str, Any]) -> Aggregator:

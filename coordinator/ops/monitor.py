@@ -12,7 +12,8 @@ from rich.text import Text
 
 from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
 from fedq.common.store import ModelStore, connect_redis
-from fedq.coordinator.ops.status import RATE_WINDOW_SECONDS, ArchiveReader, archive_line, collect, memory_line
+from fedq.coordinator.ops.status import (RATE_WINDOW_SECONDS, WORKER_COLUMNS, ArchiveReader, archive_line, collect,
+                                        memory_line, worker_table_rows)
 
 HELP = ("Live view of a job: queue depths (ready / unacked / consumers), head version, update rate, "
         "staleness, latest accuracy, the workers seen recently, Redis memory against the job's budget and "
@@ -69,10 +70,17 @@ def render(report: dict, now: float) -> Group:
         workers.add_row(worker["worker_id"], worker.get("host", "?"), str(worker.get("partition", "?")),
                         str(worker.get("tasks_done", 0)), (worker.get("current_task") or "idle")[:12],
                         f"{now - worker['last_seen']:.0f} s ago")
+    contributions = Table(title="contribution (as the coordinator measured it)", title_justify="left")
+    for column in WORKER_COLUMNS:
+        contributions.add_column(column, justify="left" if column in ("worker", "data", "rejected") else "right")
+    for cells in worker_table_rows(report):
+        contributions.add_row(*cells)
     parts = [headline, storage, *warnings, queues]
     if source_note:
         parts.append(source_note)
     parts.append(workers)
+    if report["contribution"]:
+        parts.append(contributions)
     return Group(*parts)
 
 

@@ -139,7 +139,9 @@ class _Recomputer:
                                   "Redis nor the archive; cannot replay past it")
             updates.append(BufferedUpdate(task_id=record.task_id, worker_id=record.worker_id,
                                           base_version=record.base_version, staleness=record.staleness,
-                                          num_examples=record.num_examples, delta=codec.decode(payload)))
+                                          num_examples=record.num_examples, delta=codec.decode(payload),
+                                          expected_staleness=record.expected_staleness,
+                                          data_share=record.data_share))
         return updates
 
 

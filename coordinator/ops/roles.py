@@ -8,7 +8,8 @@ and Redis ``ACL SETUSER``; docs/security.md explains it. A role is granted per j
 - **worker** (one per worker id): consume the job's task queue; publish to the job's update
   exchange (with its own user as ``user_id``: RabbitMQ refuses any other) and dead-letter
   exchange (a task it refuses, with the reason); read the job's description, model versions and
-  their metadata; write only its own update blobs and its own liveness key. It never reads the
+  their metadata and the partition leased to it; write only its own update blobs and its own
+  liveness key. It never reads the
   signing key, the ledger or the history, and never writes the head, a version or another
   worker's keys.
 - **monitor**: read-only: queue depths through the management API, and every key of the job
@@ -41,7 +42,7 @@ COORDINATOR_COMMANDS = ("+@all", "-@dangerous", "-@admin", "-@pubsub", "+memory|
 # Every kind of key of a job except the signing key (see fedq.common.store.keys).
 READABLE_KINDS = ("spec", "head", "model:*", "meta:*", "optstate:*", "history", "abandoned", "pruned_through",
                   "archive", "archived_through", "applied", "inflight", "update:*", "worker:*", "counters", "state",
-                  "identities", "staging:*")
+                  "identities", "staging:*", "partitions", "partition:*", "fleet")
 
 
 class RoleError(ValueError):
@@ -82,7 +83,8 @@ def grant(role: str, job: str, name: str) -> Grant:
         # Its own blobs and liveness, and those of its replicas (worker ids "<name>.<replica>").
         patterns = (*(f"%R~{keys.prefix}{kind}" for kind in ("spec", "model:*", "meta:*")),
                     f"%W~{keys.update(name, '*')}", f"%W~{keys.update(name + '.*', '*')}",
-                    f"~{keys.worker(name)}", f"~{keys.worker(name + '.*')}")
+                    f"~{keys.worker(name)}", f"~{keys.worker(name + '.*')}",
+                    f"%R~{keys.partition(name)}", f"%R~{keys.partition(name + '.*')}")
         return Grant(role, name, rabbitmq, ("resetchannels", *patterns, "-@all", *CONNECT_COMMANDS, *WORKER_COMMANDS))
     if role == "coordinator":
         everything = _alternatives(*topology.queues)

@@ -17,6 +17,7 @@ from fedq.common.cli import human_size
 from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
 from fedq.common.store import ModelStore, TamperedVersionError, connect_redis
 from fedq.common.store.archive import Archive
+from fedq.coordinator.service.fleet import contribution, contribution_warnings
 
 HELP = ("Show a job's head model version, the depth of each of its queues and their consumers, its Redis memory "
         "against its budget and its archive's size and lag, with a WARNING line for each that needs attention.")
@@ -199,16 +200,69 @@ def collect(amqp_url: str, redis_url: str, job: str, store: ModelStore | None = 
         head, problem = store.versions.last_committed(), str(error)
     source, depths = queue_depths(amqp_url, list(Topology(job).queues), management_url)
     metrics = store.versions.load_meta(head).metrics if head is not None else {}
-    progress = training_progress(store, time.time())
+    now = time.time()
+    progress = training_progress(store, now)
+    live = store.workers.live()
+    fleet = store.fleet.load()
     return {
         "job": job, "head": head, "problem": problem, "state": store.status.load(), "metrics": metrics,
         "in_flight": len(store.ledger.open_tasks()), "rejected": store.counters.get("rejected"),
         "skipped": store.counters.get("skipped"), "depth_source": source,
         "queues": [{"name": depth.name, "exists": depth.exists, "ready": depth.ready, "unacked": depth.unacked,
                     "consumers": depth.consumers} for depth in depths],
-        "workers": store.workers.live(), "progress": progress,
-        **storage_health(store, head, progress["versions_per_second"], archive_reader),
+        "workers": live, "progress": progress, "contribution": worker_rows(live, fleet),
+        **_with_warnings(storage_health(store, head, progress["versions_per_second"], archive_reader),
+                         contribution_warnings(fleet, [worker["worker_id"] for worker in live], now)),
     }
+
+
+def _with_warnings(health: dict, warnings: list[str]) -> dict:
+    return health | {"warnings": health["warnings"] + warnings}
+
+
+def worker_rows(live: list[dict], fleet: dict) -> list[dict]:
+    """One row per worker alive or that ever sent an update: its data (partition, or its own
+    --data), speed, expected staleness, and its share of the applied updates against its share
+    of the examples."""
+    liveness = {worker["worker_id"]: worker for worker in live}
+    rows = {row["worker_id"]: row for row in contribution(fleet)}
+    table = []
+    for worker_id in sorted(set(liveness) | set(rows)):
+        alive = liveness.get(worker_id, {})
+        table.append({"worker_id": worker_id, "alive": worker_id in liveness, "data": _data_of(alive),
+                      **rows.get(worker_id, {"applied": 0, "applied_share": 0.0, "weight_share": 0.0, "examples": 0,
+                                             "data_share": 0.0, "rejected": {}, "round_trip_s": None,
+                                             "expected_staleness": None, "last_applied": None,
+                                             "rejected_streak": 0})})
+    return table
+
+
+def _data_of(liveness: dict) -> str:
+    if not liveness:
+        return "-"
+    if liveness.get("partition_source") == "data":
+        return f"--data {liveness.get('data')}"
+    partition = liveness.get("partition")
+    if partition is None:
+        return "waiting for a lease"
+    return f"partition {partition}" + (" (leased)" if liveness.get("partition_source") == "lease" else "")
+
+
+def worker_table_rows(report: dict) -> list[tuple[str, ...]]:
+    """The per-worker table as text cells (status and monitor print the same)."""
+    cells = []
+    for row in report["contribution"]:
+        rejected = ", ".join(f"{reason} {count}" for reason, count in sorted(row["rejected"].items())) or "-"
+        cells.append((row["worker_id"] + ("" if row["alive"] else " (gone)"), row["data"],
+                      "-" if row["round_trip_s"] is None else f"{row['round_trip_s']:.2f}",
+                      "-" if row["expected_staleness"] is None else f"{row['expected_staleness']:.1f}",
+                      str(row["applied"]), f"{100 * row['applied_share']:.0f} %",
+                      f"{100 * row['weight_share']:.0f} %", f"{100 * row['data_share']:.0f} %", rejected))
+    return cells
+
+
+WORKER_COLUMNS = ("worker", "data", "s/task", "exp. staleness", "applied", "of updates", "of weight", "of examples",
+                  "rejected")
 
 
 def memory_line(report: dict) -> str:
@@ -260,6 +314,11 @@ def main(args: argparse.Namespace) -> int:
               f"{progress['mean_staleness']:.2f} max {progress['max_staleness']}")
     print(f"  {len(report['workers'])} worker(s) alive: "
           + (", ".join(worker["worker_id"] for worker in report["workers"]) or "none"))
+    rows = worker_table_rows(report)
+    if rows:
+        widths = [max(len(cell) for cell in column) for column in zip(WORKER_COLUMNS, *rows)]
+        for cells in (WORKER_COLUMNS, *rows):
+            print("    " + "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip())
     if report["rejected"] or report["skipped"]:
         print(f"  rejected {report['rejected'] or '{}'}, skipped {report['skipped'] or '{}'}")
     print(f"  {memory_line(report)}")

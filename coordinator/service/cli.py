@@ -7,7 +7,8 @@ import logging
 
 from fedq.common.obs.logs import kv, setup_logging
 from fedq.common.obs.metrics import serve_metrics
-from fedq.coordinator.algorithms.registry import ALGORITHMS, ROBUST_ESTIMATORS, SERVER_OPTIMIZERS, STALENESS_FUNCTIONS
+from fedq.coordinator.algorithms.registry import (ALGORITHMS, ROBUST_ESTIMATORS, SERVER_OPTIMIZERS, STALENESS_BOUNDS,
+                                                  STALENESS_FUNCTIONS)
 from fedq.common.settings import (CONNECTION_OPTIONS, SERVICE_OPTIONS, Option, SettingsError, add_options, json_object,
                                   non_negative_float, non_negative_int, parse_bool, positive_float, positive_int,
                                   resolve)
@@ -28,7 +29,18 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("staleness", str, "polynomial:a=0.5", f"staleness function NAME[:param=value,...][@average], NAME one of {', '.join(STALENESS_FUNCTIONS)}; "
            "e.g. polynomial:a=0.5 or hinge:a=10,b=4"),
     Option("mixing_rate", positive_float, 0.6, "FedAsync: mixing rate alpha"),
-    Option("max_staleness", non_negative_int, 20, "updates staler than this are rejected"),
+    Option("staleness_bound", str, "fixed", "adaptive: judge and weigh each update by the staleness its worker's "
+           "measured speed predicts, so slow workers count as much as their data; fixed: reject updates staler than "
+           "--max-staleness and weigh the rest by --staleness", choices=STALENESS_BOUNDS),
+    Option("max_staleness", _optional(non_negative_int), None, "reject updates staler than this many versions "
+           "(default: 20 with the fixed bound, none when adaptive)"),
+    Option("staleness_tolerance", positive_float, 8.0, "adaptive: reject an update more than this many times staler "
+           "than its worker's speed predicts"),
+    Option("damp_above", positive_float, 2.0, "adaptive: shrink the server step when an update in it is more than "
+           "this many times staler than expected (FADAS-style damping)"),
+    Option("max_update_weight", positive_float, 1.0, "adaptive: the most one update may weigh in a server step"),
+    Option("max_age_seconds", _optional(positive_float), None, "reject updates that arrive more than this many "
+           "seconds after their task was issued (default: only the task lease's bound)"),
     Option("example_weighted", parse_bool, False, "FedBuff: weight updates by their example counts"),
     Option("require_identity", parse_bool, False, "accept updates only from workers enrolled with `fedq admin "
            "enroll` (automatic once the job has one), each from its own RabbitMQ user"),
@@ -57,7 +69,7 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("archive", str, "", "where older history goes: a directory or fsspec URL (s3://bucket/prefix, ...); "
            "'none' keeps everything in Redis (default: ~/.local/share/fedq/archive)"),
     Option("hot_versions", non_negative_int, 0, "versions kept whole in Redis; older ones move to the archive "
-           "(0: max_staleness + 2)"),
+           "(0: max_staleness + 2, or 22)"),
     Option("checkpoint_every", non_negative_int, 50, "the archive keeps the weights of every k-th version; replay "
            "recomputes the ones between (0: version 0 only)"),
     Option("archive_seconds", positive_float, 10.0, "how often the coordinator moves history to the archive"),

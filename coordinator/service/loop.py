@@ -43,6 +43,8 @@ from fedq.common.wire.messages import MessageError, RoundTask, TaskRefusal, Trai
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
 from fedq.coordinator.algorithms.step import build_aggregator, build_optimizer, config_digest, server_step
 from fedq.coordinator.service.archiver import ArchiveThread
+from fedq.coordinator.service.fleet import Fleet
+from fedq.coordinator.service.partitions import plan_leases
 from fedq.coordinator.service.scheduling import scheduling_policy
 from fedq.coordinator.service.settings import CoordinatorSettings
 from fedq.coordinator.service.validation import (Expectations, NormGuard, Rejected, ValidatedRefusal, ValidatedUpdate,
@@ -52,6 +54,8 @@ log = logging.getLogger("fedq.coordinator")
 
 # How often the coordinator removes bindings a worker added to copy tasks elsewhere.
 STRAY_BINDINGS_CHECK_SECONDS = 5.0
+# How often it leases partitions to workers that joined (a worker waits for its lease).
+PARTITION_LEASE_SECONDS = 1.0
 
 
 @dataclass
@@ -117,6 +121,7 @@ class Coordinator:
         self.archiving: ArchiveThread | None = None  # while running: moves history out, may hold dispatch
         self._dispatch_held = False
         self.plateau = Plateau(settings.plateau_evaluations, settings.plateau_epsilon)
+        self.fleet = Fleet(self.store.fleet, settings.job)  # each worker's speed and contribution
         self._prepare_job()
         # --max-seconds counts from version 0, not from loading the task's data.
         self.started = time.monotonic()
@@ -180,6 +185,7 @@ class Coordinator:
         self.abandoned = frozenset(self.store.versions.abandoned())
         self.open_tasks = self.store.ledger.open_tasks()
         self._head_checked = self._bindings_checked = time.monotonic()
+        self._partitions_leased = 0.0
         metrics.HEAD_VERSION.labels(self.settings.job).set(self.head)
 
     def _evaluate(self, weights: codec.Weights) -> dict[str, float]:
@@ -253,6 +259,9 @@ class Coordinator:
         if time.monotonic() - self._bindings_checked > STRAY_BINDINGS_CHECK_SECONDS:
             self._bindings_checked = time.monotonic()
             self._channel.remove_stray_bindings(self.topology)
+        if time.monotonic() - self._partitions_leased > PARTITION_LEASE_SECONDS:
+            self._partitions_leased = time.monotonic()
+            self._lease_partitions()
         if time.monotonic() - self._head_checked > self.settings.head_check_seconds:
             self._head_checked = time.monotonic()
             self._keep_description()
@@ -273,22 +282,42 @@ class Coordinator:
             self._finish("max_seconds")
         self._top_up()
 
+    def _lease_partitions(self) -> None:
+        plan = plan_leases(self.store.partitions.table(), self.store.workers.live(), self.task.num_partitions)
+        for worker in plan.releases:
+            self.store.partitions.release(worker)
+            log.info(kv("partition_released", worker=worker))
+        for worker, partition in plan.leases.items():
+            self.store.partitions.lease(worker, partition)
+            if worker in plan.shared:
+                log.warning(kv("partition_shared", worker=worker, partition=partition,
+                               partitions=self.task.num_partitions,
+                               detail="more workers than the task has partitions: this one shares its data"))
+            else:
+                log.info(kv("partition_leased", worker=worker, partition=partition))
+
     # -- updates ----------------------------------------------------------
 
     def _on_update(self, delivery: Delivery) -> None:
-        expected = Expectations(job=self.settings.job, head=self.head, max_staleness=self.settings.max_staleness,
+        expected = Expectations(job=self.settings.job, head=self.head, max_staleness=self.settings.version_bound,
                                 tensor_specs=self.tensor_specs, abandoned=self.abandoned,
                                 max_delta_bytes=self.max_delta_bytes,
                                 max_delta_norm=self.norm_guard.bound(self.model_norm),
-                                require_identity=self.settings.require_identity)
+                                require_identity=self.settings.require_identity,
+                                expected_staleness=self.fleet.expectations(),
+                                staleness_tolerance=self.settings.staleness_tolerance if self.settings.adaptive
+                                else None)
         try:
             validated = validate_update(delivery.body, expected, self.store, self._is_duplicate, self._issued_version,
                                         delivery.user_id)
         except Rejected as rejection:
             if rejection.duplicate:
                 self._skip_duplicate(delivery, rejection)
-            else:
-                self._dead_letter(delivery, rejection)
+                return
+            task = self.open_tasks.get(rejection.task_id)
+            if rejection.worker_id is not None and task is not None:
+                self.fleet.arrived(rejection.worker_id, task.issued_at)  # how fast it is, even when refused
+            self._dead_letter(delivery, rejection)
             return
         except TRANSIENT_REDIS_ERRORS:
             raise  # Redis is away: reconnect, and this message comes back
@@ -300,6 +329,17 @@ class Coordinator:
         # before that redelivers the update, which must still find its task.
         if isinstance(validated, ValidatedRefusal):
             self._on_refusal(delivery, validated.refusal)
+            return
+        task = self.open_tasks[validated.update.task_id]
+        share = self.fleet.data_share(validated.worker_id, validated.update.num_examples)
+        self.fleet.arrived(validated.worker_id, task.issued_at, validated.update.num_examples)
+        validated = replace(validated, update=replace(validated.update, data_share=share))
+        age = time.time() - task.issued_at
+        if self.settings.max_age_seconds is not None and age > self.settings.max_age_seconds:
+            self._dead_letter(delivery, Rejected(MessageError("too_old", f"the update arrived {age:.0f} s after its "
+                                                                         f"task was issued; the bound is "
+                                                                         f"{self.settings.max_age_seconds:g} s"),
+                                                 validated.update.task_id, worker_id=validated.worker_id))
             return
         self.buffer.append(Pending(delivery, validated))
         metrics.BUFFER_FILL.labels(self.settings.job).set(len(self.buffer))
@@ -353,6 +393,9 @@ class Coordinator:
                                                           origin="updates"))
         self._channel.ack(delivery.tag)
         self.store.counters.add("rejected", rejection.reason)
+        if rejection.worker_id is not None and rejection.task_id in self.open_tasks:
+            # Only for an update answering an open task: anything else may name any worker id.
+            self.fleet.rejected(rejection.worker_id, rejection.reason)
         metrics.UPDATES_REJECTED.labels(self.settings.job, rejection.reason).inc()
         log.warning(kv("update_rejected", reason=rejection.reason, detail=rejection.detail, task=rejection.task_id))
         if rejection.task_id is not None:
@@ -418,6 +461,7 @@ class Coordinator:
         for item in pending:
             self._channel.ack(item.delivery.tag)
         self._observe_commit(updates, scores, aggregation_seconds, time.perf_counter() - commit_started)
+        self.fleet.committed(applied)
         stalenesses = [update.staleness for update in updates]
         log.info(kv("version_committed", version=self.head, updates=len(updates),
                     mean_staleness=sum(stalenesses) / len(stalenesses), max_staleness=max(stalenesses),
@@ -428,7 +472,8 @@ class Coordinator:
         """The buffered updates cannot make a version: dead-letter them, keep the head, go on."""
         log.error(kv("step_rejected", reason=reason, head=self.head, updates=len(pending), detail=detail))
         for item in pending:
-            self._dead_letter(item.delivery, Rejected(MessageError(reason, detail), item.update.task_id))
+            self._dead_letter(item.delivery, Rejected(MessageError(reason, detail), item.update.task_id,
+                                                      worker_id=item.update.worker_id))
 
     def _observe_commit(self, updates: list[BufferedUpdate], scores: dict[str, float],
                         aggregation_seconds: float, commit_seconds: float) -> None:

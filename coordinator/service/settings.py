@@ -4,13 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedq.coordinator.algorithms.registry import Algorithm, algorithm
+from fedq.coordinator.algorithms.registry import STALENESS_BOUNDS, Algorithm, algorithm
 
 
 # Evaluations without improvement after which a run with a --target gives up on it: the
 # README's 3-worker digits example plateaus at 0.947 against a target of 0.95 and, before this,
 # never ended.
 PLATEAU_WITH_TARGET = 100
+# The fixed cut's bound when --max-staleness is not given.
+DEFAULT_MAX_STALENESS = 20
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,20 @@ class CoordinatorSettings:
     buffer_size: int = 3
     staleness: str = "polynomial:a=0.5"
     mixing_rate: float = 0.6
-    max_staleness: int = 20
+    # "fixed": reject updates staler than max_staleness, weigh the rest by the staleness function.
+    # "adaptive": judge and weigh each update against the staleness its worker's measured speed
+    # predicts (coordinator/service/fleet.py, algorithms/aggregation.py AdaptiveStaleness).
+    staleness_bound: str = "fixed"
+    # A hard bound in versions. None: DEFAULT_MAX_STALENESS with the fixed cut, none when adaptive.
+    max_staleness: int | None = None
+    # Adaptive: refuse an update (1 + tau) more than this many times (1 + its worker's expected tau).
+    staleness_tolerance: float = 8.0
+    # Adaptive: shrink the server step when an update is more than this many times staler than expected.
+    damp_above: float = 2.0
+    # Adaptive: no single update weighs more than this (1: the server steps no further than the worker did).
+    max_update_weight: float = 1.0
+    # A hard bound in seconds from a task's issue to its update's arrival (None: the task lease's).
+    max_age_seconds: float | None = None
     example_weighted: bool = False
     server_optimizer: str = "sgd"
     server_lr: float = 1.0
@@ -68,9 +83,29 @@ class CoordinatorSettings:
 
     def __post_init__(self):
         algorithm(self.algorithm)  # an unknown name raises here, with the choices
-        if self.hot_versions and self.hot_versions <= self.max_staleness:
-            raise ValueError(f"--hot-versions {self.hot_versions} must exceed --max-staleness {self.max_staleness}: "
+        if self.staleness_bound not in STALENESS_BOUNDS:
+            raise ValueError(f"unknown --staleness-bound {self.staleness_bound!r}; choose from "
+                             f"{', '.join(STALENESS_BOUNDS)}")
+        if not self.max_update_weight > 0:
+            raise ValueError("--max-update-weight must be above 0")
+        if not (self.staleness_tolerance >= 1 and self.damp_above >= 1):
+            raise ValueError("--staleness-tolerance and --damp-above must be at least 1 (1: exactly as stale as "
+                             "expected)")
+        bound = self.version_bound
+        if self.hot_versions and bound is not None and self.hot_versions <= bound:
+            raise ValueError(f"--hot-versions {self.hot_versions} must exceed --max-staleness {bound}: "
                              "an update may be based on any version that recent, and its weights must be in Redis")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.staleness_bound == "adaptive"
+
+    @property
+    def version_bound(self) -> int | None:
+        """The hard bound on staleness in versions (None: none)."""
+        if self.max_staleness is not None:
+            return self.max_staleness
+        return None if self.adaptive else DEFAULT_MAX_STALENESS
 
     @property
     def plateau_evaluations(self) -> int:
@@ -82,7 +117,9 @@ class CoordinatorSettings:
     @property
     def hot_window(self) -> int:
         """Versions whose weights, records and blobs stay in Redis."""
-        return self.hot_versions or self.max_staleness + 2
+        # Adaptive staleness without a bound still keeps DEFAULT_MAX_STALENESS + 2 versions: a task is
+        # issued at the head and read at once, so only FedAsync's base versions need older ones.
+        return self.hot_versions or (self.version_bound or DEFAULT_MAX_STALENESS) + 2
 
     @property
     def archive_url(self) -> str | None:
@@ -99,7 +136,7 @@ class CoordinatorSettings:
 
     def aggregation_config(self) -> dict[str, Any]:
         """Everything the server step depends on; recorded with every version."""
-        names = ("algorithm", "concurrency", "buffer_size", "staleness", "mixing_rate", "max_staleness",
-                 "example_weighted", "clip_norm", "robust", "trim_fraction", "server_optimizer", "server_lr",
-                 "server_beta1", "server_beta2", "server_epsilon")
-        return {name: getattr(self, name) for name in names}
+        names = ("algorithm", "concurrency", "buffer_size", "staleness", "mixing_rate", "example_weighted",
+                 "clip_norm", "robust", "trim_fraction", "server_optimizer", "server_lr", "server_beta1",
+                 "server_beta2", "server_epsilon", "staleness_bound", "damp_above", "max_update_weight")
+        return {name: getattr(self, name) for name in names} | {"max_staleness": self.version_bound}

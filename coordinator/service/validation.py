@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import numpy as np
 import redis
@@ -52,7 +52,7 @@ class Expectations:
 
     job: str
     head: int
-    max_staleness: int
+    max_staleness: int | None  # None: no bound in versions
     tensor_specs: dict[str, tuple[tuple[int, ...], str]]
     abandoned: frozenset[int] = frozenset()
     # No delta matching tensor_specs is larger (codec.max_encoded_size): a bigger payload is refused unread.
@@ -61,6 +61,10 @@ class Expectations:
     max_delta_norm: float | None = None
     # Identities are checked even before the job has enrolled any (--require-identity).
     require_identity: bool = False
+    # Adaptive staleness: each worker's expected staleness (from its measured speed), and how
+    # many times that an update may exceed (None: the fixed cut alone).
+    expected_staleness: Mapping[str, float] = field(default_factory=dict)
+    staleness_tolerance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,8 @@ class ValidatedUpdate:
         update = self.update
         return AppliedUpdate(task_id=update.task_id, worker_id=update.worker_id, base_version=update.base_version,
                              staleness=update.staleness, weight=weight, num_examples=update.num_examples,
-                             digest=self.digest, blob_key=self.blob_key, norm=self.norm)
+                             digest=self.digest, blob_key=self.blob_key, norm=self.norm,
+                             expected_staleness=update.expected_staleness, data_share=update.data_share)
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,9 @@ def validate_update(body: bytes, expected: Expectations, store: ModelStore, alre
                        worker_id=update.worker_id, duplicate=True)
     try:
         check_issued(update, issued_version(update.task_id))
-        staleness = check_staleness(update, expected.head, expected.max_staleness, expected.abandoned)
+        predicted = expected.expected_staleness.get(update.worker_id)
+        staleness = check_staleness(update, expected.head, expected.max_staleness, expected.abandoned, predicted,
+                                    expected.staleness_tolerance)
         digest, payload, delta = load_delta(update, store, expected.max_delta_bytes)
         check_tensors(delta, expected.tensor_specs)
         norm = l2_norm(delta)
@@ -142,7 +149,8 @@ def validate_update(body: bytes, expected: Expectations, store: ModelStore, alre
                        worker_id=update.worker_id) from error
     return ValidatedUpdate(
         BufferedUpdate(task_id=update.task_id, worker_id=update.worker_id, base_version=update.base_version,
-                       staleness=staleness, num_examples=update.num_examples, delta=delta),
+                       staleness=staleness, num_examples=update.num_examples, delta=delta,
+                       expected_staleness=predicted),
         worker_id=update.worker_id, digest=digest, blob_key=store.blobs.key(update.task_id, update.worker_id),
         inline_payload=None if isinstance(update.delta, ClaimCheck) else payload, norm=norm)
 
@@ -288,13 +296,24 @@ def check_issued(update: ModelUpdate, issued_version: int | None) -> None:
                                                  f"the update claims base version {update.base_version}")
 
 
-def check_staleness(update: ModelUpdate, head: int, max_staleness: int, abandoned: frozenset[int] = frozenset()) -> int:
-    """The update's staleness (head - base_version), if it is acceptable."""
+def check_staleness(update: ModelUpdate, head: int, max_staleness: int | None,
+                    abandoned: frozenset[int] = frozenset(), expected: float | None = None,
+                    tolerance: float | None = None) -> int:
+    """The update's staleness (head - base_version), if it is acceptable.
+
+    ``max_staleness`` is a hard bound in versions (None: none). ``tolerance`` (adaptive
+    staleness) bounds it by the worker's own norm as well: (1 + tau) may be at most
+    ``tolerance`` times (1 + ``expected``), the staleness its measured speed predicts, so a slow
+    worker is never cut off for being slow, only for being far slower than it usually is.
+    """
     if update.base_version in abandoned:
         raise MessageError("rolled_back", f"base version {update.base_version} was abandoned by a rollback")
     if update.base_version > head:
         raise MessageError("future_version", f"base version {update.base_version} is ahead of head {head}")
     staleness = head - update.base_version
-    if staleness > max_staleness:
+    if max_staleness is not None and staleness > max_staleness:
         raise MessageError("too_stale", f"staleness {staleness} exceeds max_staleness {max_staleness}")
+    if tolerance is not None and expected is not None and 1 + staleness > tolerance * (1 + expected):
+        raise MessageError("too_stale", f"staleness {staleness} is more than {tolerance:g} times what worker "
+                                        f"{update.worker_id}'s measured speed predicts ({expected:.1f})")
     return staleness

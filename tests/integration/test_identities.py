@@ -132,8 +132,9 @@ def test_enrolled_parties_train_over_tls_a_worker_can_do_only_its_part_and_revoc
     try:
         start("coordinator", "coordinator", "--config", str(sites["coordinator"].path), *tls_flags, *TRAINING,
               "--max-seconds", "900")
-        for index, name in enumerate(("alice", "bob")):
-            start(name, "worker", "--config", str(sites[name].path), *tls_flags, "--partition", str(index), host=name)
+        # alice names her partition; bob is leased one by the coordinator, through his ACL.
+        start("alice", "worker", "--config", str(sites["alice"].path), *tls_flags, "--partition", "0", host="alice")
+        start("bob", "worker", "--config", str(sites["bob"].path), *tls_flags, host="bob")
 
         def head() -> int:
             return admin_store.versions.head() or 0
@@ -205,6 +206,9 @@ def test_enrolled_parties_train_over_tls_a_worker_can_do_only_its_part_and_revoc
                        lambda: client.hset(keys.identities, "alice", "{}"),   # its own identity
                        lambda: client.set(keys.update("bob", "t1"), b"x"),    # bob's blob
                        lambda: client.set(keys.worker("bob"), b"{}"),         # bob's liveness
+                       lambda: client.get(keys.partition("bob")),             # bob's lease
+                       lambda: client.set(keys.partition("alice"), 5),        # a lease of its own making
+                       lambda: client.hset(keys.partitions, "alice", 5),
                        lambda: client.flushall(),
                        lambda: client.execute_command("CLIENT", "KILL", "TYPE", "normal")):
             with pytest.raises(redis.exceptions.NoPermissionError):
@@ -212,6 +216,8 @@ def test_enrolled_parties_train_over_tls_a_worker_can_do_only_its_part_and_revoc
         # (the head: older versions may have moved to the archive already)
         assert client.get(keys.model(head())) is not None and client.get(keys.spec) is not None, "what alice needs"
         client.set(keys.update("alice", "t1"), b"x", ex=60)                   # its own blob: allowed
+        assert admin_store.partitions.table() == {"bob": 1}, "bob leased the partition alice's flag leaves free"
+        assert int(sites["bob"].redis(secure_redis).get(keys.partition("bob"))) == 1, "bob may read his lease"
 
         # -- the monitor reads, and writes nothing ----------------------------------------------------
         status = fedq("status", "--config", str(sites["ops"].path), *tls_flags, "--management-url",

@@ -25,7 +25,7 @@ DEADLINE = 60
 
 def worker_for(broker, store, **settings) -> tuple[Worker, InBackground]:
     worker = Worker(WorkerSettings(job=JOB, amqp_url="memory://", redis_url="memory://", worker_id="w0",
-                                   idle_seconds=FAST_POLLING["idle_seconds"], **settings),
+                                   idle_seconds=FAST_POLLING["idle_seconds"], **{"partition": 0} | settings),
                     store, MemoryTransport(broker))
     return worker, InBackground(worker)
 

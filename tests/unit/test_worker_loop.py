@@ -34,7 +34,7 @@ def job_store(task: str = "linear"):
 
 
 def start(broker, store, **settings) -> tuple[Worker, InBackground]:
-    settings = {"task": store.worker_task, "idle_seconds": FAST_POLLING["idle_seconds"]} | settings
+    settings = {"task": store.worker_task, "idle_seconds": FAST_POLLING["idle_seconds"], "partition": 0} | settings
     worker = Worker(WorkerSettings(job=JOB, amqp_url="memory://", redis_url="memory://", worker_id="w0",
                                    **settings), store, MemoryTransport(broker))
     return worker, InBackground(worker)

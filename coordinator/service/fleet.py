@@ -1,0 +1,152 @@
+"""The coordinator's measurements of its workers: how fast each is, how stale its updates are
+expected to be, and what it contributed.
+
+Expected staleness. A task spans the versions committed between its issue and its update's
+arrival, so a worker whose tasks take T_i seconds from issue to arrival, in a job that commits
+r versions a second, sends updates about tau_hat_i = r T_i versions stale (T_i includes the
+time the task waited in the queue). Both are smoothed (exponentially, SMOOTHING per
+observation). Adaptive staleness judges and weighs each update against its own worker's
+tau_hat_i (see algorithms/aggregation.py, AdaptiveStaleness), so a slow worker is never cut off
+for being slow.
+
+Contribution: updates applied (and the weight they got), refused by reason, and when; saved
+in Redis (common/store/fleet.py) for `fedq status`, `monitor` and `report`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+from fedq.common.obs import metrics
+from fedq.common.records import AppliedUpdate
+from fedq.common.store.fleet import FleetRecords, WorkerRecord
+
+# Weight of the newest observation in the smoothed round trip and commit interval.
+SMOOTHING = 0.3
+# A live worker is "quiet" when nothing of it was applied for this long, or for this many of its
+# own round trips if it is slower.
+QUIET_SECONDS = 120.0
+QUIET_ROUND_TRIPS = 5
+# A worker counts towards the examples of the fleet while it sent an update this recently, or
+# within this many of its round trips.
+ACTIVE_SECONDS = 300.0
+ACTIVE_ROUND_TRIPS = 3
+# Updates refused in a row before a worker is reported as being rejected.
+REJECTED_STREAK_WARNING = 3
+
+
+class Fleet:
+    def __init__(self, records: FleetRecords, job: str):
+        self.records = records
+        self.job = job
+        self.workers: dict[str, WorkerRecord] = records.load()
+        self.commit_interval: float | None = None  # smoothed seconds between commits
+        self._last_commit: float | None = None
+
+    @property
+    def version_rate(self) -> float | None:
+        """Versions committed per second, smoothed."""
+        return None if not self.commit_interval else 1.0 / self.commit_interval
+
+    def _worker(self, worker_id: str, now: float) -> WorkerRecord:
+        if worker_id not in self.workers:
+            self.workers[worker_id] = WorkerRecord(worker_id, first_seen=now)
+        return self.workers[worker_id]
+
+    def expectations(self) -> dict[str, float]:
+        """worker id -> the staleness its speed predicts, for every worker measured so far."""
+        return {worker: record.expected_staleness for worker, record in self.workers.items()
+                if record.expected_staleness is not None}
+
+    def arrived(self, worker_id: str, issued_at: float, examples: int | None = None, now: float | None = None) -> None:
+        """An update (accepted or not) answering a task issued at ``issued_at`` arrived now.
+
+        Called after the update was judged: its own round trip does not excuse it."""
+        now = time.time() if now is None else now
+        record = self._worker(worker_id, now)
+        round_trip = max(now - issued_at, 0.0)
+        record.round_trip_s = (round_trip if record.round_trip_s is None else
+                               (1 - SMOOTHING) * record.round_trip_s + SMOOTHING * round_trip)
+        record.last_arrival = now
+        if examples is not None:
+            record.examples = examples
+        if self.version_rate is not None:
+            record.expected_staleness = self.version_rate * record.round_trip_s
+        metrics.PER_WORKER_ROUND_TRIP.labels(self.job, worker_id).set(record.round_trip_s)
+
+    def data_share(self, worker_id: str, examples: int, now: float | None = None) -> float:
+        """``examples`` (the worker's update's count) as a share of the examples of the workers active
+        now: those with an update in the last ACTIVE_SECONDS, or in their last ACTIVE_ROUND_TRIPS
+        round trips if they are slower."""
+        now = time.time() if now is None else now
+        others = sum(record.examples for worker, record in self.workers.items()
+                     if worker != worker_id and self._active(record, now))
+        return max(examples, 1) / (max(examples, 1) + others)
+
+    @staticmethod
+    def _active(record: WorkerRecord, now: float) -> bool:
+        if record.last_arrival is None:
+            return False
+        return now - record.last_arrival <= max(ACTIVE_SECONDS, ACTIVE_ROUND_TRIPS * (record.round_trip_s or 0.0))
+
+    def committed(self, applied: Iterable[AppliedUpdate], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        if self._last_commit is not None:
+            interval = now - self._last_commit
+            self.commit_interval = (interval if self.commit_interval is None else
+                                    (1 - SMOOTHING) * self.commit_interval + SMOOTHING * interval)
+        self._last_commit = now
+        changed = []
+        for update in applied:
+            record = self._worker(update.worker_id, now)
+            record.applied += 1
+            record.applied_weight += update.weight
+            record.rejected_streak = 0
+            record.last_applied = now
+            changed.append(record)
+            metrics.PER_WORKER_APPLIED.labels(self.job, update.worker_id).inc()
+        self.records.save(changed)
+
+    def rejected(self, worker_id: str, reason: str, now: float | None = None) -> None:
+        record = self._worker(worker_id, time.time() if now is None else now)
+        record.rejected[reason] = record.rejected.get(reason, 0) + 1
+        record.rejected_streak += 1
+        self.records.save([record])
+        metrics.PER_WORKER_REJECTED.labels(self.job, worker_id, reason).inc()
+
+
+def contribution(records: dict[str, WorkerRecord]) -> list[dict]:
+    """Per worker: its share of the applied updates and of the influence against its share of the
+    examples (of the workers that had anything applied), and its speed."""
+    applied = sum(record.applied for record in records.values())
+    weight = sum(record.applied_weight for record in records.values())
+    examples = sum(record.examples for record in records.values())
+    return [{"worker_id": record.worker_id, "applied": record.applied,
+             "applied_share": record.applied / applied if applied else 0.0,
+             "weight_share": record.applied_weight / weight if weight else 0.0,
+             "examples": record.examples, "data_share": record.examples / examples if examples else 0.0,
+             "rejected": dict(record.rejected), "round_trip_s": record.round_trip_s,
+             "expected_staleness": record.expected_staleness, "last_applied": record.last_applied,
+             "rejected_streak": record.rejected_streak}
+            for record in sorted(records.values(), key=lambda record: record.worker_id)]
+
+
+def contribution_warnings(records: dict[str, WorkerRecord], live: Iterable[str], now: float) -> list[str]:
+    """A live worker whose updates keep being refused, or of which nothing was applied for a while."""
+    warnings = []
+    for worker_id in sorted(live):
+        record = records.get(worker_id)
+        if record is None:
+            continue
+        if record.rejected_streak >= REJECTED_STREAK_WARNING:
+            reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(record.rejected.items()))
+            warnings.append(f"worker {worker_id}: its last {record.rejected_streak} updates were rejected "
+                            f"({reasons}); it contributes nothing")
+            continue
+        quiet_limit = max(QUIET_SECONDS, QUIET_ROUND_TRIPS * (record.round_trip_s or 0.0))
+        since = now - (record.last_applied or record.first_seen)
+        if since > quiet_limit:
+            what = "no update of it was ever applied" if record.last_applied is None else \
+                f"none of its updates was applied in the last {since:.0f} s"
+            warnings.append(f"worker {worker_id}: {what}")
+    return warnings
