@@ -17,8 +17,11 @@ their own here:
   persistence, optionally with TLS (mutual or optional client certificates)
   and no plain port, the ``default`` user off and an ``admin`` user with a
   generated password.
-* Fixtures (module-scoped; import them into a test module):
-  ``pki``, ``secure_rabbitmq``, ``secure_redis``.
+* Fixtures ``pki``, ``secure_rabbitmq``, ``secure_redis``: module-scoped when imported into a
+  test module (servers of that module alone, e.g. to reconfigure them); otherwise the session's,
+  from ``tests/integration/conftest.py``: one PKI, node and Redis shared by every module that
+  imports none of the three (starting a node takes 7-30 s). Tests on the shared servers may add
+  users and keys of their own, and must not reconfigure them.
 
 How the private RabbitMQ node runs (the gotchas):
 
@@ -996,10 +999,28 @@ class PrivateRedis(_Server):
 # Fixtures
 # --------------------------------------------------------------------------------------------------
 
+def _new_pki(tmp_path_factory) -> ThrowawayPKI:
+    """Also valid for 10.200.0.1-10.200.0.9, for network namespaces."""
+    return ThrowawayPKI(tmp_path_factory.mktemp("pki"), extra_ips=[f"10.200.0.{i}" for i in range(1, 10)])
+
+
+def _secure_rabbitmq(pki: ThrowawayPKI, tmp_path_factory):
+    """AMQPS only (mutual TLS), HTTPS management, EXTERNAL cert login."""
+    with PrivateRabbitMQ(tmp_path_factory.mktemp("rabbitmq"), pki=pki, tls=True, plain=False, mutual_tls=True,
+                         management_tls=True, cert_login=True) as server:
+        yield server
+
+
+def _secure_redis(pki: ThrowawayPKI, tmp_path_factory):
+    """TLS only with required client certificates, ACL default user off."""
+    with PrivateRedis(tmp_path_factory.mktemp("redis"), pki=pki, tls=True, plain=False, mutual_tls=True) as server:
+        yield server
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> ThrowawayPKI:
-    """A fresh throwaway PKI per test module (also valid for 10.200.0.1-10.200.0.9 for network namespaces)."""
-    return ThrowawayPKI(tmp_path_factory.mktemp("pki"), extra_ips=[f"10.200.0.{i}" for i in range(1, 10)])
+    """A fresh throwaway PKI per test module that imports it (see :func:`_new_pki`)."""
+    return _new_pki(tmp_path_factory)
 
 
 @pytest.fixture
@@ -1016,14 +1037,31 @@ def tls_flags(pki):
 
 @pytest.fixture(scope="module")
 def secure_rabbitmq(pki, tmp_path_factory):
-    """A private RabbitMQ node per module: AMQPS only (mutual TLS), HTTPS management, EXTERNAL cert login."""
-    with PrivateRabbitMQ(tmp_path_factory.mktemp("rabbitmq"), pki=pki, tls=True, plain=False, mutual_tls=True,
-                         management_tls=True, cert_login=True) as server:
-        yield server
+    """A private RabbitMQ node per test module that imports it (see :func:`_secure_rabbitmq`)."""
+    yield from _secure_rabbitmq(pki, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def secure_redis(pki, tmp_path_factory):
-    """A private Redis per module: TLS only with required client certificates, ACL default user off."""
-    with PrivateRedis(tmp_path_factory.mktemp("redis"), pki=pki, tls=True, plain=False, mutual_tls=True) as server:
-        yield server
+    """A private Redis per test module that imports it (see :func:`_secure_redis`)."""
+    yield from _secure_redis(pki, tmp_path_factory)
+
+
+# The session's, for modules that import none of the above (tests/integration/conftest.py imports these).
+
+@pytest.fixture(scope="session", name="pki")
+def session_pki(tmp_path_factory) -> ThrowawayPKI:
+    """The session's throwaway PKI (see :func:`_new_pki`)."""
+    return _new_pki(tmp_path_factory)
+
+
+@pytest.fixture(scope="session", name="secure_rabbitmq")
+def session_secure_rabbitmq(pki, tmp_path_factory):
+    """The session's private RabbitMQ node, shared (see :func:`_secure_rabbitmq`); killed at the end."""
+    yield from _secure_rabbitmq(pki, tmp_path_factory)
+
+
+@pytest.fixture(scope="session", name="secure_redis")
+def session_secure_redis(pki, tmp_path_factory):
+    """The session's private Redis, shared (see :func:`_secure_redis`)."""
+    yield from _secure_redis(pki, tmp_path_factory)

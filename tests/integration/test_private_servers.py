@@ -1,7 +1,7 @@
 """The private, secured RabbitMQ and Redis of tests/private_servers.py, proved with pika and redis-py.
 
-Each server starts once for the module (fixtures ``secure_rabbitmq`` and
-``secure_redis``); the shared servers are never touched.
+Each server starts once for the session (fixtures ``secure_rabbitmq`` and ``secure_redis``
+of tests/integration/conftest.py, which test_tls uses too); the shared servers are never touched.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import redis
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from tests.private_servers import PrivateRedis, pki, secure_rabbitmq, secure_redis  # noqa: F401 (fixtures)
+from tests.private_servers import PrivateRedis
 
 # A RabbitMQ node takes seconds to start on a quiet machine and minutes on a busy one: the fixture's
 # setup counts toward the first test's timeout.

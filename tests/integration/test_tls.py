@@ -12,7 +12,9 @@ import uuid
 
 import pytest
 
-from tests.private_servers import pki, secure_rabbitmq, secure_redis, tls_flags  # noqa: F401 (fixtures)
+# pki, secure_rabbitmq and secure_redis: the session's (tests/integration/conftest.py), shared with
+# test_private_servers.
+from tests.private_servers import tls_flags  # noqa: F401 (a fixture)
 from tests.support import ROOT
 
 # Starting a RabbitMQ node counts toward the first test's timeout; a busy machine takes minutes.
