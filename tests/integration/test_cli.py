@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, wait_until
 
 
 def fedq(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -32,17 +32,43 @@ USER_ERRORS = [
 ]
 
 
+def backs_off(index: int) -> bool:
+    """Whether the case's command retries a server it cannot reach, with back-off (~8 s in all)."""
+    return USER_ERRORS[index][1].startswith("cannot reach")
+
+
 @pytest.fixture(scope="module")
-def user_error_runs() -> dict[int, subprocess.CompletedProcess]:
+def user_error_runs(tmp_path_factory) -> dict[int, subprocess.CompletedProcess]:
     """Every case's command, run at once: those that cannot reach a server retry with back-off
-    for about 8 s each, which one after another cost half a minute."""
-    running = {index: subprocess.Popen([sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-               for index, (args, _) in enumerate(USER_ERRORS)}
+    for about 8 s each, which one after another cost half a minute. They start first, and the
+    others once they are backing off (or done), so that those waits overlap the others' start-up
+    (a second or two of CPU each) instead of coming after it: all at once, they queue for the CPU
+    with the others before their first attempt."""
+    folder = tmp_path_factory.mktemp("user-errors")
+    running: dict[int, subprocess.Popen] = {}
+
+    def start(index: int) -> None:
+        with open(folder / f"{index}.out", "w") as out, open(folder / f"{index}.err", "w") as err:
+            running[index] = subprocess.Popen([sys.executable, "-m", "fedq.common.cli", *USER_ERRORS[index][0]],
+                                              cwd=ROOT, text=True, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+
+    def backing_off_or_done(index: int) -> bool:
+        return running[index].poll() is not None or "retry" in (folder / f"{index}.err").read_text()
+
+    slow = [index for index in range(len(USER_ERRORS)) if backs_off(index)]
+    for index in slow:
+        start(index)
+    # Bounded by the commands themselves (they give up after ~8 s); the deadline only guards a hang.
+    wait_until(lambda: all(backing_off_or_done(index) for index in slow), 120, "a command neither retried nor ended")
+    for index in range(len(USER_ERRORS)):
+        if index not in running:
+            start(index)
     results = {}
     for index, process in running.items():
-        stdout, stderr = process.communicate(timeout=120)
-        results[index] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+        process.wait(timeout=120)
+        results[index] = subprocess.CompletedProcess(process.args, process.returncode,
+                                                     (folder / f"{index}.out").read_text(),
+                                                     (folder / f"{index}.err").read_text())
     return results
 
 
