@@ -77,6 +77,9 @@ def test_sigterm_mid_task_finishes_or_requeues_and_loses_nothing(processes, job,
     draining = start_worker(processes, job, 0, "--slowdown", "5", "--drain-seconds", drain_seconds)
     log = processes.wait_for_log("worker-0", "event=task_started", timeout=90)
     task_id = re.search(r"event=task_started worker=\S+ task=(\w+)", log).group(1)
+    # The worker that carries on starts now, so that its start-up overlaps the drain. It cannot take
+    # the task: with --concurrency 1 no other task is issued while w0 holds that one.
+    start_worker(processes, job, 1)
     draining.send_signal(signal.SIGTERM)
     assert draining.wait(timeout=60) == 0
     log = processes.log("worker-0")
@@ -84,7 +87,6 @@ def test_sigterm_mid_task_finishes_or_requeues_and_loses_nothing(processes, job,
         assert re.search(rf"event=task_done worker=w0 task={task_id}", log), log[-2000:]
     else:
         assert f"event=task_requeued worker=w0 task={task_id}" in log, log[-2000:]
-    start_worker(processes, job, 1)
     assert coordinator.wait(timeout=120) == 0, processes.log("coordinator")[-3000:]
     assert store.ledger.applied_version(task_id) is not None, "the task in progress at SIGTERM was lost"
 
