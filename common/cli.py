@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = {
@@ -98,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `fedq status | head`: the reader left; say nothing more (Python's own flush at exit
+        # would hit the closed pipe again, hence the redirect).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except _user_errors() as error:
         print(f"fedq {name}: error: {error}", file=sys.stderr)
         return 1

@@ -40,6 +40,7 @@ class AppliedUpdate:
     # before they were kept.
     expected_staleness: float | None = None
     data_share: float | None = None
+    local_steps: int = 0  # minibatch steps its worker reported (0: not reported)
 
 
 @dataclass(frozen=True)

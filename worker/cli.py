@@ -43,7 +43,8 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("data", _optional_str, None, "this worker's own data: a path or fsspec URL handed to the task plugin's "
            "local_data_at (built-in tasks read an .npz with arrays 'features' and 'targets'); no partition is leased"),
     Option("device", _device, "cpu", "torch device to train on: cpu, cuda, cuda:N or mps"),
-    Option("slowdown", non_negative_float, 0.0, "extra seconds per task, to simulate a slow device"),
+    Option("slowdown", non_negative_float, 0.0, "extra seconds per task, to simulate a slow link"),
+    Option("step_delay", non_negative_float, 0.0, "extra seconds per training step, to simulate a slow device"),
     Option("max_tasks", _optional_int, None, "exit after this many tasks"),
     Option("drain_seconds", non_negative_float, 60.0, "on SIGTERM, how long the current task may still run"),
     Option("heartbeat", positive_int, 30, "AMQP heartbeat interval in seconds"),
@@ -63,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     worker = Worker(WorkerSettings(
         job=values["job"], amqp_url=values["amqp_url"], redis_url=values["redis_url"],
         worker_id=values["worker_id"], partition=values["partition"], data=values["data"], device=values["device"],
-        slowdown_seconds=values["slowdown"],
+        slowdown_seconds=values["slowdown"], step_delay_seconds=values["step_delay"],
         max_tasks=values["max_tasks"], drain_seconds=values["drain_seconds"],
         heartbeat_seconds=values["heartbeat"], task=values["task"], task_params=values["task_params"],
         coordinator_key=values["coordinator_key"]))

@@ -79,6 +79,7 @@ class WorkerSettings:
     # torch device to train on ("cpu", "cuda", "cuda:1", "mps").
     device: str = "cpu"
     slowdown_seconds: float = 0.0
+    step_delay_seconds: float = 0.0
     max_tasks: int | None = None
     drain_seconds: float = 60.0
     heartbeat_seconds: int = 30
@@ -115,6 +116,7 @@ class Worker:
         self.job = JobBinder(self.store, settings.task, settings.task_params, settings.coordinator_key)
         self.trainer = LocalTrainer(self.store, self.worker_id, device=training_device(settings.device),
                                     data_location=settings.data, slowdown_seconds=settings.slowdown_seconds,
+                                    step_delay_seconds=settings.step_delay_seconds,
                                     inline_limit_bytes=settings.inline_limit_bytes)
         self.tasks_done = 0
         self.tasks_failed = 0

@@ -13,10 +13,10 @@ import torch
 
 from fedq.common.store import ModelStore
 from fedq.common.tasks import FederatedTask, TaskPluginError, load_weights_into, weights_of
-from fedq.common.tasks.base import LocalData
+from fedq.common.tasks.base import LOCAL_STEPS, LocalData
 from fedq.common.wire import codec
 from fedq.common.wire.limits import INLINE_LIMIT_BYTES, UPDATE_BLOB_TTL_SECONDS
-from fedq.common.wire.messages import ClaimCheck, InlineDelta, ModelUpdate, RoundTask
+from fedq.common.wire.messages import MAX_LOCAL_STEPS, ClaimCheck, InlineDelta, ModelUpdate, RoundTask
 from fedq.worker.job import BoundJob
 
 
@@ -53,13 +53,14 @@ class LocalTrainer:
     """
 
     def __init__(self, store: ModelStore, worker_id: str, *, device: torch.device = torch.device("cpu"),
-                 data_location: str | None = None, slowdown_seconds: float = 0.0,
+                 data_location: str | None = None, slowdown_seconds: float = 0.0, step_delay_seconds: float = 0.0,
                  inline_limit_bytes: int = INLINE_LIMIT_BYTES):
         self.store = store
         self.worker_id = worker_id
         self.device = device
         self.data_location = data_location
-        self.slowdown_seconds = slowdown_seconds
+        self.slowdown_seconds = slowdown_seconds  # simulated: a slow link, once per task
+        self.step_delay_seconds = step_delay_seconds  # simulated: a slow device, every forward pass
         self.inline_limit_bytes = inline_limit_bytes
         self._one_at_a_time = threading.Lock()
         self._located: dict[int, LocalData] = {}  # id(plugin) -> the data read from data_location
@@ -98,14 +99,22 @@ class LocalTrainer:
         if self.device.type != "cpu":  # weights_of below copies the trained weights back
             model.to(self.device)
             data = LocalData(data.features.to(self.device), data.targets.to(self.device))
-        metrics = plugin.train(model, data, task.train)
+        slower = (model.register_forward_pre_hook(lambda *_: time.sleep(self.step_delay_seconds))
+                  if self.step_delay_seconds else None)
+        try:
+            metrics = dict(plugin.train(model, data, task.train))
+        finally:
+            if slower is not None:
+                slower.remove()
         if self.slowdown_seconds:
             time.sleep(self.slowdown_seconds)
+        steps = metrics.pop(LOCAL_STEPS, 0)
+        local_steps = int(steps) if isinstance(steps, (int, float)) and 0 <= steps <= MAX_LOCAL_STEPS else 0
         trained = weights_of(model)
         delta = {name: (trained[name] - base[name]).astype(np.float32, copy=False) for name in base}
         return ModelUpdate(job=task.job, task_id=task.task_id, worker_id=self.worker_id,
                            base_version=task.model_version, num_examples=len(data), delta=self.pack(task, delta),
-                           metrics=metrics, train_seconds=time.monotonic() - started)
+                           metrics=metrics, train_seconds=time.monotonic() - started, local_steps=local_steps)
 
     def pack(self, task: RoundTask, delta: codec.Weights) -> InlineDelta | ClaimCheck:
         payload = codec.encode(delta)

@@ -24,6 +24,8 @@ class WorkerRecord:
     rejected_streak: int = 0          # refused in a row since its last applied update
     round_trip_s: float | None = None  # smoothed seconds from a task's issue to its update's arrival
     expected_staleness: float | None = None  # versions a task of this worker is expected to span
+    steps_per_second: float | None = None  # smoothed local training speed, as the worker reports it
+    seconds_per_epoch: float | None = None  # smoothed, from the same reports
     first_seen: float = 0.0
     last_arrival: float | None = None
     last_applied: float | None = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -16,6 +17,9 @@ class TaskPluginError(ValueError):
     """A task plugin, or the data it is given, that a worker or coordinator cannot use (one sentence)."""
 
 
+# The metric a plugin's train() reports its number of minibatch steps under (the worker moves it
+# into the update's local_steps; aggregation may weigh by the work done).
+LOCAL_STEPS = "local_steps"
 # A bound on the partitions a built-in task splits its data into (Dirichlet draws per class).
 MAX_PARTITIONS = 100_000
 
@@ -86,14 +90,19 @@ class FederatedTask(ABC):
         return weights_of(self.build_model())
 
     def train(self, model: torch.nn.Module, data: LocalData, settings: TrainSettings) -> dict[str, float]:
-        """Plain minibatch SGD for ``settings.epochs`` epochs; returns the mean training loss."""
+        """Plain minibatch SGD for ``settings.epochs`` epochs, or with a time budget
+        (``settings.seconds``) as many steps as fit in it, at most that many epochs and at least
+        one step. Returns the mean training loss and ``local_steps``, the steps taken."""
         generator = torch.Generator().manual_seed(settings.seed)
         optimizer = torch.optim.SGD(model.parameters(), lr=settings.learning_rate)
         model.train()
+        deadline = time.monotonic() + settings.seconds if settings.seconds else None
         total_loss, batches = 0.0, 0
         for _ in range(settings.epochs):
             order = torch.randperm(len(data), generator=generator)
             for start in range(0, len(data), settings.batch_size):
+                if deadline is not None and batches and time.monotonic() >= deadline:
+                    return {"train_loss": total_loss / batches, LOCAL_STEPS: batches}
                 batch = order[start:start + settings.batch_size]
                 optimizer.zero_grad()
                 loss = self.loss(model(data.features[batch]), data.targets[batch])
@@ -101,7 +110,7 @@ class FederatedTask(ABC):
                 optimizer.step()
                 total_loss += loss.item()
                 batches += 1
-        return {"train_loss": total_loss / max(batches, 1)}
+        return {"train_loss": total_loss / max(batches, 1), LOCAL_STEPS: batches}
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:

@@ -19,6 +19,9 @@ from typing import Any
 TASK_SCHEMA = "fedq.task/2"
 UPDATE_SCHEMA = "fedq.update/1"
 REFUSAL_SCHEMA = "fedq.refusal/1"
+# Bounds on what a task may ask and an update may claim.
+MAX_TASK_SECONDS = 86_400
+MAX_LOCAL_STEPS = 10**9
 
 
 class MessageError(ValueError):
@@ -38,6 +41,9 @@ class TrainSettings:
     batch_size: int = 32
     learning_rate: float = 0.05
     seed: int = 0
+    # A time budget (device-sized tasks): train as many minibatch steps as fit in this many
+    # seconds, at most ``epochs`` epochs and at least one step. 0: exactly ``epochs`` epochs.
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ class ModelUpdate:
     delta: InlineDelta | ClaimCheck
     metrics: dict[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0
+    local_steps: int = 0  # minibatch steps the training took (0: not reported)
 
     def to_bytes(self) -> bytes:
         if isinstance(self.delta, InlineDelta):
@@ -101,7 +108,7 @@ class ModelUpdate:
             "schema": UPDATE_SCHEMA, "job": self.job, "task_id": self.task_id,
             "worker_id": self.worker_id, "base_version": self.base_version,
             "num_examples": self.num_examples, "metrics": self.metrics,
-            "train_seconds": self.train_seconds, "delta": delta,
+            "train_seconds": self.train_seconds, "local_steps": self.local_steps, "delta": delta,
         }
         return json.dumps(body, separators=(",", ":")).encode()
 
@@ -178,7 +185,11 @@ def parse_task(body: bytes) -> RoundTask:
     learning_rate = _field(train, "learning_rate", (int, float))
     if epochs < 1 or batch_size < 1 or not _finite_number(learning_rate) or learning_rate <= 0:
         raise MessageError("bad_schema", "field 'train' needs epochs >= 1, batch_size >= 1, learning_rate > 0")
-    settings = TrainSettings(epochs=epochs, batch_size=batch_size, learning_rate=float(learning_rate), seed=seed)
+    seconds = train.get("seconds", 0.0)
+    if isinstance(seconds, bool) or not _finite_number(seconds) or not 0 <= seconds <= MAX_TASK_SECONDS:
+        raise MessageError("bad_schema", f"train.seconds must be a number from 0 to {MAX_TASK_SECONDS}")
+    settings = TrainSettings(epochs=epochs, batch_size=batch_size, learning_rate=float(learning_rate), seed=seed,
+                             seconds=float(seconds))
     version = _field(document, "model_version", int)
     if version < 0:
         raise MessageError("bad_schema", "model_version must be 0 or more")
@@ -238,10 +249,13 @@ def _update(document: dict[str, Any]) -> ModelUpdate:
     train_seconds = document.get("train_seconds", 0.0)
     if not _finite_number(train_seconds) or train_seconds < 0:
         raise MessageError("bad_schema", "field 'train_seconds' must be a finite number >= 0")
+    local_steps = document.get("local_steps", 0)
+    if isinstance(local_steps, bool) or not isinstance(local_steps, int) or not 0 <= local_steps <= MAX_LOCAL_STEPS:
+        raise MessageError("bad_schema", f"field 'local_steps' must be an integer from 0 to {MAX_LOCAL_STEPS}")
     return ModelUpdate(
         job=_non_empty_text(document, "job"), task_id=_non_empty_text(document, "task_id"),
         worker_id=_non_empty_text(document, "worker_id"), base_version=base_version,
         num_examples=num_examples, delta=delta,
         metrics={str(name): float(value) for name, value in raw_metrics.items()},
-        train_seconds=float(train_seconds),
+        train_seconds=float(train_seconds), local_steps=local_steps,
     )

@@ -37,6 +37,7 @@ class BufferedUpdate:
     # speed predicts, and its worker's share of the examples of the active workers. None: not measured.
     expected_staleness: float | None = None
     data_share: float | None = None
+    local_steps: int = 0  # minibatch steps its worker took (0: not reported)
 
 
 # An expected staleness below this counts as this (a worker faster than the version rate).
@@ -56,6 +57,12 @@ class AdaptiveStaleness:
     FedAsync's alpha with K = 1. No single update weighs more than ``max_weight`` (1: the server
     never steps further than the worker did), which also bounds a worker that overstates its
     example count.
+
+    *Work done* (FedNova, Wang et al. NeurIPS 2020): with device-sized tasks the updates of one
+    buffer took different numbers of local steps t_i, and a plain weighted sum would pull the
+    model towards the objectives of the workers that took more. When every update reports its
+    steps, each is normalised to the buffer's weighted mean steps: w_i <- w_i t_bar / t_i,
+    t_bar = sum_j w_j t_j / sum_j w_j (FedNova's d_i = delta_i / t_i scaled by tau_eff).
 
     *Damping* (after FADAS, Wang et al. ICML 2024, which scales the server step by
     tau_c / tau_max once the buffer's largest staleness passes a threshold tau_c): here the
@@ -99,8 +106,13 @@ class AdaptiveStaleness:
         return min(self.max_weight, update.data_share * self.expected(update))
 
     def weights(self, updates: Sequence[BufferedUpdate]) -> list[float]:
+        weights = [self.fair_weight(update, len(updates)) for update in updates]
+        if all(update.local_steps > 0 for update in updates) and sum(weights) > 0:
+            mean_steps = sum(weight * update.local_steps for weight, update in zip(weights, updates)) / sum(weights)
+            weights = [min(self.max_weight, weight * mean_steps / update.local_steps)
+                       for weight, update in zip(weights, updates)]
         damping = self.damping(updates)
-        return [self.fair_weight(update, len(updates)) * damping for update in updates]
+        return [weight * damping for weight in weights]
 
 
 def _readable_tensor(array: np.ndarray) -> torch.Tensor:

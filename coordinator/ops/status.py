@@ -232,6 +232,7 @@ def worker_rows(live: list[dict], fleet: dict) -> list[dict]:
         table.append({"worker_id": worker_id, "alive": worker_id in liveness, "data": _data_of(alive),
                       **rows.get(worker_id, {"applied": 0, "applied_share": 0.0, "weight_share": 0.0, "examples": 0,
                                              "data_share": 0.0, "rejected": {}, "round_trip_s": None,
+                                             "steps_per_second": None,
                                              "expected_staleness": None, "last_applied": None,
                                              "rejected_streak": 0})})
     return table
@@ -255,13 +256,14 @@ def worker_table_rows(report: dict) -> list[tuple[str, ...]]:
         rejected = ", ".join(f"{reason} {count}" for reason, count in sorted(row["rejected"].items())) or "-"
         cells.append((row["worker_id"] + ("" if row["alive"] else " (gone)"), row["data"],
                       "-" if row["round_trip_s"] is None else f"{row['round_trip_s']:.2f}",
+                      "-" if row["steps_per_second"] is None else f"{row['steps_per_second']:.0f}",
                       "-" if row["expected_staleness"] is None else f"{row['expected_staleness']:.1f}",
                       str(row["applied"]), f"{100 * row['applied_share']:.0f} %",
                       f"{100 * row['weight_share']:.0f} %", f"{100 * row['data_share']:.0f} %", rejected))
     return cells
 
 
-WORKER_COLUMNS = ("worker", "data", "s/task", "exp. staleness", "applied", "of updates", "of weight", "of examples",
+WORKER_COLUMNS = ("worker", "data", "s/task", "steps/s", "exp. staleness", "applied", "of updates", "of weight", "of examples",
                   "rejected")
 
 

@@ -20,6 +20,10 @@ def _optional(parse):
     return lambda text: None if str(text).lower() in ("", "none") else parse(text)
 
 
+def _seconds_or_auto(text):
+    return "auto" if str(text).lower() == "auto" else non_negative_float(text)
+
+
 OPTIONS = CONNECTION_OPTIONS + [
     Option("task", str, "digits", "task plugin: digits, digits28, synthetic, linear or module:object"),
     Option("task_params", json_object, {}, "task plugin parameters as a JSON object"),
@@ -54,7 +58,10 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("server_optimizer", str, "sgd", "server optimizer",
            choices=SERVER_OPTIMIZERS),
     Option("server_lr", positive_float, 1.0, "server learning rate"),
-    Option("local_epochs", positive_int, 1, "local epochs per task"),
+    Option("local_epochs", positive_int, 1, "local epochs per task (with --task-seconds: at most this many)"),
+    Option("task_seconds", _seconds_or_auto, 0.0, "device-sized tasks: each worker trains as many steps as fit in "
+           "this many seconds (at most --local-epochs), so slow devices return as often as fast ones; auto: what "
+           "--local-epochs take the median worker, as measured (0: whole epochs)"),
     Option("batch_size", positive_int, 32, "local minibatch size"),
     Option("learning_rate", positive_float, 0.05, "local learning rate"),
     Option("target", _optional(float), None, "stop once the task's score (accuracy; R^2 for linear) reaches this"),

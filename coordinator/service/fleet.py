@@ -14,6 +14,7 @@ in Redis (common/store/fleet.py) for `fedq status`, `monitor` and `report`.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Iterable
 
@@ -58,21 +59,35 @@ class Fleet:
         return {worker: record.expected_staleness for worker, record in self.workers.items()
                 if record.expected_staleness is not None}
 
-    def arrived(self, worker_id: str, issued_at: float, examples: int | None = None, now: float | None = None) -> None:
+    def arrived(self, worker_id: str, issued_at: float, examples: int | None = None, now: float | None = None,
+                steps: int = 0, train_seconds: float = 0.0, batch_size: int = 0) -> None:
         """An update (accepted or not) answering a task issued at ``issued_at`` arrived now.
 
         Called after the update was judged: its own round trip does not excuse it."""
         now = time.time() if now is None else now
         record = self._worker(worker_id, now)
         round_trip = max(now - issued_at, 0.0)
-        record.round_trip_s = (round_trip if record.round_trip_s is None else
-                               (1 - SMOOTHING) * record.round_trip_s + SMOOTHING * round_trip)
+        record.round_trip_s = _smoothed(record.round_trip_s, round_trip)
         record.last_arrival = now
         if examples is not None:
             record.examples = examples
+        if steps and train_seconds > 0:
+            speed = steps / train_seconds
+            record.steps_per_second = _smoothed(record.steps_per_second, speed)
+            if examples and batch_size:
+                record.seconds_per_epoch = _smoothed(record.seconds_per_epoch, -(-examples // batch_size) / speed)
         if self.version_rate is not None:
             record.expected_staleness = self.version_rate * record.round_trip_s
         metrics.PER_WORKER_ROUND_TRIP.labels(self.job, worker_id).set(record.round_trip_s)
+
+    def task_seconds(self, epochs: int, now: float | None = None) -> float:
+        """The time budget of an automatically sized task: what ``epochs`` epochs take the median
+        active worker. Faster workers finish their epochs sooner; slower ones train the steps
+        that fit and return as often as the median one. 0 (whole epochs) until measured."""
+        now = time.time() if now is None else now
+        measured = sorted(record.seconds_per_epoch for record in self.workers.values()
+                          if record.seconds_per_epoch and self._active(record, now))
+        return epochs * statistics.median(measured) if measured else 0.0
 
     def data_share(self, worker_id: str, examples: int, now: float | None = None) -> float:
         """``examples`` (the worker's update's count) as a share of the examples of the workers active
@@ -93,8 +108,7 @@ class Fleet:
         now = time.time() if now is None else now
         if self._last_commit is not None:
             interval = now - self._last_commit
-            self.commit_interval = (interval if self.commit_interval is None else
-                                    (1 - SMOOTHING) * self.commit_interval + SMOOTHING * interval)
+            self.commit_interval = _smoothed(self.commit_interval, interval)
         self._last_commit = now
         changed = []
         for update in applied:
@@ -115,6 +129,10 @@ class Fleet:
         metrics.PER_WORKER_REJECTED.labels(self.job, worker_id, reason).inc()
 
 
+def _smoothed(previous: float | None, observed: float) -> float:
+    return observed if previous is None else (1 - SMOOTHING) * previous + SMOOTHING * observed
+
+
 def contribution(records: dict[str, WorkerRecord]) -> list[dict]:
     """Per worker: its share of the applied updates and of the influence against its share of the
     examples (of the workers that had anything applied), and its speed."""
@@ -126,6 +144,7 @@ def contribution(records: dict[str, WorkerRecord]) -> list[dict]:
              "weight_share": record.applied_weight / weight if weight else 0.0,
              "examples": record.examples, "data_share": record.examples / examples if examples else 0.0,
              "rejected": dict(record.rejected), "round_trip_s": record.round_trip_s,
+             "steps_per_second": record.steps_per_second,
              "expected_staleness": record.expected_staleness, "last_applied": record.last_applied,
              "rejected_streak": record.rejected_streak}
             for record in sorted(records.values(), key=lambda record: record.worker_id)]

@@ -46,7 +46,7 @@ from fedq.coordinator.service.archiver import ArchiveThread
 from fedq.coordinator.service.fleet import Fleet
 from fedq.coordinator.service.partitions import plan_leases
 from fedq.coordinator.service.scheduling import scheduling_policy
-from fedq.coordinator.service.settings import CoordinatorSettings
+from fedq.coordinator.service.settings import AUTO, CoordinatorSettings
 from fedq.coordinator.service.validation import (Expectations, NormGuard, Rejected, ValidatedRefusal, ValidatedUpdate,
                                                 l2_distance, l2_norm, validate_update)
 
@@ -332,7 +332,9 @@ class Coordinator:
             return
         task = self.open_tasks[validated.update.task_id]
         share = self.fleet.data_share(validated.worker_id, validated.update.num_examples)
-        self.fleet.arrived(validated.worker_id, task.issued_at, validated.update.num_examples)
+        self.fleet.arrived(validated.worker_id, task.issued_at, validated.update.num_examples,
+                           steps=validated.update.local_steps, train_seconds=validated.train_seconds,
+                           batch_size=self.settings.batch_size)
         validated = replace(validated, update=replace(validated.update, data_share=share))
         age = time.time() - task.issued_at
         if self.settings.max_age_seconds is not None and age > self.settings.max_age_seconds:
@@ -538,7 +540,7 @@ class Coordinator:
         task = RoundTask(job=self.settings.job, task_id=task_id, model_version=self.head, issued_at=issued_at,
                          train=TrainSettings(epochs=self.settings.local_epochs, batch_size=self.settings.batch_size,
                                              learning_rate=self.settings.learning_rate,
-                                             seed=int(task_id[:8], 16)),
+                                             seed=int(task_id[:8], 16), seconds=self._task_seconds()),
                          model_digest=self.head_digest)
         task = replace(task, signature=self.signing_key.sign(task.signed_document()))
         # Recorded before the broker has it, so that an update answering it is accepted even
@@ -551,6 +553,11 @@ class Coordinator:
         crash_point("dispatched")
         metrics.TASKS_DISPATCHED.labels(self.settings.job).inc()
         metrics.TASKS_IN_FLIGHT.labels(self.settings.job).set(len(self.open_tasks))
+
+    def _task_seconds(self) -> float:
+        if self.settings.task_seconds == AUTO:
+            return round(self.fleet.task_seconds(self.settings.local_epochs), 3)
+        return float(self.settings.task_seconds)
 
     def _forget(self, task_ids: list[str]) -> None:
         """Close tasks: refused, expired or withdrawn; an update answering them is unknown_task from now on."""

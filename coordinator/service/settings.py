@@ -11,6 +11,8 @@ from fedq.coordinator.algorithms.registry import STALENESS_BOUNDS, Algorithm, al
 # README's 3-worker digits example plateaus at 0.947 against a target of 0.95 and, before this,
 # never ended.
 PLATEAU_WITH_TARGET = 100
+# --task-seconds auto: tasks sized by the fleet's measured speed.
+AUTO = "auto"
 # The fixed cut's bound when --max-staleness is not given.
 DEFAULT_MAX_STALENESS = 20
 
@@ -48,6 +50,10 @@ class CoordinatorSettings:
     server_beta2: float = 0.99
     server_epsilon: float = 1e-3
     local_epochs: int = 1
+    # Device-sized tasks: a time budget each worker fills with as many local steps as fit (at
+    # most local_epochs epochs). 0: every task is local_epochs epochs, however long that takes.
+    # AUTO: what local_epochs take the median worker (measured; coordinator/service/fleet.py).
+    task_seconds: float | str = 0.0
     batch_size: int = 32
     learning_rate: float = 0.05
     target: float | None = None
@@ -86,6 +92,8 @@ class CoordinatorSettings:
         if self.staleness_bound not in STALENESS_BOUNDS:
             raise ValueError(f"unknown --staleness-bound {self.staleness_bound!r}; choose from "
                              f"{', '.join(STALENESS_BOUNDS)}")
+        if self.task_seconds != AUTO and not (isinstance(self.task_seconds, (int, float)) and self.task_seconds >= 0):
+            raise ValueError(f"--task-seconds must be a number of seconds >= 0 or 'auto', not {self.task_seconds!r}")
         if not self.max_update_weight > 0:
             raise ValueError("--max-update-weight must be above 0")
         if not (self.staleness_tolerance >= 1 and self.damp_above >= 1):

@@ -75,6 +75,7 @@ class ValidatedUpdate:
     blob_key: str
     inline_payload: bytes | None  # written to blob_key at commit; claim checks are already there
     norm: float = 0.0  # L2 norm of the delta, over all tensors
+    train_seconds: float = 0.0  # how long its worker says training took
 
     def applied(self, weight: float) -> AppliedUpdate:
         """Its record in the history once a server step applied it with ``weight``."""
@@ -82,7 +83,8 @@ class ValidatedUpdate:
         return AppliedUpdate(task_id=update.task_id, worker_id=update.worker_id, base_version=update.base_version,
                              staleness=update.staleness, weight=weight, num_examples=update.num_examples,
                              digest=self.digest, blob_key=self.blob_key, norm=self.norm,
-                             expected_staleness=update.expected_staleness, data_share=update.data_share)
+                             expected_staleness=update.expected_staleness, data_share=update.data_share,
+                             local_steps=update.local_steps)
 
 
 @dataclass(frozen=True)
@@ -150,9 +152,10 @@ def validate_update(body: bytes, expected: Expectations, store: ModelStore, alre
     return ValidatedUpdate(
         BufferedUpdate(task_id=update.task_id, worker_id=update.worker_id, base_version=update.base_version,
                        staleness=staleness, num_examples=update.num_examples, delta=delta,
-                       expected_staleness=predicted),
+                       expected_staleness=predicted, local_steps=update.local_steps),
         worker_id=update.worker_id, digest=digest, blob_key=store.blobs.key(update.task_id, update.worker_id),
-        inline_payload=None if isinstance(update.delta, ClaimCheck) else payload, norm=norm)
+        inline_payload=None if isinstance(update.delta, ClaimCheck) else payload, norm=norm,
+        train_seconds=update.train_seconds)
 
 
 def check_identity(worker_id: str, sender: str | None, store: ModelStore, required: bool) -> None:

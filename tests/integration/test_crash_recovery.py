@@ -147,7 +147,9 @@ def test_redis_restart_mid_run(processes, job, own_redis):
     wait_until(lambda: (store.versions.head() or 0) >= 5, 90, "no progress before the restart")
     own_redis["server"].send_signal(signal.SIGTERM)  # with AOF, a clean shutdown keeps every write
     own_redis["server"].wait(timeout=20)
-    time.sleep(2)
+    # Down until a service has lost its connection over it (they use Redis all the time).
+    wait_until(lambda: "connection_lost" in processes.log("coordinator") + processes.log("worker-0")
+               + processes.log("worker-1"), 60, "no service noticed that Redis was down")
     own_redis["server"] = own_redis["start"]()
     assert coordinator.wait(timeout=180) == 0, processes.log("coordinator")[-3000:]
     assert store.status.load()["reason"] == "max_versions"

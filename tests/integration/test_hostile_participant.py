@@ -155,6 +155,17 @@ def fedq(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+def fedq_side_by_side(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Commands that only read the job, run at once (each spends seconds starting up); their results in order."""
+    running = [subprocess.Popen([sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for args in commands]
+    results = []
+    for process in running:
+        stdout, stderr = process.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return results
+
+
 def test_tampered_weights_and_head_are_found_named_and_repaired(processes, job, store, tmp_path):
     flags = connection_flags(job)
     first = start_coordinator(processes, job, "--concurrency", "2", "--max-versions", "4")
@@ -163,10 +174,10 @@ def test_tampered_weights_and_head_are_found_named_and_repaired(processes, job, 
     # Someone overwrites version 2's weights in Redis with a model of their own.
     genuine = store.redis.get(store.keys.model(2))
     store.redis.set(store.keys.model(2), codec.encode(model_like(0.5)))
-    replayed = fedq("replay", *flags)
+    replayed, exported = fedq_side_by_side(["replay", *flags],
+                                           ["export", *flags, "2", "-o", str(tmp_path / "model.safetensors")])
     assert replayed.returncode == 1 and "version 2" in replayed.stdout and "tampered with" in replayed.stdout, \
         replayed.stdout + replayed.stderr
-    exported = fedq("export", *flags, "2", "-o", str(tmp_path / "model.safetensors"))
     assert exported.returncode == 1 and "do not match" in exported.stderr and exported.stderr.count("\n") == 1
     assert not (tmp_path / "model.safetensors").exists()
     store.redis.set(store.keys.model(2), genuine)

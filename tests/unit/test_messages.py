@@ -103,7 +103,7 @@ def test_task_to_bytes_carries_schema():
     task = RoundTask(job="j", task_id="t", model_version=0, train=TrainSettings(), issued_at=1.0)
     document = json.loads(task.to_bytes())
     assert document["schema"] == "fedq.task/2"
-    assert document["train"] == {"epochs": 1, "batch_size": 32, "learning_rate": 0.05, "seed": 0}
+    assert document["train"] == {"epochs": 1, "batch_size": 32, "learning_rate": 0.05, "seed": 0, "seconds": 0.0}
 
 
 def test_optional_update_fields_default():
