@@ -238,7 +238,8 @@ def publish_job(store, task: str = "linear", task_params: dict | None = None, *,
     return key
 
 
-def signed_task(key, store, version: int = 0, *, task_id: str | None = None, learning_rate: float = 0.05):
+def signed_task(key, store, version: int = 0, *, task_id: str | None = None, learning_rate: float = 0.05,
+                synchronous: bool = False):
     """A round task for ``version`` as the coordinator issues it: with the version's digest, signed by ``key``."""
     import dataclasses
     import uuid
@@ -251,7 +252,7 @@ def signed_task(key, store, version: int = 0, *, task_id: str | None = None, lea
         digest = "0" * 64
     task = RoundTask(job=store.job, task_id=task_id or uuid.uuid4().hex, model_version=version, issued_at=0.0,
                      train=TrainSettings(epochs=1, batch_size=32, learning_rate=learning_rate, seed=1),
-                     model_digest=digest)
+                     model_digest=digest, synchronous=synchronous)
     return dataclasses.replace(task, signature=key.sign(task.signed_document()))
 
 

@@ -59,6 +59,9 @@ TRAINING_POLL_SECONDS = 0.2
 # A task that cannot be verified now (the job's description is missing or rewritten) goes back
 # to the queue after this long: the coordinator restores its description every few seconds.
 UNVERIFIABLE_RETRY_SECONDS = 1.0
+# A synchronous round's extra task goes back to the queue this often (after this long), then is refused.
+ROUND_HAND_BACKS = 3
+ROUND_HAND_BACK_SECONDS = 0.5
 # How often a worker waiting for its partition lease looks again.
 LEASE_POLL_SECONDS = 0.25
 # Errors that are not the task's fault: Redis going away (reconnect and carry on) or a
@@ -124,6 +127,7 @@ class Worker:
         self.stop_requested = False
         self.stop_now = False
         self._current_task: str | None = None
+        self._round_trained: int | None = None  # the synchronous round this worker trained in last
         self._liveness_written = 0.0
         self.started_at = time.time()
         torch.set_num_threads(1)
@@ -250,6 +254,9 @@ class Worker:
         except JobMismatchError:
             channel.nack(delivery.tag, requeue=True)  # another worker, configured right, may take it
             raise
+        if task.synchronous and task.model_version == self._round_trained:
+            self._hand_back(channel, delivery, task)
+            return
         partition = self._leased_partition(channel)
         started = time.monotonic()
         log.info(kv("task_started", worker=self.worker_id, task=task.task_id, base_version=task.model_version,
@@ -281,6 +288,8 @@ class Worker:
         channel.publish(self.topology.updates, body, message_id=task.task_id, user_id=self.transport.user)
         channel.ack(delivery.tag)
         self.tasks_done += 1
+        if task.synchronous:
+            self._round_trained = task.model_version
         job = self.settings.job
         metrics.WORKER_TASKS.labels(job, "done").inc()
         metrics.WORKER_TASK_SECONDS.labels(job).observe(time.monotonic() - started)
@@ -289,6 +298,19 @@ class Worker:
         log.info(kv("task_done", worker=self.worker_id, task=task.task_id, base_version=task.model_version,
                     examples=update.num_examples, seconds=time.monotonic() - started,
                     **{key: value for key, value in update.metrics.items()}))
+
+    def _hand_back(self, channel: Channel, delivery: Delivery, task: RoundTask) -> None:
+        """A second task of a synchronous round this worker already trained in: give it back so that
+        a worker that has not trained in the round takes it; after ROUND_HAND_BACKS deliveries
+        nobody else took it, so refuse it and the round completes without it."""
+        if delivery_count(delivery) + 1 >= ROUND_HAND_BACKS:
+            self._refuse(channel, delivery, "trained_in_round", f"worker {self.worker_id} trained in round "
+                         f"{task.model_version} already, and no other worker took this task", task,
+                         dead_letter=False)
+            return
+        log.info(kv("task_handed_back", worker=self.worker_id, task=task.task_id, round=task.model_version))
+        self._wait_polling(channel, ROUND_HAND_BACK_SECONDS)  # the others' turn first
+        channel.nack(delivery.tag, requeue=True)
 
     def _on_training_error(self, channel: Channel, delivery: Delivery, task: RoundTask, error: Exception) -> None:
         """A task whose version is gone is refused; a task whose training raised is retried a
@@ -317,11 +339,12 @@ class Worker:
         self._refuse(channel, delivery, "training_failed", detail, task)
 
     def _refuse(self, channel: Channel, delivery: Delivery, reason: str, detail: str,
-                issued: RoundTask | None = None) -> None:
+                issued: RoundTask | None = None, *, dead_letter: bool = True) -> None:
         """A task no worker should train: to the dead letters with its reason, and on to the next.
 
         ``issued``: a task the coordinator verifiably issued; it is told, so that it replaces
-        the task now instead of when its lease ends.
+        the task now instead of when its lease ends. ``dead_letter`` False: nothing is wrong with
+        the task (a round that needs no more of this worker), only the coordinator is told.
         """
         task_id = issued.task_id if issued is not None else None
         log.warning(kv("task_rejected", worker=self.worker_id, task=task_id, reason=reason, detail=detail))
@@ -331,8 +354,9 @@ class Worker:
                                   detail=detail[:500])
             channel.publish(self.topology.updates, refusal.to_bytes(), message_id=f"refusal-{issued.task_id}",
                             user_id=self.transport.user)
-        channel.publish(self.topology.dead, delivery.body, message_id=delivery.message_id or task_id or "unknown",
-                        headers=dead_letter_headers(delivery.headers, reason, detail, origin="tasks"))
+        if dead_letter:
+            channel.publish(self.topology.dead, delivery.body, message_id=delivery.message_id or task_id or "unknown",
+                            headers=dead_letter_headers(delivery.headers, reason, detail, origin="tasks"))
         channel.ack(delivery.tag)
 
     def _wait_polling(self, channel: Channel, seconds: float) -> None:

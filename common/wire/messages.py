@@ -58,6 +58,9 @@ class RoundTask:
     train: TrainSettings
     issued_at: float
     model_digest: str = ""
+    # A task of a synchronous round (the round is its model_version): a worker trains at most one
+    # task per round, and hands others back for workers that have not trained in it yet.
+    synchronous: bool = False
     signature: str = ""
 
     def signed_document(self) -> dict[str, Any]:
@@ -199,9 +202,12 @@ def parse_task(body: bytes) -> RoundTask:
     model_digest = _field(document, "model_digest", str)
     if len(model_digest) != 64 or any(char not in "0123456789abcdef" for char in model_digest):
         raise MessageError("bad_schema", "field 'model_digest' must be a sha256 in hex")
+    synchronous = document.get("synchronous", False)
+    if not isinstance(synchronous, bool):
+        raise MessageError("bad_schema", "field 'synchronous' must be true or false")
     return RoundTask(job=_non_empty_text(document, "job"), task_id=_non_empty_text(document, "task_id"),
                      model_version=version, train=settings, issued_at=issued_at, model_digest=model_digest,
-                     signature=_non_empty_text(document, "signature", 200))
+                     synchronous=synchronous, signature=_non_empty_text(document, "signature", 200))
 
 
 def parse_worker_message(body: bytes) -> ModelUpdate | TaskRefusal:

@@ -73,6 +73,10 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("plateau_epsilon", non_negative_float, 0.001, "the least improvement of the score that counts"),
     Option("seed", int, 0, "seed of the initial model"),
     Option("task_lease_seconds", positive_float, 600.0, "a task not answered within this is replaced"),
+    Option("round_seconds", _optional(positive_float), None, "fedavg: close a round this many seconds after it "
+           "started if --min-updates came back; the rest of its tasks are withdrawn (default: wait for all)"),
+    Option("min_updates", _optional(positive_int), None, "fedavg: the fewest updates a round closed by "
+           "--round-seconds may have (default: --concurrency)"),
     Option("archive", str, "", "where older history goes: a directory or fsspec URL (s3://bucket/prefix, ...); "
            "'none' keeps everything in Redis (default: ~/.local/share/fedq/archive)"),
     Option("hot_versions", non_negative_int, 0, "versions kept whole in Redis; older ones move to the archive "

@@ -122,6 +122,9 @@ class Coordinator:
         self._dispatch_held = False
         self.plateau = Plateau(settings.plateau_evaluations, settings.plateau_epsilon)
         self.fleet = Fleet(self.store.fleet, settings.job)  # each worker's speed and contribution
+        self.synchronous = settings.chosen_algorithm.synchronous
+        self._round_started: float | None = None  # synchronous: when the open round's tasks went out
+        self._round_short_warned = False
         self._prepare_job()
         # --max-seconds counts from version 0, not from loading the task's data.
         self.started = time.monotonic()
@@ -278,6 +281,7 @@ class Coordinator:
         if expired:
             log.warning(kv("tasks_expired", count=len(expired), lease_s=self.settings.task_lease_seconds))
             self._forget(expired)
+        self._check_round_deadline()
         if self.settings.max_seconds is not None and time.monotonic() - self.started > self.settings.max_seconds:
             self._finish("max_seconds")
         self._top_up()
@@ -330,6 +334,13 @@ class Coordinator:
         if isinstance(validated, ValidatedRefusal):
             self._on_refusal(delivery, validated.refusal)
             return
+        if self.synchronous and any(pending.validated.worker_id == validated.worker_id for pending in self.buffer):
+            # A round trains each worker at most once: workers hand extra tasks back, so this one is hostile or buggy.
+            self._dead_letter(delivery, Rejected(MessageError("repeated_in_round", f"worker {validated.worker_id} "
+                                                                                   f"has an update in round {self.head} "
+                                                                                   "already"),
+                                                 validated.update.task_id, worker_id=validated.worker_id))
+            return
         task = self.open_tasks[validated.update.task_id]
         share = self.fleet.data_share(validated.worker_id, validated.update.num_examples)
         self.fleet.arrived(validated.worker_id, task.issued_at, validated.update.num_examples,
@@ -355,7 +366,8 @@ class Coordinator:
         at the end of its lease. A tampered version is restored from this coordinator's verified copy."""
         self._channel.ack(delivery.tag)
         self.store.counters.add("refused", refusal.reason)
-        log.warning(kv("task_refused", task=refusal.task_id, worker=refusal.worker_id, reason=refusal.reason,
+        # A worker handing back a second task of a round is the round working as meant.
+        (log.info if refusal.reason == "trained_in_round" else log.warning)(kv("task_refused", task=refusal.task_id, worker=refusal.worker_id, reason=refusal.reason,
                        detail=refusal.detail))
         version = self.open_tasks[refusal.task_id].version
         self._forget([refusal.task_id])
@@ -531,7 +543,10 @@ class Coordinator:
                         if held else kv("dispatch_resumed", job=self.settings.job))
         if held:
             return
-        for _ in range(self.policy.tasks_to_dispatch(in_flight=self.in_flight, buffered=len(self.buffer))):
+        count = self.policy.tasks_to_dispatch(in_flight=self.in_flight, buffered=len(self.buffer))
+        if count and self.synchronous:
+            self._round_started, self._round_short_warned = time.monotonic(), False
+        for _ in range(count):
             self._dispatch()
 
     def _dispatch(self) -> None:
@@ -541,7 +556,7 @@ class Coordinator:
                          train=TrainSettings(epochs=self.settings.local_epochs, batch_size=self.settings.batch_size,
                                              learning_rate=self.settings.learning_rate,
                                              seed=int(task_id[:8], 16), seconds=self._task_seconds()),
-                         model_digest=self.head_digest)
+                         model_digest=self.head_digest, synchronous=self.synchronous)
         task = replace(task, signature=self.signing_key.sign(task.signed_document()))
         # Recorded before the broker has it, so that an update answering it is accepted even
         # if this coordinator dies right after publishing. A crash before the publish leaves
@@ -558,6 +573,28 @@ class Coordinator:
         if self.settings.task_seconds == AUTO:
             return round(self.fleet.task_seconds(self.settings.local_epochs), 3)
         return float(self.settings.task_seconds)
+
+    def _check_round_deadline(self) -> None:
+        """Synchronous: past --round-seconds, close the round if --min-updates came back (its other
+        tasks are withdrawn, and their updates will be unknown_task); else say it is short."""
+        deadline = self.settings.round_seconds
+        if not (self.synchronous and deadline and self._round_started and self.buffer):
+            return
+        if time.monotonic() - self._round_started <= deadline:
+            return
+        needed = self.settings.min_updates or self.settings.concurrency
+        if len(self.buffer) < needed:
+            if not self._round_short_warned:
+                self._round_short_warned = True
+                log.warning(kv("round_short", round=self.head, updates=len(self.buffer), needed=needed,
+                               deadline_s=deadline, detail="the round stays open until enough updates arrive"))
+            return
+        buffered = {pending.update.task_id for pending in self.buffer}
+        withdrawn = [task_id for task_id in self.open_tasks if task_id not in buffered]
+        log.info(kv("round_closed_at_deadline", round=self.head, updates=len(self.buffer), withdrawn=len(withdrawn)))
+        self._channel.purge(self.topology.tasks)  # in a synchronous job, every queued task is this round's
+        self._forget(withdrawn)
+        self._commit()
 
     def _forget(self, task_ids: list[str]) -> None:
         """Close tasks: refused, expired or withdrawn; an update answering them is unknown_task from now on."""

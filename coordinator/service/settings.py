@@ -67,6 +67,10 @@ class CoordinatorSettings:
     plateau_epsilon: float = 0.001
     seed: int = 0
     task_lease_seconds: float = 600.0
+    # Synchronous rounds: close a round this many seconds after it started (None: wait for every
+    # task) if at least min_updates updates came back (None: all of concurrency).
+    round_seconds: float | None = None
+    min_updates: int | None = None
     clip_norm: float = 0.0
     robust: str = "mean"
     trim_fraction: float = 0.1
@@ -94,6 +98,8 @@ class CoordinatorSettings:
                              f"{', '.join(STALENESS_BOUNDS)}")
         if self.task_seconds != AUTO and not (isinstance(self.task_seconds, (int, float)) and self.task_seconds >= 0):
             raise ValueError(f"--task-seconds must be a number of seconds >= 0 or 'auto', not {self.task_seconds!r}")
+        if self.min_updates is not None and not 1 <= self.min_updates <= self.concurrency:
+            raise ValueError(f"--min-updates {self.min_updates} must be from 1 to --concurrency {self.concurrency}")
         if not self.max_update_weight > 0:
             raise ValueError("--max-update-weight must be above 0")
         if not (self.staleness_tolerance >= 1 and self.damp_above >= 1):

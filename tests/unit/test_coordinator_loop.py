@@ -99,12 +99,12 @@ def test_the_synchronous_barrier_waits_for_every_task_of_the_round(broker, store
     _, running = start(broker, store, algorithm="fedavg", concurrency=3)
     tasks = [take_task(broker) for _ in range(3)]
     assert {task.model_version for task in tasks} == {0}
-    for task in tasks[:2]:
-        answer(broker, task, delta_like(store, 0.3))
+    for index, task in enumerate(tasks[:2]):
+        answer(broker, task, delta_like(store, 0.3), worker_id=f"w{index}")
     wait_until(lambda: broker.unacked(TOPOLOGY.updates) == 2, DEADLINE, "the first two updates were not buffered")
     # Two of three back: no server step and no new task until the round is complete.
     assert store.versions.head() == 0 and broker.ready(TOPOLOGY.tasks) == []
-    answer(broker, tasks[2], delta_like(store, 0.3))
+    answer(broker, tasks[2], delta_like(store, 0.3), worker_id="w2")
     wait_for_head(store, 1)
     next_round = [take_task(broker) for _ in range(3)]
     running.stop()
