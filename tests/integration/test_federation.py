@@ -83,7 +83,8 @@ def test_worker_killed_mid_task_loses_no_task(processes, job, store):
 def test_training_longer_than_three_heartbeats_still_delivers(processes, job, store):
     heartbeat = 2
     coordinator = start_coordinator(processes, job, "--concurrency", "1", "--max-versions", "2")
-    start_worker(processes, job, 0, "--heartbeat", str(heartbeat), "--slowdown", str(4 * heartbeat))
+    # Each task sleeps a second longer than three heartbeats (RabbitMQ drops a connection silent for two).
+    start_worker(processes, job, 0, "--heartbeat", str(heartbeat), "--slowdown", str(3 * heartbeat + 1))
     assert coordinator.wait(timeout=120) == 0, processes.log("coordinator")[-3000:]
     worker_log = processes.log("worker-0")
     assert worker_log.count("event=task_done") >= 2, worker_log[-3000:]
