@@ -20,8 +20,9 @@ their own here:
 * Fixtures ``pki``, ``secure_rabbitmq``, ``secure_redis``: module-scoped when imported into a
   test module (servers of that module alone, e.g. to reconfigure them); otherwise the session's,
   from ``tests/integration/conftest.py``: one PKI, node and Redis shared by every module that
-  imports none of the three (starting a node takes 7-30 s). Tests on the shared servers may add
-  users and keys of their own, and must not reconfigure them.
+  imports none of the three (starting a node takes 5-30 s), listening on every address (for the
+  other hosts of tests/netns.py). Tests on the shared servers may add users and keys of their own,
+  and must not reconfigure them.
 
 How the private RabbitMQ node runs (the gotchas):
 
@@ -1004,16 +1005,17 @@ def _new_pki(tmp_path_factory) -> ThrowawayPKI:
     return ThrowawayPKI(tmp_path_factory.mktemp("pki"), extra_ips=[f"10.200.0.{i}" for i in range(1, 10)])
 
 
-def _secure_rabbitmq(pki: ThrowawayPKI, tmp_path_factory):
+def _secure_rabbitmq(pki: ThrowawayPKI, tmp_path_factory, bind: Sequence[str] = ("127.0.0.1",)):
     """AMQPS only (mutual TLS), HTTPS management, EXTERNAL cert login."""
     with PrivateRabbitMQ(tmp_path_factory.mktemp("rabbitmq"), pki=pki, tls=True, plain=False, mutual_tls=True,
-                         management_tls=True, cert_login=True) as server:
+                         management_tls=True, cert_login=True, bind=bind) as server:
         yield server
 
 
-def _secure_redis(pki: ThrowawayPKI, tmp_path_factory):
+def _secure_redis(pki: ThrowawayPKI, tmp_path_factory, bind: Sequence[str] = ("127.0.0.1",)):
     """TLS only with required client certificates, ACL default user off."""
-    with PrivateRedis(tmp_path_factory.mktemp("redis"), pki=pki, tls=True, plain=False, mutual_tls=True) as server:
+    with PrivateRedis(tmp_path_factory.mktemp("redis"), pki=pki, tls=True, plain=False, mutual_tls=True,
+                      bind=bind) as server:
         yield server
 
 
@@ -1055,13 +1057,16 @@ def session_pki(tmp_path_factory) -> ThrowawayPKI:
     return _new_pki(tmp_path_factory)
 
 
+# On every address, so that the other hosts of tests/netns.py reach them at the bridge's address too.
+
 @pytest.fixture(scope="session", name="secure_rabbitmq")
 def session_secure_rabbitmq(pki, tmp_path_factory):
-    """The session's private RabbitMQ node, shared (see :func:`_secure_rabbitmq`); killed at the end."""
-    yield from _secure_rabbitmq(pki, tmp_path_factory)
+    """The session's private RabbitMQ node, shared (see :func:`_secure_rabbitmq`), on every address;
+    killed at the end."""
+    yield from _secure_rabbitmq(pki, tmp_path_factory, bind=("0.0.0.0",))
 
 
 @pytest.fixture(scope="session", name="secure_redis")
 def session_secure_redis(pki, tmp_path_factory):
-    """The session's private Redis, shared (see :func:`_secure_redis`)."""
-    yield from _secure_redis(pki, tmp_path_factory)
+    """The session's private Redis, shared (see :func:`_secure_redis`), on every address."""
+    yield from _secure_redis(pki, tmp_path_factory, bind=("0.0.0.0",))

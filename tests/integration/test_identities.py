@@ -20,28 +20,15 @@ import pytest
 import redis
 
 from tests import netns
-from tests.private_servers import PrivateRabbitMQ, PrivateRedis, pki, tls_flags  # noqa: F401 (fixtures)
+# pki, secure_rabbitmq and secure_redis: the session's (tests/integration/conftest.py), on every address
+# so that the bridge reaches them too; shared with test_private_servers and test_tls.
+from tests.private_servers import tls_flags  # noqa: F401 (a fixture)
 from tests.support import ROOT, wait_until
 
 pytestmark = pytest.mark.timeout(1200)
 
 TRAINING = ["--task", "digits", "--task-params", json.dumps({"num_partitions": 2}), "--local-epochs", "1",
             "--algorithm", "fedbuff", "--buffer-size", "2", "--concurrency", "4", "--eval-every", "0"]
-
-
-@pytest.fixture(scope="module")
-def secure_rabbitmq(pki, tmp_path_factory):
-    """Mutual TLS only, HTTPS management; on every address, so that the bridge reaches it too."""
-    with PrivateRabbitMQ(tmp_path_factory.mktemp("rabbitmq"), pki=pki, tls=True, plain=False, mutual_tls=True,
-                         management_tls=True, bind=("0.0.0.0",)) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def secure_redis(pki, tmp_path_factory):
-    with PrivateRedis(tmp_path_factory.mktemp("redis"), pki=pki, tls=True, plain=False, mutual_tls=True,
-                      bind=("0.0.0.0",)) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """The private, secured RabbitMQ and Redis of tests/private_servers.py, proved with pika and redis-py.
 
 Each server starts once for the session (fixtures ``secure_rabbitmq`` and ``secure_redis``
-of tests/integration/conftest.py, which test_tls uses too); the shared servers are never touched.
+of tests/integration/conftest.py, which test_tls and test_identities use too); the shared servers
+are never touched.
 """
 from __future__ import annotations
 
