@@ -16,7 +16,7 @@ import pytest
 from fedq.broker.connection import connect
 from fedq.broker.topology import Topology
 from fedq.common.store import ModelStore, connect_redis
-from tests.support import AMQP_URL, REDIS_URL, ROOT, cleanup_job
+from tests.support import AMQP_URL, REDIS_URL, ROOT, cleanup_job, fedq_side_by_side
 
 pytestmark = pytest.mark.integration
 
@@ -94,7 +94,9 @@ def archived_job(store, job, tmp_path) -> Path:
 def test_jobs_lists_every_job_with_its_head_memory_and_archive(store, job, other_job, archived_job):
     other = ModelStore(store.redis, other_job)
     commit_versions(other, 2)
-    listed = fedq("jobs", "--redis-url", REDIS_URL, "--json")
+    listed, table, only = fedq_side_by_side(  # listing changes nothing
+        ["jobs", "--redis-url", REDIS_URL, "--json"], ["jobs", "--redis-url", REDIS_URL],
+        ["jobs", "--redis-url", REDIS_URL, "--job", other_job, "--json"], stdin=subprocess.DEVNULL)
     assert listed.returncode == 0, listed.stderr
     by_name = {entry["job"]: entry for entry in json.loads(listed.stdout)}  # other users' jobs may be listed too
     mine = by_name[job]
@@ -104,12 +106,10 @@ def test_jobs_lists_every_job_with_its_head_memory_and_archive(store, job, other
     assert theirs["head"] == 1 and theirs["redis_bytes"] > 0
     assert theirs["archive_url"] is None and theirs["archive_bytes"] is None
 
-    table = fedq("jobs", "--redis-url", REDIS_URL)
     assert table.returncode == 0, table.stderr
     rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[1:]}
     assert rows[job][2] == "7" and rows[job][-1] == str(archived_job / job)
     assert rows[other_job][2] == "1" and rows[other_job][-1] == "-"
-    only = fedq("jobs", "--redis-url", REDIS_URL, "--job", other_job, "--json")
     assert [entry["job"] for entry in json.loads(only.stdout)] == [other_job]
 
 

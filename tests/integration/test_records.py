@@ -18,7 +18,7 @@ from fedq.coordinator.algorithms.aggregation import BufferedUpdate
 from fedq.coordinator.ops.replay import replay
 from fedq.coordinator.service.settings import CoordinatorSettings
 from fedq.coordinator.algorithms.step import build_aggregator, build_optimizer, config_digest, server_step
-from tests.support import REDIS_URL, ROOT, publish_job
+from tests.support import REDIS_URL, ROOT, fedq_side_by_side, publish_job
 
 
 TASK = "linear"
@@ -100,24 +100,24 @@ def test_replay_reports_the_first_divergence(store):
 
 def test_show_history_and_export_commands(store, job, tmp_path):
     head = build_history(store, 4)
-    listing = fedq("history", "--job", job, "--redis-url", REDIS_URL)
+    output = tmp_path / "model.safetensors"
+    flags = ["--job", job, "--redis-url", REDIS_URL]
+    listing, as_json, shown, exported, missing = fedq_side_by_side(  # none of them writes to the job
+        ["history", *flags], ["history", *flags, "--json"], ["show", *flags, "3"],
+        ["export", *flags, "3", "-o", str(output)], ["show", *flags, "99"])
     assert listing.returncode == 0, listing.stderr
     assert f"Redis memory of job '{job}'" in listing.stdout
     assert len([line for line in listing.stdout.splitlines() if line.strip()[:1].isdigit()]) == head + 1
-    lines = fedq("history", "--job", job, "--redis-url", REDIS_URL, "--json").stdout.splitlines()
+    lines = as_json.stdout.splitlines()
     assert [json.loads(line)["version"] for line in lines] == list(range(head + 1))
-    shown = fedq("show", "--job", job, "--redis-url", REDIS_URL, "3")
     assert shown.returncode == 0 and "2 update(s) applied, in order" in shown.stdout
     for update in store.versions.history(3, 3)[0].updates:
         assert update.task_id in shown.stdout
-    output = tmp_path / "model.safetensors"
-    exported = fedq("export", "--job", job, "--redis-url", REDIS_URL, "3", "-o", str(output))
     assert exported.returncode == 0, exported.stderr
     model = load_task(TASK).build_model()
     model.load_state_dict(load_file(str(output)))
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, torch.from_numpy(store.versions.load_weights(3)[name].copy()))
-    missing = fedq("show", "--job", job, "--redis-url", REDIS_URL, "99")
     assert missing.returncode == 1 and "has no version 99 (its head is" in missing.stderr
 
 
@@ -147,13 +147,13 @@ def test_history_commands_read_both_tiers_after_fedq_archive(store, job, tmp_pat
     assert store.redis.xlen(store.keys.history) == 3
     # Every reader finds the archive by itself (no --archive): the URL was recorded in Redis.
     store.status.record_archive(archive, 3, 5)
-    replayed = fedq("replay", "--job", job, "--redis-url", REDIS_URL)
+    flags = ["--job", job, "--redis-url", REDIS_URL]
+    replayed, shown, listed, exported = fedq_side_by_side(  # none of them writes to the job
+        ["replay", *flags], ["show", *flags, "--json", "3"], ["history", *flags, "--json"],
+        ["export", *flags, "7", "-o", str(tmp_path / "v7.safetensors")])
     assert replayed.returncode == 0 and f"all {head} verified bit for bit" in replayed.stdout, replayed.stderr
-    shown = fedq("show", "--job", job, "--redis-url", REDIS_URL, "--json", "3")
     assert shown.returncode == 0 and len(json.loads(shown.stdout)["updates"]) == 2
-    listed = fedq("history", "--job", job, "--redis-url", REDIS_URL, "--json")
     assert [json.loads(line)["version"] for line in listed.stdout.splitlines()] == list(range(head + 1))
-    exported = fedq("export", "--job", job, "--redis-url", REDIS_URL, "7", "-o", str(tmp_path / "v7.safetensors"))
     assert exported.returncode == 0, exported.stderr  # 7 is no checkpoint: recomputed from 5
     digest = codec.weights_digest({name: tensor.numpy() for name, tensor in
                                    load_file(str(tmp_path / "v7.safetensors")).items()})
@@ -162,8 +162,8 @@ def test_history_commands_read_both_tiers_after_fedq_archive(store, job, tmp_pat
     assert digest == TieredHistory(store, open_job_archive(store)).meta(7).digest
     rolled = fedq("rollback", "--job", job, "--redis-url", REDIS_URL, "6")
     assert rolled.returncode == 0, rolled.stderr
-    assert fedq("replay", "--job", job, "--redis-url", REDIS_URL).returncode == 0
-    report = fedq("report", "--job", job, "--redis-url", REDIS_URL, "-o", str(tmp_path / "report.html"))
+    replayed, report = fedq_side_by_side(["replay", *flags], ["report", *flags, "-o", str(tmp_path / "report.html")])
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert report.returncode == 0 and f"({head + 2} versions" in report.stdout, report.stderr
 
 
