@@ -28,6 +28,8 @@ class RunResult:
     curve: list[dict[str, Any]] = field(default_factory=list)  # version, t, accuracy, loss, updates
     stalenesses: list[int] = field(default_factory=list)
     per_worker: dict[str, int] = field(default_factory=dict)
+    weight_per_worker: dict[str, float] = field(default_factory=dict)  # the summed weights of its updates
+    rejected_by_worker: dict[str, dict[str, int]] = field(default_factory=dict)
     slow_workers: list[int] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)

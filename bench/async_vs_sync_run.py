@@ -18,20 +18,26 @@ from fedq.common.store.tiers import whole_history
 
 
 def run_one(spec: TaskSpec, case: str, arm: str, *, budget: float, concurrency: int, seed: int, amqp_url: str,
-            redis_url: str, log_root: Path, launch: str = "fork") -> RunResult:
+            redis_url: str, log_root: Path, launch: str = "fork", arm_flags: list[str] | None = None,
+            worker_flags: list[list[str]] | None = None, slow: list[int] | None = None) -> RunResult:
+    """One run. ``arm_flags`` (default ARMS[arm]) go to the coordinator; ``worker_flags`` (default
+    each worker's --slowdown of ``case``) to worker i, with ``slow`` the designated slow ones."""
     job = f"avs-{spec.name}-{case}-{arm}-{uuid.uuid4().hex[:6]}"
     log_dir = log_root / job
     log_dir.mkdir(parents=True)
     store = ModelStore(connect_redis(redis_url), job)
     cleanup(job, amqp_url, redis_url)
-    delays, slow = slowdowns(case, spec.workers, seed)
-    result = RunResult(spec.name, case, arm, job, spec.target, budget, concurrency, spec.workers, slow_workers=slow)
+    if worker_flags is None:
+        delays, slow = slowdowns(case, spec.workers, seed)
+        worker_flags = [["--slowdown", f"{delay:.3f}"] for delay in delays]
+    result = RunResult(spec.name, case, arm, job, spec.target, budget, concurrency, spec.workers,
+                       slow_workers=slow or [])
     connection_flags = ["--job", job, "--amqp-url", amqp_url, "--redis-url", redis_url]
     try:
         started = time.monotonic()
         worker_logs = [log_dir / f"worker-{index}.log" for index in range(spec.workers)]
         argvs = [["worker", *connection_flags, "--worker-id", f"{job}-w-{index}", "--partition", str(index),
-                  "--slowdown", f"{delays[index]:.3f}"] for index in range(spec.workers)]
+                  *worker_flags[index]] for index in range(spec.workers)]
         workers = launch_workers(launch, spec.preload, argvs, worker_logs, log_dir)
         wait_ready(worker_logs, workers, timeout=300)
         result.startup_seconds = time.monotonic() - started
@@ -39,7 +45,7 @@ def run_one(spec: TaskSpec, case: str, arm: str, *, budget: float, concurrency: 
         coordinator_log = log_dir / "coordinator.log"
         coordinator = start(fedq_command(
             "coordinator", *connection_flags, "--task", spec.task, "--task-params", json.dumps(spec.params),
-            *ARMS[arm], "--concurrency", str(concurrency), "--max-seconds", str(budget + COORDINATOR_SLACK),
+            *(ARMS[arm] if arm_flags is None else arm_flags), "--concurrency", str(concurrency), "--max-seconds", str(budget + COORDINATOR_SLACK),
             "--eval-every", "1",
             "--seed", str(seed), *spec.training), coordinator_log)
         run_started = time.monotonic()
@@ -72,7 +78,11 @@ def run_one(spec: TaskSpec, case: str, arm: str, *, budget: float, concurrency: 
             for update in entry.updates:
                 result.stalenesses.append(int(update.staleness))
                 result.per_worker[update.worker_id] = result.per_worker.get(update.worker_id, 0) + 1
+                result.weight_per_worker[update.worker_id] = (result.weight_per_worker.get(update.worker_id, 0.0)
+                                                              + update.weight)
         result.rejected = store.counters.get("rejected")
+        result.rejected_by_worker = {worker: dict(record.rejected) for worker, record in store.fleet.load().items()
+                                     if record.rejected}
         result.skipped = store.counters.get("skipped")
         result.reason = store.status.load().get("reason", "")
         warnings = Counter(match.group(1) for match in

@@ -21,7 +21,8 @@ TEST_FRACTION = 0.2
 class DigitsTask(FederatedTask):
     score_metric = "accuracy"
 
-    def __init__(self, num_partitions: int = 10, alpha: float = 0.5, seed: int = 0, hidden: int = 64):
+    def __init__(self, num_partitions: int = 10, alpha: float = 0.5, seed: int = 0, hidden: int = 64,
+                 exclusive_classes: list[int] | None = None, exclusive_partitions: list[int] | None = None):
         check_parameter("num_partitions", num_partitions, 1, MAX_PARTITIONS)
         check_parameter("alpha", alpha, 1e-6, 1e6, integer=False)
         check_parameter("seed", seed, 0, 2**32 - 1)
@@ -30,6 +31,18 @@ class DigitsTask(FederatedTask):
         self.alpha = alpha
         self.seed = seed
         self.hidden = hidden
+        # A split where some partitions alone hold some classes (the heterogeneity benchmark: slow
+        # workers that are the only ones to see digits 7-9). Both lists or neither.
+        self.exclusive_classes = sorted(exclusive_classes or [])
+        self.exclusive_partitions = sorted(exclusive_partitions or [])
+        for name, values, high in (("exclusive_classes", self.exclusive_classes, 9),
+                                   ("exclusive_partitions", self.exclusive_partitions, num_partitions - 1)):
+            for value in values:
+                check_parameter(name, value, 0, high)
+        if bool(self.exclusive_classes) != bool(self.exclusive_partitions) or \
+                len(self.exclusive_partitions) >= num_partitions or len(self.exclusive_classes) >= 10:
+            raise ValueError("exclusive_classes and exclusive_partitions go together, and leave some classes and "
+                             "partitions to the others")
 
     @cached_property
     def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -49,7 +62,17 @@ class DigitsTask(FederatedTask):
     @cached_property
     def _partitions(self) -> list[np.ndarray]:
         _, train_labels, _, _ = self._arrays
-        return dirichlet_partition(train_labels, self.num_partitions, self.alpha, self.seed)
+        if not self.exclusive_partitions:
+            return dirichlet_partition(train_labels, self.num_partitions, self.alpha, self.seed)
+        parts: list[np.ndarray] = [np.empty(0, np.int64)] * self.num_partitions
+        exclusive = np.isin(train_labels, self.exclusive_classes)
+        others = [index for index in range(self.num_partitions) if index not in self.exclusive_partitions]
+        for owners, mask in ((self.exclusive_partitions, exclusive), (others, ~exclusive)):
+            indices = np.flatnonzero(mask)
+            for owner, part in zip(owners, dirichlet_partition(train_labels[indices], len(owners), self.alpha,
+                                                                self.seed)):
+                parts[owner] = indices[part]
+        return parts
 
     def build_model(self) -> nn.Module:
         return nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10))

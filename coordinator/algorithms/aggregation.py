@@ -99,9 +99,11 @@ class AdaptiveStaleness:
         return 1.0 if worst <= self.damp_above else self.damp_above / worst
 
     def fair_weight(self, update: BufferedUpdate, buffered: int) -> float:
-        """d_i tau_hat_i, at most max_weight; an update without a data share (a record from before
-        shares were measured) gets FedBuff's 1/K."""
-        if update.data_share is None:
+        """d_i tau_hat_i, at most max_weight. FedBuff's 1/K for an update whose worker's speed is not
+        measured yet (its first update: early in a job the data shares of the few workers seen
+        are inflated, and the first run of a fair rule with them tripled the steps and set the
+        model back) or that has no data share (a record from before shares were measured)."""
+        if update.data_share is None or update.expected_staleness is None:
             return 1.0 / buffered
         return min(self.max_weight, update.data_share * self.expected(update))
 

@@ -20,8 +20,8 @@ ROBUST_ESTIMATORS = ("mean", "median", "trimmed_mean")
 # How staleness bounds and weighs updates: by each worker's measured speed, or by a fixed cut.
 STALENESS_BOUNDS = ("adaptive", "fixed")
 
-__all__ = ["ALGORITHMS", "ROBUST_ESTIMATORS", "SERVER_OPTIMIZERS", "STALENESS_BOUNDS", "STALENESS_FUNCTIONS", "Algorithm",
-           "algorithm"]
+__all__ = ["ALGORITHMS", "ROBUST_ESTIMATORS", "SERVER_OPTIMIZERS", "STALENESS_BOUNDS", "STALENESS_FUNCTIONS",
+           "Algorithm", "algorithm"]
 
 
 @dataclass(frozen=True)

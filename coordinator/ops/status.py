@@ -263,8 +263,8 @@ def worker_table_rows(report: dict) -> list[tuple[str, ...]]:
     return cells
 
 
-WORKER_COLUMNS = ("worker", "data", "s/task", "steps/s", "exp. staleness", "applied", "of updates", "of weight", "of examples",
-                  "rejected")
+WORKER_COLUMNS = ("worker", "data", "s/task", "steps/s", "exp. staleness", "applied", "of updates", "of weight",
+                  "of examples", "rejected")
 
 
 def memory_line(report: dict) -> str:

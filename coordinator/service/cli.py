@@ -33,7 +33,7 @@ OPTIONS = CONNECTION_OPTIONS + [
     Option("staleness", str, "polynomial:a=0.5", f"staleness function NAME[:param=value,...][@average], NAME one of {', '.join(STALENESS_FUNCTIONS)}; "
            "e.g. polynomial:a=0.5 or hinge:a=10,b=4"),
     Option("mixing_rate", positive_float, 0.6, "FedAsync: mixing rate alpha"),
-    Option("staleness_bound", str, "fixed", "adaptive: judge and weigh each update by the staleness its worker's "
+    Option("staleness_bound", str, "adaptive", "adaptive: judge and weigh each update by the staleness its worker's "
            "measured speed predicts, so slow workers count as much as their data; fixed: reject updates staler than "
            "--max-staleness and weigh the rest by --staleness", choices=STALENESS_BOUNDS),
     Option("max_staleness", _optional(non_negative_int), None, "reject updates staler than this many versions "

@@ -156,7 +156,8 @@ class Coordinator:
             self.last_metrics = self.store.versions.load_meta(self.head).metrics
             # A restart bounds updates by the norms the job accepted before, not by a fresh warm-up.
             recent = self.store.versions.recent_history(self.norm_guard.norms.maxlen)
-            self.norm_guard.accepted([update.norm for record in recent for update in record.updates])
+            self.norm_guard.accepted([(update.worker_id, update.norm)
+                                      for record in recent for update in record.updates])
             log.info(kv("resumed", job=self.settings.job, head=self.head))
         self._load_head()
         self.tensor_specs = codec.tensor_specs(self.weights)
@@ -307,6 +308,7 @@ class Coordinator:
                                 tensor_specs=self.tensor_specs, abandoned=self.abandoned,
                                 max_delta_bytes=self.max_delta_bytes,
                                 max_delta_norm=self.norm_guard.bound(self.model_norm),
+                                worker_norm_bounds=self.norm_guard.worker_bounds(self.model_norm),
                                 require_identity=self.settings.require_identity,
                                 expected_staleness=self.fleet.expectations(),
                                 staleness_tolerance=self.settings.staleness_tolerance if self.settings.adaptive
@@ -334,25 +336,10 @@ class Coordinator:
         if isinstance(validated, ValidatedRefusal):
             self._on_refusal(delivery, validated.refusal)
             return
-        if self.synchronous and any(pending.validated.worker_id == validated.worker_id for pending in self.buffer):
-            # A round trains each worker at most once: workers hand extra tasks back, so this one is hostile or buggy.
-            self._dead_letter(delivery, Rejected(MessageError("repeated_in_round", f"worker {validated.worker_id} "
-                                                                                   f"has an update in round {self.head} "
-                                                                                   "already"),
-                                                 validated.update.task_id, worker_id=validated.worker_id))
-            return
-        task = self.open_tasks[validated.update.task_id]
-        share = self.fleet.data_share(validated.worker_id, validated.update.num_examples)
-        self.fleet.arrived(validated.worker_id, task.issued_at, validated.update.num_examples,
-                           steps=validated.update.local_steps, train_seconds=validated.train_seconds,
-                           batch_size=self.settings.batch_size)
-        validated = replace(validated, update=replace(validated.update, data_share=share))
-        age = time.time() - task.issued_at
-        if self.settings.max_age_seconds is not None and age > self.settings.max_age_seconds:
-            self._dead_letter(delivery, Rejected(MessageError("too_old", f"the update arrived {age:.0f} s after its "
-                                                                         f"task was issued; the bound is "
-                                                                         f"{self.settings.max_age_seconds:g} s"),
-                                                 validated.update.task_id, worker_id=validated.worker_id))
+        validated = self._measured(validated)
+        refusal = self._round_or_age_refusal(validated)
+        if refusal is not None:
+            self._dead_letter(delivery, Rejected(refusal, validated.update.task_id, worker_id=validated.worker_id))
             return
         self.buffer.append(Pending(delivery, validated))
         metrics.BUFFER_FILL.labels(self.settings.job).set(len(self.buffer))
@@ -361,14 +348,37 @@ class Coordinator:
             self._commit()
         self._top_up()
 
+    def _measured(self, validated: ValidatedUpdate) -> ValidatedUpdate:
+        """Record the worker's speed from this update, and give the update its worker's data share."""
+        update = validated.update
+        share = self.fleet.data_share(validated.worker_id, update.num_examples)
+        self.fleet.arrived(validated.worker_id, self.open_tasks[update.task_id].issued_at, update.num_examples,
+                           steps=update.local_steps, train_seconds=validated.train_seconds,
+                           batch_size=self.settings.batch_size)
+        return replace(validated, update=replace(update, data_share=share))
+
+    def _round_or_age_refusal(self, validated: ValidatedUpdate) -> MessageError | None:
+        """Why a valid update still may not be buffered: its worker has one in this synchronous
+        round already (workers hand extra tasks back, so it is hostile or buggy), or it is older
+        than --max-age-seconds."""
+        worker = validated.worker_id
+        if self.synchronous and any(pending.validated.worker_id == worker for pending in self.buffer):
+            return MessageError("repeated_in_round", f"worker {worker} has an update in round {self.head} already")
+        age = time.time() - self.open_tasks[validated.update.task_id].issued_at
+        if self.settings.max_age_seconds is not None and age > self.settings.max_age_seconds:
+            return MessageError("too_old", f"the update arrived {age:.0f} s after its task was issued; the bound is "
+                                           f"{self.settings.max_age_seconds:g} s")
+        return None
+
     def _on_refusal(self, delivery: Delivery, refusal: TaskRefusal) -> None:
         """A worker cannot train an issued task: close it now (a replacement goes out) rather than
         at the end of its lease. A tampered version is restored from this coordinator's verified copy."""
         self._channel.ack(delivery.tag)
         self.store.counters.add("refused", refusal.reason)
         # A worker handing back a second task of a round is the round working as meant.
-        (log.info if refusal.reason == "trained_in_round" else log.warning)(kv("task_refused", task=refusal.task_id, worker=refusal.worker_id, reason=refusal.reason,
-                       detail=refusal.detail))
+        say = log.info if refusal.reason == "trained_in_round" else log.warning
+        say(kv("task_refused", task=refusal.task_id, worker=refusal.worker_id, reason=refusal.reason,
+               detail=refusal.detail))
         version = self.open_tasks[refusal.task_id].version
         self._forget([refusal.task_id])
         if refusal.reason == "tampered_version" and self.store.versions.restore(version):
@@ -470,7 +480,7 @@ class Coordinator:
         self.weights, self.optimizer_state = self.store.versions.load_weights(self.head), new_state
         self.head_digest = self.store.versions.digest_of(self.head)
         self.model_norm = l2_norm(self.weights)
-        self.norm_guard.accepted([item.validated.norm for item in pending])
+        self.norm_guard.accepted([(item.validated.worker_id, item.validated.norm) for item in pending])
         crash_point("committed")
         for item in pending:
             self._channel.ack(item.delivery.tag)

@@ -32,7 +32,7 @@ class CoordinatorSettings:
     # "fixed": reject updates staler than max_staleness, weigh the rest by the staleness function.
     # "adaptive": judge and weigh each update against the staleness its worker's measured speed
     # predicts (coordinator/service/fleet.py, algorithms/aggregation.py AdaptiveStaleness).
-    staleness_bound: str = "fixed"
+    staleness_bound: str = "adaptive"
     # A hard bound in versions. None: DEFAULT_MAX_STALENESS with the fixed cut, none when adaptive.
     max_staleness: int | None = None
     # Adaptive: refuse an update (1 + tau) more than this many times (1 + its worker's expected tau).

@@ -59,6 +59,8 @@ class Expectations:
     max_delta_bytes: int | None = None
     # A delta with a larger L2 norm is refused as norm_outlier (NormGuard.bound); None: no bound.
     max_delta_norm: float | None = None
+    # Workers whose own history allows more (NormGuard.worker_bounds).
+    worker_norm_bounds: Mapping[str, float] = field(default_factory=dict)
     # Identities are checked even before the job has enrolled any (--require-identity).
     require_identity: bool = False
     # Adaptive staleness: each worker's expected staleness (from its measured speed), and how
@@ -139,9 +141,10 @@ def validate_update(body: bytes, expected: Expectations, store: ModelStore, alre
         digest, payload, delta = load_delta(update, store, expected.max_delta_bytes)
         check_tensors(delta, expected.tensor_specs)
         norm = l2_norm(delta)
-        if expected.max_delta_norm is not None and norm > expected.max_delta_norm:
+        bound = expected.worker_norm_bounds.get(update.worker_id, expected.max_delta_norm)
+        if bound is not None and norm > bound:
             raise MessageError("norm_outlier", f"the delta's L2 norm {norm:.4g} exceeds this job's bound "
-                                               f"{expected.max_delta_norm:.4g}")
+                                               f"{bound:.4g}")
     except MessageError as error:
         raise Rejected(error, update.task_id, worker_id=update.worker_id) from None
     except TRANSIENT_REDIS_ERRORS:
@@ -202,17 +205,44 @@ class NormGuard:
     over 2,514 updates (bench/README.md), so ``factor = 10`` keeps them while refusing
     anything an order of magnitude off; the median moves only once most of the window is
     poisoned, and only by what got through.
+
+    The window is the last updates, so fast workers fill it: once the model has learnt their
+    data their deltas shrink, while a slow worker that alone holds some classes keeps sending
+    larger ones, which a job-wide bound then refused (bench/heterogeneous.py: 23 of a slow
+    group's updates, and the model forgot its classes). So a worker with ``worker_warmup`` accepted
+    updates of its own (few: a slow worker sends few) is also bounded by ``factor`` times its own median, which may itself be
+    at most ``factor`` times the job's: a worker whose data differs keeps its own scale, and no
+    update ever exceeds ``factor``^2 times the job's median (one that ramps up window by window
+    gets no further).
     """
 
-    def __init__(self, factor: float, window: int = 100, warmup: int = 20):
+    def __init__(self, factor: float, window: int = 100, warmup: int = 20, worker_window: int = 20,
+                 worker_warmup: int = 5):
         self.factor = factor
         self.warmup = warmup
+        self.worker_warmup = worker_warmup
         self.norms: deque[float] = deque(maxlen=window)
+        self.worker_window = worker_window
+        self.by_worker: dict[str, deque[float]] = {}
 
     def bound(self, model_norm: float) -> float | None:
         """The largest acceptable update norm now; None when there is nothing to compare with yet."""
         typical = statistics.median(self.norms) if len(self.norms) >= self.warmup else model_norm
         return self.factor * typical if self.factor and typical > 0 else None
+
+    def worker_bounds(self, model_norm: float) -> dict[str, float]:
+        """Per worker with a history of its own: the bound its own scale gives it, where that is
+        above the job's (see the class's docstring)."""
+        job_bound = self.bound(model_norm)
+        if job_bound is None or len(self.norms) < self.warmup:
+            return {}
+        bounds = {}
+        for worker, norms in self.by_worker.items():
+            if len(norms) >= self.worker_warmup:
+                own = self.factor * min(statistics.median(norms), job_bound)
+                if own > job_bound:
+                    bounds[worker] = own
+        return bounds
 
     def step_bound(self, model_norm: float) -> float | None:
         """The largest plausible server step: no more than the model's own scale or one acceptable update.
@@ -224,9 +254,12 @@ class NormGuard:
             return None
         return max(self.factor * model_norm, self.bound(model_norm) or 0.0) or None
 
-    def accepted(self, norms: list[float | None]) -> None:
-        """Remember the norms of applied updates (None: a record from before norms were kept)."""
-        self.norms.extend(norm for norm in norms if norm is not None)
+    def accepted(self, norms: list[tuple[str, float | None]]) -> None:
+        """Remember the (worker id, norm) of applied updates (None: a record from before norms were kept)."""
+        for worker, norm in norms:
+            if norm is not None:
+                self.norms.append(norm)
+                self.by_worker.setdefault(worker, deque(maxlen=self.worker_window)).append(norm)
 
 
 def load_delta(update: ModelUpdate, store: ModelStore,

@@ -100,7 +100,8 @@ def test_the_weights_follow_from_the_recorded_config_and_updates_alone():
                                                    updates=(record,)).entry_json())
     assert (stored.updates[0].expected_staleness, stored.updates[0].data_share) == (8.0, 0.1)  # replay reads them
     assert build_aggregator(config).weights(buffer) == weights
-    fixed = CoordinatorSettings(job="j", amqp_url="", redis_url="", algorithm="fedbuff").aggregation_config()
+    fixed = CoordinatorSettings(job="j", amqp_url="", redis_url="", algorithm="fedbuff",
+                                staleness_bound="fixed").aggregation_config()
     assert build_aggregator(fixed).weights(buffer) != weights
 
 

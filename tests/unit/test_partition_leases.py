@@ -58,7 +58,8 @@ def job_with_task(task: str = "linear"):
 
 def run_one_task(store, broker, **settings) -> Worker:
     worker = Worker(WorkerSettings(job=JOB, amqp_url="memory://", redis_url="memory://", worker_id="w0", max_tasks=1,
-                                   idle_seconds=FAST_POLLING["idle_seconds"], **settings), store, MemoryTransport(broker))
+                                   idle_seconds=FAST_POLLING["idle_seconds"], **settings),
+                    store, MemoryTransport(broker))
     assert InBackground(worker).join(DEADLINE) == 0
     return worker
 

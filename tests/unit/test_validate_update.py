@@ -84,12 +84,23 @@ def test_the_norm_bound_follows_the_model_until_the_warm_up_then_the_median_of_a
     assert guard.bound(model_norm=2.0) == 20.0            # no history yet: ten times the model's norm
     assert NormGuard(10.0).bound(model_norm=0.0) is None  # nothing to compare with: no bound
     assert NormGuard(0.0).bound(model_norm=2.0) is None   # off
-    guard.accepted([0.5, 0.7])
+    guard.accepted([("w", 0.5), ("w", 0.7)])
     assert guard.bound(model_norm=2.0) == 20.0            # still warming up
-    guard.accepted([0.6, None])                           # None: a record from before norms were kept
+    guard.accepted([("w", 0.6), ("w", None)])                         # None: a record from before norms were kept
     assert guard.bound(model_norm=2.0) == pytest.approx(6.0)  # ten times the median, even below the model's norm
-    guard.accepted([1000.0])                              # one outlier in the window hardly moves the median
+    guard.accepted([("w", 1000.0)])                            # one outlier in the window hardly moves the median
     assert guard.bound(model_norm=2.0) == pytest.approx(6.5)
+
+
+def test_a_worker_whose_updates_are_larger_keeps_its_own_scale_up_to_factor_squared():
+    guard = NormGuard(10.0, window=30, warmup=3, worker_window=5, worker_warmup=3)
+    guard.accepted([("fast", 0.01)] * 25 + [("unique", 0.05)] * 3)  # a slow worker that alone holds some classes
+    assert guard.bound(model_norm=2.0) == pytest.approx(0.1)      # the job's: ten times its median, 0.01
+    assert guard.worker_bounds(model_norm=2.0) == {"unique": pytest.approx(0.5)}  # ten times its own median
+    assert NormGuard(10.0, window=30, warmup=3).worker_bounds(model_norm=2.0) == {}
+    ramping = NormGuard(10.0, window=30, warmup=3, worker_window=5, worker_warmup=3)
+    ramping.accepted([("fast", 0.01)] * 25 + [("liar", 1e6)] * 5)  # its own median may count 10x the job's at most
+    assert ramping.worker_bounds(model_norm=2.0)["liar"] == pytest.approx(10.0 * 10.0 * 0.01)
 
 
 def test_a_plausible_step_is_bounded_by_the_model_or_one_acceptable_update():
@@ -97,7 +108,7 @@ def test_a_plausible_step_is_bounded_by_the_model_or_one_acceptable_update():
     assert NormGuard(0.0).step_bound(model_norm=2.0) is None
     assert NormGuard(10.0).step_bound(model_norm=0.0) is None
     assert guard.step_bound(model_norm=2.0) == 20.0
-    guard.accepted([5.0])
+    guard.accepted([("w", 5.0)])
     assert guard.step_bound(model_norm=2.0) == 50.0
 
 

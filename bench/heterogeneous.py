@@ -1,0 +1,201 @@
+"""Heterogeneous workers: does every worker's data count, and how soon is the target reached?
+
+Run from the repository root:
+
+    .venv/bin/python bench/heterogeneous.py                 # both cases, four arms: ~15 minutes on 2 cores
+    .venv/bin/python bench/heterogeneous.py --cases unique --arms fixed,adaptive --budget 60
+
+Real federations (one coordinator, ten ``fedq worker`` processes, RabbitMQ and Redis), through
+``async_vs_sync_run.run_one``. Digits, ten workers, Dirichlet(0.5) partitions, the demo's local
+training (2 epochs, batch 16, learning rate 0.1), target 0.90. Every worker sleeps 0.2 s per
+task; three are slow *devices*: each of their training steps takes STEP_DELAY s more (about
+2 s per task), so that device-sized tasks can help them.
+
+Cases:
+
+    unique      the three slow workers alone hold digits 7-9 (``exclusive_classes``): starving
+                them costs accuracy (without them the model cannot exceed ~0.7)
+    stragglers  the same three workers are slow, with the ordinary Dirichlet split
+
+Arms (the same workers, delays and data within a case):
+
+    sync       --algorithm fedavg: fair synchronous rounds (each worker at most once)
+    fixed      FedBuff K=3, the fixed cut (--max-staleness 20) and 1/sqrt(1 + tau) weights
+    adaptive   FedBuff K=3, --staleness-bound adaptive (per-worker expected staleness, fair
+               weights, damping)
+    sized      adaptive + --task-seconds auto (device-sized tasks)
+
+Reported per run: time to the target (first version at or above it), final accuracy, the
+slow workers' share of the applied updates and of the update weight against their share of
+the examples, the smallest ratio (share of updates / share of data) over all workers, and
+rejections by reason. Outputs: a table on stdout, ``docs/figures/heterogeneous.csv`` and
+``docs/figures/heterogeneous_<case>.png`` (accuracy against time, and each worker's share of
+updates against its share of data).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.async_vs_sync_config import TASKS, TaskSpec  # noqa: E402
+from bench.async_vs_sync_results import RunResult  # noqa: E402
+from bench.async_vs_sync_run import run_one  # noqa: E402
+from bench.harness import stop_all  # noqa: E402
+
+FIGURES = ROOT / "docs" / "figures"
+SLOW = [2, 5, 8]
+BASE_SLOWDOWN = 0.2   # seconds per task, every worker (its link)
+STEP_DELAY = 0.11     # seconds per training step, slow workers only: ~18 steps a task, ~2 s
+CASES = ("unique", "stragglers")
+STALENESS = "polynomial:a=0.5"
+ARMS = {
+    "sync": ["--algorithm", "fedavg"],
+    "fixed": ["--algorithm", "fedbuff", "--buffer-size", "3", "--staleness", STALENESS, "--staleness-bound", "fixed"],
+    "adaptive": ["--algorithm", "fedbuff", "--buffer-size", "3", "--staleness-bound", "adaptive"],
+    "sized": ["--algorithm", "fedbuff", "--buffer-size", "3", "--staleness-bound", "adaptive",
+              "--task-seconds", "auto"],
+}
+LABELS = {"sync": "sync FedAvg (fair rounds)", "fixed": "FedBuff K=3, fixed cut", "adaptive": "FedBuff K=3, adaptive",
+          "sized": "FedBuff K=3, adaptive + device-sized"}
+COLOURS = {"sync": "black", "fixed": "tab:blue", "adaptive": "tab:green", "sized": "tab:red"}
+
+
+def task_spec(case: str) -> TaskSpec:
+    digits = TASKS["digits"]
+    params = dict(digits.params)
+    if case == "unique":
+        params |= {"exclusive_classes": [7, 8, 9], "exclusive_partitions": SLOW}
+    return TaskSpec(f"digits-{case}", digits.task, params, digits.workers, digits.target, digits.training,
+                    digits.preload)
+
+
+def data_shares(spec: TaskSpec) -> list[float]:
+    from fedq.common.tasks import load_task
+
+    task = load_task(spec.task, spec.params)
+    sizes = [len(task.local_data(index)) for index in range(spec.workers)]
+    return [size / sum(sizes) for size in sizes]
+
+
+def worker_flags(spec: TaskSpec) -> list[list[str]]:
+    return [["--slowdown", str(BASE_SLOWDOWN), *(["--step-delay", str(STEP_DELAY)] if index in SLOW else [])]
+            for index in range(spec.workers)]
+
+
+def shares(result: RunResult, counts: dict[str, float], workers: int) -> list[float]:
+    total = sum(counts.values()) or 1.0
+    return [counts.get(f"{result.job}-w-{index}", 0) / total for index in range(workers)]
+
+
+def row(result: RunResult, data: list[float]) -> dict:
+    t, _, _ = result.time_to_target()
+    updates = shares(result, result.per_worker, result.workers)
+    weights = shares(result, result.weight_per_worker, result.workers)
+    final = [point["accuracy"] for point in result.curve if point["t"] <= result.budget and point["accuracy"]]
+    return {"case": result.case, "arm": result.arm, "time_to_target_s": None if t is None else round(t, 1),
+            "final_accuracy": round(final[-1], 4) if final else None,
+            "best_accuracy": round(max(final), 4) if final else None,
+            "versions": len(result.curve) - 1, "updates_applied": sum(result.per_worker.values()),
+            "slow_data_share": round(sum(data[index] for index in SLOW), 3),
+            "slow_update_share": round(sum(updates[index] for index in SLOW), 3),
+            "slow_weight_share": round(sum(weights[index] for index in SLOW), 3),
+            "min_update_to_data_ratio": round(min(u / d for u, d in zip(updates, data)), 2),
+            "rejected": ";".join(f"{reason}={count}" for reason, count in sorted(result.rejected.items())) or "-",
+            "update_shares": " ".join(f"{share:.3f}" for share in updates),
+            "weight_shares": " ".join(f"{share:.3f}" for share in weights),
+            "data_shares": " ".join(f"{share:.3f}" for share in data)}
+
+
+def plot(case: str, results: list[RunResult], rows: list[dict], out_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (curves, bars) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for result in results:
+        points = [p for p in result.curve if p["accuracy"] is not None and p["t"] <= result.budget]
+        curves.plot([p["t"] for p in points], [p["accuracy"] for p in points], label=LABELS[result.arm],
+                    color=COLOURS[result.arm], linewidth=1)
+    curves.axhline(results[0].target, color="grey", linestyle=":", linewidth=1)
+    curves.set(xlabel="seconds since version 0", ylabel="test accuracy", title=f"digits, {case}", ylim=(0, 1))
+    curves.legend(loc="lower right", fontsize=8)
+    workers = results[0].workers
+    width = 0.8 / (len(rows) + 1)
+    data = [float(value) for value in rows[0]["data_shares"].split()]
+    bars.bar([index - 0.4 + width / 2 for index in range(workers)], data, width, label="share of data", color="grey")
+    for offset, entry in enumerate(rows, start=1):
+        values = [float(value) for value in entry["update_shares"].split()]
+        bars.bar([index - 0.4 + width / 2 + offset * width for index in range(workers)], values, width,
+                 label=LABELS[entry["arm"]], color=COLOURS[entry["arm"]])
+    bars.set(xlabel=f"worker (slow: {', '.join(map(str, SLOW))})", ylabel="share of applied updates",
+             xticks=range(workers), title="each worker's share of updates against its share of data")
+    bars.legend(fontsize=7)
+    figure.tight_layout()
+    path = out_dir / f"heterogeneous_{case}.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--budget", type=float, default=90.0, help="seconds of training per run")
+    parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--out-dir", default=str(FIGURES))
+    args = parser.parse_args(argv)
+    cases, arms = args.cases.split(","), args.arms.split(",")
+    unknown = [name for name in cases if name not in CASES] + [name for name in arms if name not in ARMS]
+    if unknown:
+        parser.error(f"unknown case or arm {unknown}; cases: {', '.join(CASES)}; arms: {', '.join(ARMS)}")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_root = Path(tempfile.mkdtemp(prefix="fedq-heterogeneous-"))
+    print(f"logs in {log_root}", flush=True)
+    rows: list[dict] = []
+    try:
+        for case in cases:
+            spec = task_spec(case)
+            data = data_shares(spec)
+            results = []
+            for arm in arms:
+                print(f"{case} / {arm} ...", flush=True)
+                result = run_one(spec, case, arm, budget=args.budget, concurrency=args.concurrency, seed=args.seed,
+                                 amqp_url=args.amqp_url, redis_url=args.redis_url, log_root=log_root,
+                                 arm_flags=ARMS[arm], worker_flags=worker_flags(spec), slow=SLOW)
+                results.append(result)
+                rows.append(row(result, data))
+                print("  " + ", ".join(f"{key}={value}" for key, value in rows[-1].items()
+                                       if key not in ("update_shares", "weight_shares", "data_shares")), flush=True)
+            print(f"  figure: {plot(case, results, [r for r in rows if r['case'] == case], out_dir)}")
+    finally:
+        stop_all()
+    with open(out_dir / "heterogeneous.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\n{'case':<11} {'arm':<9} {'t→0.90':>7} {'final':>6} {'slow data':>9} {'slow upd':>8} {'slow wt':>7} "
+          f"{'min u/d':>7}  rejected")
+    for entry in rows:
+        t = "-" if entry["time_to_target_s"] is None else f"{entry['time_to_target_s']:.1f}"
+        print(f"{entry['case']:<11} {entry['arm']:<9} {t:>7} {entry['final_accuracy']!s:>6} "
+              f"{entry['slow_data_share']:>9.3f} {entry['slow_update_share']:>8.3f} {entry['slow_weight_share']:>7.3f} "
+              f"{entry['min_update_to_data_ratio']:>7.2f}  {entry['rejected']}")
+    print(f"\nCSV: {out_dir / 'heterogeneous.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
