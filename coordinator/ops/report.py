@@ -12,7 +12,7 @@ from fedq.common.settings import add_options
 from fedq.coordinator.ops.history import HISTORY_OPTIONS, open_history
 
 HELP = ("Write an HTML report of a job from its history: accuracy against wall-clock time and version, "
-        "the staleness histogram, updates per worker.")
+        "the staleness histogram, updates per worker, and each worker's contribution against its data.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +58,40 @@ def figures(history: list[dict]) -> dict[str, "object"]:
     return drawn
 
 
+def contribution_rows(history: list, fleet: dict) -> list[dict]:
+    """Per worker, from the history: updates applied and their summed weight, its latest example
+    count, their shares; from the coordinator's measurements (``fleet``, may be empty): its
+    rejections by reason and seconds per task."""
+    applied, weight, examples = Counter(), Counter(), {}
+    for entry in history:
+        for update in entry.updates:
+            applied[update.worker_id] += 1
+            weight[update.worker_id] += update.weight
+            examples[update.worker_id] = update.num_examples
+    workers = sorted(set(applied) | set(fleet))
+    totals = (sum(applied.values()) or 1, sum(weight.values()) or 1.0, sum(examples.values()) or 1)
+    rows = []
+    for worker in workers:
+        record = fleet.get(worker)
+        rows.append({"worker": worker, "applied": applied[worker], "of updates": applied[worker] / totals[0],
+                     "of weight": weight[worker] / totals[1], "of examples": examples.get(worker, 0) / totals[2],
+                     "rejected": dict(record.rejected) if record else {},
+                     "s/task": record.round_trip_s if record else None})
+    return rows
+
+
+def _contribution_html(rows: list[dict]) -> str:
+    columns = ("worker", "applied", "of updates", "of weight", "of examples", "s/task", "rejected")
+    lines = []
+    for row in rows:
+        cells = (row["worker"], str(row["applied"]), *(f"{100 * row[name]:.1f} %" for name in columns[2:5]),
+                 "-" if row["s/task"] is None else f"{row['s/task']:.2f}",
+                 ", ".join(f"{reason} {count}" for reason, count in sorted(row["rejected"].items())) or "-")
+        lines.append("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>")
+    head = "".join(f"<th>{name}</th>" for name in columns)
+    return f"<h2>contribution per worker</h2><table><tr>{head}</tr>{''.join(lines)}</table>"
+
+
 def main(args: argparse.Namespace) -> int:
     tiers = open_history(args)
     store = tiers.store
@@ -87,7 +121,8 @@ def main(args: argparse.Namespace) -> int:
     document = (f"<!doctype html><meta charset='utf-8'><title>fedq report: {html.escape(store.job)}</title>"
                 f"<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}th{{text-align:left;"
                 f"padding-right:1em}}</style><h1>fedq report: job {html.escape(store.job)}</h1>"
-                f"<table>{rows}</table>{''.join(sections)}")
+                f"<table>{rows}</table>{_contribution_html(contribution_rows(history, store.fleet.load()))}"
+                f"{''.join(sections)}")
     with open(args.output, "w") as handle:
         handle.write(document)
     print(f"wrote {args.output} ({len(history)} versions, {len(updates)} updates)")

@@ -67,7 +67,9 @@ def test_status_and_monitor_follow_workers_joining_and_leaving(processes, job, s
     result = subprocess.run([sys.executable, "-m", "fedq.common.cli", "report", *connection_flags(job), "-o", str(output)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert output.read_text().count("data:image/png;base64,") == 4
+    page = output.read_text()
+    assert page.count("data:image/png;base64,") == 4
+    assert "contribution per worker" in page and "<td>w0</td>" in page and "<td>w1</td>" in page
 
 
 @pytest.mark.parametrize("drain_seconds, outcome", [("60", "finished"), ("0.5", "requeued")])

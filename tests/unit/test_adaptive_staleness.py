@@ -169,3 +169,18 @@ def test_a_slow_workers_first_update_past_the_fixed_cut_is_applied_only_when_ada
     assert records["fast"].applied == 22 and records["fast"].round_trip_s is not None
     assert records["slow"].applied == int(applied)
     assert records["slow"].rejected == ({} if applied else {"too_stale": 1})
+
+
+def test_the_report_sets_each_workers_share_of_updates_and_weight_against_its_data():
+    from fedq.coordinator.ops.report import _contribution_html, contribution_rows
+
+    applied = [AppliedUpdate("t1", "fast", 0, 1, 0.2, 100, "d", "k"),
+               AppliedUpdate("t2", "fast", 0, 1, 0.2, 100, "d", "k"),
+               AppliedUpdate("t3", "slow", 0, 9, 0.6, 300, "d", "k")]
+    history = [VersionRecord(version=1, parent=0, digest="x", created=0.0, updates=tuple(applied))]
+    fleet = {"slow": WorkerRecord("slow", rejected={"too_stale": 2}, round_trip_s=4.0), "gone": WorkerRecord("gone")}
+    rows = {row["worker"]: row for row in contribution_rows(history, fleet)}
+    assert rows["slow"]["of updates"] == pytest.approx(1 / 3) and rows["slow"]["of weight"] == pytest.approx(0.6)
+    assert rows["slow"]["of examples"] == pytest.approx(0.75) and rows["slow"]["rejected"] == {"too_stale": 2}
+    assert rows["gone"]["applied"] == 0 and rows["fast"]["s/task"] is None
+    assert "too_stale 2" in _contribution_html(list(rows.values()))
