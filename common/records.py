@@ -40,6 +40,7 @@ class AppliedUpdate:
     # before they were kept.
     expected_staleness: float | None = None
     data_share: float | None = None
+    update_interval: float | None = None  # versions between two updates of its worker
     local_steps: int = 0  # minibatch steps its worker reported (0: not reported)
 
 

@@ -23,6 +23,7 @@ class WorkerRecord:
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> updates refused
     rejected_streak: int = 0          # refused in a row since its last applied update
     round_trip_s: float | None = None  # smoothed seconds from a task's issue to its update's arrival
+    interval_s: float | None = None   # smoothed seconds between two of its updates' arrivals
     expected_staleness: float | None = None  # versions a task of this worker is expected to span
     steps_per_second: float | None = None  # smoothed local training speed, as the worker reports it
     seconds_per_epoch: float | None = None  # smoothed, from the same reports

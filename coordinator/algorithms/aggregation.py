@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import statistics
 import warnings
 
 import numpy as np
@@ -34,9 +35,11 @@ class BufferedUpdate:
     delta: Weights
     # What adaptive weighting needs, measured by the coordinator (coordinator/service/fleet.py) and
     # recorded with the update so that a replay weighs it the same: the staleness its worker's
-    # speed predicts, and its worker's share of the examples of the active workers. None: not measured.
+    # speed predicts, its worker's share of the examples of the active workers, and how many
+    # versions pass between two updates of its worker. None: not measured.
     expected_staleness: float | None = None
     data_share: float | None = None
+    update_interval: float | None = None
     local_steps: int = 0  # minibatch steps its worker took (0: not reported)
 
 
@@ -49,14 +52,23 @@ class AdaptiveStaleness:
     """Weights that follow each worker's measured speed instead of cutting slow workers off.
 
     *Fairness* (in the spirit of FedStaleWeight, Ma et al. 2024, which reweighs buffered
-    updates by their clients' average staleness): a worker whose tasks take T_i seconds sends
-    an update every tau_hat_i = r T_i versions (r: versions per second), so weighing each of
-    its updates by w_i = d_i tau_hat_i, d_i its share of the active workers' examples, gives
-    it d_i of the weight per version on average: each worker's influence follows its data, not
-    its speed. In a fleet of equal workers this is FedBuff's 1/K (tau_hat = N/K, d = 1/N), and
-    FedAsync's alpha with K = 1. No single update weighs more than ``max_weight`` (1: the server
-    never steps further than the worker did), which also bounds a worker that overstates its
-    example count.
+    updates by their clients' average staleness, a proxy for how rarely they send): a worker
+    whose updates arrive every D_i seconds sends one every u_i = r D_i versions (r: versions per
+    second), so weighing each of its updates by w_i = d_i u_i, d_i its share of the active
+    workers' examples, gives it d_i of the weight per version on average: each worker's
+    influence follows its data, not its speed. In a fleet of equal workers this is FedBuff's
+    1/K (u = N/K, d = 1/N), and FedAsync's alpha with K = 1, whatever the concurrency. (The
+    interval, not the round trip: with more tasks in flight than workers, tasks wait in the
+    queue, and a round trip counts that wait too.) No single update weighs more than
+    ``max_weight`` (1: the server never steps further than the worker did), which also bounds
+    a worker that overstates its example count.
+
+    *Step size.* Fair weights sum to about 1 per version, a FedAvg step made of stale deltas;
+    with few workers and many tasks in flight that overshot and diverged (two workers, six
+    tasks, K=2: accuracy fell to 0.2). So the staleness function still sets the size of the
+    step, evaluated at the buffer's median staleness: every update of the buffer gets the same
+    s(median tau), which shrinks the step as FedBuff's does without singling out the slow
+    (FedAsync, one update per step, keeps its own s(tau)).
 
     *Work done* (FedNova, Wang et al. NeurIPS 2020): with device-sized tasks the updates of one
     buffer took different numbers of local steps t_i, and a plain weighted sum would pull the
@@ -76,6 +88,7 @@ class AdaptiveStaleness:
 
     damp_above: float = 2.0
     max_weight: float = 1.0
+    staleness: StalenessFunction = Polynomial(0.5)
 
     def __post_init__(self):
         if not self.damp_above >= 1:
@@ -99,19 +112,20 @@ class AdaptiveStaleness:
         return 1.0 if worst <= self.damp_above else self.damp_above / worst
 
     def fair_weight(self, update: BufferedUpdate, buffered: int) -> float:
-        """d_i tau_hat_i, at most max_weight. FedBuff's 1/K for an update whose worker's speed is not
-        measured yet (its first update: early in a job the data shares of the few workers seen
+        """d_i u_i, at most max_weight. FedBuff's 1/K for an update whose worker's interval is not
+        measured yet (its first updates: early in a job the data shares of the few workers seen
         are inflated, and the first run of a fair rule with them tripled the steps and set the
         model back) or that has no data share (a record from before shares were measured)."""
-        if update.data_share is None or update.expected_staleness is None:
+        if update.data_share is None or update.update_interval is None:
             return 1.0 / buffered
-        return min(self.max_weight, update.data_share * self.expected(update))
+        return min(self.max_weight, update.data_share * max(update.update_interval, MIN_EXPECTED_STALENESS))
 
     def weights(self, updates: Sequence[BufferedUpdate]) -> list[float]:
-        weights = [self.fair_weight(update, len(updates)) for update in updates]
+        step_size = self.staleness(statistics.median(update.staleness for update in updates))
+        weights = [self.fair_weight(update, len(updates)) * step_size for update in updates]
         if all(update.local_steps > 0 for update in updates) and sum(weights) > 0:
             mean_steps = sum(weight * update.local_steps for weight, update in zip(weights, updates)) / sum(weights)
-            weights = [min(self.max_weight, weight * mean_steps / update.local_steps)
+            weights = [min(self.max_weight * step_size, weight * mean_steps / update.local_steps)
                        for weight, update in zip(weights, updates)]
         damping = self.damping(updates)
         return [weight * damping for weight in weights]

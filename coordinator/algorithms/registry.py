@@ -40,7 +40,8 @@ def _adaptive(config: dict[str, Any]):
 
     if config.get("staleness_bound", "fixed") == "fixed":
         return None
-    return AdaptiveStaleness(config.get("damp_above", 2.0), config.get("max_update_weight", 1.0))
+    return AdaptiveStaleness(config.get("damp_above", 2.0), config.get("max_update_weight", 1.0),
+                             parse_staleness(config["staleness"]))
 
 
 def _fedasync(config: dict[str, Any]) -> Aggregator:

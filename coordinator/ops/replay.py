@@ -141,7 +141,8 @@ class _Recomputer:
                                           base_version=record.base_version, staleness=record.staleness,
                                           num_examples=record.num_examples, delta=codec.decode(payload),
                                           expected_staleness=record.expected_staleness,
-                                          data_share=record.data_share, local_steps=record.local_steps))
+                                          data_share=record.data_share, update_interval=record.update_interval,
+                                          local_steps=record.local_steps))
         return updates
 
 

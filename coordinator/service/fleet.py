@@ -68,6 +68,10 @@ class Fleet:
         record = self._worker(worker_id, now)
         round_trip = max(now - issued_at, 0.0)
         record.round_trip_s = _smoothed(record.round_trip_s, round_trip)
+        if record.last_arrival is not None:
+            # A worker away for a while (stopped, no tasks) is not slow: a gap counts at most as
+            # long as a round trip.
+            record.interval_s = _smoothed(record.interval_s, min(now - record.last_arrival, record.round_trip_s))
         record.last_arrival = now
         if examples is not None:
             record.examples = examples
@@ -79,6 +83,13 @@ class Fleet:
         if self.version_rate is not None:
             record.expected_staleness = self.version_rate * record.round_trip_s
         metrics.PER_WORKER_ROUND_TRIP.labels(self.job, worker_id).set(record.round_trip_s)
+
+    def update_interval(self, worker_id: str) -> float | None:
+        """How many versions pass between two updates of ``worker_id`` (None: not measured yet)."""
+        record = self.workers.get(worker_id)
+        if record is None or record.interval_s is None or self.version_rate is None:
+            return None
+        return self.version_rate * record.interval_s
 
     def task_seconds(self, epochs: int, now: float | None = None) -> float:
         """The time budget of an automatically sized task: what ``epochs`` epochs take the median

@@ -352,10 +352,11 @@ class Coordinator:
         """Record the worker's speed from this update, and give the update its worker's data share."""
         update = validated.update
         share = self.fleet.data_share(validated.worker_id, update.num_examples)
+        interval = self.fleet.update_interval(validated.worker_id)
         self.fleet.arrived(validated.worker_id, self.open_tasks[update.task_id].issued_at, update.num_examples,
                            steps=update.local_steps, train_seconds=validated.train_seconds,
                            batch_size=self.settings.batch_size)
-        return replace(validated, update=replace(update, data_share=share))
+        return replace(validated, update=replace(update, data_share=share, update_interval=interval))
 
     def _round_or_age_refusal(self, validated: ValidatedUpdate) -> MessageError | None:
         """Why a valid update still may not be buffered: its worker has one in this synchronous

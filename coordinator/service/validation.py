@@ -86,7 +86,7 @@ class ValidatedUpdate:
                              staleness=update.staleness, weight=weight, num_examples=update.num_examples,
                              digest=self.digest, blob_key=self.blob_key, norm=self.norm,
                              expected_staleness=update.expected_staleness, data_share=update.data_share,
-                             local_steps=update.local_steps)
+                             update_interval=update.update_interval, local_steps=update.local_steps)
 
 
 @dataclass(frozen=True)

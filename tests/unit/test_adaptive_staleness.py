@@ -14,7 +14,7 @@ from fedq.common.records import AppliedUpdate, VersionRecord
 from fedq.common.store.fleet import WorkerRecord
 from fedq.common.wire.messages import MessageError, ModelUpdate
 from fedq.coordinator.algorithms.aggregation import AdaptiveStaleness, BufferedUpdate, FedAsync, FedBuff
-from fedq.coordinator.algorithms.staleness import Polynomial
+from fedq.coordinator.algorithms.staleness import Constant, Polynomial
 from fedq.coordinator.algorithms.step import build_aggregator
 from fedq.coordinator.service.fleet import Fleet, contribution, contribution_warnings
 from fedq.coordinator.service.settings import CoordinatorSettings
@@ -27,8 +27,10 @@ TOPOLOGY = Topology("unit")
 
 def update(worker: str, staleness: int, expected: float | None, share: float | None = 0.25,
            examples: int = 100) -> BufferedUpdate:
+    # One task at a time per worker: the versions between its updates are those its task spans.
     return BufferedUpdate(task_id=f"{worker}-{staleness}", worker_id=worker, base_version=0, staleness=staleness,
-                          num_examples=examples, delta={}, expected_staleness=expected, data_share=share)
+                          num_examples=examples, delta={}, expected_staleness=expected, data_share=share,
+                          update_interval=expected)
 
 
 def influence(aggregator, round_trips: dict[str, float], examples: dict[str, int], seconds: float = 4000.0):
@@ -63,24 +65,31 @@ def test_in_a_fleet_of_equal_workers_the_fair_weight_is_fedbuffs_one_over_k():
     trips, examples = dict.fromkeys(("a", "b", "c", "d", "e", "f"), 1.0), dict.fromkeys("abcdef", 100)
     rate = 6 / 3  # versions per second: tau_hat = 2 = N / K
     buffer = [update(worker, 2, rate * trips[worker], share=1 / 6) for worker in "abc"]
-    assert FedBuff(3, adaptive=AdaptiveStaleness()).weights(buffer) == [pytest.approx(1 / 3)] * 3
+    assert FedBuff(3, adaptive=AdaptiveStaleness(staleness=Constant())).weights(buffer) == [pytest.approx(1 / 3)] * 3
     assert influence(FedBuff(3, adaptive=AdaptiveStaleness()), trips, examples)["a"] == pytest.approx(1 / 6, abs=0.01)
+
+
+def test_the_staleness_function_at_the_buffers_median_sets_the_step_size_alike_for_all():
+    buffer = [update("slow", 40, 38.0, share=0.02), update("fast", 3, 2.5), update("fast", 3, 2.5)]
+    plain = FedBuff(3, adaptive=AdaptiveStaleness(staleness=Constant())).weights(buffer)
+    sized = FedBuff(3, adaptive=AdaptiveStaleness(staleness=Polynomial(0.5))).weights(buffer)
+    assert sized == pytest.approx([weight / 2 for weight in plain])  # 1 / sqrt(1 + 3), the slow update's too
 
 
 def test_no_update_weighs_more_than_the_cap_however_much_data_it_claims():
     liar = update("liar", 20, 20.0, share=0.99, examples=10**9)
-    assert FedBuff(3, adaptive=AdaptiveStaleness(max_weight=1.0)).weights([liar]) == [1.0]
+    assert FedBuff(3, adaptive=AdaptiveStaleness(max_weight=1.0, staleness=Constant())).weights([liar]) == [1.0]
 
 
 def test_an_update_as_stale_as_its_worker_usually_is_is_not_damped():
-    adaptive = AdaptiveStaleness(damp_above=2.0)
+    adaptive = AdaptiveStaleness(damp_above=2.0, staleness=Constant())
     buffer = [update("slow", 40, 38.0, share=0.02), update("fast", 2, 2.5), update("fast", 3, 2.5)]
     assert adaptive.damping(buffer) == 1.0
     assert FedBuff(3, adaptive=adaptive).weights(buffer) == pytest.approx([0.02 * 38, 0.25 * 2.5, 0.25 * 2.5])
 
 
 def test_an_update_far_staler_than_its_workers_norm_damps_the_whole_step():
-    adaptive = AdaptiveStaleness(damp_above=2.0)
+    adaptive = AdaptiveStaleness(damp_above=2.0, staleness=Constant())
     buffer = [update("stalled", 11, 1.0), update("fast", 2, 2.5)]  # (1 + 11) / (1 + 1) = 6 times the norm
     undamped = [0.25 * 1.0, 0.25 * 2.5]  # data share x expected staleness
     assert FedBuff(2, adaptive=adaptive).weights(buffer) == pytest.approx([weight * 2 / 6 for weight in undamped])
@@ -130,6 +139,9 @@ def test_the_fleet_predicts_staleness_from_the_version_rate_and_each_workers_rou
     fleet.arrived("slow", issued_at=1000.0, examples=300, now=1010.0)
     assert fleet.data_share("new", 100, now=1010.0) == 0.2
     assert fleet.expectations() == {"fast": pytest.approx(2.0), "slow": pytest.approx(20.0)}
+    assert fleet.update_interval("fast") is None  # one arrival: no interval yet
+    fleet.arrived("fast", issued_at=1000.0, examples=100, now=1001.5)  # a second task, queued behind the first
+    assert fleet.update_interval("fast") == pytest.approx(2.0 * 0.5)  # 0.5 s apart: one version, not its round trip
     applied = [AppliedUpdate("t1", "fast", 0, 2, 0.25, 100, "d", "k"), AppliedUpdate("t2", "slow", 0, 20, 0.75, 300,
                                                                                        "d", "k")]
     fleet.committed(applied, now=1011.0)

@@ -12,6 +12,7 @@ from fedq.broker.topology import Topology
 from fedq.common.tasks import load_task
 from fedq.common.wire.messages import MessageError, TrainSettings, parse_update
 from fedq.coordinator.algorithms.aggregation import AdaptiveStaleness, BufferedUpdate, FedBuff
+from fedq.coordinator.algorithms.staleness import Constant
 from tests.unit.test_partition_leases import JOB, job_with_task, run_one_task
 
 
@@ -57,16 +58,17 @@ def test_an_impossible_step_count_is_refused(steps):
 
 def update(worker: str, steps: int, share: float = 0.2) -> BufferedUpdate:
     return BufferedUpdate(task_id=worker, worker_id=worker, base_version=0, staleness=2, num_examples=100,
-                          delta={"w": torch.zeros(1).numpy()}, expected_staleness=2.0, data_share=share,
+                          delta={"w": torch.zeros(1).numpy()}, expected_staleness=2.0, data_share=share, update_interval=2.0,
                           local_steps=steps)
 
 
 def test_updates_are_normalised_to_the_buffers_mean_work():
-    weights = FedBuff(2, adaptive=AdaptiveStaleness()).weights([update("fast", 30), update("slow", 10)])
+    adaptive = AdaptiveStaleness(staleness=Constant())  # the step size aside
+    weights = FedBuff(2, adaptive=adaptive).weights([update("fast", 30), update("slow", 10)])
     # Fair weights 0.4 each, mean steps 20: the slow update's delta counts twice, the fast one's 2/3.
     assert weights == pytest.approx([0.4 * 20 / 30, 0.4 * 20 / 10])
     # Without reported steps (whole-epoch tasks, or a plugin that does not count) nothing changes.
-    assert FedBuff(2, adaptive=AdaptiveStaleness()).weights([update("a", 0), update("b", 10)]) == [0.4, 0.4]
+    assert FedBuff(2, adaptive=adaptive).weights([update("a", 0), update("b", 10)]) == [0.4, 0.4]
 
 
 def test_automatic_tasks_last_what_the_median_worker_needs_for_its_epochs():
