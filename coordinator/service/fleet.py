@@ -5,9 +5,11 @@ Expected staleness. A task spans the versions committed between its issue and it
 arrival, so a worker whose tasks take T_i seconds from issue to arrival, in a job that commits
 r versions a second, sends updates about tau_hat_i = r T_i versions stale (T_i includes the
 time the task waited in the queue). Both are smoothed (exponentially, SMOOTHING per
-observation). Adaptive staleness judges and weighs each update against its own worker's
+observation). Adaptive staleness judges and damps each update against its own worker's
 tau_hat_i (see algorithms/aggregation.py, AdaptiveStaleness), so a slow worker is never cut off
-for being slow.
+for being slow. Its weight uses u_i = r D_i, the versions between two of the worker's updates
+(D_i: the smoothed gap between their arrivals), which is tau_hat_i when each worker has one
+task at a time, and less when tasks wait in the queue.
 
 Contribution: updates applied (and the weight they got), refused by reason, and when; saved
 in Redis (common/store/fleet.py) for `fedq status`, `monitor` and `report`.
