@@ -16,6 +16,8 @@ Cases:
     unique      the three slow workers alone hold digits 7-9 (``exclusive_classes``): starving
                 them costs accuracy (without them the model cannot exceed ~0.7)
     stragglers  the same three workers are slow, with the ordinary Dirichlet split
+    lognormal   every worker's device is slower by a LogNormal(ln 0.5 s, 1) draw per task
+                (async_vs_sync's lognormal case, as a per-step delay); "slow" are the three slowest
 
 Arms (the same workers, delays and data within a case):
 
@@ -53,7 +55,8 @@ FIGURES = ROOT / "docs" / "figures"
 SLOW = [2, 5, 8]
 BASE_SLOWDOWN = 0.2   # seconds per task, every worker (its link)
 STEP_DELAY = 0.11     # seconds per training step, slow workers only: ~18 steps a task, ~2 s
-CASES = ("unique", "stragglers")
+CASES = ("unique", "stragglers", "lognormal")
+STEPS_PER_TASK = 18  # digits: ~144 examples a worker, batch 16, 2 epochs
 STALENESS = "polynomial:a=0.5"
 ARMS = {
     "sync": ["--algorithm", "fedavg"],
@@ -84,9 +87,22 @@ def data_shares(spec: TaskSpec) -> list[float]:
     return [size / sum(sizes) for size in sizes]
 
 
-def worker_flags(spec: TaskSpec) -> list[list[str]]:
-    return [["--slowdown", str(BASE_SLOWDOWN), *(["--step-delay", str(STEP_DELAY)] if index in SLOW else [])]
-            for index in range(spec.workers)]
+def step_delays(case: str, workers: int, seed: int) -> tuple[list[float], list[int]]:
+    """Per-worker extra seconds per training step, and the slow workers."""
+    if case != "lognormal":
+        return [STEP_DELAY if index in SLOW else 0.0 for index in range(workers)], SLOW
+    from bench.async_vs_sync_config import slowdowns
+
+    per_task, slow = slowdowns("lognormal", workers, seed)
+    return [round(extra / STEPS_PER_TASK, 4) for extra in per_task], slow
+
+
+def worker_flags(delays: list[float]) -> list[list[str]]:
+    return [["--slowdown", str(BASE_SLOWDOWN), *(["--step-delay", str(delay)] if delay else [])] for delay in delays]
+
+
+def slow_of(result: RunResult) -> list[int]:
+    return result.slow_workers or SLOW
 
 
 def shares(result: RunResult, counts: dict[str, float], workers: int) -> list[float]:
@@ -103,9 +119,10 @@ def row(result: RunResult, data: list[float]) -> dict:
             "final_accuracy": round(final[-1], 4) if final else None,
             "best_accuracy": round(max(final), 4) if final else None,
             "versions": len(result.curve) - 1, "updates_applied": sum(result.per_worker.values()),
-            "slow_data_share": round(sum(data[index] for index in SLOW), 3),
-            "slow_update_share": round(sum(updates[index] for index in SLOW), 3),
-            "slow_weight_share": round(sum(weights[index] for index in SLOW), 3),
+            "slow_workers": " ".join(map(str, slow_of(result))),
+            "slow_data_share": round(sum(data[index] for index in slow_of(result)), 3),
+            "slow_update_share": round(sum(updates[index] for index in slow_of(result)), 3),
+            "slow_weight_share": round(sum(weights[index] for index in slow_of(result)), 3),
             "min_update_to_data_ratio": round(min(u / d for u, d in zip(updates, data)), 2),
             "rejected": ";".join(f"{reason}={count}" for reason, count in sorted(result.rejected.items())) or "-",
             "update_shares": " ".join(f"{share:.3f}" for share in updates),
@@ -135,7 +152,7 @@ def plot(case: str, results: list[RunResult], rows: list[dict], out_dir: Path) -
         values = [float(value) for value in entry["update_shares"].split()]
         bars.bar([index - 0.4 + width / 2 + offset * width for index in range(workers)], values, width,
                  label=LABELS[entry["arm"]], color=COLOURS[entry["arm"]])
-    bars.set(xlabel=f"worker (slow: {', '.join(map(str, SLOW))})", ylabel="share of applied updates",
+    bars.set(xlabel=f"worker (slow: {', '.join(map(str, slow_of(results[0])))})", ylabel="share of applied updates",
              xticks=range(workers), title="each worker's share of updates against its share of data")
     bars.legend(fontsize=7)
     figure.tight_layout()
@@ -169,12 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             spec = task_spec(case)
             data = data_shares(spec)
+            delays, slow = step_delays(case, spec.workers, args.seed)
             results = []
             for arm in arms:
                 print(f"{case} / {arm} ...", flush=True)
                 result = run_one(spec, case, arm, budget=args.budget, concurrency=args.concurrency, seed=args.seed,
                                  amqp_url=args.amqp_url, redis_url=args.redis_url, log_root=log_root,
-                                 arm_flags=ARMS[arm], worker_flags=worker_flags(spec), slow=SLOW)
+                                 arm_flags=ARMS[arm], worker_flags=worker_flags(delays), slow=slow)
                 results.append(result)
                 rows.append(row(result, data))
                 print("  " + ", ".join(f"{key}={value}" for key, value in rows[-1].items()

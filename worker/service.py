@@ -82,7 +82,7 @@ class WorkerSettings:
     # torch device to train on ("cpu", "cuda", "cuda:1", "mps").
     device: str = "cpu"
     slowdown_seconds: float = 0.0
-    step_delay_seconds: float = 0.0
+    step_delay_seconds: float = 0.0  # simulated: a slower device (every training step takes this much longer)
     max_tasks: int | None = None
     drain_seconds: float = 60.0
     heartbeat_seconds: int = 30

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fedq.broker.connection import connect
 from fedq.broker.publisher import publish
 from fedq.broker.topology import Topology
+from fedq.common.store.tiers import whole_history
 from fedq.coordinator.ops.status import collect
 from tests.support import AMQP_URL, REDIS_URL, ROOT, connection_flags, wait_until
 
@@ -69,7 +70,9 @@ def test_status_and_monitor_follow_workers_joining_and_leaving(processes, job, s
     assert result.returncode == 0, result.stderr
     page = output.read_text()
     assert page.count("data:image/png;base64,") == 4
-    assert "contribution per worker" in page and "<td>w0</td>" in page and "<td>w1</td>" in page
+    section = page[page.find("contribution per worker"):].split("</table>")[0]
+    applied = sum(1 for entry in whole_history(store) for update in entry.updates if update.worker_id == "w0")
+    assert f"<td>w0</td><td>{applied}</td>" in section, section
 
 
 @pytest.mark.parametrize("drain_seconds, outcome", [("60", "finished"), ("0.5", "requeued")])
