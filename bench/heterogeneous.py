@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    .venv/bin/python bench/heterogeneous.py                 # both cases, four arms: ~15 minutes on 2 cores
+    .venv/bin/python bench/heterogeneous.py --budget 60     # three cases, four arms: ~21 minutes on 2 cores
     .venv/bin/python bench/heterogeneous.py --cases unique --arms fixed,adaptive --budget 60
 
 Real federations (one coordinator, ten ``fedq worker`` processes, RabbitMQ and Redis), through
