@@ -17,6 +17,7 @@ from fedq.common.cli import human_size
 from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
 from fedq.common.store import ModelStore, TamperedVersionError, connect_redis
 from fedq.common.store.archive import Archive
+from fedq.common.store.fleet import WorkerRecord
 from fedq.coordinator.service.fleet import contribution, contribution_warnings
 
 HELP = ("Show a job's head model version, the depth of each of its queues and their consumers, its Redis memory "
@@ -225,17 +226,10 @@ def worker_rows(live: list[dict], fleet: dict) -> list[dict]:
     --data), speed, expected staleness, and its share of the applied updates against its share
     of the examples."""
     liveness = {worker["worker_id"]: worker for worker in live}
-    rows = {row["worker_id"]: row for row in contribution(fleet)}
-    table = []
-    for worker_id in sorted(set(liveness) | set(rows)):
-        alive = liveness.get(worker_id, {})
-        table.append({"worker_id": worker_id, "alive": worker_id in liveness, "data": _data_of(alive),
-                      **rows.get(worker_id, {"applied": 0, "applied_share": 0.0, "weight_share": 0.0, "examples": 0,
-                                             "data_share": 0.0, "rejected": {}, "round_trip_s": None,
-                                             "steps_per_second": None,
-                                             "expected_staleness": None, "last_applied": None,
-                                             "rejected_streak": 0})})
-    return table
+    # A live worker the coordinator has not measured yet gets an empty record's row.
+    records = {worker_id: WorkerRecord(worker_id) for worker_id in liveness} | fleet
+    return [{**row, "alive": row["worker_id"] in liveness, "data": _data_of(liveness.get(row["worker_id"], {}))}
+            for row in contribution(records)]
 
 
 def _data_of(liveness: dict) -> str:

@@ -224,6 +224,9 @@ class NormGuard:
         self.norms: deque[float] = deque(maxlen=window)
         self.worker_window = worker_window
         self.by_worker: dict[str, deque[float]] = {}
+        # worker_bounds is asked for every update and changes only when norms are accepted (at a
+        # commit): kept, with the model norm it was computed for, until then.
+        self._worker_bounds: tuple[float, dict[str, float]] | None = None
 
     def bound(self, model_norm: float) -> float | None:
         """The largest acceptable update norm now; None when there is nothing to compare with yet."""
@@ -233,6 +236,12 @@ class NormGuard:
     def worker_bounds(self, model_norm: float) -> dict[str, float]:
         """Per worker with a history of its own: the bound its own scale gives it, where that is
         above the job's (see the class's docstring)."""
+        if self._worker_bounds is not None and self._worker_bounds[0] == model_norm:
+            return self._worker_bounds[1]
+        self._worker_bounds = (model_norm, self._compute_worker_bounds(model_norm))
+        return self._worker_bounds[1]
+
+    def _compute_worker_bounds(self, model_norm: float) -> dict[str, float]:
         job_bound = self.bound(model_norm)
         if job_bound is None or len(self.norms) < self.warmup:
             return {}
@@ -256,6 +265,7 @@ class NormGuard:
 
     def accepted(self, norms: list[tuple[str, float | None]]) -> None:
         """Remember the (worker id, norm) of applied updates (None: a record from before norms were kept)."""
+        self._worker_bounds = None
         for worker, norm in norms:
             if norm is not None:
                 self.norms.append(norm)
