@@ -298,6 +298,9 @@ class Coordinator:
                 log.warning(kv("partition_shared", worker=worker, partition=partition,
                                partitions=self.task.num_partitions,
                                detail="more workers than the task has partitions: this one shares its data"))
+            elif worker in plan.moved:
+                log.info(kv("partition_moved", worker=worker, partition=partition, previous=plan.moved[worker],
+                            detail="another worker named the previous partition with --partition"))
             else:
                 log.info(kv("partition_leased", worker=worker, partition=partition))
 

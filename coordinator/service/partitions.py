@@ -8,6 +8,13 @@ worker holds, by its lease or by its own ``--partition`` flag. A lease ends when
 liveness key does (a clean stop at once, a crash after the liveness TTL), and the partition
 goes to the next worker that asks. With more workers than partitions, the extra ones share
 the least-held partitions, and the coordinator says so.
+
+A worker that names its partition with a flag may come up after a leased worker was given
+that same partition (it imports torch, connects over TLS, ...). The flag is the user's word,
+so the leased worker moves: a lease that shares its partition while another partition is
+held by nobody is re-leased to the free one (the newest such worker first, so early workers
+keep their data). Workers read their lease before every task, so the move takes effect at
+the next task.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ class LeasePlan:
     leases: dict[str, int]       # worker id -> partition, to write
     releases: list[str]          # worker ids whose lease ends
     shared: dict[str, int]       # the new leases of a partition someone else holds too
+    moved: dict[str, int]        # worker id -> its previous partition, for leases that moved
 
 
 def plan_leases(current: dict[str, int], live: list[dict[str, Any]], num_partitions: int) -> LeasePlan:
@@ -35,7 +43,7 @@ def plan_leases(current: dict[str, int], live: list[dict[str, Any]], num_partiti
     for record in live:  # a worker's own --partition is taken as well
         if record.get("partition_source") == "flag" and isinstance(record.get("partition"), int):
             held[record["partition"] % num_partitions] += 1
-    leases, shared = {}, {}
+    leases, shared, moved = {}, {}, {}
     for worker in asking:
         if worker in current and 0 <= current[worker] < num_partitions:
             continue
@@ -44,4 +52,15 @@ def plan_leases(current: dict[str, int], live: list[dict[str, Any]], num_partiti
             shared[worker] = partition
         held[partition] += 1
         leases[worker] = partition
-    return LeasePlan(leases, releases, shared)
+    for worker in reversed(asking):  # newest first: a shared lease moves to a partition nobody holds
+        partition = leases.get(worker, current.get(worker))
+        free = [candidate for candidate in range(num_partitions) if not held[candidate]]
+        if not free or partition is None or held[partition] < 2:
+            continue
+        held[partition] -= 1
+        held[free[0]] += 1
+        if worker in current and worker not in leases:
+            moved[worker] = partition
+        leases[worker] = free[0]
+        shared.pop(worker, None)
+    return LeasePlan(leases, releases, shared, moved)

@@ -40,6 +40,16 @@ def test_partitions_taken_by_a_flag_are_not_leased():
     assert plan.leases == {"a": 1}
 
 
+def test_a_flag_that_comes_after_a_lease_moves_the_leased_worker_to_a_free_partition():
+    # bob was leased 0 before alice, started with --partition 0, had announced herself.
+    flagged = {"worker_id": "alice", "partition_source": "flag", "partition": 0, "started": 2}
+    plan = plan_leases({"bob": 0}, [asking("bob", 1), flagged], 2)
+    assert plan.leases == {"bob": 1} and plan.moved == {"bob": 0} and plan.shared == {}
+    # With no free partition left, nobody moves: sharing is the best there is.
+    plan = plan_leases({"bob": 0}, [asking("bob", 1), flagged], 1)
+    assert plan.leases == {} and plan.moved == {}
+
+
 def test_more_workers_than_partitions_share_the_least_held_and_say_so():
     plan = plan_leases({}, [asking(f"w{index}", index) for index in range(5)], 2)
     assert plan.leases == {"w0": 0, "w1": 1, "w2": 0, "w3": 1, "w4": 0}
