@@ -1,12 +1,14 @@
 """Opening a pika connection, with a bounded, backing-off retry.
 
 pika has no automatic reconnection. We retry only ``AMQPConnectionError``
-(server not up yet, network blip); authentication and access errors are final
+(server not up yet, network blip) and a host name that does not resolve yet (a
+container or Service about to appear); authentication and access errors are final
 because retrying them cannot succeed.
 """
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import time
 
@@ -69,14 +71,17 @@ def connect(url: str, *, name: str = "fedq", heartbeat: int = HEARTBEAT_SECONDS,
             raise CredentialsRefused(f"RabbitMQ at {redact_url(url)} refused the user name or password") from None
         except pika.exceptions.ProbableAccessDeniedError:
             raise CredentialsRefused(f"RabbitMQ at {redact_url(url)} denied access to the virtual host") from None
-        except (ssl.SSLError, pika.exceptions.AMQPConnectionError) as error:  # a handshake error may come bare
+        except (ssl.SSLError, socket.gaierror, pika.exceptions.AMQPConnectionError) as error:
+            # (a handshake error may come bare; pika lets a failed name lookup through as it is)
             handshake = _tls_failure(error)
             if handshake:
                 raise BrokerError(f"RabbitMQ at {redact_url(url)} failed the TLS handshake: {handshake}") from None
             backoff = next(delays, None)
             if backoff is None:
+                reason = (f"the host name {params.host!r} does not resolve ({error.strerror})"
+                          if isinstance(error, socket.gaierror) else repr(error))
                 raise BrokerError(f"cannot reach RabbitMQ at {redact_url(url)} after {attempts} attempts: "
-                                  f"{error!r}") from None
+                                  f"{reason}") from None
             log.warning("event=amqp_connect_retry attempt=%d backoff_s=%.1f error=%r", attempt, backoff, error)
             time.sleep(backoff)
             attempt += 1

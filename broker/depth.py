@@ -26,8 +26,11 @@ class QueueDepth:
 
 def management_depths(amqp_url: str, queues: list[str], management_url: str | None = None,
                       timeout: float = 2.0) -> list[QueueDepth] | None:
-    """Depths from the management API, or None when it is not reachable."""
-    api = ManagementAPI.for_amqp_url(amqp_url, management_url, timeout=timeout)
+    """Depths from the management API, or None when it is not reachable (or is another broker's)."""
+    try:
+        api = ManagementAPI.for_amqp_url(amqp_url, management_url, timeout=timeout)
+    except ManagementError:
+        return None
     vhost = quote(pika.URLParameters(amqp_url).virtual_host)
     depths = []
     for queue in queues:

@@ -42,10 +42,23 @@ class ManagementAPI:
 
     @classmethod
     def for_amqp_url(cls, amqp_url: str, management_url: str | None = None, **kwargs: Any) -> ManagementAPI:
-        """The API of the broker ``amqp_url`` names, with that URL's credentials."""
-        credentials = pika.URLParameters(amqp_url).credentials
-        return cls(management_url or default_management_url(amqp_url), credentials.username, credentials.password,
-                   **kwargs)
+        """The API of the broker ``amqp_url`` names, with that URL's credentials.
+
+        The default address is a guess (the AMQP host, the management plugin's default port). When
+        the AMQP port is not the default either, the guess may reach another broker on the same
+        host, whose queues would be reported as this one's: the API found must say that its broker
+        listens on the AMQP URL's port, or the caller is told to name the API."""
+        params = pika.URLParameters(amqp_url)
+        api = cls(management_url or default_management_url(amqp_url), params.credentials.username,
+                  params.credentials.password, **kwargs)
+        if management_url is None and params.port not in (5671, 5672):
+            listening = {listener.get("port") for listener in (api.request("GET", "overview") or {}).get("listeners", [])
+                         if str(listener.get("protocol", "")).startswith("amqp")}
+            if params.port not in listening:
+                raise ManagementError(f"the management API at {api.url} belongs to a broker listening on AMQP port(s) "
+                                      f"{', '.join(map(str, sorted(listening))) or 'none'}, not {params.port}: name "
+                                      "this broker's API with --management-url")
+        return api
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         """``method`` on ``api/<path>`` (path segments already quoted); the decoded JSON reply, or None."""

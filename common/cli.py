@@ -9,9 +9,11 @@ provides ``HELP``, ``add_arguments(parser)`` and ``main(args) -> exit code``.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import sys
+from typing import Any
 
 SUBCOMMANDS = {
     "demo": "fedq.coordinator.ops.demo",
@@ -76,10 +78,47 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(kinds)
 
 
+def version() -> str:
+    """The installed package's version (pyproject.toml's)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("fedq")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
+def _subcommand(name: str) -> Any:
+    """The module (or ``module:Object``) that implements ``fedq <name>``."""
+    module_name, _, object_name = SUBCOMMANDS[name].partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, object_name) if object_name else module
+
+
+def _parser(name: str) -> argparse.ArgumentParser:
+    command = _subcommand(name)
+    parser = argparse.ArgumentParser(prog=f"fedq {name}", description=command.HELP)
+    command.add_arguments(parser)
+    return parser
+
+
+@functools.lru_cache(maxsize=1)
+def settings_by_command() -> dict[str, frozenset[str]]:
+    """Every command's settings by name (what its job-file table and FEDQ_* variables may hold).
+    Imports every command's module (about a second, no torch): asked only when a job file or the
+    environment holds something the running command does not read."""
+    return {name: frozenset(_parser(name).get_default("fedq_settings") or ()) for name in SUBCOMMANDS}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("--version", "-V"):
+        print(f"fedq {version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
         parser = argparse.ArgumentParser(prog="fedq", description="Asynchronous federated learning over RabbitMQ and Redis.")
+        parser.add_argument("-V", "--version", action="store_true", help="print fedq's version and exit")
         commands = parser.add_subparsers(dest="command", metavar="COMMAND")
         for name, summary in SUMMARIES.items():
             commands.add_parser(name, help=summary)
@@ -88,12 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if argv else 2
         parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)}")
     name, rest = argv[0], argv[1:]
-    module_name, _, object_name = SUBCOMMANDS[name].partition(":")
-    module = importlib.import_module(module_name)
-    if object_name:
-        module = getattr(module, object_name)
-    parser = argparse.ArgumentParser(prog=f"fedq {name}", description=module.HELP)
-    module.add_arguments(parser)
+    module = _subcommand(name)
+    parser = _parser(name)
     args = parser.parse_args(rest)
     try:
         return int(module.main(args) or 0)

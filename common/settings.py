@@ -1,17 +1,28 @@
 """Settings resolved as: command-line flag, then ``FEDQ_*`` environment variable,
-then the ``[job]`` table of a TOML job file, then the built-in default.
+then the TOML job file, then the built-in default.
 
 Each service declares its options as a list of :class:`Option`; the same list
 builds the argparse flags and resolves the final values, so a new option is one
 line and every source is handled the same way.
+
+One job file serves every command of a job. Its ``[job]`` table (or its top level)
+holds what is shared, and a table named after a command (``[coordinator]``,
+``[worker]``, ``[status]``, ...) what only that command reads, overriding the shared
+value. A command takes the keys it knows and leaves the others to the commands they
+belong to; a key that no command knows is refused, with the nearest real name. The
+environment is shared the same way: a ``FEDQ_*`` variable this command does not read
+is left alone, one that no command reads is named in a warning.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import re
+import sys
 import tomllib
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -60,9 +71,28 @@ def _parse_job(name: str) -> str:
     return name
 
 
+def _parse_amqp_url(text: Any) -> str:
+    """An AMQP URL with a host and a numeric port, checked before anything connects: pika reads
+    ``amqp:/x`` as localhost, and fails on ``amqp://h:port/`` with an IndexError."""
+    url = str(text)
+    if url.startswith("memory://"):  # the in-memory transport (tests)
+        return url
+    example = "e.g. amqp://user:password@host:5672/"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ValueError(f"an AMQP URL starts with amqp:// or amqps://, {example}")
+    try:
+        port, host = parts.port, parts.hostname
+    except ValueError:
+        raise ValueError(f"its port is not a number from 0 to 65535, {example}") from None
+    if not host or (port is None and parts.netloc.endswith(":")):
+        raise ValueError(f"it names no host, {example}")
+    return url
+
+
 CONNECTION_OPTIONS = [
     Option("job", _parse_job, None, "name of the federation; jobs sharing RabbitMQ and Redis never see each other"),
-    Option("amqp_url", str, DEFAULT_AMQP_URL, "RabbitMQ URL (amqps://... for TLS)"),
+    Option("amqp_url", _parse_amqp_url, DEFAULT_AMQP_URL, "RabbitMQ URL (amqps://... for TLS)"),
     Option("redis_url", str, DEFAULT_REDIS_URL, "Redis URL (rediss://... for TLS)"),
     Option("tls_ca", str, None, "CA bundle (PEM) that signs the RabbitMQ, Redis and management API servers' "
            "certificates, for amqps://, rediss:// and https:// URLs (default: the system's CAs)"),
@@ -83,21 +113,60 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}"
 
 
+# FEDQ_* variables that are not settings of a command: the job file's path, the fault injector
+# (fedq.common.obs.faults), deploy/setup.sh's and make-certs.sh's own, and the tests'.
+NOT_SETTINGS = ("FEDQ_CONFIG", "FEDQ_CRASH_AT", "FEDQ_AMQP_PORT", "FEDQ_REDIS_PORT", "FEDQ_CERT_DAYS", "FEDQ_CERT_SANS",
+                "FEDQ_PRIVATE_SERVER", "FEDQ_TEST_")
+
+
 def add_options(parser: argparse.ArgumentParser, options: list[Option]) -> None:
-    """Add one flag per option; defaults stay None so we can tell 'not given'."""
-    parser.add_argument("--config", default=None, help="TOML job file (its [job] table); FEDQ_CONFIG also works")
+    """Add one flag per option; defaults stay None so we can tell 'not given'.
+
+    The parser remembers which command it belongs to (``fedq <command>``, from its prog) and
+    the settings that command reads, for the job file's per-command tables."""
+    command = parser.prog.split()[1] if parser.prog.startswith("fedq ") and len(parser.prog.split()) == 2 else None
+    parser.set_defaults(fedq_command=command, fedq_settings=tuple(option.name for option in options))
+    parser.add_argument("--config", default=None,
+                        help="TOML job file: its [job] table, and the table named after this command"
+                             + (f" ([{command}])" if command else "") + "; FEDQ_CONFIG also works")
     for option in options:
         if option.parse is parse_bool:
             parser.add_argument(option.flag, dest=option.name, default=None, nargs="?", const="true",
-                                metavar="BOOL", help=f"{option.help} (default {option.default})")
+                                metavar="BOOL", help=_help(option))
         else:
             # Choices are checked by resolve(), after parsing, for flags, environment and file alike.
-            choices = f"; one of {', '.join(option.choices)}" if option.choices else ""
-            parser.add_argument(option.flag, dest=option.name, default=None,
-                                help=f"{option.help} (default {option.default}{choices})")
+            parser.add_argument(option.flag, dest=option.name, default=None, help=_help(option))
 
 
-def load_job_file(path: str | None) -> Mapping[str, Any]:
+def _help(option: Option) -> str:
+    """The option's help with its default and choices, unless its own text says the default
+    (``--job`` has none: it is required)."""
+    notes = []
+    if "(default" not in option.help and option.default not in (None, ""):
+        notes.append(f"default {option.default}")
+    elif option.name == "job":
+        notes.append(f"required, or {option.env_var}")
+    if option.choices:
+        notes.append(f"one of {', '.join(option.choices)}")
+    # argparse formats help with %: a bare "80 %" must not break --help.
+    return (option.help + (f" ({'; '.join(notes)})" if notes else "")).replace("%", "%%").replace("%%%%", "%%")
+
+
+def _settings_by_command() -> dict[str, frozenset[str]]:
+    from fedq.common.cli import settings_by_command  # the one list of commands; imports each command's module
+
+    return settings_by_command()
+
+
+def _nearest(name: str, candidates: set[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(candidates), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def load_job_file(path: str | None, command: str | None = None,
+                  commands: Callable[[], dict[str, frozenset[str]]] = _settings_by_command) -> dict[str, Any]:
+    """The settings of the job file at ``path`` for ``command``: the shared ones, then the command's
+    own table over them. Refuses, in one sentence, a key or table no command knows."""
     if not path:
         return {}
     try:
@@ -107,20 +176,62 @@ def load_job_file(path: str | None) -> Mapping[str, Any]:
         raise SettingsError(f"job file {path} does not exist") from None
     except tomllib.TOMLDecodeError as error:
         raise SettingsError(f"job file {path} is not valid TOML: {error}") from None
-    # Settings live in a [job] table, or at the top level (where `job = "name"` is just a setting).
-    table = document["job"] if isinstance(document.get("job"), dict) else document
-    return table
+    known_by = commands()
+    # A table named after a command is that command's; anything else at the top level is shared
+    # (a setting's own value may be a table: task_params). `job = "name"` at the top level is the
+    # job setting, `[job]` the shared table.
+    roles = {key: value for key, value in document.items() if key in known_by and isinstance(value, dict)}
+    shared = {key: value for key, value in document.items() if key not in roles and key != "job"}
+    if isinstance(document.get("job"), dict):
+        shared |= document["job"]
+    elif "job" in document:
+        shared["job"] = document["job"]
+    every = frozenset().union(*known_by.values())
+    for table, entries in [("job", shared), *roles.items()]:
+        allowed = every if table == "job" else known_by[table]
+        unknown = sorted(key for key in entries if key not in allowed)
+        if not unknown:
+            continue
+        key = unknown[0]
+        if "-" in key and key.replace("-", "_") in allowed:
+            raise SettingsError(f"job file {path}: write {key.replace('-', '_')} for {key} (settings use "
+                                f"underscores, as in FEDQ_{key.replace('-', '_').upper()})")
+        where = "no fedq command reads" if table == "job" else f"fedq {table} does not read"
+        raise SettingsError(f"job file {path}: {where} {', '.join(unknown)}{_nearest(key, set(allowed))}")
+    mine = {key: value for key, value in shared.items() if command is None or key in known_by.get(command, ())}
+    return mine | roles.get(command, {})
 
 
-def resolve(args: argparse.Namespace, options: list[Option],
-            environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Return {name: value} taking each option from flag, environment, job file, default."""
+def _warn_about_unknown_environment(environ: Mapping[str, str], known: set[str],
+                                    commands: Callable[[], dict[str, frozenset[str]]]) -> None:
+    """A FEDQ_* variable that no command reads is probably a typo: say so once, on stderr."""
+    strangers = [name for name in environ if name.startswith("FEDQ_") and name not in known
+                 and not name.startswith(NOT_SETTINGS)]
+    if not strangers:
+        return
+    every = {"FEDQ_" + name.upper() for names in commands().values() for name in names}
+    for name in sorted(set(strangers) - every):
+        print(f"fedq: warning: the environment variable {name} is not a fedq setting and is ignored"
+              f"{_nearest(name, every)}", file=sys.stderr)
+
+
+def resolve(args: argparse.Namespace, options: list[Option], environ: Mapping[str, str] | None = None,
+            commands: Callable[[], dict[str, frozenset[str]]] | None = None,
+            sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """Return {name: value} taking each option from flag, environment, job file, default.
+
+    ``commands`` gives every command's settings (default: the ``fedq`` commands'), to tell a
+    key or variable of another command from one that nobody reads. ``sources``, if given, is
+    filled with where each setting the user gave came from (``--buffer-size``,
+    ``FEDQ_BUFFER_SIZE``, ``job file key buffer_size``); defaults are not in it."""
     environ = os.environ if environ is None else environ
-    job_file = load_job_file(getattr(args, "config", None) or environ.get("FEDQ_CONFIG"))
-    known = {option.name for option in options}
-    unknown = sorted(set(job_file) - known)
-    if unknown:
-        raise SettingsError(f"job file has unknown setting(s): {', '.join(unknown)}")
+    command = getattr(args, "fedq_command", None)
+    mine = frozenset(option.name for option in options)
+    if commands is None:
+        commands = _settings_by_command if command else (lambda: {"this command": mine})
+    job_file = load_job_file(getattr(args, "config", None) or environ.get("FEDQ_CONFIG"), command,
+                             lambda: {**commands(), **({command: mine} if command else {"this command": mine})})
+    _warn_about_unknown_environment(environ, {option.env_var for option in options}, commands)
     values: dict[str, Any] = {}
     for option in options:
         raw, source = getattr(args, option.name, None), option.flag
@@ -134,10 +245,13 @@ def resolve(args: argparse.Namespace, options: list[Option],
         try:
             value = option.parse(raw)
         except (TypeError, ValueError) as error:
-            raise SettingsError(f"{source}={raw!r} is not valid: {error}") from None
+            shown = redact_url(raw) if option.name.endswith("_url") and isinstance(raw, str) else raw
+            raise SettingsError(f"{source}={shown!r} is not valid: {error}") from None
         if option.choices and value not in option.choices:
             raise SettingsError(f"{source}={raw!r} must be one of {', '.join(option.choices)}")
         values[option.name] = value
+        if sources is not None:
+            sources[option.name] = source
     if "job" in values and values["job"] is None:
         raise SettingsError("name the federation with --job NAME (or FEDQ_JOB)")
     if "tls_ca" in values:

@@ -62,12 +62,19 @@ def _progress_line(entry: VersionRecord, started: float, applied: int, staleness
             f"updates applied {applied:5d}  staleness mean {mean:4.2f} max {max(stalenesses, default=0):3d}")
 
 
-def follow(store: ModelStore, redis_url: str, coordinator: subprocess.Popen, started: float) -> dict[str, Any]:
-    """Print progress from the history stream until the coordinator exits; return totals."""
+# Without a terminal (a log, CI), a line is printed when the head moves, or this often.
+QUIET_SECONDS = 10.0
+
+
+def follow(store: ModelStore, redis_url: str, coordinator: subprocess.Popen, started: float,
+           workers: int = 0) -> dict[str, Any]:
+    """Print progress from the history stream until the coordinator exits; return totals.
+    Until the first update is applied, say that the workers are still starting (each imports torch
+    and loads its data: seconds, on a busy machine tens of seconds)."""
     reader = connect_redis(redis_url, blocking=True)
     last_id, applied, stalenesses = "0-0", 0, []
     last_entry: VersionRecord | None = None
-    last_print = 0.0
+    last_print, shown = 0.0, None
     interactive = sys.stdout.isatty()
     while True:
         exited = coordinator.poll() is not None
@@ -76,10 +83,14 @@ def follow(store: ModelStore, redis_url: str, coordinator: subprocess.Popen, sta
             applied += len(entry.updates)
             stalenesses.extend(update.staleness for update in entry.updates)
             last_entry = entry
-        if last_entry is not None and (time.monotonic() - last_print > 1.0 or exited):
+        quiet = time.monotonic() - last_print
+        due = quiet > 1.0 if interactive else (quiet > QUIET_SECONDS or (quiet > 1.0 and last_entry is not shown))
+        if last_entry is not None and (due or exited):
             line = _progress_line(last_entry, started, applied, stalenesses)
+            if applied == 0 and workers:
+                line += f"  waiting for the workers to start: {len(store.workers.live())} of {workers} ready"
             print(("\r" + line) if interactive else line, end="" if interactive else "\n", flush=True)
-            last_print = time.monotonic()
+            last_print, shown = time.monotonic(), last_entry
         if exited and not records:
             if interactive:
                 print()
@@ -185,7 +196,7 @@ def run(store: ModelStore, values: dict[str, Any], log_dir: str | None) -> int:
                 processes.append(subprocess.Popen(_fedq(
                     "worker", *connection_flags, "--worker-id", f"demo-worker-{index}", "--partition", str(index)),
                     stdout=log_file, stderr=subprocess.STDOUT))
-        totals = follow(store, redis_url, coordinator, started)
+        totals = follow(store, redis_url, coordinator, started, workers)
     finally:
         for process in processes:
             if process.poll() is None:

@@ -35,6 +35,29 @@ def open_history(args: argparse.Namespace) -> TieredHistory:
         raise UserError(str(error)) from None
 
 
+def _version_argument(text: str) -> int | str:
+    if text.lower() in ("head", "latest"):
+        return "head"
+    try:
+        version = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version: give a number, or head (latest)") from None
+    if version < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version: versions count from 0")
+    return version
+
+
+def add_version_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("version", type=_version_argument, metavar="VERSION",
+                        help=f"the version {what}: a number (fedq history lists them), or head (latest) for the "
+                             "newest committed")
+
+
+def chosen_version(history: TieredHistory, version: int | str) -> int:
+    """``version`` as a number: head/latest is the newest committed version (even a tampered head's)."""
+    return history.last_committed() if version == "head" else int(version)
+
+
 def _meta(history: TieredHistory, version: int) -> VersionRecord:
     try:
         return history.meta(version)
@@ -91,15 +114,16 @@ class Show:
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_options(parser, HISTORY_OPTIONS)
-        parser.add_argument("version", type=int)
+        add_version_argument(parser, "to show")
         parser.add_argument("--json", action="store_true", help="print JSON")
 
     @staticmethod
     def main(args: argparse.Namespace) -> int:
         history = open_history(args)
         store = history.store
-        meta = _meta(history, args.version)
-        entry = history.record(args.version)
+        version = chosen_version(history, args.version)
+        meta = _meta(history, version)
+        entry = history.record(version)
         if args.json:
             print(json.dumps(entry.to_dict(), indent=2))
             return 0
@@ -122,7 +146,7 @@ class Export:
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_options(parser, HISTORY_OPTIONS)
-        parser.add_argument("version", type=int)
+        add_version_argument(parser, "to write")
         parser.add_argument("-o", "--output", required=True, help="file to write, e.g. model.safetensors")
 
     @staticmethod
@@ -134,19 +158,20 @@ class Export:
 
         history = open_history(args)
         store = history.store
-        meta = _meta(history, args.version)
+        version = chosen_version(history, args.version)
+        meta = _meta(history, version)
         try:
-            weights = reconstruct(history, args.version)
+            weights = reconstruct(history, version)
         except (ReplayError, StoreError, ArchiveError) as error:
             raise UserError(str(error)) from None
         task, task_params = store.status.previous_task() or (None, {})
         try:
             save_file(dict(weights), args.output, metadata={
-                "fedq_job": store.job, "fedq_version": str(args.version), "fedq_digest": meta.digest,
+                "fedq_job": store.job, "fedq_version": str(version), "fedq_digest": meta.digest,
                 "fedq_task": str(task), "fedq_task_params": json.dumps(task_params)})
         except (OSError, SafetensorError) as error:
             raise UserError(f"cannot write {args.output}: {error}") from None
-        print(f"wrote version {args.version} of job {store.job!r} to {args.output} "
+        print(f"wrote version {version} of job {store.job!r} to {args.output} "
               f"(load with safetensors.torch.load_file and model.load_state_dict)")
         return 0
 
@@ -194,7 +219,7 @@ class Rollback:
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_options(parser, HISTORY_OPTIONS)
-        parser.add_argument("version", type=int)
+        add_version_argument(parser, "to make the head again")
 
     @staticmethod
     def main(args: argparse.Namespace) -> int:
@@ -202,10 +227,11 @@ class Rollback:
 
         history = open_history(args)
         store = history.store
+        version = chosen_version(history, args.version)
         try:
-            new_version = rollback(history, args.version)
+            new_version = rollback(history, version)
         except (ReplayError, StoreError, ArchiveError) as error:
             raise UserError(str(error)) from None
-        print(f"version {new_version} of job {store.job!r} is version {args.version} again; "
-              f"updates based on versions {args.version + 1}..{new_version - 1} will be refused")
+        print(f"version {new_version} of job {store.job!r} is version {version} again; "
+              f"updates based on versions {version + 1}..{new_version - 1} will be refused")
         return 0

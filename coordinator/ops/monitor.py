@@ -25,8 +25,19 @@ ARCHIVE_REFRESH_SECONDS = 15.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, CONNECTION_OPTIONS)
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    parser.add_argument("--interval", type=_interval, default=1.0, metavar="SECONDS",
+                        help="seconds between refreshes (default: 1)")
     parser.add_argument("--once", action="store_true", help="print one frame and exit (for scripts and logs)")
+
+
+def _interval(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0.05 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a refresh interval: give seconds from 0.05 to 3600")
+    return seconds
 
 
 def _number(value, digits: int = 2) -> str:

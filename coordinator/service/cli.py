@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import logging
+import signal
+import sys
+from typing import Any, Callable
 
 from fedq.common.obs.logs import kv, setup_logging
 from fedq.common.obs.metrics import serve_metrics
@@ -92,20 +94,68 @@ OPTIONS = CONNECTION_OPTIONS + [
 ] + SERVICE_OPTIONS
 
 
+# Settings that only some configurations read: given with another, they would be ignored without
+# a word, and the user would believe they had an effect. (setting, what it needs, does it hold?)
+ONLY_WITH: list[tuple[str, str, Callable[[dict[str, Any]], bool]]] = [
+    *[(name, "--algorithm fedbuff", lambda values: values["algorithm"] == "fedbuff")
+      for name in ("buffer_size", "example_weighted", "clip_norm", "robust", "trim_fraction")],
+    ("trim_fraction", "--robust trimmed_mean", lambda values: values["robust"] == "trimmed_mean"),
+    ("mixing_rate", "--algorithm fedasync", lambda values: values["algorithm"] == "fedasync"),
+    *[(name, "an asynchronous --algorithm (fedasync or fedbuff): fedavg's rounds have no staleness",
+       lambda values: values["algorithm"] != "fedavg")
+      for name in ("staleness", "staleness_bound", "max_staleness", "staleness_tolerance", "damp_above",
+                   "max_update_weight", "max_age_seconds")],
+    *[(name, "--staleness-bound adaptive", lambda values: values["staleness_bound"] == "adaptive")
+      for name in ("staleness_tolerance", "damp_above", "max_update_weight")],
+    *[(name, "--algorithm fedavg", lambda values: values["algorithm"] == "fedavg")
+      for name in ("round_seconds", "min_updates")],
+    ("min_updates", "--round-seconds", lambda values: values["round_seconds"] is not None),
+    ("server_beta2", "--server-optimizer adam or yogi", lambda values: values["server_optimizer"] in ("adam", "yogi")),
+    ("server_epsilon", "--server-optimizer adam, adagrad or yogi",
+     lambda values: values["server_optimizer"] in ("adam", "adagrad", "yogi")),
+    ("server_beta1", "--server-optimizer momentum, adam, adagrad or yogi",
+     lambda values: values["server_optimizer"] != "sgd"),
+]
+
+
+def check_combinations(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """Refuse, in one sentence, a flag the rest of the configuration ignores. The environment and
+    a job file are shared by a deployment's runs (compose sets FEDQ_BUFFER_SIZE whatever the
+    algorithm): a setting from there that has no effect is named in a warning instead."""
+    for name, needs, holds in ONLY_WITH:
+        if name in sources and not holds(values):
+            if sources[name].startswith("--"):
+                raise SettingsError(f"{sources[name]} has no effect without {needs}; leave it out")
+            print(f"fedq: warning: {sources[name]} has no effect without {needs}, and is ignored", file=sys.stderr)
+    target = values.get("target")
+    if target is not None and not -1 <= target <= 1:
+        raise SettingsError(f"{sources.get('target', '--target')}={target} is not a score the tasks reach: "
+                            f"accuracy and R^2 are fractions (0.9, not 90)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, OPTIONS)
 
 
 def main(args: argparse.Namespace) -> int:
-    values = resolve(args, OPTIONS)
+    sources: dict[str, str] = {}
+    values = resolve(args, OPTIONS, sources=sources)
+    check_combinations(values, sources)
     setup_logging(values.pop("log_level"))
     serve_metrics(values.pop("metrics_port"))
     values.pop("management_url")  # the coordinator never calls the management API
     from fedq.coordinator.service.loop import Coordinator
     from fedq.coordinator.service.settings import CoordinatorSettings
 
+    from fedq.broker.connection import connect
+
     try:
         settings = CoordinatorSettings(**values)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+    # Before anything is written into Redis: a coordinator that cannot reach RabbitMQ leaves no job behind.
+    connect(settings.amqp_url, name=f"fedq-coordinator-{settings.job}-check").close()
+    try:
         coordinator = Coordinator(settings)
     except ValueError as error:
         raise SettingsError(str(error)) from None

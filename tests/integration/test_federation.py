@@ -98,7 +98,9 @@ def test_training_longer_than_three_heartbeats_still_delivers(processes, job, st
 def test_textbook_784_128_10_mlp_trains_in_sync_and_fedbuff_modes(processes, job, store, algorithm):
     coordinator = processes.start("coordinator", "coordinator", *connection_flags(job), "--task", "digits28",
                                   "--task-params", json.dumps({"num_partitions": 3}), "--algorithm", algorithm,
-                                  "--concurrency", "3", "--buffer-size", "3", "--example-weighted",
+                                  "--concurrency", "3",
+                                  # (sync FedAvg is example-weighted by definition, and has no buffer)
+                                  *(["--buffer-size", "3", "--example-weighted"] if algorithm == "fedbuff" else []),
                                   "--local-epochs", "5", "--learning-rate", "0.05", "--target", "0.9",
                                   "--max-seconds", "150")
     for index in range(3):

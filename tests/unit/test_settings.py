@@ -104,12 +104,91 @@ def test_unrelated_environment_is_ignored():
     assert values["buffer_size"] == 3
 
 
+# -- one job file for every command ---------------------------------------------------
+
+# Two commands' settings, as fedq.common.cli.settings_by_command gives the real ones.
+COMMANDS = {"coordinator": frozenset({"job", "amqp_url", "buffer_size", "algorithm", "mixing_rate"}),
+            "status": frozenset({"job", "amqp_url"})}
+STATUS_OPTIONS = [option for option in OPTIONS if option.name in COMMANDS["status"]]
+JOB_FILE = """
+[job]
+job = "shared"
+amqp_url = "amqp://shared/"
+buffer_size = 5
+
+[coordinator]
+algorithm = "fedbuff"
+amqp_url = "amqp://coordinator-only/"
+
+[status]
+amqp_url = "amqp://status-only/"
+"""
+
+
+def parse_as(command: str, options: list[Option], *argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"fedq {command}")
+    add_options(parser, options)
+    return parser.parse_args(list(argv))
+
+
+def test_each_command_reads_the_shared_table_and_its_own(tmp_path):
+    config = job_file(tmp_path, JOB_FILE)
+    coordinator = resolve(parse_as("coordinator", OPTIONS, "--config", config), OPTIONS, environ={},
+                          commands=lambda: COMMANDS)
+    assert (coordinator["job"], coordinator["amqp_url"], coordinator["buffer_size"], coordinator["algorithm"]) == \
+        ("shared", "amqp://coordinator-only/", 5, "fedbuff")
+    # status leaves buffer_size and the [coordinator] table to the coordinator.
+    status = resolve(parse_as("status", STATUS_OPTIONS, "--config", config), STATUS_OPTIONS, environ={},
+                     commands=lambda: COMMANDS)
+    assert status == {"job": "shared", "amqp_url": "amqp://status-only/"}
+
+
+def test_a_key_no_command_reads_is_refused_with_the_nearest_name(tmp_path):
+    config = job_file(tmp_path, '[job]\njob = "j"\nbufer_size = 4\n')
+    with pytest.raises(SettingsError, match=r"no fedq command reads bufer_size \(did you mean buffer_size\?\)"):
+        resolve(parse_as("status", STATUS_OPTIONS, "--config", config), STATUS_OPTIONS, environ={},
+                commands=lambda: COMMANDS)
+
+
+def test_a_command_table_holds_only_that_commands_settings(tmp_path):
+    config = job_file(tmp_path, '[job]\njob = "j"\n[status]\nbuffer_size = 4\n')
+    with pytest.raises(SettingsError, match="fedq status does not read buffer_size"):
+        resolve(parse_as("status", STATUS_OPTIONS, "--config", config), STATUS_OPTIONS, environ={},
+                commands=lambda: COMMANDS)
+
+
+def test_a_dashed_key_is_answered_with_its_underscored_name(tmp_path):
+    config = job_file(tmp_path, '[job]\njob = "j"\nbuffer-size = 4\n')
+    with pytest.raises(SettingsError, match="write buffer_size for buffer-size"):
+        resolve(parse_as("coordinator", OPTIONS, "--config", config), OPTIONS, environ={}, commands=lambda: COMMANDS)
+
+
+def test_an_environment_variable_no_command_reads_is_named(capsys):
+    environ = {"FEDQ_BUFER_SIZE": "4", "FEDQ_BUFFER_SIZE": "6", "FEDQ_CRASH_AT": "x:1", "FEDQ_TEST_AMQP_URL": "y"}
+    values = resolve(parse_as("status", STATUS_OPTIONS, "--job", "j"), STATUS_OPTIONS, environ=environ,
+                     commands=lambda: COMMANDS)
+    assert values["job"] == "j"
+    warnings = capsys.readouterr().err.strip().splitlines()
+    # FEDQ_BUFFER_SIZE is the coordinator's, FEDQ_CRASH_AT and FEDQ_TEST_* are not settings: not named.
+    assert warnings == ["fedq: warning: the environment variable FEDQ_BUFER_SIZE is not a fedq setting and is "
+                        "ignored (did you mean FEDQ_BUFFER_SIZE?)"]
+
+
+def test_every_real_command_lists_its_settings():
+    from fedq.common.cli import settings_by_command
+
+    known = settings_by_command()
+    assert set(known) == set(SUBCOMMANDS)
+    assert {"buffer_size", "algorithm"} <= known["coordinator"] and "buffer_size" not in known["status"]
+    assert {"job", "amqp_url", "redis_url"} <= known["worker"] and "partition" in known["worker"]
+
+
 # -- errors --------------------------------------------------------------------------
 
 
 def test_unknown_job_file_keys_are_rejected(tmp_path):
     config = job_file(tmp_path, '[job]\njob = "j"\nbufer_size = 4\nzeta = 1\n')
-    with pytest.raises(SettingsError, match="bufer_size, zeta"):
+    with pytest.raises(SettingsError, match="reads bufer_size, zeta"):
         resolve(parse("--config", config), OPTIONS, environ={})
 
 
@@ -246,3 +325,17 @@ def test_every_command_prints_its_help(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert f"usage: fedq {command}" in capsys.readouterr().out
+
+
+def test_a_flag_the_configuration_ignores_is_refused_and_a_shared_setting_is_named(capsys):
+    from fedq.coordinator.service.cli import check_combinations
+
+    values = {"algorithm": "fedasync", "robust": "mean", "staleness_bound": "adaptive", "round_seconds": None,
+              "server_optimizer": "sgd", "target": 0.9}
+    with pytest.raises(SettingsError, match="--buffer-size has no effect without --algorithm fedbuff"):
+        check_combinations(values, {"buffer_size": "--buffer-size"})
+    check_combinations(values, {"buffer_size": "FEDQ_BUFFER_SIZE"})
+    assert "FEDQ_BUFFER_SIZE has no effect without --algorithm fedbuff, and is ignored" in capsys.readouterr().err
+    check_combinations({**values, "algorithm": "fedbuff"}, {"buffer_size": "--buffer-size"})
+    with pytest.raises(SettingsError, match="is not a score the tasks reach"):
+        check_combinations({**values, "target": 90.0}, {"target": "--target"})
