@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fedq.common.tasks.base import FederatedTask, TaskPluginError, load_weights_into, weights_of
+from fedq.common.tasks.base import FederatedTask, LocalData, TaskPluginError, load_weights_into, weights_of
 
 BUILTIN_TASKS = {
     "digits": "fedq.common.tasks.digits:DigitsTask",
@@ -42,4 +42,5 @@ def load_task(name: str, params: dict[str, Any] | None = None) -> FederatedTask:
     return task
 
 
-__all__ = ["BUILTIN_TASKS", "FederatedTask", "TaskPluginError", "load_task", "load_weights_into", "weights_of"]
+__all__ = ["BUILTIN_TASKS", "FederatedTask", "LocalData", "TaskPluginError", "load_task", "load_weights_into",
+           "weights_of"]
