@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A private CA and certificates for the TLS compose overlay (docker-compose.tls.yml), in deploy/tls/:
 #   ca.pem                         the CA every party trusts (its key, ca.key, stays here: keep it offline)
-#   server.pem/.key                RabbitMQ and Redis (names rabbitmq, redis, localhost, 127.0.0.1)
+#   server.pem/.key                RabbitMQ and Redis (names rabbitmq, redis, localhost, 127.0.0.1, and
+#                                  FEDQ_CERT_SANS, e.g. DNS:fedq.example.org,IP:192.0.2.7, for workers
+#                                  on other machines: they check the name they connect to)
 #   <party>.pem/.key               client certificates: admin (the enroll service), coordinator, site-a, monitor
 # Keys are readable by the containers' users only where this runs as root (it hands them to uid
 # 10001, fedq's, and 999, RabbitMQ's and Redis's); otherwise they are made group-readable and it says so.
@@ -21,7 +23,7 @@ issue() {  # name, extensions
         -extfile <(printf '%s\n' "$2") 2>/dev/null
     rm -f "$1.csr"
 }
-issue server "subjectAltName=DNS:rabbitmq,DNS:redis,DNS:localhost,IP:127.0.0.1
+issue server "subjectAltName=DNS:rabbitmq,DNS:redis,DNS:localhost,IP:127.0.0.1${FEDQ_CERT_SANS:+,$FEDQ_CERT_SANS}
 extendedKeyUsage=serverAuth"
 for party in admin coordinator site-a monitor; do
     issue "$party" "extendedKeyUsage=clientAuth"

@@ -16,6 +16,6 @@ umask 077
     echo "REDIS_PASSWORD=$(password)"
     echo "GRAFANA_PASSWORD=$(password)"
     echo
-    grep '^FEDQ_' .env.example
+    grep -E '^(BROKER_BIND_ADDRESS|FEDQ_[A-Z_]+)=' .env.example
 } > .env
 echo "wrote deploy/.env (mode 0600)"

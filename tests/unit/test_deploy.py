@@ -1,22 +1,31 @@
 """The deployment files in deploy/ agree with the code they deploy.
 
 Pure and fast: the files are parsed (PyYAML, JSON, a little text), never run;
-no Docker, Kubernetes, RabbitMQ or Redis is needed. Each test names what the
+no Docker daemon, Kubernetes, RabbitMQ or Redis is needed. Each test names what the
 code defines (option names, metric names, queue names, defaults) and checks
-that deploy/ uses the same thing, so a rename on either side fails here.
+that deploy/ uses the same thing, so a rename on either side fails here. The
+render tests at the end also run `docker compose config` and `kubectl kustomize`
+(no daemon, no cluster) where those are installed, and skip where they are not.
 """
 from __future__ import annotations
 
 import ast
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Iterator
 
+import pytest
 import yaml  # PyPI: pyyaml (a test dependency)
+from prometheus_client import start_http_server
 
 from fedq.broker.topology import Topology
+from fedq.common.cli import SUBCOMMANDS
 from fedq.common.obs import metrics as fedq_metrics
 from fedq.common.settings import Option
 from fedq.coordinator.service import cli as coordinator_cli
@@ -25,7 +34,9 @@ from fedq.worker import cli as worker_cli
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
+COMPOSE_TLS = DEPLOY / "docker-compose.tls.yml"
 K8S = DEPLOY / "k8s"
+K8S_KEDA = DEPLOY / "k8s-keda"      # the overlay: K8S plus KEDA autoscaling
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "fedq.json"
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources"
@@ -63,13 +74,27 @@ MIN_GRACE_MARGIN_SECONDS = 10
 
 # -- loading ---------------------------------------------------------------------
 
+class ComposeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader plus compose's merge tags (``!override``, ``!reset``), read as plain values."""
+
+
+for _tag in ("!override", "!reset"):
+    ComposeLoader.add_constructor(_tag, lambda loader, node: (
+        loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode)
+        else loader.construct_mapping(node) if isinstance(node, yaml.MappingNode)
+        else loader.construct_scalar(node)))
+
+
 def load_yaml(path: Path) -> Any:
     with open(path, encoding="utf-8") as handle:
-        return yaml.safe_load(handle)
+        return yaml.load(handle, Loader=ComposeLoader)
 
 
-def k8s_files() -> list[Path]:
-    return sorted(path for path in K8S.glob("*.yaml") if path.name != "kustomization.yaml")
+def k8s_files(directory: Path | None = None) -> list[Path]:
+    """The manifests of the base and the KEDA overlay (or of ``directory`` only)."""
+    directories = [directory] if directory else [K8S, K8S_KEDA]
+    return sorted(path for folder in directories for path in folder.glob("*.yaml")
+                  if path.name != "kustomization.yaml")
 
 
 def k8s_documents() -> list[dict]:
@@ -706,7 +731,28 @@ def test_k8s_manifests_are_namespace_agnostic_and_all_in_kustomization():
             f"{document['kind']} {document['metadata']['name']} names a namespace"
     kustomization = load_yaml(K8S / "kustomization.yaml")
     listed = set(kustomization["resources"])
-    assert listed == {path.name for path in k8s_files()}, "kustomization.yaml must list every manifest"
+    assert listed == {path.name for path in k8s_files(K8S)}, "k8s/kustomization.yaml must list every manifest"
+    # The overlay is the base plus its own files; it is a sibling, as kustomize refuses a base that
+    # contains its overlay ("cycle detected").
+    overlay = load_yaml(K8S_KEDA / "kustomization.yaml")
+    assert set(overlay["resources"]) == {"../k8s"} | {path.name for path in k8s_files(K8S_KEDA)}
+
+
+def test_the_base_applies_without_keda():
+    """`kubectl apply -k deploy/k8s` must work on a cluster without KEDA's CRDs: no keda.sh object in
+    the base; the ScaledObject, its TriggerAuthentication and their Secret are in the overlay."""
+    for path in k8s_files(K8S):
+        for document in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if document:
+                assert not document["apiVersion"].startswith("keda.sh/"), f"{path.name}: {document['kind']}"
+                assert not document["metadata"]["name"].startswith("fedq-keda"), f"{path.name}: KEDA's Secret"
+    overlay = [document for path in k8s_files(K8S_KEDA)
+               for document in yaml.safe_load_all(path.read_text(encoding="utf-8")) if document]
+    assert {"ScaledObject", "TriggerAuthentication"} <= {document["kind"] for document in overlay}
+    for path in (DEPLOY / "README.md", K8S / "kustomization.yaml", K8S_KEDA / "kustomization.yaml"):
+        text = path.read_text(encoding="utf-8")
+        for command in ("kubectl apply -k deploy/k8s ", "kubectl apply -k deploy/k8s-keda "):
+            assert command in text, f"{path.relative_to(ROOT)} must show `{command.strip()} -n ...`"
 
 
 def test_each_party_reads_its_own_job_file_and_no_shared_credentials():
@@ -731,3 +777,234 @@ def test_each_party_reads_its_own_job_file_and_no_shared_credentials():
             assert "guest" not in job_file["amqp_url"]
     configmap = next(document for document in k8s_documents() if document.get("kind") == "ConfigMap")
     assert not {"FEDQ_AMQP_URL", "FEDQ_REDIS_URL"} & set(configmap["data"])
+
+
+# -- joining from outside, status, probes, partitions ------------------------------------
+
+def published(service: dict) -> dict[int, tuple[str, str]]:
+    """{container port: (host address, host port)} of a compose service's short-syntax ports."""
+    ports = {}
+    for entry in service.get("ports") or []:
+        parts = compose_default(entry).split(":")  # [[address:]host port:]container port[/protocol]
+        address = parts[0] if len(parts) == 3 else "0.0.0.0"
+        ports[int(parts[-1].split("/")[0])] = (address, parts[-2] if len(parts) > 1 else "")
+    return ports
+
+
+def service_by_image(services: dict, prefix: str) -> dict:
+    return next(service for service in services.values() if str(service.get("image", "")).startswith(prefix))
+
+
+def test_compose_publishes_rabbitmq_and_redis_for_outside_workers():
+    """Workers "started anywhere" reach a compose deployment's RabbitMQ and Redis: the base file
+    publishes the plain ports and the TLS overlay the TLS ones instead (the plain ones are closed
+    there), on one configurable address that defaults to this host only."""
+    services = compose()["services"]
+    tls = load_yaml(COMPOSE_TLS)["services"]
+    tls_conf = parse_conf(DEPLOY / "rabbitmq" / "tls.conf", "=")
+    assert tls_conf.get("listeners.tcp") == "none", "the TLS overlay closes plain AMQP"
+    redis_tls_command = tls["redis"]["command"]
+    assert redis_tls_command[redis_tls_command.index("--port") + 1] == "0", "the TLS overlay closes plain Redis"
+    redis_tls_port = int(redis_tls_command[redis_tls_command.index("--tls-port") + 1])
+    amqps_port = int(tls_conf["listeners.ssl.default"])
+    for where, rabbitmq, redis, amqp_port, redis_port, closed in (
+            ("docker-compose.yml", service_by_image(services, "rabbitmq"), service_by_image(services, "redis"),
+             5672, 6379, ()),
+            ("docker-compose.tls.yml", tls["rabbitmq"], tls["redis"], amqps_port, redis_tls_port, (5672, 6379))):
+        ports = {**published(rabbitmq), **published(redis)}
+        for port in (amqp_port, redis_port):
+            assert port in ports, f"{where}: publish {port} for workers outside compose"
+            assert ports[port][0] == "127.0.0.1", f"{where}: {port} on 127.0.0.1 by default, not {ports[port][0]}"
+        for port in closed:
+            assert port not in ports, f"{where}: {port} is closed with TLS; don't publish it"
+    text = COMPOSE.read_text(encoding="utf-8") + COMPOSE_TLS.read_text(encoding="utf-8")
+    addresses = set(re.findall(r'"\$\{([A-Z_]+):-127\.0\.0\.1\}:[^"]*:(?:5672|6379|5671|6380)"', text))
+    assert len(addresses) == 1, f"one variable for the address RabbitMQ and Redis are published on: {addresses}"
+    # The overlay must replace (not add to) the base file's list: compose merges lists otherwise.
+    assert COMPOSE_TLS.read_text(encoding="utf-8").count("ports: !override") == 2
+    assert re.search(rf"^{addresses.pop()}=127\.0\.0\.1$", (DEPLOY / ".env.example").read_text(), re.MULTILINE)
+
+
+DOCUMENTED_COMPOSE = re.compile(r"docker compose(?: -f \S+)* (run|exec)((?: --?[\w-]+)*) ([\w-]+) ([^`\n]*)")
+
+
+def test_documented_compose_commands_run_fedq_as_the_image_expects():
+    """The image's ENTRYPOINT is `fedq`: `docker compose run SERVICE status ...` runs `fedq status`,
+    while `exec` bypasses the entrypoint and must name `fedq` itself. Every `fedq status` shown
+    for compose is the same command."""
+    paths = [ROOT / "README.md", DEPLOY / "README.md", COMPOSE, COMPOSE_TLS, *sorted((ROOT / "docs").glob("*.md"))]
+    texts = {path.relative_to(ROOT): path.read_text(encoding="utf-8") for path in paths}
+    services = compose()["services"]
+    status_commands = set()
+    for where, text in texts.items():
+        for verb, _options, service, rest in DOCUMENTED_COMPOSE.findall(text.replace("\\\n", " ")):
+            words = rest.split("#")[0].split()
+            if words[:1] == ["..."]:
+                continue  # prose: `docker compose run --rm coordinator ...`
+            assert service in services, f"{where}: docker compose {verb} {service}: no such service"
+            assert services[service].get("build") or "fedq" in str(services[service].get("image")), \
+                f"{where}: {service} does not run the fedq image"
+            if verb == "exec":
+                assert words and words[0] == "fedq", f"{where}: `exec {service} {rest}` skips the entrypoint; " \
+                                                      "start the command with fedq"
+                words = words[1:]
+            assert words and words[0] in SUBCOMMANDS, \
+                f"{where}: `{verb} {service} {rest}` runs `fedq {words[0] if words else ''}`, not a fedq command"
+            if words[0] == "status":
+                status_commands.add(" ".join([verb, service] + words))
+    assert len(status_commands) == 1, f"the docs disagree on how to run fedq status in compose: {status_commands}"
+    config = status_commands.pop().split("--config ", 1)[1].split()[0]
+    enroll = " ".join(services["enroll"]["command"])
+    assert Path(config).stem in enroll and "monitor:" in enroll, f"{config}: enroll writes no monitor job file there"
+
+
+def metrics_main_calls_serve_metrics_first(path: Path) -> None:
+    """main() starts the /metrics server before any other import (torch takes seconds), in-process."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
+    calls = [index for index, statement in enumerate(main.body) for node in ast.walk(statement)
+             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "serve_metrics"]
+    imports = [index for index, statement in enumerate(main.body)
+               if isinstance(statement, (ast.Import, ast.ImportFrom))]
+    assert calls, f"{path}: main() no longer calls serve_metrics; the probes on /metrics would fail"
+    assert not imports or calls[0] < imports[0], f"{path}: serve_metrics after the service's imports"
+
+
+def test_probes_and_health_checks_ask_metrics():
+    for path in (ROOT / "coordinator" / "service" / "cli.py", ROOT / "worker" / "cli.py"):
+        metrics_main_calls_serve_metrics_first(path)
+    for command in OPTIONS_BY_COMMAND:
+        deployment, container = deployment_running(command)
+        where = f"Deployment {deployment['metadata']['name']}"
+        port = int(container_environment(container)["FEDQ_METRICS_PORT"])
+        names = {p.get("name"): p["containerPort"] for p in container.get("ports") or []}
+        for kind in ("readinessProbe", "livenessProbe"):
+            probe = container.get(kind)
+            assert probe and "httpGet" in probe, f"{where}: add an httpGet {kind} on /metrics"
+            assert probe["httpGet"]["path"] == "/metrics"
+            assert names.get(probe["httpGet"]["port"], probe["httpGet"]["port"]) == port, f"{where}: {kind} port"
+            assert probe.get("timeoutSeconds", 1) >= 5, f"{where}: {kind}: a busy node answers slowly"
+        liveness = container["livenessProbe"]
+        # torch's import and a loaded node: a restart only after minutes without an answer.
+        assert liveness.get("initialDelaySeconds", 0) >= 30
+        assert liveness.get("periodSeconds", 10) * liveness.get("failureThreshold", 3) >= 120, \
+            f"{where}: liveness restarts too soon"
+
+    for command in OPTIONS_BY_COMMAND:
+        name, service = compose_service_running(command)
+        check = service.get("healthcheck") or {}
+        assert "/metrics" in " ".join(check.get("test") or []), f"compose {name}: a health check on /metrics"
+        assert parse_duration(check.get("start_period", "0s")) >= 30
+
+
+def test_compose_health_check_command_works():
+    """The compose health check's command, run here against a real prometheus_client server."""
+    _name, service = compose_service_running("worker")
+    test = service["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1] == "python", "the image has python, not curl"
+    command = [sys.executable, *test[2:]]
+    server, thread = start_http_server(0, addr="127.0.0.1")
+    environment = {**os.environ, "FEDQ_METRICS_PORT": str(server.server_port)}
+    try:
+        result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=30, check=False)
+        assert result.returncode == 0, result.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode != 0, "the health check passes with nothing listening"
+
+
+def test_workers_lease_their_partitions():
+    """A worker given neither --partition nor --data asks the coordinator for a partition lease; the
+    deployments give neither, and name each replica <site>.<hostname>, which the site's Redis user may
+    read the lease of (coordinator/ops/roles.py)."""
+    worker_options = OPTIONS_BY_COMMAND["worker"]
+    assert worker_options["FEDQ_PARTITION"].default is None and worker_options["FEDQ_DATA"].default is None
+    name, service = compose_service_running("worker")
+    site = Path(service["command"][service["command"].index("--config") + 1]).stem
+    deployment, container = deployment_running("worker")
+    secret = next(volume["secret"]["secretName"] for volume in deployment["spec"]["template"]["spec"]["volumes"]
+                  if "secret" in volume)
+    for where, environment, enrolled in ((f"compose {name}", compose_environment(service), site),
+                                         (f"Deployment {deployment['metadata']['name']}",
+                                          container_environment(container), secret.removeprefix("fedq-"))):
+        assert not {"FEDQ_PARTITION", "FEDQ_DATA"} & set(environment), \
+            f"{where}: a fixed partition or data stops the coordinator's leases"
+        assert environment.get("FEDQ_WORKER_ID") == f"{enrolled}.{{hostname}}", \
+            f"{where}: worker ids <site>.{{hostname}}, as replicas of the enrolled site {enrolled!r}"
+
+
+# -- rendering with the real tools (skipped where they are missing) --------------------------
+
+def tool_environment(**extra: str) -> dict[str, str]:
+    """The caller's environment without anything compose would interpolate or pick up by itself."""
+    keep = {key: value for key, value in os.environ.items()
+            if key in ("PATH", "HOME", "DOCKER_CONFIG", "TMPDIR", "LANG", "LC_ALL")}
+    return {**keep, **extra}
+
+
+def run_tool(*command: str, **extra_env: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=ROOT, env=tool_environment(**extra_env), capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr}"
+    return result
+
+
+def compose_plugin_version() -> tuple[int, ...] | None:
+    if not shutil.which("docker"):
+        return None
+    result = subprocess.run(["docker", "compose", "version", "--short"], env=tool_environment(),
+                            capture_output=True, text=True, timeout=60, check=False)
+    match = re.match(r"v?(\d+)\.(\d+)\.(\d+)", result.stdout.strip())
+    return tuple(int(part) for part in match.groups()) if result.returncode == 0 and match else None
+
+
+def test_docker_compose_config_accepts_both_files(tmp_path):
+    version = compose_plugin_version()
+    if version is None:
+        pytest.skip("`docker compose version` failed: the Docker Compose plugin is not installed")
+    if version < (2, 24, 4):
+        pytest.skip(f"Docker Compose {'.'.join(map(str, version))}: the TLS overlay's !override needs 2.24.4")
+    # As deploy/make-env.sh writes it: generated passwords (fixed here) and .env.example's settings.
+    env_file = tmp_path / "fedq.env"
+    settings = [line for line in (DEPLOY / ".env.example").read_text().splitlines()
+                if re.match(r"(BROKER_BIND_ADDRESS|FEDQ_[A-Z_]+)=", line)]
+    env_file.write_text("\n".join(["RABBITMQ_USER=fedq-admin", "RABBITMQ_PASSWORD=test-rabbitmq",
+                                   "REDIS_PASSWORD=test-redis", "GRAFANA_PASSWORD=test-grafana", *settings]) + "\n")
+    rendered = {}
+    for files in ((COMPOSE,), (COMPOSE, COMPOSE_TLS)):
+        arguments = [word for path in files for word in ("-f", str(path))]
+        result = run_tool("docker", "compose", "--env-file", str(env_file), *arguments, "config", "--format", "json")
+        assert "WARN" not in result.stderr, result.stderr  # e.g. a variable that is not set
+        rendered[files[-1].name] = json.loads(result.stdout)["services"]
+    for name, services in rendered.items():
+        ports = {int(port["target"]): port for service in services.values() for port in service.get("ports") or []}
+        expected = {5672, 6379} if name == COMPOSE.name else {5671, 6380}
+        assert expected <= set(ports) and not ({5672, 6379, 5671, 6380} - expected) & set(ports), \
+            f"{name}: published {sorted(ports)}"
+        assert all(ports[port]["host_ip"] == "127.0.0.1" for port in expected)
+        for service in ("coordinator", "worker"):
+            assert services[service]["healthcheck"]["test"][:2] == ["CMD", "python"]
+        assert services["enroll"]["environment"]["FEDQ_AMQP_URL"].startswith(
+            "amqp://" if name == COMPOSE.name else "amqps://")
+
+
+def test_kubectl_kustomize_builds_the_base_and_the_keda_overlay():
+    if not shutil.which("kubectl"):
+        pytest.skip("kubectl is not installed")
+    built = {}
+    for directory in (K8S, K8S_KEDA):
+        output = run_tool("kubectl", "kustomize", str(directory.relative_to(ROOT))).stdout
+        built[directory.name] = [document for document in yaml.safe_load_all(output) if document]
+    kinds = {name: sorted((document["kind"], document["metadata"]["name"]) for document in documents)
+             for name, documents in built.items()}
+    assert not [document for document in built["k8s"] if document["apiVersion"].startswith("keda.sh/")]
+    added = set(kinds["k8s-keda"]) - set(kinds["k8s"])
+    assert set(kinds["k8s"]) <= set(kinds["k8s-keda"]) and {kind for kind, _ in added} == \
+        {"ScaledObject", "TriggerAuthentication", "Secret"}, f"the overlay adds {sorted(added)}"
+    for documents in built.values():
+        for deployment in (document for document in documents if document["kind"] == "Deployment"):
+            container = deployment["spec"]["template"]["spec"]["containers"][0]
+            assert container.get("livenessProbe") and container.get("readinessProbe"), deployment["metadata"]["name"]
