@@ -65,6 +65,7 @@ The pieces: ``async_vs_sync_config.py`` (arms, tasks, cases, slowdowns),
 CSVs), ``async_vs_sync_report.py`` (table, PNGs) and ``harness.py`` (processes, the worker
 zygote, /proc, job clean-up; shared with ``throughput.py``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,27 +100,43 @@ def _names(text: str, allowed: tuple[str, ...] | list[str], what: str) -> list[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: " + ", ".join(TASKS))
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
-    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
-                        help=f"comma-separated, default {','.join(DEFAULT_ARMS)}; also: fedbuff3ew (control)")
-    parser.add_argument("--budget", type=float, default=90.0,
-                        help="wall-clock seconds per run, counted from version 0 (default 90)")
+    parser.add_argument(
+        "--arms",
+        default=",".join(DEFAULT_ARMS),
+        help=f"comma-separated, default {','.join(DEFAULT_ARMS)}; also: fedbuff3ew (control)",
+    )
+    parser.add_argument(
+        "--budget", type=float, default=90.0, help="wall-clock seconds per run, counted from version 0 (default 90)"
+    )
     parser.add_argument("--concurrency", type=int, default=10, help="tasks in flight, the same for every arm")
     parser.add_argument("--seed", type=int, default=0, help="seed of the slowdowns and of the initial model")
-    parser.add_argument("--quick", action="store_true",
-                        help="digits, stragglers, fedavg and fedbuff3 only, 45 s budget (~2-3 minutes)")
-    parser.add_argument("--out-dir", default=None,
-                        help=f"where the CSVs and PNGs go (default {FIGURES.relative_to(ROOT)}; --quick: a temporary "
-                             "folder). Rows of (task, case, arm) not re-run are kept from its CSVs")
+    parser.add_argument(
+        "--quick", action="store_true", help="digits, stragglers, fedavg and fedbuff3 only, 45 s budget (~2-3 minutes)"
+    )
+    parser.add_argument(
+        "--out-dir",
+        default=None,
+        help=f"where the CSVs and PNGs go (default {FIGURES.relative_to(ROOT)}; --quick: a temporary "
+        "folder). Rows of (task, case, arm) not re-run are kept from its CSVs",
+    )
     parser.add_argument("--fresh", action="store_true", help="drop earlier rows in --out-dir instead of keeping them")
     parser.add_argument("--log-dir", default=None, help="process logs (default: a temporary folder)")
-    parser.add_argument("--launch", choices=("fork", "spawn", "cold"), default="fork",
-                        help="how worker processes start (see the module docstring); default fork")
-    parser.add_argument("--plot-only", action="store_true",
-                        help="redraw the table and PNGs from the CSVs (and recompute their derived columns)")
+    parser.add_argument(
+        "--launch",
+        choices=("fork", "spawn", "cold"),
+        default="fork",
+        help="how worker processes start (see the module docstring); default fork",
+    )
+    parser.add_argument(
+        "--plot-only",
+        action="store_true",
+        help="redraw the table and PNGs from the CSVs (and recompute their derived columns)",
+    )
     parser.add_argument("--amqp-url", default=os.environ.get("FEDQ_AMQP_URL", DEFAULT_AMQP_URL))
     parser.add_argument("--redis-url", default=os.environ.get("FEDQ_REDIS_URL", DEFAULT_REDIS_URL))
     args = parser.parse_args(argv)
@@ -145,10 +162,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_sigterm(_signum, _frame):
         raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, on_sigterm)
 
-    print(f"async vs sync: tasks {tasks}, cases {cases}, arms {arms}, budget {args.budget:.0f} s per run, "
-          f"concurrency {args.concurrency}, seed {args.seed}; logs in {log_root}", flush=True)
+    print(
+        f"async vs sync: tasks {tasks}, cases {cases}, arms {arms}, budget {args.budget:.0f} s per run, "
+        f"concurrency {args.concurrency}, seed {args.seed}; logs in {log_root}",
+        flush=True,
+    )
     for name in tasks:
         for case in cases:
             delays, slow = slowdowns(case, TASKS[name].workers, args.seed)
@@ -157,22 +178,34 @@ def main(argv: list[str] | None = None) -> int:
 
     def everything() -> list[RunResult]:
         return list(results) if args.fresh else merged(results, out_dir)
+
     try:
         for name in tasks:
             for case in cases:
                 for arm in arms:
                     print(f"[{time.strftime('%H:%M:%S')}] {name} {case} {arm} ...", flush=True)
-                    result = run_one(TASKS[name], case, arm, budget=args.budget, concurrency=args.concurrency,
-                                     seed=args.seed, amqp_url=args.amqp_url, redis_url=args.redis_url,
-                                     log_root=log_root, launch=args.launch)
+                    result = run_one(
+                        TASKS[name],
+                        case,
+                        arm,
+                        budget=args.budget,
+                        concurrency=args.concurrency,
+                        seed=args.seed,
+                        amqp_url=args.amqp_url,
+                        redis_url=args.redis_url,
+                        log_root=log_root,
+                        launch=args.launch,
+                    )
                     results.append(result)
                     row = result.row()
-                    print(f"    t_target {row['t_target_s']} s, updates {row['updates_to_target']}, "
-                          f"final {row['final_acc']} (last 10 s {row['final_acc_last10s']}), versions "
-                          f"{row['versions']}, rejected {row['rejected_reasons'] or 0}, staleness mean "
-                          f"{row['staleness_mean']} max {row['staleness_max']}, startup {row['startup_s']} s, "
-                          f"coordinator CPU {row['coordinator_cpu_s']} s, machine busy {row['machine_busy']}",
-                          flush=True)
+                    print(
+                        f"    t_target {row['t_target_s']} s, updates {row['updates_to_target']}, "
+                        f"final {row['final_acc']} (last 10 s {row['final_acc_last10s']}), versions "
+                        f"{row['versions']}, rejected {row['rejected_reasons'] or 0}, staleness mean "
+                        f"{row['staleness_mean']} max {row['staleness_max']}, startup {row['startup_s']} s, "
+                        f"coordinator CPU {row['coordinator_cpu_s']} s, machine busy {row['machine_busy']}",
+                        flush=True,
+                    )
                     write_csvs(everything(), out_dir)
     except KeyboardInterrupt:
         print("interrupted: stopping processes and cleaning up", file=sys.stderr)

@@ -1,4 +1,5 @@
 """What ``async_vs_sync.py`` compares: the arms, the tasks, and the heterogeneity cases (per-worker slowdowns)."""
+
 from __future__ import annotations
 
 import math
@@ -24,12 +25,32 @@ ARMS: dict[str, list[str]] = {
     "fedasync": ["--algorithm", "fedasync", "--staleness", STALENESS, *FIXED],
     "fedbuff3": ["--algorithm", "fedbuff", "--buffer-size", "3", "--staleness", STALENESS, *FIXED],
     "fedbuff5": ["--algorithm", "fedbuff", "--buffer-size", "5", "--staleness", STALENESS, *FIXED],
-    "fedadam3": ["--algorithm", "fedbuff", "--buffer-size", "3", "--staleness", STALENESS, *FIXED,
-                 "--server-optimizer", "adam", "--server-lr", str(FEDADAM_SERVER_LR)],
+    "fedadam3": [
+        "--algorithm",
+        "fedbuff",
+        "--buffer-size",
+        "3",
+        "--staleness",
+        STALENESS,
+        *FIXED,
+        "--server-optimizer",
+        "adam",
+        "--server-lr",
+        str(FEDADAM_SERVER_LR),
+    ],
     # Control, not run by default: sync FedAvg is always example-weighted (coordinator/step.py),
     # the FedBuff arms weight the buffer uniformly (1/K); this separates weighting from asynchrony.
-    "fedbuff3ew": ["--algorithm", "fedbuff", "--buffer-size", "3", "--staleness", STALENESS, *FIXED,
-                   "--example-weighted", "true"],
+    "fedbuff3ew": [
+        "--algorithm",
+        "fedbuff",
+        "--buffer-size",
+        "3",
+        "--staleness",
+        STALENESS,
+        *FIXED,
+        "--example-weighted",
+        "true",
+    ],
 }
 DEFAULT_ARMS = ("fedavg", "fedasync", "fedbuff3", "fedbuff5", "fedadam3")
 ARM_LABELS = {
@@ -40,8 +61,14 @@ ARM_LABELS = {
     "fedadam3": f"FedBuff K=3 + FedAdam (lr {FEDADAM_SERVER_LR})",
     "fedbuff3ew": "FedBuff K=3, example-weighted",
 }
-ARM_COLOURS = {"fedavg": "black", "fedasync": "tab:orange", "fedbuff3": "tab:blue", "fedbuff5": "tab:green",
-               "fedadam3": "tab:red", "fedbuff3ew": "tab:purple"}
+ARM_COLOURS = {
+    "fedavg": "black",
+    "fedasync": "tab:orange",
+    "fedbuff3": "tab:blue",
+    "fedbuff5": "tab:green",
+    "fedadam3": "tab:red",
+    "fedbuff3ew": "tab:purple",
+}
 
 
 @dataclass(frozen=True)
@@ -49,7 +76,7 @@ class TaskSpec:
     name: str
     task: str
     params: dict[str, Any]
-    workers: int          # worker processes, worker i trains on partition i
+    workers: int  # worker processes, worker i trains on partition i
     target: float
     training: tuple[str, ...]
     preload: tuple[str, ...] = ()  # modules the task imports on a worker's first task
@@ -57,17 +84,28 @@ class TaskSpec:
 
 TASKS = {
     # The demo's local training settings (coordinator/demo.py DEMO_TRAINING).
-    "digits": TaskSpec("digits", "digits", {"num_partitions": 10, "alpha": 0.5}, workers=10, target=0.90,
-                       training=("--local-epochs", "2", "--learning-rate", "0.1", "--batch-size", "16"),
-                       preload=("fedq.common.tasks.digits", "sklearn.datasets")),
+    "digits": TaskSpec(
+        "digits",
+        "digits",
+        {"num_partitions": 10, "alpha": 0.5},
+        workers=10,
+        target=0.90,
+        training=("--local-epochs", "2", "--learning-rate", "0.1", "--batch-size", "16"),
+        preload=("fedq.common.tasks.digits", "sklearn.datasets"),
+    ),
     # One worker process per device (30 processes, ~250 MB each); concurrency 10
     # means 10 of the 30 devices train at any time, as in FedAvg's client
     # sampling. Local learning rate 0.01 (FedProx's, for this data set): 0.1
     # makes synchronous FedAvg's test loss oscillate. Target: see docs/async-vs-sync.md.
-    "synthetic": TaskSpec("synthetic", "synthetic", {"alpha": 1, "beta": 1, "num_partitions": 30}, workers=30,
-                          target=0.60,
-                          training=("--local-epochs", "2", "--learning-rate", "0.01", "--batch-size", "16"),
-                          preload=("fedq.common.tasks.synthetic",)),
+    "synthetic": TaskSpec(
+        "synthetic",
+        "synthetic",
+        {"alpha": 1, "beta": 1, "num_partitions": 30},
+        workers=30,
+        target=0.60,
+        training=("--local-epochs", "2", "--learning-rate", "0.01", "--batch-size", "16"),
+        preload=("fedq.common.tasks.synthetic",),
+    ),
 }
 CASES = ("lognormal", "stragglers")
 # The coordinator's --max-seconds clock starts before it evaluates and commits
@@ -86,7 +124,7 @@ def slowdowns(case: str, workers: int, seed: int) -> tuple[list[float], list[int
     rng = np.random.default_rng([seed, workers, CASES.index(case)])
     if case == "lognormal":
         delays = rng.lognormal(math.log(LOGNORMAL_MEDIAN), LOGNORMAL_SIGMA, workers)
-        slow = sorted(int(i) for i in np.argsort(delays)[-max(1, round(STRAGGLER_FRACTION * workers)):])
+        slow = sorted(int(i) for i in np.argsort(delays)[-max(1, round(STRAGGLER_FRACTION * workers)) :])
         return [round(float(d), 3) for d in delays], slow
     slow = sorted(int(i) for i in rng.choice(workers, size=round(STRAGGLER_FRACTION * workers), replace=False))
     return [STRAGGLER_BASE + (STRAGGLER_EXTRA if i in slow else 0.0) for i in range(workers)], slow

@@ -1,4 +1,5 @@
 """The result of one ``async_vs_sync.py`` run, its derived figures, and the CSVs that store results."""
+
 from __future__ import annotations
 
 import csv
@@ -57,8 +58,7 @@ class RunResult:
         for index, point in enumerate(points):
             if point["t"] + hold > self.budget:
                 return None
-            if all(later["accuracy"] >= self.target for later in points[index:]
-                   if later["t"] <= point["t"] + hold):
+            if all(later["accuracy"] >= self.target for later in points[index:] if later["t"] <= point["t"] + hold):
                 return point["t"]
         return None
 
@@ -74,8 +74,7 @@ class RunResult:
         """Mean accuracy of the versions committed in the last ``window`` seconds of the budget."""
         end = max((p["t"] for p in self.curve), default=0.0)
         end = min(end, self.budget)
-        values = [p["accuracy"] for p in self.curve
-                  if p["accuracy"] is not None and end - window <= p["t"] <= end]
+        values = [p["accuracy"] for p in self.curve if p["accuracy"] is not None and end - window <= p["t"] <= end]
         return float(np.mean(values)) if values else None
 
     def slow_share(self) -> float | None:
@@ -84,8 +83,9 @@ class RunResult:
         total = sum(self.per_worker.values())
         if not total:
             return None
-        slow = sum(count for worker, count in self.per_worker.items()
-                   if int(worker.rsplit("-", 1)[1]) in self.slow_workers)
+        slow = sum(
+            count for worker, count in self.per_worker.items() if int(worker.rsplit("-", 1)[1]) in self.slow_workers
+        )
         return slow / total
 
     def row(self) -> dict[str, Any]:
@@ -96,10 +96,16 @@ class RunResult:
         final, final_mean = self.final_accuracy(), self.final_mean_accuracy()
         slow_share = self.slow_share()
         return {
-            "task": self.task, "case": self.case, "arm": self.arm, "workers": self.workers,
-            "concurrency": self.concurrency, "target": self.target, "budget_s": self.budget,
+            "task": self.task,
+            "case": self.case,
+            "arm": self.arm,
+            "workers": self.workers,
+            "concurrency": self.concurrency,
+            "target": self.target,
+            "budget_s": self.budget,
             "t_target_s": None if t_target is None else round(t_target, 2),
-            "updates_to_target": updates_target, "versions_to_target": version_target,
+            "updates_to_target": updates_target,
+            "versions_to_target": version_target,
             "t_target_sustained_s": None if sustained is None else round(sustained, 2),
             "final_acc": None if final is None else round(final, 4),
             "final_acc_last10s": None if final_mean is None else round(final_mean, 4),
@@ -117,14 +123,17 @@ class RunResult:
             "slow_update_share": None if slow_share is None else round(slow_share, 3),
             "t_v1_s": None if t_v1 is None else round(t_v1, 2),
             "startup_s": round(self.startup_seconds, 1),
-            "coordinator_cpu_s": round(self.coordinator_cpu, 1), "workers_cpu_s": round(self.workers_cpu, 1),
+            "coordinator_cpu_s": round(self.coordinator_cpu, 1),
+            "workers_cpu_s": round(self.workers_cpu, 1),
             "machine_busy": round(self.machine_busy, 3),
             "coordinator_warnings": " ".join(f"{k}:{v}" for k, v in sorted(self.warnings.items())),
-            "reason": self.reason, "job": self.job,
+            "reason": self.reason,
+            "job": self.job,
         }
 
 
 # -- CSVs ----------------------------------------------------------------------
+
 
 def merged(results: list[RunResult], out_dir: Path) -> list[RunResult]:
     """Earlier results in ``out_dir`` whose (task, case, arm) was not re-run, then ``results``."""
@@ -133,8 +142,9 @@ def merged(results: list[RunResult], out_dir: Path) -> list[RunResult]:
     fresh = {(r.task, r.case, r.arm) for r in results}
     kept = [r for r in load_results(out_dir) if (r.task, r.case, r.arm) not in fresh]
     order = {name: index for index, name in enumerate([*TASKS, *CASES, *ARMS])}
-    return sorted(kept + list(results), key=lambda r: (order.get(r.task, 99), order.get(r.case, 99),
-                                                       order.get(r.arm, 99)))
+    return sorted(
+        kept + list(results), key=lambda r: (order.get(r.task, 99), order.get(r.case, 99), order.get(r.arm, 99))
+    )
 
 
 def write_csvs(results: list[RunResult], out_dir: Path) -> None:
@@ -157,12 +167,21 @@ def write_csvs(results: list[RunResult], out_dir: Path) -> None:
             for point in result.curve:
                 # staleness of the updates in this version, ';'-separated
                 count = point["updates"] - index
-                stale = result.stalenesses[index:index + count]
+                stale = result.stalenesses[index : index + count]
                 index += count
-                writer.writerow([result.task, result.case, result.arm, point["version"], f"{point['t']:.3f}",
-                                 "" if point["accuracy"] is None else f"{point['accuracy']:.4f}",
-                                 "" if point["loss"] is None else f"{point['loss']:.4f}", point["updates"],
-                                 ";".join(map(str, stale))])
+                writer.writerow(
+                    [
+                        result.task,
+                        result.case,
+                        result.arm,
+                        point["version"],
+                        f"{point['t']:.3f}",
+                        "" if point["accuracy"] is None else f"{point['accuracy']:.4f}",
+                        "" if point["loss"] is None else f"{point['loss']:.4f}",
+                        point["updates"],
+                        ";".join(map(str, stale)),
+                    ]
+                )
 
 
 def load_results(out_dir: Path) -> list[RunResult]:
@@ -176,9 +195,17 @@ def load_results(out_dir: Path) -> list[RunResult]:
         key = (row["task"], row["case"], row["arm"])
         info = summary[key]
         if key not in results:
-            results[key] = RunResult(row["task"], row["case"], row["arm"], info["job"], float(info["target"]),
-                                     float(info["budget_s"]), int(info["concurrency"]), int(info["workers"]),
-                                     slow_workers=[int(x) for x in info["slow_workers"].split()])
+            results[key] = RunResult(
+                row["task"],
+                row["case"],
+                row["arm"],
+                info["job"],
+                float(info["target"]),
+                float(info["budget_s"]),
+                int(info["concurrency"]),
+                int(info["workers"]),
+                slow_workers=[int(x) for x in info["slow_workers"].split()],
+            )
             result = results[key]
             result.rejected = {k: int(v) for k, v in (item.split(":") for item in info["rejected_reasons"].split())}
             result.reason = info["reason"]
@@ -189,8 +216,14 @@ def load_results(out_dir: Path) -> list[RunResult]:
             result.skipped = {"all": int(info["skipped"])} if int(info["skipped"]) else {}
             result.slow_share_value = float(info["slow_update_share"]) if info["slow_update_share"] else None
         result = results[key]
-        result.curve.append({"version": int(row["version"]), "t": float(row["t_s"]),
-                             "accuracy": float(row["accuracy"]) if row["accuracy"] else None,
-                             "loss": float(row["loss"]) if row["loss"] else None, "updates": int(row["updates"])})
+        result.curve.append(
+            {
+                "version": int(row["version"]),
+                "t": float(row["t_s"]),
+                "accuracy": float(row["accuracy"]) if row["accuracy"] else None,
+                "loss": float(row["loss"]) if row["loss"] else None,
+                "updates": int(row["updates"]),
+            }
+        )
         result.stalenesses.extend(int(x) for x in row["staleness"].split(";") if x)
     return list(results.values())

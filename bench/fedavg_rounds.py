@@ -15,6 +15,7 @@ medians are compared.
 
     .venv/bin/python bench/fedavg_rounds.py --repeats 5      # ~90 s on 2 cores
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,9 @@ def single_process_rounds(seed: int) -> int | None:
         mean = {name: np.zeros_like(array) for name, array in weights.items()}
         for part in data:
             load_weights_into(model, weights)
-            task.train(model, part, TrainSettings(epochs=1, batch_size=32, learning_rate=0.05,
-                                                  seed=int(rng.integers(2**31))))
+            task.train(
+                model, part, TrainSettings(epochs=1, batch_size=32, learning_rate=0.05, seed=int(rng.integers(2**31)))
+            )
             for name, array in weights_of(model).items():
                 mean[name] += array * (len(part) / total)
         weights = mean
@@ -67,12 +69,28 @@ def single_process_rounds(seed: int) -> int | None:
 
 
 def fedq_rounds(args: argparse.Namespace, log_root: Path) -> int | None:
-    spec = TaskSpec("digits-flower", "digits", PARAMS, workers=10, target=TARGET, training=TRAINING,
-                    preload=("fedq.common.tasks.digits", "sklearn.datasets"))
-    result = run_one(spec, "fair", "sync", budget=240.0, concurrency=10, seed=0, amqp_url=args.amqp_url,
-                     redis_url=args.redis_url, log_root=log_root,
-                     arm_flags=["--algorithm", "fedavg", "--target", str(TARGET)],
-                     worker_flags=[[] for _ in range(10)])
+    spec = TaskSpec(
+        "digits-flower",
+        "digits",
+        PARAMS,
+        workers=10,
+        target=TARGET,
+        training=TRAINING,
+        preload=("fedq.common.tasks.digits", "sklearn.datasets"),
+    )
+    result = run_one(
+        spec,
+        "fair",
+        "sync",
+        budget=240.0,
+        concurrency=10,
+        seed=0,
+        amqp_url=args.amqp_url,
+        redis_url=args.redis_url,
+        log_root=log_root,
+        arm_flags=["--algorithm", "fedavg", "--target", str(TARGET)],
+        worker_flags=[[] for _ in range(10)],
+    )
     _, _, version = result.time_to_target()
     return version
 
@@ -97,8 +115,17 @@ def main(argv: list[str] | None = None) -> int:
         reached = [value for value in values if value is not None]
         return f"{statistics.median(reached):g}" if len(reached) == len(values) else f"{len(reached)} of {len(values)}"
 
-    print(json.dumps({"single_process_rounds": single, "fedq_rounds": federated,
-                      "median_single": median(single), "median_fedq": median(federated), "logs": str(log_root)}))
+    print(
+        json.dumps(
+            {
+                "single_process_rounds": single,
+                "fedq_rounds": federated,
+                "median_single": median(single),
+                "median_fedq": median(federated),
+                "logs": str(log_root),
+            }
+        )
+    )
     return 0
 
 

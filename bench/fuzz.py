@@ -3,7 +3,7 @@
 Run from the repository root:
 
     .venv/bin/python bench/fuzz.py --messages 10000          # ~12 minutes on a shared 2-core machine
-    .venv/bin/python bench/fuzz.py --messages 300 --seed 7   # what tests/integration/test_fuzz.py runs
+    .venv/bin/python bench/fuzz.py --messages 120 --seed 7   # what tests/integration/test_fuzz.py runs
 
 It starts a real coordinator (digits, FedBuff K=2) and two honest workers as subprocesses, waits
 until they have committed a few versions, and then sends ``--messages`` messages of the kinds in
@@ -26,6 +26,7 @@ accuracy.
 Exit status: 0 when all is well; 1 when a hostile update was applied or a service died; 2 when a
 message was not accounted for or got another outcome than expected.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,32 +69,69 @@ from fedq.common.wire.messages import MessageError, RoundTask, parse_task  # noq
 
 PARAMS = {"num_partitions": 2}
 # Two digits workers that learn within a few dozen versions (as tests/integration/test_hostile_participant.py).
-TRAINING = ["--task", "digits", "--task-params", json.dumps(PARAMS), "--local-epochs", "2", "--learning-rate", "0.1",
-            "--batch-size", "16", "--algorithm", "fedbuff", "--buffer-size", "2"]
+TRAINING = [
+    "--task",
+    "digits",
+    "--task-params",
+    json.dumps(PARAMS),
+    "--local-epochs",
+    "2",
+    "--learning-rate",
+    "0.1",
+    "--batch-size",
+    "16",
+    "--algorithm",
+    "fedbuff",
+    "--buffer-size",
+    "2",
+]
 HELD_AT_ONCE = 2  # genuine tasks held back at a time, to be answered once they are too stale
 
 
 # -- the services under attack ---------------------------------------------------------------
 
+
 class Services:
     """A coordinator and two honest workers of one job, as subprocesses with their logs."""
 
-    def __init__(self, job: str, amqp_url: str, redis_url: str, log_dir: Path, *, concurrency: int,
-                 max_staleness: int, workers: int = 2):
+    def __init__(
+        self,
+        job: str,
+        amqp_url: str,
+        redis_url: str,
+        log_dir: Path,
+        *,
+        concurrency: int,
+        max_staleness: int,
+        workers: int = 2,
+    ):
         self.log_dir = log_dir
         flags = ["--job", job, "--amqp-url", amqp_url, "--redis-url", redis_url]
         self.processes: dict[str, subprocess.Popen] = {}
-        self._start("coordinator", "coordinator", *flags, *TRAINING, "--concurrency", str(concurrency),
-                    "--max-staleness", str(max_staleness))
+        self._start(
+            "coordinator",
+            "coordinator",
+            *flags,
+            *TRAINING,
+            "--concurrency",
+            str(concurrency),
+            "--max-staleness",
+            str(max_staleness),
+        )
         for index in range(workers):
-            self._start(f"worker-{index}", "worker", *flags, "--worker-id", fm.HONEST_WORKERS[index],
-                        "--partition", str(index))
+            self._start(
+                f"worker-{index}", "worker", *flags, "--worker-id", fm.HONEST_WORKERS[index], "--partition", str(index)
+            )
 
     def _start(self, name: str, *args: str) -> None:
         with open(self.log_dir / f"{name}.log", "w") as log:
             self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                [sys.executable, "-m", "fedq.common.cli", *args],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
 
     @property
     def coordinator(self) -> subprocess.Popen:
@@ -133,6 +171,7 @@ def rss_mib(pid: int) -> float | None:
 
 # -- the broker side: publishing, taking tasks, draining the dead letters -----------------------
 
+
 class Broker:
     """The fuzzer's own connection: confirmed publishing, taking tasks off the queue, queue depths.
 
@@ -167,11 +206,17 @@ class Broker:
     def frame_max(self) -> int:
         return int(self.connection._impl.params.frame_max)  # what the broker and pika agreed on
 
-    def publish(self, exchange: str, body: bytes, message_id: str | bytes | None,
-                headers: dict[str, Any]) -> str | None:
+    def publish(
+        self, exchange: str, body: bytes, message_id: str | bytes | None, headers: dict[str, Any]
+    ) -> str | None:
         """Publish with a broker confirm; None when the broker has it, else why it refused it."""
-        properties = pika.BasicProperties(content_type="application/json", delivery_mode=pika.DeliveryMode.Persistent,
-                                          message_id=message_id, timestamp=int(time.time()), headers=headers or {})
+        properties = pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=pika.DeliveryMode.Persistent,
+            message_id=message_id,
+            timestamp=int(time.time()),
+            headers=headers or {},
+        )
         try:
             with fm.raw_header_encoding():
                 self.channel.basic_publish(exchange, ROUTING_KEY, body, properties=properties, mandatory=True)
@@ -248,14 +293,19 @@ class DeadLetterCollector(threading.Thread):
             try:
                 channel = connection.channel()
                 self.topology.declare(channel)
-                for method, properties, body in channel.consume(self.topology.dead, auto_ack=True,
-                                                                inactivity_timeout=0.2):
+                for method, properties, body in channel.consume(
+                    self.topology.dead, auto_ack=True, inactivity_timeout=0.2
+                ):
                     if self.stopping.is_set():
                         break
                     if method is None:
                         continue
-                    letter = Letter(properties.message_id, letter_reason(dict(properties.headers or {})),
-                                    hashlib.sha256(body).hexdigest(), len(body))
+                    letter = Letter(
+                        properties.message_id,
+                        letter_reason(dict(properties.headers or {})),
+                        hashlib.sha256(body).hexdigest(),
+                        len(body),
+                    )
                     with self.lock:
                         self.letters.append(letter)
             except Exception as error:  # noqa: BLE001 - a dead letter pika cannot decode costs the connection
@@ -278,6 +328,7 @@ class DeadLetterCollector(threading.Thread):
 
 
 # -- accounting --------------------------------------------------------------------------------
+
 
 class Ledger:
     """Every message sent, and what became of it."""
@@ -331,8 +382,9 @@ class Ledger:
         """Duplicates skipped and refusals accepted (by reason) since the fuzzer started."""
         counters = self.store.counters
         skipped = counters.get("skipped").get(fm.DUPLICATE, 0) - self.skipped_before
-        refused = {reason: count - self.refused_before.get(reason, 0)
-                   for reason, count in counters.get("refused").items()}
+        refused = {
+            reason: count - self.refused_before.get(reason, 0) for reason, count in counters.get("refused").items()
+        }
         return skipped, refused
 
     def outcomes(self) -> dict[int, str]:
@@ -346,8 +398,11 @@ class Ledger:
                 continue
             reasons = self.observed.get(message.index)
             if reasons:
-                result[message.index] = reasons[0] if len(reasons) == 1 else \
-                    f"dead-lettered {len(reasons)} times: " + _counts(collections.Counter(reasons))
+                result[message.index] = (
+                    reasons[0]
+                    if len(reasons) == 1
+                    else f"dead-lettered {len(reasons)} times: " + _counts(collections.Counter(reasons))
+                )
             elif message.via == "skipped" and skipped > 0:
                 skipped -= 1
                 result[message.index] = fm.DUPLICATE
@@ -367,6 +422,7 @@ class Ledger:
 
 
 # -- the run -----------------------------------------------------------------------------------
+
 
 @dataclass
 class FuzzReport:
@@ -411,8 +467,11 @@ class FuzzReport:
 
     @property
     def mismatches(self) -> list[tuple[fm.Message, str]]:
-        return [(message, self.outcomes[message.index]) for message in self.sent
-                if message.index in self.outcomes and self.outcomes[message.index] not in message.expected]
+        return [
+            (message, self.outcomes[message.index])
+            for message in self.sent
+            if message.index in self.outcomes and self.outcomes[message.index] not in message.expected
+        ]
 
     @property
     def unaccounted(self) -> int:
@@ -456,11 +515,24 @@ def _wait(condition, timeout: float, what: str, services: Services, progress: Pr
         time.sleep(0.2)
 
 
-def run(messages: int = 300, *, seed: int = 0, job: str | None = None, amqp_url: str = DEFAULT_AMQP_URL,
-        redis_url: str = DEFAULT_REDIS_URL, log_dir: str | Path | None = None, window: int = 200,
-        only: set[str] | None = None, concurrency: int = 6, max_staleness: int = 6,
-        warmup_versions: int = 3, settle_quiet: float = 60.0, timeout: float = 300.0,
-        progress: TextIO | None = sys.stderr, cleanup: bool = True) -> FuzzReport:
+def run(
+    messages: int = 300,
+    *,
+    seed: int = 0,
+    job: str | None = None,
+    amqp_url: str = DEFAULT_AMQP_URL,
+    redis_url: str = DEFAULT_REDIS_URL,
+    log_dir: str | Path | None = None,
+    window: int = 200,
+    only: set[str] | None = None,
+    concurrency: int = 6,
+    max_staleness: int = 6,
+    warmup_versions: int = 3,
+    settle_quiet: float = 60.0,
+    timeout: float = 300.0,
+    progress: TextIO | None = sys.stderr,
+    cleanup: bool = True,
+) -> FuzzReport:
     """Start a job, fuzz it with ``messages`` messages, account for every one; the report.
 
     ``timeout`` bounds each wait for the services (start-up, a task to take, versions after the
@@ -479,13 +551,25 @@ def run(messages: int = 300, *, seed: int = 0, job: str | None = None, amqp_url:
     say(f"job {job}, logs in {log_dir}; waiting for {warmup_versions} versions", force=True)
     try:
         pid = services.coordinator.pid
-        _wait(lambda: (store.versions.last_committed() or 0) >= warmup_versions, timeout, f"{warmup_versions} versions",
-              services, say, lambda: f"warming up: head {store.versions.last_committed()}")
+        _wait(
+            lambda: (store.versions.last_committed() or 0) >= warmup_versions,
+            timeout,
+            f"{warmup_versions} versions",
+            services,
+            say,
+            lambda: f"warming up: head {store.versions.last_committed()}",
+        )
         weights = load_task("digits", PARAMS).initial_weights(0)
         max_delta = codec.max_encoded_size(codec.tensor_specs(weights))
         broker = Broker(amqp_url, job)
-        ctx = fm.Context(job=job, store=store, weights=weights, max_message_bytes=max_update_message_bytes(max_delta),
-                         max_delta_bytes=max_delta, frame_max=broker.frame_max)
+        ctx = fm.Context(
+            job=job,
+            store=store,
+            weights=weights,
+            max_message_bytes=max_update_message_bytes(max_delta),
+            max_delta_bytes=max_delta,
+            frame_max=broker.frame_max,
+        )
         collector = DeadLetterCollector(amqp_url, job)
         collector.start()
         ledger = Ledger(store)
@@ -493,8 +577,21 @@ def run(messages: int = 300, *, seed: int = 0, job: str | None = None, amqp_url:
         report.rss_before = report.rss_peak = rss_mib(pid)
         report.head_before = store.versions.last_committed()
         fuzz_started = time.time()
-        _fuzz(report, ctx, ledger, broker, collector, services, store, seed=seed, only=only,
-              window=window, max_staleness=max_staleness, timeout=timeout, say=say)
+        _fuzz(
+            report,
+            ctx,
+            ledger,
+            broker,
+            collector,
+            services,
+            store,
+            seed=seed,
+            only=only,
+            window=window,
+            max_staleness=max_staleness,
+            timeout=timeout,
+            say=say,
+        )
         report.fuzz_seconds = time.time() - fuzz_started
         settle_started = time.monotonic()
         _settle(report, ledger, collector, services, store, quiet=settle_quiet, say=say)
@@ -505,9 +602,14 @@ def run(messages: int = 300, *, seed: int = 0, job: str | None = None, amqp_url:
         report.rss_peak = max(filter(None, [report.rss_peak, report.rss_after]), default=None)
         # Training goes on after the attack: two more versions.
         try:
-            _wait(lambda: store.versions.last_committed() >= report.head_after_fuzz + 2, timeout,
-                  "versions after the fuzzing", services, say,
-                  lambda: f"after the fuzzing: head {store.versions.last_committed()}")
+            _wait(
+                lambda: store.versions.last_committed() >= report.head_after_fuzz + 2,
+                timeout,
+                "versions after the fuzzing",
+                services,
+                say,
+                lambda: f"after the fuzzing: head {store.versions.last_committed()}",
+            )
         except RuntimeError as error:
             report.notes.append(str(error))
         ledger.absorb(collector.drain())
@@ -537,13 +639,27 @@ def run(messages: int = 300, *, seed: int = 0, job: str | None = None, amqp_url:
     return report
 
 
-def _fuzz(report: FuzzReport, ctx: fm.Context, ledger: Ledger, broker: Broker, collector: DeadLetterCollector,
-          services: Services, store: ModelStore, *, seed: int, only: set[str] | None, window: int,
-          max_staleness: int, timeout: float, say: Progress) -> None:
+def _fuzz(
+    report: FuzzReport,
+    ctx: fm.Context,
+    ledger: Ledger,
+    broker: Broker,
+    collector: DeadLetterCollector,
+    services: Services,
+    store: ModelStore,
+    *,
+    seed: int,
+    only: set[str] | None,
+    window: int,
+    max_staleness: int,
+    timeout: float,
+    say: Progress,
+) -> None:
     """Send every planned message, answering genuine tasks as they become available."""
     kinds = list(enumerate(fm.plan(report.messages, seed, only=only)))
-    task_kinds = collections.deque((index, name) for index, name in kinds
-                                   if fm.KINDS[name].family == "task" and name != "too_stale")
+    task_kinds = collections.deque(
+        (index, name) for index, name in kinds if fm.KINDS[name].family == "task" and name != "too_stale"
+    )
     stale = collections.deque(index for index, name in kinds if name == "too_stale")
     others = collections.deque((index, name) for index, name in kinds if fm.KINDS[name].family != "task")
     held: list[tuple[int, RoundTask]] = []
@@ -607,8 +723,12 @@ def _fuzz(report: FuzzReport, ctx: fm.Context, ledger: Ledger, broker: Broker, c
             ctx.head = store.versions.last_committed()
             ctx.head_digest = store.versions.digest_of(ctx.head)
             if len(ctx.applied) < 200:
-                ctx.applied = [update for record in store.versions.recent_history(100) for update in record.updates
-                               if not update.worker_id.startswith("fz-")]
+                ctx.applied = [
+                    update
+                    for record in store.versions.recent_history(100)
+                    for update in record.updates
+                    if not update.worker_id.startswith("fz-")
+                ]
             ledger.absorb(collector.drain())
             ctx.closed_tasks.extend(ledger.closed)
             ledger.closed.clear()
@@ -616,8 +736,10 @@ def _fuzz(report: FuzzReport, ctx: fm.Context, ledger: Ledger, broker: Broker, c
             if services.coordinator.poll() is not None:
                 report.notes.append("the coordinator exited while the fuzzer was sending")
                 break
-            say(f"sent {len(ledger.sent)}/{total}, accounted {ledger.matched}, head {ctx.head} "
-                f"(+{ctx.head - report.head_before}), rss {report.rss_peak or 0:.0f} MiB")
+            say(
+                f"sent {len(ledger.sent)}/{total}, accounted {ledger.matched}, head {ctx.head} "
+                f"(+{ctx.head - report.head_before}), rss {report.rss_peak or 0:.0f} MiB"
+            )
         if since_check >= 10:
             since_check = 0
             while broker.ready(updates) > window and services.coordinator.poll() is None:
@@ -670,8 +792,16 @@ def _fuzz(report: FuzzReport, ctx: fm.Context, ledger: Ledger, broker: Broker, c
     say(f"sent {len(ledger.sent)} messages; accounting for them", force=True)
 
 
-def _settle(report: FuzzReport, ledger: Ledger, collector: DeadLetterCollector, services: Services,
-            store: ModelStore, *, quiet: float, say: Progress) -> None:
+def _settle(
+    report: FuzzReport,
+    ledger: Ledger,
+    collector: DeadLetterCollector,
+    services: Services,
+    store: ModelStore,
+    *,
+    quiet: float,
+    say: Progress,
+) -> None:
     """Wait until every message is accounted for, or nothing new was for ``quiet`` seconds."""
     last_change, last_unaccounted = time.monotonic(), None
     while True:
@@ -692,18 +822,29 @@ def _settle(report: FuzzReport, ledger: Ledger, collector: DeadLetterCollector, 
         time.sleep(0.25)
 
 
-def _collect(report: FuzzReport, ledger: Ledger, store: ModelStore, rejected_before: dict[str, int],
-             fuzz_started: float, fuzz_ended: float) -> None:
+def _collect(
+    report: FuzzReport,
+    ledger: Ledger,
+    store: ModelStore,
+    rejected_before: dict[str, int],
+    fuzz_started: float,
+    fuzz_ended: float,
+) -> None:
     report.sent = ledger.sent
     report.outcomes = ledger.outcomes()
     report.skipped, report.refused = ledger.counted()
     report.refused = {reason: count for reason, count in report.refused.items() if count}
     rejected = store.counters.get("rejected")
-    report.rejected = {reason: count - rejected_before.get(reason, 0) for reason, count in rejected.items()
-                       if count - rejected_before.get(reason, 0)}
+    report.rejected = {
+        reason: count - rejected_before.get(reason, 0)
+        for reason, count in rejected.items()
+        if count - rejected_before.get(reason, 0)
+    }
     report.worker_refusals = collections.Counter(
-        report.outcomes[message.index] for message in ledger.sent
-        if message.exchange == fm.TASKS and message.via != "honest_update" and message.index in report.outcomes)
+        report.outcomes[message.index]
+        for message in ledger.sent
+        if message.exchange == fm.TASKS and message.via != "honest_update" and message.index in report.outcomes
+    )
     report.other_letters = ledger.other_letters
     fuzz_tasks = {message.task_id for message in ledger.sent if message.task_id and message.via != "skipped"}
     fuzz_tasks |= ledger.stolen_ids
@@ -712,11 +853,16 @@ def _collect(report: FuzzReport, ledger: Ledger, store: ModelStore, rejected_bef
     for record in history:
         for update in record.updates:
             if update.task_id in fuzz_tasks or update.worker_id.startswith("fz-"):
-                report.hostile_applied.append({"version": record.version, "task_id": update.task_id,
-                                               "worker_id": update.worker_id})
+                report.hostile_applied.append(
+                    {"version": record.version, "task_id": update.task_id, "worker_id": update.worker_id}
+                )
     window = [record for record in history if fuzz_started <= record.created <= fuzz_ended]
-    report.honest_applied = sum(1 for record in window for update in record.updates
-                                if update.task_id not in fuzz_tasks and not update.worker_id.startswith("fz-"))
+    report.honest_applied = sum(
+        1
+        for record in window
+        for update in record.updates
+        if update.task_id not in fuzz_tasks and not update.worker_id.startswith("fz-")
+    )
     report.versions_while_fuzzing = len(window)
     stamps = [(None, fuzz_started)] + [(record.version, record.created) for record in window] + [(None, fuzz_ended)]
     gaps = [(later[1] - earlier[1], earlier[0], later[0]) for earlier, later in zip(stamps, stamps[1:])]
@@ -725,17 +871,21 @@ def _collect(report: FuzzReport, ledger: Ledger, store: ModelStore, rejected_bef
     inner = [gap for gap, first, second in gaps if first is not None and second is not None]
     report.median_gap = statistics.median(inner) if inner else None
     before = [record.created for record in history if record.created < fuzz_started and record.version > 0]
-    report.median_gap_before = statistics.median([b - a for a, b in zip(before, before[1:])]) \
-        if len(before) > 1 else None
+    report.median_gap_before = (
+        statistics.median([b - a for a, b in zip(before, before[1:])]) if len(before) > 1 else None
+    )
     report.head_final = store.versions.last_committed()
     report.accuracy = store.versions.load_meta(report.head_final).metrics.get("accuracy")
 
 
 # -- the table ---------------------------------------------------------------------------------
 
+
 def _counts(counter: dict[str, int]) -> str:
-    return ", ".join(f"{reason} {count}" for reason, count in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))) \
+    return (
+        ", ".join(f"{reason} {count}" for reason, count in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
         or "none"
+    )
 
 
 def print_report(report: FuzzReport, out: TextIO = sys.stdout) -> None:
@@ -745,9 +895,11 @@ def print_report(report: FuzzReport, out: TextIO = sys.stdout) -> None:
     by_kind: dict[str, list[fm.Message]] = collections.defaultdict(list)
     for message in report.sent:
         by_kind[message.kind].append(message)
-    line(f"fedq fuzzer: job {report.job}, seed {report.seed}, {len(report.sent)} messages sent "
-         f"in {report.fuzz_seconds:.0f} s, accounted for {report.settle_seconds:.0f} s later "
-         f"({report.total_seconds:.0f} s in all); logs in {report.log_dir}")
+    line(
+        f"fedq fuzzer: job {report.job}, seed {report.seed}, {len(report.sent)} messages sent "
+        f"in {report.fuzz_seconds:.0f} s, accounted for {report.settle_seconds:.0f} s later "
+        f"({report.total_seconds:.0f} s in all); logs in {report.log_dir}"
+    )
     line()
     rows = []
     family_names = {"updates": "update", "task": "task", "tasks": "forged"}
@@ -757,14 +909,25 @@ def print_report(report: FuzzReport, out: TextIO = sys.stdout) -> None:
                 continue
             messages = by_kind[name]
             expected = collections.Counter(outcome for message in messages for outcome in sorted(message.expected)[:1])
-            observed = collections.Counter(report.outcomes.get(message.index, "(not delivered)")
-                                           for message in messages)
+            observed = collections.Counter(
+                report.outcomes.get(message.index, "(not delivered)") for message in messages
+            )
             expected_text = _counts(expected) if len(expected) <= 2 else f"{len(expected)} reasons"
-            ok = all(report.outcomes.get(message.index) in message.expected for message in messages
-                     if message.index in report.outcomes)
+            ok = all(
+                report.outcomes.get(message.index) in message.expected
+                for message in messages
+                if message.index in report.outcomes
+            )
             observed_text = "as expected" if ok and len(expected) > 2 else _counts(observed)
-            rows.append((name, family_names[family], len(messages), expected_text,
-                         observed_text + ("" if ok else "   <-- MISMATCH")))
+            rows.append(
+                (
+                    name,
+                    family_names[family],
+                    len(messages),
+                    expected_text,
+                    observed_text + ("" if ok else "   <-- MISMATCH"),
+                )
+            )
     width = max([len("expected")] + [len(row[3]) for row in rows]) + 2
     names = max([22] + [len(row[0]) for row in rows])
     line(f"{'sent by kind':<{names + 2}}{'family':>8}{'sent':>7}  {'expected':<{width}}observed")
@@ -778,16 +941,21 @@ def print_report(report: FuzzReport, out: TextIO = sys.stdout) -> None:
         for what, error in report.not_delivered[:5]:
             line(f"      {what}: {error}")
     line()
-    outcomes = collections.Counter(report.outcomes.values())
     coordinator_letters = collections.Counter(
-        report.outcomes[message.index] for message in report.sent
-        if message.index in report.outcomes and (message.exchange == fm.UPDATES or message.via == "honest_update")
+        report.outcomes[message.index]
+        for message in report.sent
+        if message.index in report.outcomes
+        and (message.exchange == fm.UPDATES or message.via == "honest_update")
         and report.outcomes[message.index] not in ("(none)", fm.DUPLICATE)
-        and not report.outcomes[message.index].startswith("refused:"))
-    line(f"dead-lettered by the coordinator, by reason (its Redis counters during the run; "
-         f"fuzz messages in the dead-letter queue):")
-    for reason in sorted(set(report.rejected) | set(coordinator_letters),
-                         key=lambda key: (-report.rejected.get(key, 0), key)):
+        and not report.outcomes[message.index].startswith("refused:")
+    )
+    line(
+        "dead-lettered by the coordinator, by reason (its Redis counters during the run; "
+        "fuzz messages in the dead-letter queue):"
+    )
+    for reason in sorted(
+        set(report.rejected) | set(coordinator_letters), key=lambda key: (-report.rejected.get(key, 0), key)
+    ):
         line(f"  {reason:<24}{report.rejected.get(reason, 0):>7}{coordinator_letters.get(reason, 0):>7}")
     line(f"  {'total':<24}{sum(report.rejected.values()):>7}{sum(coordinator_letters.values()):>7}")
     expected_skips = sum(1 for message in report.sent if fm.DUPLICATE in message.expected)
@@ -796,43 +964,67 @@ def print_report(report: FuzzReport, out: TextIO = sys.stdout) -> None:
     line(f"forged tasks refused by the honest workers: {_counts(report.worker_refusals)}")
     if report.other_letters:
         line(f"other dead letters (honest traffic, not the fuzzer's): {_counts(report.other_letters)}")
-    line(f"outcome as expected: {len(report.outcomes) - len(report.mismatches) - report.unaccounted}"
-         f"/{len(report.outcomes)}; other outcome: {len(report.mismatches)}; unaccounted: {report.unaccounted}")
+    line(
+        f"outcome as expected: {len(report.outcomes) - len(report.mismatches) - report.unaccounted}"
+        f"/{len(report.outcomes)}; other outcome: {len(report.mismatches)}; unaccounted: {report.unaccounted}"
+    )
     for message, outcome in report.mismatches[:15]:
         line(f"    {message.kind} ({message.variant}): expected {'/'.join(sorted(message.expected))}, got {outcome}")
     line()
-    line(f"applied hostile updates: {len(report.hostile_applied)}"
-         + (f"   <-- {report.hostile_applied[:5]}" if report.hostile_applied else ""))
+    line(
+        f"applied hostile updates: {len(report.hostile_applied)}"
+        + (f"   <-- {report.hostile_applied[:5]}" if report.hostile_applied else "")
+    )
     line(f"honest updates applied while fuzzing: {report.honest_applied}")
-    line(f"genuine tasks taken off the queue and answered with hostile messages: {report.stolen}"
-         f" (forged tasks of ours taken and put back: {report.recirculated})")
+    line(
+        f"genuine tasks taken off the queue and answered with hostile messages: {report.stolen}"
+        f" (forged tasks of ours taken and put back: {report.recirculated})"
+    )
     alive = ", ".join(f"{name} {'alive' if up else 'DEAD'}" for name, up in sorted(report.alive.items()))
-    line(f"services at the end: {alive}; exit codes after SIGTERM: "
-         + ", ".join(f"{name} {code}" for name, code in sorted(report.exit_codes.items())))
-    line("reconnects (event=connection_lost): " + ", ".join(f"{name} {count}" for name, count in
-                                                            sorted(report.reconnects.items()))
-         + "; tracebacks in logs: " + ", ".join(f"{name} {count}" for name, count in sorted(report.tracebacks.items())))
+    line(
+        f"services at the end: {alive}; exit codes after SIGTERM: "
+        + ", ".join(f"{name} {code}" for name, code in sorted(report.exit_codes.items()))
+    )
+    line(
+        "reconnects (event=connection_lost): "
+        + ", ".join(f"{name} {count}" for name, count in sorted(report.reconnects.items()))
+        + "; tracebacks in logs: "
+        + ", ".join(f"{name} {count}" for name, count in sorted(report.tracebacks.items()))
+    )
 
     def mib(value: float | None) -> str:
         return "?" if value is None else f"{value:.0f}"
-    line(f"coordinator RSS before / peak / after: {mib(report.rss_before)} / {mib(report.rss_peak)} / "
-         f"{mib(report.rss_after)} MiB")
+
+    line(
+        f"coordinator RSS before / peak / after: {mib(report.rss_before)} / {mib(report.rss_peak)} / "
+        f"{mib(report.rss_after)} MiB"
+    )
     gap_between = report.longest_gap_between
-    where = (f"version {gap_between[0]} -> {gap_between[1]}" if None not in gap_between
-             else "start -> first version" if gap_between[0] is None and gap_between[1] is not None
-             else "last version -> end" if gap_between[0] is not None else "no version at all")
+    where = (
+        f"version {gap_between[0]} -> {gap_between[1]}"
+        if None not in gap_between
+        else "start -> first version"
+        if gap_between[0] is None and gap_between[1] is not None
+        else "last version -> end"
+        if gap_between[0] is not None
+        else "no version at all"
+    )
     median_before = "?" if report.median_gap_before is None else f"{report.median_gap_before:.2f}"
     median = "?" if report.median_gap is None else f"{report.median_gap:.2f}"
-    line(f"versions committed while fuzzing: {report.versions_while_fuzzing} (head {report.head_before} -> "
-         f"{report.head_after_fuzz}); longest gap between versions: {report.longest_gap:.2f} s ({where}); "
-         f"median gap {median} s (before fuzzing {median_before} s)")
+    line(
+        f"versions committed while fuzzing: {report.versions_while_fuzzing} (head {report.head_before} -> "
+        f"{report.head_after_fuzz}); longest gap between versions: {report.longest_gap:.2f} s ({where}); "
+        f"median gap {median} s (before fuzzing {median_before} s)"
+    )
     accuracy = "?" if report.accuracy is None else f"{report.accuracy:.3f}"
     line(f"after the fuzzing: head {report.head_final}, accuracy {accuracy}")
     for note in report.notes:
         line(f"note: {note}")
     if report.collector_errors:
-        line(f"note: the dead-letter reader lost its connection {len(report.collector_errors)} time(s): "
-             f"{report.collector_errors[0]}")
+        line(
+            f"note: the dead-letter reader lost its connection {len(report.collector_errors)} time(s): "
+            f"{report.collector_errors[0]}"
+        )
     verdicts = ["OK", "FAILED (hostile update applied or service died)", "ACCOUNTING MISMATCH"]
     line(f"result: {verdicts[report.exit_code]}")
 
@@ -843,14 +1035,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=10000, help="how many hostile messages (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kinds and variants (default 0)")
-    parser.add_argument("--window", type=int, default=200,
-                        help="most messages waiting in the update queue before the fuzzer waits (default 200)")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=200,
+        help="most messages waiting in the update queue before the fuzzer waits (default 200)",
+    )
     parser.add_argument("--only", default="", help="comma-separated kinds to send (default: all)")
     parser.add_argument("--list", action="store_true", help="list the kinds and exit")
     parser.add_argument("--concurrency", type=int, default=6, help="coordinator --concurrency (default 6)")
     parser.add_argument("--max-staleness", type=int, default=6, help="coordinator --max-staleness (default 6)")
-    parser.add_argument("--settle-quiet", type=float, default=60.0,
-                        help="stop waiting for outcomes after this many seconds without news (default 60)")
+    parser.add_argument(
+        "--settle-quiet",
+        type=float,
+        default=60.0,
+        help="stop waiting for outcomes after this many seconds without news (default 60)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="bound of each wait for the services")
     parser.add_argument("--job", default=None, help="job name (default: fuzz-<random>)")
     parser.add_argument("--keep-job", action="store_true", help="leave the job's keys and queues for inspection")
@@ -861,18 +1061,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for name, entry in sorted(fm.KINDS.items(), key=lambda item: (item[1].family, item[0])):
-            print(f"{name:<24}{entry.family:<8}{entry.weight:>5}"
-                  f"  {entry.description}")
+            print(f"{name:<24}{entry.family:<8}{entry.weight:>5}  {entry.description}")
         return 0
     only = {name.strip() for name in args.only.split(",") if name.strip()} or None
     unknown = (only or set()) - set(fm.KINDS)
     if unknown:
         parser.error(f"unknown kinds: {', '.join(sorted(unknown))} (see --list)")
     try:
-        report = run(args.messages, seed=args.seed, job=args.job, amqp_url=args.amqp_url, redis_url=args.redis_url,
-                     log_dir=args.log_dir, window=args.window, only=only,
-                     concurrency=args.concurrency, max_staleness=args.max_staleness, settle_quiet=args.settle_quiet,
-                     timeout=args.timeout, cleanup=not args.keep_job)
+        report = run(
+            args.messages,
+            seed=args.seed,
+            job=args.job,
+            amqp_url=args.amqp_url,
+            redis_url=args.redis_url,
+            log_dir=args.log_dir,
+            window=args.window,
+            only=only,
+            concurrency=args.concurrency,
+            max_staleness=args.max_staleness,
+            settle_quiet=args.settle_quiet,
+            timeout=args.timeout,
+            cleanup=not args.keep_job,
+        )
     except RuntimeError as error:  # the services did not start, or died before the fuzzing began
         print(f"fuzz: {error}", file=sys.stderr)
         return 1
@@ -884,16 +1094,31 @@ def main(argv: list[str] | None = None) -> int:
 
 def to_json(report: FuzzReport) -> dict[str, Any]:
     sent = collections.Counter(message.kind for message in report.sent)
-    return {"job": report.job, "seed": report.seed, "sent": len(report.sent), "sent_by_kind": dict(sent),
-            "outcomes": dict(collections.Counter(report.outcomes.values())), "rejected": report.rejected,
-            "skipped": report.skipped, "refused": report.refused, "worker_refusals": dict(report.worker_refusals),
-            "mismatches": [{"kind": m.kind, "variant": m.variant, "expected": sorted(m.expected), "got": outcome}
-                           for m, outcome in report.mismatches],
-            "unaccounted": report.unaccounted, "hostile_applied": report.hostile_applied,
-            "honest_applied": report.honest_applied, "alive": report.alive, "exit_codes": report.exit_codes,
-            "rss_mib": {"before": report.rss_before, "peak": report.rss_peak, "after": report.rss_after},
-            "versions_while_fuzzing": report.versions_while_fuzzing, "longest_gap_s": report.longest_gap,
-            "accuracy": report.accuracy, "exit_code": report.exit_code}
+    return {
+        "job": report.job,
+        "seed": report.seed,
+        "sent": len(report.sent),
+        "sent_by_kind": dict(sent),
+        "outcomes": dict(collections.Counter(report.outcomes.values())),
+        "rejected": report.rejected,
+        "skipped": report.skipped,
+        "refused": report.refused,
+        "worker_refusals": dict(report.worker_refusals),
+        "mismatches": [
+            {"kind": m.kind, "variant": m.variant, "expected": sorted(m.expected), "got": outcome}
+            for m, outcome in report.mismatches
+        ],
+        "unaccounted": report.unaccounted,
+        "hostile_applied": report.hostile_applied,
+        "honest_applied": report.honest_applied,
+        "alive": report.alive,
+        "exit_codes": report.exit_codes,
+        "rss_mib": {"before": report.rss_before, "peak": report.rss_peak, "after": report.rss_after},
+        "versions_while_fuzzing": report.versions_while_fuzzing,
+        "longest_gap_s": report.longest_gap,
+        "accuracy": report.accuracy,
+        "exit_code": report.exit_code,
+    }
 
 
 if __name__ == "__main__":

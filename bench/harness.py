@@ -11,6 +11,7 @@
 
 ``python -m bench.harness _zygote SPEC`` (from the repository root) is the zygote of ``launch_workers``.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fedq.common.store import ModelStore, connect_redis
 from fedq.coordinator.ops.status import remove_job
@@ -76,8 +78,9 @@ def stop_all(grace: float = 15.0) -> None:
     FORKED.clear()
 
 
-def wait_exit(process: subprocess.Popen, *, timeout: float, interval: float, sample: Callable[[], None],
-              timeout_message: str) -> int:
+def wait_exit(
+    process: subprocess.Popen, *, timeout: float, interval: float, sample: Callable[[], None], timeout_message: str
+) -> int:
     """Call ``sample`` every ``interval`` seconds until ``process`` exits; return its exit code.
 
     Raises RuntimeError(``timeout_message``) if it still runs ``timeout`` seconds from now (the caller
@@ -93,6 +96,7 @@ def wait_exit(process: subprocess.Popen, *, timeout: float, interval: float, sam
 
 
 # -- worker processes -------------------------------------------------------
+
 
 def warm_up_torch() -> None:
     """torch's first forward/backward pass in a process costs ~1.3 s of CPU (lazy initialisation)."""
@@ -140,6 +144,7 @@ def zygote(spec_path: str) -> int:
                 code = error.code if isinstance(error.code, int) else 1
             except BaseException:  # noqa: BLE001 - the child must never return into the zygote's loop
                 import traceback
+
                 traceback.print_exc()
             finally:
                 sys.stdout.flush()
@@ -154,6 +159,7 @@ def zygote(spec_path: str) -> int:
                 os.kill(child, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
     signal.signal(signal.SIGTERM, forward)
     remaining = set(children)
     while remaining:
@@ -165,8 +171,9 @@ def zygote(spec_path: str) -> int:
     return 0
 
 
-def launch_workers(mode: str, preload: tuple[str, ...], argvs: list[list[str]], logs: list[Path],
-                   log_dir: Path) -> list[int]:
+def launch_workers(
+    mode: str, preload: tuple[str, ...], argvs: list[list[str]], logs: list[Path], log_dir: Path
+) -> list[int]:
     """Start one worker process per argv (``fedq worker`` arguments); return their pids.
 
     fork:  one zygote imports torch and the task's modules, warms torch up, and forks the workers
@@ -175,10 +182,20 @@ def launch_workers(mode: str, preload: tuple[str, ...], argvs: list[list[str]], 
     """
     if mode == "fork":
         spec_path = log_dir / "zygote.json"
-        spec_path.write_text(json.dumps({"preload": list(preload), "workers": [
-            {"argv": argv, "log": str(log)} for argv, log in zip(argvs, logs)]}))
-        process = start(fedq_command("_zygote", str(spec_path), module="bench.harness"),
-                        log_dir / "zygote.log", stdout=subprocess.PIPE, text=True)
+        spec_path.write_text(
+            json.dumps(
+                {
+                    "preload": list(preload),
+                    "workers": [{"argv": argv, "log": str(log)} for argv, log in zip(argvs, logs)],
+                }
+            )
+        )
+        process = start(
+            fedq_command("_zygote", str(spec_path), module="bench.harness"),
+            log_dir / "zygote.log",
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         line = process.stdout.readline()
         if not line:
             raise RuntimeError(f"the worker zygote exited early; see {log_dir / 'zygote.log'}")
@@ -190,9 +207,11 @@ def launch_workers(mode: str, preload: tuple[str, ...], argvs: list[list[str]], 
         if mode == "cold":
             command = fedq_command(*argv)
         else:
-            code = (f"import sys, {', '.join(('fedq.common.tasks', *preload))}; sys.path.insert(0, {str(ROOT)!r}); "
-                    "from bench.harness import warm_up_torch; warm_up_torch(); "
-                    "from fedq.common.cli import main; sys.exit(main())")
+            code = (
+                f"import sys, {', '.join(('fedq.common.tasks', *preload))}; sys.path.insert(0, {str(ROOT)!r}); "
+                "from bench.harness import warm_up_torch; warm_up_torch(); "
+                "from fedq.common.cli import main; sys.exit(main())"
+            )
             command = [sys.executable, "-c", code, *argv]
         pids.append(start(command, log).pid)
     return pids
@@ -215,6 +234,7 @@ def wait_ready(logs: list[Path], pids: list[int], timeout: float) -> None:
 
 
 # -- /proc: process state and CPU time ----------------------------------------
+
 
 def _stat_fields(pid: int) -> list[str] | None:
     """The fields of /proc/<pid>/stat after the command name, from the state on (None once it is gone)."""
@@ -282,6 +302,7 @@ def wait_for_quiet_machine(limit_seconds: float, threshold: float = 0.3) -> floa
 
 
 # -- jobs --------------------------------------------------------------------
+
 
 def cleanup(job: str, amqp_url: str, redis_url: str) -> None:
     """Delete the job: its archive, Redis keys, RabbitMQ queues and exchanges."""

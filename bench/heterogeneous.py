@@ -4,12 +4,19 @@ Run from the repository root:
 
     .venv/bin/python bench/heterogeneous.py --budget 60     # three cases, four arms: ~21 minutes on 2 cores
     .venv/bin/python bench/heterogeneous.py --cases unique --arms fixed,adaptive --budget 60
+    .venv/bin/python bench/heterogeneous.py --task synthetic --budget 60   # stragglers and lognormal
 
 Real federations (one coordinator, ten ``fedq worker`` processes, RabbitMQ and Redis), through
 ``async_vs_sync_run.run_one``. Digits, ten workers, Dirichlet(0.5) partitions, the demo's local
 training (2 epochs, batch 16, learning rate 0.1), target 0.90. Every worker sleeps 0.2 s per
 task; three are slow *devices*: each of their training steps takes STEP_DELAY s more (about
 2 s per task), so that device-sized tasks can help them.
+
+Synthetic(1,1) (``--task synthetic``): thirty devices of power-law sizes, ten training at a
+time, async_vs_sync's settings (learning rate 0.01, target 0.60). Its slow devices are
+async_vs_sync's: 30 % chosen at random take 2 s longer per task (stragglers), or every device
+a LogNormal draw longer (lognormal); the extra time is spread over the device's own steps
+per task, so that device-sized tasks can help. ``unique`` is a digits case only.
 
 Cases:
 
@@ -34,6 +41,7 @@ rejections by reason. Outputs: a table on stdout, ``docs/figures/heterogeneous.c
 ``docs/figures/heterogeneous_<case>.png`` (accuracy against time, and each worker's share of
 updates against its share of data).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,30 +61,55 @@ from bench.harness import stop_all  # noqa: E402
 
 FIGURES = ROOT / "docs" / "figures"
 SLOW = [2, 5, 8]
-BASE_SLOWDOWN = 0.2   # seconds per task, every worker (its link)
-STEP_DELAY = 0.11     # seconds per training step, slow workers only: ~18 steps a task, ~2 s
+BASE_SLOWDOWN = 0.2  # seconds per task, every worker (its link)
+STEP_DELAY = 0.11  # seconds per training step, slow workers only: ~18 steps a task, ~2 s
 CASES = ("unique", "stragglers", "lognormal")
+TASK_CASES = {"digits": CASES, "synthetic": ("stragglers", "lognormal")}
 STEPS_PER_TASK = 18  # digits: ~144 examples a worker, batch 16, 2 epochs
 STALENESS = "polynomial:a=0.5"
 ARMS = {
     "sync": ["--algorithm", "fedavg"],
     "fixed": ["--algorithm", "fedbuff", "--buffer-size", "3", "--staleness", STALENESS, "--staleness-bound", "fixed"],
     "adaptive": ["--algorithm", "fedbuff", "--buffer-size", "3", "--staleness-bound", "adaptive"],
-    "sized": ["--algorithm", "fedbuff", "--buffer-size", "3", "--staleness-bound", "adaptive",
-              "--task-seconds", "auto"],
+    "sized": [
+        "--algorithm",
+        "fedbuff",
+        "--buffer-size",
+        "3",
+        "--staleness-bound",
+        "adaptive",
+        "--task-seconds",
+        "auto",
+    ],
 }
-LABELS = {"sync": "sync FedAvg (fair rounds)", "fixed": "FedBuff K=3, fixed cut", "adaptive": "FedBuff K=3, adaptive",
-          "sized": "FedBuff K=3, adaptive + device-sized"}
+LABELS = {
+    "sync": "sync FedAvg (fair rounds)",
+    "fixed": "FedBuff K=3, fixed cut",
+    "adaptive": "FedBuff K=3, adaptive",
+    "sized": "FedBuff K=3, adaptive + device-sized",
+}
 COLOURS = {"sync": "black", "fixed": "tab:blue", "adaptive": "tab:green", "sized": "tab:red"}
 
 
-def task_spec(case: str) -> TaskSpec:
+def task_spec(task: str, case: str) -> TaskSpec:
+    if task == "synthetic":
+        synthetic = TASKS["synthetic"]
+        return TaskSpec(
+            f"synthetic-{case}",
+            synthetic.task,
+            dict(synthetic.params),
+            synthetic.workers,
+            synthetic.target,
+            synthetic.training,
+            synthetic.preload,
+        )
     digits = TASKS["digits"]
     params = dict(digits.params)
     if case == "unique":
         params |= {"exclusive_classes": [7, 8, 9], "exclusive_partitions": SLOW}
-    return TaskSpec(f"digits-{case}", digits.task, params, digits.workers, digits.target, digits.training,
-                    digits.preload)
+    return TaskSpec(
+        f"digits-{case}", digits.task, params, digits.workers, digits.target, digits.training, digits.preload
+    )
 
 
 def data_shares(spec: TaskSpec) -> list[float]:
@@ -87,8 +120,25 @@ def data_shares(spec: TaskSpec) -> list[float]:
     return [size / sum(sizes) for size in sizes]
 
 
-def step_delays(case: str, workers: int, seed: int) -> tuple[list[float], list[int]]:
+def steps_per_task(spec: TaskSpec) -> list[int]:
+    """Each device's training steps in one task of the run's local training (epochs x batches)."""
+    from fedq.common.tasks import load_task
+
+    settings = dict(zip(spec.training[::2], spec.training[1::2]))
+    epochs, batch = int(settings["--local-epochs"]), int(settings["--batch-size"])
+    task = load_task(spec.task, spec.params)
+    return [epochs * -(-len(task.local_data(index)) // batch) for index in range(spec.workers)]
+
+
+def step_delays(spec: TaskSpec, case: str, seed: int) -> tuple[list[float], list[int]]:
     """Per-worker extra seconds per training step, and the slow workers."""
+    workers = spec.workers
+    if spec.task == "synthetic":  # async_vs_sync's per-task extra (less the common link), over each device's steps
+        from bench.async_vs_sync_config import STRAGGLER_BASE, slowdowns
+
+        per_task, slow = slowdowns(case, workers, seed)
+        extra = [delay - STRAGGLER_BASE if case == "stragglers" else delay for delay in per_task]
+        return [round(seconds / steps, 5) for seconds, steps in zip(extra, steps_per_task(spec))], slow
     if case != "lognormal":
         return [STEP_DELAY if index in SLOW else 0.0 for index in range(workers)], SLOW
     from bench.async_vs_sync_config import slowdowns
@@ -115,19 +165,24 @@ def row(result: RunResult, data: list[float]) -> dict:
     updates = shares(result, result.per_worker, result.workers)
     weights = shares(result, result.weight_per_worker, result.workers)
     final = [point["accuracy"] for point in result.curve if point["t"] <= result.budget and point["accuracy"]]
-    return {"case": result.case, "arm": result.arm, "time_to_target_s": None if t is None else round(t, 1),
-            "final_accuracy": round(final[-1], 4) if final else None,
-            "best_accuracy": round(max(final), 4) if final else None,
-            "versions": len(result.curve) - 1, "updates_applied": sum(result.per_worker.values()),
-            "slow_workers": " ".join(map(str, slow_of(result))),
-            "slow_data_share": round(sum(data[index] for index in slow_of(result)), 3),
-            "slow_update_share": round(sum(updates[index] for index in slow_of(result)), 3),
-            "slow_weight_share": round(sum(weights[index] for index in slow_of(result)), 3),
-            "min_update_to_data_ratio": round(min(u / d for u, d in zip(updates, data)), 2),
-            "rejected": ";".join(f"{reason}={count}" for reason, count in sorted(result.rejected.items())) or "-",
-            "update_shares": " ".join(f"{share:.3f}" for share in updates),
-            "weight_shares": " ".join(f"{share:.3f}" for share in weights),
-            "data_shares": " ".join(f"{share:.3f}" for share in data)}
+    return {
+        "case": result.case,
+        "arm": result.arm,
+        "time_to_target_s": None if t is None else round(t, 1),
+        "final_accuracy": round(final[-1], 4) if final else None,
+        "best_accuracy": round(max(final), 4) if final else None,
+        "versions": len(result.curve) - 1,
+        "updates_applied": sum(result.per_worker.values()),
+        "slow_workers": " ".join(map(str, slow_of(result))),
+        "slow_data_share": round(sum(data[index] for index in slow_of(result)), 3),
+        "slow_update_share": round(sum(updates[index] for index in slow_of(result)), 3),
+        "slow_weight_share": round(sum(weights[index] for index in slow_of(result)), 3),
+        "min_update_to_data_ratio": round(min(u / d for u, d in zip(updates, data)), 2),
+        "rejected": ";".join(f"{reason}={count}" for reason, count in sorted(result.rejected.items())) or "-",
+        "update_shares": " ".join(f"{share:.3f}" for share in updates),
+        "weight_shares": " ".join(f"{share:.3f}" for share in weights),
+        "data_shares": " ".join(f"{share:.3f}" for share in data),
+    }
 
 
 def plot(case: str, results: list[RunResult], rows: list[dict], out_dir: Path) -> Path:
@@ -139,10 +194,15 @@ def plot(case: str, results: list[RunResult], rows: list[dict], out_dir: Path) -
     figure, (curves, bars) = plt.subplots(1, 2, figsize=(13, 4.5))
     for result in results:
         points = [p for p in result.curve if p["accuracy"] is not None and p["t"] <= result.budget]
-        curves.plot([p["t"] for p in points], [p["accuracy"] for p in points], label=LABELS[result.arm],
-                    color=COLOURS[result.arm], linewidth=1)
+        curves.plot(
+            [p["t"] for p in points],
+            [p["accuracy"] for p in points],
+            label=LABELS[result.arm],
+            color=COLOURS[result.arm],
+            linewidth=1,
+        )
     curves.axhline(results[0].target, color="grey", linestyle=":", linewidth=1)
-    curves.set(xlabel="seconds since version 0", ylabel="test accuracy", title=f"digits, {case}", ylim=(0, 1))
+    curves.set(xlabel="seconds since version 0", ylabel="test accuracy", title=results[0].task, ylim=(0, 1))
     curves.legend(loc="lower right", fontsize=8)
     workers = results[0].workers
     width = 0.8 / (len(rows) + 1)
@@ -150,13 +210,26 @@ def plot(case: str, results: list[RunResult], rows: list[dict], out_dir: Path) -
     bars.bar([index - 0.4 + width / 2 for index in range(workers)], data, width, label="share of data", color="grey")
     for offset, entry in enumerate(rows, start=1):
         values = [float(value) for value in entry["update_shares"].split()]
-        bars.bar([index - 0.4 + width / 2 + offset * width for index in range(workers)], values, width,
-                 label=LABELS[entry["arm"]], color=COLOURS[entry["arm"]])
-    bars.set(xlabel=f"worker (slow: {', '.join(map(str, slow_of(results[0])))})", ylabel="share of applied updates",
-             xticks=range(workers), title="each worker's share of updates against its share of data")
+        bars.bar(
+            [index - 0.4 + width / 2 + offset * width for index in range(workers)],
+            values,
+            width,
+            label=LABELS[entry["arm"]],
+            color=COLOURS[entry["arm"]],
+        )
+    bars.set(
+        xlabel=f"worker (slow: {', '.join(map(str, slow_of(results[0])))})",
+        ylabel="share of applied updates",
+        xticks=range(workers),
+        title="each worker's share of updates against its share of data",
+    )
     bars.legend(fontsize=7)
     figure.tight_layout()
-    path = out_dir / f"heterogeneous_{case}.png"
+    path = (
+        out_dir / f"heterogeneous_{case}.png"
+        if results[0].task.startswith("digits")
+        else out_dir / f"heterogeneous_{results[0].task}.png"
+    )
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -164,7 +237,12 @@ def plot(case: str, results: list[RunResult], rows: list[dict], out_dir: Path) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--task", choices=sorted(TASK_CASES), default="digits")
+    parser.add_argument(
+        "--cases",
+        help="default: every case of the task (digits: unique, stragglers, lognormal; "
+        "synthetic: stragglers, lognormal)",
+    )
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--budget", type=float, default=90.0, help="seconds of training per run")
     parser.add_argument("--concurrency", type=int, default=10)
@@ -173,10 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--out-dir", default=str(FIGURES))
     args = parser.parse_args(argv)
-    cases, arms = args.cases.split(","), args.arms.split(",")
-    unknown = [name for name in cases if name not in CASES] + [name for name in arms if name not in ARMS]
+    task_cases = TASK_CASES[args.task]
+    cases, arms = (args.cases or ",".join(task_cases)).split(","), args.arms.split(",")
+    unknown = [name for name in cases if name not in task_cases] + [name for name in arms if name not in ARMS]
     if unknown:
-        parser.error(f"unknown case or arm {unknown}; cases: {', '.join(CASES)}; arms: {', '.join(ARMS)}")
+        parser.error(
+            f"unknown case or arm {unknown}; cases of {args.task}: {', '.join(task_cases)}; arms: {', '.join(ARMS)}"
+        )
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_root = Path(tempfile.mkdtemp(prefix="fedq-heterogeneous-"))
@@ -184,34 +265,57 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     try:
         for case in cases:
-            spec = task_spec(case)
+            spec = task_spec(args.task, case)
             data = data_shares(spec)
-            delays, slow = step_delays(case, spec.workers, args.seed)
+            delays, slow = step_delays(spec, case, args.seed)
             results = []
             for arm in arms:
                 print(f"{case} / {arm} ...", flush=True)
-                result = run_one(spec, case, arm, budget=args.budget, concurrency=args.concurrency, seed=args.seed,
-                                 amqp_url=args.amqp_url, redis_url=args.redis_url, log_root=log_root,
-                                 arm_flags=ARMS[arm], worker_flags=worker_flags(delays), slow=slow)
+                result = run_one(
+                    spec,
+                    case,
+                    arm,
+                    budget=args.budget,
+                    concurrency=args.concurrency,
+                    seed=args.seed,
+                    amqp_url=args.amqp_url,
+                    redis_url=args.redis_url,
+                    log_root=log_root,
+                    arm_flags=ARMS[arm],
+                    worker_flags=worker_flags(delays),
+                    slow=slow,
+                )
                 results.append(result)
                 rows.append(row(result, data))
-                print("  " + ", ".join(f"{key}={value}" for key, value in rows[-1].items()
-                                       if key not in ("update_shares", "weight_shares", "data_shares")), flush=True)
+                print(
+                    "  "
+                    + ", ".join(
+                        f"{key}={value}"
+                        for key, value in rows[-1].items()
+                        if key not in ("update_shares", "weight_shares", "data_shares")
+                    ),
+                    flush=True,
+                )
             print(f"  figure: {plot(case, results, [r for r in rows if r['case'] == case], out_dir)}")
     finally:
         stop_all()
-    with open(out_dir / "heterogeneous.csv", "w", newline="") as file:
+    csv_path = out_dir / ("heterogeneous.csv" if args.task == "digits" else f"heterogeneous_{args.task}.csv")
+    with open(csv_path, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\n{'case':<11} {'arm':<9} {'t→0.90':>7} {'final':>6} {'slow data':>9} {'slow upd':>8} {'slow wt':>7} "
-          f"{'min u/d':>7}  rejected")
+    print(
+        f"\n{'case':<11} {'arm':<9} {'t→' + str(spec.target):>7} {'final':>6} {'slow data':>9} {'slow upd':>8} "
+        f"{'slow wt':>7} {'min u/d':>7}  rejected"
+    )
     for entry in rows:
         t = "-" if entry["time_to_target_s"] is None else f"{entry['time_to_target_s']:.1f}"
-        print(f"{entry['case']:<11} {entry['arm']:<9} {t:>7} {entry['final_accuracy']!s:>6} "
-              f"{entry['slow_data_share']:>9.3f} {entry['slow_update_share']:>8.3f} {entry['slow_weight_share']:>7.3f} "
-              f"{entry['min_update_to_data_ratio']:>7.2f}  {entry['rejected']}")
-    print(f"\nCSV: {out_dir / 'heterogeneous.csv'}")
+        print(
+            f"{entry['case']:<11} {entry['arm']:<9} {t:>7} {entry['final_accuracy']!s:>6} "
+            f"{entry['slow_data_share']:>9.3f} {entry['slow_update_share']:>8.3f} {entry['slow_weight_share']:>7.3f} "
+            f"{entry['min_update_to_data_ratio']:>7.2f}  {entry['rejected']}"
+        )
+    print(f"\nCSV: {csv_path}")
     return 0
 
 

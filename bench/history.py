@@ -24,6 +24,7 @@ The job and its archive are deleted afterwards unless ``--keep``. The 1M
 model's workers are paced (``--slowdown``) so a 30-minute run writes about
 15 GB to the archive, not 200.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,12 +49,20 @@ from fedq.common.store.archive import Archive  # noqa: E402
 
 MODELS = {
     # name: (task, task params, coordinator flags, worker flags, parameters)
-    "1M": ("bench.models:MLPTask", {"sizes": [1000, 990, 10]},
-           ["--algorithm", "fedbuff", "--buffer-size", "10", "--concurrency", "12", "--max-staleness", "10"],
-           ["--slowdown", "1.5"], 1_000_900),
-    "images": ("images", {},
-               ["--algorithm", "fedbuff", "--buffer-size", "3", "--concurrency", "3", "--max-staleness", "4"],
-               [], None),
+    "1M": (
+        "bench.models:MLPTask",
+        {"sizes": [1000, 990, 10]},
+        ["--algorithm", "fedbuff", "--buffer-size", "10", "--concurrency", "12", "--max-staleness", "10"],
+        ["--slowdown", "1.5"],
+        1_000_900,
+    ),
+    "images": (
+        "images",
+        {},
+        ["--algorithm", "fedbuff", "--buffer-size", "3", "--concurrency", "3", "--max-staleness", "4"],
+        [],
+        None,
+    ),
 }
 
 
@@ -62,10 +71,15 @@ def sample(store: ModelStore, archive_url: str) -> dict:
     head = store.versions.last_committed()
     job_bytes = sum(store.memory_usage().values())
     archive = Archive(archive_url).job(store.job)
-    return {"t": time.time(), "head": head, "job_redis_bytes": job_bytes,
-            "redis_used_memory": int(store.redis.info("memory")["used_memory"]),
-            "archive_bytes": archive.size(), "archived_through": archive.last_archived(refresh=False),
-            "last_commit": records[-1].created if records else None}
+    return {
+        "t": time.time(),
+        "head": head,
+        "job_redis_bytes": job_bytes,
+        "redis_used_memory": int(store.redis.info("memory")["used_memory"]),
+        "archive_bytes": archive.size(),
+        "archived_through": archive.last_archived(refresh=False),
+        "last_commit": records[-1].created if records else None,
+    }
 
 
 def updates_applied(store: ModelStore, archive_url: str) -> int:
@@ -104,17 +118,45 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(tempfile.mkdtemp(prefix="fedq-bench-history-"))
     archive_url = args.archive or str(logs / "archive")
     store = ModelStore(connect_redis(DEFAULT_REDIS_URL), job)
-    print(f"job {job}: {args.model} model, {args.workers} workers, {args.minutes:g} minutes; archive {archive_url}; "
-          f"logs {logs}", flush=True)
-    coordinator = start(fedq_command(
-        "coordinator", "--job", job, "--task", task, "--task-params", json.dumps(task_params),
-        *coordinator_flags, "--eval-every", "0", "--max-seconds", str(args.minutes * 60),
-        "--archive", archive_url, "--archive-seconds", "10", "--checkpoint-every", "50",
-        "--redis-budget-mb", str(args.redis_budget_mb)), logs / "coordinator.log")
+    print(
+        f"job {job}: {args.model} model, {args.workers} workers, {args.minutes:g} minutes; archive {archive_url}; "
+        f"logs {logs}",
+        flush=True,
+    )
+    coordinator = start(
+        fedq_command(
+            "coordinator",
+            "--job",
+            job,
+            "--task",
+            task,
+            "--task-params",
+            json.dumps(task_params),
+            *coordinator_flags,
+            "--eval-every",
+            "0",
+            "--max-seconds",
+            str(args.minutes * 60),
+            "--archive",
+            archive_url,
+            "--archive-seconds",
+            "10",
+            "--checkpoint-every",
+            "50",
+            "--redis-budget-mb",
+            str(args.redis_budget_mb),
+        ),
+        logs / "coordinator.log",
+    )
     # A worker never imports code named in Redis: a plugin task is given to it explicitly.
     plugin = [] if "." not in task else ["--task", task, "--task-params", json.dumps(task_params)]
-    workers = [start(fedq_command("worker", "--job", job, "--worker-id", f"bench-{index}", *plugin, *worker_flags),
-                     logs / f"worker-{index}.log") for index in range(args.workers)]
+    workers = [
+        start(
+            fedq_command("worker", "--job", job, "--worker-id", f"bench-{index}", *plugin, *worker_flags),
+            logs / f"worker-{index}.log",
+        )
+        for index in range(args.workers)
+    ]
     samples: list[dict] = []
     started = time.time()
     try:
@@ -127,10 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             point = sample(store, archive_url)
             samples.append(point)
-            print(f"[{point['t'] - started:7.0f} s] head {point['head']:>6}  job Redis "
-                  f"{point['job_redis_bytes'] / 2**20:8.1f} MiB  Redis used {point['redis_used_memory'] / 2**20:8.1f}"
-                  f" MiB  archive {point['archive_bytes'] / 2**30:7.2f} GiB (through {point['archived_through']})",
-                  flush=True)
+            print(
+                f"[{point['t'] - started:7.0f} s] head {point['head']:>6}  job Redis "
+                f"{point['job_redis_bytes'] / 2**20:8.1f} MiB  Redis used {point['redis_used_memory'] / 2**20:8.1f}"
+                f" MiB  archive {point['archive_bytes'] / 2**30:7.2f} GiB (through {point['archived_through']})",
+                flush=True,
+            )
         for worker in workers:
             worker.terminate()
         for worker in workers:
@@ -140,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         summary = summarise(store, archive_url, samples, started, args)
         replay_started = time.monotonic()
-        replay = subprocess.run(fedq_command("replay", "--job", job, "--archive", archive_url), cwd=ROOT,
-                                capture_output=True, text=True)
+        replay = subprocess.run(
+            fedq_command("replay", "--job", job, "--archive", archive_url), cwd=ROOT, capture_output=True, text=True
+        )
         summary["replay_seconds"] = round(time.monotonic() - replay_started, 1)
         # Its verdict is on stdout; an error (one sentence) on stderr, after the progress line.
         summary["replay"] = (replay.stdout.strip() or replay.stderr.strip().replace("\r", "\n")).splitlines()[-1]
@@ -159,13 +204,14 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(logs / "archive", ignore_errors=True)
 
 
-def summarise(store: ModelStore, archive_url: str, samples: list[dict], started: float,
-              args: argparse.Namespace) -> dict:
+def summarise(
+    store: ModelStore, archive_url: str, samples: list[dict], started: float, args: argparse.Namespace
+) -> dict:
     final = sample(store, archive_url)
     head = final["head"]
     updates = updates_applied(store, archive_url)
     elapsed = (final["last_commit"] or final["t"]) - started
-    warm = samples[int(len(samples) * args.warmup_fraction):] or samples
+    warm = samples[int(len(samples) * args.warmup_fraction) :] or samples
     job_mib = [point["job_redis_bytes"] / 2**20 for point in warm]
     first, last = warm[0], warm[-1]
     span = max(last["t"] - first["t"], 1e-9)
@@ -175,14 +221,20 @@ def summarise(store: ModelStore, archive_url: str, samples: list[dict], started:
     model_bytes = store.redis.strlen(store.keys.model(head))
     update_rate = versions_in_span * args_buffer(args) * model_bytes / span
     summary = {
-        "versions": head, "updates_applied": updates, "seconds": round(elapsed, 1),
+        "versions": head,
+        "updates_applied": updates,
+        "seconds": round(elapsed, 1),
         "updates_per_second": round(updates / max(elapsed, 1e-9), 2),
         "versions_per_second": round(head / max(elapsed, 1e-9), 3),
         "model_mib": round(model_bytes / 2**20, 2),
-        "job_redis_mib_after_warmup": {"median": round(statistics.median(job_mib), 1), "max": round(max(job_mib), 1),
-                                       "min": round(min(job_mib), 1),
-                                       "slope_mib_per_minute": round(slope_mib_per_minute(
-                                           [(point["t"], point["job_redis_bytes"]) for point in warm]), 2)},
+        "job_redis_mib_after_warmup": {
+            "median": round(statistics.median(job_mib), 1),
+            "max": round(max(job_mib), 1),
+            "min": round(min(job_mib), 1),
+            "slope_mib_per_minute": round(
+                slope_mib_per_minute([(point["t"], point["job_redis_bytes"]) for point in warm]), 2
+            ),
+        },
         "redis_budget_mib": args.redis_budget_mb,
         "archive_gib": round(final["archive_bytes"] / 2**30, 2),
         "archive_mib_per_second": round(archive_rate / 2**20, 2),

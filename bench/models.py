@@ -10,6 +10,7 @@ Parameter counts of ``sizes`` = [d0, d1, ..., dn]: sum of d_i * d_{i+1} + d_{i+1
     SMALL = [100, 90, 10]    ->    10,000 parameters (4 tensors, 40 KB: inline updates)
     LARGE = [1000, 990, 10]  -> 1,000,900 parameters (4 tensors, 4.0 MB: claim-checked updates)
 """
+
 from __future__ import annotations
 
 import torch

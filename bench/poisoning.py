@@ -21,6 +21,7 @@ of one to the running median of the norms accepted before it).
     .venv/bin/python bench/poisoning.py                    # 5 attacks x 3 defences x 40 s: ~12 minutes
     .venv/bin/python bench/poisoning.py --seconds 20 --attacks boost,filled --defences default
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,15 +47,32 @@ from fedq.common.store import ModelStore, connect_redis  # noqa: E402
 from fedq.common.store.tiers import whole_history  # noqa: E402
 from fedq.common.tasks import load_task, load_weights_into  # noqa: E402
 from fedq.common.wire import codec  # noqa: E402
-from fedq.common.wire.messages import InlineDelta, ModelUpdate, MessageError, parse_task  # noqa: E402
+from fedq.common.wire.messages import InlineDelta, MessageError, ModelUpdate, parse_task  # noqa: E402
 
 AMQP_URL = os.environ.get("FEDQ_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 REDIS_URL = os.environ.get("FEDQ_REDIS_URL", "redis://localhost:6379/0")
 HONEST_WORKERS = 3
 TASK_PARAMS = {"num_partitions": HONEST_WORKERS}
-TRAINING = ["--task", "digits", "--task-params", json.dumps(TASK_PARAMS), "--algorithm", "fedbuff",
-            "--buffer-size", "3", "--concurrency", "4", "--local-epochs", "1", "--learning-rate", "0.1",
-            "--batch-size", "16", "--eval-every", "0"]
+TRAINING = [
+    "--task",
+    "digits",
+    "--task-params",
+    json.dumps(TASK_PARAMS),
+    "--algorithm",
+    "fedbuff",
+    "--buffer-size",
+    "3",
+    "--concurrency",
+    "4",
+    "--local-epochs",
+    "1",
+    "--learning-rate",
+    "0.1",
+    "--batch-size",
+    "16",
+    "--eval-every",
+    "0",
+]
 MALLORY = "mallory"
 
 
@@ -131,9 +149,14 @@ class Mallory(threading.Thread):
                     channel.basic_nack(method.delivery_tag, requeue=True)
                     continue
                 poisoned = self.attack(codec.decode(honest), self.rng)
-                update = ModelUpdate(job=self.job, task_id=task.task_id, worker_id=MALLORY,
-                                     base_version=task.model_version, num_examples=600,
-                                     delta=InlineDelta(codec.encode(poisoned)))
+                update = ModelUpdate(
+                    job=self.job,
+                    task_id=task.task_id,
+                    worker_id=MALLORY,
+                    base_version=task.model_version,
+                    num_examples=600,
+                    delta=InlineDelta(codec.encode(poisoned)),
+                )
                 publish(channel, topology.updates, update.to_bytes(), message_id=task.task_id)
                 channel.basic_ack(method.delivery_tag)
                 self.sent += 1
@@ -146,7 +169,7 @@ def largest_honest_ratio(norms: list[tuple[str, float]], window: int = 100, warm
     (the last ``window``, once ``warmup`` were accepted): how close honest work comes to the bound."""
     largest = None
     for index, (worker, norm) in enumerate(norms):
-        before = [value for _, value in norms[max(0, index - window):index]]
+        before = [value for _, value in norms[max(0, index - window) : index]]
         if worker != MALLORY and len(before) >= warmup:
             ratio = norm / max(float(np.median(before)), 1e-12)
             largest = ratio if largest is None else max(largest, ratio)
@@ -159,11 +182,17 @@ def run_arm(attack: str, defence: str, seconds: float, share: float, logs: Path)
     connection_flags = ["--job", job, "--amqp-url", AMQP_URL, "--redis-url", REDIS_URL]
     slug = f"{attack}-{defence.replace(' ', '').replace('+', '-')}"
     try:
-        coordinator = start(fedq_command("coordinator", *connection_flags, *TRAINING, *DEFENCES[defence],
-                                         "--max-seconds", str(seconds)), logs / f"{slug}-coordinator.log")
+        coordinator = start(
+            fedq_command(
+                "coordinator", *connection_flags, *TRAINING, *DEFENCES[defence], "--max-seconds", str(seconds)
+            ),
+            logs / f"{slug}-coordinator.log",
+        )
         for index in range(HONEST_WORKERS):
-            start(fedq_command("worker", *connection_flags, "--worker-id", f"honest-{index}",
-                               "--partition", str(index)), logs / f"{slug}-worker-{index}.log")
+            start(
+                fedq_command("worker", *connection_flags, "--worker-id", f"honest-{index}", "--partition", str(index)),
+                logs / f"{slug}-worker-{index}.log",
+            )
         mallory = Mallory(job, store, ATTACKS[attack], share)
         mallory.start()
         # --max-seconds counts from version 0; the workers' start-up is inside it for every arm alike.
@@ -177,13 +206,25 @@ def run_arm(attack: str, defence: str, seconds: float, share: float, logs: Path)
         history = whole_history(store)  # both tiers: the archiver moves older versions out of Redis
         applied = [update.worker_id for record in history for update in record.updates]
         hostile_applied = applied.count(MALLORY)
-        norms = [(update.worker_id, update.norm) for record in history for update in record.updates
-                 if update.norm is not None]
+        norms = [
+            (update.worker_id, update.norm)
+            for record in history
+            for update in record.updates
+            if update.norm is not None
+        ]
         honest_applied = len(applied) - hostile_applied
-        return {"attack": attack, "defence": defence, "accuracy": accuracy, "versions": head,
-                "mallory_sent": mallory.sent, "mallory_applied": hostile_applied, "honest_applied": honest_applied,
-                "share": mallory.sent / max(mallory.sent + honest_applied, 1),
-                "rejected": store.counters.get("rejected"), "honest_norm_ratio": largest_honest_ratio(norms)}
+        return {
+            "attack": attack,
+            "defence": defence,
+            "accuracy": accuracy,
+            "versions": head,
+            "mallory_sent": mallory.sent,
+            "mallory_applied": hostile_applied,
+            "honest_applied": honest_applied,
+            "share": mallory.sent / max(mallory.sent + honest_applied, 1),
+            "rejected": store.counters.get("rejected"),
+            "honest_norm_ratio": largest_honest_ratio(norms),
+        }
     finally:
         stop_all()
         cleanup(job, AMQP_URL, REDIS_URL)
@@ -214,9 +255,12 @@ def main() -> int:
             result = run_arm(attack, defence, args.seconds, args.share, logs)
             results.append(result)
             ratio = result["honest_norm_ratio"]
-            print(f"  {attack:>7} / {defence:<15} accuracy {result['accuracy']:.3f}  "
-                  f"mallory applied {result['mallory_applied']}/{result['mallory_sent']}  largest honest norm "
-                  f"{'-' if ratio is None else f'{ratio:.1f}x'} the running median", file=sys.stderr)
+            print(
+                f"  {attack:>7} / {defence:<15} accuracy {result['accuracy']:.3f}  "
+                f"mallory applied {result['mallory_applied']}/{result['mallory_sent']}  largest honest norm "
+                f"{'-' if ratio is None else f'{ratio:.1f}x'} the running median",
+                file=sys.stderr,
+            )
             if args.json:
                 print(json.dumps(result))
     print(f"\n{'attack':<8} " + " ".join(f"{defence:>28}" for defence in defences))
@@ -224,8 +268,11 @@ def main() -> int:
         cells = []
         for defence in defences:
             result = next(r for r in results if r["attack"] == attack and r["defence"] == defence)
-            applied = "" if attack == "none" else \
-                f" ({result['mallory_applied']}/{result['mallory_sent']} applied, {result['share']:.1%})"
+            applied = (
+                ""
+                if attack == "none"
+                else f" ({result['mallory_applied']}/{result['mallory_sent']} applied, {result['share']:.1%})"
+            )
             cells.append(f"{result['accuracy']:.3f}{applied}")
         print(f"{attack:<8} " + " ".join(f"{cell:>28}" for cell in cells))
     return 0

@@ -7,6 +7,7 @@ hiredis 3.x packs a command by copying every argument into a new buffer at under
 import, redis-py reads ``HIREDIS_AVAILABLE`` only to choose the packer of each new
 connection, so replies are still parsed by hiredis.
 """
+
 from __future__ import annotations
 
 import sys

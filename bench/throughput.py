@@ -31,6 +31,7 @@ Redis memory), ``throughput_profile.py`` (py-spy summary), ``throughput_report.p
 (table, --json) and ``harness.py`` (processes, /proc, job clean-up; shared with
 ``async_vs_sync.py``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,16 +65,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="versions skipped at the start (at least)")
     parser.add_argument("--warmup-fraction", type=float, default=0.1, help="... or this fraction, if more")
     parser.add_argument("--max-seconds", type=float, default=45.0, help="coordinator --max-seconds cap per run")
-    parser.add_argument("--coordinator-args", default="",
-                        help="extra coordinator flags, e.g. '--hot-versions 30' (quoted, one string)")
-    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                        help="before each run, wait up to this long for the machine to be idle (shared hosts)")
-    parser.add_argument("--retries", type=int, default=0,
-                        help="run a configuration again (up to N times) when other processes were busy during it; "
-                             "the least disturbed run is reported")
-    parser.add_argument("--python-packer", action="store_true",
-                        help="experiment: coordinator and fake workers pack Redis commands with redis-py's "
-                             "pure-Python packer instead of hiredis (see bench/python_packer.py)")
+    parser.add_argument(
+        "--coordinator-args", default="", help="extra coordinator flags, e.g. '--hot-versions 30' (quoted, one string)"
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each run, wait up to this long for the machine to be idle (shared hosts)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        help="run a configuration again (up to N times) when other processes were busy during it; "
+        "the least disturbed run is reported",
+    )
+    parser.add_argument(
+        "--python-packer",
+        action="store_true",
+        help="experiment: coordinator and fake workers pack Redis commands with redis-py's "
+        "pure-Python packer instead of hiredis (see bench/python_packer.py)",
+    )
     parser.add_argument("--log-level", default="INFO", help="coordinator log level (logs go to --log-dir)")
     parser.add_argument("--log-dir", default=None, help="where coordinator logs go (default: a temp dir)")
     parser.add_argument("--profile", action="store_true", help="run each coordinator under py-spy record --idle")
@@ -95,12 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.python_packer:
         use_python_packer()  # the fake workers' Redis clients, created per run from here on
     filters = [item.strip().lower() for item in args.only.split(",") if item.strip()]
-    configs = [config for config in CONFIGS
-               if all(item in (config.model.lower(), config.algorithm) for item in filters)
-               or not filters]
-    print(f"fedq coordinator throughput{' (experiment: Python Redis packer)' if args.python_packer else ''}: "
-          f"{len(configs)} runs, concurrency {args.concurrency}, "
-          f"{args.worker_threads} fake worker threads, {os.cpu_count()} CPUs; logs in {args.log_dir}", flush=True)
+    configs = [
+        config
+        for config in CONFIGS
+        if all(item in (config.model.lower(), config.algorithm) for item in filters) or not filters
+    ]
+    print(
+        f"fedq coordinator throughput{' (experiment: Python Redis packer)' if args.python_packer else ''}: "
+        f"{len(configs)} runs, concurrency {args.concurrency}, "
+        f"{args.worker_threads} fake worker threads, {os.cpu_count()} CPUs; logs in {args.log_dir}",
+        flush=True,
+    )
     references: dict[int, float] = {}
     results = []
     started = time.monotonic()
@@ -115,17 +134,23 @@ def main(argv: list[str] | None = None) -> int:
         for attempt in range(args.retries):
             if result.cpu.get("other", 0.0) <= BUSY_OTHER:
                 break
-            print(f"  {config.model:>4} {config.algorithm:<8}: other processes used {result.cpu['other']:.0%} of a core; "
-                  f"running again ({attempt + 1}/{args.retries})", flush=True)
+            print(
+                f"  {config.model:>4} {config.algorithm:<8}: other processes used {result.cpu['other']:.0%} of a core; "
+                f"running again ({attempt + 1}/{args.retries})",
+                flush=True,
+            )
             if args.wait_quiet:
                 wait_for_quiet_machine(args.wait_quiet)
             again = run_config(config, args, references[config.parameters])
             if again.cpu.get("other", 0.0) < result.cpu.get("other", 0.0):
                 result = again
         results.append(result)
-        print(f"  {config.model:>4} {config.algorithm:<8}: {result.versions} versions in {result.wall_seconds:.1f} s "
-              f"(measured {result.measured}, mean staleness {result.mean_staleness:.2f}), "
-              f"{result.updates_per_s_median:.1f} updates/s", flush=True)
+        print(
+            f"  {config.model:>4} {config.algorithm:<8}: {result.versions} versions in {result.wall_seconds:.1f} s "
+            f"(measured {result.measured}, mean staleness {result.mean_staleness:.2f}), "
+            f"{result.updates_per_s_median:.1f} updates/s",
+            flush=True,
+        )
         for note in result.notes:
             print(f"      {note}", flush=True)
     print(f"\ntotal {time.monotonic() - started:.0f} s\n")

@@ -1,4 +1,5 @@
 """CPU use and Redis memory of the parties of a ``throughput.py`` run, sampled during the run."""
+
 from __future__ import annotations
 
 import time
@@ -41,8 +42,10 @@ class CpuMonitor:
             return
         if head is None:
             return
-        cpu: dict[str, float] = {"fake workers": time.process_time(),
-                                 "redis": info["used_cpu_user"] + info["used_cpu_sys"]}
+        cpu: dict[str, float] = {
+            "fake workers": time.process_time(),
+            "redis": info["used_cpu_user"] + info["used_cpu_sys"],
+        }
         pid = self._coordinator()
         coordinator = cpu_seconds(pid) if pid is not None else None
         if coordinator is None:

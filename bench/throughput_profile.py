@@ -1,4 +1,5 @@
 """``throughput.py --profile``: where the coordinator's wall-clock time goes, from a raw py-spy profile."""
+
 from __future__ import annotations
 
 import collections
@@ -42,8 +43,7 @@ def summarise_profile(path: Path, top: int = 14) -> list[str]:
             continue  # start-up (imports, model build, version 0) and other threads
         count = int(count_text)
         total += count
-        label = next((name for name, needles in PROFILE_BUCKETS if all(needle in stack for needle in needles)),
-                     None)
+        label = next((name for name, needles in PROFILE_BUCKETS if all(needle in stack for needle in needles)), None)
         buckets[label or "other: " + stack.split(";")[-1].split(" (")[0]] += count
     if not total:
         return ["(no samples inside Coordinator._serve)"]

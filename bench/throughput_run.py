@@ -1,4 +1,5 @@
 """One ``throughput.py`` run: a coordinator subprocess on a fresh job, fake workers, and what it measured."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,11 @@ TASK = "bench.models:MLPTask"
 
 @dataclass(frozen=True)
 class Config:
-    model: str          # label, e.g. "10k"
+    model: str  # label, e.g. "10k"
     sizes: tuple[int, ...]
-    algorithm: str      # fedasync | fedbuff
-    buffer_size: int    # updates per version (1 for fedasync)
-    versions: int       # --max-versions (full run)
+    algorithm: str  # fedasync | fedbuff
+    buffer_size: int  # updates per version (1 for fedasync)
+    versions: int  # --max-versions (full run)
     quick_versions: int
 
     @property
@@ -51,6 +52,7 @@ CONFIGS = [
 
 # -- reference arithmetic ----------------------------------------------------
 
+
 def numpy_add_seconds(elements: int, repeats: int = 30) -> float:
     """Median time of ``acc += w * x`` over ``elements`` float32 values (one update's math)."""
     acc = np.zeros(elements, dtype=np.float32)
@@ -67,6 +69,7 @@ def numpy_add_seconds(elements: int, repeats: int = 30) -> float:
 
 
 # -- one run -------------------------------------------------------------------
+
 
 @dataclass
 class Result:
@@ -105,32 +108,68 @@ def run_config(config: Config, args: argparse.Namespace, numpy_add: float) -> Re
     topology.declare(connection.channel())
     connection.close()
 
-    workers = FakeWorkers(job, args.amqp_url, args.redis_url, weights, threads=args.worker_threads,
-                          prefetch=max(1, args.concurrency))
+    workers = FakeWorkers(
+        job, args.amqp_url, args.redis_url, weights, threads=args.worker_threads, prefetch=max(1, args.concurrency)
+    )
     result.payload_bytes, result.inline = len(workers.payload), workers.inline
     entry_point = "bench.python_packer" if args.python_packer else "fedq.common.cli"
     command = fedq_command(
-        "coordinator", "--job", job, "--task", TASK,
-        "--task-params", json.dumps({"sizes": list(config.sizes)}), "--algorithm", config.algorithm,
-        "--concurrency", str(args.concurrency), "--eval-every", "0", "--max-versions", str(versions),
-        "--max-seconds", str(args.max_seconds), "--log-level", args.log_level,
-        "--amqp-url", args.amqp_url, "--redis-url", args.redis_url, module=entry_point)
+        "coordinator",
+        "--job",
+        job,
+        "--task",
+        TASK,
+        "--task-params",
+        json.dumps({"sizes": list(config.sizes)}),
+        "--algorithm",
+        config.algorithm,
+        "--concurrency",
+        str(args.concurrency),
+        "--eval-every",
+        "0",
+        "--max-versions",
+        str(versions),
+        "--max-seconds",
+        str(args.max_seconds),
+        "--log-level",
+        args.log_level,
+        "--amqp-url",
+        args.amqp_url,
+        "--redis-url",
+        args.redis_url,
+        module=entry_point,
+    )
     if config.algorithm == "fedbuff":
         command += ["--buffer-size", str(config.buffer_size)]
     command += shlex.split(args.coordinator_args)
     profile_path = None
     if args.profile:
         profile_path = Path(args.profile_dir) / f"{config.model}-{config.algorithm}.txt"
-        command = [args.py_spy, "record", "--idle", "--rate", "250", "--format", "raw", "--output",
-                   str(profile_path), "--"] + command
+        command = [
+            args.py_spy,
+            "record",
+            "--idle",
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--output",
+            str(profile_path),
+            "--",
+        ] + command
     log_path = Path(args.log_dir) / f"{config.model}-{config.algorithm}.log"
     started = time.monotonic()
     try:
         workers.start()
         process = start(command, log_path)
         monitor = CpuMonitor(process.pid, store, profiled=args.profile)
-        code = wait_exit(process, timeout=args.max_seconds + 60, interval=0.25, sample=monitor.sample,
-                         timeout_message=f"coordinator of {job} did not finish; see {log_path}")
+        code = wait_exit(
+            process,
+            timeout=args.max_seconds + 60,
+            interval=0.25,
+            sample=monitor.sample,
+            timeout_message=f"coordinator of {job} did not finish; see {log_path}",
+        )
         if code != 0:
             tail = log_path.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"coordinator of {job} exited with {code}:\n{tail}")
@@ -159,7 +198,7 @@ def analyse(result: Result, history: list[dict], args: argparse.Namespace) -> No
     # Version 0 is the initial model; skip it and a warm-up (connection set-up,
     # first allocations, the workers' first prefetch filling the pipeline).
     warmup = max(args.warmup, int(len(entries) * args.warmup_fraction))
-    window = entries[1 + warmup:]
+    window = entries[1 + warmup :]
     if len(window) < 3:
         result.notes.append(f"only {len(entries)} versions committed: too few to measure")
         return

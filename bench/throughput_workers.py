@@ -4,6 +4,7 @@ The delta is encoded exactly as ``fedq.worker.training`` encodes one: inline whe
 safetensors payload is <= 256 KiB, else SET in Redis first and sent as a claim check
 (key, sha256, nbytes). Each update is published with publisher confirms before its task is acked.
 """
+
 from __future__ import annotations
 
 import threading
@@ -23,8 +24,7 @@ from fedq.common.wire.messages import ClaimCheck, InlineDelta, ModelUpdate, pars
 class FakeWorkers:
     """Threads that answer each task immediately with a precomputed all-zeros delta."""
 
-    def __init__(self, job: str, amqp_url: str, redis_url: str, weights: codec.Weights, threads: int,
-                 prefetch: int):
+    def __init__(self, job: str, amqp_url: str, redis_url: str, weights: codec.Weights, threads: int, prefetch: int):
         self.job, self.amqp_url, self.redis_url = job, amqp_url, redis_url
         self.topology = Topology(job)
         self.prefetch = prefetch
@@ -35,8 +35,10 @@ class FakeWorkers:
         self.ready = threading.Barrier(threads + 1)
         self.done = [0] * threads
         self.errors: list[BaseException] = []
-        self.threads = [threading.Thread(target=self._run, args=(index,), name=f"fake-worker-{index}", daemon=True)
-                        for index in range(threads)]
+        self.threads = [
+            threading.Thread(target=self._run, args=(index,), name=f"fake-worker-{index}", daemon=True)
+            for index in range(threads)
+        ]
 
     def start(self) -> None:
         for thread in self.threads:
@@ -71,14 +73,23 @@ class FakeWorkers:
                     # As fedq.worker.training: the blob is in Redis before the message naming it exists.
                     key = store.blobs.put(task.task_id, worker_id, self.payload, UPDATE_BLOB_TTL_SECONDS)
                     carried = ClaimCheck(key=key, sha256=self.sha256, nbytes=len(self.payload))
-                update = ModelUpdate(job=task.job, task_id=task.task_id, worker_id=worker_id,
-                                     base_version=task.model_version, num_examples=8, delta=carried)
+                update = ModelUpdate(
+                    job=task.job,
+                    task_id=task.task_id,
+                    worker_id=worker_id,
+                    base_version=task.model_version,
+                    num_examples=8,
+                    delta=carried,
+                )
                 publish(channel, self.topology.updates, update.to_bytes(), message_id=task.task_id)
                 channel.basic_ack(method.delivery_tag)
                 self.done[index] += 1
             channel.cancel()
-        except (pika.exceptions.ChannelClosed, pika.exceptions.ConnectionClosed, pika.exceptions.StreamLostError) \
-                as error:
+        except (
+            pika.exceptions.ChannelClosed,
+            pika.exceptions.ConnectionClosed,
+            pika.exceptions.StreamLostError,
+        ) as error:
             if not self.stop.is_set():
                 self.errors.append(error)
         except BaseException as error:  # reported by the main thread

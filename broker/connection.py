@@ -5,6 +5,7 @@ pika has no automatic reconnection. We retry only ``AMQPConnectionError``
 container or Service about to appear); authentication and access errors are final
 because retrying them cannot succeed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,8 +57,9 @@ def parameters(url: str, *, heartbeat: int = HEARTBEAT_SECONDS, name: str = "fed
     return params
 
 
-def connect(url: str, *, name: str = "fedq", heartbeat: int = HEARTBEAT_SECONDS,
-            attempts: int = CONNECT_ATTEMPTS) -> pika.BlockingConnection:
+def connect(
+    url: str, *, name: str = "fedq", heartbeat: int = HEARTBEAT_SECONDS, attempts: int = CONNECT_ATTEMPTS
+) -> pika.BlockingConnection:
     """Open a blocking connection, retrying transient failures with exponential backoff."""
     # Before any delivery is decoded: a header pika cannot decode must not cost the connection.
     header_decoding.install()
@@ -78,10 +80,14 @@ def connect(url: str, *, name: str = "fedq", heartbeat: int = HEARTBEAT_SECONDS,
                 raise BrokerError(f"RabbitMQ at {redact_url(url)} failed the TLS handshake: {handshake}") from None
             backoff = next(delays, None)
             if backoff is None:
-                reason = (f"the host name {params.host!r} does not resolve ({error.strerror})"
-                          if isinstance(error, socket.gaierror) else repr(error))
-                raise BrokerError(f"cannot reach RabbitMQ at {redact_url(url)} after {attempts} attempts: "
-                                  f"{reason}") from None
+                reason = (
+                    f"the host name {params.host!r} does not resolve ({error.strerror})"
+                    if isinstance(error, socket.gaierror)
+                    else repr(error)
+                )
+                raise BrokerError(
+                    f"cannot reach RabbitMQ at {redact_url(url)} after {attempts} attempts: {reason}"
+                ) from None
             log.warning("event=amqp_connect_retry attempt=%d backoff_s=%.1f error=%r", attempt, backoff, error)
             time.sleep(backoff)
             attempt += 1
@@ -99,6 +105,9 @@ def _tls_failure(error: BaseException) -> str | None:
         seen.add(id(current))
         if isinstance(current, ssl.SSLError):
             return str(current)
-        pending.extend(item for item in (*getattr(current, "args", ()), current.__cause__, current.__context__)
-                       if isinstance(item, BaseException))
+        pending.extend(
+            item
+            for item in (*getattr(current, "args", ()), current.__cause__, current.__context__)
+            if isinstance(item, BaseException)
+        )
     return None

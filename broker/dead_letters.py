@@ -11,6 +11,7 @@ Three kinds of letter reach ``fedq.<job>.dead``:
 
 Pure functions of the decoded headers, so ``fedq dead`` and its tests share them.
 """
+
 from __future__ import annotations
 
 import base64
@@ -62,6 +63,7 @@ def had_undecodable_header(headers: dict[str, Any]) -> bool:
     year 9999. (A timestamp between year 10000 and 2^63 seconds decodes to an int that
     cannot be told from an ordinary one: those letters stay "unknown".)
     """
+
     def undecodable(value: Any) -> bool:
         if isinstance(value, float):
             return True
@@ -78,10 +80,13 @@ def had_undecodable_header(headers: dict[str, Any]) -> bool:
 
 def letter_reason(headers: dict[str, Any]) -> str:
     """fedq's reason, else the broker's (e.g. ``delivery_limit``), else "undecodable" or "unknown"."""
-    for reason in (headers.get(REASON_HEADER), headers.get(BROKER_DEATH_REASON_HEADER),
-                   _latest_broker_death(headers).get("reason")):
-        if _text(reason):
-            return _text(reason)
+    for reason in (
+        headers.get(REASON_HEADER),
+        headers.get(BROKER_DEATH_REASON_HEADER),
+        _latest_broker_death(headers).get("reason"),
+    ):
+        if text := _text(reason):
+            return text
     return UNDECODABLE_REASON if had_undecodable_header(headers) else UNKNOWN_REASON
 
 
@@ -96,8 +101,8 @@ def letter_origin(headers: dict[str, Any], topology: Topology) -> str | None:
         return origin
     queues = {topology.updates: "updates", topology.tasks: "tasks"}
     for queue in (headers.get(BROKER_DEATH_QUEUE_HEADER), _latest_broker_death(headers).get("queue")):
-        if _text(queue) in queues:
-            return queues[_text(queue)]
+        if (text := _text(queue)) is not None and text in queues:
+            return queues[text]
     return None
 
 
@@ -111,8 +116,13 @@ def origin_exchange(origin: str, topology: Topology) -> str:
 
 
 def _is_death_bookkeeping(name: str) -> bool:
-    return name in (REASON_HEADER, DETAIL_HEADER, ORIGIN_HEADER, DELIVERY_COUNT_HEADER, BROKER_DEATHS_HEADER) \
-        or name.startswith(("x-first-death-", "x-last-death-"))
+    return name in (
+        REASON_HEADER,
+        DETAIL_HEADER,
+        ORIGIN_HEADER,
+        DELIVERY_COUNT_HEADER,
+        BROKER_DEATHS_HEADER,
+    ) or name.startswith(("x-first-death-", "x-last-death-"))
 
 
 def requeue_headers(headers: dict[str, Any]) -> dict[str, Any]:
@@ -122,8 +132,9 @@ def requeue_headers(headers: dict[str, Any]) -> dict[str, Any]:
     name this death as the next one's origin) and the delivery count (a worker would count
     the old deliveries as failed training attempts), so that a requeued letter starts afresh.
     """
-    kept = {name: value for name, value in headers.items()
-            if not (isinstance(name, str) and _is_death_bookkeeping(name))}
+    kept = {
+        name: value for name, value in headers.items() if not (isinstance(name, str) and _is_death_bookkeeping(name))
+    }
     return encodable(kept)
 
 

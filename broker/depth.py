@@ -4,6 +4,7 @@ A passive ``queue_declare`` reports ready messages only; in-progress
 (unacknowledged) work shows only in the management HTTP API. We ask the API
 when it answers and fall back to AMQP otherwise, saying which source was used.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ class QueueDepth:
     exists: bool = True
 
 
-def management_depths(amqp_url: str, queues: list[str], management_url: str | None = None,
-                      timeout: float = 2.0) -> list[QueueDepth] | None:
+def management_depths(
+    amqp_url: str, queues: list[str], management_url: str | None = None, timeout: float = 2.0
+) -> list[QueueDepth] | None:
     """Depths from the management API, or None when it is not reachable (or is another broker's)."""
     try:
         api = ManagementAPI.for_amqp_url(amqp_url, management_url, timeout=timeout)
@@ -41,8 +43,14 @@ def management_depths(amqp_url: str, queues: list[str], management_url: str | No
                 depths.append(QueueDepth(queue, None, None, None, exists=False))
                 continue
             return None
-        depths.append(QueueDepth(queue, document.get("messages_ready", 0),
-                                 document.get("messages_unacknowledged", 0), document.get("consumers", 0)))
+        depths.append(
+            QueueDepth(
+                queue,
+                document.get("messages_ready", 0),
+                document.get("messages_unacknowledged", 0),
+                document.get("consumers", 0),
+            )
+        )
     return depths
 
 
@@ -65,8 +73,7 @@ def amqp_depths(amqp_url: str, queues: list[str]) -> list[QueueDepth]:
     return depths
 
 
-def queue_depths(amqp_url: str, queues: list[str],
-                 management_url: str | None = None) -> tuple[str, list[QueueDepth]]:
+def queue_depths(amqp_url: str, queues: list[str], management_url: str | None = None) -> tuple[str, list[QueueDepth]]:
     """(source, depths): source is 'management' or 'amqp'."""
     depths = management_depths(amqp_url, queues, management_url)
     if depths is not None:

@@ -18,13 +18,15 @@ delivered like any other, and so that a table or array nested deeper than
 Upstream fixed the timestamp case in pika/pika#1699, not yet in a release; the
 wrapper stays harmless once it is.
 """
+
 from __future__ import annotations
 
 import math
 import struct
 import threading
-from datetime import datetime, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import pika.data
 
@@ -38,7 +40,8 @@ _nesting = threading.local()  # .depth: tables and arrays being decoded around t
 
 
 def _tolerant_decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
-    kind = encoded[offset:offset + 1]
+    assert _original is not None  # install() sets it before it puts this function in pika's place
+    kind = encoded[offset : offset + 1]
     if kind in (b"F", b"A"):  # a field table or array: a 4-byte length, then its contents
         depth = getattr(_nesting, "depth", 0)
         if depth >= MAX_DEPTH:
@@ -52,7 +55,7 @@ def _tolerant_decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
     if kind == b"T":
         (seconds,) = struct.unpack_from(">Q", encoded, offset + 1)
         try:
-            return datetime.fromtimestamp(seconds, timezone.utc), offset + 9
+            return datetime.fromtimestamp(seconds, UTC), offset + 9
         except (OverflowError, ValueError, OSError):
             return seconds, offset + 9
     if kind in (b"f", b"d"):

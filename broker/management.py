@@ -5,6 +5,7 @@ Its address is a setting (``--management-url``); by default the AMQP URL's host 
 15672 (http) or, for ``amqps://``, 15671 (https). Over https the server is verified with the
 process's TLS files (``fedq.common.tls``), as every other connection is.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from base64 import b64encode
-from typing import Any
+from typing import Any, cast
 
 import pika
 
@@ -49,30 +50,42 @@ class ManagementAPI:
         host, whose queues would be reported as this one's: the API found must say that its broker
         listens on the AMQP URL's port, or the caller is told to name the API."""
         params = pika.URLParameters(amqp_url)
-        api = cls(management_url or default_management_url(amqp_url), params.credentials.username,
-                  params.credentials.password, **kwargs)
+        # A URL's parameters always hold plain credentials (guest's when the URL names no user).
+        credentials = cast(pika.PlainCredentials, params.credentials)
+        api = cls(
+            management_url or default_management_url(amqp_url), credentials.username, credentials.password, **kwargs
+        )
         if management_url is None and params.port not in (5671, 5672):
-            listening = {listener.get("port") for listener in (api.request("GET", "overview") or {}).get("listeners", [])
-                         if str(listener.get("protocol", "")).startswith("amqp")}
+            listening = {
+                listener.get("port")
+                for listener in (api.request("GET", "overview") or {}).get("listeners", [])
+                if str(listener.get("protocol", "")).startswith("amqp")
+            }
             if params.port not in listening:
-                raise ManagementError(f"the management API at {api.url} belongs to a broker listening on AMQP port(s) "
-                                      f"{', '.join(map(str, sorted(listening))) or 'none'}, not {params.port}: name "
-                                      "this broker's API with --management-url")
+                raise ManagementError(
+                    f"the management API at {api.url} belongs to a broker listening on AMQP port(s) "
+                    f"{', '.join(map(str, sorted(listening))) or 'none'}, not {params.port}: name "
+                    "this broker's API with --management-url"
+                )
         return api
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         """``method`` on ``api/<path>`` (path segments already quoted); the decoded JSON reply, or None."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + "api/" + path, data=data, method=method,
-                                         headers={"Authorization": self._authorization,
-                                                  "Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url + "api/" + path,
+            data=data,
+            method=method,
+            headers={"Authorization": self._authorization, "Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout, context=self._context) as response:
                 payload = response.read()
         except urllib.error.HTTPError as error:
             detail = error.read()[:300].decode(errors="replace")
-            raise ManagementError(f"the RabbitMQ management API answered {method} {path} with {error.code}: "
-                                  f"{detail}", error.code) from None
+            raise ManagementError(
+                f"the RabbitMQ management API answered {method} {path} with {error.code}: {detail}", error.code
+            ) from None
         except (urllib.error.URLError, OSError, ValueError) as error:
             raise ManagementError(f"the RabbitMQ management API at {self.url} cannot be reached: {error}") from None
         return json.loads(payload) if payload else None

@@ -5,13 +5,15 @@ connection, dead-lettering on reject and past the quorum queues' delivery limit,
 purge. Thread-safe, so a test can run a loop in one thread and play the other
 side in another. Not a RabbitMQ emulator: no routing keys, no TTLs.
 """
+
 from __future__ import annotations
 
 import itertools
 import threading
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from fedq.broker.topology import DELIVERY_LIMIT, Topology
 from fedq.broker.transport import DELIVERY_COUNT_HEADER, Channel, Delivery
@@ -91,7 +93,8 @@ class MemoryBroker:
             return  # dropped, as RabbitMQ drops it
         headers = {**message.headers, DEATH_REASON_HEADER: reason, DEATH_QUEUE_HEADER: queue.name}
         self._queues[self._routes[queue.dead_letter_exchange]].ready.append(
-            Message(message.body, message.message_id, headers))
+            Message(message.body, message.message_id, headers)
+        )
         self._condition.notify_all()
 
     # -- what tests use -------------------------------------------------
@@ -184,8 +187,10 @@ class MemoryChannel:
             with condition:
                 self._check_open()
                 queue = self.broker._queues[queue_name]
-                condition.wait_for(lambda: not self._open or not self._consuming
-                                   or (queue.ready and len(self._unacked) < prefetch), inactivity_timeout)
+                condition.wait_for(  # (the lambda is called here, with this iteration's queue)
+                    lambda: not self._open or not self._consuming or (queue.ready and len(self._unacked) < prefetch),  # noqa: B023
+                    inactivity_timeout,
+                )
                 self._check_open()
                 if not self._consuming:
                     return
@@ -204,8 +209,15 @@ class MemoryChannel:
     def cancel(self) -> None:
         self._consuming = False
 
-    def publish(self, exchange: str, body: bytes, *, message_id: str, headers: dict[str, Any] | None = None,
-                user_id: str | None = None) -> None:
+    def publish(
+        self,
+        exchange: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: dict[str, Any] | None = None,
+        user_id: str | None = None,
+    ) -> None:
         self._check_open()
         if user_id is not None and user_id != self.user:
             raise UserIdRefused(f"user_id property set to {user_id!r} but the connection's user is {self.user!r}")
@@ -250,16 +262,22 @@ class MemoryTransport:
         self.user = user
         self.sessions = 0
 
-    def run(self, session: Callable[[Channel], None], *, name: str, should_stop: Callable[[], bool] = lambda: False,
-            on_connection_lost: Callable[[], None] = lambda: None,
-            also_transient: tuple[type[BaseException], ...] = ()) -> None:
+    def run(
+        self,
+        session: Callable[[Channel], None],
+        *,
+        name: str,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_connection_lost: Callable[[], None] = lambda: None,
+        also_transient: tuple[type[BaseException], ...] = (),
+    ) -> None:
         while not should_stop():
             channel = self.broker.open_channel(self.user)
             self.sessions += 1
             try:
                 session(channel)
                 return
-            except (ConnectionLost, *also_transient):
+            except (ConnectionLost,) + also_transient:
                 if should_stop():
                     return
                 on_connection_lost()

@@ -1,11 +1,13 @@
 """The transport on RabbitMQ through pika: confirmed publishing, manual acks, reconnect."""
+
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pika
-import pika.exceptions
 import pika.data
+import pika.exceptions
 
 from fedq.broker.connection import HEARTBEAT_SECONDS
 from fedq.broker.publisher import publish
@@ -33,7 +35,7 @@ def encodable(headers: dict[str, Any], frame_max: int = pika.spec.FRAME_MAX_SIZE
             continue
     budget, total = frame_max - OTHER_PROPERTIES_ROOM, sum(sizes.values())
     dropped = []
-    for name in sorted((name for name in sizes if name not in _OURS), key=sizes.get, reverse=True):
+    for name in sorted((name for name in sizes if name not in _OURS), key=sizes.__getitem__, reverse=True):
         if total <= budget:
             break
         total -= sizes.pop(name)
@@ -87,16 +89,32 @@ class PikaChannel:
             if method is None:
                 yield None
             else:
-                yield Delivery(method.delivery_tag, body, properties.message_id, dict(properties.headers or {}),
-                               properties.user_id)
+                # A delivery always carries its tag, properties and body (pika's stubs leave each optional).
+                assert method.delivery_tag is not None and properties is not None and body is not None
+                yield Delivery(
+                    method.delivery_tag, body, properties.message_id, dict(properties.headers or {}), properties.user_id
+                )
 
     def cancel(self) -> None:
         self.channel.cancel()
 
-    def publish(self, exchange: str, body: bytes, *, message_id: str, headers: dict[str, Any] | None = None,
-                user_id: str | None = None) -> None:
-        publish(self.channel, exchange, body, message_id=message_id,
-                headers=encodable(headers or {}, self._frame_max()), user_id=user_id)
+    def publish(
+        self,
+        exchange: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: dict[str, Any] | None = None,
+        user_id: str | None = None,
+    ) -> None:
+        publish(
+            self.channel,
+            exchange,
+            body,
+            message_id=message_id,
+            headers=encodable(headers or {}, self._frame_max()),
+            user_id=user_id,
+        )
 
     def _frame_max(self) -> int:
         """The frame size this connection negotiated with the broker (pika keeps it in its parameters)."""
@@ -127,9 +145,21 @@ class PikaTransport:
         # The user the broker will authenticate: what a publish's user_id must be (None: certificate login).
         self.user: str | None = getattr(credentials, "username", None)
 
-    def run(self, session: Callable[[Channel], None], *, name: str, should_stop: Callable[[], bool] = lambda: False,
-            on_connection_lost: Callable[[], None] = lambda: None,
-            also_transient: tuple[type[BaseException], ...] = ()) -> None:
-        run_with_reconnect(self.amqp_url, lambda connection: session(PikaChannel(connection)), name=name,
-                           should_stop=should_stop, on_connection_lost=on_connection_lost,
-                           also_transient=also_transient, heartbeat=self.heartbeat)
+    def run(
+        self,
+        session: Callable[[Channel], None],
+        *,
+        name: str,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_connection_lost: Callable[[], None] = lambda: None,
+        also_transient: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        run_with_reconnect(
+            self.amqp_url,
+            lambda connection: session(PikaChannel(connection)),
+            name=name,
+            should_stop=should_stop,
+            on_connection_lost=on_connection_lost,
+            also_transient=also_transient,
+            heartbeat=self.heartbeat,
+        )

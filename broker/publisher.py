@@ -4,6 +4,7 @@ With ``confirm_delivery()`` on the channel, ``basic_publish(mandatory=True)``
 raises ``UnroutableError`` (no queue bound) or ``NackError`` (broker refused)
 synchronously, so nothing is silently dropped.
 """
+
 from __future__ import annotations
 
 import time
@@ -17,11 +18,28 @@ from fedq.broker.topology import ROUTING_KEY
 PERSISTENT = pika.DeliveryMode.Persistent
 
 
-def publish(channel: BlockingChannel, exchange: str, body: bytes, *, message_id: str,
-            headers: dict[str, Any] | None = None, routing_key: str = ROUTING_KEY, user_id: str | None = None) -> None:
+def publish(
+    channel: BlockingChannel,
+    exchange: str,
+    body: bytes,
+    *,
+    message_id: str,
+    headers: dict[str, Any] | None = None,
+    routing_key: str = ROUTING_KEY,
+    user_id: str | None = None,
+) -> None:
     """Publish one persistent JSON message and wait for the broker's confirm."""
     channel.basic_publish(
-        exchange=exchange, routing_key=routing_key, body=body, mandatory=True,
-        properties=pika.BasicProperties(content_type="application/json", delivery_mode=PERSISTENT,
-                                        message_id=message_id, timestamp=int(time.time()),
-                                        headers=headers or {}, user_id=user_id))
+        exchange=exchange,
+        routing_key=routing_key,
+        body=body,
+        mandatory=True,
+        properties=pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=PERSISTENT,
+            message_id=message_id,
+            timestamp=int(time.time()),
+            headers=headers or {},
+            user_id=user_id,
+        ),
+    )

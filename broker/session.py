@@ -8,11 +8,12 @@ channel are meaningless afterwards: unacked messages come back from the broker.
 The first connection is not retried beyond ``connect``'s own bounded attempts:
 a wrong URL or a server that is down ends in one clear error instead of a loop.
 """
+
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pika
 import pika.exceptions
@@ -29,11 +30,16 @@ HEALTHY_SESSION_SECONDS = 60.0
 CONNECTION_LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelClosedByBroker)
 
 
-def run_with_reconnect(amqp_url: str, session: Callable[[pika.BlockingConnection], None], *, name: str,
-                       should_stop: Callable[[], bool] = lambda: False,
-                       on_connection_lost: Callable[[], None] = lambda: None,
-                       also_transient: tuple[type[BaseException], ...] = (),
-                       heartbeat: int = HEARTBEAT_SECONDS) -> None:
+def run_with_reconnect(
+    amqp_url: str,
+    session: Callable[[pika.BlockingConnection], None],
+    *,
+    name: str,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_connection_lost: Callable[[], None] = lambda: None,
+    also_transient: tuple[type[BaseException], ...] = (),
+    heartbeat: int = HEARTBEAT_SECONDS,
+) -> None:
     """Call ``session(connection)`` until it returns normally or ``should_stop()``.
 
     ``also_transient`` adds other errors (e.g. Redis connection errors) that

@@ -8,6 +8,7 @@ Quorum queues are durable and replicated, and count deliveries: a message that
 keeps killing its consumer is dead-lettered after ``DELIVERY_LIMIT``
 redeliveries instead of looping forever.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,11 +48,15 @@ class Topology:
         channel.queue_bind(self.dead, self.dead)
         for name in (self.tasks, self.updates):
             channel.exchange_declare(name, exchange_type="direct", durable=True)
-            channel.queue_declare(name, durable=True, arguments={
-                "x-queue-type": "quorum",
-                "x-delivery-limit": DELIVERY_LIMIT,
-                "x-dead-letter-exchange": self.dead,
-            })
+            channel.queue_declare(
+                name,
+                durable=True,
+                arguments={
+                    "x-queue-type": "quorum",
+                    "x-delivery-limit": DELIVERY_LIMIT,
+                    "x-dead-letter-exchange": self.dead,
+                },
+            )
             channel.queue_bind(name, name, routing_key=ROUTING_KEY)
         self.remove_stray_bindings(channel)
 

@@ -10,10 +10,12 @@ A :class:`Transport` runs a session function on a fresh channel and starts it
 again after a lost connection; delivery tags of a lost channel mean nothing
 afterwards (unacked messages come back from the broker).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 from fedq.broker.topology import Topology
 
@@ -62,8 +64,15 @@ class Channel(Protocol):
     def cancel(self) -> None:
         """Stop consuming; prefetched deliveries not yet handled return to the queue."""
 
-    def publish(self, exchange: str, body: bytes, *, message_id: str, headers: dict[str, Any] | None = None,
-                user_id: str | None = None) -> None:
+    def publish(
+        self,
+        exchange: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: dict[str, Any] | None = None,
+        user_id: str | None = None,
+    ) -> None:
         """Publish a persistent message; returns once the broker confirmed it, raises if it refused.
 
         ``user_id`` (the connection's user) lets the consumer know who sent it: the broker checks it."""
@@ -87,9 +96,15 @@ class Transport(Protocol):
     # e.g. certificate login); a publish's ``user_id``.
     user: str | None
 
-    def run(self, session: Callable[[Channel], None], *, name: str, should_stop: Callable[[], bool] = ...,
-            on_connection_lost: Callable[[], None] = ...,
-            also_transient: tuple[type[BaseException], ...] = ()) -> None:
+    def run(
+        self,
+        session: Callable[[Channel], None],
+        *,
+        name: str,
+        should_stop: Callable[[], bool] = ...,
+        on_connection_lost: Callable[[], None] = ...,
+        also_transient: tuple[type[BaseException], ...] = (),
+    ) -> None:
         """Call ``session(channel)`` until it returns or ``should_stop()``; reconnect after a lost connection.
 
         ``name`` labels the connection (operators find a job's connections by it);

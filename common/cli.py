@@ -6,6 +6,7 @@ not depend on the services, and ``fedq status`` should not pay torch's
 multi-second import. A path names a module or a ``module:Object``; either
 provides ``HELP``, ``add_arguments(parser)`` and ``main(args) -> exit code``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,12 +68,15 @@ def human_size(nbytes: float) -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is a sentence for the user (imported lazily)."""
+    """Exception types whose message is a sentence for the user (imported lazily). A module that
+    was never imported raised nothing: the tasks package (torch, seconds to import) and the broker's
+    are asked only if loaded, so that an error message comes at once."""
     from fedq.common.settings import SettingsError
     from fedq.common.store import StoreError
-    from fedq.common.tasks import TaskPluginError
 
-    kinds: list[type[BaseException]] = [UserError, SettingsError, StoreError, TaskPluginError]
+    kinds: list[type[BaseException]] = [UserError, SettingsError, StoreError]
+    if "fedq.common.tasks.base" in sys.modules:
+        kinds.append(sys.modules["fedq.common.tasks.base"].TaskPluginError)
     if "fedq.broker.connection" in sys.modules:
         kinds.append(sys.modules["fedq.broker.connection"].BrokerError)
     return tuple(kinds)
@@ -117,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedq {version()}")
         return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
-        parser = argparse.ArgumentParser(prog="fedq", description="Asynchronous federated learning over RabbitMQ and Redis.")
+        parser = argparse.ArgumentParser(
+            prog="fedq", description="Asynchronous federated learning over RabbitMQ and Redis."
+        )
         parser.add_argument("-V", "--version", action="store_true", help="print fedq's version and exit")
         commands = parser.add_subparsers(dest="command", metavar="COMMAND")
         for name, summary in SUMMARIES.items():

@@ -6,6 +6,7 @@ Every committed version has a :class:`VersionRecord`: stored as its metadata
 them). Replay, audit, reports and rollbacks read these records; they say how
 each version came to be.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ class AppliedUpdate:
     staleness: int
     weight: float
     num_examples: int
-    digest: str    # sha256 of the delta's safetensors bytes
+    digest: str  # sha256 of the delta's safetensors bytes
     blob_key: str  # where the delta is kept for replay (until retention prunes it)
     # The delta's L2 norm: a restarted coordinator bounds new updates by it. None in records
     # written before it was kept.
@@ -61,14 +62,25 @@ class VersionRecord:
     updates: tuple[AppliedUpdate, ...] = ()  # empty when read from the metadata alone
 
     @classmethod
-    def build(cls, version: int, parent: int | None, digest: str, applied: tuple[AppliedUpdate, ...] = (),
-              **fields: Any) -> VersionRecord:
+    def build(
+        cls, version: int, parent: int | None, digest: str, applied: tuple[AppliedUpdate, ...] = (), **fields: Any
+    ) -> VersionRecord:
         """A new version's record; staleness summaries come from ``applied``."""
         stalenesses = [update.staleness for update in applied]
-        summary = {"mean_staleness": sum(stalenesses) / len(stalenesses), "max_staleness": max(stalenesses)} \
-            if stalenesses else {}
-        return cls(version=version, parent=parent, digest=digest, created=fields.pop("created", time.time()),
-                   updates_applied=len(applied), updates=tuple(applied), **(summary | fields))
+        summary = (
+            {"mean_staleness": sum(stalenesses) / len(stalenesses), "max_staleness": max(stalenesses)}
+            if stalenesses
+            else {}
+        )
+        return cls(
+            version=version,
+            parent=parent,
+            digest=digest,
+            created=fields.pop("created", time.time()),
+            updates_applied=len(applied),
+            updates=tuple(applied),
+            **(summary | fields),
+        )
 
     def to_dict(self, *, with_updates: bool = True) -> dict[str, Any]:
         document = {"schema": VERSION_SCHEMA, **asdict(self)}

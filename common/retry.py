@@ -4,9 +4,10 @@ A server that is still starting (or a network blip) is waited for; a wrong URL,
 password or a server that stays down ends in one clear error within ~8 s
 instead of a hang.
 """
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 CONNECT_ATTEMPTS = 5
 FIRST_BACKOFF_SECONDS = 0.5

@@ -13,6 +13,7 @@ belong to; a key that no command knows is refused, with the nearest real name. T
 environment is shared the same way: a ``FEDQ_*`` variable this command does not read
 is left alone, one that no command reads is named in a warning.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ import re
 import sys
 import tomllib
 import urllib.parse
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -94,12 +96,22 @@ CONNECTION_OPTIONS = [
     Option("job", _parse_job, None, "name of the federation; jobs sharing RabbitMQ and Redis never see each other"),
     Option("amqp_url", _parse_amqp_url, DEFAULT_AMQP_URL, "RabbitMQ URL (amqps://... for TLS)"),
     Option("redis_url", str, DEFAULT_REDIS_URL, "Redis URL (rediss://... for TLS)"),
-    Option("tls_ca", str, None, "CA bundle (PEM) that signs the RabbitMQ, Redis and management API servers' "
-           "certificates, for amqps://, rediss:// and https:// URLs (default: the system's CAs)"),
+    Option(
+        "tls_ca",
+        str,
+        None,
+        "CA bundle (PEM) that signs the RabbitMQ, Redis and management API servers' "
+        "certificates, for amqps://, rediss:// and https:// URLs (default: the system's CAs)",
+    ),
     Option("tls_cert", str, None, "this participant's client certificate (PEM), for servers that demand mutual TLS"),
     Option("tls_key", str, None, "the client certificate's private key (PEM)"),
-    Option("management_url", str, None, "RabbitMQ management API, e.g. https://rabbit:15671/ (default: the AMQP "
-           "host, port 15672 over http, or 15671 over https for amqps://)"),
+    Option(
+        "management_url",
+        str,
+        None,
+        "RabbitMQ management API, e.g. https://rabbit:15671/ (default: the AMQP "
+        "host, port 15672 over http, or 15671 over https for amqps://)",
+    ),
 ]
 
 
@@ -115,8 +127,16 @@ def redact_url(url: str) -> str:
 
 # FEDQ_* variables that are not settings of a command: the job file's path, the fault injector
 # (fedq.common.obs.faults), deploy/setup.sh's and make-certs.sh's own, and the tests'.
-NOT_SETTINGS = ("FEDQ_CONFIG", "FEDQ_CRASH_AT", "FEDQ_AMQP_PORT", "FEDQ_REDIS_PORT", "FEDQ_CERT_DAYS", "FEDQ_CERT_SANS",
-                "FEDQ_PRIVATE_SERVER", "FEDQ_TEST_")
+NOT_SETTINGS = (
+    "FEDQ_CONFIG",
+    "FEDQ_CRASH_AT",
+    "FEDQ_AMQP_PORT",
+    "FEDQ_REDIS_PORT",
+    "FEDQ_CERT_DAYS",
+    "FEDQ_CERT_SANS",
+    "FEDQ_PRIVATE_SERVER",
+    "FEDQ_TEST_",
+)
 
 
 def add_options(parser: argparse.ArgumentParser, options: list[Option]) -> None:
@@ -126,13 +146,18 @@ def add_options(parser: argparse.ArgumentParser, options: list[Option]) -> None:
     the settings that command reads, for the job file's per-command tables."""
     command = parser.prog.split()[1] if parser.prog.startswith("fedq ") and len(parser.prog.split()) == 2 else None
     parser.set_defaults(fedq_command=command, fedq_settings=tuple(option.name for option in options))
-    parser.add_argument("--config", default=None,
-                        help="TOML job file: its [job] table, and the table named after this command"
-                             + (f" ([{command}])" if command else "") + "; FEDQ_CONFIG also works")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="TOML job file: its [job] table, and the table named after this command"
+        + (f" ([{command}])" if command else "")
+        + "; FEDQ_CONFIG also works",
+    )
     for option in options:
         if option.parse is parse_bool:
-            parser.add_argument(option.flag, dest=option.name, default=None, nargs="?", const="true",
-                                metavar="BOOL", help=_help(option))
+            parser.add_argument(
+                option.flag, dest=option.name, default=None, nargs="?", const="true", metavar="BOOL", help=_help(option)
+            )
         else:
             # Choices are checked by resolve(), after parsing, for flags, environment and file alike.
             parser.add_argument(option.flag, dest=option.name, default=None, help=_help(option))
@@ -163,8 +188,11 @@ def _nearest(name: str, candidates: set[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def load_job_file(path: str | None, command: str | None = None,
-                  commands: Callable[[], dict[str, frozenset[str]]] = _settings_by_command) -> dict[str, Any]:
+def load_job_file(
+    path: str | None,
+    command: str | None = None,
+    commands: Callable[[], dict[str, frozenset[str]]] = _settings_by_command,
+) -> dict[str, Any]:
     """The settings of the job file at ``path`` for ``command``: the shared ones, then the command's
     own table over them. Refuses, in one sentence, a key or table no command knows."""
     if not path:
@@ -194,30 +222,41 @@ def load_job_file(path: str | None, command: str | None = None,
             continue
         key = unknown[0]
         if "-" in key and key.replace("-", "_") in allowed:
-            raise SettingsError(f"job file {path}: write {key.replace('-', '_')} for {key} (settings use "
-                                f"underscores, as in FEDQ_{key.replace('-', '_').upper()})")
+            raise SettingsError(
+                f"job file {path}: write {key.replace('-', '_')} for {key} (settings use "
+                f"underscores, as in FEDQ_{key.replace('-', '_').upper()})"
+            )
         where = "no fedq command reads" if table == "job" else f"fedq {table} does not read"
         raise SettingsError(f"job file {path}: {where} {', '.join(unknown)}{_nearest(key, set(allowed))}")
     mine = {key: value for key, value in shared.items() if command is None or key in known_by.get(command, ())}
-    return mine | roles.get(command, {})
+    return mine | (roles.get(command, {}) if command else {})
 
 
-def _warn_about_unknown_environment(environ: Mapping[str, str], known: set[str],
-                                    commands: Callable[[], dict[str, frozenset[str]]]) -> None:
+def _warn_about_unknown_environment(
+    environ: Mapping[str, str], known: set[str], commands: Callable[[], dict[str, frozenset[str]]]
+) -> None:
     """A FEDQ_* variable that no command reads is probably a typo: say so once, on stderr."""
-    strangers = [name for name in environ if name.startswith("FEDQ_") and name not in known
-                 and not name.startswith(NOT_SETTINGS)]
+    strangers = [
+        name for name in environ if name.startswith("FEDQ_") and name not in known and not name.startswith(NOT_SETTINGS)
+    ]
     if not strangers:
         return
     every = {"FEDQ_" + name.upper() for names in commands().values() for name in names}
     for name in sorted(set(strangers) - every):
-        print(f"fedq: warning: the environment variable {name} is not a fedq setting and is ignored"
-              f"{_nearest(name, every)}", file=sys.stderr)
+        print(
+            f"fedq: warning: the environment variable {name} is not a fedq setting and is ignored"
+            f"{_nearest(name, every)}",
+            file=sys.stderr,
+        )
 
 
-def resolve(args: argparse.Namespace, options: list[Option], environ: Mapping[str, str] | None = None,
-            commands: Callable[[], dict[str, frozenset[str]]] | None = None,
-            sources: dict[str, str] | None = None) -> dict[str, Any]:
+def resolve(
+    args: argparse.Namespace,
+    options: list[Option],
+    environ: Mapping[str, str] | None = None,
+    commands: Callable[[], dict[str, frozenset[str]]] | None = None,
+    sources: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Return {name: value} taking each option from flag, environment, job file, default.
 
     ``commands`` gives every command's settings (default: the ``fedq`` commands'), to tell a
@@ -229,8 +268,11 @@ def resolve(args: argparse.Namespace, options: list[Option], environ: Mapping[st
     mine = frozenset(option.name for option in options)
     if commands is None:
         commands = _settings_by_command if command else (lambda: {"this command": mine})
-    job_file = load_job_file(getattr(args, "config", None) or environ.get("FEDQ_CONFIG"), command,
-                             lambda: {**commands(), **({command: mine} if command else {"this command": mine})})
+    job_file = load_job_file(
+        getattr(args, "config", None) or environ.get("FEDQ_CONFIG"),
+        command,
+        lambda: {**commands(), **({command: mine} if command else {"this command": mine})},
+    )
     _warn_about_unknown_environment(environ, {option.env_var for option in options}, commands)
     values: dict[str, Any] = {}
     for option in options:
@@ -310,6 +352,7 @@ def positive_float(text: Any) -> float:
 # Options every long-running service (coordinator, worker) takes.
 SERVICE_OPTIONS = [
     Option("metrics_port", non_negative_int, 0, "serve Prometheus /metrics on this port (0: off)"),
-    Option("log_level", lambda text: str(text).upper(), "INFO", "log level",
-           choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    Option(
+        "log_level", lambda text: str(text).upper(), "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    ),
 ]

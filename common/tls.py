@@ -8,6 +8,7 @@ Server certificates are always verified against the CA (the system's when none i
 and host names always checked; the client certificate and key are sent when given, for
 brokers that demand mutual TLS.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,9 +22,9 @@ class TLSError(ValueError):
 
 @dataclass(frozen=True)
 class TLSFiles:
-    ca_file: str | None = None    # PEM bundle of the CA(s) that sign the servers' certificates
+    ca_file: str | None = None  # PEM bundle of the CA(s) that sign the servers' certificates
     cert_file: str | None = None  # this participant's client certificate (PEM), for mutual TLS
-    key_file: str | None = None   # its private key (PEM)
+    key_file: str | None = None  # its private key (PEM)
 
     def __post_init__(self):
         if bool(self.cert_file) != bool(self.key_file):

@@ -1,4 +1,5 @@
 """Settings every test shares."""
+
 from __future__ import annotations
 
 import pytest

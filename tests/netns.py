@@ -7,6 +7,7 @@ reaches the servers only through the bridge, at ``10.200.0.1``, as a machine on 
 would (the throwaway PKI's server certificate names 10.200.0.1-9). Needs root and ``ip``;
 :func:`available` says whether this machine can.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -40,7 +41,7 @@ class Hosts:
         self.addresses = {name: f"10.200.0.{index + 2}" for index, name in enumerate(names)}
         self.namespaces = {name: f"fq-{self.tag}-{index}" for index, name in enumerate(names)}
 
-    def __enter__(self) -> "Hosts":
+    def __enter__(self) -> Hosts:
         try:
             _ip("link", "add", self.bridge, "type", "bridge")
             _ip("addr", "add", f"{SERVER_ADDRESS}/24", "dev", self.bridge)

@@ -48,6 +48,7 @@ How the private RabbitMQ node runs (the gotchas):
   and then any process still carrying the id (e.g. a daemonised helper), and
   nothing else.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -67,9 +68,9 @@ import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import pytest
 
@@ -94,6 +95,7 @@ class Credentials:
 # PKI
 # --------------------------------------------------------------------------------------------------
 
+
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "_"
 
@@ -107,8 +109,14 @@ class ThrowawayPKI:
     mode 0600; certificates are valid from 5 minutes ago for ``days`` days.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, extra_ips: Iterable[str] = (),
-                 extra_hostnames: Iterable[str] = (), days: float = 1.0):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        extra_ips: Iterable[str] = (),
+        extra_hostnames: Iterable[str] = (),
+        days: float = 1.0,
+    ):
         from cryptography import x509  # noqa: F401  (fail early if missing)
 
         self.directory = Path(directory)
@@ -118,8 +126,9 @@ class ThrowawayPKI:
         self._wrong_ca = self._make_ca("fedq unrelated CA", "wrong-ca")
         self.ca_cert, self.ca_key = self.directory / "ca.pem", self.directory / "ca.key"
         self.wrong_ca_cert, self.wrong_ca_key = self.directory / "wrong-ca.pem", self.directory / "wrong-ca.key"
-        self.server_cert, self.server_key = self.server("server", ["localhost", *extra_hostnames],
-                                                       ["127.0.0.1", "::1", *extra_ips])
+        self.server_cert, self.server_key = self.server(
+            "server", ["localhost", *extra_hostnames], ["127.0.0.1", "::1", *extra_ips]
+        )
         self._clients: dict[tuple[str, str], tuple[Path, Path]] = {}
 
     # -- public API ---------------------------------------------------------------------------------
@@ -132,19 +141,32 @@ class ThrowawayPKI:
         """(cert_path, key_path) of a client certificate with CN = ``name`` signed by the unrelated CA."""
         return self._client(name, self._wrong_ca, "wrong-clients")
 
-    def server(self, name: str, hostnames: Sequence[str] = ("localhost",),
-               ips: Sequence[str] = ("127.0.0.1", "::1")) -> tuple[Path, Path]:
+    def server(
+        self, name: str, hostnames: Sequence[str] = ("localhost",), ips: Sequence[str] = ("127.0.0.1", "::1")
+    ) -> tuple[Path, Path]:
         """(cert_path, key_path) of another server certificate signed by the CA, with these SANs."""
         from cryptography import x509
         from cryptography.x509.oid import ExtendedKeyUsageOID
 
         sans = [x509.DNSName(h) for h in hostnames] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         common_name = hostnames[0] if hostnames else ips[0]
-        return self._issue(self._ca, common_name, self.directory / f"{_safe_name(name)}.pem",
-                           self.directory / f"{_safe_name(name)}.key", ExtendedKeyUsageOID.SERVER_AUTH, sans)
+        return self._issue(
+            self._ca,
+            common_name,
+            self.directory / f"{_safe_name(name)}.pem",
+            self.directory / f"{_safe_name(name)}.key",
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            sans,
+        )
 
-    def client_context(self, client: str | None = None, *, ca: str | os.PathLike | None = None,
-                       wrong_client: str | None = None, check_hostname: bool = True) -> ssl.SSLContext:
+    def client_context(
+        self,
+        client: str | None = None,
+        *,
+        ca: str | os.PathLike | None = None,
+        wrong_client: str | None = None,
+        check_hostname: bool = True,
+    ) -> ssl.SSLContext:
         """A client-side SSLContext trusting ``ca`` (default: this PKI's CA), with the client certificate
         ``client`` (or ``wrong_client``, one of the unrelated CA) if given."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -162,15 +184,16 @@ class ThrowawayPKI:
     # -- internals ----------------------------------------------------------------------------------
 
     def _validity(self):
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         return now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=self.days)
 
     @staticmethod
     def _write_key(path: Path, key) -> None:
         from cryptography.hazmat.primitives import serialization
 
-        data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
+        data = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -190,18 +213,39 @@ class ThrowawayPKI:
         from cryptography.x509.oid import NameOID
 
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedq tests"),
-                          x509.NameAttribute(NameOID.COMMON_NAME, f"{common_name} {secrets.token_hex(4)}")])
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedq tests"),
+                x509.NameAttribute(NameOID.COMMON_NAME, f"{common_name} {secrets.token_hex(4)}"),
+            ]
+        )
         not_before, not_after = self._validity()
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after)
-                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                             content_commitment=False, key_encipherment=False,
-                                             data_encipherment=False, key_agreement=False,
-                                             encipher_only=False, decipher_only=False), critical=True)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-                .sign(key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
         self._write_key(self.directory / f"{stem}.key", key)
         self._write_cert(self.directory / f"{stem}.pem", cert)
         return key, cert
@@ -214,8 +258,14 @@ class ThrowawayPKI:
             return cached
         directory = self.directory / folder
         directory.mkdir(exist_ok=True)
-        paths = self._issue(ca, name, directory / f"{_safe_name(name)}.pem", directory / f"{_safe_name(name)}.key",
-                            ExtendedKeyUsageOID.CLIENT_AUTH, [])
+        paths = self._issue(
+            ca,
+            name,
+            directory / f"{_safe_name(name)}.pem",
+            directory / f"{_safe_name(name)}.key",
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+            [],
+        )
         self._clients[(folder, name)] = paths
         return paths
 
@@ -228,21 +278,40 @@ class ThrowawayPKI:
         ca_key, ca_cert = ca
         key = ec.generate_private_key(ec.SECP256R1())
         not_before, not_after = self._validity()
-        builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedq tests"),
-                                            x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-                   .issuer_name(ca_cert.subject).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number()).not_valid_before(not_before)
-                   .not_valid_after(not_after)
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False,
-                                                content_commitment=False, data_encipherment=False,
-                                                key_agreement=True, key_cert_sign=False, crl_sign=False,
-                                                encipher_only=False, decipher_only=False), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                                  critical=False))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedq tests"),
+                        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                    ]
+                )
+            )
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_encipherment=False,
+                    content_commitment=False,
+                    data_encipherment=False,
+                    key_agreement=True,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
@@ -309,8 +378,11 @@ def _listens(pid: int, port: int) -> bool:
 
 def _clean_environment(**extra: str) -> dict[str, str]:
     """os.environ without RabbitMQ/Erlang settings of the caller, plus ``extra``."""
-    environment = {key: value for key, value in os.environ.items()
-                   if not key.startswith(("RABBITMQ_", "ERL_", "REDISCLI_")) and key != MARKER}
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("RABBITMQ_", "ERL_", "REDISCLI_")) and key != MARKER
+    }
     environment.setdefault("LANG", "C.UTF-8")
     environment["LC_ALL"] = "C.UTF-8"
     environment.update(extra)
@@ -335,6 +407,7 @@ def _processes_marked(tag: str) -> list[int]:
 
 def _kill_everything_of(tag: str, session_leader: subprocess.Popen | None, grace: float) -> None:
     """SIGTERM then SIGKILL the process group of ``session_leader`` and any other process tagged ``tag``."""
+
     def signal_all(sig: int) -> None:
         if session_leader is not None:
             try:
@@ -369,7 +442,7 @@ def _kill_everything_of(tag: str, session_leader: subprocess.Popen | None, grace
 class _Server:
     """Shared life cycle: context manager, stop at interpreter exit, log tail."""
 
-    _live: set["_Server"] = set()
+    _live: set[_Server] = set()
 
     def __enter__(self):
         return self.start()
@@ -404,6 +477,7 @@ def _stop_leftovers() -> None:
 # RabbitMQ
 # --------------------------------------------------------------------------------------------------
 
+
 class PrivateRabbitMQ(_Server):
     """A RabbitMQ node of its own: node name, config, data/log dirs, Erlang cookie, epmd and random ports.
 
@@ -418,11 +492,23 @@ class PrivateRabbitMQ(_Server):
     administrator, all permissions on ``/``) with a generated password; no guest.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, pki: ThrowawayPKI | None = None, tls: bool = False,
-                 plain: bool = True, mutual_tls: bool = True, management: bool = True,
-                 management_tls: bool | None = None, management_mutual_tls: bool = False,
-                 cert_login: bool = False, bind: Sequence[str] = ("127.0.0.1",), node_name: str | None = None,
-                 extra_config: Sequence[str] = (), startup_timeout: float = STARTUP_TIMEOUT):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        pki: ThrowawayPKI | None = None,
+        tls: bool = False,
+        plain: bool = True,
+        mutual_tls: bool = True,
+        management: bool = True,
+        management_tls: bool | None = None,
+        management_mutual_tls: bool = False,
+        cert_login: bool = False,
+        bind: Sequence[str] = ("127.0.0.1",),
+        node_name: str | None = None,
+        extra_config: Sequence[str] = (),
+        startup_timeout: float = STARTUP_TIMEOUT,
+    ):
         if (tls or management_tls) and pki is None:
             raise ValueError("tls needs a pki")
         if not plain and not tls:
@@ -482,8 +568,10 @@ class PrivateRabbitMQ(_Server):
 
         user = self.admin.user if user is None else user
         password = self.admin.password if password is None and user == self.admin.user else (password or "")
-        return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{self._url_host()}:{port}/" \
-               f"{quote(vhost, safe='')}"
+        return (
+            f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{self._url_host()}:{port}/"
+            f"{quote(vhost, safe='')}"
+        )
 
     @property
     def management_url(self) -> str:
@@ -493,9 +581,17 @@ class PrivateRabbitMQ(_Server):
         scheme = "https" if self.management_tls else "http"
         return f"{scheme}://{self._url_host()}:{self.management_port}"
 
-    def pika_parameters(self, user: str | None = None, password: str | None = None, *,
-                        client: str | None = None, tls: bool | None = None, context: ssl.SSLContext | None = None,
-                        external: bool = False, **overrides):
+    def pika_parameters(
+        self,
+        user: str | None = None,
+        password: str | None = None,
+        *,
+        client: str | None = None,
+        tls: bool | None = None,
+        context: ssl.SSLContext | None = None,
+        external: bool = False,
+        **overrides,
+    ):
         """pika ConnectionParameters for this node: AMQPS with the PKI's CA and client cert ``client`` when
         ``tls`` (default: the node has TLS), else plain AMQP. ``external`` logs in with EXTERNAL (cert CN)."""
         import pika
@@ -518,9 +614,17 @@ class PrivateRabbitMQ(_Server):
 
     # -- management API -----------------------------------------------------------------------------
 
-    def management_request(self, path: str, method: str = "GET", body=None, *, user: str | None = None,
-                           password: str | None = None, context: ssl.SSLContext | None = None,
-                           timeout: float = 30):
+    def management_request(
+        self,
+        path: str,
+        method: str = "GET",
+        body=None,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        context: ssl.SSLContext | None = None,
+        timeout: float = 30,
+    ):
         """(status, decoded JSON or text) of a management API call (admin by default); HTTP errors are
         returned, not raised."""
         user = self.admin.user if user is None else user
@@ -545,24 +649,26 @@ class PrivateRabbitMQ(_Server):
     # -- rabbitmqctl --------------------------------------------------------------------------------
 
     def _environment(self) -> dict[str, str]:
-        return _clean_environment(**{
-            MARKER: self.tag,
-            "HOME": str(self.home),
-            "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_CONF_ENV_FILE": str(self.directory / "rabbitmq-env.conf"),
-            "RABBITMQ_CONFIG_FILE": str(self.config_file),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.directory / "advanced.config"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.directory / "enabled_plugins"),
-            "RABBITMQ_MNESIA_BASE": str(self.mnesia_base),
-            "RABBITMQ_LOG_BASE": str(self.log_dir),
-            "RABBITMQ_PID_FILE": str(self.pid_file),
-            "RABBITMQ_NODE_PORT": str(self.amqp_port),
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-            "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "ERL_EPMD_PORT": str(self.epmd_port),
-            "ERL_EPMD_ADDRESS": "127.0.0.1",
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-        })
+        return _clean_environment(
+            **{
+                MARKER: self.tag,
+                "HOME": str(self.home),
+                "RABBITMQ_NODENAME": self.node,
+                "RABBITMQ_CONF_ENV_FILE": str(self.directory / "rabbitmq-env.conf"),
+                "RABBITMQ_CONFIG_FILE": str(self.config_file),
+                "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.directory / "advanced.config"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.directory / "enabled_plugins"),
+                "RABBITMQ_MNESIA_BASE": str(self.mnesia_base),
+                "RABBITMQ_LOG_BASE": str(self.log_dir),
+                "RABBITMQ_PID_FILE": str(self.pid_file),
+                "RABBITMQ_NODE_PORT": str(self.amqp_port),
+                "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+                "RABBITMQ_DIST_PORT": str(self.dist_port),
+                "ERL_EPMD_PORT": str(self.epmd_port),
+                "ERL_EPMD_ADDRESS": "127.0.0.1",
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            }
+        )
 
     def rabbitmqctl(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
         """Run ``rabbitmqctl -n NODE ARGS`` against this node (its cookie and epmd); raise on failure if
@@ -571,15 +677,26 @@ class PrivateRabbitMQ(_Server):
 
     def _cli(self, tool: str, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
         command = [str(RABBITMQ_BIN / tool), "-n", self.node, *args]
-        result = subprocess.run(command, env=self._environment(), cwd=self.directory, capture_output=True,
-                                text=True, timeout=timeout)
+        result = subprocess.run(
+            command, env=self._environment(), cwd=self.directory, capture_output=True, text=True, timeout=timeout
+        )
         if check and result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command[1:])} failed ({result.returncode}):\n{result.stdout}\n"
-                               f"{result.stderr}")
+            raise RuntimeError(
+                f"{' '.join(command[1:])} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+            )
         return result
 
-    def add_user(self, name: str, password: str | None = None, *, vhost: str = "/", configure: str = ".*",
-                 write: str = ".*", read: str = ".*", tags: Sequence[str] = ()) -> Credentials:
+    def add_user(
+        self,
+        name: str,
+        password: str | None = None,
+        *,
+        vhost: str = "/",
+        configure: str = ".*",
+        write: str = ".*",
+        read: str = ".*",
+        tags: Sequence[str] = (),
+    ) -> Credentials:
         """Create a user (random password unless given) with these permissions on ``vhost``."""
         password = password or secrets.token_hex(16)
         self.rabbitmqctl("add_user", "--", name, password)
@@ -601,7 +718,8 @@ class PrivateRabbitMQ(_Server):
         os.chmod(cookie, 0o400)
         (self.directory / "rabbitmq-env.conf").write_text("# private node: nothing from /etc/rabbitmq\n")
         plugins = (["rabbitmq_management"] if self.management else []) + (
-            ["rabbitmq_auth_mechanism_ssl"] if self.cert_login else [])
+            ["rabbitmq_auth_mechanism_ssl"] if self.cert_login else []
+        )
         (self.directory / "enabled_plugins").write_text(f"[{','.join(plugins)}].\n")
         self.config_file.write_text("\n".join(self._config_lines()) + "\n")
         os.chmod(self.config_file, 0o600)
@@ -644,8 +762,12 @@ class PrivateRabbitMQ(_Server):
                 "ssl_handshake_timeout = 15000",
             ]
         if self.cert_login:
-            lines += ["auth_mechanisms.1 = EXTERNAL", "auth_mechanisms.2 = PLAIN", "auth_mechanisms.3 = AMQPLAIN",
-                      "ssl_cert_login_from = common_name"]
+            lines += [
+                "auth_mechanisms.1 = EXTERNAL",
+                "auth_mechanisms.2 = PLAIN",
+                "auth_mechanisms.3 = AMQPLAIN",
+                "ssl_cert_login_from = common_name",
+            ]
         if self.management:
             address = self.bind[0] if self.bind else "0.0.0.0"
             if self.management_tls:
@@ -669,7 +791,7 @@ class PrivateRabbitMQ(_Server):
         self.amqp_port, self.amqps_port = free_port(), free_port()
         self.management_port, self.dist_port, self.epmd_port = free_port(), free_port(), free_port()
 
-    def start(self) -> "PrivateRabbitMQ":
+    def start(self) -> PrivateRabbitMQ:
         """Start the node and wait (by polling, up to ``startup_timeout``) until it and its management API
         answer. Retries with other ports if one was taken meanwhile. Stops everything on failure."""
         _Server._live.add(self)
@@ -685,9 +807,14 @@ class PrivateRabbitMQ(_Server):
                     self._start_epmd()
                     with open(self.console_log, "ab") as console:
                         self._process = subprocess.Popen(
-                            [str(RABBITMQ_BIN / "rabbitmq-server")], env=self._environment(), cwd=self.directory,
-                            stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            [str(RABBITMQ_BIN / "rabbitmq-server")],
+                            env=self._environment(),
+                            cwd=self.directory,
+                            stdin=subprocess.DEVNULL,
+                            stdout=console,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        )
                     self._await_startup(began + self.startup_timeout)
                     break
                 except _PortTaken:
@@ -702,9 +829,15 @@ class PrivateRabbitMQ(_Server):
 
     def _start_epmd(self) -> None:
         with open(self.directory / "epmd.log", "ab") as log:
-            self._epmd = subprocess.Popen([EPMD, "-port", str(self.epmd_port), "-address", "127.0.0.1"],
-                                          env=self._environment(), cwd=self.directory, stdin=subprocess.DEVNULL,
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self._epmd = subprocess.Popen(
+                [EPMD, "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+                env=self._environment(),
+                cwd=self.directory,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 30
         # Not just "the port accepts": someone else's listener would, while our epmd failed to bind.
         while not _listens(self._epmd.pid, self.epmd_port):
@@ -727,13 +860,13 @@ class PrivateRabbitMQ(_Server):
                 raise RuntimeError(f"RabbitMQ node {self.node} exited ({self._process.returncode}):\n{logs}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"RabbitMQ node {self.node} did not start in {self.startup_timeout} s:\n"
-                                   + self._logs())
+                raise TimeoutError(
+                    f"RabbitMQ node {self.node} did not start in {self.startup_timeout} s:\n" + self._logs()
+                )
             # Fails fast while the node isn't registered yet; then blocks until the app runs.
             wait = max(5, min(remaining, 300))
             try:
-                result = self.rabbitmqctl("await_startup", "--timeout", str(int(wait)), timeout=wait + 60,
-                                          check=False)
+                result = self.rabbitmqctl("await_startup", "--timeout", str(int(wait)), timeout=wait + 60, check=False)
             except subprocess.TimeoutExpired:
                 continue
             if result.returncode == 0:
@@ -751,8 +884,10 @@ class PrivateRabbitMQ(_Server):
             if self._port_taken():  # without the management plugin the node even stays up
                 raise _PortTaken(self._logs())
             if time.monotonic() > deadline:
-                raise TimeoutError(f"listeners of {self.node} did not start (want {sorted(expected)}, have "
-                                   f"{sorted(running or ())}):\n" + self._logs())
+                raise TimeoutError(
+                    f"listeners of {self.node} did not start (want {sorted(expected)}, have "
+                    f"{sorted(running or ())}):\n" + self._logs()
+                )
             time.sleep(0.3)
         if self._port_taken():
             raise _PortTaken(self._logs())
@@ -783,8 +918,7 @@ class PrivateRabbitMQ(_Server):
                 return None
             return {int(listener["port"]) for listener in overview.get("listeners", [])}
         # #listener{node, protocol, host, ip_address, port, opts}: the port is element 6 of the tuple.
-        result = self.rabbitmqctl("eval", "[element(6, L) || L <- rabbit_networking:active_listeners()].",
-                                  check=False)
+        result = self.rabbitmqctl("eval", "[element(6, L) || L <- rabbit_networking:active_listeners()].", check=False)
         if result.returncode != 0:
             return None
         return {int(port) for port in re.findall(r"\d+", result.stdout)}
@@ -796,8 +930,9 @@ class PrivateRabbitMQ(_Server):
         try:
             if clean and self._process is not None and self._process.poll() is None:
                 try:
-                    self.rabbitmqctl("stop", str(self.pid_file), "--timeout", str(int(timeout)),
-                                     timeout=timeout + 30, check=False)
+                    self.rabbitmqctl(
+                        "stop", str(self.pid_file), "--timeout", str(int(timeout)), timeout=timeout + 30, check=False
+                    )
                     self._process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     pass
@@ -820,6 +955,7 @@ class _PortTaken(RuntimeError):
 # Redis
 # --------------------------------------------------------------------------------------------------
 
+
 class PrivateRedis(_Server):
     """A ``redis-server`` of its own on random ports, without persistence.
 
@@ -831,9 +967,18 @@ class PrivateRedis(_Server):
     the TLS handshake.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, pki: ThrowawayPKI | None = None, tls: bool = False,
-                 plain: bool = True, mutual_tls: bool = True, bind: Sequence[str] = ("127.0.0.1",),
-                 extra_config: Sequence[str] = (), startup_timeout: float = 120):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        pki: ThrowawayPKI | None = None,
+        tls: bool = False,
+        plain: bool = True,
+        mutual_tls: bool = True,
+        bind: Sequence[str] = ("127.0.0.1",),
+        extra_config: Sequence[str] = (),
+        startup_timeout: float = 120,
+    ):
         if tls and pki is None:
             raise ValueError("tls needs a pki")
         if not plain and not tls:
@@ -861,8 +1006,7 @@ class PrivateRedis(_Server):
         first = first.lstrip("-")
         return "localhost" if first in ("0.0.0.0", "::", "*") else first
 
-    def url(self, user: str | None = None, password: str | None = None, db: int = 0, *,
-            tls: bool | None = None) -> str:
+    def url(self, user: str | None = None, password: str | None = None, db: int = 0, *, tls: bool | None = None) -> str:
         """``rediss://`` (the TLS port, default when TLS is on) or ``redis://`` URL for ``user`` (admin by default)."""
         from urllib.parse import quote
 
@@ -875,8 +1019,17 @@ class PrivateRedis(_Server):
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'rediss' if tls else 'redis'}://{credentials}{host}:{self.tls_port if tls else self.port}/{db}"
 
-    def client(self, user: str | None = None, password: str | None = None, *, client_cert: str | None | bool = True,
-               ca: str | os.PathLike | None = None, tls: bool | None = None, anonymous: bool = False, **kwargs):
+    def client(
+        self,
+        user: str | None = None,
+        password: str | None = None,
+        *,
+        client_cert: str | None | bool = True,
+        ca: str | os.PathLike | None = None,
+        tls: bool | None = None,
+        anonymous: bool = False,
+        **kwargs,
+    ):
         """A redis-py client: over TLS (default when TLS is on) trusting ``ca`` (default: the PKI's CA) with
         the client certificate named ``client_cert`` (``True``: ``"redis-client"``; ``None``/``False``: none).
         ``anonymous`` sends no AUTH at all."""
@@ -889,13 +1042,19 @@ class PrivateRedis(_Server):
         from redis.retry import Retry
 
         # No retries: a refusal must surface at once (redis-py >= 6 retries 3 times with backoff by default).
-        options = dict(host=self.host, port=self.tls_port if tls else self.port, socket_timeout=15,
-                       socket_connect_timeout=15, retry=Retry(NoBackoff(), 0))
+        options = dict(
+            host=self.host,
+            port=self.tls_port if tls else self.port,
+            socket_timeout=15,
+            socket_connect_timeout=15,
+            retry=Retry(NoBackoff(), 0),
+        )
         if not anonymous:
             options.update(username=user, password=password)
         if tls:
-            options.update(ssl=True, ssl_ca_certs=str(ca or self.pki.ca_cert), ssl_cert_reqs="required",
-                           ssl_check_hostname=True)
+            options.update(
+                ssl=True, ssl_ca_certs=str(ca or self.pki.ca_cert), ssl_cert_reqs="required", ssl_check_hostname=True
+            )
             if client_cert:
                 name = "redis-client" if client_cert is True else client_cert
                 cert, key = self.pki.client(name)
@@ -903,8 +1062,9 @@ class PrivateRedis(_Server):
         options.update(kwargs)
         return redis.Redis(**options)
 
-    def add_user(self, name: str, password: str | None = None, rules: Sequence[str] = ("~*", "&*", "+@all")
-                 ) -> Credentials:
+    def add_user(
+        self, name: str, password: str | None = None, rules: Sequence[str] = ("~*", "&*", "+@all")
+    ) -> Credentials:
         """``ACL SETUSER name on >password RULES`` through the admin connection."""
         password = password or secrets.token_hex(16)
         with self.client() as admin:
@@ -938,7 +1098,7 @@ class PrivateRedis(_Server):
             ]
         return lines + list(self.extra_config)
 
-    def start(self) -> "PrivateRedis":
+    def start(self) -> PrivateRedis:
         """Start redis-server and wait until the admin user can PING. Stops everything on failure."""
         _Server._live.add(self)
         began = time.monotonic()
@@ -951,9 +1111,14 @@ class PrivateRedis(_Server):
                 os.chmod(self.config_file, 0o600)
                 with open(self.directory / "stdout.log", "ab") as log:
                     self._process = subprocess.Popen(
-                        [REDIS_SERVER, str(self.config_file)], env=_clean_environment(**{MARKER: self.tag}),
-                        cwd=self.directory, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                        start_new_session=True)
+                        [REDIS_SERVER, str(self.config_file)],
+                        env=_clean_environment(**{MARKER: self.tag}),
+                        cwd=self.directory,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
                 try:
                     self._await_startup(began + self.startup_timeout)
                     break
@@ -1000,6 +1165,7 @@ class PrivateRedis(_Server):
 # Fixtures
 # --------------------------------------------------------------------------------------------------
 
+
 def _new_pki(tmp_path_factory) -> ThrowawayPKI:
     """Also valid for 10.200.0.1-10.200.0.9, for network namespaces."""
     return ThrowawayPKI(tmp_path_factory.mktemp("pki"), extra_ips=[f"10.200.0.{i}" for i in range(1, 10)])
@@ -1007,15 +1173,24 @@ def _new_pki(tmp_path_factory) -> ThrowawayPKI:
 
 def _secure_rabbitmq(pki: ThrowawayPKI, tmp_path_factory, bind: Sequence[str] = ("127.0.0.1",)):
     """AMQPS only (mutual TLS), HTTPS management, EXTERNAL cert login."""
-    with PrivateRabbitMQ(tmp_path_factory.mktemp("rabbitmq"), pki=pki, tls=True, plain=False, mutual_tls=True,
-                         management_tls=True, cert_login=True, bind=bind) as server:
+    with PrivateRabbitMQ(
+        tmp_path_factory.mktemp("rabbitmq"),
+        pki=pki,
+        tls=True,
+        plain=False,
+        mutual_tls=True,
+        management_tls=True,
+        cert_login=True,
+        bind=bind,
+    ) as server:
         yield server
 
 
 def _secure_redis(pki: ThrowawayPKI, tmp_path_factory, bind: Sequence[str] = ("127.0.0.1",)):
     """TLS only with required client certificates, ACL default user off."""
-    with PrivateRedis(tmp_path_factory.mktemp("redis"), pki=pki, tls=True, plain=False, mutual_tls=True,
-                      bind=bind) as server:
+    with PrivateRedis(
+        tmp_path_factory.mktemp("redis"), pki=pki, tls=True, plain=False, mutual_tls=True, bind=bind
+    ) as server:
         yield server
 
 
@@ -1051,6 +1226,7 @@ def secure_redis(pki, tmp_path_factory):
 
 # The session's, for modules that import none of the above (tests/integration/conftest.py imports these).
 
+
 @pytest.fixture(scope="session", name="pki")
 def session_pki(tmp_path_factory) -> ThrowawayPKI:
     """The session's throwaway PKI (see :func:`_new_pki`)."""
@@ -1058,6 +1234,7 @@ def session_pki(tmp_path_factory) -> ThrowawayPKI:
 
 
 # On every address, so that the other hosts of tests/netns.py reach them at the bridge's address too.
+
 
 @pytest.fixture(scope="session", name="secure_rabbitmq")
 def session_secure_rabbitmq(pki, tmp_path_factory):

@@ -64,6 +64,7 @@ server process carries ``FEDQ_PRIVATE_SERVER=<id>`` in its environment, as the
 servers of :mod:`tests.private_servers` do, and :meth:`PrivateS3.stop` ends the
 server's session and any process still carrying the id, nothing else.
 """
+
 from __future__ import annotations
 
 import os
@@ -92,8 +93,9 @@ SECRET_KEY = "fedq-test-secret-key"
 class PrivateS3(_Server):
     """A moto S3 server on 127.0.0.1 with one bucket, for this test process alone (see the module doc)."""
 
-    def __init__(self, directory: str | os.PathLike | None = None, *, bucket: str | None = None,
-                 host: str = "127.0.0.1"):
+    def __init__(
+        self, directory: str | os.PathLike | None = None, *, bucket: str | None = None, host: str = "127.0.0.1"
+    ):
         # Holds moto's log (``moto.log``); a temporary one, removed at stop, unless the caller gives one.
         self._own_directory = directory is None
         self.directory = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="fedq-s3-"))
@@ -121,19 +123,25 @@ class PrivateS3(_Server):
     @property
     def storage_options(self) -> dict:
         """Keyword arguments for fsspec to reach this server: ``fsspec.open(url, **storage_options)``."""
-        return {"key": ACCESS_KEY, "secret": SECRET_KEY,
-                "client_kwargs": {"endpoint_url": self.endpoint_url}}
+        return {"key": ACCESS_KEY, "secret": SECRET_KEY, "client_kwargs": {"endpoint_url": self.endpoint_url}}
 
     @property
     def env(self) -> dict[str, str]:
         """Environment variables that make a plain ``fsspec.open("s3://...")`` reach this server."""
-        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-                "AWS_DEFAULT_REGION": REGION, "AWS_ENDPOINT_URL": self.endpoint_url}
+        return {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+        }
 
     def child_environment(self, **extra: str) -> dict[str, str]:
         """``os.environ`` less the caller's ``AWS_*``/``FSSPEC_S3*`` variables, plus :attr:`env` and ``extra``."""
-        environment = {key: value for key, value in os.environ.items()
-                       if not key.startswith(("AWS_", "FSSPEC_S3")) and key != MARKER}
+        environment = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("AWS_", "FSSPEC_S3")) and key != MARKER
+        }
         environment.update(self.env)
         environment.update(extra)
         return environment
@@ -150,7 +158,7 @@ class PrivateS3(_Server):
 
     # -- life cycle ---------------------------------------------------------------------------------
 
-    def start(self) -> "PrivateS3":
+    def start(self) -> PrivateS3:
         if self.running:
             return self
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -163,7 +171,9 @@ class PrivateS3(_Server):
             except _PortTaken:
                 self._stop_process(grace=5)
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"moto found no free port before the deadline:\n{self._tail(self.log)}")
+                    raise RuntimeError(
+                        f"moto found no free port before the deadline:\n{self._tail(self.log)}"
+                    ) from None
                 continue
             except BaseException:
                 self.stop()
@@ -192,15 +202,21 @@ class PrivateS3(_Server):
     # -- internals ----------------------------------------------------------------------------------
 
     def _spawn(self) -> None:
-        environment = {key: value for key, value in os.environ.items()
-                       if not key.startswith(("AWS_", "MOTO_")) and key != MARKER}
+        environment = {
+            key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "MOTO_")) and key != MARKER
+        }
         environment[MARKER] = self.tag
         environment["PYTHONUNBUFFERED"] = "1"
         with open(self.log, "ab") as log:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=environment,
-                cwd=self.directory, start_new_session=True)
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                cwd=self.directory,
+                start_new_session=True,
+            )
         _Server._live.add(self)
 
     def _await_startup(self, deadline: float) -> None:
@@ -221,8 +237,10 @@ class PrivateS3(_Server):
                 except (urllib.error.URLError, OSError):
                     pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"moto_server did not answer on {self.endpoint_url} within "
-                                   f"{STARTUP_TIMEOUT:.0f} s:\n{self._tail(self.log)}")
+                raise RuntimeError(
+                    f"moto_server did not answer on {self.endpoint_url} within "
+                    f"{STARTUP_TIMEOUT:.0f} s:\n{self._tail(self.log)}"
+                )
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
 

@@ -3,6 +3,7 @@
 Fixtures built on them live in ``tests/integration/conftest.py``; tests import
 helpers from here, never from a conftest.
 """
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("FEDQ_TEST_AMQP_URL", "amqp://guest:guest@localhost:5672/")
@@ -39,8 +40,13 @@ class Processes:
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "w")
         environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        process = subprocess.Popen([sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, stdout=log,
-                                   stderr=subprocess.STDOUT, env=environment)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fedq.common.cli", *args],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=environment,
+        )
         self.running[name] = process
         return process
 
@@ -54,8 +60,9 @@ class Processes:
             if text in content:
                 return content
             if self.running[name].poll() is not None:
-                raise AssertionError(f"{name} exited ({self.running[name].returncode}) before logging {text!r}:\n"
-                                     + content[-3000:])
+                raise AssertionError(
+                    f"{name} exited ({self.running[name].returncode}) before logging {text!r}:\n" + content[-3000:]
+                )
             time.sleep(0.1)
         raise AssertionError(f"{name} did not log {text!r} within {timeout} s:\n" + self.log(name)[-3000:])
 
@@ -71,8 +78,17 @@ def fedq_side_by_side(*commands: list[str], timeout: float = 300, **popen) -> li
     """Run ``python -m fedq.common.cli`` commands at once, from the repository root; their results, in
     order. Each spends a second or two of CPU starting up, which on two cores need not be one after
     another. Only for commands that change nothing another of them reads."""
-    running = [subprocess.Popen([sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, **popen) for args in commands]
+    running = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fedq.common.cli", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **popen,
+        )
+        for args in commands
+    ]
     results = []
     for process in running:
         stdout, stderr = process.communicate(timeout=timeout)
@@ -190,6 +206,7 @@ def publish_with_undecodable_header(job: str, exchange: str, body: bytes, messag
 
 # -- the loops in memory: no RabbitMQ, no Redis (unit tests) --------------------------------
 
+
 class InBackground:
     """Run a service loop (``run()`` of a Coordinator or Worker) in a thread; re-raise what it raised."""
 
@@ -243,16 +260,24 @@ def publish_job(store, task: str = "linear", task_params: dict | None = None, *,
 
     key = store.status.signing_key()
     weights = load_task(task, task_params or {}).initial_weights(0)
-    store.status.save_description(JobDescription(
-        job=store.job, task=task, task_params=task_params or {}, seed=0, tensors=codec.tensor_specs(weights),
-        public_key=key.verify_key.to_text()).signed(key))
+    store.status.save_description(
+        JobDescription(
+            job=store.job,
+            task=task,
+            task_params=task_params or {},
+            seed=0,
+            tensors=codec.tensor_specs(weights),
+            public_key=key.verify_key.to_text(),
+        ).signed(key)
+    )
     if commit:
         store.versions.commit(None, weights)
     return key
 
 
-def signed_task(key, store, version: int = 0, *, task_id: str | None = None, learning_rate: float = 0.05,
-                synchronous: bool = False):
+def signed_task(
+    key, store, version: int = 0, *, task_id: str | None = None, learning_rate: float = 0.05, synchronous: bool = False
+):
     """A round task for ``version`` as the coordinator issues it: with the version's digest, signed by ``key``."""
     import dataclasses
     import uuid
@@ -263,9 +288,15 @@ def signed_task(key, store, version: int = 0, *, task_id: str | None = None, lea
         digest = store.versions.digest_of(version)
     except Exception:  # noqa: BLE001 - a version that does not exist: any well-formed digest
         digest = "0" * 64
-    task = RoundTask(job=store.job, task_id=task_id or uuid.uuid4().hex, model_version=version, issued_at=0.0,
-                     train=TrainSettings(epochs=1, batch_size=32, learning_rate=learning_rate, seed=1),
-                     model_digest=digest, synchronous=synchronous)
+    task = RoundTask(
+        job=store.job,
+        task_id=task_id or uuid.uuid4().hex,
+        model_version=version,
+        issued_at=0.0,
+        train=TrainSettings(epochs=1, batch_size=32, learning_rate=learning_rate, seed=1),
+        model_digest=digest,
+        synchronous=synchronous,
+    )
     return dataclasses.replace(task, signature=key.sign(task.signed_document()))
 
 
@@ -274,8 +305,14 @@ def update_body(task, delta: dict, *, worker_id: str = "w", num_examples: int = 
     from fedq.common.wire import codec
     from fedq.common.wire.messages import InlineDelta, ModelUpdate
 
-    return ModelUpdate(job=job or task.job, task_id=task.task_id, worker_id=worker_id, base_version=task.model_version,
-                       num_examples=num_examples, delta=InlineDelta(codec.encode(delta))).to_bytes()
+    return ModelUpdate(
+        job=job or task.job,
+        task_id=task.task_id,
+        worker_id=worker_id,
+        base_version=task.model_version,
+        num_examples=num_examples,
+        delta=InlineDelta(codec.encode(delta)),
+    ).to_bytes()
 
 
 def exploding_task(**params):
@@ -296,7 +333,7 @@ class BlockedTraining:
 
     started = None  # threading.Event, set when training begins
     release = None  # threading.Event the training waits for
-    running = 0     # trainings running now, and the most ever at once
+    running = 0  # trainings running now, and the most ever at once
     most_at_once = 0
 
     @classmethod
@@ -326,5 +363,3 @@ def blocked_task(**params):
                     BlockedTraining.running -= 1
 
     return BlockedTask(**params)
-
-

@@ -8,6 +8,7 @@ parameters, which are data. The description's public key verifies every round
 task; a worker that pins the key's fingerprint (``--coordinator-key``) also
 notices a description rewritten by anyone but the coordinator.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,13 @@ def _flags(task: str, params: dict[str, Any]) -> str:
 
 
 class JobBinder:
-    def __init__(self, store: ModelStore, task: str | None = None, task_params: dict[str, Any] | None = None,
-                 pinned_fingerprint: str | None = None):
+    def __init__(
+        self,
+        store: ModelStore,
+        task: str | None = None,
+        task_params: dict[str, Any] | None = None,
+        pinned_fingerprint: str | None = None,
+    ):
         self.store = store
         self.task = task
         self.task_params = task_params
@@ -73,11 +79,13 @@ class JobBinder:
         """
         raw = self.store.status.load_description_text()
         if raw is None:
-            raise UnverifiableJobError(f"job {self.store.job!r} has no description in Redis yet (its coordinator "
-                                       "writes it at start)")
+            raise UnverifiableJobError(
+                f"job {self.store.job!r} has no description in Redis yet (its coordinator writes it at start)"
+            )
         if raw != self._raw:
             self._bound = self._bind(raw)
             self._raw = raw
+        assert self._bound is not None  # bound whenever _raw is set
         return self._bound
 
     def _bind(self, raw: bytes) -> BoundJob:
@@ -90,17 +98,31 @@ class JobBinder:
             raise UnverifiableJobError(f"the description under job {self.store.job!r} names job {description.job!r}")
         if self.pinned_fingerprint is None and not self._warned_unpinned:
             self._warned_unpinned = True
-            log.warning(kv("coordinator_key_unpinned", job=self.store.job,
-                           fingerprint=description.verify_key.fingerprint,
-                           advice="pin it with --coordinator-key so that a rewritten job description is refused"))
+            log.warning(
+                kv(
+                    "coordinator_key_unpinned",
+                    job=self.store.job,
+                    fingerprint=description.verify_key.fingerprint,
+                    advice="pin it with --coordinator-key so that a rewritten job description is refused",
+                )
+            )
         plugin, model = self._plugin_for(description)
         specs = codec.tensor_specs(weights_of(model))
         if specs != description.tensors:
-            raise JobMismatchError(f"this worker's model for task {description.task!r} has tensors {specs}, but job "
-                                   f"{self.store.job!r} trains {description.tensors}: a different version of the "
-                                   "task plugin?")
-        log.info(kv("job_bound", job=self.store.job, task=description.task, digest=description.digest[:16],
-                    coordinator_key=description.verify_key.fingerprint[:16]))
+            raise JobMismatchError(
+                f"this worker's model for task {description.task!r} has tensors {specs}, but job "
+                f"{self.store.job!r} trains {description.tensors}: a different version of the "
+                "task plugin?"
+            )
+        log.info(
+            kv(
+                "job_bound",
+                job=self.store.job,
+                task=description.task,
+                digest=description.digest[:16],
+                coordinator_key=description.verify_key.fingerprint[:16],
+            )
+        )
         return BoundJob(description, plugin, model)
 
     def _plugin_for(self, description: JobDescription) -> tuple[FederatedTask, torch.nn.Module]:
@@ -108,17 +130,22 @@ class JobBinder:
             raise JobMismatchError(
                 f"job {self.store.job!r} trains task {description.task!r}, which is not built into fedq; give this "
                 f"worker that plugin with {_flags(description.task, description.task_params)} "
-                "(a worker never imports code named in Redis)")
+                "(a worker never imports code named in Redis)"
+            )
         task = self.task or description.task
         if task != description.task:
-            raise JobMismatchError(f"this worker trains task {task!r}, but job {self.store.job!r} trains "
-                                   f"{description.task!r}; start the worker with "
-                                   f"{_flags(description.task, description.task_params)}")
+            raise JobMismatchError(
+                f"this worker trains task {task!r}, but job {self.store.job!r} trains "
+                f"{description.task!r}; start the worker with "
+                f"{_flags(description.task, description.task_params)}"
+            )
         params = description.task_params if self.task_params is None else self.task_params
         if params != description.task_params:
-            raise JobMismatchError(f"this worker's task parameters {json.dumps(params, sort_keys=True)} are not job "
-                                   f"{self.store.job!r}'s; start the worker with "
-                                   f"{_flags(description.task, description.task_params)}")
+            raise JobMismatchError(
+                f"this worker's task parameters {json.dumps(params, sort_keys=True)} are not job "
+                f"{self.store.job!r}'s; start the worker with "
+                f"{_flags(description.task, description.task_params)}"
+            )
         key = json.dumps([task, params], sort_keys=True)
         if key not in self._plugins:
             plugin = load_task(task, params)

@@ -21,6 +21,7 @@ way the coordinator gets a refusal, so it replaces the task without waiting for
 its lease, and the worker keeps serving. Only errors that are not the task's
 fault end the loop (a worker configured for another task than the job's).
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,14 @@ from fedq.broker.topology import Topology
 from fedq.broker.transport import AccessRefused, Channel, Delivery, Transport, dead_letter_headers, delivery_count
 from fedq.common.obs import metrics
 from fedq.common.obs.logs import kv
-from fedq.common.store import (TRANSIENT_REDIS_ERRORS, ModelStore, StoreError, TamperedVersionError, UnknownVersionError,
-                               connect_redis)
+from fedq.common.store import (
+    TRANSIENT_REDIS_ERRORS,
+    ModelStore,
+    StoreError,
+    TamperedVersionError,
+    UnknownVersionError,
+    connect_redis,
+)
 from fedq.common.tasks import TaskPluginError
 from fedq.common.wire.limits import INLINE_LIMIT_BYTES, MAX_TASK_MESSAGE_BYTES, TRAINING_ATTEMPTS
 from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate, RoundTask, TaskRefusal, parse_task
@@ -104,8 +111,7 @@ def default_worker_id() -> str:
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, store: ModelStore | None = None,
-                 transport: Transport | None = None):
+    def __init__(self, settings: WorkerSettings, store: ModelStore | None = None, transport: Transport | None = None):
         self.settings = settings
         # "{hostname}" lets replicas of one site name themselves: --worker-id 'site-a.{hostname}'.
         self.worker_id = (settings.worker_id or default_worker_id()).replace("{hostname}", socket.gethostname())
@@ -117,10 +123,15 @@ class Worker:
         self.partition: int | None = settings.partition
         self._lease_warned = False
         self.job = JobBinder(self.store, settings.task, settings.task_params, settings.coordinator_key)
-        self.trainer = LocalTrainer(self.store, self.worker_id, device=training_device(settings.device),
-                                    data_location=settings.data, slowdown_seconds=settings.slowdown_seconds,
-                                    step_delay_seconds=settings.step_delay_seconds,
-                                    inline_limit_bytes=settings.inline_limit_bytes)
+        self.trainer = LocalTrainer(
+            self.store,
+            self.worker_id,
+            device=training_device(settings.device),
+            data_location=settings.data,
+            slowdown_seconds=settings.slowdown_seconds,
+            step_delay_seconds=settings.step_delay_seconds,
+            inline_limit_bytes=settings.inline_limit_bytes,
+        )
         self.tasks_done = 0
         self.tasks_failed = 0
         self.tasks_unverifiable = 0  # deliveries given back because the job's description did not verify
@@ -144,8 +155,9 @@ class Worker:
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.request_stop()
-        log.info(kv("stop_requested", worker=self.worker_id, signal=signal.Signals(signum).name,
-                    immediate=self.stop_now))
+        log.info(
+            kv("stop_requested", worker=self.worker_id, signal=signal.Signals(signum).name, immediate=self.stop_now)
+        )
 
     def request_stop(self) -> None:
         """The first call drains the current task; a second requeues it at once."""
@@ -158,8 +170,12 @@ class Worker:
     def run(self) -> int:
         """Serve tasks until stopped or ``max_tasks`` done; reconnects after connection loss."""
         # The job in the connection name lets operators (and tests) find a job's connections.
-        self.transport.run(self._serve, name=f"fedq-worker-{self.settings.job}-{self.worker_id}",
-                           should_stop=lambda: self.stop_requested, also_transient=TRANSIENT_REDIS_ERRORS)
+        self.transport.run(
+            self._serve,
+            name=f"fedq-worker-{self.settings.job}-{self.worker_id}",
+            should_stop=lambda: self.stop_requested,
+            also_transient=TRANSIENT_REDIS_ERRORS,
+        )
         self.store.workers.forget(self.worker_id)
         log.info(kv("worker_stopped", worker=self.worker_id, tasks_done=self.tasks_done))
         return 0
@@ -168,11 +184,22 @@ class Worker:
         if not force and time.monotonic() - self._liveness_written < LIVENESS_REFRESH_SECONDS:
             return
         self._liveness_written = time.monotonic()
-        self.store.workers.touch(self.worker_id, {
-            "worker_id": self.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
-            "partition": self.partition, "partition_source": self.data_source, "data": self.settings.data,
-            "device": self.settings.device, "tasks_done": self.tasks_done, "current_task": self._current_task,
-            "started": self.started_at}, LIVENESS_TTL_SECONDS)
+        self.store.workers.touch(
+            self.worker_id,
+            {
+                "worker_id": self.worker_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "partition": self.partition,
+                "partition_source": self.data_source,
+                "data": self.settings.data,
+                "device": self.settings.device,
+                "tasks_done": self.tasks_done,
+                "current_task": self._current_task,
+                "started": self.started_at,
+            },
+            LIVENESS_TTL_SECONDS,
+        )
 
     def _leased_partition(self, channel: Channel) -> int | None:
         """The partition to train this task on: the flag's, else the coordinator's lease (waited for
@@ -189,10 +216,16 @@ class Worker:
             leased = stable_partition(self.worker_id) % job_partitions(self.job.current())
             if not self._lease_warned:
                 self._lease_warned = True
-                log.warning(kv("partition_not_leased", worker=self.worker_id, partition=leased,
-                               waited_s=self.settings.lease_wait_seconds,
-                               detail="no lease from the coordinator; training on a partition chosen from the "
-                                      "worker id, which another worker may share"))
+                log.warning(
+                    kv(
+                        "partition_not_leased",
+                        worker=self.worker_id,
+                        partition=leased,
+                        waited_s=self.settings.lease_wait_seconds,
+                        detail="no lease from the coordinator; training on a partition chosen from the "
+                        "worker id, which another worker may share",
+                    )
+                )
         if leased != self.partition:
             log.info(kv("partition_leased", worker=self.worker_id, partition=leased, previous=self.partition))
             self.partition = leased
@@ -209,8 +242,7 @@ class Worker:
                 return
         log.info(kv("worker_ready", worker=self.worker_id, job=self.settings.job))
         self._report_liveness(force=True)
-        for delivery in channel.consume(self.topology.tasks, prefetch=1,
-                                        inactivity_timeout=self.settings.idle_seconds):
+        for delivery in channel.consume(self.topology.tasks, prefetch=1, inactivity_timeout=self.settings.idle_seconds):
             if self.stop_requested:
                 break
             self._report_liveness()
@@ -259,11 +291,19 @@ class Worker:
             return
         partition = self._leased_partition(channel)
         started = time.monotonic()
-        log.info(kv("task_started", worker=self.worker_id, task=task.task_id, base_version=task.model_version,
-                    partition=partition))
+        log.info(
+            kv(
+                "task_started",
+                worker=self.worker_id,
+                task=task.task_id,
+                base_version=task.model_version,
+                partition=partition,
+            )
+        )
         outcome: dict[str, Any] = {}
-        thread = threading.Thread(target=self._train_into, args=(task, job, partition, outcome), daemon=True,
-                                  name=f"train-{task.task_id[:8]}")
+        thread = threading.Thread(
+            target=self._train_into, args=(task, job, partition, outcome), daemon=True, name=f"train-{task.task_id[:8]}"
+        )
         thread.start()
         drain_deadline = None
         self._current_task = task.task_id
@@ -290,23 +330,37 @@ class Worker:
         self.tasks_done += 1
         if task.synchronous:
             self._round_trained = task.model_version
-        job = self.settings.job
-        metrics.WORKER_TASKS.labels(job, "done").inc()
-        metrics.WORKER_TASK_SECONDS.labels(job).observe(time.monotonic() - started)
+        job_name = self.settings.job
+        metrics.WORKER_TASKS.labels(job_name, "done").inc()
+        metrics.WORKER_TASK_SECONDS.labels(job_name).observe(time.monotonic() - started)
         sent = update.delta.nbytes if isinstance(update.delta, ClaimCheck) else len(body)
-        metrics.WORKER_BYTES_SENT.labels(job).inc(sent)
-        log.info(kv("task_done", worker=self.worker_id, task=task.task_id, base_version=task.model_version,
-                    examples=update.num_examples, seconds=time.monotonic() - started,
-                    **{key: value for key, value in update.metrics.items()}))
+        metrics.WORKER_BYTES_SENT.labels(job_name).inc(sent)
+        log.info(
+            kv(
+                "task_done",
+                worker=self.worker_id,
+                task=task.task_id,
+                base_version=task.model_version,
+                examples=update.num_examples,
+                seconds=time.monotonic() - started,
+                **{key: value for key, value in update.metrics.items()},
+            )
+        )
 
     def _hand_back(self, channel: Channel, delivery: Delivery, task: RoundTask) -> None:
         """A second task of a synchronous round this worker already trained in: give it back so that
         a worker that has not trained in the round takes it; after ROUND_HAND_BACKS deliveries
         nobody else took it, so refuse it and the round completes without it."""
         if delivery_count(delivery) + 1 >= ROUND_HAND_BACKS:
-            self._refuse(channel, delivery, "trained_in_round", f"worker {self.worker_id} trained in round "
-                         f"{task.model_version} already, and no other worker took this task", task,
-                         dead_letter=False)
+            self._refuse(
+                channel,
+                delivery,
+                "trained_in_round",
+                f"worker {self.worker_id} trained in round "
+                f"{task.model_version} already, and no other worker took this task",
+                task,
+                dead_letter=False,
+            )
             return
         log.info(kv("task_handed_back", worker=self.worker_id, task=task.task_id, round=task.model_version))
         self._wait_polling(channel, ROUND_HAND_BACK_SECONDS)  # the others' turn first
@@ -330,16 +384,26 @@ class Worker:
         attempt = delivery_count(delivery) + 1
         detail = f"{type(error).__name__}: {error}"
         if attempt < TRAINING_ATTEMPTS:
-            log.warning(kv("task_failed", worker=self.worker_id, task=task.task_id, attempt=attempt,
-                           retry=True, error=detail))
+            log.warning(
+                kv("task_failed", worker=self.worker_id, task=task.task_id, attempt=attempt, retry=True, error=detail)
+            )
             channel.nack(delivery.tag, requeue=True)
             return
-        log.error(kv("task_failed", worker=self.worker_id, task=task.task_id, attempt=attempt, retry=False,
-                     error=detail))
+        log.error(
+            kv("task_failed", worker=self.worker_id, task=task.task_id, attempt=attempt, retry=False, error=detail)
+        )
         self._refuse(channel, delivery, "training_failed", detail, task)
 
-    def _refuse(self, channel: Channel, delivery: Delivery, reason: str, detail: str,
-                issued: RoundTask | None = None, *, dead_letter: bool = True) -> None:
+    def _refuse(
+        self,
+        channel: Channel,
+        delivery: Delivery,
+        reason: str,
+        detail: str,
+        issued: RoundTask | None = None,
+        *,
+        dead_letter: bool = True,
+    ) -> None:
         """A task no worker should train: to the dead letters with its reason, and on to the next.
 
         ``issued``: a task the coordinator verifiably issued; it is told, so that it replaces
@@ -350,13 +414,22 @@ class Worker:
         log.warning(kv("task_rejected", worker=self.worker_id, task=task_id, reason=reason, detail=detail))
         metrics.WORKER_TASKS.labels(self.settings.job, "refused").inc()
         if issued is not None:
-            refusal = TaskRefusal(job=issued.job, task_id=issued.task_id, worker_id=self.worker_id, reason=reason,
-                                  detail=detail[:500])
-            channel.publish(self.topology.updates, refusal.to_bytes(), message_id=f"refusal-{issued.task_id}",
-                            user_id=self.transport.user)
+            refusal = TaskRefusal(
+                job=issued.job, task_id=issued.task_id, worker_id=self.worker_id, reason=reason, detail=detail[:500]
+            )
+            channel.publish(
+                self.topology.updates,
+                refusal.to_bytes(),
+                message_id=f"refusal-{issued.task_id}",
+                user_id=self.transport.user,
+            )
         if dead_letter:
-            channel.publish(self.topology.dead, delivery.body, message_id=delivery.message_id or task_id or "unknown",
-                            headers=dead_letter_headers(delivery.headers, reason, detail, origin="tasks"))
+            channel.publish(
+                self.topology.dead,
+                delivery.body,
+                message_id=delivery.message_id or task_id or "unknown",
+                headers=dead_letter_headers(delivery.headers, reason, detail, origin="tasks"),
+            )
         channel.ack(delivery.tag)
 
     def _wait_polling(self, channel: Channel, seconds: float) -> None:

@@ -2,6 +2,7 @@
 
 Runs in the worker's training thread: nothing here touches the broker.
 """
+
 from __future__ import annotations
 
 import threading
@@ -18,6 +19,8 @@ from fedq.common.wire import codec
 from fedq.common.wire.limits import INLINE_LIMIT_BYTES, UPDATE_BLOB_TTL_SECONDS
 from fedq.common.wire.messages import MAX_LOCAL_STEPS, ClaimCheck, InlineDelta, ModelUpdate, RoundTask
 from fedq.worker.job import BoundJob
+
+CPU = torch.device("cpu")  # the default device: training needs no accelerator
 
 
 def stable_partition(worker_id: str) -> int:
@@ -36,8 +39,10 @@ def training_device(spec: str) -> torch.device:
     except (RuntimeError, ValueError):
         raise TaskPluginError(f"--device {spec!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise TaskPluginError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s) that "
-                              "torch can use; train on --device cpu")
+        raise TaskPluginError(
+            f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s) that "
+            "torch can use; train on --device cpu"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise TaskPluginError("--device mps: the MPS backend is not available on this machine; use --device cpu")
     if device.type not in ("cpu", "cuda", "mps"):
@@ -52,9 +57,17 @@ class LocalTrainer:
     plugin's ``local_data_at`` reads there, checked once against the model.
     """
 
-    def __init__(self, store: ModelStore, worker_id: str, *, device: torch.device = torch.device("cpu"),
-                 data_location: str | None = None, slowdown_seconds: float = 0.0, step_delay_seconds: float = 0.0,
-                 inline_limit_bytes: int = INLINE_LIMIT_BYTES):
+    def __init__(
+        self,
+        store: ModelStore,
+        worker_id: str,
+        *,
+        device: torch.device = CPU,
+        data_location: str | None = None,
+        slowdown_seconds: float = 0.0,
+        step_delay_seconds: float = 0.0,
+        inline_limit_bytes: int = INLINE_LIMIT_BYTES,
+    ):
         self.store = store
         self.worker_id = worker_id
         self.device = device
@@ -76,6 +89,7 @@ class LocalTrainer:
 
     def data(self, plugin: FederatedTask, model: torch.nn.Module, partition: int | None) -> LocalData:
         if self.data_location is None:
+            assert partition is not None  # only a worker with --data has no partition
             return plugin.local_data(partition)
         if id(plugin) not in self._located:
             data = plugin.local_data_at(self.data_location)
@@ -83,13 +97,15 @@ class LocalTrainer:
                 with torch.no_grad():
                     model(data.features[:1])
             except Exception as error:  # noqa: BLE001 - any failure means the data does not fit the model
-                raise TaskPluginError(f"the data at {self.data_location} does not fit the job's model "
-                                      f"({type(error).__name__}: {error})") from None
+                raise TaskPluginError(
+                    f"the data at {self.data_location} does not fit the job's model ({type(error).__name__}: {error})"
+                ) from None
             self._located[id(plugin)] = data
         return self._located[id(plugin)]
 
-    def _train(self, task: RoundTask, plugin: FederatedTask, model: torch.nn.Module,
-               partition: int | None) -> ModelUpdate:
+    def _train(
+        self, task: RoundTask, plugin: FederatedTask, model: torch.nn.Module, partition: int | None
+    ) -> ModelUpdate:
         # Verified against the digest the coordinator signed into the task, not only the one in
         # Redis: weights and metadata rewritten together are refused all the same.
         base = self.store.versions.load_weights(task.model_version, expected_digest=task.model_digest)
@@ -99,8 +115,11 @@ class LocalTrainer:
         if self.device.type != "cpu":  # weights_of below copies the trained weights back
             model.to(self.device)
             data = LocalData(data.features.to(self.device), data.targets.to(self.device))
-        slower = (model.register_forward_pre_hook(lambda *_: time.sleep(self.step_delay_seconds))
-                  if self.step_delay_seconds else None)
+        slower = (
+            model.register_forward_pre_hook(lambda *_: time.sleep(self.step_delay_seconds))
+            if self.step_delay_seconds
+            else None
+        )
         try:
             metrics = dict(plugin.train(model, data, task.train))
         finally:
@@ -112,9 +131,17 @@ class LocalTrainer:
         local_steps = int(steps) if isinstance(steps, (int, float)) and 0 <= steps <= MAX_LOCAL_STEPS else 0
         trained = weights_of(model)
         delta = {name: (trained[name] - base[name]).astype(np.float32, copy=False) for name in base}
-        return ModelUpdate(job=task.job, task_id=task.task_id, worker_id=self.worker_id,
-                           base_version=task.model_version, num_examples=len(data), delta=self.pack(task, delta),
-                           metrics=metrics, train_seconds=time.monotonic() - started, local_steps=local_steps)
+        return ModelUpdate(
+            job=task.job,
+            task_id=task.task_id,
+            worker_id=self.worker_id,
+            base_version=task.model_version,
+            num_examples=len(data),
+            delta=self.pack(task, delta),
+            metrics=metrics,
+            train_seconds=time.monotonic() - started,
+            local_steps=local_steps,
+        )
 
     def pack(self, task: RoundTask, delta: codec.Weights) -> InlineDelta | ClaimCheck:
         payload = codec.encode(delta)

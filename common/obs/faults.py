@@ -5,6 +5,7 @@ passes ``crash_point(point)``: a real, unclean death at an exact place (between
 the Redis commit and the acks, say), which a signal from outside cannot hit
 reliably. Unset, a crash point costs one dictionary lookup.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Structured logging: one ``key=value`` line per event, easy to grep and to parse."""
+
 from __future__ import annotations
 
 import logging
@@ -7,8 +8,12 @@ from typing import Any
 
 
 def setup_logging(level: str = "INFO", stream: Any = None) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=stream or sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        stream=stream or sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        force=True,
+    )
     # pika logs every connection state change, and each failed connection attempt
     # as an ERROR with a traceback; fedq logs its own one-line events for those.
     # At DEBUG, pika's own account is shown too.

@@ -10,13 +10,20 @@
 Every key name is defined in :mod:`fedq.common.store.keys`. Methods raise
 :class:`StoreError` subclasses, never KeyError.
 """
+
 from __future__ import annotations
 
 import redis
 
 from fedq.common.store.blobs import UpdateBlobs
-from fedq.common.store.client import (TRANSIENT_REDIS_ERRORS, HeadMovedError, StoreError, TamperedVersionError,
-                                      UnknownVersionError, connect_redis)
+from fedq.common.store.client import (
+    TRANSIENT_REDIS_ERRORS,
+    HeadMovedError,
+    StoreError,
+    TamperedVersionError,
+    UnknownVersionError,
+    connect_redis,
+)
 from fedq.common.store.fleet import FleetRecords
 from fedq.common.store.identities import IdentityRegistry
 from fedq.common.store.keys import JobKeys
@@ -26,8 +33,16 @@ from fedq.common.store.status import JobStatus, OutcomeCounters
 from fedq.common.store.versions import VersionStore
 from fedq.common.store.workers import WorkerRegistry
 
-__all__ = ["TRANSIENT_REDIS_ERRORS", "HeadMovedError", "JobKeys", "ModelStore", "StoreError", "TamperedVersionError",
-           "UnknownVersionError", "connect_redis"]
+__all__ = [
+    "TRANSIENT_REDIS_ERRORS",
+    "HeadMovedError",
+    "JobKeys",
+    "ModelStore",
+    "StoreError",
+    "TamperedVersionError",
+    "UnknownVersionError",
+    "connect_redis",
+]
 
 
 class ModelStore:

@@ -26,6 +26,7 @@ segments may cover the same version (an archiver that crashed after writing
 one and before Redis learnt of it writes the range again): their contents
 are identical, and readers take either.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,9 +36,9 @@ import re
 import struct
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from fedq.common.records import VersionRecord
 from fedq.common.store.client import StoreError
@@ -119,8 +120,7 @@ class Archive:
     def jobs(self) -> list[str]:
         """Names of the jobs with a folder in this archive."""
         try:
-            return sorted(Path(entry).name for entry in self.fs.ls(self.root, detail=False)
-                          if self.fs.isdir(entry))
+            return sorted(Path(entry).name for entry in self.fs.ls(self.root, detail=False) if self.fs.isdir(entry))
         except FileNotFoundError:
             return []
 
@@ -151,8 +151,11 @@ class JobArchive:
         """The job's segments, by first version (a listing; cached until ``refresh``)."""
         if self._segments is None or refresh:
             try:
-                entries = self.fs.ls(self.folder, detail=True, refresh=True) if self._ls_refreshes() \
+                entries = (
+                    self.fs.ls(self.folder, detail=True, refresh=True)
+                    if self._ls_refreshes()
                     else self.fs.ls(self.folder, detail=True)
+                )
             except FileNotFoundError:
                 entries = []
             except OSError as error:
@@ -207,12 +210,20 @@ class JobArchive:
                 out.write(payload)
                 refs[blob_name] = BlobRef(offset, len(payload), hashlib.sha256(payload).hexdigest())
                 offset += len(payload)
-            index = json.dumps({"schema": SEGMENT_SCHEMA, "job": self.job, "first": first, "last": last,
-                                "records": [record.to_dict() for record in records],
-                                "blobs": {blob_name: [ref.offset, ref.length, ref.digest]
-                                          for blob_name, ref in refs.items()}}, sort_keys=True).encode()
-            envelope = json.dumps({"index_sha256": hashlib.sha256(index).hexdigest(),
-                                   "index_offset": offset, "index_length": len(index)}).encode()
+            index = json.dumps(
+                {
+                    "schema": SEGMENT_SCHEMA,
+                    "job": self.job,
+                    "first": first,
+                    "last": last,
+                    "records": [record.to_dict() for record in records],
+                    "blobs": {blob_name: [ref.offset, ref.length, ref.digest] for blob_name, ref in refs.items()},
+                },
+                sort_keys=True,
+            ).encode()
+            envelope = json.dumps(
+                {"index_sha256": hashlib.sha256(index).hexdigest(), "index_offset": offset, "index_length": len(index)}
+            ).encode()
             out.write(index)
             out.write(envelope)
             out.write(FOOTER.pack(len(envelope)))
@@ -231,28 +242,31 @@ class JobArchive:
         try:
             size = self.fs.size(segment.path)
             tail = self.fs.cat_file(segment.path, start=size - FOOTER.size - len(MAGIC), end=size)
-            if tail[-len(MAGIC):] != MAGIC:
+            if tail[-len(MAGIC) :] != MAGIC:
                 raise ArchiveError(f"archive segment {segment.path} is not a fedq segment (bad magic)")
-            (envelope_length,) = FOOTER.unpack(tail[:FOOTER.size])
+            (envelope_length,) = FOOTER.unpack(tail[: FOOTER.size])
             envelope_end = size - FOOTER.size - len(MAGIC)
-            envelope = json.loads(self.fs.cat_file(segment.path, start=envelope_end - envelope_length,
-                                                   end=envelope_end))
-            index_bytes = self.fs.cat_file(segment.path, start=envelope["index_offset"],
-                                           end=envelope["index_offset"] + envelope["index_length"])
+            envelope = json.loads(
+                self.fs.cat_file(segment.path, start=envelope_end - envelope_length, end=envelope_end)
+            )
+            index_bytes = self.fs.cat_file(
+                segment.path, start=envelope["index_offset"], end=envelope["index_offset"] + envelope["index_length"]
+            )
         except (OSError, ValueError, KeyError) as error:
             raise ArchiveError(f"cannot read archive segment {segment.path}: {error}") from None
         if hashlib.sha256(index_bytes).hexdigest() != envelope["index_sha256"]:
             raise ArchiveError(f"the index of archive segment {segment.path} does not match its digest (corrupted)")
         document = json.loads(index_bytes)
         if document.get("schema") != SEGMENT_SCHEMA:
-            raise ArchiveError(f"archive segment {segment.path} has schema {document.get('schema')!r}, "
-                               f"this build reads {SEGMENT_SCHEMA}")
+            raise ArchiveError(
+                f"archive segment {segment.path} has schema {document.get('schema')!r}, "
+                f"this build reads {SEGMENT_SCHEMA}"
+            )
         records = {}
         for raw in document["records"]:
             record = VersionRecord.from_json(json.dumps(raw))
             records[record.version] = record
-        index = SegmentIndex(segment, records,
-                             {name: BlobRef(*ref) for name, ref in document["blobs"].items()})
+        index = SegmentIndex(segment, records, {name: BlobRef(*ref) for name, ref in document["blobs"].items()})
         self._indexes[segment.path] = index
         while len(self._indexes) > INDEX_CACHE_SEGMENTS:
             self._indexes.popitem(last=False)
@@ -292,7 +306,7 @@ class JobArchive:
 
     def checkpoints(self) -> list[int]:
         """Versions whose weights the archive holds, oldest first."""
-        found = set()
+        found: set[int] = set()
         for segment in self.segments():
             found.update(int(name.split(":", 1)[1]) for name in self.index(segment).blobs if name.startswith("model:"))
         return sorted(found)
@@ -315,6 +329,7 @@ class _DurableWriter:
 
     def __enter__(self):
         if self.archive.local:
+            assert self.temporary is not None  # set for every local archive
             os.makedirs(self.folder, exist_ok=True)
             self.file = open(self.temporary, "wb")
         else:
@@ -333,6 +348,7 @@ class _DurableWriter:
             else:
                 _discard(self.file)
             return False
+        assert self.temporary is not None  # set for every local archive
         renamed = False
         try:
             if kind is None:

@@ -1,5 +1,8 @@
 """Update blobs: the weight delta of one update, keyed by its worker and task id (the claim check)."""
+
 from __future__ import annotations
+
+from typing import cast
 
 import redis
 
@@ -21,7 +24,7 @@ class UpdateBlobs:
         return key
 
     def get(self, key: str) -> bytes | None:
-        return self.redis.get(key)
+        return cast("bytes | None", self.redis.get(key))
 
     def size(self, key: str) -> int:
         """The blob's length in bytes without reading it (0 when there is none).

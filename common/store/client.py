@@ -1,4 +1,5 @@
 """Connecting to Redis, and the errors every part of the store raises."""
+
 from __future__ import annotations
 
 import logging
@@ -42,8 +43,9 @@ def connect_redis(url: str, *, blocking: bool = False, attempts: int = CONNECT_A
     try:
         # rediss://: verify the server against the configured CA, check its host name, send our certificate.
         secure = tls.configured().redis_arguments() if url.startswith("rediss://") else {}
-        client = redis.Redis.from_url(url, socket_timeout=None if blocking else 30,
-                                      socket_connect_timeout=5, health_check_interval=30, **secure)
+        client = redis.Redis.from_url(
+            url, socket_timeout=None if blocking else 30, socket_connect_timeout=5, health_check_interval=30, **secure
+        )
     except ValueError as error:
         raise StoreError(f"Redis URL {redact_url(url)!r} is not valid: {error}") from None
     delays = backoff_delays(attempts)
@@ -59,8 +61,9 @@ def connect_redis(url: str, *, blocking: bool = False, attempts: int = CONNECT_A
                 raise StoreError(f"Redis at {redact_url(url)} failed the TLS handshake: {error}") from None
             backoff = next(delays, None)
             if backoff is None:
-                raise StoreError(f"cannot reach Redis at {redact_url(url)} after {attempts} attempts: "
-                                 f"{error}") from None
+                raise StoreError(
+                    f"cannot reach Redis at {redact_url(url)} after {attempts} attempts: {error}"
+                ) from None
             log.warning("event=redis_connect_retry attempt=%d backoff_s=%.1f error=%r", attempt, backoff, error)
             time.sleep(backoff)
             attempt += 1

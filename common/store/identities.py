@@ -10,12 +10,14 @@ trail). The coordinator reads the entry of every update's worker: once a job has
 enrolled identity (or runs with ``--require-identity``), an update is accepted only from
 the RabbitMQ user enrolled for the worker id it names, and never from a revoked one.
 """
+
 from __future__ import annotations
 
 import json
 import re
 import time
 from dataclasses import asdict, dataclass
+from typing import cast, overload
 
 import redis
 
@@ -67,7 +69,7 @@ class IdentityRegistry:
         return revoked
 
     def get(self, worker_id: str) -> Identity | None:
-        return self._parse(self.redis.hget(self.keys.identities, worker_id))
+        return self._parse(cast("bytes | None", self.redis.hget(self.keys.identities, worker_id)))
 
     def lookup(self, worker_id: str) -> tuple[bool, Identity | None]:
         """(whether the job has any enrolled identity, ``worker_id``'s), in one round trip."""
@@ -78,8 +80,16 @@ class IdentityRegistry:
         return bool(count), self._parse(value)
 
     def all(self) -> list[Identity]:
-        values = self.redis.hgetall(self.keys.identities)
+        values = cast("dict[bytes, bytes]", self.redis.hgetall(self.keys.identities))
         return sorted((self._parse(value) for value in values.values()), key=lambda identity: identity.worker_id)
+
+    @overload
+    @staticmethod
+    def _parse(value: bytes) -> Identity: ...
+
+    @overload
+    @staticmethod
+    def _parse(value: bytes | None) -> Identity | None: ...
 
     @staticmethod
     def _parse(value: bytes | None) -> Identity | None:

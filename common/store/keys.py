@@ -31,6 +31,7 @@ Cluster slot and one Lua script may touch them together::
     fedq:{job}:counters          hash: rejected.<reason> / skipped.<reason> -> count
     fedq:{job}:state             JSON {status, reason, ...}: running / stopped / finished
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ class JobKeys:
 
     def kind(self, key: str) -> str:
         """The kind of one of the job's keys: 'model', 'meta', 'update', ..."""
-        return key[len(self.prefix):].split(":", 1)[0]
+        return key[len(self.prefix) :].split(":", 1)[0]
 
     spec = property(lambda self: self._key("spec"))
     signing_key = property(lambda self: self._key("signing_key"))

@@ -6,11 +6,13 @@ update waits in the buffer, and is closed by the commit that applies its update
 (in the commit script), or when its update is refused, its lease ends or the
 job finishes.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
+from typing import cast
 
 import redis
 
@@ -19,8 +21,8 @@ from fedq.common.store.keys import JobKeys
 
 @dataclass(frozen=True)
 class OpenTask:
-    version: int       # the model version the task was issued at: its update's base version
-    issued_at: float   # wall-clock seconds, for the lease
+    version: int  # the model version the task was issued at: its update's base version
+    issued_at: float  # wall-clock seconds, for the lease
 
 
 class TaskLedger:
@@ -34,12 +36,11 @@ class TaskLedger:
         return None if raw is None else int(raw)
 
     def open(self, task_id: str, task: OpenTask) -> None:
-        self.redis.hset(self.keys.inflight, task_id, json.dumps({"version": task.version,
-                                                                 "issued_at": task.issued_at}))
+        self.redis.hset(self.keys.inflight, task_id, json.dumps({"version": task.version, "issued_at": task.issued_at}))
 
     def open_tasks(self) -> dict[str, OpenTask]:
         tasks = {}
-        for task_id, value in self.redis.hgetall(self.keys.inflight).items():
+        for task_id, value in cast("dict[bytes, bytes]", self.redis.hgetall(self.keys.inflight)).items():
             try:
                 record = json.loads(value)
                 tasks[task_id.decode()] = OpenTask(int(record["version"]), float(record["issued_at"]))

@@ -5,7 +5,10 @@ reads the workers' liveness keys and leases each worker that asks a partition
 nobody else holds. A worker reads only its own key, which its Redis user may
 read and nobody else's; it cannot take a partition for itself.
 """
+
 from __future__ import annotations
+
+from typing import cast
 
 import redis
 
@@ -24,7 +27,7 @@ class PartitionLeases:
 
     def table(self) -> dict[str, int]:
         """Every lease: worker id -> partition."""
-        leases = self.redis.hgetall(self.keys.partitions)
+        leases = cast("dict[bytes, bytes]", self.redis.hgetall(self.keys.partitions))
         return {worker.decode(): int(partition) for worker, partition in leases.items()}
 
     def lease(self, worker_id: str, partition: int) -> None:

@@ -1,9 +1,10 @@
 """The job's signed description and signing key, its run status, and the counters of updates not applied."""
+
 from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -22,7 +23,7 @@ class JobStatus:
 
     def load_description_text(self) -> bytes | None:
         """The description as stored (parse it with ``JobDescription.from_json``)."""
-        return self.redis.get(self.keys.spec)
+        return cast("bytes | None", self.redis.get(self.keys.spec))
 
     def load_description(self) -> JobDescription | None:
         raw = self.load_description_text()
@@ -45,7 +46,7 @@ class JobStatus:
     def signing_key(self) -> SigningKey:
         """The job's private key, created on first use. Only the coordinator calls this."""
         self.redis.set(self.keys.signing_key, SigningKey.generate().to_bytes(), nx=True)
-        return SigningKey.from_bytes(self.redis.get(self.keys.signing_key))
+        return SigningKey.from_bytes(cast(bytes, self.redis.get(self.keys.signing_key)))
 
     def archive_settings(self) -> dict[str, Any]:
         """How the coordinator keeps the job's history: {url (None: all in Redis), hot_versions,
@@ -59,11 +60,20 @@ class JobStatus:
     def archive_url(self) -> str | None:
         return self.archive_settings().get("url")
 
-    def record_archive(self, url: str | None, hot_versions: int, checkpoint_every: int,
-                       redis_budget_mb: int | None = None) -> None:
-        self.redis.set(self.keys.archive, json.dumps({"url": url, "hot_versions": hot_versions,
-                                                      "checkpoint_every": checkpoint_every,
-                                                      "redis_budget_mb": redis_budget_mb}))
+    def record_archive(
+        self, url: str | None, hot_versions: int, checkpoint_every: int, redis_budget_mb: int | None = None
+    ) -> None:
+        self.redis.set(
+            self.keys.archive,
+            json.dumps(
+                {
+                    "url": url,
+                    "hot_versions": hot_versions,
+                    "checkpoint_every": checkpoint_every,
+                    "redis_budget_mb": redis_budget_mb,
+                }
+            ),
+        )
 
     def set(self, **state: Any) -> None:
         self.redis.set(self.keys.state, json.dumps({**state, "updated": time.time()}))
@@ -86,6 +96,8 @@ class OutcomeCounters:
     def get(self, outcome: str) -> dict[str, int]:
         """reason -> count for one outcome."""
         prefix = outcome + "."
-        return {name.decode()[len(prefix):]: int(count)
-                for name, count in self.redis.hgetall(self.keys.counters).items()
-                if name.decode().startswith(prefix)}
+        return {
+            name.decode()[len(prefix) :]: int(count)
+            for name, count in cast("dict[bytes, bytes]", self.redis.hgetall(self.keys.counters)).items()
+            if name.decode().startswith(prefix)
+        }

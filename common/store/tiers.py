@@ -7,9 +7,11 @@ weights only at checkpoints: :func:`fedq.coordinator.ops.replay.reconstruct`
 recomputes the rest. Everything read is checked against the digest recorded
 when it was committed.
 """
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
+from typing import cast
 
 from fedq.common.records import AppliedUpdate, VersionRecord
 from fedq.common.store import ModelStore
@@ -18,8 +20,9 @@ from fedq.common.store.client import TamperedVersionError, UnknownVersionError
 from fedq.common.wire import codec
 
 
-def open_job_archive(store: ModelStore, url: str | None = None,
-                     storage_options: dict | None = None) -> JobArchive | None:
+def open_job_archive(
+    store: ModelStore, url: str | None = None, storage_options: dict | None = None
+) -> JobArchive | None:
     """The job's archive: ``url`` if given, else the one its coordinator recorded (None: it has none)."""
     url = url or store.status.archive_url()
     return None if url is None else Archive(url, storage_options).job(store.job)
@@ -75,6 +78,7 @@ class TieredHistory:
             return
         version = start
         first_hot = self.oldest_in_redis()
+        record: VersionRecord | None
         if self.archive is not None and version < first_hot:
             for record in self.archive.records(version, min(end, first_hot - 1)):
                 yield record
@@ -98,8 +102,9 @@ class TieredHistory:
         if payload is None and self.archive is not None:
             payload = self.archive.blob(version, update.blob_key)
         if payload is not None and codec.digest(payload) != update.digest:
-            raise TamperedVersionError(f"version {version}: the blob of update {update.task_id} does not match "
-                                       "its recorded digest")
+            raise TamperedVersionError(
+                f"version {version}: the blob of update {update.task_id} does not match its recorded digest"
+            )
         return payload
 
     def stored_weights(self, version: int) -> codec.Weights | None:
@@ -114,13 +119,15 @@ class TieredHistory:
         if payload is None:
             return None
         if codec.digest(payload) != self.meta(version).digest:
-            raise TamperedVersionError(f"the archived weights of version {version} of job {self.job!r} do not match "
-                                       "the digest recorded when it was committed")
+            raise TamperedVersionError(
+                f"the archived weights of version {version} of job {self.job!r} do not match "
+                "the digest recorded when it was committed"
+            )
         return codec.decode(payload)
 
     def optimizer_state(self, version: int) -> codec.Weights:
         """The server-optimizer state after ``version`` ({} for stateless optimizers)."""
-        payload = self.store.redis.get(self.store.keys.optimizer_state(version))
+        payload = cast("bytes | None", self.store.redis.get(self.store.keys.optimizer_state(version)))
         if payload is None and self.archive is not None:
             payload = self.archive.blob(version, optimizer_blob(version))
         return {} if payload is None else codec.decode(payload)

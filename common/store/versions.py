@@ -8,13 +8,15 @@ before the script leaves only a staged blob that expires; a crash after it
 leaves a complete version; a writer that loses the compare-and-set touches
 nothing of the winner's.
 """
+
 from __future__ import annotations
 
 import json
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, cast
 
 import redis
 
@@ -28,6 +30,9 @@ from fedq.common.wire import codec
 WEIGHTS_CACHE_VERSIONS = 8
 # Staged weights of a commit attempt that died before its script ran expire after this.
 STAGING_TTL_SECONDS = 3600
+# The history stream's entries as our clients read them: (id, fields), in bytes (no client
+# decodes responses; redis-py's types also allow the str a decoding client would get).
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 _COMMIT_SCRIPT = """
 local head = redis.call('GET', KEYS[1])
@@ -99,12 +104,13 @@ class VersionStore:
         if raw != str(last).encode():
             raise TamperedVersionError(
                 f"the head of job {self.keys.job!r} is {raw and raw[:40]!r}, but the last committed version is {last}: "
-                f"{self.repair_advice()}")
+                f"{self.repair_advice()}"
+            )
         return last
 
     def last_committed(self) -> int | None:
         """The newest version in the history stream: what the head must be."""
-        newest = self.redis.xrevrange(self.keys.history, count=1)
+        newest = cast(_Entries, self.redis.xrevrange(self.keys.history, count=1))
         return None if not newest else int(newest[0][1][b"version"])
 
     def load_weights(self, version: int, expected_digest: str | None = None) -> codec.Weights:
@@ -130,7 +136,8 @@ class VersionStore:
             raise TamperedVersionError(
                 f"the stored weights of version {version} of job {self.keys.job!r} do not match the digest "
                 f"{'the coordinator signed' if expected_digest else 'recorded when it was committed'} "
-                "(tampered with or corrupted)")
+                "(tampered with or corrupted)"
+            )
         weights = _frozen(codec.decode(payload))
         self._remember(version, _Verified(weights, digest))
         return weights
@@ -147,7 +154,7 @@ class VersionStore:
         cached = self._weights_cache.get(version)
         if cached is None:
             return False
-        stored = self.redis.get(self.keys.model(version))
+        stored = cast("bytes | None", self.redis.get(self.keys.model(version)))
         if stored is not None and codec.digest(stored) == cached.digest:
             return False
         payload = codec.encode(cached.weights)
@@ -181,7 +188,10 @@ class VersionStore:
         good = self.last_good_version()
         if good is None:
             return "no stored version verifies; start the job afresh under a new --job name"
-        return f"make version {good} (the newest that verifies) the head again with: fedq rollback --job {self.keys.job} {good}"
+        return (
+            f"make version {good} (the newest that verifies) the head again with: "
+            f"fedq rollback --job {self.keys.job} {good}"
+        )
 
     def _remember(self, version: int, weights: _Verified) -> None:
         self._weights_cache[version] = weights
@@ -196,16 +206,25 @@ class VersionStore:
         return VersionRecord.from_json(raw)
 
     def load_optimizer_state(self, version: int) -> codec.Weights:
-        payload = self.redis.get(self.keys.optimizer_state(version))
+        payload = cast("bytes | None", self.redis.get(self.keys.optimizer_state(version)))
         return {} if payload is None else codec.decode(payload)
 
     def raw_head(self) -> bytes | None:
         """The head key as stored, whatever it holds (for repairing a tampered head)."""
-        return self.redis.get(self.keys.head)
+        return cast("bytes | None", self.redis.get(self.keys.head))
 
-    def commit(self, expected_head: int | None, weights: codec.Weights, applied: Sequence[AppliedUpdate] = (), *,
-               update_blobs: dict[str, bytes] | None = None, optimizer_state: codec.Weights | None = None,
-               abandon: Iterable[int] = (), replacing_head: bytes | None = None, **record_fields: Any) -> int:
+    def commit(
+        self,
+        expected_head: int | None,
+        weights: codec.Weights,
+        applied: Sequence[AppliedUpdate] = (),
+        *,
+        update_blobs: dict[str, bytes] | None = None,
+        optimizer_state: codec.Weights | None = None,
+        abandon: Iterable[int] = (),
+        replacing_head: bytes | None = None,
+        **record_fields: Any,
+    ) -> int:
         """Write version ``expected_head + 1`` (or 0 when there is no head) atomically; return it.
 
         ``applied`` lists the updates folded in, in order; their task ids become
@@ -235,22 +254,42 @@ class VersionStore:
         writes.execute()
         try:
             self._commit(
-                keys=[self.keys.head, self.keys.meta(version), self.keys.history, self.keys.applied,
-                      self.keys.inflight, self.keys.abandoned, staged_model, self.keys.model(version),
-                      staged_state, self.keys.optimizer_state(version)],
-                args=[replacing_head.decode(errors="replace") if replacing_head is not None
-                      else "" if expected_head is None else str(expected_head), str(version),
-                      record.meta_json(), record.entry_json(),
-                      json.dumps([update.task_id for update in applied]),
-                      json.dumps([update.blob_key for update in applied]),
-                      json.dumps([int(version) for version in abandon]), "1" if optimizer_state else "0"])
+                keys=[
+                    self.keys.head,
+                    self.keys.meta(version),
+                    self.keys.history,
+                    self.keys.applied,
+                    self.keys.inflight,
+                    self.keys.abandoned,
+                    staged_model,
+                    self.keys.model(version),
+                    staged_state,
+                    self.keys.optimizer_state(version),
+                ],
+                args=[
+                    replacing_head.decode(errors="replace")
+                    if replacing_head is not None
+                    else ""
+                    if expected_head is None
+                    else str(expected_head),
+                    str(version),
+                    record.meta_json(),
+                    record.entry_json(),
+                    json.dumps([update.task_id for update in applied]),
+                    json.dumps([update.blob_key for update in applied]),
+                    json.dumps([int(version) for version in abandon]),
+                    "1" if optimizer_state else "0",
+                ],
+            )
         except redis.ResponseError as error:
             if "HEADMOVED" in str(error):
-                raise HeadMovedError(f"job {self.keys.job!r}: head moved ({error}); "
-                                     "is another coordinator running?") from None
+                raise HeadMovedError(
+                    f"job {self.keys.job!r}: head moved ({error}); is another coordinator running?"
+                ) from None
             raise
-        self._remember(version, _Verified(_frozen({name: array.copy() for name, array in weights.items()}),
-                                          record.digest))
+        self._remember(
+            version, _Verified(_frozen({name: array.copy() for name, array in weights.items()}), record.digest)
+        )
         return version
 
     def abandoned(self) -> set[int]:
@@ -260,25 +299,32 @@ class VersionStore:
     def history(self, start_version: int = 0, end_version: int | None = None) -> list[VersionRecord]:
         """Records (with their updates) of start_version <= version <= end_version, oldest first."""
         upper = "+" if end_version is None else f"{end_version}-1"
-        return [VersionRecord.from_json(fields[b"entry"])
-                for _, fields in self.redis.xrange(self.keys.history, min=f"{start_version}-0", max=upper)]
+        return [
+            VersionRecord.from_json(fields[b"entry"])
+            for _, fields in cast(_Entries, self.redis.xrange(self.keys.history, min=f"{start_version}-0", max=upper))
+        ]
 
     def recent_history(self, count: int) -> list[VersionRecord]:
         """The records of the last ``count`` versions, oldest first."""
-        newest_first = self.redis.xrevrange(self.keys.history, count=count)
+        newest_first = cast(_Entries, self.redis.xrevrange(self.keys.history, count=count))
         return [VersionRecord.from_json(fields[b"entry"]) for _, fields in reversed(newest_first)]
 
-    def follow(self, blocking_client: redis.Redis, after_id: str = "0-0", block_ms: int = 500,
-               count: int = 500) -> tuple[str, list[VersionRecord]]:
+    def follow(
+        self, blocking_client: redis.Redis, after_id: str = "0-0", block_ms: int = 500, count: int = 500
+    ) -> tuple[str, list[VersionRecord]]:
         """Records committed after stream id ``after_id``, waiting up to ``block_ms`` for one.
 
         Needs a client without a socket timeout (``connect_redis(url, blocking=True)``).
         Returns the id to pass next time and the records, oldest first.
         """
         records = []
-        for _, messages in blocking_client.xread({self.keys.history: after_id}, block=block_ms, count=count) or []:
+        streams = cast(
+            "list[tuple[bytes, _Entries]] | None",
+            blocking_client.xread({self.keys.history: after_id}, block=block_ms, count=count),
+        )
+        for _, messages in streams or []:
             for message_id, fields in messages:
-                after_id = message_id
+                after_id = message_id.decode()
                 records.append(VersionRecord.from_json(fields[b"entry"]))
         return after_id, records
 

@@ -1,4 +1,5 @@
 """The worker registry: one short-lived liveness key per worker."""
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ A plugin is named by a Python path ``module:object`` (``object`` is a
 :class:`FederatedTask` subclass or a factory returning one, called with the
 job's task parameters) or by the short name of a built-in task.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -42,5 +43,12 @@ def load_task(name: str, params: dict[str, Any] | None = None) -> FederatedTask:
     return task
 
 
-__all__ = ["BUILTIN_TASKS", "FederatedTask", "LocalData", "TaskPluginError", "load_task", "load_weights_into",
-           "weights_of"]
+__all__ = [
+    "BUILTIN_TASKS",
+    "FederatedTask",
+    "LocalData",
+    "TaskPluginError",
+    "load_task",
+    "load_weights_into",
+    "weights_of",
+]

@@ -1,4 +1,5 @@
 """The contract between fedq and a task plugin."""
+
 from __future__ import annotations
 
 import io
@@ -68,13 +69,18 @@ class FederatedTask(ABC):
                 arrays = np.load(io.BytesIO(file.read()), allow_pickle=False)
                 features, targets = arrays["features"], arrays["targets"]
         except (OSError, ValueError, KeyError) as error:
-            raise TaskPluginError(f"cannot read --data {location}: an .npz file with arrays 'features' and "
-                                  f"'targets' is expected ({type(error).__name__}: {error})") from None
+            raise TaskPluginError(
+                f"cannot read --data {location}: an .npz file with arrays 'features' and "
+                f"'targets' is expected ({type(error).__name__}: {error})"
+            ) from None
         if len(features) != len(targets) or len(targets) == 0:
-            raise TaskPluginError(f"--data {location} holds {len(features)} feature rows and {len(targets)} "
-                                  "targets; they must be as many, and more than none")
-        targets = torch.from_numpy(targets.astype(np.int64) if targets.dtype.kind in "iub" else
-                                   targets.astype(np.float32))
+            raise TaskPluginError(
+                f"--data {location} holds {len(features)} feature rows and {len(targets)} "
+                "targets; they must be as many, and more than none"
+            )
+        targets = torch.from_numpy(
+            targets.astype(np.int64) if targets.dtype.kind in "iub" else targets.astype(np.float32)
+        )
         return LocalData(torch.from_numpy(features.astype(np.float32)), targets)
 
     @abstractmethod
@@ -103,7 +109,7 @@ class FederatedTask(ABC):
             for start in range(0, len(data), settings.batch_size):
                 if deadline is not None and batches and time.monotonic() >= deadline:
                     return {"train_loss": total_loss / batches, LOCAL_STEPS: batches}
-                batch = order[start:start + settings.batch_size]
+                batch = order[start : start + settings.batch_size]
                 optimizer.zero_grad()
                 loss = self.loss(model(data.features[batch]), data.targets[batch])
                 loss.backward()
@@ -130,8 +136,9 @@ def check_parameter(name: str, value: object, low: float, high: float, *, intege
     """
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} from {low:g} to {high:g}, "
-                         f"not {value!r}")
+        raise ValueError(
+            f"{name} must be {'an integer' if integer else 'a number'} from {low:g} to {high:g}, not {value!r}"
+        )
 
 
 def weights_of(model: torch.nn.Module) -> Weights:
@@ -144,8 +151,9 @@ def load_weights_into(model: torch.nn.Module, weights: Weights) -> torch.nn.Modu
     return model
 
 
-def dirichlet_partition(labels: np.ndarray, num_partitions: int, alpha: float, seed: int,
-                        min_size: int = 10) -> list[np.ndarray]:
+def dirichlet_partition(
+    labels: np.ndarray, num_partitions: int, alpha: float, seed: int, min_size: int = 10
+) -> list[np.ndarray]:
     """Non-IID label split: for each class, shares across partitions drawn from Dir(alpha).
 
     Redraws until every partition holds at least ``min_size`` examples, as is

@@ -3,6 +3,7 @@
 A fixed 80/20 train/test split; the training part is split across partitions
 by a Dirichlet(alpha) draw over labels (non-IID, alpha=0.5 by default).
 """
+
 from __future__ import annotations
 
 from functools import cached_property
@@ -21,8 +22,15 @@ TEST_FRACTION = 0.2
 class DigitsTask(FederatedTask):
     score_metric = "accuracy"
 
-    def __init__(self, num_partitions: int = 10, alpha: float = 0.5, seed: int = 0, hidden: int = 64,
-                 exclusive_classes: list[int] | None = None, exclusive_partitions: list[int] | None = None):
+    def __init__(
+        self,
+        num_partitions: int = 10,
+        alpha: float = 0.5,
+        seed: int = 0,
+        hidden: int = 64,
+        exclusive_classes: list[int] | None = None,
+        exclusive_partitions: list[int] | None = None,
+    ):
         check_parameter("num_partitions", num_partitions, 1, MAX_PARTITIONS)
         check_parameter("alpha", alpha, 1e-6, 1e6, integer=False)
         check_parameter("seed", seed, 0, 2**32 - 1)
@@ -35,14 +43,21 @@ class DigitsTask(FederatedTask):
         # workers that are the only ones to see digits 7-9). Both lists or neither.
         self.exclusive_classes = sorted(exclusive_classes or [])
         self.exclusive_partitions = sorted(exclusive_partitions or [])
-        for name, values, high in (("exclusive_classes", self.exclusive_classes, 9),
-                                   ("exclusive_partitions", self.exclusive_partitions, num_partitions - 1)):
+        for name, values, high in (
+            ("exclusive_classes", self.exclusive_classes, 9),
+            ("exclusive_partitions", self.exclusive_partitions, num_partitions - 1),
+        ):
             for value in values:
                 check_parameter(name, value, 0, high)
-        if bool(self.exclusive_classes) != bool(self.exclusive_partitions) or \
-                len(self.exclusive_partitions) >= num_partitions or len(self.exclusive_classes) >= 10:
-            raise ValueError("exclusive_classes and exclusive_partitions go together, and leave some classes and "
-                             "partitions to the others")
+        if (
+            bool(self.exclusive_classes) != bool(self.exclusive_partitions)
+            or len(self.exclusive_partitions) >= num_partitions
+            or len(self.exclusive_classes) >= 10
+        ):
+            raise ValueError(
+                "exclusive_classes and exclusive_partitions go together, and leave some classes and "
+                "partitions to the others"
+            )
 
     @cached_property
     def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -69,8 +84,9 @@ class DigitsTask(FederatedTask):
         others = [index for index in range(self.num_partitions) if index not in self.exclusive_partitions]
         for owners, mask in ((self.exclusive_partitions, exclusive), (others, ~exclusive)):
             indices = np.flatnonzero(mask)
-            for owner, part in zip(owners, dirichlet_partition(train_labels[indices], len(owners), self.alpha,
-                                                                self.seed)):
+            for owner, part in zip(
+                owners, dirichlet_partition(train_labels[indices], len(owners), self.alpha, self.seed)
+            ):
                 parts[owner] = indices[part]
         return parts
 

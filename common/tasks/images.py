@@ -20,6 +20,7 @@ TrainSettings) takes 0.61 s (median of 3; the first of a process, warming up,
 Under synchronous FedAvg over all 10 partitions at the default TrainSettings,
 test accuracy passed 0.6 in the fifth round (0.14 after the first).
 """
+
 from __future__ import annotations
 
 import math
@@ -82,8 +83,9 @@ class BasicBlock(nn.Module):
         nn.init.constant_(self.norm2.weight, RESIDUAL_SCALE)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride,
-                                                    bias=False), group_norm(out_channels))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False), group_norm(out_channels)
+            )
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         hidden = F.relu(self.norm1(self.conv1(inputs)))
@@ -115,8 +117,16 @@ class ResNet(nn.Module):
 class SyntheticImagesTask(FederatedTask):
     score_metric = "accuracy"
 
-    def __init__(self, num_partitions: int = 10, alpha: float = 0.5, seed: int = 0, width: int = 64,
-                 examples_per_partition: int = 64, test_examples: int = 500, noise: float = 1.0):
+    def __init__(
+        self,
+        num_partitions: int = 10,
+        alpha: float = 0.5,
+        seed: int = 0,
+        width: int = 64,
+        examples_per_partition: int = 64,
+        test_examples: int = 500,
+        noise: float = 1.0,
+    ):
         check_parameter("num_partitions", num_partitions, 1, MAX_PARTITIONS)
         check_parameter("alpha", alpha, 1e-6, 1e6, integer=False)
         check_parameter("seed", seed, 0, 2**32 - 1)
@@ -143,8 +153,9 @@ class SyntheticImagesTask(FederatedTask):
 
     def _images(self, rng: np.random.Generator, labels: np.ndarray) -> LocalData:
         shifts = rng.integers(-MAX_SHIFT, MAX_SHIFT + 1, (len(labels), 2))
-        images = np.stack([np.roll(self._patterns[label], tuple(shift), axis=(1, 2))
-                           for label, shift in zip(labels, shifts)])
+        images = np.stack(
+            [np.roll(self._patterns[label], tuple(shift), axis=(1, 2)) for label, shift in zip(labels, shifts)]
+        )
         images += self.noise * rng.standard_normal(images.shape, dtype=np.float32)
         return LocalData(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
 

@@ -4,6 +4,7 @@ Each party draws its own inputs (with a different mean, so the two data sets
 differ) from one true model y = x.w + b + noise. The score is R^2 on a shared
 test set.
 """
+
 from __future__ import annotations
 
 from functools import cached_property
@@ -41,8 +42,9 @@ class LinearRegressionTask(FederatedTask):
         weights, bias = self._true_model
         features = rng.normal(shift, 1, (count, FEATURES))
         targets = features @ weights + bias + rng.normal(0, self.noise, count)
-        return LocalData(torch.from_numpy(features.astype(np.float32)),
-                         torch.from_numpy(targets.astype(np.float32)).unsqueeze(1))
+        return LocalData(
+            torch.from_numpy(features.astype(np.float32)), torch.from_numpy(targets.astype(np.float32)).unsqueeze(1)
+        )
 
     def build_model(self) -> nn.Module:
         return nn.Linear(FEATURES, 1)

@@ -7,6 +7,7 @@ Alpha controls how much local models differ, beta how much local data differ.
 Each device keeps 80% of its samples for training; the union of the other 20%
 is the global test set.
 """
+
 from __future__ import annotations
 
 from functools import cached_property
@@ -26,8 +27,9 @@ TRAIN_FRACTION = 0.8
 class SyntheticTask(FederatedTask):
     score_metric = "accuracy"
 
-    def __init__(self, alpha: float = 1.0, beta: float = 1.0, num_partitions: int = 30, seed: int = 0,
-                 max_samples: int = 2000):
+    def __init__(
+        self, alpha: float = 1.0, beta: float = 1.0, num_partitions: int = 30, seed: int = 0, max_samples: int = 2000
+    ):
         check_parameter("alpha", alpha, 0, 1e6, integer=False)
         check_parameter("beta", beta, 0, 1e6, integer=False)
         check_parameter("num_partitions", num_partitions, 1, MAX_PARTITIONS)

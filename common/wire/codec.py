@@ -4,10 +4,11 @@ safetensors carries only tensors and string metadata, so bytes that arrive from
 the network can never run code (no pickle, no ``torch.load``). It also loads
 about 10x faster than ``torch.save`` output.
 """
+
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from safetensors import SafetensorError

@@ -7,6 +7,7 @@ job's, and carries the job's public key, which verifies every round task.
 Signed with that key, so a worker that pins the key's fingerprint notices a
 rewritten description.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,18 +29,22 @@ class DescriptionError(ValueError):
 @dataclass(frozen=True)
 class JobDescription:
     job: str
-    task: str                 # the task's name: a built-in name or module:object, never imported from here
+    task: str  # the task's name: a built-in name or module:object, never imported from here
     task_params: dict[str, Any]
-    seed: int                 # of the initial model
-    tensors: TensorSpecs      # name -> (shape, dtype) of the model's state
-    public_key: str           # base64 Ed25519 key that verifies the job's tasks and this description
+    seed: int  # of the initial model
+    tensors: TensorSpecs  # name -> (shape, dtype) of the model's state
+    public_key: str  # base64 Ed25519 key that verifies the job's tasks and this description
     signature: str = ""
 
     @property
     def digest(self) -> str:
         """sha256 of what is trained: task, parameters, seed and model tensors (not the key)."""
-        trained = {"task": self.task, "task_params": self.task_params, "seed": self.seed,
-                   "tensors": _tensors_json(self.tensors)}
+        trained = {
+            "task": self.task,
+            "task_params": self.task_params,
+            "seed": self.seed,
+            "tensors": _tensors_json(self.tensors),
+        }
         return hashlib.sha256(canonical(trained)).hexdigest()
 
     @property
@@ -47,8 +52,12 @@ class JobDescription:
         return VerifyKey.from_text(self.public_key)
 
     def signed_document(self) -> dict[str, Any]:
-        document = {"schema": DESCRIPTION_SCHEMA, **asdict(self), "tensors": _tensors_json(self.tensors),
-                    "digest": self.digest}
+        document = {
+            "schema": DESCRIPTION_SCHEMA,
+            **asdict(self),
+            "tensors": _tensors_json(self.tensors),
+            "digest": self.digest,
+        }
         del document["signature"]
         return document
 
@@ -65,14 +74,23 @@ class JobDescription:
         try:
             document = json.loads(text)
             if document.get("schema") != DESCRIPTION_SCHEMA:
-                raise DescriptionError(f"the job description has schema {document.get('schema')!r}, "
-                                       f"not {DESCRIPTION_SCHEMA} (was the job started by an older fedq?)")
-            tensors = {str(name): (tuple(int(size) for size in shape), str(dtype))
-                       for name, (shape, dtype) in document["tensors"].items()}
-            description = cls(job=str(document["job"]), task=str(document["task"]),
-                              task_params=dict(document["task_params"]), seed=int(document["seed"]),
-                              tensors=tensors, public_key=str(document["public_key"]),
-                              signature=str(document["signature"]))
+                raise DescriptionError(
+                    f"the job description has schema {document.get('schema')!r}, "
+                    f"not {DESCRIPTION_SCHEMA} (was the job started by an older fedq?)"
+                )
+            tensors = {
+                str(name): (tuple(int(size) for size in shape), str(dtype))
+                for name, (shape, dtype) in document["tensors"].items()
+            }
+            description = cls(
+                job=str(document["job"]),
+                task=str(document["task"]),
+                task_params=dict(document["task_params"]),
+                seed=int(document["seed"]),
+                tensors=tensors,
+                public_key=str(document["public_key"]),
+                signature=str(document["signature"]),
+            )
         except DescriptionError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as error:
@@ -90,11 +108,13 @@ class JobDescription:
             if pinned_fingerprint is not None and key.fingerprint != pinned_fingerprint:
                 raise DescriptionError(
                     f"job {self.job!r} is published with coordinator key {key.fingerprint}, not the pinned "
-                    f"{pinned_fingerprint}: the job description was replaced, or the pin is wrong")
+                    f"{pinned_fingerprint}: the job description was replaced, or the pin is wrong"
+                )
             key.verify(self.signed_document(), self.signature)
         except SignatureError as error:
-            raise DescriptionError(f"the description of job {self.job!r} is not signed by its coordinator: "
-                                   f"{error}") from None
+            raise DescriptionError(
+                f"the description of job {self.job!r} is not signed by its coordinator: {error}"
+            ) from None
 
 
 def _tensors_json(tensors: TensorSpecs) -> dict[str, list[Any]]:

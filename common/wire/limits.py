@@ -1,4 +1,5 @@
 """Size limits and lifetimes of what travels between the coordinator and workers."""
+
 from __future__ import annotations
 
 # A delta above this travels as a Redis claim check instead of inside the message

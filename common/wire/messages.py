@@ -7,6 +7,7 @@ Messages are JSON objects whose ``schema`` field names the kind and version
 dead-letter reason and metric label) and a sentence for humans. Nothing is ever
 unpickled.
 """
+
 from __future__ import annotations
 
 import base64
@@ -104,14 +105,20 @@ class ModelUpdate:
 
     def to_bytes(self) -> bytes:
         if isinstance(self.delta, InlineDelta):
-            delta = {"inline": base64.b64encode(self.delta.payload).decode("ascii")}
+            delta: dict[str, Any] = {"inline": base64.b64encode(self.delta.payload).decode("ascii")}
         else:
             delta = {"key": self.delta.key, "sha256": self.delta.sha256, "nbytes": self.delta.nbytes}
         body = {
-            "schema": UPDATE_SCHEMA, "job": self.job, "task_id": self.task_id,
-            "worker_id": self.worker_id, "base_version": self.base_version,
-            "num_examples": self.num_examples, "metrics": self.metrics,
-            "train_seconds": self.train_seconds, "local_steps": self.local_steps, "delta": delta,
+            "schema": UPDATE_SCHEMA,
+            "job": self.job,
+            "task_id": self.task_id,
+            "worker_id": self.worker_id,
+            "base_version": self.base_version,
+            "num_examples": self.num_examples,
+            "metrics": self.metrics,
+            "train_seconds": self.train_seconds,
+            "local_steps": self.local_steps,
+            "delta": delta,
         }
         return json.dumps(body, separators=(",", ":")).encode()
 
@@ -149,7 +156,9 @@ def _check_schema(document: dict[str, Any], expected_schema: str) -> dict[str, A
     if not isinstance(schema, str) or not schema.startswith(kind + "/"):
         raise MessageError("bad_schema", f"expected a {expected_schema} message, got schema {schema!r}")
     if schema != expected_schema:
-        raise MessageError("schema_version", f"schema {schema!r} is not supported (this build speaks {expected_schema})")
+        raise MessageError(
+            "schema_version", f"schema {schema!r} is not supported (this build speaks {expected_schema})"
+        )
     return document
 
 
@@ -191,8 +200,9 @@ def parse_task(body: bytes) -> RoundTask:
     seconds = train.get("seconds", 0.0)
     if isinstance(seconds, bool) or not _finite_number(seconds) or not 0 <= seconds <= MAX_TASK_SECONDS:
         raise MessageError("bad_schema", f"train.seconds must be a number from 0 to {MAX_TASK_SECONDS}")
-    settings = TrainSettings(epochs=epochs, batch_size=batch_size, learning_rate=float(learning_rate), seed=seed,
-                             seconds=float(seconds))
+    settings = TrainSettings(
+        epochs=epochs, batch_size=batch_size, learning_rate=float(learning_rate), seed=seed, seconds=float(seconds)
+    )
     version = _field(document, "model_version", int)
     if version < 0:
         raise MessageError("bad_schema", "model_version must be 0 or more")
@@ -205,9 +215,16 @@ def parse_task(body: bytes) -> RoundTask:
     synchronous = document.get("synchronous", False)
     if not isinstance(synchronous, bool):
         raise MessageError("bad_schema", "field 'synchronous' must be true or false")
-    return RoundTask(job=_non_empty_text(document, "job"), task_id=_non_empty_text(document, "task_id"),
-                     model_version=version, train=settings, issued_at=issued_at, model_digest=model_digest,
-                     synchronous=synchronous, signature=_non_empty_text(document, "signature", 200))
+    return RoundTask(
+        job=_non_empty_text(document, "job"),
+        task_id=_non_empty_text(document, "task_id"),
+        model_version=version,
+        train=settings,
+        issued_at=issued_at,
+        model_digest=model_digest,
+        synchronous=synchronous,
+        signature=_non_empty_text(document, "signature", 200),
+    )
 
 
 def parse_worker_message(body: bytes) -> ModelUpdate | TaskRefusal:
@@ -220,9 +237,13 @@ def parse_worker_message(body: bytes) -> ModelUpdate | TaskRefusal:
 
 
 def _refusal(document: dict[str, Any]) -> TaskRefusal:
-    return TaskRefusal(job=_non_empty_text(document, "job"), task_id=_non_empty_text(document, "task_id"),
-                       worker_id=_non_empty_text(document, "worker_id"), reason=_non_empty_text(document, "reason", 64),
-                       detail=str(document.get("detail", ""))[:500])
+    return TaskRefusal(
+        job=_non_empty_text(document, "job"),
+        task_id=_non_empty_text(document, "task_id"),
+        worker_id=_non_empty_text(document, "worker_id"),
+        reason=_non_empty_text(document, "reason", 64),
+        detail=str(document.get("detail", ""))[:500],
+    )
 
 
 def parse_update(body: bytes) -> ModelUpdate:
@@ -259,9 +280,13 @@ def _update(document: dict[str, Any]) -> ModelUpdate:
     if isinstance(local_steps, bool) or not isinstance(local_steps, int) or not 0 <= local_steps <= MAX_LOCAL_STEPS:
         raise MessageError("bad_schema", f"field 'local_steps' must be an integer from 0 to {MAX_LOCAL_STEPS}")
     return ModelUpdate(
-        job=_non_empty_text(document, "job"), task_id=_non_empty_text(document, "task_id"),
-        worker_id=_non_empty_text(document, "worker_id"), base_version=base_version,
-        num_examples=num_examples, delta=delta,
+        job=_non_empty_text(document, "job"),
+        task_id=_non_empty_text(document, "task_id"),
+        worker_id=_non_empty_text(document, "worker_id"),
+        base_version=base_version,
+        num_examples=num_examples,
+        delta=delta,
         metrics={str(name): float(value) for name, value in raw_metrics.items()},
-        train_seconds=float(train_seconds), local_steps=local_steps,
+        train_seconds=float(train_seconds),
+        local_steps=local_steps,
     )

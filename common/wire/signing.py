@@ -9,6 +9,7 @@ no spaces, UTF-8, so that the verifier re-serialises the parsed message and
 gets the same bytes (JSON numbers of ours are ints and Python floats, which
 round-trip exactly).
 """
+
 from __future__ import annotations
 
 import base64
@@ -31,8 +32,7 @@ class SignatureError(ValueError):
 
 def canonical(document: dict[str, Any]) -> bytes:
     """The bytes a document is signed as."""
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode()
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,9 @@ class VerifyKey:
         try:
             Ed25519PublicKey.from_public_bytes(self.raw).verify(raw_signature, canonical(document))
         except InvalidSignature:
-            raise SignatureError(f"the signature does not verify with the coordinator key "
-                                 f"{self.fingerprint[:16]}…") from None
+            raise SignatureError(
+                f"the signature does not verify with the coordinator key {self.fingerprint[:16]}…"
+            ) from None
         except ValueError as error:  # a document that is not JSON-able (NaN, ...)
             raise SignatureError(f"the document cannot be verified: {error}") from None
 

@@ -8,14 +8,14 @@ on its inputs (fixed float32 operation order), which replay relies on.
 Notation: x is the current global model, x_base the version an update started
 from, delta = x_local - x_base the update, tau its staleness.
 """
-from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from __future__ import annotations
 
 import statistics
 import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -125,8 +125,10 @@ class AdaptiveStaleness:
         weights = [self.fair_weight(update, len(updates)) * step_size for update in updates]
         if all(update.local_steps > 0 for update in updates) and sum(weights) > 0:
             mean_steps = sum(weight * update.local_steps for weight, update in zip(weights, updates)) / sum(weights)
-            weights = [min(self.max_weight * step_size, weight * mean_steps / update.local_steps)
-                       for weight, update in zip(weights, updates)]
+            weights = [
+                min(self.max_weight * step_size, weight * mean_steps / update.local_steps)
+                for weight, update in zip(weights, updates)
+            ]
         damping = self.damping(updates)
         return [weight * damping for weight in weights]
 
@@ -159,8 +161,13 @@ class Aggregator(ABC):
         """The weight each update gets in the step (recorded in the history)."""
 
     @abstractmethod
-    def step(self, current: Weights, updates: Sequence[BufferedUpdate], base_weights: Callable[[int], Weights],
-             weights: Sequence[float] | None = None) -> Weights:
+    def step(
+        self,
+        current: Weights,
+        updates: Sequence[BufferedUpdate],
+        base_weights: Callable[[int], Weights],
+        weights: Sequence[float] | None = None,
+    ) -> Weights:
         """The server step for ``updates``; ``base_weights(v)`` returns version v.
 
         ``weights`` are ``self.weights(updates)`` when the caller already has them
@@ -177,8 +184,12 @@ class FedAsync(Aggregator):
 
     name = "fedasync"
 
-    def __init__(self, mixing_rate: float = 0.6, staleness: StalenessFunction | None = None,
-                 adaptive: AdaptiveStaleness | None = None):
+    def __init__(
+        self,
+        mixing_rate: float = 0.6,
+        staleness: StalenessFunction | None = None,
+        adaptive: AdaptiveStaleness | None = None,
+    ):
         if not 0 < mixing_rate <= 1:
             raise ValueError("FedAsync needs 0 < mixing_rate <= 1")
         self.mixing_rate = mixing_rate
@@ -191,8 +202,13 @@ class FedAsync(Aggregator):
             return [self.mixing_rate * weight for weight in self.adaptive.weights(updates)]
         return [self.mixing_rate * self.staleness(update.staleness) for update in updates]
 
-    def step(self, current: Weights, updates: Sequence[BufferedUpdate], base_weights: Callable[[int], Weights],
-             weights: Sequence[float] | None = None) -> Weights:
+    def step(
+        self,
+        current: Weights,
+        updates: Sequence[BufferedUpdate],
+        base_weights: Callable[[int], Weights],
+        weights: Sequence[float] | None = None,
+    ) -> Weights:
         if len(updates) != 1:
             raise ValueError("FedAsync applies exactly one update per step")
         (update,), (alpha,) = updates, self.weights(updates) if weights is None else weights
@@ -210,7 +226,9 @@ class FedAsync(Aggregator):
 
 def clip_by_norm(delta: Weights, max_norm: float) -> Weights:
     """delta scaled by min(1, max_norm / ||delta||_2), the norm taken over all tensors together."""
-    norm = float(np.sqrt(sum(float(np.dot(array.ravel().astype(np.float64), array.ravel())) for array in delta.values())))
+    norm = float(
+        np.sqrt(sum(float(np.dot(array.ravel().astype(np.float64), array.ravel())) for array in delta.values()))
+    )
     if norm <= max_norm:
         return delta
     scale = np.float32(max_norm / norm)
@@ -240,9 +258,17 @@ class FedBuff(Aggregator):
 
     name = "fedbuff"
 
-    def __init__(self, buffer_size: int = 3, staleness: StalenessFunction | None = None,
-                 example_weighted: bool = False, renormalise: bool = False, clip_norm: float = 0.0,
-                 robust: str = "mean", trim_fraction: float = 0.1, adaptive: AdaptiveStaleness | None = None):
+    def __init__(
+        self,
+        buffer_size: int = 3,
+        staleness: StalenessFunction | None = None,
+        example_weighted: bool = False,
+        renormalise: bool = False,
+        clip_norm: float = 0.0,
+        robust: str = "mean",
+        trim_fraction: float = 0.1,
+        adaptive: AdaptiveStaleness | None = None,
+    ):
         if buffer_size < 1:
             raise ValueError("FedBuff needs buffer_size >= 1")
         if robust not in ROBUST_ESTIMATORS:
@@ -274,12 +300,16 @@ class FedBuff(Aggregator):
             weights = [weight / total_weight for weight in weights]
         return weights
 
-    def step(self, current: Weights, updates: Sequence[BufferedUpdate], base_weights: Callable[[int], Weights],
-             weights: Sequence[float] | None = None) -> Weights:
+    def step(
+        self,
+        current: Weights,
+        updates: Sequence[BufferedUpdate],
+        base_weights: Callable[[int], Weights],
+        weights: Sequence[float] | None = None,
+    ) -> Weights:
         if not updates:
             raise ValueError("FedBuff needs at least one update")
-        deltas = [clip_by_norm(update.delta, self.clip_norm) if self.clip_norm else update.delta
-                  for update in updates]
+        deltas = [clip_by_norm(update.delta, self.clip_norm) if self.clip_norm else update.delta for update in updates]
         weights = self.weights(updates) if weights is None else weights
         if self.robust != "mean":
             return self._robust_step(current, deltas, sum(weights))
@@ -298,6 +328,6 @@ class FedBuff(Aggregator):
                 center = np.median(stacked, axis=0)
             else:
                 ordered = np.sort(stacked, axis=0)
-                center = ordered[trim:len(deltas) - trim].mean(axis=0)
+                center = ordered[trim : len(deltas) - trim].mean(axis=0)
             step[name] = (center * scale).astype(np.float32)
         return step

@@ -5,10 +5,12 @@ unknown name is an error, never a silent fallback.
 Light on purpose: the aggregators (and torch) are imported only when one is
 built, so ``fedq demo --help`` need not pay torch's import.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from fedq.coordinator.algorithms.staleness import STALENESS_FUNCTIONS, parse_staleness
 
@@ -20,8 +22,15 @@ ROBUST_ESTIMATORS = ("mean", "median", "trimmed_mean")
 # How staleness bounds and weighs updates: by each worker's measured speed, or by a fixed cut.
 STALENESS_BOUNDS = ("adaptive", "fixed")
 
-__all__ = ["ALGORITHMS", "ROBUST_ESTIMATORS", "SERVER_OPTIMIZERS", "STALENESS_BOUNDS", "STALENESS_FUNCTIONS",
-           "Algorithm", "algorithm"]
+__all__ = [
+    "ALGORITHMS",
+    "ROBUST_ESTIMATORS",
+    "SERVER_OPTIMIZERS",
+    "STALENESS_BOUNDS",
+    "STALENESS_FUNCTIONS",
+    "Algorithm",
+    "algorithm",
+]
 
 
 @dataclass(frozen=True)
@@ -40,8 +49,9 @@ def _adaptive(config: dict[str, Any]):
 
     if config.get("staleness_bound", "fixed") == "fixed":
         return None
-    return AdaptiveStaleness(config.get("damp_above", 2.0), config.get("max_update_weight", 1.0),
-                             parse_staleness(config["staleness"]))
+    return AdaptiveStaleness(
+        config.get("damp_above", 2.0), config.get("max_update_weight", 1.0), parse_staleness(config["staleness"])
+    )
 
 
 def _fedasync(config: dict[str, Any]) -> Aggregator:
@@ -53,10 +63,15 @@ def _fedasync(config: dict[str, Any]) -> Aggregator:
 def _fedbuff(config: dict[str, Any]) -> Aggregator:
     from fedq.coordinator.algorithms.aggregation import FedBuff
 
-    return FedBuff(config["buffer_size"], parse_staleness(config["staleness"]),
-                   example_weighted=config["example_weighted"], clip_norm=config.get("clip_norm", 0.0),
-                   robust=config.get("robust", "mean"), trim_fraction=config.get("trim_fraction", 0.1),
-                   adaptive=_adaptive(config))
+    return FedBuff(
+        config["buffer_size"],
+        parse_staleness(config["staleness"]),
+        example_weighted=config["example_weighted"],
+        clip_norm=config.get("clip_norm", 0.0),
+        robust=config.get("robust", "mean"),
+        trim_fraction=config.get("trim_fraction", 0.1),
+        adaptive=_adaptive(config),
+    )
 
 
 def _fedavg(config: dict[str, Any]) -> Aggregator:
@@ -66,11 +81,14 @@ def _fedavg(config: dict[str, Any]) -> Aggregator:
     return FedBuff(config["concurrency"], parse_staleness(config["staleness"]), example_weighted=True)
 
 
-ALGORITHMS: dict[str, Algorithm] = {algorithm.name: algorithm for algorithm in (
-    Algorithm("fedasync", synchronous=False, build=_fedasync),
-    Algorithm("fedbuff", synchronous=False, build=_fedbuff),
-    Algorithm("fedavg", synchronous=True, build=_fedavg),
-)}
+ALGORITHMS: dict[str, Algorithm] = {
+    algorithm.name: algorithm
+    for algorithm in (
+        Algorithm("fedasync", synchronous=False, build=_fedasync),
+        Algorithm("fedbuff", synchronous=False, build=_fedbuff),
+        Algorithm("fedavg", synchronous=True, build=_fedavg),
+    )
+}
 
 
 def algorithm(name: str) -> Algorithm:

@@ -12,6 +12,7 @@ parent, the parent's optimizer state and the logged updates.
 - adagrad:  m as adam; v = v + step^2
 Adaptive ones follow the paper: no bias correction, eps (its tau) = 1e-3, v_0 = eps^2.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,11 +63,10 @@ class ServerOptimizer:
             new_weights[name] = updated
         return new_weights, new_state
 
-    def _adaptive(self, name: str, x: np.ndarray, delta: np.ndarray, state: Weights,
-                  new_state: Weights) -> np.ndarray:
+    def _adaptive(self, name: str, x: np.ndarray, delta: np.ndarray, state: Weights, new_state: Weights) -> np.ndarray:
         momentum = self._state(state, f"m.{name}", x, 0.0) * np.float32(self.beta1)
         add_scaled(momentum, delta, 1.0 - self.beta1)
-        variance = self._state(state, f"v.{name}", x, self.epsilon ** 2)
+        variance = self._state(state, f"v.{name}", x, self.epsilon**2)
         squared = np.square(delta, dtype=np.float32)
         if self.name == "adam":
             variance *= np.float32(self.beta2)

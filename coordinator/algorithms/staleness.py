@@ -4,8 +4,10 @@ Every function gives s(0) = 1 and is non-increasing in tau. ``parse_staleness``
 builds one from a spec such as ``"polynomial:a=0.5"`` or ``"hinge:a=10,b=4"``;
 ``normalise_at`` rescales any of them so that s(average) = 1.
 """
+
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -141,5 +143,6 @@ def parse_staleness(spec: str) -> StalenessFunction:
     try:
         function: StalenessFunction = cls(**params)
     except TypeError:
-        raise ValueError(f"staleness function {name!r} takes parameters {list(cls.__dataclass_fields__)}") from None
+        names = list(inspect.signature(cls).parameters)
+        raise ValueError(f"staleness function {name!r} takes parameters {names}") from None
     return NormalisedAt(function, float(average)) if average else function

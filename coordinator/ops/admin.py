@@ -18,6 +18,7 @@ credentials, or ``--site-amqp-url``/``--site-redis-url`` (hosts as the site sees
 then deletes its RabbitMQ user and closes its connections (the tasks it held go back to the
 queue), and deletes its Redis user (Redis closes its connections).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,10 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     enroll.add_argument("--worker-id", required=True, help="the worker's (or coordinator's, monitor's) name")
     enroll.add_argument("--role", choices=ROLES, default="worker", help="what it may do (default: worker)")
     enroll.add_argument("--out", default=None, help="job file to write (default: <job>-<name>.toml), mode 0600")
-    enroll.add_argument("--site-amqp-url", default=None, help="the RabbitMQ URL as the site reaches it "
-                                                               "(default: --amqp-url); credentials are replaced")
-    enroll.add_argument("--site-redis-url", default=None, help="the Redis URL as the site reaches it "
-                                                               "(default: --redis-url); credentials are replaced")
+    enroll.add_argument(
+        "--site-amqp-url",
+        default=None,
+        help="the RabbitMQ URL as the site reaches it (default: --amqp-url); credentials are replaced",
+    )
+    enroll.add_argument(
+        "--site-redis-url",
+        default=None,
+        help="the Redis URL as the site reaches it (default: --redis-url); credentials are replaced",
+    )
     actions.add_parser("list", help="the job's enrolled identities")
     revoke = actions.add_parser("revoke", help="revoke an identity: refused at once, disconnected")
     revoke.add_argument("--worker-id", required=True)
@@ -71,8 +78,11 @@ class Provisioner:
         user = identity_user(self.job, access.name)
         permissions = access.rabbitmq
         self.api.request("PUT", f"users/{quote_segment(user)}", {"password": password, "tags": permissions.tags})
-        self.api.request("PUT", f"permissions/{quote_segment(self.vhost)}/{quote_segment(user)}",
-                         {"configure": permissions.configure, "write": permissions.write, "read": permissions.read})
+        self.api.request(
+            "PUT",
+            f"permissions/{quote_segment(self.vhost)}/{quote_segment(user)}",
+            {"configure": permissions.configure, "write": permissions.write, "read": permissions.read},
+        )
         self.redis.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}", *access.redis_rules)
         if access.role == "worker":
             self.store.identities.enroll(access.name, user)
@@ -99,8 +109,12 @@ class Provisioner:
                     if error.status != 404:  # closed by itself meanwhile
                         raise
         redis_user = bool(self.redis.execute_command("ACL", "DELUSER", user))  # Redis closes its clients
-        return {"identity": identity is not None, "rabbitmq_user": rabbit_user, "connections_closed": closed,
-                "redis_user": redis_user}
+        return {
+            "identity": identity is not None,
+            "rabbitmq_user": rabbit_user,
+            "connections_closed": closed,
+            "redis_user": redis_user,
+        }
 
     def connections(self) -> dict[str, int]:
         """Open RabbitMQ connections per user."""
@@ -119,10 +133,15 @@ def site_url(url: str, user: str, password: str) -> str:
 
 def write_job_file(path: str, job: str, name: str, role: str, amqp_url: str, redis_url: str) -> None:
     """A TOML job file with the credentials, created readable by its owner only."""
-    lines = ["# fedq job file for " + f"{role} {name!r} of job {job!r}, written by `fedq admin enroll`.",
-             "# It holds passwords: hand it to the site over a secure channel. Add tls_ca/tls_cert/tls_key",
-             "# (paths on the site's machine) when the servers use TLS.",
-             "[job]", f'job = "{job}"', f'amqp_url = "{amqp_url}"', f'redis_url = "{redis_url}"']
+    lines = [
+        "# fedq job file for " + f"{role} {name!r} of job {job!r}, written by `fedq admin enroll`.",
+        "# It holds passwords: hand it to the site over a secure channel. Add tls_ca/tls_cert/tls_key",
+        "# (paths on the site's machine) when the servers use TLS.",
+        "[job]",
+        f'job = "{job}"',
+        f'amqp_url = "{amqp_url}"',
+        f'redis_url = "{redis_url}"',
+    ]
     if role == "worker":
         lines.append(f'worker_id = "{name}"')
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -142,19 +161,24 @@ def main(args: argparse.Namespace) -> int:
             done = provisioner.revoke(args.worker_id)
             if not any(done.values()):
                 raise UserError(f"job {job!r} has no identity {args.worker_id!r} to revoke")
-            print(f"revoked {args.worker_id!r} of job {job!r}: updates refused from now on; RabbitMQ user "
-                  f"{'deleted' if done['rabbitmq_user'] else 'was already gone'}, {done['connections_closed']} "
-                  f"connection(s) closed; Redis user {'deleted' if done['redis_user'] else 'was already gone'}")
+            print(
+                f"revoked {args.worker_id!r} of job {job!r}: updates refused from now on; RabbitMQ user "
+                f"{'deleted' if done['rabbitmq_user'] else 'was already gone'}, {done['connections_closed']} "
+                f"connection(s) closed; Redis user {'deleted' if done['redis_user'] else 'was already gone'}"
+            )
             return 0
         return _list(provisioner, job)
     except RoleError as error:
         raise UserError(str(error)) from None
     except ManagementError as error:
-        raise UserError(f"{error} (fedq admin needs a RabbitMQ user tagged administrator, and the management "
-                        "plugin: see --management-url)") from None
+        raise UserError(
+            f"{error} (fedq admin needs a RabbitMQ user tagged administrator, and the management "
+            "plugin: see --management-url)"
+        ) from None
     except redis.ResponseError as error:
-        raise StoreError(f"Redis refused the ACL change: {error} (fedq admin needs a Redis user that may run ACL)"
-                         ) from None
+        raise StoreError(
+            f"Redis refused the ACL change: {error} (fedq admin needs a Redis user that may run ACL)"
+        ) from None
 
 
 def _enroll(provisioner: Provisioner, args: argparse.Namespace, values: dict) -> int:
@@ -163,11 +187,18 @@ def _enroll(provisioner: Provisioner, args: argparse.Namespace, values: dict) ->
     password = secrets.token_urlsafe(24)
     user = provisioner.create(access, password)
     out = args.out or f"{job}-{args.worker_id}.toml"
-    write_job_file(out, job, args.worker_id, args.role,
-                   site_url(args.site_amqp_url or values["amqp_url"], user, password),
-                   site_url(args.site_redis_url or values["redis_url"], user, password))
-    print(f"enrolled {args.role} {args.worker_id!r} of job {job!r} as user {user!r}; job file {out} "
-          f"(mode 0600): fedq {'worker' if args.role == 'worker' else args.role} --config {out}")
+    write_job_file(
+        out,
+        job,
+        args.worker_id,
+        args.role,
+        site_url(args.site_amqp_url or values["amqp_url"], user, password),
+        site_url(args.site_redis_url or values["redis_url"], user, password),
+    )
+    print(
+        f"enrolled {args.role} {args.worker_id!r} of job {job!r} as user {user!r}; job file {out} "
+        f"(mode 0600): fedq {'worker' if args.role == 'worker' else args.role} --config {out}"
+    )
     return 0
 
 
@@ -180,8 +211,10 @@ def _list(provisioner: Provisioner, job: str) -> int:
     print(f"{'worker':<24} {'user':<40} {'enrolled':<20} {'state':<22} connections")
     for identity in identities:
         state = "revoked " + _when(identity.revoked_at) if identity.revoked else "active"
-        print(f"{identity.worker_id:<24} {identity.user:<40} {_when(identity.enrolled_at):<20} {state:<22} "
-              f"{connections.get(identity.user, 0)}")
+        print(
+            f"{identity.worker_id:<24} {identity.user:<40} {_when(identity.enrolled_at):<20} {state:<22} "
+            f"{connections.get(identity.user, 0)}"
+        )
     return 0
 
 

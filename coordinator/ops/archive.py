@@ -3,6 +3,7 @@
 For operators (move a stopped job's history out of Redis now) and for the
 fault tests, which kill this process at each step of moving a record.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,10 +17,15 @@ HELP = "Move a job's older history from Redis to its archive now (one pass of th
 
 OPTIONS = CONNECTION_OPTIONS + [
     Option("archive", str, None, "directory or fsspec URL (default: the archive the job's coordinator recorded)"),
-    Option("hot_versions", non_negative_int, None, "versions kept whole in Redis (default: as the coordinator "
-           "recorded)"),
-    Option("checkpoint_every", non_negative_int, None, "archive the weights of every k-th version (default: as "
-           "the coordinator recorded)"),
+    Option(
+        "hot_versions", non_negative_int, None, "versions kept whole in Redis (default: as the coordinator recorded)"
+    ),
+    Option(
+        "checkpoint_every",
+        non_negative_int,
+        None,
+        "archive the weights of every k-th version (default: as the coordinator recorded)",
+    ),
 ]
 
 
@@ -37,8 +43,9 @@ def main(args: argparse.Namespace) -> int:
     recorded = store.status.archive_settings()
     url = values["archive"] or recorded.get("url")
     if url is None:
-        raise UserError(f"job {values['job']!r} has no archive (its coordinator runs with --archive none); "
-                        "name one with --archive")
+        raise UserError(
+            f"job {values['job']!r} has no archive (its coordinator runs with --archive none); name one with --archive"
+        )
     hot_versions = values["hot_versions"] or recorded.get("hot_versions") or 22
     checkpoint_every = values["checkpoint_every"]
     if checkpoint_every is None:
@@ -50,6 +57,8 @@ def main(args: argparse.Namespace) -> int:
     if done.skipped:
         print(f"nothing done: {done.skipped}")
         return 1
-    print(f"job {store.job!r}: {len(done.archived)} segment(s) written, archive holds versions "
-          f"0..{done.archived_through}; {done.trimmed} version(s) left Redis")
+    print(
+        f"job {store.job!r}: {len(done.archived)} segment(s) written, archive holds versions "
+        f"0..{done.archived_through}; {done.trimmed} version(s) left Redis"
+    )
     return 0

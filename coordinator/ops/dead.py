@@ -18,6 +18,7 @@ back of the queue and is not taken a second time.
 A requeued letter is acked only after RabbitMQ confirmed its republication: a
 crash in between leaves it both requeued and still dead (at least once, never lost).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,22 +27,31 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from fedq.broker.connection import BrokerError, connect
-from fedq.broker.dead_letters import (json_safe, letter_detail, letter_origin, letter_reason, origin_exchange,
-                                      requeue_headers)
+from fedq.broker.dead_letters import (
+    json_safe,
+    letter_detail,
+    letter_origin,
+    letter_reason,
+    origin_exchange,
+    requeue_headers,
+)
 from fedq.broker.publisher import publish
 from fedq.broker.topology import Topology
 from fedq.common.cli import UserError
 from fedq.common.settings import CONNECTION_OPTIONS, add_options, positive_int, resolve
 
-HELP = ("List a job's dead letters with their reasons, without removing them; --drain removes them, "
-        "--requeue sends them back to the queue they came from.")
+HELP = (
+    "List a job's dead letters with their reasons, without removing them; --drain removes them, "
+    "--requeue sends them back to the queue they came from."
+)
 
 DEFAULT_LIMIT = 1000
 DETAIL_WIDTH = 60
@@ -61,8 +71,14 @@ class Letter:
     headers: dict[str, Any]
 
     def to_json(self, action: str | None = None) -> dict[str, Any]:
-        document = {"message_id": self.message_id, "reason": self.reason, "origin": self.origin,
-                    "detail": self.detail, "size": len(self.body), "headers": json_safe(self.headers)}
+        document = {
+            "message_id": self.message_id,
+            "reason": self.reason,
+            "origin": self.origin,
+            "detail": self.detail,
+            "size": len(self.body),
+            "headers": json_safe(self.headers),
+        }
         return document if action is None else {**document, "action": action}
 
 
@@ -70,10 +86,10 @@ class Letter:
 class Tally:
     """What one run saw and did."""
 
-    waiting: int                    # letters in the queue when the command started
+    waiting: int  # letters in the queue when the command started
     examined: int = 0
-    not_matching: int = 0           # kept: their reason is not one of --reason
-    done: Counter = field(default_factory=Counter)      # listed / drained / requeued, by reason
+    not_matching: int = 0  # kept: their reason is not one of --reason
+    done: Counter = field(default_factory=Counter)  # listed / drained / requeued, by reason
     destinations: Counter = field(default_factory=Counter)  # requeued, by exchange
     without_origin: list[str] = field(default_factory=list)  # message ids --requeue could not place
     rows: list[str] = field(default_factory=list)  # the listing's table (text, not the letters' bodies)
@@ -81,16 +97,32 @@ class Tally:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, CONNECTION_OPTIONS)
-    parser.add_argument("--reason", action="append", default=None, metavar="REASON",
-                        help="only letters with this reason; repeat it or give a comma-separated list")
-    parser.add_argument("--limit", type=positive_int, default=DEFAULT_LIMIT, metavar="N",
-                        help=f"examine at most the first N letters (default {DEFAULT_LIMIT})")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object per letter (with --drain/--requeue: what was done to it)")
+    parser.add_argument(
+        "--reason",
+        action="append",
+        default=None,
+        metavar="REASON",
+        help="only letters with this reason; repeat it or give a comma-separated list",
+    )
+    parser.add_argument(
+        "--limit",
+        type=positive_int,
+        default=DEFAULT_LIMIT,
+        metavar="N",
+        help=f"examine at most the first N letters (default {DEFAULT_LIMIT})",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per letter (with --drain/--requeue: what was done to it)",
+    )
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--drain", action="store_true", help="remove the (matching) letters for good")
-    action.add_argument("--requeue", action="store_true",
-                        help="publish the (matching) letters again to the update or task queue they came from")
+    action.add_argument(
+        "--requeue",
+        action="store_true",
+        help="publish the (matching) letters again to the update or task queue they came from",
+    )
 
 
 def wanted_reasons(given: list[str] | None) -> set[str] | None:
@@ -112,8 +144,10 @@ def main(args: argparse.Namespace) -> int:
         tally = _run(connection.channel(), topology, args, reasons)
     except pika.exceptions.AMQPError as error:
         cause = error.reply_text if isinstance(error, pika.exceptions.ChannelClosedByBroker) else repr(error)
-        raise BrokerError(f"RabbitMQ failed while working on {topology.dead} ({cause}); "
-                          f"the letters not yet drained or requeued stay in the queue") from None
+        raise BrokerError(
+            f"RabbitMQ failed while working on {topology.dead} ({cause}); "
+            f"the letters not yet drained or requeued stay in the queue"
+        ) from None
     finally:
         try:
             connection.close()  # gives back every letter taken and not acked
@@ -123,15 +157,16 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(channel: BlockingChannel, topology: Topology, args: argparse.Namespace,
-         reasons: set[str] | None) -> Tally:
+def _run(channel: BlockingChannel, topology: Topology, args: argparse.Namespace, reasons: set[str] | None) -> Tally:
     try:
         waiting = channel.queue_declare(topology.dead, passive=True).method.message_count
     except pika.exceptions.ChannelClosedByBroker as error:
         if error.reply_code != 404:
             raise
-        raise UserError(f"job {topology.job!r} has no dead-letter queue {topology.dead} "
-                        f"(wrong --job or --amqp-url, or no service of the job has run yet)") from None
+        raise UserError(
+            f"job {topology.job!r} has no dead-letter queue {topology.dead} "
+            f"(wrong --job or --amqp-url, or no service of the job has run yet)"
+        ) from None
     if args.requeue:
         channel.confirm_delivery()
     tally = Tally(waiting)
@@ -157,19 +192,28 @@ def _run(channel: BlockingChannel, topology: Topology, args: argparse.Namespace,
     return tally
 
 
-def _take(channel: BlockingChannel, topology: Topology, count: int, tally: Tally,
-          show_progress: bool) -> Iterator[Letter]:
+def _take(
+    channel: BlockingChannel, topology: Topology, count: int, tally: Tally, show_progress: bool
+) -> Iterator[Letter]:
     """The first ``count`` letters of the queue, each unacked until the caller acks it."""
     last_progress = time.monotonic()
     for _ in range(count):
         method, properties, body = channel.basic_get(topology.dead, auto_ack=False)
         if method is None:
             break  # someone else took the rest
+        # A message basic_get returns carries its tag, properties and body (pika's stubs leave each optional).
+        assert method.delivery_tag is not None and properties is not None and body is not None
         tally.examined += 1
         headers = dict(properties.headers or {})
-        yield Letter(tag=method.delivery_tag, message_id=properties.message_id, reason=letter_reason(headers),
-                     origin=letter_origin(headers, topology), detail=letter_detail(headers), body=body,
-                     headers=headers)
+        yield Letter(
+            tag=method.delivery_tag,
+            message_id=properties.message_id,
+            reason=letter_reason(headers),
+            origin=letter_origin(headers, topology),
+            detail=letter_detail(headers),
+            body=body,
+            headers=headers,
+        )
         if show_progress and time.monotonic() - last_progress > PROGRESS_INTERVAL_SECONDS:
             last_progress = time.monotonic()
             print(f"\rexamined {tally.examined}/{count} dead letters", end="", file=sys.stderr, flush=True)
@@ -184,14 +228,23 @@ def _requeue(channel: BlockingChannel, topology: Topology, letter: Letter, tally
     exchange = origin_exchange(letter.origin, topology)
     already = sum(tally.done.values())
     try:
-        publish(channel, exchange, letter.body, message_id=letter.message_id or uuid.uuid4().hex,
-                headers=requeue_headers(letter.headers))
+        publish(
+            channel,
+            exchange,
+            letter.body,
+            message_id=letter.message_id or uuid.uuid4().hex,
+            headers=requeue_headers(letter.headers),
+        )
     except (pika.exceptions.UnroutableError, pika.exceptions.NackError):
-        raise UserError(f"RabbitMQ did not take letter {letter.message_id} back to {exchange} (no queue bound, "
-                        f"or refused); it and the letters after it stay dead, {already} were requeued") from None
+        raise UserError(
+            f"RabbitMQ did not take letter {letter.message_id} back to {exchange} (no queue bound, "
+            f"or refused); it and the letters after it stay dead, {already} were requeued"
+        ) from None
     except pika.exceptions.ChannelClosedByBroker as error:
-        raise UserError(f"cannot publish to {exchange} ({error.reply_text}); letter {letter.message_id} and "
-                        f"the letters after it stay dead, {already} were requeued") from None
+        raise UserError(
+            f"cannot publish to {exchange} ({error.reply_text}); letter {letter.message_id} and "
+            f"the letters after it stay dead, {already} were requeued"
+        ) from None
     channel.basic_ack(letter.tag)  # only now: RabbitMQ confirmed the copy
     tally.destinations[exchange] += 1
     return "requeued"
@@ -199,19 +252,21 @@ def _requeue(channel: BlockingChannel, topology: Topology, letter: Letter, tally
 
 def _cut(text: str, width: int) -> str:
     text = " ".join(text.split())  # details may hold newlines (tracebacks)
-    return text if len(text) <= width else text[:width - 3] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 TABLE_HEADER = f"  {'message id':<34} {'reason':<22} {'origin':<8} {'size':>9}  detail"
 
 
 def _row(letter: Letter) -> str:
-    return (f"  {_cut(letter.message_id or '-', 34):<34} {_cut(letter.reason, 22):<22} {letter.origin or '-':<8} "
-            f"{len(letter.body):>9}  {_cut(letter.detail, DETAIL_WIDTH)}")
+    return (
+        f"  {_cut(letter.message_id or '-', 34):<34} {_cut(letter.reason, 22):<22} {letter.origin or '-':<8} "
+        f"{len(letter.body):>9}  {_cut(letter.detail, DETAIL_WIDTH)}"
+    )
 
 
 def _by_reason(counts: Counter) -> str:
-    """"unknown_task 3, not_json 1": the most frequent first, then by name."""
+    """ "unknown_task 3, not_json 1": the most frequent first, then by name."""
     ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     return ", ".join(f"{reason} {count}" for reason, count in ordered)
 
@@ -224,20 +279,32 @@ def _report(tally: Tally, topology: Topology, args: argparse.Namespace, reasons:
     done = sum(tally.done.values())
     matching = f" with reason {', '.join(sorted(reasons))}" if reasons else ""
     if args.drain:
-        print(f"drained {done} dead letter(s){matching} of job {topology.job!r}"
-              + (f": {_by_reason(tally.done)}" if done else ""), file=out)
+        print(
+            f"drained {done} dead letter(s){matching} of job {topology.job!r}"
+            + (f": {_by_reason(tally.done)}" if done else ""),
+            file=out,
+        )
     elif args.requeue:
         where = ", ".join(f"{count} to {exchange}" for exchange, count in sorted(tally.destinations.items()))
-        print(f"requeued {done} dead letter(s){matching} of job {topology.job!r}"
-              + (f": {_by_reason(tally.done)} ({where})" if done else ""), file=out)
+        print(
+            f"requeued {done} dead letter(s){matching} of job {topology.job!r}"
+            + (f": {_by_reason(tally.done)} ({where})" if done else ""),
+            file=out,
+        )
         if tally.without_origin:
-            print(f"left {len(tally.without_origin)} in place: nothing says which queue they came from "
-                  f"(message ids: {', '.join(tally.without_origin)})", file=out)
+            print(
+                f"left {len(tally.without_origin)} in place: nothing says which queue they came from "
+                f"(message ids: {', '.join(tally.without_origin)})",
+                file=out,
+            )
     else:
         if tally.rows:
             print("\n".join([TABLE_HEADER, *tally.rows]), file=out)
-        print(f"job {topology.job!r}: {tally.waiting} dead letter(s) in {topology.dead}"
-              + (f", {done}{matching}" if reasons else ""), file=out)
+        print(
+            f"job {topology.job!r}: {tally.waiting} dead letter(s) in {topology.dead}"
+            + (f", {done}{matching}" if reasons else ""),
+            file=out,
+        )
         if done:
             of_listed = f" (of the first {tally.examined})" if tally.waiting > args.limit else ""
             print(f"  by reason{of_listed}: {_by_reason(tally.done)}", file=out)

@@ -4,6 +4,7 @@ Starts one coordinator and several worker *processes* that talk only through
 RabbitMQ and Redis, follows the job's history stream in Redis to show progress,
 and prints a summary once the coordinator stops (target reached or time out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,26 +19,45 @@ import time
 from typing import Any
 
 from fedq.broker.connection import connect
-from fedq.coordinator.algorithms.registry import ALGORITHMS
-from fedq.common.records import VersionRecord
 from fedq.common.cli import UserError
-from fedq.common.settings import (CONNECTION_OPTIONS, Option, add_options, positive_float, positive_int, redact_url,
-                                  resolve)
+from fedq.common.records import VersionRecord
+from fedq.common.settings import (
+    CONNECTION_OPTIONS,
+    Option,
+    add_options,
+    positive_float,
+    positive_int,
+    redact_url,
+    resolve,
+)
 from fedq.common.store import ModelStore, connect_redis
+from fedq.coordinator.algorithms.registry import ALGORITHMS
 
-HELP = ("Run a coordinator and worker processes on the built-in digits task until the global model "
-        "reaches the target accuracy, showing progress and a summary.")
+HELP = (
+    "Run a coordinator and worker processes on the built-in digits task until the global model "
+    "reaches the target accuracy, showing progress and a summary."
+)
 
 # Each run is a job of its own, so that people sharing one RabbitMQ and Redis never clobber each
 # other's demo; the default is a description, not a name (no job name holds a space).
 FRESH_JOB = "a new one each run, demo-<yyyymmdd-hhmmss UTC>-<4 hex digits>"
-OPTIONS = [Option("job", CONNECTION_OPTIONS[0].parse, FRESH_JOB, "name of the federation; an existing job "
-                  "is continued only with --resume")] + CONNECTION_OPTIONS[1:] + [
-    Option("workers", positive_int, 4, "worker processes to start"),
-    Option("algorithm", str, "fedasync", "aggregation", choices=tuple(ALGORITHMS)),
-    Option("target", positive_float, 0.90, "stop at this test accuracy"),
-    Option("max_seconds", positive_float, 600.0, "give up after this many seconds"),
-]
+OPTIONS = (
+    [
+        Option(
+            "job",
+            CONNECTION_OPTIONS[0].parse,
+            FRESH_JOB,
+            "name of the federation; an existing job is continued only with --resume",
+        )
+    ]
+    + CONNECTION_OPTIONS[1:]
+    + [
+        Option("workers", positive_int, 4, "worker processes to start"),
+        Option("algorithm", str, "fedasync", "aggregation", choices=tuple(ALGORITHMS)),
+        Option("target", positive_float, 0.90, "stop at this test accuracy"),
+        Option("max_seconds", positive_float, 600.0, "give up after this many seconds"),
+    ]
+)
 # Settings that make the small digits MLP converge in seconds: a few passes over
 # each worker's ~300 examples per task, and every worker's partition covering a
 # share of the data (num_partitions = workers) so the union is the full set.
@@ -58,21 +78,25 @@ def _progress_line(entry: VersionRecord, started: float, applied: int, staleness
     accuracy = entry.metrics.get("accuracy")
     accuracy_text = "  n/a " if accuracy is None else f"{accuracy:.4f}"
     mean = sum(stalenesses) / len(stalenesses) if stalenesses else 0.0
-    return (f"[{time.monotonic() - started:6.1f}s] version {entry.version:5d}  accuracy {accuracy_text}  "
-            f"updates applied {applied:5d}  staleness mean {mean:4.2f} max {max(stalenesses, default=0):3d}")
+    return (
+        f"[{time.monotonic() - started:6.1f}s] version {entry.version:5d}  accuracy {accuracy_text}  "
+        f"updates applied {applied:5d}  staleness mean {mean:4.2f} max {max(stalenesses, default=0):3d}"
+    )
 
 
 # Without a terminal (a log, CI), a line is printed when the head moves, or this often.
 QUIET_SECONDS = 10.0
 
 
-def follow(store: ModelStore, redis_url: str, coordinator: subprocess.Popen, started: float,
-           workers: int = 0) -> dict[str, Any]:
+def follow(
+    store: ModelStore, redis_url: str, coordinator: subprocess.Popen, started: float, workers: int = 0
+) -> dict[str, Any]:
     """Print progress from the history stream until the coordinator exits; return totals.
     Until the first update is applied, say that the workers are still starting (each imports torch
     and loads its data: seconds, on a busy machine tens of seconds)."""
     reader = connect_redis(redis_url, blocking=True)
-    last_id, applied, stalenesses = "0-0", 0, []
+    last_id, applied = "0-0", 0
+    stalenesses: list[int] = []
     last_entry: VersionRecord | None = None
     last_print, shown = 0.0, None
     interactive = sys.stdout.isatty()
@@ -135,12 +159,16 @@ def choose_job(values: dict[str, Any], resume: bool, store_for) -> ModelStore:
             store = store_for(fresh_job_name())
             if not job_exists(store, values["amqp_url"]):
                 return store
-        raise UserError(f"{FRESH_NAME_ATTEMPTS} fresh job names in a row already exist on these servers; "
-                        "name a new job with --job NAME")
+        raise UserError(
+            f"{FRESH_NAME_ATTEMPTS} fresh job names in a row already exist on these servers; "
+            "name a new job with --job NAME"
+        )
     store = store_for(values["job"])
     if not resume and job_exists(store, values["amqp_url"]):
-        raise UserError(f"job {store.job!r} already exists on these servers; continue it with --resume, or leave "
-                        f"out --job to train a new one")
+        raise UserError(
+            f"job {store.job!r} already exists on these servers; continue it with --resume, or leave "
+            f"out --job to train a new one"
+        )
     return store
 
 
@@ -178,24 +206,53 @@ def run(store: ModelStore, values: dict[str, Any], log_dir: str | None) -> int:
     os.makedirs(log_dir, exist_ok=True)
     workers = values["workers"]
     connection_flags = ["--job", job, "--amqp-url", amqp_url, "--redis-url", redis_url]
-    print(f"fedq demo: job {job!r}, {workers} worker processes, {values['algorithm']}, "
-          f"target accuracy {values['target']:.2f}; logs in {log_dir}", flush=True)
+    print(
+        f"fedq demo: job {job!r}, {workers} worker processes, {values['algorithm']}, "
+        f"target accuracy {values['target']:.2f}; logs in {log_dir}",
+        flush=True,
+    )
     started = time.monotonic()
     processes: list[subprocess.Popen] = []
     try:
         with open(os.path.join(log_dir, "coordinator.log"), "w") as log_file:
-            coordinator = subprocess.Popen(_fedq(
-                "coordinator", *connection_flags, "--task", "digits",
-                "--task-params", json.dumps({"num_partitions": workers}), "--algorithm", values["algorithm"],
-                "--concurrency", str(workers), "--target", str(values["target"]),
-                "--max-seconds", str(values["max_seconds"]), *DEMO_TRAINING),
-                stdout=log_file, stderr=subprocess.STDOUT)
+            coordinator = subprocess.Popen(
+                _fedq(
+                    "coordinator",
+                    *connection_flags,
+                    "--task",
+                    "digits",
+                    "--task-params",
+                    json.dumps({"num_partitions": workers}),
+                    "--algorithm",
+                    values["algorithm"],
+                    "--concurrency",
+                    str(workers),
+                    "--target",
+                    str(values["target"]),
+                    "--max-seconds",
+                    str(values["max_seconds"]),
+                    *DEMO_TRAINING,
+                ),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
         processes.append(coordinator)
         for index in range(workers):
             with open(os.path.join(log_dir, f"worker-{index}.log"), "w") as log_file:
-                processes.append(subprocess.Popen(_fedq(
-                    "worker", *connection_flags, "--worker-id", f"demo-worker-{index}", "--partition", str(index)),
-                    stdout=log_file, stderr=subprocess.STDOUT))
+                processes.append(
+                    subprocess.Popen(
+                        _fedq(
+                            "worker",
+                            *connection_flags,
+                            "--worker-id",
+                            f"demo-worker-{index}",
+                            "--partition",
+                            str(index),
+                        ),
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         totals = follow(store, redis_url, coordinator, started, workers)
     finally:
         for process in processes:
@@ -210,11 +267,12 @@ def run(store: ModelStore, values: dict[str, Any], log_dir: str | None) -> int:
     return print_summary(store, totals, wall_seconds, values["target"], coordinator.returncode, log_dir)
 
 
-def print_summary(store: ModelStore, totals: dict[str, Any], wall_seconds: float, target: float,
-                  coordinator_exit: int, log_dir: str) -> int:
+def print_summary(
+    store: ModelStore, totals: dict[str, Any], wall_seconds: float, target: float, coordinator_exit: int, log_dir: str
+) -> int:
     state = store.status.load()
     head = store.versions.head()
-    accuracy = (store.versions.load_meta(head).metrics.get("accuracy") if head is not None else None)
+    accuracy = store.versions.load_meta(head).metrics.get("accuracy") if head is not None else None
     stalenesses = totals["stalenesses"]
     rejected = store.counters.get("rejected")
     skipped = store.counters.get("skipped")

@@ -2,13 +2,14 @@
 
 Each reads both tiers, Redis and the archive, through :class:`TieredHistory`.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from fedq.common.cli import UserError, human_size
 from fedq.common.records import VersionRecord
@@ -18,8 +19,12 @@ from fedq.common.store.archive import ArchiveError
 from fedq.common.store.tiers import TieredHistory, open_job_archive
 
 HISTORY_OPTIONS = CONNECTION_OPTIONS + [
-    Option("archive", str, None, "the job's archive, a directory or fsspec URL (default: the one its "
-           "coordinator recorded in Redis)"),
+    Option(
+        "archive",
+        str,
+        None,
+        "the job's archive, a directory or fsspec URL (default: the one its coordinator recorded in Redis)",
+    ),
 ]
 
 
@@ -48,14 +53,22 @@ def _version_argument(text: str) -> int | str:
 
 
 def add_version_argument(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("version", type=_version_argument, metavar="VERSION",
-                        help=f"the version {what}: a number (fedq history lists them), or head (latest) for the "
-                             "newest committed")
+    parser.add_argument(
+        "version",
+        type=_version_argument,
+        metavar="VERSION",
+        help=f"the version {what}: a number (fedq history lists them), or head (latest) for the newest committed",
+    )
 
 
 def chosen_version(history: TieredHistory, version: int | str) -> int:
     """``version`` as a number: head/latest is the newest committed version (even a tampered head's)."""
-    return history.last_committed() if version == "head" else int(version)
+    if version != "head":
+        return int(version)
+    head = history.last_committed()
+    if head is None:
+        raise UserError(f"job {history.store.job!r} has no versions")
+    return head
 
 
 def _meta(history: TieredHistory, version: int) -> VersionRecord:
@@ -66,7 +79,7 @@ def _meta(history: TieredHistory, version: int) -> VersionRecord:
 
 
 def _when(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(timestamp, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _score(metrics: dict[str, float]) -> str:
@@ -96,15 +109,20 @@ class History:
         print(f"{'version':>7}  {'time (UTC)':19}  {'updates':>7}  {'staleness':>9}  {'max':>4}  metrics")
         for entry in entries:
             note = f"  (rollback to {entry.rollback_of})" if entry.rollback_of is not None else ""
-            print(f"{entry.version:>7}  {_when(entry.created)}  {entry.updates_applied:>7}  "
-                  f"{entry.mean_staleness:>9.2f}  {entry.max_staleness:>4}  {_score(entry.metrics)}{note}")
+            print(
+                f"{entry.version:>7}  {_when(entry.created)}  {entry.updates_applied:>7}  "
+                f"{entry.mean_staleness:>9.2f}  {entry.max_staleness:>4}  {_score(entry.metrics)}{note}"
+            )
         usage = store.memory_usage()
-        parts = ", ".join(f"{kind} {human_size(size)}"
-                          for kind, size in sorted(usage.items(), key=lambda item: -item[1]))
+        parts = ", ".join(
+            f"{kind} {human_size(size)}" for kind, size in sorted(usage.items(), key=lambda item: -item[1])
+        )
         print(f"Redis memory of job {store.job!r}: {human_size(sum(usage.values()))} ({parts})")
         if history.archive is not None:
-            print(f"archive {history.archive.url}: {human_size(history.archive.size())}, versions 0.."
-                  f"{history.archive.last_archived()}; Redis holds versions {history.oldest_in_redis()}..{head}")
+            print(
+                f"archive {history.archive.url}: {human_size(history.archive.size())}, versions 0.."
+                f"{history.archive.last_archived()}; Redis holds versions {history.oldest_in_redis()}..{head}"
+            )
         return 0
 
 
@@ -135,8 +153,10 @@ class Show:
         print("  aggregation: " + ", ".join(f"{key}={value}" for key, value in (meta.config or {}).items()))
         print(f"  {len(entry.updates)} update(s) applied, in order:")
         for update in entry.updates:
-            print(f"    task {update.task_id}  worker {update.worker_id}  base {update.base_version}  "
-                  f"staleness {update.staleness}  weight {update.weight:.4g}  examples {update.num_examples}")
+            print(
+                f"    task {update.task_id}  worker {update.worker_id}  base {update.base_version}  "
+                f"staleness {update.staleness}  weight {update.weight:.4g}  examples {update.num_examples}"
+            )
         return 0
 
 
@@ -166,13 +186,23 @@ class Export:
             raise UserError(str(error)) from None
         task, task_params = store.status.previous_task() or (None, {})
         try:
-            save_file(dict(weights), args.output, metadata={
-                "fedq_job": store.job, "fedq_version": str(version), "fedq_digest": meta.digest,
-                "fedq_task": str(task), "fedq_task_params": json.dumps(task_params)})
+            save_file(
+                dict(weights),
+                args.output,
+                metadata={
+                    "fedq_job": store.job,
+                    "fedq_version": str(version),
+                    "fedq_digest": meta.digest,
+                    "fedq_task": str(task),
+                    "fedq_task_params": json.dumps(task_params),
+                },
+            )
         except (OSError, SafetensorError) as error:
             raise UserError(f"cannot write {args.output}: {error}") from None
-        print(f"wrote version {version} of job {store.job!r} to {args.output} "
-              f"(load with safetensors.torch.load_file and model.load_state_dict)")
+        print(
+            f"wrote version {version} of job {store.job!r} to {args.output} "
+            f"(load with safetensors.torch.load_file and model.load_state_dict)"
+        )
         return 0
 
 
@@ -191,6 +221,8 @@ class Replay:
 
         history = open_history(args)
         end = history.last_committed() if args.end is None else args.end
+        if end is None:
+            raise UserError(f"job {history.job!r} has no versions")
         started = time.monotonic()
         last_shown = [0.0]
 
@@ -205,9 +237,12 @@ class Replay:
             raise UserError(str(error)) from None
         print(file=sys.stderr)
         if result.ok:
-            print(f"replay of versions {args.start + 1}..{end}: all {len(result.verified)} verified bit for bit "
-                  f"({time.monotonic() - started:.1f} s)")
+            print(
+                f"replay of versions {args.start + 1}..{end}: all {len(result.verified)} verified bit for bit "
+                f"({time.monotonic() - started:.1f} s)"
+            )
             return 0
+        assert result.divergence is not None  # not ok: it diverged
         print(result.divergence.describe())
         print(f"{len(result.verified)} version(s) verified before the divergence")
         return 1
@@ -232,6 +267,8 @@ class Rollback:
             new_version = rollback(history, version)
         except (ReplayError, StoreError, ArchiveError) as error:
             raise UserError(str(error)) from None
-        print(f"version {new_version} of job {store.job!r} is version {version} again; "
-              f"updates based on versions {version + 1}..{new_version - 1} will be refused")
+        print(
+            f"version {new_version} of job {store.job!r} is version {version} again; "
+            f"updates based on versions {version + 1}..{new_version - 1} will be refused"
+        )
         return 0

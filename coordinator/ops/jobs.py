@@ -8,6 +8,7 @@ whose coordinator started has a ``spec`` key, one that committed a version a
 
 Neither command imports torch: listing jobs should take well under a second.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,11 +56,11 @@ def find_jobs(client) -> list[str]:
 @dataclass
 class JobSummary:
     job: str
-    status: str | None        # running / stopped / finished / failed; None before a coordinator ran
-    head: int | None          # the last committed version; None before the first commit
-    workers: int              # workers alive now
-    redis_bytes: int          # memory Redis uses for the job's keys
-    archive_url: str | None   # where the job's segments go (None: it keeps its history in Redis only)
+    status: str | None  # running / stopped / finished / failed; None before a coordinator ran
+    head: int | None  # the last committed version; None before the first commit
+    workers: int  # workers alive now
+    redis_bytes: int  # memory Redis uses for the job's keys
+    archive_url: str | None  # where the job's segments go (None: it keeps its history in Redis only)
     archive_bytes: int | None  # None when there is no archive, or it cannot be read
     archive_problem: str | None = None
 
@@ -75,11 +76,16 @@ def summarise(store: ModelStore, archives: ArchiveReader) -> JobSummary:
     root, archive_bytes, problem = store.status.archive_url(), None, None
     if root is not None:
         archive_bytes, problem = archives.size(root, store.job)
-    return JobSummary(job=store.job, status=store.status.load().get("status"),
-                      head=store.versions.last_committed(), workers=len(store.workers.live()),
-                      redis_bytes=sum(store.memory_usage().values()),
-                      archive_url=None if root is None else job_archive_url(root, store.job),
-                      archive_bytes=archive_bytes, archive_problem=problem)
+    return JobSummary(
+        job=store.job,
+        status=store.status.load().get("status"),
+        head=store.versions.last_committed(),
+        workers=len(store.workers.live()),
+        redis_bytes=sum(store.memory_usage().values()),
+        archive_url=None if root is None else job_archive_url(root, store.job),
+        archive_bytes=archive_bytes,
+        archive_problem=problem,
+    )
 
 
 def _dash(value) -> str:
@@ -87,8 +93,10 @@ def _dash(value) -> str:
 
 
 class Jobs:
-    HELP = ("List every job in Redis: status, head version, live workers, Redis memory, and the size and "
-            "location of its archive.")
+    HELP = (
+        "List every job in Redis: status, head version, live workers, Redis memory, and the size and "
+        "location of its archive."
+    )
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,14 +122,20 @@ class Jobs:
             print(f"no {which} in Redis at {redact_url(values['redis_url'])}")
             return 0
         width = max(len("job"), *(len(summary.job) for summary in summaries))
-        print(f"{'job':<{width}}  {'status':<8}  {'head':>6}  {'workers':>7}  {'redis':>10}  {'archive':>10}  "
-              f"archive URL")
+        print(
+            f"{'job':<{width}}  {'status':<8}  {'head':>6}  {'workers':>7}  {'redis':>10}  {'archive':>10}  archive URL"
+        )
         for summary in summaries:
-            archive_size = "?" if summary.archive_problem else (
-                "-" if summary.archive_bytes is None else human_size(summary.archive_bytes))
-            print(f"{summary.job:<{width}}  {_dash(summary.status):<8}  {_dash(summary.head):>6}  "
-                  f"{summary.workers:>7}  {human_size(summary.redis_bytes):>10}  {archive_size:>10}  "
-                  f"{_dash(summary.archive_url)}")
+            archive_size = (
+                "?"
+                if summary.archive_problem
+                else ("-" if summary.archive_bytes is None else human_size(summary.archive_bytes))
+            )
+            print(
+                f"{summary.job:<{width}}  {_dash(summary.status):<8}  {_dash(summary.head):>6}  "
+                f"{summary.workers:>7}  {human_size(summary.redis_bytes):>10}  {archive_size:>10}  "
+                f"{_dash(summary.archive_url)}"
+            )
         for summary in summaries:
             if summary.archive_problem:
                 print(f"job {summary.job!r}: {summary.archive_problem}", file=sys.stderr)
@@ -172,18 +186,26 @@ def signs_of_life(store: ModelStore, queues: list[QueueState], now: float) -> li
 
 
 class Delete:
-    HELP = ("Delete a job: its Redis keys, its queues and exchanges, and with --archive its archive segments. "
-            "Asks to type the job name unless --yes; refuses a job whose coordinator looks alive unless --force.")
+    HELP = (
+        "Delete a job: its Redis keys, its queues and exchanges, and with --archive its archive segments. "
+        "Asks to type the job name unless --yes; refuses a job whose coordinator looks alive unless --force."
+    )
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("job_name", nargs="?", metavar="JOB", help="the job to delete (or --job JOB)")
         add_options(parser, CONNECTION_OPTIONS)
-        parser.add_argument("--archive", action="store_true",
-                            help="also delete the job's archive segments (the history moved out of Redis)")
+        parser.add_argument(
+            "--archive",
+            action="store_true",
+            help="also delete the job's archive segments (the history moved out of Redis)",
+        )
         parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-        parser.add_argument("--force", action="store_true",
-                            help="delete even if the job's coordinator looks alive (it may write keys again)")
+        parser.add_argument(
+            "--force",
+            action="store_true",
+            help="delete even if the job's coordinator looks alive (it may write keys again)",
+        )
 
     @staticmethod
     def main(args: argparse.Namespace) -> int:
@@ -209,22 +231,28 @@ class Delete:
         job_archive, archive_bytes = None, 0
         recorded_url = store.status.archive_url()
         if args.archive and recorded_url is not None:
-            archive_bytes, problem = ArchiveReader().size(recorded_url, job)
-            if problem is not None:
-                raise UserError(f"cannot read the archive {job_archive_url(recorded_url, job)} ({problem}); "
-                                "nothing deleted")
+            size, problem = ArchiveReader().size(recorded_url, job)
+            if problem is not None or size is None:  # (None, problem) when it cannot be read
+                raise UserError(
+                    f"cannot read the archive {job_archive_url(recorded_url, job)} ({problem}); nothing deleted"
+                )
+            archive_bytes = size
             job_archive = Archive(recorded_url).job(job)
         existing_queues = [queue.name for queue in queues if queue.exists]
         if not keys and not existing_queues and not archive_bytes:
-            raise UserError(f"job {job!r} has no keys in Redis at {redact_url(values['redis_url'])} and no queues "
-                            f"in RabbitMQ; nothing to delete")
+            raise UserError(
+                f"job {job!r} has no keys in Redis at {redact_url(values['redis_url'])} and no queues "
+                f"in RabbitMQ; nothing to delete"
+            )
 
         signs = signs_of_life(store, queues, time.time())
         if signs and not args.force:
-            raise UserError(f"job {job!r} is running ({'; '.join(signs)}); stop its coordinator first, or add "
-                            f"--force")
-        archive_note = (f", and {human_size(archive_bytes)} of archive segments in {job_archive.url}"
-                        if job_archive is not None else "")
+            raise UserError(f"job {job!r} is running ({'; '.join(signs)}); stop its coordinator first, or add --force")
+        archive_note = (
+            f", and {human_size(archive_bytes)} of archive segments in {job_archive.url}"
+            if job_archive is not None
+            else ""
+        )
         plan = f"{keys} Redis key(s), {len(existing_queues)} queue(s){archive_note}"
         if not args.yes:
             confirm(job, plan)
@@ -235,13 +263,17 @@ class Delete:
             try:
                 job_archive.delete()
             except OSError as error:
-                raise UserError(f"cannot delete the archive {job_archive.url}: {error}; nothing else deleted") \
-                    from None
+                raise UserError(f"cannot delete the archive {job_archive.url}: {error}; nothing else deleted") from None
         remove_job(amqp_url, store)
-        print(f"deleted job {job!r}: {keys} Redis key(s); queues and exchanges "
-              f"{', '.join(existing_queues) or '(none existed)'}"
-              + (f"; {human_size(archive_bytes)} ({archive_bytes} bytes) of archive segments in {job_archive.url}"
-                 if job_archive is not None else ""))
+        print(
+            f"deleted job {job!r}: {keys} Redis key(s); queues and exchanges "
+            f"{', '.join(existing_queues) or '(none existed)'}"
+            + (
+                f"; {human_size(archive_bytes)} ({archive_bytes} bytes) of archive segments in {job_archive.url}"
+                if job_archive is not None
+                else ""
+            )
+        )
         if recorded_url is not None and job_archive is None:
             print(f"kept its archive in {job_archive_url(recorded_url, job)} (add --archive to delete it too)")
         if args.archive and recorded_url is None:
@@ -252,8 +284,7 @@ class Delete:
 def confirm(job: str, plan: str) -> None:
     """Ask the user to type the job name; raise UserError unless they do."""
     if not sys.stdin.isatty():
-        raise UserError(f"refusing to delete job {job!r} without confirmation, as input is not a terminal; "
-                        "add --yes")
+        raise UserError(f"refusing to delete job {job!r} without confirmation, as input is not a terminal; add --yes")
     print(f"This deletes job {job!r}: {plan}. It cannot be undone.")
     try:
         typed = input("Type the job name to confirm: ")

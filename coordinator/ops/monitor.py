@@ -1,23 +1,33 @@
 """``fedq monitor``: a live terminal view of one job's queues, training, workers, Redis memory and archive."""
+
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
 from fedq.common.store import ModelStore, connect_redis
-from fedq.coordinator.ops.status import (RATE_WINDOW_SECONDS, WORKER_COLUMNS, ArchiveReader, archive_line, collect,
-                                        memory_line, worker_table_rows)
+from fedq.coordinator.ops.status import (
+    RATE_WINDOW_SECONDS,
+    WORKER_COLUMNS,
+    ArchiveReader,
+    archive_line,
+    collect,
+    memory_line,
+    worker_table_rows,
+)
 
-HELP = ("Live view of a job: queue depths (ready / unacked / consumers), head version, update rate, "
-        "staleness, latest accuracy, the workers seen recently, Redis memory against the job's budget and "
-        "the archive's size and lag.")
+HELP = (
+    "Live view of a job: queue depths (ready / unacked / consumers), head version, update rate, "
+    "staleness, latest accuracy, the workers seen recently, Redis memory against the job's budget and "
+    "the archive's size and lag."
+)
 
 # The archive's size is a listing (of an object store, perhaps): read it this often, not every frame.
 ARCHIVE_REFRESH_SECONDS = 15.0
@@ -25,8 +35,9 @@ ARCHIVE_REFRESH_SECONDS = 15.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, CONNECTION_OPTIONS)
-    parser.add_argument("--interval", type=_interval, default=1.0, metavar="SECONDS",
-                        help="seconds between refreshes (default: 1)")
+    parser.add_argument(
+        "--interval", type=_interval, default=1.0, metavar="SECONDS", help="seconds between refreshes (default: 1)"
+    )
     parser.add_argument("--once", action="store_true", help="print one frame and exit (for scripts and logs)")
 
 
@@ -58,7 +69,8 @@ def render(report: dict, now: float) -> Group:
         f"{progress['versions_per_second']:.2f} versions/s, staleness mean {_number(progress['mean_staleness'])}"
         f" max {_number(progress['max_staleness'])}\n"
         f"[bold]rejected[/] {sum(report['rejected'].values())} {report['rejected'] or ''}   "
-        f"[bold]duplicates skipped[/] {sum(report['skipped'].values())}")
+        f"[bold]duplicates skipped[/] {sum(report['skipped'].values())}"
+    )
     storage = Text(f"{memory_line(report)}\n{archive_line(report)}")
     warnings = [Text(f"WARNING: {warning}", style="bold red") for warning in report["warnings"]]
 
@@ -67,26 +79,35 @@ def render(report: dict, now: float) -> Group:
         queues.add_column(column, justify="left" if column == "queue" else "right")
     for queue in report["queues"]:
         if queue["exists"]:
-            queues.add_row(queue["name"], _number(queue["ready"]), _number(queue["unacked"]),
-                           _number(queue["consumers"]))
+            queues.add_row(
+                queue["name"], _number(queue["ready"]), _number(queue["unacked"]), _number(queue["consumers"])
+            )
         else:
             queues.add_row(queue["name"], "[dim]not declared[/]", "", "")
-    source_note = ("" if report["depth_source"] == "management" else
-                   "[yellow]management API not reachable: AMQP counts ready messages only; unacked unknown[/]")
+    source_note = (
+        ""
+        if report["depth_source"] == "management"
+        else "[yellow]management API not reachable: AMQP counts ready messages only; unacked unknown[/]"
+    )
 
     workers = Table(title=f"workers seen in the last 30 s ({len(report['workers'])})", title_justify="left")
     for column in ("worker", "host", "partition", "tasks done", "working on", "last seen"):
         workers.add_column(column)
     for worker in report["workers"]:
-        workers.add_row(worker["worker_id"], worker.get("host", "?"), str(worker.get("partition", "?")),
-                        str(worker.get("tasks_done", 0)), (worker.get("current_task") or "idle")[:12],
-                        f"{now - worker['last_seen']:.0f} s ago")
+        workers.add_row(
+            worker["worker_id"],
+            worker.get("host", "?"),
+            str(worker.get("partition", "?")),
+            str(worker.get("tasks_done", 0)),
+            (worker.get("current_task") or "idle")[:12],
+            f"{now - worker['last_seen']:.0f} s ago",
+        )
     contributions = Table(title="contribution (as the coordinator measured it)", title_justify="left")
     for column in WORKER_COLUMNS:
         contributions.add_column(column, justify="left" if column in ("worker", "data", "rejected") else "right")
     for cells in worker_table_rows(report):
         contributions.add_row(*cells)
-    parts = [headline, storage, *warnings, queues]
+    parts: list[RenderableType] = [headline, storage, *warnings, queues]
     if source_note:
         parts.append(source_note)
     parts.append(workers)
@@ -103,8 +124,12 @@ def main(args: argparse.Namespace) -> int:
     archive_reader = ArchiveReader(max_age=ARCHIVE_REFRESH_SECONDS)
 
     def frame() -> Group:
-        return render(collect(values["amqp_url"], values["redis_url"], values["job"], store,
-                              values["management_url"], archive_reader), time.time())
+        return render(
+            collect(
+                values["amqp_url"], values["redis_url"], values["job"], store, values["management_url"], archive_reader
+            ),
+            time.time(),
+        )
 
     if args.once:
         console.print(frame())

@@ -6,11 +6,13 @@ digests. Replaying version v = ``server_step`` on the replayed parent, the
 parent's optimizer state and those updates; the result must have exactly the
 recorded digest. A rollback version must equal the version it rolled back to.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import cast
 
 import numpy as np
 
@@ -21,7 +23,6 @@ from fedq.common.store.tiers import TieredHistory, open_job_archive
 from fedq.common.wire import codec
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
 from fedq.coordinator.algorithms.step import build_aggregator, build_optimizer, server_step
-
 
 # Recently recomputed versions kept for FedAsync's base versions: at most this many bytes of weights.
 RECOMPUTE_CACHE_BYTES = 1 << 30
@@ -41,11 +42,15 @@ class Divergence:
 
     def describe(self) -> str:
         if self.recorded_digest == self.replayed_digest:
-            lines = [f"version {self.version} replays to its recorded digest {self.recorded_digest[:16]}…, "
-                     "but its stored weights are different"]
+            lines = [
+                f"version {self.version} replays to its recorded digest {self.recorded_digest[:16]}…, "
+                "but its stored weights are different"
+            ]
         else:
-            lines = [f"version {self.version} diverges: recorded digest {self.recorded_digest[:16]}…, "
-                     f"replayed {self.replayed_digest[:16]}…"]
+            lines = [
+                f"version {self.version} diverges: recorded digest {self.recorded_digest[:16]}…, "
+                f"replayed {self.replayed_digest[:16]}…"
+            ]
         if self.differences:
             lines += [f"  tensor {name}: max |difference| {value:.3g}" for name, value in self.differences.items()]
         if self.note:
@@ -104,26 +109,32 @@ class _Recomputer:
             return stored, self.history.optimizer_state(version)
         start = self.history.nearest_stored(version)
         if start is None:
-            raise ReplayError(f"no weights at or before version {version} are stored in Redis or the archive; "
-                              "cannot recompute it")
+            raise ReplayError(
+                f"no weights at or before version {version} are stored in Redis or the archive; cannot recompute it"
+            )
         weights, state = self.version(start)
         for record in _records(self.history, start + 1, version):
             weights, state = self.step(record, self.history.meta(record.version), weights, state)
         return weights, state
 
-    def step(self, entry: VersionRecord, meta: VersionRecord, weights: codec.Weights,
-             state: codec.Weights) -> tuple[codec.Weights, codec.Weights]:
+    def step(
+        self, entry: VersionRecord, meta: VersionRecord, weights: codec.Weights, state: codec.Weights
+    ) -> tuple[codec.Weights, codec.Weights]:
         """The version ``entry`` describes, from its parent's weights and state."""
         if meta.rollback_of is not None:
             weights, state = self.version(meta.rollback_of)
         else:
             try:
+                if meta.config is None:
+                    raise ValueError("none was recorded")
                 aggregator, optimizer = build_aggregator(meta.config), build_optimizer(meta.config)
             except (KeyError, TypeError, ValueError) as error:
-                raise ReplayError(f"version {entry.version}: its recorded aggregation config cannot be used: "
-                                  f"{error}") from None
-            weights, state, _ = server_step(aggregator, optimizer, weights, state, self._updates(entry),
-                                            lambda base: self.version(base)[0])
+                raise ReplayError(
+                    f"version {entry.version}: its recorded aggregation config cannot be used: {error}"
+                ) from None
+            weights, state, _ = server_step(
+                aggregator, optimizer, weights, state, self._updates(entry), lambda base: self.version(base)[0]
+            )
         self.remember(entry.version, weights, state)
         return weights, state
 
@@ -135,14 +146,24 @@ class _Recomputer:
             except TamperedVersionError as error:
                 raise ReplayError(str(error)) from None
             if payload is None:
-                raise ReplayError(f"version {entry.version}: the blob of update {record.task_id} is in neither "
-                                  "Redis nor the archive; cannot replay past it")
-            updates.append(BufferedUpdate(task_id=record.task_id, worker_id=record.worker_id,
-                                          base_version=record.base_version, staleness=record.staleness,
-                                          num_examples=record.num_examples, delta=codec.decode(payload),
-                                          expected_staleness=record.expected_staleness,
-                                          data_share=record.data_share, update_interval=record.update_interval,
-                                          local_steps=record.local_steps))
+                raise ReplayError(
+                    f"version {entry.version}: the blob of update {record.task_id} is in neither "
+                    "Redis nor the archive; cannot replay past it"
+                )
+            updates.append(
+                BufferedUpdate(
+                    task_id=record.task_id,
+                    worker_id=record.worker_id,
+                    base_version=record.base_version,
+                    staleness=record.staleness,
+                    num_examples=record.num_examples,
+                    delta=codec.decode(payload),
+                    expected_staleness=record.expected_staleness,
+                    data_share=record.data_share,
+                    update_interval=record.update_interval,
+                    local_steps=record.local_steps,
+                )
+            )
         return updates
 
 
@@ -155,8 +176,10 @@ def _records(history: TieredHistory, start: int, end: int) -> Iterator[VersionRe
         yield record
         expected += 1
     if expected <= end:
-        raise ReplayError(f"the history of versions {start}..{end} is incomplete: version {expected} is in "
-                          "neither Redis nor the archive")
+        raise ReplayError(
+            f"the history of versions {start}..{end} is incomplete: version {expected} is in "
+            "neither Redis nor the archive"
+        )
 
 
 def reconstruct(source: ModelStore | TieredHistory, version: int) -> codec.Weights:
@@ -164,13 +187,19 @@ def reconstruct(source: ModelStore | TieredHistory, version: int) -> codec.Weigh
     history = _history(source)
     weights, _ = _Recomputer(history).version(version)
     if codec.weights_digest(weights) != history.meta(version).digest:
-        raise ReplayError(f"version {version} recomputes to weights that differ from the recorded digest; "
-                          f"run fedq replay to find where the history diverges")
+        raise ReplayError(
+            f"version {version} recomputes to weights that differ from the recorded digest; "
+            f"run fedq replay to find where the history diverges"
+        )
     return weights
 
 
-def replay(source: ModelStore | TieredHistory, start: int, end: int,
-           progress: Callable[[int, int], None] = lambda done, total: None) -> ReplayResult:
+def replay(
+    source: ModelStore | TieredHistory,
+    start: int,
+    end: int,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> ReplayResult:
     """Recompute versions start+1..end from version ``start``; stop at the first divergence.
 
     Reads both tiers: records and update blobs from Redis or the archive, and the
@@ -185,7 +214,7 @@ def replay(source: ModelStore | TieredHistory, start: int, end: int,
     recomputer = _Recomputer(history)
     weights, state = recomputer.version(start)
     recomputer.remember(start, weights, state)
-    verified = []
+    verified: list[int] = []
     for position, entry in enumerate(_records(history, start + 1, end), 1):
         version = entry.version
         # The metadata, not the history entry, is what the version's digest and config are
@@ -210,19 +239,22 @@ def _stored_differs(history: TieredHistory, version: int) -> bool:
         return True
 
 
-def _divergence(history: TieredHistory, version: int, meta: VersionRecord, digest: str,
-                weights: codec.Weights) -> Divergence:
+def _divergence(
+    history: TieredHistory, version: int, meta: VersionRecord, digest: str, weights: codec.Weights
+) -> Divergence:
     divergence = Divergence(version, meta.digest, digest)
     store = history.store
-    payload = store.redis.get(store.keys.model(version))
+    payload = cast("bytes | None", store.redis.get(store.keys.model(version)))
     if payload is None and history.archive is not None:
         payload = history.archive.blob(version, model_blob(version))
     if payload is None:
         divergence.note = "the version's weights are not stored (only checkpoints are), so only digests can be compared"
         return divergence
     if codec.digest(payload) != meta.digest:
-        divergence.note = (f"the stored weights of version {version} do not match its recorded digest: tampered "
-                           f"with or corrupted ({store.versions.repair_advice()})")
+        divergence.note = (
+            f"the stored weights of version {version} do not match its recorded digest: tampered "
+            f"with or corrupted ({store.versions.repair_advice()})"
+        )
     try:
         recorded = codec.decode(payload)
     except codec.CodecError:
@@ -257,8 +289,17 @@ def rollback(source: ModelStore | TieredHistory, version: int) -> int:
     weights, state = _Recomputer(history).version(version)
     target = history.meta(version)
     if codec.weights_digest(weights) != target.digest:
-        raise ReplayError(f"version {version} recomputes to weights that differ from its recorded digest; "
-                          "run fedq replay to find where the history diverges")
-    return store.versions.commit(head, weights, optimizer_state=state,
-                                 abandon=range(version + 1, head + 1), rollback_of=version, config=target.config,
-                                 metrics=target.metrics, replacing_head=tampered_head)
+        raise ReplayError(
+            f"version {version} recomputes to weights that differ from its recorded digest; "
+            "run fedq replay to find where the history diverges"
+        )
+    return store.versions.commit(
+        head,
+        weights,
+        optimizer_state=state,
+        abandon=range(version + 1, head + 1),
+        rollback_of=version,
+        config=target.config,
+        metrics=target.metrics,
+        replacing_head=tampered_head,
+    )

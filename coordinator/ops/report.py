@@ -1,4 +1,5 @@
 """``fedq report``: a self-contained HTML report of a run, drawn from its history (Redis and the archive)."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,13 +7,20 @@ import base64
 import html
 import io
 import os
-from collections import Counter
+from collections import Counter, defaultdict
+from typing import TYPE_CHECKING
 
+from fedq.common.records import VersionRecord
 from fedq.common.settings import add_options
 from fedq.coordinator.ops.history import HISTORY_OPTIONS, open_history
 
-HELP = ("Write an HTML report of a job from its history: accuracy against wall-clock time and version, "
-        "the staleness histogram, updates per worker, and each worker's contribution against its data.")
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+HELP = (
+    "Write an HTML report of a job from its history: accuracy against wall-clock time and version, "
+    "the staleness histogram, updates per worker, and each worker's contribution against its data."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--png-dir", default=None, help="also write each figure as a PNG file into this folder")
 
 
-def figures(history: list[dict]) -> dict[str, "object"]:
+def figures(history: list[VersionRecord]) -> dict[str, Figure]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,7 +38,7 @@ def figures(history: list[dict]) -> dict[str, "object"]:
     start = history[0].created
     scored = [entry for entry in history if entry.metrics]
     metric_names = sorted({name for entry in scored for name in entry.metrics if name != "loss"}) or ["loss"]
-    drawn = {}
+    drawn: dict[str, Figure] = {}
     for axis_name, x_of in (("time", lambda entry: entry.created - start), ("version", lambda entry: entry.version)):
         figure, axes = plt.subplots(figsize=(7, 4))
         for name in metric_names:
@@ -62,7 +70,9 @@ def contribution_rows(history: list, fleet: dict) -> list[dict]:
     """Per worker, from the history: updates applied and their summed weight, its latest example
     count, their shares; from the coordinator's measurements (``fleet``, may be empty): its
     rejections by reason and seconds per task."""
-    applied, weight, examples = Counter(), Counter(), {}
+    applied: Counter[str] = Counter()
+    weight: defaultdict[str, float] = defaultdict(float)
+    examples: dict[str, int] = {}
     for entry in history:
         for update in entry.updates:
             applied[update.worker_id] += 1
@@ -73,10 +83,17 @@ def contribution_rows(history: list, fleet: dict) -> list[dict]:
     rows = []
     for worker in workers:
         record = fleet.get(worker)
-        rows.append({"worker": worker, "applied": applied[worker], "of updates": applied[worker] / totals[0],
-                     "of weight": weight[worker] / totals[1], "of examples": examples.get(worker, 0) / totals[2],
-                     "rejected": dict(record.rejected) if record else {},
-                     "s/task": record.round_trip_s if record else None})
+        rows.append(
+            {
+                "worker": worker,
+                "applied": applied[worker],
+                "of updates": applied[worker] / totals[0],
+                "of weight": weight[worker] / totals[1],
+                "of examples": examples.get(worker, 0) / totals[2],
+                "rejected": dict(record.rejected) if record else {},
+                "s/task": record.round_trip_s if record else None,
+            }
+        )
     return rows
 
 
@@ -84,9 +101,13 @@ def _contribution_html(rows: list[dict]) -> str:
     columns = ("worker", "applied", "of updates", "of weight", "of examples", "s/task", "rejected")
     lines = []
     for row in rows:
-        cells = (row["worker"], str(row["applied"]), *(f"{100 * row[name]:.1f} %" for name in columns[2:5]),
-                 "-" if row["s/task"] is None else f"{row['s/task']:.2f}",
-                 ", ".join(f"{reason} {count}" for reason, count in sorted(row["rejected"].items())) or "-")
+        cells = (
+            row["worker"],
+            str(row["applied"]),
+            *(f"{100 * row[name]:.1f} %" for name in columns[2:5]),
+            "-" if row["s/task"] is None else f"{row['s/task']:.2f}",
+            ", ".join(f"{reason} {count}" for reason, count in sorted(row["rejected"].items())) or "-",
+        )
         lines.append("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>")
     head = "".join(f"<th>{name}</th>" for name in columns)
     return f"<h2>contribution per worker</h2><table><tr>{head}</tr>{''.join(lines)}</table>"
@@ -110,7 +131,8 @@ def main(args: argparse.Namespace) -> int:
     updates = [update for entry in history for update in entry.updates]
     last_scored = next((entry for entry in reversed(history) if entry.metrics), history[-1])
     summary = {
-        "versions": history[-1].version, "updates applied": len(updates),
+        "versions": history[-1].version,
+        "updates applied": len(updates),
         "rejected": sum(store.counters.get("rejected").values()),
         "mean staleness": f"{sum(u.staleness for u in updates) / max(len(updates), 1):.2f}",
         "max staleness": max((u.staleness for u in updates), default=0),
@@ -118,11 +140,13 @@ def main(args: argparse.Namespace) -> int:
         "latest metrics": ", ".join(f"{k}={v:.4f}" for k, v in last_scored.metrics.items()),
     }
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
-    document = (f"<!doctype html><meta charset='utf-8'><title>fedq report: {html.escape(store.job)}</title>"
-                f"<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}th{{text-align:left;"
-                f"padding-right:1em}}</style><h1>fedq report: job {html.escape(store.job)}</h1>"
-                f"<table>{rows}</table>{_contribution_html(contribution_rows(history, store.fleet.load()))}"
-                f"{''.join(sections)}")
+    document = (
+        f"<!doctype html><meta charset='utf-8'><title>fedq report: {html.escape(store.job)}</title>"
+        f"<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}th{{text-align:left;"
+        f"padding-right:1em}}</style><h1>fedq report: job {html.escape(store.job)}</h1>"
+        f"<table>{rows}</table>{_contribution_html(contribution_rows(history, store.fleet.load()))}"
+        f"{''.join(sections)}"
+    )
     with open(args.output, "w") as handle:
         handle.write(document)
     print(f"wrote {args.output} ({len(history)} versions, {len(updates)} updates)")

@@ -18,6 +18,7 @@ and Redis ``ACL SETUSER``; docs/security.md explains it. A role is granted per j
 Names come from :func:`fedq.common.store.identities.identity_user`; a worker id must match
 :data:`ENROLLABLE_WORKER_ID` (it becomes part of a user name and of Redis key patterns).
 """
+
 from __future__ import annotations
 
 import re
@@ -35,14 +36,52 @@ NOTHING = "^$"  # a RabbitMQ permission pattern no resource name matches
 # does without when refused: naming it here would make ACL SETUSER fail on 7.0.)
 CONNECT_COMMANDS = ("+ping", "+hello", "+auth", "+client|setname", "+client|id", "+select")
 WORKER_COMMANDS = ("+get", "+set", "+del")
-MONITOR_COMMANDS = ("+get", "+mget", "+strlen", "+exists", "+type", "+ttl", "+hget", "+hgetall", "+hlen", "+hmget",
-                    "+smembers", "+scard", "+sismember", "+xrange", "+xrevrange", "+xlen", "+scan", "+memory|usage")
+MONITOR_COMMANDS = (
+    "+get",
+    "+mget",
+    "+strlen",
+    "+exists",
+    "+type",
+    "+ttl",
+    "+hget",
+    "+hgetall",
+    "+hlen",
+    "+hmget",
+    "+smembers",
+    "+scard",
+    "+sismember",
+    "+xrange",
+    "+xrevrange",
+    "+xlen",
+    "+scan",
+    "+memory|usage",
+)
 # The coordinator runs Lua commits and WATCH/MULTI, scans its own keys; nothing server-wide.
 COORDINATOR_COMMANDS = ("+@all", "-@dangerous", "-@admin", "-@pubsub", "+memory|usage")
 # Every kind of key of a job except the signing key (see fedq.common.store.keys).
-READABLE_KINDS = ("spec", "head", "model:*", "meta:*", "optstate:*", "history", "abandoned", "pruned_through",
-                  "archive", "archived_through", "applied", "inflight", "update:*", "worker:*", "counters", "state",
-                  "identities", "staging:*", "partitions", "partition:*", "fleet")
+READABLE_KINDS = (
+    "spec",
+    "head",
+    "model:*",
+    "meta:*",
+    "optstate:*",
+    "history",
+    "abandoned",
+    "pruned_through",
+    "archive",
+    "archived_through",
+    "applied",
+    "inflight",
+    "update:*",
+    "worker:*",
+    "counters",
+    "state",
+    "identities",
+    "staging:*",
+    "partitions",
+    "partition:*",
+    "fleet",
+)
 
 
 class RoleError(ValueError):
@@ -74,22 +113,42 @@ def grant(role: str, job: str, name: str) -> Grant:
     if role not in ROLES:
         raise RoleError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
     if not ENROLLABLE_WORKER_ID.fullmatch(name):
-        raise RoleError(f"{name!r} cannot be enrolled: use 1-64 letters, digits, '-' or '_', starting with a letter "
-                        "or digit")
+        raise RoleError(
+            f"{name!r} cannot be enrolled: use 1-64 letters, digits, '-' or '_', starting with a letter or digit"
+        )
     topology, keys = Topology(job), JobKeys(job)
     if role == "worker":
-        rabbitmq = RabbitPermissions(configure=NOTHING, write=_alternatives(topology.updates, topology.dead),
-                                     read=_alternatives(topology.tasks))
+        rabbitmq = RabbitPermissions(
+            configure=NOTHING, write=_alternatives(topology.updates, topology.dead), read=_alternatives(topology.tasks)
+        )
         # Its own blobs and liveness, and those of its replicas (worker ids "<name>.<replica>").
-        patterns = (*(f"%R~{keys.prefix}{kind}" for kind in ("spec", "model:*", "meta:*")),
-                    f"%W~{keys.update(name, '*')}", f"%W~{keys.update(name + '.*', '*')}",
-                    f"~{keys.worker(name)}", f"~{keys.worker(name + '.*')}",
-                    f"%R~{keys.partition(name)}", f"%R~{keys.partition(name + '.*')}")
+        patterns = (
+            *(f"%R~{keys.prefix}{kind}" for kind in ("spec", "model:*", "meta:*")),
+            f"%W~{keys.update(name, '*')}",
+            f"%W~{keys.update(name + '.*', '*')}",
+            f"~{keys.worker(name)}",
+            f"~{keys.worker(name + '.*')}",
+            f"%R~{keys.partition(name)}",
+            f"%R~{keys.partition(name + '.*')}",
+        )
         return Grant(role, name, rabbitmq, ("resetchannels", *patterns, "-@all", *CONNECT_COMMANDS, *WORKER_COMMANDS))
     if role == "coordinator":
         everything = _alternatives(*topology.queues)
-        return Grant(role, name, RabbitPermissions(everything, everything, everything),
-                     ("resetchannels", f"~{keys.all()}", *COORDINATOR_COMMANDS, *CONNECT_COMMANDS))
-    return Grant(role, name, RabbitPermissions(NOTHING, NOTHING, NOTHING, tags="management"),
-                 ("resetchannels", *(f"%R~{keys.prefix}{kind}" for kind in READABLE_KINDS), "-@all",
-                  *CONNECT_COMMANDS, *MONITOR_COMMANDS))
+        return Grant(
+            role,
+            name,
+            RabbitPermissions(everything, everything, everything),
+            ("resetchannels", f"~{keys.all()}", *COORDINATOR_COMMANDS, *CONNECT_COMMANDS),
+        )
+    return Grant(
+        role,
+        name,
+        RabbitPermissions(NOTHING, NOTHING, NOTHING, tags="management"),
+        (
+            "resetchannels",
+            *(f"%R~{keys.prefix}{kind}" for kind in READABLE_KINDS),
+            "-@all",
+            *CONNECT_COMMANDS,
+            *MONITOR_COMMANDS,
+        ),
+    )

@@ -1,12 +1,14 @@
 """``fedq status``: a job's head version, queue depths and consumers, and how its history is kept:
 the job's Redis memory against its budget, and the archive (its size and how far it trails the head)."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -20,8 +22,10 @@ from fedq.common.store.archive import Archive
 from fedq.common.store.fleet import WorkerRecord
 from fedq.coordinator.service.fleet import contribution, contribution_warnings
 
-HELP = ("Show a job's head model version, the depth of each of its queues and their consumers, its Redis memory "
-        "against its budget and its archive's size and lag, with a WARNING line for each that needs attention.")
+HELP = (
+    "Show a job's head model version, the depth of each of its queues and their consumers, its Redis memory "
+    "against its budget and its archive's size and lag, with a WARNING line for each that needs attention."
+)
 
 # Redis memory past this share of the job's budget is a warning (the coordinator's archiver logs the same).
 MEMORY_WARNING_FRACTION = 0.8
@@ -142,8 +146,9 @@ def _optional_int(raw: bytes | None) -> int | None:
     return None if raw is None else int(raw)
 
 
-def storage_health(store: ModelStore, head: int | None, versions_per_second: float = 0.0,
-                   archive_reader: ArchiveReader | None = None) -> dict:
+def storage_health(
+    store: ModelStore, head: int | None, versions_per_second: float = 0.0, archive_reader: ArchiveReader | None = None
+) -> dict:
     """The job's Redis memory against its budget, its archive (size, lag), and warnings about either.
 
     {"redis_memory_bytes", "redis_memory_by_kind", "redis_budget_bytes", "archive": {"url", "bytes",
@@ -166,15 +171,25 @@ def storage_health(store: ModelStore, head: int | None, versions_per_second: flo
     reads.get(store.keys.pruned_through)
     archived_through, pruned_through = (_optional_int(raw) for raw in reads.execute())
 
-    archive: dict[str, Any] = {"url": url, "bytes": None, "archived_through": archived_through, "lag_versions": None,
-                               "hot_versions": hot_versions or None, "pruned_through": pruned_through,
-                               "recorded": bool(settings)}
+    archive: dict[str, Any] = {
+        "url": url,
+        "bytes": None,
+        "archived_through": archived_through,
+        "lag_versions": None,
+        "hot_versions": hot_versions or None,
+        "pruned_through": pruned_through,
+        "recorded": bool(settings),
+    }
     if used is not None and budget and used > MEMORY_WARNING_FRACTION * budget:
-        advice = ("start the coordinator with --archive DIR or URL, so that older history leaves Redis"
-                  if settings and url is None else
-                  "lower --hot-versions (or --max-staleness), or raise --redis-budget-mb and Redis's maxmemory")
-        warnings.append(f"Redis memory of job {store.job!r} is {_mib(used)}, {100 * used / budget:.0f} % of its "
-                        f"{_mib(budget)} budget (warning above {MEMORY_WARNING_FRACTION:.0%}): {advice}")
+        advice = (
+            "start the coordinator with --archive DIR or URL, so that older history leaves Redis"
+            if settings and url is None
+            else "lower --hot-versions (or --max-staleness), or raise --redis-budget-mb and Redis's maxmemory"
+        )
+        warnings.append(
+            f"Redis memory of job {store.job!r} is {_mib(used)}, {100 * used / budget:.0f} % of its "
+            f"{_mib(budget)} budget (warning above {MEMORY_WARNING_FRACTION:.0%}): {advice}"
+        )
     if url is not None:
         archive["bytes"], problem = (archive_reader or ArchiveReader()).size(url, store.job)
         if problem is not None:
@@ -183,15 +198,28 @@ def storage_health(store: ModelStore, head: int | None, versions_per_second: flo
             archive["lag_versions"] = head - (archived_through if archived_through is not None else -1)
             limit = archive_lag_limit(hot_versions, versions_per_second)
             if archive["lag_versions"] > limit:
-                warnings.append(f"the archive is {archive['lag_versions']} versions behind the head (more than "
-                                f"{limit}): is the archiver stuck? Look for event=archive_failed in the coordinator's "
-                                f"log, or move the history now with `fedq archive --job {store.job}`")
-    return {"redis_memory_bytes": used, "redis_memory_by_kind": by_kind, "redis_budget_bytes": budget,
-            "archive": archive, "warnings": warnings}
+                warnings.append(
+                    f"the archive is {archive['lag_versions']} versions behind the head (more than "
+                    f"{limit}): is the archiver stuck? Look for event=archive_failed in the coordinator's "
+                    f"log, or move the history now with `fedq archive --job {store.job}`"
+                )
+    return {
+        "redis_memory_bytes": used,
+        "redis_memory_by_kind": by_kind,
+        "redis_budget_bytes": budget,
+        "archive": archive,
+        "warnings": warnings,
+    }
 
 
-def collect(amqp_url: str, redis_url: str, job: str, store: ModelStore | None = None,
-            management_url: str | None = None, archive_reader: ArchiveReader | None = None) -> dict:
+def collect(
+    amqp_url: str,
+    redis_url: str,
+    job: str,
+    store: ModelStore | None = None,
+    management_url: str | None = None,
+    archive_reader: ArchiveReader | None = None,
+) -> dict:
     """Everything `status` shows, as a dict (`status --json` prints it). ``archive_reader`` keeps
     archive sizes between calls (a monitor's refreshes)."""
     store = store or ModelStore(connect_redis(redis_url), job)
@@ -206,14 +234,32 @@ def collect(amqp_url: str, redis_url: str, job: str, store: ModelStore | None = 
     live = store.workers.live()
     fleet = store.fleet.load()
     return {
-        "job": job, "head": head, "problem": problem, "state": store.status.load(), "metrics": metrics,
-        "in_flight": len(store.ledger.open_tasks()), "rejected": store.counters.get("rejected"),
-        "skipped": store.counters.get("skipped"), "depth_source": source,
-        "queues": [{"name": depth.name, "exists": depth.exists, "ready": depth.ready, "unacked": depth.unacked,
-                    "consumers": depth.consumers} for depth in depths],
-        "workers": live, "progress": progress, "contribution": worker_rows(live, fleet),
-        **_with_warnings(storage_health(store, head, progress["versions_per_second"], archive_reader),
-                         contribution_warnings(fleet, [worker["worker_id"] for worker in live], now)),
+        "job": job,
+        "head": head,
+        "problem": problem,
+        "state": store.status.load(),
+        "metrics": metrics,
+        "in_flight": len(store.ledger.open_tasks()),
+        "rejected": store.counters.get("rejected"),
+        "skipped": store.counters.get("skipped"),
+        "depth_source": source,
+        "queues": [
+            {
+                "name": depth.name,
+                "exists": depth.exists,
+                "ready": depth.ready,
+                "unacked": depth.unacked,
+                "consumers": depth.consumers,
+            }
+            for depth in depths
+        ],
+        "workers": live,
+        "progress": progress,
+        "contribution": worker_rows(live, fleet),
+        **_with_warnings(
+            storage_health(store, head, progress["versions_per_second"], archive_reader),
+            contribution_warnings(fleet, [worker["worker_id"] for worker in live], now),
+        ),
     }
 
 
@@ -228,8 +274,10 @@ def worker_rows(live: list[dict], fleet: dict) -> list[dict]:
     liveness = {worker["worker_id"]: worker for worker in live}
     # A live worker the coordinator has not measured yet gets an empty record's row.
     records = {worker_id: WorkerRecord(worker_id) for worker_id in liveness} | fleet
-    return [{**row, "alive": row["worker_id"] in liveness, "data": _data_of(liveness.get(row["worker_id"], {}))}
-            for row in contribution(records)]
+    return [
+        {**row, "alive": row["worker_id"] in liveness, "data": _data_of(liveness.get(row["worker_id"], {}))}
+        for row in contribution(records)
+    ]
 
 
 def _data_of(liveness: dict) -> str:
@@ -245,20 +293,38 @@ def _data_of(liveness: dict) -> str:
 
 def worker_table_rows(report: dict) -> list[tuple[str, ...]]:
     """The per-worker table as text cells (status and monitor print the same)."""
-    cells = []
+    cells: list[tuple[str, ...]] = []
     for row in report["contribution"]:
         rejected = ", ".join(f"{reason} {count}" for reason, count in sorted(row["rejected"].items())) or "-"
-        cells.append((row["worker_id"] + ("" if row["alive"] else " (gone)"), row["data"],
-                      "-" if row["round_trip_s"] is None else f"{row['round_trip_s']:.2f}",
-                      "-" if row["steps_per_second"] is None else f"{row['steps_per_second']:.0f}",
-                      "-" if row["expected_staleness"] is None else f"{row['expected_staleness']:.1f}",
-                      str(row["applied"]), f"{100 * row['applied_share']:.0f} %",
-                      f"{100 * row['weight_share']:.0f} %", f"{100 * row['data_share']:.0f} %", rejected))
+        cells.append(
+            (
+                row["worker_id"] + ("" if row["alive"] else " (gone)"),
+                row["data"],
+                "-" if row["round_trip_s"] is None else f"{row['round_trip_s']:.2f}",
+                "-" if row["steps_per_second"] is None else f"{row['steps_per_second']:.0f}",
+                "-" if row["expected_staleness"] is None else f"{row['expected_staleness']:.1f}",
+                str(row["applied"]),
+                f"{100 * row['applied_share']:.0f} %",
+                f"{100 * row['weight_share']:.0f} %",
+                f"{100 * row['data_share']:.0f} %",
+                rejected,
+            )
+        )
     return cells
 
 
-WORKER_COLUMNS = ("worker", "data", "s/task", "steps/s", "exp. staleness", "applied", "of updates", "of weight",
-                  "of examples", "rejected")
+WORKER_COLUMNS = (
+    "worker",
+    "data",
+    "s/task",
+    "steps/s",
+    "exp. staleness",
+    "applied",
+    "of updates",
+    "of weight",
+    "of examples",
+    "rejected",
+)
 
 
 def memory_line(report: dict) -> str:
@@ -306,10 +372,14 @@ def main(args: argparse.Namespace) -> int:
         print("  latest metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in report["metrics"].items()))
     progress = report["progress"]
     if progress["mean_staleness"] is not None:
-        print(f"  last {RATE_WINDOW_SECONDS:.0f} s: {progress['updates_per_second']:.2f} updates/s, staleness mean "
-              f"{progress['mean_staleness']:.2f} max {progress['max_staleness']}")
-    print(f"  {len(report['workers'])} worker(s) alive: "
-          + (", ".join(worker["worker_id"] for worker in report["workers"]) or "none"))
+        print(
+            f"  last {RATE_WINDOW_SECONDS:.0f} s: {progress['updates_per_second']:.2f} updates/s, staleness mean "
+            f"{progress['mean_staleness']:.2f} max {progress['max_staleness']}"
+        )
+    print(
+        f"  {len(report['workers'])} worker(s) alive: "
+        + (", ".join(worker["worker_id"] for worker in report["workers"]) or "none")
+    )
     rows = worker_table_rows(report)
     if rows:
         widths = [max(len(cell) for cell in column) for column in zip(WORKER_COLUMNS, *rows)]
@@ -326,9 +396,13 @@ def main(args: argparse.Namespace) -> int:
         if not queue["exists"]:
             print(f"  {queue['name']:<32} (not declared)")
             continue
-        print(f"  {queue['name']:<32} {_cell(queue['ready']):>7} {_cell(queue['unacked']):>8} "
-              f"{_cell(queue['consumers']):>10}")
+        print(
+            f"  {queue['name']:<32} {_cell(queue['ready']):>7} {_cell(queue['unacked']):>8} "
+            f"{_cell(queue['consumers']):>10}"
+        )
     if report["depth_source"] == "amqp":
-        print("  (management API not reachable: counts from AMQP, which reports ready messages only; "
-              "enable it with 'rabbitmq-plugins enable rabbitmq_management')")
+        print(
+            "  (management API not reachable: counts from AMQP, which reports ready messages only; "
+            "enable it with 'rabbitmq-plugins enable rabbitmq_management')"
+        )
     return 0

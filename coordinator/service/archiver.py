@@ -29,6 +29,7 @@ a process of the same host that is gone); the coordinator runs it in a
 thread every ``archive_seconds`` and once more when the job finishes, and
 ``fedq archive`` runs one pass by hand.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import cast
 
 import redis
 
@@ -71,14 +73,20 @@ class ArchivePass:
     """What one pass did."""
 
     archived: list[tuple[int, int]] = field(default_factory=list)  # (first, last) of each segment written
-    trimmed: int = 0            # versions that left Redis
+    trimmed: int = 0  # versions that left Redis
     archived_through: int = -1  # the archive's newest version after the pass
     skipped: str | None = None  # why nothing was done ("another archiver holds the lock", ...)
 
 
 class Archiver:
-    def __init__(self, store: ModelStore, archive: JobArchive, hot_versions: int, checkpoint_every: int,
-                 segment_bytes: int = SEGMENT_BYTES):
+    def __init__(
+        self,
+        store: ModelStore,
+        archive: JobArchive,
+        hot_versions: int,
+        checkpoint_every: int,
+        segment_bytes: int = SEGMENT_BYTES,
+    ):
         if hot_versions < 1:
             raise ValueError("the hot tier keeps at least the head (hot_versions >= 1)")
         self.store = store
@@ -110,7 +118,7 @@ class Archiver:
         """Free the lock at once when its holder was a process of this host that no longer runs
         (a coordinator restarted after a crash); anywhere else, only its expiry frees it."""
         key = self.store.keys.archiver_lock
-        holder = self.store.redis.get(key)
+        holder = cast("bytes | None", self.store.redis.get(key))
         if holder is None:
             return
         host, _, rest = holder.decode(errors="replace").partition(":")
@@ -125,8 +133,14 @@ class Archiver:
         except PermissionError:
             return
         self.store.redis.eval(_DELETE_IF_UNCHANGED, 1, key, holder)
-        log.info(kv("archive_lock_freed", job=self.store.job, holder=holder.decode(errors="replace"),
-                    reason="its process is gone"))
+        log.info(
+            kv(
+                "archive_lock_freed",
+                job=self.store.job,
+                holder=holder.decode(errors="replace"),
+                reason="its process is gone",
+            )
+        )
 
     def _pass(self, lock: redis.lock.Lock) -> ArchivePass:
         result = ArchivePass()
@@ -143,8 +157,7 @@ class Archiver:
             self.store.redis.set(self.store.keys.archived_through, through)
             crash_point("archive.cursor_moved")
             self._drop_update_blobs(records)
-            log.info(kv("archived", job=self.store.job, first=segment.first, last=segment.last,
-                        bytes=segment.size))
+            log.info(kv("archived", job=self.store.job, first=segment.first, last=segment.last, bytes=segment.size))
         result.archived_through = through
         result.trimmed = self._trim(min(through, head - self.hot_versions), lock)
         return result
@@ -156,8 +169,10 @@ class Archiver:
             (record,) = self.store.versions.history(version, version) or (None,)
             if record is None:
                 # Trimming follows archiving, so this means the record was lost some other way.
-                raise RuntimeError(f"version {version} of job {self.store.job!r} is neither in the archive "
-                                   f"{self.archive.url} nor in Redis: was the archive moved or deleted?")
+                raise RuntimeError(
+                    f"version {version} of job {self.store.job!r} is neither in the archive "
+                    f"{self.archive.url} nor in Redis: was the archive moved or deleted?"
+                )
             records.append(record)
             sizes = self.store.redis.pipeline(transaction=False)
             for key in self._blob_keys(record):
@@ -181,18 +196,20 @@ class Archiver:
                 payload = self.store.blobs.get(update.blob_key)
                 if payload is None:
                     # Written before the archive existed and pruned then: the record says what is missing.
-                    log.error(kv("archive_blob_missing", job=self.store.job, version=record.version,
-                                 task=update.task_id))
+                    log.error(
+                        kv("archive_blob_missing", job=self.store.job, version=record.version, task=update.task_id)
+                    )
                     continue
                 yield update.blob_key, payload
             if self.is_checkpoint(record.version):
                 lock.reacquire()
-                weights = self.store.redis.get(self.store.keys.model(record.version))
+                weights = cast("bytes | None", self.store.redis.get(self.store.keys.model(record.version)))
                 if weights is None:
-                    raise RuntimeError(f"checkpoint version {record.version} of job {self.store.job!r} has no "
-                                       "weights in Redis")
+                    raise RuntimeError(
+                        f"checkpoint version {record.version} of job {self.store.job!r} has no weights in Redis"
+                    )
                 yield model_blob(record.version), weights
-                state = self.store.redis.get(self.store.keys.optimizer_state(record.version))
+                state = cast("bytes | None", self.store.redis.get(self.store.keys.optimizer_state(record.version)))
                 if state is not None:
                     yield optimizer_blob(record.version), state
 
@@ -202,7 +219,7 @@ class Archiver:
         against one set of weights). A crash before this leaves them until their version's trim."""
         keys = [update.blob_key for record in records for update in record.updates]
         for start in range(0, len(keys), 500):
-            self.store.redis.delete(*keys[start:start + 500])
+            self.store.redis.delete(*keys[start : start + 500])
 
     def _trim(self, last: int, lock: redis.lock.Lock) -> int:
         """Remove versions up to ``last`` from Redis (the archive holds them); the count removed."""
@@ -212,8 +229,12 @@ class Archiver:
             lock.reacquire()
             (record,) = self.store.versions.history(version, version) or (None,)
             removal = self.store.redis.pipeline(transaction=True)
-            removal.delete(keys.model(version), keys.optimizer_state(version), keys.meta(version),
-                           *(update.blob_key for update in (record.updates if record else ())))
+            removal.delete(
+                keys.model(version),
+                keys.optimizer_state(version),
+                keys.meta(version),
+                *(update.blob_key for update in (record.updates if record else ())),
+            )
             if record is not None and record.updates:
                 removal.hdel(keys.applied, *(update.task_id for update in record.updates))
             # Stream ids are <version>-1: MINID <version+1>-0 drops exactly the entries up to this version.
@@ -229,8 +250,16 @@ class Archiver:
 class ArchiveThread:
     """Runs archive passes in the background of a coordinator, on a Redis connection of its own."""
 
-    def __init__(self, store: ModelStore, archive: JobArchive, hot_versions: int, checkpoint_every: int,
-                 every_seconds: float, budget_bytes: int, reserve_bytes: int = 0):
+    def __init__(
+        self,
+        store: ModelStore,
+        archive: JobArchive,
+        hot_versions: int,
+        checkpoint_every: int,
+        every_seconds: float,
+        budget_bytes: int,
+        reserve_bytes: int = 0,
+    ):
         # A store of its own (its own weights cache) on the coordinator's client: redis-py's pool is thread-safe.
         self.store, self.job = store, store.job
         self.archive, self.hot_versions, self.checkpoint_every = archive, hot_versions, checkpoint_every
@@ -268,8 +297,11 @@ class ArchiveThread:
                 self.passes += 1
                 pause = self.pause_after(done, self._check_budget())
                 if done.skipped != skipped:  # say it once, not every pass
-                    log.info(kv("archive_skipped", job=self.job, reason=done.skipped) if done.skipped
-                             else kv("archive_resumed", job=self.job))
+                    log.info(
+                        kv("archive_skipped", job=self.job, reason=done.skipped)
+                        if done.skipped
+                        else kv("archive_resumed", job=self.job)
+                    )
                     skipped = done.skipped
             except Exception as error:  # noqa: BLE001 - Redis and the archive keep everything; retry next time
                 log.warning(kv("archive_failed", job=self.job, error=repr(error)[:300]))
@@ -321,9 +353,15 @@ class ArchiveThread:
             return 0
         peak, self._peak_bytes = max(used, self._peak_bytes), 0
         if peak > self.budget_bytes * WARN_FRACTION:
-            log.warning(kv("redis_budget", job=self.job, used_mib=round(peak / 2**20, 1),
-                           budget_mib=round(self.budget_bytes / 2**20, 1),
-                           advice="lower --hot-versions or --max-staleness, or raise --redis-budget-mb"))
+            log.warning(
+                kv(
+                    "redis_budget",
+                    job=self.job,
+                    used_mib=round(peak / 2**20, 1),
+                    budget_mib=round(self.budget_bytes / 2**20, 1),
+                    advice="lower --hot-versions or --max-staleness, or raise --redis-budget-mb",
+                )
+            )
         return peak
 
 

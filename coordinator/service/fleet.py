@@ -14,11 +14,12 @@ task at a time, and less when tasks wait in the queue.
 Contribution: updates applied (and the weight they got), refused by reason, and when; saved
 in Redis (common/store/fleet.py) for `fedq status`, `monitor` and `report`.
 """
+
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from fedq.common.obs import metrics
 from fedq.common.records import AppliedUpdate
@@ -58,11 +59,22 @@ class Fleet:
 
     def expectations(self) -> dict[str, float]:
         """worker id -> the staleness its speed predicts, for every worker measured so far."""
-        return {worker: record.expected_staleness for worker, record in self.workers.items()
-                if record.expected_staleness is not None}
+        return {
+            worker: record.expected_staleness
+            for worker, record in self.workers.items()
+            if record.expected_staleness is not None
+        }
 
-    def arrived(self, worker_id: str, issued_at: float, examples: int | None = None, now: float | None = None,
-                steps: int = 0, train_seconds: float = 0.0, batch_size: int = 0) -> None:
+    def arrived(
+        self,
+        worker_id: str,
+        issued_at: float,
+        examples: int | None = None,
+        now: float | None = None,
+        steps: int = 0,
+        train_seconds: float = 0.0,
+        batch_size: int = 0,
+    ) -> None:
         """An update (accepted or not) answering a task issued at ``issued_at`` arrived now.
 
         Called after the update was judged: its own round trip does not excuse it."""
@@ -98,8 +110,11 @@ class Fleet:
         active worker. Faster workers finish their epochs sooner; slower ones train the steps
         that fit and return as often as the median one. 0 (whole epochs) until measured."""
         now = time.time() if now is None else now
-        measured = sorted(record.seconds_per_epoch for record in self.workers.values()
-                          if record.seconds_per_epoch and self._active(record, now))
+        measured = sorted(
+            record.seconds_per_epoch
+            for record in self.workers.values()
+            if record.seconds_per_epoch and self._active(record, now)
+        )
         return epochs * statistics.median(measured) if measured else 0.0
 
     def data_share(self, worker_id: str, examples: int, now: float | None = None) -> float:
@@ -107,8 +122,11 @@ class Fleet:
         now: those with an update in the last ACTIVE_SECONDS, or in their last ACTIVE_ROUND_TRIPS
         round trips if they are slower."""
         now = time.time() if now is None else now
-        others = sum(record.examples for worker, record in self.workers.items()
-                     if worker != worker_id and self._active(record, now))
+        others = sum(
+            record.examples
+            for worker, record in self.workers.items()
+            if worker != worker_id and self._active(record, now)
+        )
         return max(examples, 1) / (max(examples, 1) + others)
 
     @staticmethod
@@ -152,15 +170,23 @@ def contribution(records: dict[str, WorkerRecord]) -> list[dict]:
     applied = sum(record.applied for record in records.values())
     weight = sum(record.applied_weight for record in records.values())
     examples = sum(record.examples for record in records.values())
-    return [{"worker_id": record.worker_id, "applied": record.applied,
-             "applied_share": record.applied / applied if applied else 0.0,
-             "weight_share": record.applied_weight / weight if weight else 0.0,
-             "examples": record.examples, "data_share": record.examples / examples if examples else 0.0,
-             "rejected": dict(record.rejected), "round_trip_s": record.round_trip_s,
-             "steps_per_second": record.steps_per_second,
-             "expected_staleness": record.expected_staleness, "last_applied": record.last_applied,
-             "rejected_streak": record.rejected_streak}
-            for record in sorted(records.values(), key=lambda record: record.worker_id)]
+    return [
+        {
+            "worker_id": record.worker_id,
+            "applied": record.applied,
+            "applied_share": record.applied / applied if applied else 0.0,
+            "weight_share": record.applied_weight / weight if weight else 0.0,
+            "examples": record.examples,
+            "data_share": record.examples / examples if examples else 0.0,
+            "rejected": dict(record.rejected),
+            "round_trip_s": record.round_trip_s,
+            "steps_per_second": record.steps_per_second,
+            "expected_staleness": record.expected_staleness,
+            "last_applied": record.last_applied,
+            "rejected_streak": record.rejected_streak,
+        }
+        for record in sorted(records.values(), key=lambda record: record.worker_id)
+    ]
 
 
 def contribution_warnings(records: dict[str, WorkerRecord], live: Iterable[str], now: float) -> list[str]:
@@ -172,13 +198,18 @@ def contribution_warnings(records: dict[str, WorkerRecord], live: Iterable[str],
             continue
         if record.rejected_streak >= REJECTED_STREAK_WARNING:
             reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(record.rejected.items()))
-            warnings.append(f"worker {worker_id}: its last {record.rejected_streak} updates were rejected "
-                            f"({reasons}); it contributes nothing")
+            warnings.append(
+                f"worker {worker_id}: its last {record.rejected_streak} updates were rejected "
+                f"({reasons}); it contributes nothing"
+            )
             continue
         quiet_limit = max(QUIET_SECONDS, QUIET_ROUND_TRIPS * (record.round_trip_s or 0.0))
         since = now - (record.last_applied or record.first_seen)
         if since > quiet_limit:
-            what = "no update of it was ever applied" if record.last_applied is None else \
-                f"none of its updates was applied in the last {since:.0f} s"
+            what = (
+                "no update of it was ever applied"
+                if record.last_applied is None
+                else f"none of its updates was applied in the last {since:.0f} s"
+            )
             warnings.append(f"worker {worker_id}: {what}")
     return warnings

@@ -15,6 +15,7 @@ The loop only routes: ``validation.validate_update`` judges each update,
 through a ``fedq.broker.transport.Channel``, so the loop runs on the in-memory
 transport in unit tests.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,11 +33,18 @@ from fedq.broker.transport import Channel, Delivery, Transport, dead_letter_head
 from fedq.common.obs import metrics
 from fedq.common.obs.faults import crash_point
 from fedq.common.obs.logs import kv
-from fedq.common.store import (TRANSIENT_REDIS_ERRORS, HeadMovedError, ModelStore, StoreError, TamperedVersionError,
-                               UnknownVersionError, connect_redis)
-from fedq.common.tasks import FederatedTask, load_task, load_weights_into
+from fedq.common.store import (
+    TRANSIENT_REDIS_ERRORS,
+    HeadMovedError,
+    ModelStore,
+    StoreError,
+    TamperedVersionError,
+    UnknownVersionError,
+    connect_redis,
+)
 from fedq.common.store.archive import Archive
 from fedq.common.store.ledger import OpenTask
+from fedq.common.tasks import FederatedTask, load_task, load_weights_into
 from fedq.common.wire import codec
 from fedq.common.wire.description import JobDescription
 from fedq.common.wire.messages import MessageError, RoundTask, TaskRefusal, TrainSettings
@@ -47,8 +55,16 @@ from fedq.coordinator.service.fleet import Fleet
 from fedq.coordinator.service.partitions import plan_leases
 from fedq.coordinator.service.scheduling import scheduling_policy
 from fedq.coordinator.service.settings import AUTO, CoordinatorSettings
-from fedq.coordinator.service.validation import (Expectations, NormGuard, Rejected, ValidatedRefusal, ValidatedUpdate,
-                                                l2_distance, l2_norm, validate_update)
+from fedq.coordinator.service.validation import (
+    Expectations,
+    NormGuard,
+    Rejected,
+    ValidatedRefusal,
+    ValidatedUpdate,
+    l2_distance,
+    l2_norm,
+    validate_update,
+)
 
 log = logging.getLogger("fedq.coordinator")
 
@@ -91,8 +107,9 @@ class Plateau:
 
 
 class Coordinator:
-    def __init__(self, settings: CoordinatorSettings, store: ModelStore | None = None,
-                 transport: Transport | None = None):
+    def __init__(
+        self, settings: CoordinatorSettings, store: ModelStore | None = None, transport: Transport | None = None
+    ):
         # One thread: on two cores shared with workers and servers, a second torch
         # thread costs far more than it gains (DESIGN.md measured 1.2-400x).
         torch.set_num_threads(1)
@@ -104,8 +121,9 @@ class Coordinator:
         self.aggregator = build_aggregator(self.config)
         self.optimizer = build_optimizer(self.config)
         self.norm_guard = NormGuard(settings.norm_outlier_factor)
-        self.policy = scheduling_policy(settings.chosen_algorithm.synchronous, settings.concurrency,
-                                        self.aggregator.buffer_size)
+        self.policy = scheduling_policy(
+            settings.chosen_algorithm.synchronous, settings.concurrency, self.aggregator.buffer_size
+        )
         # Opened now, so that a URL nothing can open is one sentence before the job starts.
         self.archive = None if settings.archive_url is None else Archive(settings.archive_url).job(settings.job)
         self.task: FederatedTask = load_task(settings.task, settings.task_params)
@@ -134,39 +152,68 @@ class Coordinator:
     def _prepare_job(self) -> None:
         previous = self.store.status.previous_task()
         if previous is not None and previous != (self.settings.task, self.settings.task_params):
-            raise StoreError(f"job {self.settings.job!r} already trains task {previous[0]!r} with "
-                             f"{previous[1]}; use another --job name")
+            raise StoreError(
+                f"job {self.settings.job!r} already trains task {previous[0]!r} with "
+                f"{previous[1]}; use another --job name"
+            )
         # The job's key signs every task: workers train only what this coordinator issued.
         self.signing_key = self.store.status.signing_key()
         weights = self.task.initial_weights(self.settings.seed)
         self.description = JobDescription(
-            job=self.settings.job, task=self.settings.task, task_params=self.settings.task_params,
-            seed=self.settings.seed, tensors=codec.tensor_specs(weights),
-            public_key=self.signing_key.verify_key.to_text()).signed(self.signing_key)
+            job=self.settings.job,
+            task=self.settings.task,
+            task_params=self.settings.task_params,
+            seed=self.settings.seed,
+            tensors=codec.tensor_specs(weights),
+            public_key=self.signing_key.verify_key.to_text(),
+        ).signed(self.signing_key)
         self.store.status.save_description(self.description)
-        log.info(kv("coordinator_key", job=self.settings.job, fingerprint=self.signing_key.verify_key.fingerprint,
-                    pin_with="--coordinator-key"))
-        self.head = self.store.versions.head()
-        if self.head is None:
+        log.info(
+            kv(
+                "coordinator_key",
+                job=self.settings.job,
+                fingerprint=self.signing_key.verify_key.fingerprint,
+                pin_with="--coordinator-key",
+            )
+        )
+        head = self.store.versions.head()
+        if head is None:
             self.last_metrics = self._evaluate(weights)
-            self.head = self.store.versions.commit(None, weights, metrics=self.last_metrics, config=self.config)
-            log.info(kv("initialised", job=self.settings.job, task=self.settings.task, version=0,
-                        parameters=codec.num_parameters(weights)))
+            self.store.versions.commit(None, weights, metrics=self.last_metrics, config=self.config)
+            log.info(
+                kv(
+                    "initialised",
+                    job=self.settings.job,
+                    task=self.settings.task,
+                    version=0,
+                    parameters=codec.num_parameters(weights),
+                )
+            )
         else:
-            self.last_metrics = self.store.versions.load_meta(self.head).metrics
+            self.last_metrics = self.store.versions.load_meta(head).metrics
             # A restart bounds updates by the norms the job accepted before, not by a fresh warm-up.
-            recent = self.store.versions.recent_history(self.norm_guard.norms.maxlen)
-            self.norm_guard.accepted([(update.worker_id, update.norm)
-                                      for record in recent for update in record.updates])
-            log.info(kv("resumed", job=self.settings.job, head=self.head))
-        self._load_head()
+            recent = self.store.versions.recent_history(self.norm_guard.window)
+            self.norm_guard.accepted(
+                [(update.worker_id, update.norm) for record in recent for update in record.updates]
+            )
+            log.info(kv("resumed", job=self.settings.job, head=head))
+        self._load_head()  # sets self.head
         self.tensor_specs = codec.tensor_specs(self.weights)
         self.max_delta_bytes = codec.max_encoded_size(self.tensor_specs)
-        self.store.status.record_archive(self.settings.archive_url, self.settings.hot_window,
-                                         self.settings.checkpoint_every, self.settings.redis_budget_mb)
+        self.store.status.record_archive(
+            self.settings.archive_url,
+            self.settings.hot_window,
+            self.settings.checkpoint_every,
+            self.settings.redis_budget_mb,
+        )
         if self.settings.archive_url is None:
-            log.warning(kv("no_archive", job=self.settings.job,
-                           detail="--archive none: Redis keeps every version and update of this job"))
+            log.warning(
+                kv(
+                    "no_archive",
+                    job=self.settings.job,
+                    detail="--archive none: Redis keeps every version and update of this job",
+                )
+            )
         self.store.status.set(status="running")
 
     def _keep_description(self) -> None:
@@ -181,7 +228,10 @@ class Coordinator:
         Called at every (re)connect: a commit whose reply was lost in a Redis
         outage may have moved the head after all.
         """
-        self.head = self.store.versions.head()
+        head = self.store.versions.head()
+        if head is None:
+            raise StoreError(f"job {self.settings.job!r} was deleted from Redis while its coordinator ran")
+        self.head = head
         self.weights = self.store.versions.load_weights(self.head)
         self.head_digest = self.store.versions.digest_of(self.head)
         self.model_norm = l2_norm(self.weights)
@@ -201,9 +251,13 @@ class Coordinator:
         """Serve until a stop condition holds; reconnects to RabbitMQ/Redis after connection loss."""
         self.archiving = archiving = self._start_archiving()
         try:
-            self.transport.run(self._serve, name=f"fedq-coordinator-{self.settings.job}",
-                               should_stop=lambda: self.finished_reason is not None or self.stop_requested,
-                               on_connection_lost=self._on_connection_lost, also_transient=TRANSIENT_REDIS_ERRORS)
+            self.transport.run(
+                self._serve,
+                name=f"fedq-coordinator-{self.settings.job}",
+                should_stop=lambda: self.finished_reason is not None or self.stop_requested,
+                on_connection_lost=self._on_connection_lost,
+                also_transient=TRANSIENT_REDIS_ERRORS,
+            )
         except TamperedVersionError as error:
             # The head names weights that are not what was committed: nothing can be built on
             # it. Stop and say how to repair it (the message names the rollback command).
@@ -224,13 +278,25 @@ class Coordinator:
         if self.archive is None:
             return None
         model_bytes = sum(array.nbytes for array in self.weights.values())
-        thread = ArchiveThread(ModelStore(self.store.redis, self.settings.job), self.archive,
-                               self.settings.hot_window, self.settings.checkpoint_every,
-                               self.settings.archive_seconds, self.settings.redis_budget_mb * 2**20,
-                               reserve_bytes=(self.settings.concurrency + 2) * model_bytes)
+        thread = ArchiveThread(
+            ModelStore(self.store.redis, self.settings.job),
+            self.archive,
+            self.settings.hot_window,
+            self.settings.checkpoint_every,
+            self.settings.archive_seconds,
+            self.settings.redis_budget_mb * 2**20,
+            reserve_bytes=(self.settings.concurrency + 2) * model_bytes,
+        )
         thread.start()
-        log.info(kv("archiving", job=self.settings.job, archive=self.archive.url, hot_versions=self.settings.hot_window,
-                    checkpoint_every=self.settings.checkpoint_every))
+        log.info(
+            kv(
+                "archiving",
+                job=self.settings.job,
+                archive=self.archive.url,
+                hot_versions=self.settings.hot_window,
+                checkpoint_every=self.settings.checkpoint_every,
+            )
+        )
         return thread
 
     def request_stop(self) -> None:
@@ -242,6 +308,12 @@ class Coordinator:
         self.buffer.clear()
         self._channel = None
 
+    @property
+    def _serving(self) -> Channel:
+        """The channel of the session ``_serve`` runs (what handling a message or dispatching uses)."""
+        assert self._channel is not None, "no session is being served"
+        return self._channel
+
     def _serve(self, channel: Channel) -> None:
         self._channel = channel
         channel.declare(self.topology)
@@ -249,8 +321,9 @@ class Coordinator:
         self._top_up()
         # Room for a full buffer plus the updates arriving while it fills.
         prefetch = 2 * max(self.aggregator.buffer_size, self.settings.concurrency) + 8
-        for delivery in channel.consume(self.topology.updates, prefetch=prefetch,
-                                        inactivity_timeout=self.settings.idle_seconds):
+        for delivery in channel.consume(
+            self.topology.updates, prefetch=prefetch, inactivity_timeout=self.settings.idle_seconds
+        ):
             if delivery is not None:
                 self._on_update(delivery)
             self._maintain()
@@ -262,7 +335,7 @@ class Coordinator:
         """Between deliveries: notice a rollback, expire lost tasks, check the clock, keep tasks in flight."""
         if time.monotonic() - self._bindings_checked > STRAY_BINDINGS_CHECK_SECONDS:
             self._bindings_checked = time.monotonic()
-            self._channel.remove_stray_bindings(self.topology)
+            self._serving.remove_stray_bindings(self.topology)
         if time.monotonic() - self._partitions_leased > PARTITION_LEASE_SECONDS:
             self._partitions_leased = time.monotonic()
             self._lease_partitions()
@@ -277,8 +350,11 @@ class Coordinator:
                 self._load_head()
         now = time.time()
         buffered = {pending.update.task_id for pending in self.buffer}
-        expired = [task_id for task_id, task in self.open_tasks.items()
-                   if now - task.issued_at > self.settings.task_lease_seconds and task_id not in buffered]
+        expired = [
+            task_id
+            for task_id, task in self.open_tasks.items()
+            if now - task.issued_at > self.settings.task_lease_seconds and task_id not in buffered
+        ]
         if expired:
             log.warning(kv("tasks_expired", count=len(expired), lease_s=self.settings.task_lease_seconds))
             self._forget(expired)
@@ -295,35 +371,53 @@ class Coordinator:
         for worker, partition in plan.leases.items():
             self.store.partitions.lease(worker, partition)
             if worker in plan.shared:
-                log.warning(kv("partition_shared", worker=worker, partition=partition,
-                               partitions=self.task.num_partitions,
-                               detail="more workers than the task has partitions: this one shares its data"))
+                log.warning(
+                    kv(
+                        "partition_shared",
+                        worker=worker,
+                        partition=partition,
+                        partitions=self.task.num_partitions,
+                        detail="more workers than the task has partitions: this one shares its data",
+                    )
+                )
             elif worker in plan.moved:
-                log.info(kv("partition_moved", worker=worker, partition=partition, previous=plan.moved[worker],
-                            detail="another worker named the previous partition with --partition"))
+                log.info(
+                    kv(
+                        "partition_moved",
+                        worker=worker,
+                        partition=partition,
+                        previous=plan.moved[worker],
+                        detail="another worker named the previous partition with --partition",
+                    )
+                )
             else:
                 log.info(kv("partition_leased", worker=worker, partition=partition))
 
     # -- updates ----------------------------------------------------------
 
     def _on_update(self, delivery: Delivery) -> None:
-        expected = Expectations(job=self.settings.job, head=self.head, max_staleness=self.settings.version_bound,
-                                tensor_specs=self.tensor_specs, abandoned=self.abandoned,
-                                max_delta_bytes=self.max_delta_bytes,
-                                max_delta_norm=self.norm_guard.bound(self.model_norm),
-                                worker_norm_bounds=self.norm_guard.worker_bounds(self.model_norm),
-                                require_identity=self.settings.require_identity,
-                                expected_staleness=self.fleet.expectations(),
-                                staleness_tolerance=self.settings.staleness_tolerance if self.settings.adaptive
-                                else None)
+        expected = Expectations(
+            job=self.settings.job,
+            head=self.head,
+            max_staleness=self.settings.version_bound,
+            tensor_specs=self.tensor_specs,
+            abandoned=self.abandoned,
+            max_delta_bytes=self.max_delta_bytes,
+            max_delta_norm=self.norm_guard.bound(self.model_norm),
+            worker_norm_bounds=self.norm_guard.worker_bounds(self.model_norm),
+            require_identity=self.settings.require_identity,
+            expected_staleness=self.fleet.expectations(),
+            staleness_tolerance=self.settings.staleness_tolerance if self.settings.adaptive else None,
+        )
         try:
-            validated = validate_update(delivery.body, expected, self.store, self._is_duplicate, self._issued_version,
-                                        delivery.user_id)
+            validated = validate_update(
+                delivery.body, expected, self.store, self._is_duplicate, self._issued_version, delivery.user_id
+            )
         except Rejected as rejection:
             if rejection.duplicate:
                 self._skip_duplicate(delivery, rejection)
                 return
-            task = self.open_tasks.get(rejection.task_id)
+            task = None if rejection.task_id is None else self.open_tasks.get(rejection.task_id)
             if rejection.worker_id is not None and task is not None:
                 self.fleet.arrived(rejection.worker_id, task.issued_at)  # how fast it is, even when refused
             self._dead_letter(delivery, rejection)
@@ -356,9 +450,14 @@ class Coordinator:
         update = validated.update
         share = self.fleet.data_share(validated.worker_id, update.num_examples)
         interval = self.fleet.update_interval(validated.worker_id)
-        self.fleet.arrived(validated.worker_id, self.open_tasks[update.task_id].issued_at, update.num_examples,
-                           steps=update.local_steps, train_seconds=validated.train_seconds,
-                           batch_size=self.settings.batch_size)
+        self.fleet.arrived(
+            validated.worker_id,
+            self.open_tasks[update.task_id].issued_at,
+            update.num_examples,
+            steps=update.local_steps,
+            train_seconds=validated.train_seconds,
+            batch_size=self.settings.batch_size,
+        )
         return replace(validated, update=replace(update, data_share=share, update_interval=interval))
 
     def _round_or_age_refusal(self, validated: ValidatedUpdate) -> MessageError | None:
@@ -370,19 +469,29 @@ class Coordinator:
             return MessageError("repeated_in_round", f"worker {worker} has an update in round {self.head} already")
         age = time.time() - self.open_tasks[validated.update.task_id].issued_at
         if self.settings.max_age_seconds is not None and age > self.settings.max_age_seconds:
-            return MessageError("too_old", f"the update arrived {age:.0f} s after its task was issued; the bound is "
-                                           f"{self.settings.max_age_seconds:g} s")
+            return MessageError(
+                "too_old",
+                f"the update arrived {age:.0f} s after its task was issued; the bound is "
+                f"{self.settings.max_age_seconds:g} s",
+            )
         return None
 
     def _on_refusal(self, delivery: Delivery, refusal: TaskRefusal) -> None:
         """A worker cannot train an issued task: close it now (a replacement goes out) rather than
         at the end of its lease. A tampered version is restored from this coordinator's verified copy."""
-        self._channel.ack(delivery.tag)
+        self._serving.ack(delivery.tag)
         self.store.counters.add("refused", refusal.reason)
         # A worker handing back a second task of a round is the round working as meant.
         say = log.info if refusal.reason == "trained_in_round" else log.warning
-        say(kv("task_refused", task=refusal.task_id, worker=refusal.worker_id, reason=refusal.reason,
-               detail=refusal.detail))
+        say(
+            kv(
+                "task_refused",
+                task=refusal.task_id,
+                worker=refusal.worker_id,
+                reason=refusal.reason,
+                detail=refusal.detail,
+            )
+        )
         version = self.open_tasks[refusal.task_id].version
         self._forget([refusal.task_id])
         if refusal.reason == "tampered_version" and self.store.versions.restore(version):
@@ -392,8 +501,10 @@ class Coordinator:
         self._top_up()
 
     def _is_duplicate(self, task_id: str) -> bool:
-        return (any(pending.update.task_id == task_id for pending in self.buffer)
-                or self.store.ledger.applied_version(task_id) is not None)
+        return (
+            any(pending.update.task_id == task_id for pending in self.buffer)
+            or self.store.ledger.applied_version(task_id) is not None
+        )
 
     def _issued_version(self, task_id: str) -> int | None:
         task = self.open_tasks.get(task_id)
@@ -408,7 +519,7 @@ class Coordinator:
         return self.policy.buffer_ready(in_flight=self.in_flight, buffered=len(self.buffer))
 
     def _skip_duplicate(self, delivery: Delivery, duplicate: Rejected) -> None:
-        self._channel.ack(delivery.tag)
+        self._serving.ack(delivery.tag)
         self.store.counters.add("skipped", "duplicate")
         metrics.UPDATES_SKIPPED.labels(self.settings.job, "duplicate").inc()
         log.info(kv("update_skipped", reason="duplicate", task=duplicate.task_id, worker=duplicate.worker_id))
@@ -416,10 +527,13 @@ class Coordinator:
     def _dead_letter(self, delivery: Delivery, rejection: Rejected) -> None:
         if rejection.reason == "unusable" and rejection.__cause__ is not None:
             log.error(kv("update_unusable", task=rejection.task_id), exc_info=rejection.__cause__)
-        self._channel.publish(self.topology.dead, delivery.body, message_id=delivery.message_id or uuid.uuid4().hex,
-                              headers=dead_letter_headers(delivery.headers, rejection.reason, rejection.detail,
-                                                          origin="updates"))
-        self._channel.ack(delivery.tag)
+        self._serving.publish(
+            self.topology.dead,
+            delivery.body,
+            message_id=delivery.message_id or uuid.uuid4().hex,
+            headers=dead_letter_headers(delivery.headers, rejection.reason, rejection.detail, origin="updates"),
+        )
+        self._serving.ack(delivery.tag)
         self.store.counters.add("rejected", rejection.reason)
         if rejection.worker_id is not None and rejection.task_id in self.open_tasks:
             # Only for an update answering an open task: anything else may name any worker id.
@@ -439,9 +553,14 @@ class Coordinator:
         updates = [item.update for item in pending]
         aggregation_started = time.perf_counter()
         try:
-            new_weights, new_state, weights = server_step(self.aggregator, self.optimizer, self.weights,
-                                                          self.optimizer_state, updates,
-                                                          self.store.versions.load_weights)
+            new_weights, new_state, weights = server_step(
+                self.aggregator,
+                self.optimizer,
+                self.weights,
+                self.optimizer_state,
+                updates,
+                self.store.versions.load_weights,
+            )
         except (UnknownVersionError, TamperedVersionError) as error:
             # FedAsync mixes against the update's base version: pruned or tampered with, it cannot be used.
             self._refuse_step(pending, "base_unavailable", str(error))
@@ -450,14 +569,18 @@ class Coordinator:
         if not all(np.isfinite(array).all() for array in new_weights.values()):
             # Every update passed its own checks, yet their step is not a model: refuse the
             # step and its updates, keep the head, and go on.
-            self._refuse_step(pending, "non_finite_step", f"the server step with this update is not finite at head "
-                                                          f"{self.head}")
+            self._refuse_step(
+                pending, "non_finite_step", f"the server step with this update is not finite at head {self.head}"
+            )
             return
         step_norm, step_bound = l2_distance(new_weights, self.weights), self.norm_guard.step_bound(self.model_norm)
         if step_bound is not None and step_norm > step_bound:
             # Finite, yet a jump no step of this job has come near: not a model to commit.
-            self._refuse_step(pending, "implausible_step", f"the server step's L2 norm {step_norm:.4g} exceeds "
-                                                           f"{step_bound:.4g} at head {self.head}")
+            self._refuse_step(
+                pending,
+                "implausible_step",
+                f"the server step's L2 norm {step_norm:.4g} exceeds {step_bound:.4g} at head {self.head}",
+            )
             return
         version = self.head + 1
         evaluate = self.settings.eval_every > 0 and version % self.settings.eval_every == 0
@@ -466,17 +589,26 @@ class Coordinator:
         commit_started = time.perf_counter()
         try:
             self.head = self.store.versions.commit(
-                self.head, new_weights, applied, optimizer_state=new_state,
-                update_blobs={item.validated.blob_key: item.validated.inline_payload
-                              for item in pending if item.validated.inline_payload},
-                metrics=scores, config=self.config, config_digest=config_digest(self.config),
-                aggregation_seconds=aggregation_seconds)
+                self.head,
+                new_weights,
+                applied,
+                optimizer_state=new_state,
+                update_blobs={
+                    item.validated.blob_key: item.validated.inline_payload
+                    for item in pending
+                    if item.validated.inline_payload
+                },
+                metrics=scores,
+                config=self.config,
+                config_digest=config_digest(self.config),
+                aggregation_seconds=aggregation_seconds,
+            )
         except HeadMovedError as error:
             # Someone else moved the head (a rollback): start over from it. The
             # updates go back to the queue and are judged again against the new head.
             log.warning(kv("head_moved", error=str(error)))
             for item in pending:
-                self._channel.nack(item.delivery.tag, requeue=True)
+                self._serving.nack(item.delivery.tag, requeue=True)
             self._load_head()
             return
         for item in pending:  # the commit script closed them in Redis
@@ -487,24 +619,34 @@ class Coordinator:
         self.norm_guard.accepted([(item.validated.worker_id, item.validated.norm) for item in pending])
         crash_point("committed")
         for item in pending:
-            self._channel.ack(item.delivery.tag)
+            self._serving.ack(item.delivery.tag)
         self._observe_commit(updates, scores, aggregation_seconds, time.perf_counter() - commit_started)
         self.fleet.committed(applied)
         stalenesses = [update.staleness for update in updates]
-        log.info(kv("version_committed", version=self.head, updates=len(updates),
-                    mean_staleness=sum(stalenesses) / len(stalenesses), max_staleness=max(stalenesses),
-                    **{key: value for key, value in scores.items()}))
+        log.info(
+            kv(
+                "version_committed",
+                version=self.head,
+                updates=len(updates),
+                mean_staleness=sum(stalenesses) / len(stalenesses),
+                max_staleness=max(stalenesses),
+                **{key: value for key, value in scores.items()},
+            )
+        )
         self._check_stop(scores)
 
     def _refuse_step(self, pending: list[Pending], reason: str, detail: str) -> None:
         """The buffered updates cannot make a version: dead-letter them, keep the head, go on."""
         log.error(kv("step_rejected", reason=reason, head=self.head, updates=len(pending), detail=detail))
         for item in pending:
-            self._dead_letter(item.delivery, Rejected(MessageError(reason, detail), item.update.task_id,
-                                                      worker_id=item.update.worker_id))
+            self._dead_letter(
+                item.delivery,
+                Rejected(MessageError(reason, detail), item.update.task_id, worker_id=item.update.worker_id),
+            )
 
-    def _observe_commit(self, updates: list[BufferedUpdate], scores: dict[str, float],
-                        aggregation_seconds: float, commit_seconds: float) -> None:
+    def _observe_commit(
+        self, updates: list[BufferedUpdate], scores: dict[str, float], aggregation_seconds: float, commit_seconds: float
+    ) -> None:
         job = self.settings.job
         if scores:
             self.last_metrics = scores
@@ -527,10 +669,16 @@ class Coordinator:
             self._finish("max_versions")
         elif score is not None and self.plateau.stalled(score):
             if self.settings.target is not None:
-                log.warning(kv("target_unreachable", target=self.settings.target, best=self.plateau.best,
-                               evaluations=self.plateau.evaluations,
-                               detail=f"no improvement of {self.task.score_metric} by "
-                                      f"{self.settings.plateau_epsilon} in {self.plateau.patience} evaluations"))
+                log.warning(
+                    kv(
+                        "target_unreachable",
+                        target=self.settings.target,
+                        best=self.plateau.best,
+                        evaluations=self.plateau.evaluations,
+                        detail=f"no improvement of {self.task.score_metric} by "
+                        f"{self.settings.plateau_epsilon} in {self.plateau.patience} evaluations",
+                    )
+                )
             self._finish("plateau")
 
     def _finish(self, reason: str) -> None:
@@ -552,9 +700,16 @@ class Coordinator:
         held = self.archiving is not None and self.archiving.holding_dispatch()
         if held != self._dispatch_held:
             self._dispatch_held = held
-            log.warning(kv("dispatch_held", job=self.settings.job, budget_mb=self.settings.redis_budget_mb,
-                           detail="the job's Redis memory is near its budget; new tasks wait for the archiver")
-                        if held else kv("dispatch_resumed", job=self.settings.job))
+            log.warning(
+                kv(
+                    "dispatch_held",
+                    job=self.settings.job,
+                    budget_mb=self.settings.redis_budget_mb,
+                    detail="the job's Redis memory is near its budget; new tasks wait for the archiver",
+                )
+                if held
+                else kv("dispatch_resumed", job=self.settings.job)
+            )
         if held:
             return
         count = self.policy.tasks_to_dispatch(in_flight=self.in_flight, buffered=len(self.buffer))
@@ -566,11 +721,21 @@ class Coordinator:
     def _dispatch(self) -> None:
         task_id = uuid.uuid4().hex
         issued_at = time.time()
-        task = RoundTask(job=self.settings.job, task_id=task_id, model_version=self.head, issued_at=issued_at,
-                         train=TrainSettings(epochs=self.settings.local_epochs, batch_size=self.settings.batch_size,
-                                             learning_rate=self.settings.learning_rate,
-                                             seed=int(task_id[:8], 16), seconds=self._task_seconds()),
-                         model_digest=self.head_digest, synchronous=self.synchronous)
+        task = RoundTask(
+            job=self.settings.job,
+            task_id=task_id,
+            model_version=self.head,
+            issued_at=issued_at,
+            train=TrainSettings(
+                epochs=self.settings.local_epochs,
+                batch_size=self.settings.batch_size,
+                learning_rate=self.settings.learning_rate,
+                seed=int(task_id[:8], 16),
+                seconds=self._task_seconds(),
+            ),
+            model_digest=self.head_digest,
+            synchronous=self.synchronous,
+        )
         task = replace(task, signature=self.signing_key.sign(task.signed_document()))
         # Recorded before the broker has it, so that an update answering it is accepted even
         # if this coordinator dies right after publishing. A crash before the publish leaves
@@ -578,7 +743,7 @@ class Coordinator:
         opened = OpenTask(version=self.head, issued_at=issued_at)
         self.store.ledger.open(task_id, opened)
         self.open_tasks[task_id] = opened
-        self._channel.publish(self.topology.tasks, task.to_bytes(), message_id=task_id)
+        self._serving.publish(self.topology.tasks, task.to_bytes(), message_id=task_id)
         crash_point("dispatched")
         metrics.TASKS_DISPATCHED.labels(self.settings.job).inc()
         metrics.TASKS_IN_FLIGHT.labels(self.settings.job).set(len(self.open_tasks))
@@ -600,13 +765,21 @@ class Coordinator:
         if len(self.buffer) < needed:
             if not self._round_short_warned:
                 self._round_short_warned = True
-                log.warning(kv("round_short", round=self.head, updates=len(self.buffer), needed=needed,
-                               deadline_s=deadline, detail="the round stays open until enough updates arrive"))
+                log.warning(
+                    kv(
+                        "round_short",
+                        round=self.head,
+                        updates=len(self.buffer),
+                        needed=needed,
+                        deadline_s=deadline,
+                        detail="the round stays open until enough updates arrive",
+                    )
+                )
             return
         buffered = {pending.update.task_id for pending in self.buffer}
         withdrawn = [task_id for task_id in self.open_tasks if task_id not in buffered]
         log.info(kv("round_closed_at_deadline", round=self.head, updates=len(self.buffer), withdrawn=len(withdrawn)))
-        self._channel.purge(self.topology.tasks)  # in a synchronous job, every queued task is this round's
+        self._serving.purge(self.topology.tasks)  # in a synchronous job, every queued task is this round's
         self._forget(withdrawn)
         self._commit()
 
@@ -620,7 +793,13 @@ class Coordinator:
     # -- reporting --------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        return {"job": self.settings.job, "head": self.head, "reason": self.finished_reason,
-                "metrics": self.last_metrics, "seconds": time.monotonic() - self.started,
-                "rejected": self.store.counters.get("rejected"), "skipped": self.store.counters.get("skipped"),
-                "settings": asdict(self.settings) | {"amqp_url": "***", "redis_url": "***"}}
+        return {
+            "job": self.settings.job,
+            "head": self.head,
+            "reason": self.finished_reason,
+            "metrics": self.last_metrics,
+            "seconds": time.monotonic() - self.started,
+            "rejected": self.store.counters.get("rejected"),
+            "skipped": self.store.counters.get("skipped"),
+            "settings": asdict(self.settings) | {"amqp_url": "***", "redis_url": "***"},
+        }

@@ -16,6 +16,7 @@ held by nobody is re-leased to the free one (the newest such worker first, so ea
 keep their data). Workers read their lease before every task, so the move takes effect at
 the next task.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -25,25 +26,29 @@ from typing import Any
 
 @dataclass(frozen=True)
 class LeasePlan:
-    leases: dict[str, int]       # worker id -> partition, to write
-    releases: list[str]          # worker ids whose lease ends
-    shared: dict[str, int]       # the new leases of a partition someone else holds too
-    moved: dict[str, int]        # worker id -> its previous partition, for leases that moved
+    leases: dict[str, int]  # worker id -> partition, to write
+    releases: list[str]  # worker ids whose lease ends
+    shared: dict[str, int]  # the new leases of a partition someone else holds too
+    moved: dict[str, int]  # worker id -> its previous partition, for leases that moved
 
 
 def plan_leases(current: dict[str, int], live: list[dict[str, Any]], num_partitions: int) -> LeasePlan:
     """What to change so that every live worker asking for a lease holds one, as few shared as can be."""
     # Earliest first: a worker that was there before keeps the low partitions it had.
-    asking = [record["worker_id"] for record in sorted(live, key=lambda record: (record.get("started", 0),
-                                                                                   record["worker_id"]))
-              if record.get("partition_source") == "lease"]
+    asking = [
+        record["worker_id"]
+        for record in sorted(live, key=lambda record: (record.get("started", 0), record["worker_id"]))
+        if record.get("partition_source") == "lease"
+    ]
     releases = [worker for worker in current if worker not in asking]
-    held = Counter(partition for worker, partition in current.items()
-                   if worker in asking and 0 <= partition < num_partitions)
+    held = Counter(
+        partition for worker, partition in current.items() if worker in asking and 0 <= partition < num_partitions
+    )
     for record in live:  # a worker's own --partition is taken as well
         if record.get("partition_source") == "flag" and isinstance(record.get("partition"), int):
             held[record["partition"] % num_partitions] += 1
     leases, shared, moved = {}, {}, {}
+    partition: int | None
     for worker in asking:
         if worker in current and 0 <= current[worker] < num_partitions:
             continue

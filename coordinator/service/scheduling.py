@@ -5,6 +5,7 @@ hand out a replacement as soon as an update arrives: clients never wait for the
 buffer. Synchronous FedAvg dispatches ``concurrency`` tasks at one version and
 steps when every one of them has come back or was rejected: the barrier.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

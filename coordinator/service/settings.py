@@ -1,11 +1,11 @@
 """The coordinator's settings: everything a run depends on, checked when built."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedq.coordinator.algorithms.registry import STALENESS_BOUNDS, Algorithm, algorithm
-
 
 # Evaluations without improvement after which a run with a --target gives up on it: the
 # README's 3-worker digits example plateaus at 0.947 against a target of 0.95 and, before this,
@@ -94,8 +94,9 @@ class CoordinatorSettings:
     def __post_init__(self):
         algorithm(self.algorithm)  # an unknown name raises here, with the choices
         if self.staleness_bound not in STALENESS_BOUNDS:
-            raise ValueError(f"unknown --staleness-bound {self.staleness_bound!r}; choose from "
-                             f"{', '.join(STALENESS_BOUNDS)}")
+            raise ValueError(
+                f"unknown --staleness-bound {self.staleness_bound!r}; choose from {', '.join(STALENESS_BOUNDS)}"
+            )
         if self.task_seconds != AUTO and not (isinstance(self.task_seconds, (int, float)) and self.task_seconds >= 0):
             raise ValueError(f"--task-seconds must be a number of seconds >= 0 or 'auto', not {self.task_seconds!r}")
         if self.min_updates is not None and not 1 <= self.min_updates <= self.concurrency:
@@ -103,12 +104,15 @@ class CoordinatorSettings:
         if not self.max_update_weight > 0:
             raise ValueError("--max-update-weight must be above 0")
         if not (self.staleness_tolerance >= 1 and self.damp_above >= 1):
-            raise ValueError("--staleness-tolerance and --damp-above must be at least 1 (1: exactly as stale as "
-                             "expected)")
+            raise ValueError(
+                "--staleness-tolerance and --damp-above must be at least 1 (1: exactly as stale as expected)"
+            )
         bound = self.version_bound
         if self.hot_versions and bound is not None and self.hot_versions <= bound:
-            raise ValueError(f"--hot-versions {self.hot_versions} must exceed --max-staleness {bound}: "
-                             "an update may be based on any version that recent, and its weights must be in Redis")
+            raise ValueError(
+                f"--hot-versions {self.hot_versions} must exceed --max-staleness {bound}: "
+                "an update may be based on any version that recent, and its weights must be in Redis"
+            )
 
     @property
     def adaptive(self) -> bool:
@@ -150,7 +154,23 @@ class CoordinatorSettings:
 
     def aggregation_config(self) -> dict[str, Any]:
         """Everything the server step depends on; recorded with every version."""
-        names = ("algorithm", "concurrency", "buffer_size", "staleness", "mixing_rate", "example_weighted",
-                 "clip_norm", "robust", "trim_fraction", "server_optimizer", "server_lr", "server_beta1",
-                 "server_beta2", "server_epsilon", "staleness_bound", "damp_above", "max_update_weight")
+        names = (
+            "algorithm",
+            "concurrency",
+            "buffer_size",
+            "staleness",
+            "mixing_rate",
+            "example_weighted",
+            "clip_norm",
+            "robust",
+            "trim_fraction",
+            "server_optimizer",
+            "server_lr",
+            "server_beta1",
+            "server_beta2",
+            "server_epsilon",
+            "staleness_bound",
+            "damp_above",
+            "max_update_weight",
+        )
         return {name: getattr(self, name) for name in names} | {"max_staleness": self.version_bound}

@@ -11,13 +11,14 @@ version it was issued at, staleness, the delta's size
 verified against its sha256), tensor names/shapes/dtypes, finite values, and
 the delta's L2 norm against what the job has accepted (:class:`NormGuard`).
 """
+
 from __future__ import annotations
 
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import numpy as np
 import redis
@@ -38,8 +39,9 @@ class Rejected(MessageError):
     move on, it is not hostile (a redelivery after a crash).
     """
 
-    def __init__(self, error: MessageError, task_id: str | None, *, worker_id: str | None = None,
-                 duplicate: bool = False):
+    def __init__(
+        self, error: MessageError, task_id: str | None, *, worker_id: str | None = None, duplicate: bool = False
+    ):
         super().__init__(error.reason, error.detail)
         self.task_id = task_id
         self.worker_id = worker_id
@@ -82,11 +84,21 @@ class ValidatedUpdate:
     def applied(self, weight: float) -> AppliedUpdate:
         """Its record in the history once a server step applied it with ``weight``."""
         update = self.update
-        return AppliedUpdate(task_id=update.task_id, worker_id=update.worker_id, base_version=update.base_version,
-                             staleness=update.staleness, weight=weight, num_examples=update.num_examples,
-                             digest=self.digest, blob_key=self.blob_key, norm=self.norm,
-                             expected_staleness=update.expected_staleness, data_share=update.data_share,
-                             update_interval=update.update_interval, local_steps=update.local_steps)
+        return AppliedUpdate(
+            task_id=update.task_id,
+            worker_id=update.worker_id,
+            base_version=update.base_version,
+            staleness=update.staleness,
+            weight=weight,
+            num_examples=update.num_examples,
+            digest=self.digest,
+            blob_key=self.blob_key,
+            norm=self.norm,
+            expected_staleness=update.expected_staleness,
+            data_share=update.data_share,
+            update_interval=update.update_interval,
+            local_steps=update.local_steps,
+        )
 
 
 @dataclass(frozen=True)
@@ -97,9 +109,14 @@ class ValidatedRefusal:
     version: int  # the version the task was issued at
 
 
-def validate_update(body: bytes, expected: Expectations, store: ModelStore, already_taken: Callable[[str], bool],
-                    issued_version: Callable[[str], int | None],
-                    sender: str | None = None) -> ValidatedUpdate | ValidatedRefusal:
+def validate_update(
+    body: bytes,
+    expected: Expectations,
+    store: ModelStore,
+    already_taken: Callable[[str], bool],
+    issued_version: Callable[[str], int | None],
+    sender: str | None = None,
+) -> ValidatedUpdate | ValidatedRefusal:
     """The update in ``body``, validated; raises :class:`Rejected` with the reason it is not usable.
 
     A worker's refusal of a task is checked the same way (this job's, an open task) and
@@ -111,9 +128,14 @@ def validate_update(body: bytes, expected: Expectations, store: ModelStore, alre
     user that published the message, as the broker validated it (its ``user_id``).
     """
     if expected.max_delta_bytes is not None and len(body) > max_update_message_bytes(expected.max_delta_bytes):
-        raise Rejected(MessageError("too_large", f"the message has {len(body)} bytes; no update of this model has "
-                                                 f"more than {max_update_message_bytes(expected.max_delta_bytes)}"),
-                       None)
+        raise Rejected(
+            MessageError(
+                "too_large",
+                f"the message has {len(body)} bytes; no update of this model has "
+                f"more than {max_update_message_bytes(expected.max_delta_bytes)}",
+            ),
+            None,
+        )
     try:
         update = parse_worker_message(body)
     except MessageError as error:
@@ -127,38 +149,57 @@ def validate_update(body: bytes, expected: Expectations, store: ModelStore, alre
     if isinstance(update, TaskRefusal):
         version = issued_version(update.task_id)
         if version is None or already_taken(update.task_id):
-            raise Rejected(MessageError("unknown_task", f"refused task {update.task_id[:64]!r} is not an open task "
-                                                        "of this job"), None, worker_id=update.worker_id)
+            raise Rejected(
+                MessageError("unknown_task", f"refused task {update.task_id[:64]!r} is not an open task of this job"),
+                None,
+                worker_id=update.worker_id,
+            )
         return ValidatedRefusal(update, version)
     if already_taken(update.task_id):
-        raise Rejected(MessageError("duplicate", f"task {update.task_id} was already applied"), update.task_id,
-                       worker_id=update.worker_id, duplicate=True)
+        raise Rejected(
+            MessageError("duplicate", f"task {update.task_id} was already applied"),
+            update.task_id,
+            worker_id=update.worker_id,
+            duplicate=True,
+        )
     try:
         check_issued(update, issued_version(update.task_id))
         predicted = expected.expected_staleness.get(update.worker_id)
-        staleness = check_staleness(update, expected.head, expected.max_staleness, expected.abandoned, predicted,
-                                    expected.staleness_tolerance)
+        staleness = check_staleness(
+            update, expected.head, expected.max_staleness, expected.abandoned, predicted, expected.staleness_tolerance
+        )
         digest, payload, delta = load_delta(update, store, expected.max_delta_bytes)
         check_tensors(delta, expected.tensor_specs)
         norm = l2_norm(delta)
         bound = expected.worker_norm_bounds.get(update.worker_id, expected.max_delta_norm)
         if bound is not None and norm > bound:
-            raise MessageError("norm_outlier", f"the delta's L2 norm {norm:.4g} exceeds this job's bound "
-                                               f"{bound:.4g}")
+            raise MessageError("norm_outlier", f"the delta's L2 norm {norm:.4g} exceeds this job's bound {bound:.4g}")
     except MessageError as error:
         raise Rejected(error, update.task_id, worker_id=update.worker_id) from None
     except TRANSIENT_REDIS_ERRORS:
         raise  # Redis is away, not this update's fault: the caller reconnects and it comes back
     except Exception as error:  # noqa: BLE001 - a Redis refusal or a bug: it ends this update, not the service
-        raise Rejected(MessageError("unusable", f"{type(error).__name__}: {error}"), update.task_id,
-                       worker_id=update.worker_id) from error
+        raise Rejected(
+            MessageError("unusable", f"{type(error).__name__}: {error}"), update.task_id, worker_id=update.worker_id
+        ) from error
     return ValidatedUpdate(
-        BufferedUpdate(task_id=update.task_id, worker_id=update.worker_id, base_version=update.base_version,
-                       staleness=staleness, num_examples=update.num_examples, delta=delta,
-                       expected_staleness=predicted, local_steps=update.local_steps),
-        worker_id=update.worker_id, digest=digest, blob_key=store.blobs.key(update.task_id, update.worker_id),
-        inline_payload=None if isinstance(update.delta, ClaimCheck) else payload, norm=norm,
-        train_seconds=update.train_seconds)
+        BufferedUpdate(
+            task_id=update.task_id,
+            worker_id=update.worker_id,
+            base_version=update.base_version,
+            staleness=staleness,
+            num_examples=update.num_examples,
+            delta=delta,
+            expected_staleness=predicted,
+            local_steps=update.local_steps,
+        ),
+        worker_id=update.worker_id,
+        digest=digest,
+        blob_key=store.blobs.key(update.task_id, update.worker_id),
+        inline_payload=None if isinstance(update.delta, ClaimCheck) else payload,
+        norm=norm,
+        train_seconds=update.train_seconds,
+    )
 
 
 def check_identity(worker_id: str, sender: str | None, store: ModelStore, required: bool) -> None:
@@ -176,20 +217,26 @@ def check_identity(worker_id: str, sender: str | None, store: ModelStore, requir
     if identity.revoked:
         raise MessageError("revoked_worker", f"worker {worker_id[:64]!r} was revoked")
     if sender != identity.user:
-        raise MessageError("impersonation", f"the message names worker {worker_id[:64]!r} but was published by "
-                                            f"{'an unnamed user' if sender is None else repr(sender[:64])}")
+        raise MessageError(
+            "impersonation",
+            f"the message names worker {worker_id[:64]!r} but was published by "
+            f"{'an unnamed user' if sender is None else repr(sender[:64])}",
+        )
 
 
 def l2_norm(weights: codec.Weights) -> float:
     """The L2 norm over all tensors together, accumulated in float64 (no float32 overflow)."""
-    return math.sqrt(sum(float(np.dot(array.ravel().astype(np.float64), array.ravel().astype(np.float64)))
-                         for array in weights.values()))
+    return math.sqrt(
+        sum(
+            float(np.dot(array.ravel().astype(np.float64), array.ravel().astype(np.float64)))
+            for array in weights.values()
+        )
+    )
 
 
 def l2_distance(weights: codec.Weights, other: codec.Weights) -> float:
     """The L2 norm of ``weights - other`` over all tensors, in float64."""
-    return l2_norm({name: array.astype(np.float64) - other[name].astype(np.float64)
-                    for name, array in weights.items()})
+    return l2_norm({name: array.astype(np.float64) - other[name].astype(np.float64) for name, array in weights.items()})
 
 
 class NormGuard:
@@ -210,17 +257,19 @@ class NormGuard:
     data their deltas shrink, while a slow worker that alone holds some classes keeps sending
     larger ones, which a job-wide bound then refused (bench/heterogeneous.py: 23 of a slow
     group's updates, and the model forgot its classes). So a worker with ``worker_warmup`` accepted
-    updates of its own (few: a slow worker sends few) is also bounded by ``factor`` times its own median, which may itself be
-    at most ``factor`` times the job's: a worker whose data differs keeps its own scale, and no
-    update ever exceeds ``factor``^2 times the job's median (one that ramps up window by window
+    updates of its own (few: a slow worker sends few) is also bounded by ``factor`` times its own
+    median, which may itself be at most ``factor`` times the job's: a worker whose data differs keeps its own
+    scale, and no update ever exceeds ``factor``^2 times the job's median (one that ramps up window by window
     gets no further).
     """
 
-    def __init__(self, factor: float, window: int = 100, warmup: int = 20, worker_window: int = 20,
-                 worker_warmup: int = 5):
+    def __init__(
+        self, factor: float, window: int = 100, warmup: int = 20, worker_window: int = 20, worker_warmup: int = 5
+    ):
         self.factor = factor
         self.warmup = warmup
         self.worker_warmup = worker_warmup
+        self.window = window
         self.norms: deque[float] = deque(maxlen=window)
         self.worker_window = worker_window
         self.by_worker: dict[str, deque[float]] = {}
@@ -272,8 +321,9 @@ class NormGuard:
                 self.by_worker.setdefault(worker, deque(maxlen=self.worker_window)).append(norm)
 
 
-def load_delta(update: ModelUpdate, store: ModelStore,
-               max_bytes: int | None = None) -> tuple[str, bytes, codec.Weights]:
+def load_delta(
+    update: ModelUpdate, store: ModelStore, max_bytes: int | None = None
+) -> tuple[str, bytes, codec.Weights]:
     """The update's delta as (sha256, safetensors bytes, arrays), from the message or
     its Redis claim check (verified against the claimed sha256).
 
@@ -338,13 +388,21 @@ def check_issued(update: ModelUpdate, issued_version: int | None) -> None:
     if issued_version is None:
         raise MessageError("unknown_task", f"task {update.task_id[:64]!r} is not an open task of this job")
     if update.base_version != issued_version:
-        raise MessageError("wrong_base_version", f"task {update.task_id} was issued at version {issued_version}, "
-                                                 f"the update claims base version {update.base_version}")
+        raise MessageError(
+            "wrong_base_version",
+            f"task {update.task_id} was issued at version {issued_version}, "
+            f"the update claims base version {update.base_version}",
+        )
 
 
-def check_staleness(update: ModelUpdate, head: int, max_staleness: int | None,
-                    abandoned: frozenset[int] = frozenset(), expected: float | None = None,
-                    tolerance: float | None = None) -> int:
+def check_staleness(
+    update: ModelUpdate,
+    head: int,
+    max_staleness: int | None,
+    abandoned: frozenset[int] = frozenset(),
+    expected: float | None = None,
+    tolerance: float | None = None,
+) -> int:
     """The update's staleness (head - base_version), if it is acceptable.
 
     ``max_staleness`` is a hard bound in versions (None: none). ``tolerance`` (adaptive
@@ -360,6 +418,9 @@ def check_staleness(update: ModelUpdate, head: int, max_staleness: int | None,
     if max_staleness is not None and staleness > max_staleness:
         raise MessageError("too_stale", f"staleness {staleness} exceeds max_staleness {max_staleness}")
     if tolerance is not None and expected is not None and 1 + staleness > tolerance * (1 + expected):
-        raise MessageError("too_stale", f"staleness {staleness} is more than {tolerance:g} times what worker "
-                                        f"{update.worker_id}'s measured speed predicts ({expected:.1f})")
+        raise MessageError(
+            "too_stale",
+            f"staleness {staleness} is more than {tolerance:g} times what worker "
+            f"{update.worker_id}'s measured speed predicts ({expected:.1f})",
+        )
     return staleness

@@ -18,6 +18,7 @@ folder holding it must be on each one's PYTHONPATH; see docs/tasks.md):
     fedq worker --job shapes --task shapes_task:ShapesTask --data /tmp/site-a &
     fedq worker --job shapes --task shapes_task:ShapesTask --data /tmp/site-b
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ def draw(shape: int, rng: np.random.Generator, noise: float) -> np.ndarray:
     if shape == 0:
         mask = (abs(y - cy) <= radius) & (abs(x - cx) <= radius)
     elif shape == 1:
-        mask = (y - cy) ** 2 + (x - cx) ** 2 <= radius ** 2
+        mask = (y - cy) ** 2 + (x - cx) ** 2 <= radius**2
     else:
         mask = ((abs(y - cy) <= 1) & (abs(x - cx) <= radius)) | ((abs(x - cx) <= 1) & (abs(y - cy) <= radius))
     image = mask.astype(np.float32) + rng.normal(0.0, noise, (SIZE, SIZE)).astype(np.float32)
@@ -77,9 +78,15 @@ class ShapesTask(FederatedTask):
     def build_model(self) -> nn.Module:
         # Only float32 parameters: no BatchNorm (its running statistics are buffers, one of them int64).
         return nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),    # 8 x 8 x 8
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 16 x 4 x 4
-            nn.Flatten(), nn.Linear(16 * 4 * 4, len(CLASSES)))
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 8 x 8 x 8
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 16 x 4 x 4
+            nn.Flatten(),
+            nn.Linear(16 * 4 * 4, len(CLASSES)),
+        )
 
     def local_data(self, partition: int) -> LocalData:
         return as_local_data(*make_images(self.examples, partition, self.noise))
@@ -89,8 +96,9 @@ class ShapesTask(FederatedTask):
         try:
             images, labels = np.load(folder / "images.npy"), np.load(folder / "labels.npy")
         except (OSError, ValueError) as error:
-            raise TaskPluginError(f"cannot read the shapes in {location}: a folder with images.npy and labels.npy "
-                                  f"is expected ({error})") from None
+            raise TaskPluginError(
+                f"cannot read the shapes in {location}: a folder with images.npy and labels.npy is expected ({error})"
+            ) from None
         if images.shape[1:] != (SIZE, SIZE) or len(images) != len(labels) or not len(labels):
             raise TaskPluginError(f"{location} must hold N images of {SIZE}x{SIZE} and N labels, N > 0")
         return as_local_data(images, labels)

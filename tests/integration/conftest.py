@@ -1,6 +1,7 @@
 """Fixtures of the integration tests: a job of the test's own on the real servers, fedq processes, and
 the session's private secured servers (``pki``, ``secure_rabbitmq``, ``secure_redis``: see
 tests/private_servers.py; a module that imports these names gets servers of its own instead)."""
+
 from __future__ import annotations
 
 import uuid

@@ -1,6 +1,7 @@
 """The history's two tiers for real: an archiver SIGKILLed at each step of moving a record, and
 federations whose coordinator archives to a local folder or to an S3 server on loopback (moto),
 killed mid-archive, that still replay bit for bit across both tiers."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,9 @@ CHECKPOINT_EVERY = 5
 
 
 def fedq(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def assert_whole_history_replays(store, archive, head: int) -> None:
@@ -37,14 +39,32 @@ def assert_whole_history_replays(store, archive, head: int) -> None:
     assert result.ok, result.divergence.describe()
 
 
-@pytest.mark.parametrize("point, passing", [("archive.segment_written", 1), ("archive.cursor_moved", 1),
-                                            ("archive.version_trimmed", 1), ("archive.version_trimmed", 6)])
+@pytest.mark.parametrize(
+    "point, passing",
+    [
+        ("archive.segment_written", 1),
+        ("archive.cursor_moved", 1),
+        ("archive.version_trimmed", 1),
+        ("archive.version_trimmed", 6),
+    ],
+)
 def test_an_archiver_killed_at_each_step_of_a_move_loses_nothing(store, job, tmp_path, point, passing):
     head = build_history(store, 16)
     url = str(tmp_path / "archive")
     archive = Archive(url).job(job)
-    flags = ["archive", "--job", job, "--redis-url", REDIS_URL, "--archive", url, "--hot-versions", str(HOT_VERSIONS),
-             "--checkpoint-every", str(CHECKPOINT_EVERY)]
+    flags = [
+        "archive",
+        "--job",
+        job,
+        "--redis-url",
+        REDIS_URL,
+        "--archive",
+        url,
+        "--hot-versions",
+        str(HOT_VERSIONS),
+        "--checkpoint-every",
+        str(CHECKPOINT_EVERY),
+    ]
     killed = fedq(*flags, env={**os.environ, "FEDQ_CRASH_AT": f"{point}:{passing}"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     # Between the crash and the next pass, every version is in one tier or both.
@@ -60,16 +80,48 @@ def test_an_archiver_killed_at_each_step_of_a_move_loses_nothing(store, job, tmp
     assert_whole_history_replays(store, archive, head)
 
 
-TRAINING = ["--task", "digits", "--task-params", json.dumps({"num_partitions": 3}), "--local-epochs", "1",
-            "--learning-rate", "0.1", "--batch-size", "16"]
+TRAINING = [
+    "--task",
+    "digits",
+    "--task-params",
+    json.dumps({"num_partitions": 3}),
+    "--local-epochs",
+    "1",
+    "--learning-rate",
+    "0.1",
+    "--batch-size",
+    "16",
+]
 
 
 def run_federation_killed_while_archiving(processes, job, url: str, environment: dict[str, str]) -> None:
     """A FedBuff job whose coordinator is SIGKILLed in its archiver thread, then restarted to the end."""
-    coordinator = ["coordinator", "--job", job, "--amqp-url", AMQP_URL, "--redis-url", REDIS_URL, *TRAINING,
-                   "--algorithm", "fedbuff", "--buffer-size", "2", "--concurrency", "3", "--max-staleness", "2",
-                   "--max-versions", "30", "--archive", url, "--archive-seconds", "0.3",
-                   "--checkpoint-every", str(CHECKPOINT_EVERY)]
+    coordinator = [
+        "coordinator",
+        "--job",
+        job,
+        "--amqp-url",
+        AMQP_URL,
+        "--redis-url",
+        REDIS_URL,
+        *TRAINING,
+        "--algorithm",
+        "fedbuff",
+        "--buffer-size",
+        "2",
+        "--concurrency",
+        "3",
+        "--max-staleness",
+        "2",
+        "--max-versions",
+        "30",
+        "--archive",
+        url,
+        "--archive-seconds",
+        "0.3",
+        "--checkpoint-every",
+        str(CHECKPOINT_EVERY),
+    ]
     saved = dict(os.environ)
     os.environ.update(environment)
     try:
@@ -77,8 +129,20 @@ def run_federation_killed_while_archiving(processes, job, url: str, environment:
         crashing = processes.start("coordinator-1", *coordinator)
         del os.environ["FEDQ_CRASH_AT"]
         for index in range(3):
-            processes.start(f"worker-{index}", "worker", "--job", job, "--amqp-url", AMQP_URL, "--redis-url",
-                            REDIS_URL, "--worker-id", f"w{index}", "--partition", str(index))
+            processes.start(
+                f"worker-{index}",
+                "worker",
+                "--job",
+                job,
+                "--amqp-url",
+                AMQP_URL,
+                "--redis-url",
+                REDIS_URL,
+                "--worker-id",
+                f"w{index}",
+                "--partition",
+                str(index),
+            )
         assert crashing.wait(timeout=300) == -signal.SIGKILL, processes.log("coordinator-1")[-3000:]
         restarted = processes.start("coordinator-2", *coordinator)
         assert restarted.wait(timeout=300) == 0, processes.log("coordinator-2")[-3000:]
@@ -97,8 +161,13 @@ def test_a_federation_archiving_to_a_local_folder_survives_a_kill_mid_archive(pr
     hot_window = 2 + 2  # max_staleness + 2
     assert int(store.redis.get(store.keys.pruned_through)) == head - hot_window
     assert_whole_history_replays(store, archive, head)
-    replayed = subprocess.run([sys.executable, "-m", "fedq.common.cli", "replay", "--job", job, "--redis-url",
-                               REDIS_URL], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    replayed = subprocess.run(
+        [sys.executable, "-m", "fedq.common.cli", "replay", "--job", job, "--redis-url", REDIS_URL],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert replayed.returncode == 0 and f"all {head} verified bit for bit" in replayed.stdout, replayed.stderr
 
 

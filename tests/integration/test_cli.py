@@ -1,4 +1,5 @@
 """User errors end in one clear sentence, not a traceback."""
+
 from __future__ import annotations
 
 import subprocess
@@ -10,8 +11,9 @@ from tests.support import ROOT, wait_until
 
 
 def fedq(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 USER_ERRORS = [
@@ -31,23 +33,43 @@ USER_ERRORS = [
     (["history", "--job", "no-such-job-in-redis"], "job 'no-such-job-in-redis' has no versions in Redis"),
     # Bad RabbitMQ addresses: a host name that does not resolve (retried: a Service may be about to
     # appear), a port that is not a number, no scheme (pika would take both for localhost).
-    (["status", "--job", "x", "--amqp-url", "amqp://guest:guest@no-such-host.invalid:5672/"],
-     "cannot reach RabbitMQ at amqp://guest:***@no-such-host.invalid:5672/ after 2 attempts: the host name "
-     "'no-such-host.invalid' does not resolve"),
-    (["worker", "--job", "x", "--amqp-url", "amqp://guest:guest@no-such-host.invalid:5672/"],
-     "the host name 'no-such-host.invalid' does not resolve"),
-    (["status", "--job", "x", "--amqp-url", "amqp://guest:secret@rabbit:port/"],
-     "--amqp-url='amqp://guest:***@rabbit:port/' is not valid: its port is not a number"),
+    (
+        ["status", "--job", "x", "--amqp-url", "amqp://guest:guest@no-such-host.invalid:5672/"],
+        "cannot reach RabbitMQ at amqp://guest:***@no-such-host.invalid:5672/ after 2 attempts: the host name "
+        "'no-such-host.invalid' does not resolve",
+    ),
+    (
+        ["worker", "--job", "x", "--amqp-url", "amqp://guest:guest@no-such-host.invalid:5672/"],
+        "the host name 'no-such-host.invalid' does not resolve",
+    ),
+    (
+        ["status", "--job", "x", "--amqp-url", "amqp://guest:secret@rabbit:port/"],
+        "--amqp-url='amqp://guest:***@rabbit:port/' is not valid: its port is not a number",
+    ),
     (["status", "--job", "x", "--amqp-url", "rabbit.example.org"], "an AMQP URL starts with amqp:// or amqps://"),
+    # No broker on 5673: the management API guessed on 15672 is the shared broker's (it listens on
+    # 5672), whose queues status once reported as this one's, exit 0. Now it asks AMQP, and says.
+    (
+        ["status", "--job", "x", "--amqp-url", "amqp://guest:guest@127.0.0.1:5673/"],
+        "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:5673/",
+    ),
     # Settings that the rest of the configuration would ignore without a word.
-    (["coordinator", "--job", "x", "--algorithm", "fedavg", "--example-weighted"],
-     "--example-weighted has no effect without --algorithm fedbuff"),
-    (["coordinator", "--job", "x", "--algorithm", "fedasync", "--buffer-size", "5"],
-     "--buffer-size has no effect without --algorithm fedbuff"),
-    (["coordinator", "--job", "x", "--algorithm", "fedbuff", "--trim-fraction", "0.2"],
-     "--trim-fraction has no effect without --robust trimmed_mean"),
-    (["coordinator", "--job", "x", "--staleness-bound", "fixed", "--damp-above", "3"],
-     "--damp-above has no effect without --staleness-bound adaptive"),
+    (
+        ["coordinator", "--job", "x", "--algorithm", "fedavg", "--example-weighted"],
+        "--example-weighted has no effect without --algorithm fedbuff",
+    ),
+    (
+        ["coordinator", "--job", "x", "--algorithm", "fedasync", "--buffer-size", "5"],
+        "--buffer-size has no effect without --algorithm fedbuff",
+    ),
+    (
+        ["coordinator", "--job", "x", "--algorithm", "fedbuff", "--trim-fraction", "0.2"],
+        "--trim-fraction has no effect without --robust trimmed_mean",
+    ),
+    (
+        ["coordinator", "--job", "x", "--staleness-bound", "fixed", "--damp-above", "3"],
+        "--damp-above has no effect without --staleness-bound adaptive",
+    ),
     (["coordinator", "--job", "x", "--target", "90"], "--target=90.0 is not a score the tasks reach"),
 ]
 
@@ -69,8 +91,14 @@ def user_error_runs(tmp_path_factory) -> dict[int, subprocess.CompletedProcess]:
 
     def start(index: int) -> None:
         with open(folder / f"{index}.out", "w") as out, open(folder / f"{index}.err", "w") as err:
-            running[index] = subprocess.Popen([sys.executable, "-m", "fedq.common.cli", *USER_ERRORS[index][0]],
-                                              cwd=ROOT, text=True, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+            running[index] = subprocess.Popen(
+                [sys.executable, "-m", "fedq.common.cli", *USER_ERRORS[index][0]],
+                cwd=ROOT,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+            )
 
     def backing_off_or_done(index: int) -> bool:
         return running[index].poll() is not None or "retry" in (folder / f"{index}.err").read_text()
@@ -86,9 +114,12 @@ def user_error_runs(tmp_path_factory) -> dict[int, subprocess.CompletedProcess]:
     results = {}
     for index, process in running.items():
         process.wait(timeout=120)
-        results[index] = subprocess.CompletedProcess(process.args, process.returncode,
-                                                     (folder / f"{index}.out").read_text(),
-                                                     (folder / f"{index}.err").read_text())
+        results[index] = subprocess.CompletedProcess(
+            process.args,
+            process.returncode,
+            (folder / f"{index}.out").read_text(),
+            (folder / f"{index}.err").read_text(),
+        )
     return results
 
 
@@ -153,8 +184,14 @@ def test_history_commands_take_head_and_fail_in_one_sentence(one_version_job, tm
 
 def test_a_reader_that_leaves_early_ends_the_command_quietly(one_version_job):
     # `fedq history | head -1`: the pipe closes after one line; no BrokenPipeError traceback.
-    pipeline = subprocess.run(f"{sys.executable} -m fedq.common.cli history --job {one_version_job} | head -1",
-                              shell=True, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    pipeline = subprocess.run(
+        f"{sys.executable} -m fedq.common.cli history --job {one_version_job} | head -1",
+        shell=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert pipeline.stdout.strip() and "Traceback" not in pipeline.stderr and "BrokenPipe" not in pipeline.stderr
 
 
@@ -186,8 +223,29 @@ partition = 1
     typo = tmp_path / "typo.toml"
     typo.write_text('[job]\njob = "j"\nbufer_size = 5\n')
     refused = fedq("status", "--config", str(typo))
-    assert refused.returncode == 1 and "no fedq command reads bufer_size (did you mean buffer_size?)" in \
-        refused.stderr
+    assert refused.returncode == 1 and "no fedq command reads bufer_size (did you mean buffer_size?)" in refused.stderr
     dashed = tmp_path / "dashed.toml"
     dashed.write_text('[job]\njob = "j"\nbuffer-size = 5\n')
     assert "write buffer_size for buffer-size" in fedq("status", "--config", str(dashed)).stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status", "--job", "no-such-job-in-redis"],
+        ["history", "--job", "no-such-job"],
+        ["dead", "--job", "no-such-job"],
+        ["jobs"],
+    ],
+)
+def test_commands_that_need_no_model_answer_without_importing_torch(command):
+    # torch takes seconds to import (tens on a busy machine): an answer or an error must not wait for it.
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fedq.common.cli", *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "fedq.common.cli" in imported and "torch" not in imported, result.stderr[-2000:]

@@ -1,6 +1,7 @@
 """Crash recovery, for real: SIGKILLed coordinators and workers, a restarted Redis, dropped
 RabbitMQ connections. Afterwards every update is applied exactly once and the whole
 history replays bit for bit."""
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,18 @@ from fedq.common.store.tiers import whole_history
 from fedq.coordinator.ops.replay import replay
 from tests.support import AMQP_URL, REDIS_URL, wait_until
 
-
-TRAINING = ["--task", "digits", "--task-params", json.dumps({"num_partitions": 3}), "--local-epochs", "2",
-            "--learning-rate", "0.1", "--batch-size", "16"]
+TRAINING = [
+    "--task",
+    "digits",
+    "--task-params",
+    json.dumps({"num_partitions": 3}),
+    "--local-epochs",
+    "2",
+    "--learning-rate",
+    "0.1",
+    "--batch-size",
+    "16",
+]
 
 
 def flags(job: str, redis_url: str = REDIS_URL) -> list[str]:
@@ -50,8 +60,19 @@ def assert_exactly_once_and_replayable(store: ModelStore) -> list[str]:
 
 @pytest.mark.parametrize("point", ["buffered", "committed", "dispatched"])
 def test_coordinator_killed_at_a_dangerous_point_loses_nothing(processes, job, store, point):
-    coordinator_flags = ["coordinator", *flags(job), *TRAINING, "--algorithm", "fedbuff", "--buffer-size", "2",
-                         "--concurrency", "3", "--max-versions", "12"]
+    coordinator_flags = [
+        "coordinator",
+        *flags(job),
+        *TRAINING,
+        "--algorithm",
+        "fedbuff",
+        "--buffer-size",
+        "2",
+        "--concurrency",
+        "3",
+        "--max-versions",
+        "12",
+    ]
     os.environ["FEDQ_CRASH_AT"] = f"{point}:5"
     try:
         crashing = processes.start("coordinator-1", *coordinator_flags)
@@ -76,8 +97,9 @@ def test_long_run_with_random_kills_replays_bit_for_bit(processes, job, store):
     current_worker = {}
 
     def start_worker(index: int, generation: int) -> None:
-        current_worker[index] = processes.start(f"worker-{index}-{generation}", "worker", *flags(job),
-                                                "--worker-id", f"w{index}", "--partition", str(index))
+        current_worker[index] = processes.start(
+            f"worker-{index}-{generation}", "worker", *flags(job), "--worker-id", f"w{index}", "--partition", str(index)
+        )
 
     for index in range(3):
         start_worker(index, 0)
@@ -86,7 +108,8 @@ def test_long_run_with_random_kills_replays_bit_for_bit(processes, job, store):
         coordinator = processes.start(f"coordinator-{generation}", *coordinator_flags)
         if generation == 3:
             break
-        wait_until(lambda: (store.versions.head() or 0) >= 5 + 10 * generation, 120, "the run made no progress")
+        # (wait_until calls the lambda before the loop moves on)
+        wait_until(lambda: (store.versions.head() or 0) >= 5 + 10 * generation, 120, "the run made no progress")  # noqa: B023
         time.sleep(rng.uniform(0.0, 1.5))
         coordinator.send_signal(signal.SIGKILL)
         coordinator.wait(timeout=10)
@@ -113,8 +136,23 @@ def own_redis(tmp_path):
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
     port = _free_port()
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
-               "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"]
+    command = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(tmp_path),
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+    ]
 
     def start() -> subprocess.Popen:
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -139,17 +177,24 @@ def _answers(port: int) -> bool:
 def test_redis_restart_mid_run(processes, job, own_redis):
     redis_url = f"redis://127.0.0.1:{own_redis['port']}/0"
     store = ModelStore(connect_redis(redis_url), job)
-    coordinator = processes.start("coordinator", "coordinator", *flags(job, redis_url), *TRAINING,
-                                  "--concurrency", "2", "--max-versions", "25")
+    coordinator = processes.start(
+        "coordinator", "coordinator", *flags(job, redis_url), *TRAINING, "--concurrency", "2", "--max-versions", "25"
+    )
     for index in range(2):
-        processes.start(f"worker-{index}", "worker", *flags(job, redis_url), "--worker-id", f"w{index}",
-                        "--partition", str(index))
+        processes.start(
+            f"worker-{index}", "worker", *flags(job, redis_url), "--worker-id", f"w{index}", "--partition", str(index)
+        )
     wait_until(lambda: (store.versions.head() or 0) >= 5, 90, "no progress before the restart")
     own_redis["server"].send_signal(signal.SIGTERM)  # with AOF, a clean shutdown keeps every write
     own_redis["server"].wait(timeout=20)
     # Down until a service has lost its connection over it (they use Redis all the time).
-    wait_until(lambda: "connection_lost" in processes.log("coordinator") + processes.log("worker-0")
-               + processes.log("worker-1"), 60, "no service noticed that Redis was down")
+    wait_until(
+        lambda: (
+            "connection_lost" in processes.log("coordinator") + processes.log("worker-0") + processes.log("worker-1")
+        ),
+        60,
+        "no service noticed that Redis was down",
+    )
     own_redis["server"] = own_redis["start"]()
     assert coordinator.wait(timeout=180) == 0, processes.log("coordinator")[-3000:]
     assert store.status.load()["reason"] == "max_versions"
@@ -162,8 +207,9 @@ def _management(path: str, method: str = "GET"):
 
     params = URLParameters(AMQP_URL)
     token = b64encode(f"{params.credentials.username}:{params.credentials.password}".encode()).decode()
-    request = urllib.request.Request(f"http://{params.host}:15672{path}", method=method,
-                                     headers={"Authorization": f"Basic {token}"})
+    request = urllib.request.Request(
+        f"http://{params.host}:15672{path}", method=method, headers={"Authorization": f"Basic {token}"}
+    )
     with urllib.request.urlopen(request, timeout=5) as response:
         body = response.read()
     return json.loads(body) if body else None
@@ -189,20 +235,20 @@ def test_rabbitmq_connections_dropped_mid_run(processes, job, store):
         _management("/api/overview")
     except OSError:
         pytest.skip("the RabbitMQ management API is not enabled (deploy/setup.sh enables it)")
-    coordinator = processes.start("coordinator", "coordinator", *flags(job), *TRAINING, "--concurrency", "2",
-                                  "--max-versions", "25")
+    coordinator = processes.start(
+        "coordinator", "coordinator", *flags(job), *TRAINING, "--concurrency", "2", "--max-versions", "25"
+    )
     for index in range(2):
-        processes.start(f"worker-{index}", "worker", *flags(job), "--worker-id", f"w{index}",
-                        "--partition", str(index))
+        processes.start(f"worker-{index}", "worker", *flags(job), "--worker-id", f"w{index}", "--partition", str(index))
     for threshold in (5, 12):
-        wait_until(lambda: (store.versions.head() or 0) >= threshold, 90, "no progress")
+        wait_until(lambda: (store.versions.head() or 0) >= threshold, 90, "no progress")  # noqa: B023 (called at once)
         # The management API lists a connection a moment after it opens: keep closing
         # until the coordinator's and both workers' connections have all been hit.
         closed = [0]
 
-        def close_some() -> bool:
-            closed[0] += close_job_connections(job)
-            return closed[0] >= 3
+        def close_some() -> bool:  # called by wait_until below, within this iteration
+            closed[0] += close_job_connections(job)  # noqa: B023
+            return closed[0] >= 3  # noqa: B023
 
         wait_until(close_some, 20, "found fewer than 3 connections of the job")
     assert coordinator.wait(timeout=180) == 0, processes.log("coordinator")[-3000:]
@@ -218,8 +264,7 @@ def test_sigterm_stops_the_coordinator_cleanly_and_a_restart_continues(processes
     # signal arrives; the second runs on to a limit beyond wherever the first stopped.
     first = processes.start("coordinator-1", *coordinator_flags)
     for index in range(2):
-        processes.start(f"worker-{index}", "worker", *flags(job), "--worker-id", f"w{index}",
-                        "--partition", str(index))
+        processes.start(f"worker-{index}", "worker", *flags(job), "--worker-id", f"w{index}", "--partition", str(index))
     wait_until(lambda: (store.versions.head() or 0) >= 5, 90, "no progress")
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=30) == 0
@@ -236,8 +281,9 @@ def test_services_started_while_redis_is_down_wait_for_it(processes, job, own_re
     own_redis["server"].terminate()
     own_redis["server"].wait(timeout=20)
     redis_url = f"redis://127.0.0.1:{own_redis['port']}/0"
-    coordinator = processes.start("coordinator", "coordinator", *flags(job, redis_url), *TRAINING,
-                                  "--concurrency", "2", "--max-versions", "3")
+    coordinator = processes.start(
+        "coordinator", "coordinator", *flags(job, redis_url), *TRAINING, "--concurrency", "2", "--max-versions", "3"
+    )
     processes.start("worker-0", "worker", *flags(job, redis_url), "--worker-id", "w0")
     # Redis comes up only once the coordinator has found it down and is backing off.
     processes.wait_for_log("coordinator", "event=redis_connect_retry", timeout=180)

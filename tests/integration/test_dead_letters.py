@@ -2,6 +2,7 @@
 without being removed, requeued to the update queue they came from, and drained, and a letter with a
 header pika cannot decode is listed and drained like any other.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,16 +14,16 @@ import numpy as np
 from fedq.broker.topology import Topology
 from fedq.common.wire import codec
 from fedq.common.wire.messages import InlineDelta, ModelUpdate
-from tests.support import (AMQP_URL, ROOT, connection_flags, publish_updates, publish_with_undecodable_header,
-                           wait_until)
+from tests.support import AMQP_URL, ROOT, connection_flags, publish_updates, publish_with_undecodable_header, wait_until
 
 REJECTED = {"unknown_task": 3, "not_json": 1, "unknown_job": 1}
 EVERY_LETTER = {"made-up-0", "made-up-1", "made-up-2", "garbage", "elsewhere", "undecodable-letter"}
 
 
 def fedq(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert "Traceback" not in result.stderr, result.stderr
     return result
 
@@ -48,24 +49,45 @@ def dead_letter_count(job: str) -> int:
 
 
 def wait_for_dead_letters(job: str, count: int) -> None:
-    wait_until(lambda: dead_letter_count(job) == count, 60,
-               f"the dead-letter queue did not hold {count} letter(s) (it holds {dead_letter_count(job)})")
+    wait_until(
+        lambda: dead_letter_count(job) == count,
+        60,
+        f"the dead-letter queue did not hold {count} letter(s) (it holds {dead_letter_count(job)})",
+    )
 
 
 def update(job: str, task_id: str) -> bytes:
-    return ModelUpdate(job=job, task_id=task_id, worker_id="mallory", base_version=0, num_examples=10,
-                       delta=InlineDelta(codec.encode({"w": np.zeros(1, dtype=np.float32)}))).to_bytes()
+    return ModelUpdate(
+        job=job,
+        task_id=task_id,
+        worker_id="mallory",
+        base_version=0,
+        num_examples=10,
+        delta=InlineDelta(codec.encode({"w": np.zeros(1, dtype=np.float32)})),
+    ).to_bytes()
 
 
 def test_dead_letters_are_listed_requeued_and_drained(processes, job, store):
-    processes.start("coordinator", "coordinator", *connection_flags(job), "--task", "linear", "--concurrency", "1",
-                    "--max-seconds", "300")
+    processes.start(
+        "coordinator",
+        "coordinator",
+        *connection_flags(job),
+        "--task",
+        "linear",
+        "--concurrency",
+        "1",
+        "--max-seconds",
+        "300",
+    )
     processes.wait_for_log("coordinator", "event=initialised", timeout=180)
-    publish_updates(job, {
-        **{f"made-up-{index}": update(job, f"made-up-{index}") for index in range(3)},  # never issued
-        "garbage": b"\x80 not json",
-        "elsewhere": update("another-job", "made-up-3"),
-    })
+    publish_updates(
+        job,
+        {
+            **{f"made-up-{index}": update(job, f"made-up-{index}") for index in range(3)},  # never issued
+            "garbage": b"\x80 not json",
+            "elsewhere": update("another-job", "made-up-3"),
+        },
+    )
     wait_until(lambda: store.counters.get("rejected") == REJECTED, 60, "the coordinator did not reject the updates")
     publish_with_undecodable_header(job, Topology(job).dead, b"not even an update", "undecodable-letter")
     wait_for_dead_letters(job, 6)
@@ -75,9 +97,12 @@ def test_dead_letters_are_listed_requeued_and_drained(processes, job, store):
     assert f"6 dead letter(s) in {Topology(job).dead}" in listing, listing
     assert "by reason: unknown_task 3, not_json 1, undecodable 1, unknown_job 1" in listing, listing
     rows = {line.split()[0]: line.split()[1:3] for line in listing.splitlines()[1:] if line.split()[0] in EVERY_LETTER}
-    assert rows == {**{f"made-up-{index}": ["unknown_task", "updates"] for index in range(3)},
-                    "garbage": ["not_json", "updates"], "elsewhere": ["unknown_job", "updates"],
-                    "undecodable-letter": ["undecodable", "-"]}, listing
+    assert rows == {
+        **{f"made-up-{index}": ["unknown_task", "updates"] for index in range(3)},
+        "garbage": ["not_json", "updates"],
+        "elsewhere": ["unknown_job", "updates"],
+        "undecodable-letter": ["undecodable", "-"],
+    }, listing
     wait_for_dead_letters(job, 6)
     letters = letters_as_json(job)
     assert [letter["message_id"] for letter in letters] == [line.split()[0] for line in listing.splitlines()[1:7]]
@@ -95,11 +120,16 @@ def test_dead_letters_are_listed_requeued_and_drained(processes, job, store):
 
     # Back to the update queue: the coordinator refuses them again, for the same reason.
     requeued = dead(job, "--reason", "unknown_task", "--requeue").stdout
-    assert f"requeued 3 dead letter(s) with reason unknown_task of job {job!r}: unknown_task 3 " \
-           f"(3 to {Topology(job).updates})" in requeued, requeued
+    assert (
+        f"requeued 3 dead letter(s) with reason unknown_task of job {job!r}: unknown_task 3 "
+        f"(3 to {Topology(job).updates})" in requeued
+    ), requeued
     assert "3 letter(s) with other reasons left in place" in requeued, requeued
-    wait_until(lambda: store.counters.get("rejected") == {**REJECTED, "unknown_task": 6}, 60,
-               "the requeued updates did not reach the coordinator again")
+    wait_until(
+        lambda: store.counters.get("rejected") == {**REJECTED, "unknown_task": 6},
+        60,
+        "the requeued updates did not reach the coordinator again",
+    )
     wait_for_dead_letters(job, 6)
     again = {letter["message_id"]: letter for letter in letters_as_json(job)}
     assert set(again) == EVERY_LETTER
@@ -110,8 +140,7 @@ def test_dead_letters_are_listed_requeued_and_drained(processes, job, store):
     assert "drained 1 dead letter(s) with reason not_json" in drained, drained
     wait_for_dead_letters(job, 5)
     drained = dead(job, "--drain").stdout
-    assert f"drained 5 dead letter(s) of job {job!r}: unknown_task 3, undecodable 1, unknown_job 1" in drained, \
-        drained
+    assert f"drained 5 dead letter(s) of job {job!r}: unknown_task 3, undecodable 1, unknown_job 1" in drained, drained
     wait_for_dead_letters(job, 0)
     assert "Traceback" not in processes.log("coordinator")
 
@@ -119,5 +148,7 @@ def test_dead_letters_are_listed_requeued_and_drained(processes, job, store):
 def test_a_job_without_a_dead_letter_queue_is_one_sentence(job):
     result = fedq("dead", *connection_flags(job))
     assert result.returncode == 1
-    assert result.stderr.strip() == (f"fedq dead: error: job {job!r} has no dead-letter queue {Topology(job).dead} "
-                                     f"(wrong --job or --amqp-url, or no service of the job has run yet)")
+    assert result.stderr.strip() == (
+        f"fedq dead: error: job {job!r} has no dead-letter queue {Topology(job).dead} "
+        f"(wrong --job or --amqp-url, or no service of the job has run yet)"
+    )

@@ -1,5 +1,6 @@
 """The README's first command ends in `fedq demo`: it must train to its target and say so, in a job
 of its own, never touching another user's job on the same servers."""
+
 from __future__ import annotations
 
 import re
@@ -14,19 +15,43 @@ from tests.support import AMQP_URL, REDIS_URL, ROOT, cleanup_job
 
 
 def fedq(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedq.common.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+    )
 
 
 def test_the_demo_reaches_its_target_in_a_fresh_job_and_says_how_to_remove_it(tmp_path):
-    result = fedq("demo", "--amqp-url", AMQP_URL, "--redis-url", REDIS_URL, "--workers", "2", "--target", "0.85",
-                  "--log-dir", str(tmp_path))
+    result = fedq(
+        "demo",
+        "--amqp-url",
+        AMQP_URL,
+        "--redis-url",
+        REDIS_URL,
+        "--workers",
+        "2",
+        "--target",
+        "0.85",
+        "--log-dir",
+        str(tmp_path),
+    )
     named = re.match(r"fedq demo: job '(demo-\d{8}-\d{6}-[0-9a-f]{4})'", result.stdout)
     job = named and named[1]
     try:
         assert job, "the demo did not name its job at start:\n" + result.stdout[:2000]
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         assert "Traceback" not in result.stderr
+        # Progress without a terminal: a line per new version (or one every 10 s), and while no
+        # update has come yet, a word that the workers are still starting.
+        progress = [line.split("] ", 1)[1] for line in result.stdout.splitlines() if line.startswith("[")]
+        assert progress and all(
+            "waiting for the workers to start" in line for line in progress if re.search(r"updates applied +0 ", line)
+        ), progress[:5]
+        assert sum(1 for line, after in zip(progress, progress[1:]) if line == after) <= 5, progress[:25]
         summary = result.stdout.split("\nsummary\n", 1)[1]
         assert "stopped because      target_reached" in summary
         accuracy = float(summary.split("final accuracy", 1)[1].split()[0])
@@ -54,6 +79,7 @@ def test_the_demo_refuses_a_job_that_already_exists_and_leaves_it_alone(store, j
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"fedq demo: error: job {job!r} already exists on these servers; continue it with --resume, or leave out "
-        "--job to train a new one")
+        "--job to train a new one"
+    )
     assert set(store.redis.scan_iter(match=store.keys.all())) == keys
     assert store.versions.last_committed() == head

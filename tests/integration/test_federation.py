@@ -1,14 +1,14 @@
 """End-to-end federations: real coordinator and worker processes, real RabbitMQ and Redis."""
+
 from __future__ import annotations
 
-from fedq.common.store.tiers import whole_history
 import json
 import signal
 
 import pytest
 
+from fedq.common.store.tiers import whole_history
 from tests.support import connection_flags, wait_until
-
 
 DIGITS_TRAINING = ["--task", "digits", "--local-epochs", "2", "--learning-rate", "0.1", "--batch-size", "16"]
 
@@ -18,8 +18,16 @@ def start_coordinator(processes, job, *extra: str, name: str = "coordinator"):
 
 
 def start_worker(processes, job, index: int, *extra: str):
-    return processes.start(f"worker-{index}", "worker", *connection_flags(job), "--worker-id", f"w{index}",
-                           "--partition", str(index), *extra)
+    return processes.start(
+        f"worker-{index}",
+        "worker",
+        *connection_flags(job),
+        "--worker-id",
+        f"w{index}",
+        "--partition",
+        str(index),
+        *extra,
+    )
 
 
 def applied_task_ids(store) -> list[str]:
@@ -34,9 +42,20 @@ def test_three_workers_reach_target_accuracy(processes, job, store, algorithm):
         start_worker(processes, job, index)
     for index in range(3):
         processes.wait_for_log(f"worker-{index}", "event=worker_ready", timeout=180)
-    coordinator = start_coordinator(processes, job, "--algorithm", algorithm, "--concurrency", "3",
-                                    "--task-params", json.dumps({"num_partitions": 3}),
-                                    "--target", "0.9", "--max-seconds", "150")
+    coordinator = start_coordinator(
+        processes,
+        job,
+        "--algorithm",
+        algorithm,
+        "--concurrency",
+        "3",
+        "--task-params",
+        json.dumps({"num_partitions": 3}),
+        "--target",
+        "0.9",
+        "--max-seconds",
+        "150",
+    )
     assert coordinator.wait(timeout=200) == 0, processes.log("coordinator")[-3000:]
     head = store.versions.head()
     assert store.status.load()["reason"] == "target_reached", processes.log("coordinator")[-3000:]
@@ -59,8 +78,9 @@ def test_three_workers_reach_target_accuracy(processes, job, store, algorithm):
 
 
 def test_worker_killed_mid_task_loses_no_task(processes, job, store):
-    coordinator = start_coordinator(processes, job, "--concurrency", "2", "--max-versions", "30",
-                                    "--task-params", json.dumps({"num_partitions": 3}))
+    coordinator = start_coordinator(
+        processes, job, "--concurrency", "2", "--max-versions", "30", "--task-params", json.dumps({"num_partitions": 3})
+    )
     slow = start_worker(processes, job, 0, "--slowdown", "30")
     log = processes.wait_for_log("worker-0", "event=task_started", timeout=90)
     killed_task = log.split("event=task_started")[1].split("task=")[1].split()[0]
@@ -76,8 +96,9 @@ def test_worker_killed_mid_task_loses_no_task(processes, job, store):
     task_ids = applied_task_ids(store)
     assert task_ids.count(killed_task) == 1, "the killed worker's task was lost or applied twice"
     assert len(task_ids) == len(set(task_ids))
-    assert {"w1", "w2"} & {update.worker_id for entry in whole_history(store) for update in entry.updates
-                           if update.task_id == killed_task}
+    assert {"w1", "w2"} & {
+        update.worker_id for entry in whole_history(store) for update in entry.updates if update.task_id == killed_task
+    }
 
 
 def test_training_longer_than_three_heartbeats_still_delivers(processes, job, store):
@@ -96,13 +117,29 @@ def test_training_longer_than_three_heartbeats_still_delivers(processes, job, st
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedbuff"])
 def test_textbook_784_128_10_mlp_trains_in_sync_and_fedbuff_modes(processes, job, store, algorithm):
-    coordinator = processes.start("coordinator", "coordinator", *connection_flags(job), "--task", "digits28",
-                                  "--task-params", json.dumps({"num_partitions": 3}), "--algorithm", algorithm,
-                                  "--concurrency", "3",
-                                  # (sync FedAvg is example-weighted by definition, and has no buffer)
-                                  *(["--buffer-size", "3", "--example-weighted"] if algorithm == "fedbuff" else []),
-                                  "--local-epochs", "5", "--learning-rate", "0.05", "--target", "0.9",
-                                  "--max-seconds", "150")
+    coordinator = processes.start(
+        "coordinator",
+        "coordinator",
+        *connection_flags(job),
+        "--task",
+        "digits28",
+        "--task-params",
+        json.dumps({"num_partitions": 3}),
+        "--algorithm",
+        algorithm,
+        "--concurrency",
+        "3",
+        # (sync FedAvg is example-weighted by definition, and has no buffer)
+        *(["--buffer-size", "3", "--example-weighted"] if algorithm == "fedbuff" else []),
+        "--local-epochs",
+        "5",
+        "--learning-rate",
+        "0.05",
+        "--target",
+        "0.9",
+        "--max-seconds",
+        "150",
+    )
     for index in range(3):
         start_worker(processes, job, index)
     assert coordinator.wait(timeout=200) == 0, processes.log("coordinator")[-3000:]
@@ -115,8 +152,9 @@ def test_textbook_784_128_10_mlp_trains_in_sync_and_fedbuff_modes(processes, job
 def test_rollback_while_running_is_picked_up_by_workers(processes, job, store):
     from fedq.coordinator.ops.replay import replay, rollback
 
-    coordinator = start_coordinator(processes, job, "--concurrency", "2", "--max-versions", "40",
-                                    "--task-params", json.dumps({"num_partitions": 2}))
+    coordinator = start_coordinator(
+        processes, job, "--concurrency", "2", "--max-versions", "40", "--task-params", json.dumps({"num_partitions": 2})
+    )
     for index in range(2):
         # Slowed down so that the run is still going when the rollback lands.
         start_worker(processes, job, index, "--slowdown", "0.3")

@@ -1,5 +1,6 @@
 """Heterogeneous workers on real servers: leased partitions, a slow device's updates applied
 under adaptive staleness, and each worker's contribution in `fedq status`."""
+
 from __future__ import annotations
 
 import json
@@ -15,17 +16,42 @@ def test_workers_without_partitions_get_distinct_ones_and_status_shows_what_each
     for index in range(3):  # all three serve before the first task: none joins after the run is over
         processes.wait_for_log(f"worker-{index}", "event=worker_ready", timeout=180)
     coordinator = processes.start(
-        "coordinator", "coordinator", *connection_flags(job), "--task", "digits",
-        "--task-params", json.dumps({"num_partitions": 3}), "--algorithm", "fedbuff", "--buffer-size", "2",
-        "--concurrency", "3", "--staleness-bound", "adaptive", "--task-seconds", "auto", "--max-versions", "60",
-        "--eval-every", "5", "--archive", "none")
+        "coordinator",
+        "coordinator",
+        *connection_flags(job),
+        "--task",
+        "digits",
+        "--task-params",
+        json.dumps({"num_partitions": 3}),
+        "--algorithm",
+        "fedbuff",
+        "--buffer-size",
+        "2",
+        "--concurrency",
+        "3",
+        "--staleness-bound",
+        "adaptive",
+        "--task-seconds",
+        "auto",
+        "--max-versions",
+        "60",
+        "--eval-every",
+        "5",
+        "--archive",
+        "none",
+    )
     assert coordinator.wait(timeout=600) == 0, processes.log("coordinator")[-3000:]
     leases = store.partitions.table()
     assert set(leases) == {"w0", "w1", "w2"} and sorted(leases.values()) == [0, 1, 2], leases
 
     def status() -> dict:
-        result = subprocess.run([sys.executable, "-m", "fedq.common.cli", "status", *connection_flags(job), "--json"],
-                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "fedq.common.cli", "status", *connection_flags(job), "--json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
@@ -39,10 +65,16 @@ def test_workers_without_partitions_get_distinct_ones_and_status_shows_what_each
     rows = {row["worker_id"]: row for row in report["contribution"]}
     assert {row["data"] for row in rows.values()} == {f"partition {index} (leased)" for index in range(3)}
     assert all(row["applied"] > 0 for row in rows.values()), rows  # the slow device's updates count too
-    assert sum(row["applied"] for row in rows.values()) == sum(len(entry.updates) for entry in
-                                                               store.versions.history(1, 60))
+    assert sum(row["applied"] for row in rows.values()) == sum(
+        len(entry.updates) for entry in store.versions.history(1, 60)
+    )
     assert rows["w2"]["steps_per_second"] < rows["w0"]["steps_per_second"]
     assert report["rejected"].get("too_stale", 0) == 0
-    text = subprocess.run([sys.executable, "-m", "fedq.common.cli", "status", *connection_flags(job)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "fedq.common.cli", "status", *connection_flags(job)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert "of examples" in text and "partition 2 (leased)" in text

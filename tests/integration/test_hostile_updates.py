@@ -1,4 +1,5 @@
 """Hostile and broken updates are dead-lettered with a reason (duplicates skipped); training goes on."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,21 @@ from fedq.broker.connection import connect
 from fedq.broker.publisher import publish
 from fedq.broker.topology import Topology
 from fedq.common.store.tiers import whole_history
+from fedq.common.tasks import load_task
 from fedq.common.wire import codec
 from fedq.common.wire.messages import InlineDelta, ModelUpdate
-from fedq.common.tasks import load_task
 from tests.support import AMQP_URL, connection_flags, take_dead_letters, take_tasks, wait_until
 
 
 def update_bytes(job: str, task_id: str, delta: codec.Weights, base_version: int = 0) -> bytes:
-    return ModelUpdate(job=job, task_id=task_id, worker_id="mallory", base_version=base_version, num_examples=10,
-                       delta=InlineDelta(codec.encode(delta))).to_bytes()
+    return ModelUpdate(
+        job=job,
+        task_id=task_id,
+        worker_id="mallory",
+        base_version=base_version,
+        num_examples=10,
+        delta=InlineDelta(codec.encode(delta)),
+    ).to_bytes()
 
 
 def drain_dead_letters(job: str) -> list[tuple[str, bytes]]:
@@ -25,15 +32,28 @@ def drain_dead_letters(job: str) -> list[tuple[str, bytes]]:
 
 
 def test_hostile_updates_are_dead_lettered_and_training_continues(processes, job, store):
-    coordinator = processes.start("coordinator", "coordinator", *connection_flags(job), "--task", "digits",
-                                  "--task-params", json.dumps({"num_partitions": 2}), "--concurrency", "3",
-                                  "--max-versions", "40",
-                                  # A cold worker's first task can take longer than 20 versions of a warm
-                                  # one; only the hostile updates below may be rejected, however fast each is.
-                                  "--max-staleness", "100")
+    coordinator = processes.start(
+        "coordinator",
+        "coordinator",
+        *connection_flags(job),
+        "--task",
+        "digits",
+        "--task-params",
+        json.dumps({"num_partitions": 2}),
+        "--concurrency",
+        "3",
+        "--max-versions",
+        "40",
+        # A cold worker's first task can take longer than 20 versions of a warm
+        # one; only the hostile updates below may be rejected, however fast each is.
+        "--max-staleness",
+        "100",
+    )
     wait_until(lambda: store.versions.head() is not None, 60, "the coordinator did not initialise the job")
-    zero = {name: np.zeros_like(array) for name, array in
-            load_task("digits", {"num_partitions": 2}).initial_weights(0).items()}
+    zero = {
+        name: np.zeros_like(array)
+        for name, array in load_task("digits", {"num_partitions": 2}).initial_weights(0).items()
+    }
     first_name = next(iter(zero))
     wrong_shape = dict(zero, **{first_name: np.zeros((3, 3), np.float32)})
     with_nan = {name: array.copy() for name, array in zero.items()}
@@ -58,15 +78,22 @@ def test_hostile_updates_are_dead_lettered_and_training_continues(processes, job
     for reason, body in hostile.items():
         publish(channel, Topology(job).updates, body, message_id=reason)
 
-    wait_until(lambda: sum(store.counters.get("rejected").values()) >= len(hostile), 60,
-               "the coordinator did not reject every hostile update")
+    wait_until(
+        lambda: sum(store.counters.get("rejected").values()) >= len(hostile),
+        60,
+        "the coordinator did not reject every hostile update",
+    )
     # Workers join only now, so the duplicate below targets an update that really was applied.
     processes.start("worker-0", "worker", *connection_flags(job), "--worker-id", "w0", "--partition", "0")
     processes.start("worker-1", "worker", *connection_flags(job), "--worker-id", "w1", "--partition", "1")
     wait_until(lambda: (store.versions.head() or 0) >= 1, 90, "no version was committed")
     applied = store.versions.history(1, 1)[0].updates[0]
-    publish(channel, Topology(job).updates, update_bytes(job, applied.task_id, zero, applied.base_version),
-            message_id="duplicate")
+    publish(
+        channel,
+        Topology(job).updates,
+        update_bytes(job, applied.task_id, zero, applied.base_version),
+        message_id="duplicate",
+    )
     connection.close()
 
     assert coordinator.wait(timeout=120) == 0, processes.log("coordinator")[-3000:]

@@ -4,9 +4,9 @@ monitor; the job trains over TLS, each worker on a host of its own (a network na
 bridge, tests/netns.py; the loopback where namespaces cannot be made); a worker's credentials
 cannot do anything but its part; a revoked worker is cut off.
 """
+
 from __future__ import annotations
 
-from fedq.common.store.tiers import whole_history
 import json
 import subprocess
 import sys
@@ -19,7 +19,9 @@ import pika.exceptions
 import pytest
 import redis
 
+from fedq.common.store.tiers import whole_history
 from tests import netns
+
 # pki, secure_rabbitmq and secure_redis: the session's (tests/integration/conftest.py), on every address
 # so that the bridge reaches them too; shared with test_private_servers and test_tls.
 from tests.private_servers import tls_flags  # noqa: F401 (a fixture)
@@ -27,8 +29,22 @@ from tests.support import ROOT, wait_until
 
 pytestmark = pytest.mark.timeout(1200)
 
-TRAINING = ["--task", "digits", "--task-params", json.dumps({"num_partitions": 2}), "--local-epochs", "1",
-            "--algorithm", "fedbuff", "--buffer-size", "2", "--concurrency", "4", "--eval-every", "0"]
+TRAINING = [
+    "--task",
+    "digits",
+    "--task-params",
+    json.dumps({"num_partitions": 2}),
+    "--local-epochs",
+    "1",
+    "--algorithm",
+    "fedbuff",
+    "--buffer-size",
+    "2",
+    "--concurrency",
+    "4",
+    "--eval-every",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +80,18 @@ class Site:
 
     def channel(self, secure_rabbitmq):
         params = pika.URLParameters(self.values["amqp_url"])
-        connection = pika.BlockingConnection(secure_rabbitmq.pika_parameters(
-            params.credentials.username, params.credentials.password, client="fedq-test"))
+        connection = pika.BlockingConnection(
+            secure_rabbitmq.pika_parameters(
+                params.credentials.username, params.credentials.password, client="fedq-test"
+            )
+        )
         return connection, connection.channel()
 
 
 def fedq(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def refused_by_broker(action) -> int:
@@ -82,20 +102,38 @@ def refused_by_broker(action) -> int:
 
 
 def test_enrolled_parties_train_over_tls_a_worker_can_do_only_its_part_and_revocation_cuts_it_off(
-        tls_flags, secure_rabbitmq, secure_redis, hosts, tmp_path):
+    tls_flags, secure_rabbitmq, secure_redis, hosts, tmp_path
+):
     from fedq.common.store import ModelStore
     from fedq.common.store.keys import JobKeys
     from fedq.common.wire import codec
     from fedq.common.wire.messages import InlineDelta, ModelUpdate
 
     job = f"id-{uuid.uuid4().hex[:6]}"
-    admin = ["--job", job, "--amqp-url", secure_rabbitmq.amqps_url(), "--redis-url", secure_redis.url(),
-             "--management-url", secure_rabbitmq.management_url, *tls_flags]
+    admin = [
+        "--job",
+        job,
+        "--amqp-url",
+        secure_rabbitmq.amqps_url(),
+        "--redis-url",
+        secure_redis.url(),
+        "--management-url",
+        secure_rabbitmq.management_url,
+        *tls_flags,
+    ]
     sites = {}
     for role, name in (("coordinator", "coordinator"), ("worker", "alice"), ("worker", "bob"), ("monitor", "ops")):
         out = tmp_path / f"{name}.toml"
-        site = [] if role != "worker" else ["--site-amqp-url", reached_from(hosts, secure_rabbitmq.amqps_url()),
-                                            "--site-redis-url", reached_from(hosts, secure_redis.url())]
+        site = (
+            []
+            if role != "worker"
+            else [
+                "--site-amqp-url",
+                reached_from(hosts, secure_rabbitmq.amqps_url()),
+                "--site-redis-url",
+                reached_from(hosts, secure_redis.url()),
+            ]
+        )
         enrolled = fedq("admin", *admin, "enroll", "--role", role, "--worker-id", name, "--out", str(out), *site)
         assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
         assert oct(out.stat().st_mode & 0o777) == "0o600"
@@ -117,8 +155,16 @@ def test_enrolled_parties_train_over_tls_a_worker_can_do_only_its_part_and_revoc
         return processes[name]
 
     try:
-        start("coordinator", "coordinator", "--config", str(sites["coordinator"].path), *tls_flags, *TRAINING,
-              "--max-seconds", "900")
+        start(
+            "coordinator",
+            "coordinator",
+            "--config",
+            str(sites["coordinator"].path),
+            *tls_flags,
+            *TRAINING,
+            "--max-seconds",
+            "900",
+        )
         # alice names her partition; bob is leased one by the coordinator, through his ACL.
         start("alice", "worker", "--config", str(sites["alice"].path), *tls_flags, "--partition", "0", host="alice")
         start("bob", "worker", "--config", str(sites["bob"].path), *tls_flags, host="bob")
@@ -127,15 +173,24 @@ def test_enrolled_parties_train_over_tls_a_worker_can_do_only_its_part_and_revoc
             return admin_store.versions.head() or 0
 
         def applied_by(worker: str) -> list[int]:
-            return [entry.version for entry in whole_history(admin_store) for update in entry.updates
-                    if update.worker_id == worker]
+            return [
+                entry.version
+                for entry in whole_history(admin_store)
+                for update in entry.updates
+                if update.worker_id == worker
+            ]
 
-        wait_until(lambda: applied_by("alice") and applied_by("bob"), 600,
-                   "both enrolled workers had updates applied: " + (tmp_path / "coordinator.log").read_text()[-3000:])
+        wait_until(
+            lambda: applied_by("alice") and applied_by("bob"),
+            600,
+            "both enrolled workers had updates applied: " + (tmp_path / "coordinator.log").read_text()[-3000:],
+        )
         if hosts is not None:  # they did so from their own hosts: the broker saw their bridge addresses
+
             def peers() -> set:
                 _, connections = secure_rabbitmq.management_request("/api/connections?columns=user,peer_host")
                 return {(connection.get("user"), connection.get("peer_host")) for connection in connections}
+
             expected = {(f"fedq.{job}.alice", hosts.addresses["alice"]), (f"fedq.{job}.bob", hosts.addresses["bob"])}
             # The management API lists a connection once its statistics were emitted (every 5 s).
             wait_until(lambda: expected <= peers(), 120, f"connections not from the workers' hosts: {peers()}")
@@ -154,61 +209,90 @@ def test_enrolled_parties_train_over_tls_a_worker_can_do_only_its_part_and_revoc
         assert refused_by_broker(lambda: channel.basic_get(topology_updates)) == 403
         channel = connection.channel()
         channel.confirm_delivery()
-        as_bob = ModelUpdate(job=job, task_id="t-forged", worker_id="bob", base_version=0, num_examples=1,
-                             delta=InlineDelta(codec.encode({})))
+        as_bob = ModelUpdate(
+            job=job,
+            task_id="t-forged",
+            worker_id="bob",
+            base_version=0,
+            num_examples=1,
+            delta=InlineDelta(codec.encode({})),
+        )
         # Binding the update queue to the task exchange (its permissions allow that much, see
         # docs/security.md): the coordinator removes the binding within seconds.
         channel.queue_bind(topology_updates, topology_tasks, routing_key="fedq")
 
         def bound() -> list:
             _, bindings = secure_rabbitmq.management_request(
-                f"/api/bindings/%2F/e/{topology_tasks}/q/{topology_updates}")
+                f"/api/bindings/%2F/e/{topology_tasks}/q/{topology_updates}"
+            )
             return bindings
+
         assert bound(), "the binding was made"
         wait_until(lambda: not bound(), 60, "the coordinator did not remove the stray binding")
         # Naming another user as the publisher: the broker refuses it.
-        assert refused_by_broker(lambda: channel.basic_publish(
-            topology_updates, "fedq", as_bob.to_bytes(), properties=pika.BasicProperties(user_id=f"fedq.{job}.bob"))
-        ) == 406
+        assert (
+            refused_by_broker(
+                lambda: channel.basic_publish(
+                    topology_updates,
+                    "fedq",
+                    as_bob.to_bytes(),
+                    properties=pika.BasicProperties(user_id=f"fedq.{job}.bob"),
+                )
+            )
+            == 406
+        )
         # Naming bob in the body, published as alice: the coordinator refuses it.
         channel = connection.channel()
         channel.confirm_delivery()
-        channel.basic_publish(topology_updates, "fedq", as_bob.to_bytes(),
-                              properties=pika.BasicProperties(user_id=f"fedq.{job}.alice"))
+        channel.basic_publish(
+            topology_updates, "fedq", as_bob.to_bytes(), properties=pika.BasicProperties(user_id=f"fedq.{job}.alice")
+        )
         channel.basic_publish(topology_updates, "fedq", as_bob.to_bytes())  # no user_id at all
-        wait_until(lambda: admin_store.counters.get("rejected").get("impersonation", 0) >= 2, 120,
-                   "the coordinator did not refuse both impersonations")
+        wait_until(
+            lambda: admin_store.counters.get("rejected").get("impersonation", 0) >= 2,
+            120,
+            "the coordinator did not refuse both impersonations",
+        )
         connection.close()
 
         keys, other = JobKeys(job), JobKeys("another-job")
         secure_redis.client().set(other.head, 7)
         client = alice.redis(secure_redis)
-        for action in (lambda: client.get(other.head),                       # another job's keys
-                       lambda: client.get(keys.signing_key),                  # the coordinator's key
-                       lambda: client.get(keys.head),                         # not needed, not granted
-                       lambda: client.set(keys.head, 10**6),                  # move the head
-                       lambda: client.set(keys.model(head() + 1), b"x"),      # write a version
-                       lambda: client.xadd(keys.history, {"v": "1"}),         # write the history
-                       lambda: client.hset(keys.applied, "t", 1),             # the ledger
-                       lambda: client.hset(keys.identities, "alice", "{}"),   # its own identity
-                       lambda: client.set(keys.update("bob", "t1"), b"x"),    # bob's blob
-                       lambda: client.set(keys.worker("bob"), b"{}"),         # bob's liveness
-                       lambda: client.get(keys.partition("bob")),             # bob's lease
-                       lambda: client.set(keys.partition("alice"), 5),        # a lease of its own making
-                       lambda: client.hset(keys.partitions, "alice", 5),
-                       lambda: client.flushall(),
-                       lambda: client.execute_command("CLIENT", "KILL", "TYPE", "normal")):
+        for action in (
+            lambda: client.get(other.head),  # another job's keys
+            lambda: client.get(keys.signing_key),  # the coordinator's key
+            lambda: client.get(keys.head),  # not needed, not granted
+            lambda: client.set(keys.head, 10**6),  # move the head
+            lambda: client.set(keys.model(head() + 1), b"x"),  # write a version
+            lambda: client.xadd(keys.history, {"v": "1"}),  # write the history
+            lambda: client.hset(keys.applied, "t", 1),  # the ledger
+            lambda: client.hset(keys.identities, "alice", "{}"),  # its own identity
+            lambda: client.set(keys.update("bob", "t1"), b"x"),  # bob's blob
+            lambda: client.set(keys.worker("bob"), b"{}"),  # bob's liveness
+            lambda: client.get(keys.partition("bob")),  # bob's lease
+            lambda: client.set(keys.partition("alice"), 5),  # a lease of its own making
+            lambda: client.hset(keys.partitions, "alice", 5),
+            lambda: client.flushall(),
+            lambda: client.execute_command("CLIENT", "KILL", "TYPE", "normal"),
+        ):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 action()
         # (the head: older versions may have moved to the archive already)
         assert client.get(keys.model(head())) is not None and client.get(keys.spec) is not None, "what alice needs"
-        client.set(keys.update("alice", "t1"), b"x", ex=60)                   # its own blob: allowed
+        client.set(keys.update("alice", "t1"), b"x", ex=60)  # its own blob: allowed
         assert admin_store.partitions.table() == {"bob": 1}, "bob leased the partition alice's flag leaves free"
         assert int(sites["bob"].redis(secure_redis).get(keys.partition("bob"))) == 1, "bob may read his lease"
 
         # -- the monitor reads, and writes nothing ----------------------------------------------------
-        status = fedq("status", "--config", str(sites["ops"].path), *tls_flags, "--management-url",
-                      secure_rabbitmq.management_url, "--json")
+        status = fedq(
+            "status",
+            "--config",
+            str(sites["ops"].path),
+            *tls_flags,
+            "--management-url",
+            secure_rabbitmq.management_url,
+            "--json",
+        )
         assert status.returncode == 0, status.stdout + status.stderr
         report = json.loads(status.stdout)
         assert report["head"] >= 1 and report["depth_source"] == "management"
@@ -229,12 +313,16 @@ def test_enrolled_parties_train_over_tls_a_worker_can_do_only_its_part_and_revoc
         cut_at = head()
         assert "connection(s) closed" in revoked.stdout
         wait_until(lambda: processes["alice"].poll() is not None, 120, "the revoked worker still runs")
-        print(f"revocation: fedq admin revoke took {revoke_seconds:.1f} s; the worker had exited "
-              f"{time.monotonic() - started:.1f} s after it began")
-        wait_until(lambda: head() >= cut_at + 5 and applied_by("bob")[-1] > cut_at, 300,
-                   "training did not go on with bob")
-        assert [version for version in applied_by("alice") if version > cut_at] == [], \
+        print(
+            f"revocation: fedq admin revoke took {revoke_seconds:.1f} s; the worker had exited "
+            f"{time.monotonic() - started:.1f} s after it began"
+        )
+        wait_until(
+            lambda: head() >= cut_at + 5 and applied_by("bob")[-1] > cut_at, 300, "training did not go on with bob"
+        )
+        assert [version for version in applied_by("alice") if version > cut_at] == [], (
             "an update of alice was applied after her revocation"
+        )
         assert revoke_seconds < 60
         with pytest.raises(redis.exceptions.AuthenticationError):
             alice.redis(secure_redis).ping()

@@ -1,4 +1,5 @@
 """A regular install carries one import root, `fedq`, and nothing named `common` or `worker`."""
+
 from __future__ import annotations
 
 import shutil
@@ -15,9 +16,23 @@ def test_the_wheel_holds_only_fedq_and_its_metadata(tmp_path):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                             "--wheel-dir", str(tmp_path / "dist"), str(source)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     (wheel,) = (tmp_path / "dist").glob("fedq-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -1,4 +1,5 @@
 """A job's lifecycle on shared servers: `fedq jobs` lists every job, `fedq delete` removes one whole."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ import pytest
 
 from fedq.broker.connection import connect
 from fedq.broker.topology import Topology
-from fedq.common.store import ModelStore, connect_redis
+from fedq.common.store import ModelStore
 from tests.support import AMQP_URL, REDIS_URL, ROOT, cleanup_job, fedq_side_by_side
 
 pytestmark = pytest.mark.integration
@@ -23,8 +24,14 @@ pytestmark = pytest.mark.integration
 
 def fedq(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     # stdin is not a terminal here (as in CI), which `fedq delete` must notice.
-    return subprocess.run([sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedq.common.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+    )
 
 
 def commit_versions(store: ModelStore, count: int, committed_at: float | None = None) -> int:
@@ -84,8 +91,19 @@ def archived_job(store, job, tmp_path) -> Path:
     commit_versions(store, 8)
     archive = tmp_path / "archive"
     store.status.record_archive(str(archive), 3, 5, 2048)
-    moved = fedq("archive", "--job", job, "--redis-url", REDIS_URL, "--archive", str(archive), "--hot-versions", "3",
-                 "--checkpoint-every", "5")
+    moved = fedq(
+        "archive",
+        "--job",
+        job,
+        "--redis-url",
+        REDIS_URL,
+        "--archive",
+        str(archive),
+        "--hot-versions",
+        "3",
+        "--checkpoint-every",
+        "5",
+    )
     assert moved.returncode == 0, moved.stderr
     assert list((archive / job).glob("segment-*.fqseg")), "fedq archive wrote no segment"
     return archive
@@ -95,8 +113,11 @@ def test_jobs_lists_every_job_with_its_head_memory_and_archive(store, job, other
     other = ModelStore(store.redis, other_job)
     commit_versions(other, 2)
     listed, table, only = fedq_side_by_side(  # listing changes nothing
-        ["jobs", "--redis-url", REDIS_URL, "--json"], ["jobs", "--redis-url", REDIS_URL],
-        ["jobs", "--redis-url", REDIS_URL, "--job", other_job, "--json"], stdin=subprocess.DEVNULL)
+        ["jobs", "--redis-url", REDIS_URL, "--json"],
+        ["jobs", "--redis-url", REDIS_URL],
+        ["jobs", "--redis-url", REDIS_URL, "--job", other_job, "--json"],
+        stdin=subprocess.DEVNULL,
+    )
     assert listed.returncode == 0, listed.stderr
     by_name = {entry["job"]: entry for entry in json.loads(listed.stdout)}  # other users' jobs may be listed too
     mine = by_name[job]
@@ -117,9 +138,18 @@ def test_a_job_whose_coordinator_only_started_is_listed_without_a_head(store, jo
     store.redis.set(store.keys.spec, b"{}")  # what a coordinator writes before its first commit
     store.status.set(status="running")
     listed = json.loads(fedq("jobs", "--redis-url", REDIS_URL, "--job", job, "--json").stdout)
-    assert listed == [{"job": job, "status": "running", "head": None, "workers": 0,
-                       "redis_bytes": listed[0]["redis_bytes"], "archive_url": None, "archive_bytes": None,
-                       "archive_problem": None}]
+    assert listed == [
+        {
+            "job": job,
+            "status": "running",
+            "head": None,
+            "workers": 0,
+            "redis_bytes": listed[0]["redis_bytes"],
+            "archive_url": None,
+            "archive_bytes": None,
+            "archive_problem": None,
+        }
+    ]
 
 
 def test_an_archive_that_cannot_be_read_is_a_question_mark_and_a_sentence(store, job):
@@ -156,9 +186,14 @@ def test_delete_asks_to_type_the_job_name_on_a_terminal(store, job, typed, delet
     commit_versions(store, 1)
     controller, terminal = os.openpty()
     try:
-        process = subprocess.Popen([sys.executable, "-m", "fedq.common.cli", "delete", job, "--redis-url",
-                                    REDIS_URL, "--amqp-url", AMQP_URL], cwd=ROOT, stdin=terminal,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fedq.common.cli", "delete", job, "--redis-url", REDIS_URL, "--amqp-url", AMQP_URL],
+            cwd=ROOT,
+            stdin=terminal,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         os.write(controller, f"{typed or job}\n".encode())
         stdout, stderr = process.communicate(timeout=60)
     finally:
@@ -240,8 +275,14 @@ def test_deleting_a_job_that_does_not_exist_says_so(job):
 
 def test_the_job_to_delete_is_named_on_the_command_line_not_by_the_environment(store, job):
     commit_versions(store, 1)
-    result = subprocess.run([sys.executable, "-m", "fedq.common.cli", "delete", "--yes", "--redis-url", REDIS_URL],
-                            cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60,
-                            env={**os.environ, "FEDQ_JOB": job})
+    result = subprocess.run(
+        [sys.executable, "-m", "fedq.common.cli", "delete", "--yes", "--redis-url", REDIS_URL],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+        env={**os.environ, "FEDQ_JOB": job},
+    )
     assert result.returncode == 1 and "name the job to delete on the command line" in last_error_line(result)
     assert job_keys(store)

@@ -1,5 +1,6 @@
 """What operators see: status/monitor follow workers joining and leaving, SIGTERM drains,
 /metrics agrees with the history, and the HTML report draws from it."""
+
 from __future__ import annotations
 
 import json
@@ -20,14 +21,31 @@ from fedq.common.store.tiers import whole_history
 from fedq.coordinator.ops.status import collect
 from tests.support import AMQP_URL, REDIS_URL, ROOT, connection_flags, wait_until
 
-
-TRAINING = ["--task", "digits", "--task-params", json.dumps({"num_partitions": 3}), "--local-epochs", "2",
-            "--learning-rate", "0.1", "--batch-size", "16"]
+TRAINING = [
+    "--task",
+    "digits",
+    "--task-params",
+    json.dumps({"num_partitions": 3}),
+    "--local-epochs",
+    "2",
+    "--learning-rate",
+    "0.1",
+    "--batch-size",
+    "16",
+]
 
 
 def start_worker(processes, job, index: int, *extra: str):
-    return processes.start(f"worker-{index}", "worker", *connection_flags(job), "--worker-id", f"w{index}",
-                           "--partition", str(index), *extra)
+    return processes.start(
+        f"worker-{index}",
+        "worker",
+        *connection_flags(job),
+        "--worker-id",
+        f"w{index}",
+        "--partition",
+        str(index),
+        *extra,
+    )
 
 
 def task_consumers(report: dict) -> int:
@@ -39,46 +57,67 @@ def live_worker_ids(report: dict) -> set[str]:
 
 
 def test_status_and_monitor_follow_workers_joining_and_leaving(processes, job, store, tmp_path):
-    coordinator = processes.start("coordinator", "coordinator", *connection_flags(job), *TRAINING,
-                                  "--concurrency", "2", "--max-versions", "60")
+    coordinator = processes.start(
+        "coordinator", "coordinator", *connection_flags(job), *TRAINING, "--concurrency", "2", "--max-versions", "60"
+    )
     report = lambda: collect(AMQP_URL, REDIS_URL, job, store)  # noqa: E731
     wait_until(lambda: task_consumers(report()) is not None, 60, "the coordinator did not declare its queues")
     assert task_consumers(report()) == 0 and live_worker_ids(report()) == set()
 
     first = start_worker(processes, job, 0)
-    wait_until(lambda: live_worker_ids(report()) == {"w0"} and task_consumers(report()) == 1, 60,
-               "status did not show the first worker")
+    wait_until(
+        lambda: live_worker_ids(report()) == {"w0"} and task_consumers(report()) == 1,
+        60,
+        "status did not show the first worker",
+    )
     start_worker(processes, job, 1)
-    wait_until(lambda: live_worker_ids(report()) == {"w0", "w1"} and task_consumers(report()) == 2, 60,
-               "status did not show the second worker")
-    frame = subprocess.run([sys.executable, "-m", "fedq.common.cli", "monitor", *connection_flags(job), "--once"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    wait_until(
+        lambda: live_worker_ids(report()) == {"w0", "w1"} and task_consumers(report()) == 2,
+        60,
+        "status did not show the second worker",
+    )
+    frame = subprocess.run(
+        [sys.executable, "-m", "fedq.common.cli", "monitor", *connection_flags(job), "--once"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert frame.returncode == 0, frame.stderr
     assert "w0" in frame.stdout and "w1" in frame.stdout and f"fedq.{job}.tasks" in frame.stdout
     assert re.search(r"workers seen in the last 30 s \(2\)", frame.stdout)
 
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=60) == 0
-    wait_until(lambda: live_worker_ids(report()) == {"w1"} and task_consumers(report()) == 1, 30,
-               "status still showed the stopped worker")
+    wait_until(
+        lambda: live_worker_ids(report()) == {"w1"} and task_consumers(report()) == 1,
+        30,
+        "status still showed the stopped worker",
+    )
     assert coordinator.wait(timeout=180) == 0, processes.log("coordinator")[-3000:]
     assert store.status.load()["reason"] == "max_versions"
 
     output = tmp_path / "report.html"
-    result = subprocess.run([sys.executable, "-m", "fedq.common.cli", "report", *connection_flags(job), "-o", str(output)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "fedq.common.cli", "report", *connection_flags(job), "-o", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     page = output.read_text()
     assert page.count("data:image/png;base64,") == 4
-    section = page[page.find("contribution per worker"):].split("</table>")[0]
+    section = page[page.find("contribution per worker") :].split("</table>")[0]
     applied = sum(1 for entry in whole_history(store) for update in entry.updates if update.worker_id == "w0")
     assert f"<td>w0</td><td>{applied}</td>" in section, section
 
 
 @pytest.mark.parametrize("drain_seconds, outcome", [("60", "finished"), ("0.5", "requeued")])
 def test_sigterm_mid_task_finishes_or_requeues_and_loses_nothing(processes, job, store, drain_seconds, outcome):
-    coordinator = processes.start("coordinator", "coordinator", *connection_flags(job), *TRAINING,
-                                  "--concurrency", "1", "--max-versions", "4")
+    coordinator = processes.start(
+        "coordinator", "coordinator", *connection_flags(job), *TRAINING, "--concurrency", "1", "--max-versions", "4"
+    )
     draining = start_worker(processes, job, 0, "--slowdown", "5", "--drain-seconds", drain_seconds)
     log = processes.wait_for_log("worker-0", "event=task_started", timeout=90)
     task_id = re.search(r"event=task_started worker=\S+ task=(\w+)", log).group(1)
@@ -105,14 +144,25 @@ def _free_port() -> int:
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def test_coordinator_metrics_match_the_history(processes, job, store):
     port = _free_port()
-    processes.start("coordinator", "coordinator", *connection_flags(job), *TRAINING, "--concurrency", "2",
-                    "--metrics-port", str(port))
+    processes.start(
+        "coordinator",
+        "coordinator",
+        *connection_flags(job),
+        *TRAINING,
+        "--concurrency",
+        "2",
+        "--metrics-port",
+        str(port),
+    )
     workers = [start_worker(processes, job, index) for index in range(2)]
     wait_until(lambda: (store.versions.head() or 0) >= 8, 90, "no progress")
     connection = connect(AMQP_URL)
@@ -131,8 +181,10 @@ def test_coordinator_metrics_match_the_history(processes, job, store):
         """The metrics of the last commit, once they have caught up with the history."""
         head = store.versions.head()
         samples = scrape(port)
-        caught_up = (samples.get(("fedq_versions_committed_total", label)) == head
-                     and samples.get(("fedq_head_version", label)) == head)
+        caught_up = (
+            samples.get(("fedq_versions_committed_total", label)) == head
+            and samples.get(("fedq_head_version", label)) == head
+        )
         return (samples, head) if caught_up and store.versions.head() == head else None
 
     samples, head = wait_until(settled, 60, "the coordinator's metrics never caught up with its history")

@@ -4,6 +4,7 @@ Each server starts once for the session (fixtures ``secure_rabbitmq`` and ``secu
 of tests/integration/conftest.py, which test_tls and test_identities use too); the shared servers
 are never touched.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -36,6 +37,7 @@ def refused(host: str, port: int) -> bool:
 
 # -- PKI --------------------------------------------------------------------------------------------
 
+
 def test_pki_writes_private_keys_and_the_right_names(pki):
     cert_path, key_path = pki.client("worker-7")
     for key in (pki.ca_key, pki.server_key, key_path, pki.wrong_ca_key, pki.wrong_client()[1]):
@@ -47,12 +49,14 @@ def test_pki_writes_private_keys_and_the_right_names(pki):
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in sans.get_values_for_type(x509.DNSName)
     ips = sans.get_values_for_type(x509.IPAddress)
-    assert {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"), ipaddress.ip_address("10.200.0.1")} \
-        <= set(ips)
+    assert {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"), ipaddress.ip_address("10.200.0.1")} <= set(
+        ips
+    )
     assert pki.client("worker-7") == (cert_path, key_path)  # made once
 
 
 # -- RabbitMQ ---------------------------------------------------------------------------------------
+
 
 def test_amqps_with_the_ca_and_a_client_certificate_works(secure_rabbitmq):
     connection = pika.BlockingConnection(secure_rabbitmq.pika_parameters(client="worker-1"))
@@ -146,6 +150,7 @@ def test_rabbitmqctl_talks_to_the_private_node_only(secure_rabbitmq):
 
 
 # -- Redis ------------------------------------------------------------------------------------------
+
 
 def test_redis_over_tls_with_a_client_certificate_works(secure_redis):
     assert secure_redis.url().startswith(f"rediss://admin:{secure_redis.admin.password}@")

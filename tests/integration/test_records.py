@@ -1,4 +1,5 @@
 """The history as the record: replay, show, export, rollback, and both tiers (real Redis)."""
+
 from __future__ import annotations
 
 import json
@@ -12,14 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from fedq.common.records import AppliedUpdate
-from fedq.common.wire import codec
 from fedq.common.tasks import load_task
+from fedq.common.wire import codec
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
+from fedq.coordinator.algorithms.step import build_aggregator, build_optimizer, config_digest, server_step
 from fedq.coordinator.ops.replay import replay
 from fedq.coordinator.service.settings import CoordinatorSettings
-from fedq.coordinator.algorithms.step import build_aggregator, build_optimizer, config_digest, server_step
 from tests.support import REDIS_URL, ROOT, fedq_side_by_side, publish_job
-
 
 TASK = "linear"
 
@@ -27,8 +27,15 @@ TASK = "linear"
 def build_history(store, versions: int, algorithm: str = "fedbuff", optimizer: str = "adam", seed: int = 0):
     """Commit ``versions`` versions the way the coordinator does, from random updates."""
     rng = np.random.default_rng(seed)
-    settings = CoordinatorSettings(job=store.job, amqp_url="", redis_url="", algorithm=algorithm, buffer_size=2,
-                                   server_optimizer=optimizer, server_lr=0.01)
+    settings = CoordinatorSettings(
+        job=store.job,
+        amqp_url="",
+        redis_url="",
+        algorithm=algorithm,
+        buffer_size=2,
+        server_optimizer=optimizer,
+        server_lr=0.01,
+    )
     config = settings.aggregation_config()
     aggregator, server_optimizer = build_aggregator(config), build_optimizer(config)
     publish_job(store, TASK, commit=False)
@@ -45,21 +52,39 @@ def build_history(store, versions: int, algorithm: str = "fedbuff", optimizer: s
             update = BufferedUpdate(task_id, "w", base, head - base, int(rng.integers(10, 100)), delta)
             updates.append(update)
             blobs[store.blobs.key(task_id, "w")] = payload
-        weights, state, update_weights = server_step(aggregator, server_optimizer, weights, state, updates,
-                                                     store.versions.load_weights)
+        weights, state, update_weights = server_step(
+            aggregator, server_optimizer, weights, state, updates, store.versions.load_weights
+        )
         for update, weight in zip(updates, update_weights):
-            applied.append(AppliedUpdate(task_id=update.task_id, worker_id="w", base_version=update.base_version,
-                                         staleness=update.staleness, weight=weight, num_examples=update.num_examples,
-                                         digest=codec.digest(blobs[store.blobs.key(update.task_id, "w")]),
-                                         blob_key=store.blobs.key(update.task_id, "w")))
-        head = store.versions.commit(head, weights, applied, update_blobs=blobs, optimizer_state=state,
-                                     metrics={"r2": 0.5}, config=config, config_digest=config_digest(config))
+            applied.append(
+                AppliedUpdate(
+                    task_id=update.task_id,
+                    worker_id="w",
+                    base_version=update.base_version,
+                    staleness=update.staleness,
+                    weight=weight,
+                    num_examples=update.num_examples,
+                    digest=codec.digest(blobs[store.blobs.key(update.task_id, "w")]),
+                    blob_key=store.blobs.key(update.task_id, "w"),
+                )
+            )
+        head = store.versions.commit(
+            head,
+            weights,
+            applied,
+            update_blobs=blobs,
+            optimizer_state=state,
+            metrics={"r2": 0.5},
+            config=config,
+            config_digest=config_digest(config),
+        )
     return head
 
 
 def fedq(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize("algorithm, optimizer", [("fedbuff", "adam"), ("fedasync", "sgd"), ("fedbuff", "yogi")])
@@ -103,8 +128,12 @@ def test_show_history_and_export_commands(store, job, tmp_path):
     output = tmp_path / "model.safetensors"
     flags = ["--job", job, "--redis-url", REDIS_URL]
     listing, as_json, shown, exported, missing = fedq_side_by_side(  # none of them writes to the job
-        ["history", *flags], ["history", *flags, "--json"], ["show", *flags, "3"],
-        ["export", *flags, "3", "-o", str(output)], ["show", *flags, "99"])
+        ["history", *flags],
+        ["history", *flags, "--json"],
+        ["show", *flags, "3"],
+        ["export", *flags, "3", "-o", str(output)],
+        ["show", *flags, "99"],
+    )
     assert listing.returncode == 0, listing.stderr
     assert f"Redis memory of job '{job}'" in listing.stdout
     assert len([line for line in listing.stdout.splitlines() if line.strip()[:1].isdigit()]) == head + 1
@@ -136,8 +165,19 @@ def test_rollback_is_a_new_version_and_replays(store, job):
 def test_history_commands_read_both_tiers_after_fedq_archive(store, job, tmp_path):
     head = build_history(store, 14)
     archive = str(tmp_path / "archive")
-    moved = fedq("archive", "--job", job, "--redis-url", REDIS_URL, "--archive", archive, "--hot-versions", "3",
-                 "--checkpoint-every", "5")
+    moved = fedq(
+        "archive",
+        "--job",
+        job,
+        "--redis-url",
+        REDIS_URL,
+        "--archive",
+        archive,
+        "--hot-versions",
+        "3",
+        "--checkpoint-every",
+        "5",
+    )
     assert moved.returncode == 0, moved.stderr
     assert f"archive holds versions 0..{head}; {head + 1 - 3} version(s) left Redis" in moved.stdout
     for version in range(head + 1):
@@ -149,14 +189,18 @@ def test_history_commands_read_both_tiers_after_fedq_archive(store, job, tmp_pat
     store.status.record_archive(archive, 3, 5)
     flags = ["--job", job, "--redis-url", REDIS_URL]
     replayed, shown, listed, exported = fedq_side_by_side(  # none of them writes to the job
-        ["replay", *flags], ["show", *flags, "--json", "3"], ["history", *flags, "--json"],
-        ["export", *flags, "7", "-o", str(tmp_path / "v7.safetensors")])
+        ["replay", *flags],
+        ["show", *flags, "--json", "3"],
+        ["history", *flags, "--json"],
+        ["export", *flags, "7", "-o", str(tmp_path / "v7.safetensors")],
+    )
     assert replayed.returncode == 0 and f"all {head} verified bit for bit" in replayed.stdout, replayed.stderr
     assert shown.returncode == 0 and len(json.loads(shown.stdout)["updates"]) == 2
     assert [json.loads(line)["version"] for line in listed.stdout.splitlines()] == list(range(head + 1))
     assert exported.returncode == 0, exported.stderr  # 7 is no checkpoint: recomputed from 5
-    digest = codec.weights_digest({name: tensor.numpy() for name, tensor in
-                                   load_file(str(tmp_path / "v7.safetensors")).items()})
+    digest = codec.weights_digest(
+        {name: tensor.numpy() for name, tensor in load_file(str(tmp_path / "v7.safetensors")).items()}
+    )
     from fedq.common.store.tiers import TieredHistory, open_job_archive
 
     assert digest == TieredHistory(store, open_job_archive(store)).meta(7).digest

@@ -1,4 +1,5 @@
 """The private S3 server of tests/s3_server.py serves fsspec, by storage options and by environment alone."""
+
 from __future__ import annotations
 
 import hashlib
@@ -47,7 +48,9 @@ def test_storage_options_write_range_read_list_delete(s3_archive_server):  # noq
     fs.pipe_file(f"{server.bucket}/direct/rounds/round-000002.bin", b"second")
     fs.invalidate_cache()
     assert fs.ls(f"{server.bucket}/direct/rounds", detail=False) == [
-        f"{server.bucket}/direct/rounds/round-000001.bin", f"{server.bucket}/direct/rounds/round-000002.bin"]
+        f"{server.bucket}/direct/rounds/round-000001.bin",
+        f"{server.bucket}/direct/rounds/round-000002.bin",
+    ]
     assert fs.find(server.url("direct")) == fs.ls(f"{server.bucket}/direct/rounds", detail=False)
 
     fs.rm(path)
@@ -84,8 +87,14 @@ def test_a_child_process_reaches_it_through_the_environment_alone(s3_archive_ser
     server = s3_archive_server
     data = payload()
     url = server.url("child/archive.bin")
-    result = subprocess.run([sys.executable, "-c", CHILD, url], input=data, capture_output=True,
-                            env=server.child_environment(PYTHONPATH=str(ROOT)), cwd=tmp_path, timeout=90)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, url],
+        input=data,
+        capture_output=True,
+        env=server.child_environment(PYTHONPATH=str(ROOT)),
+        cwd=tmp_path,
+        timeout=90,
+    )
     assert result.returncode == 0, result.stderr.decode(errors="replace")[-4000:]
     report = json.loads(result.stdout)
     assert report["endpoint"] == server.endpoint_url
@@ -104,7 +113,9 @@ def test_a_child_process_reaches_it_through_the_environment_alone(s3_archive_ser
 def test_the_environment_names_what_plain_fsspec_needs(s3_archive_server):  # noqa: F811
     server = s3_archive_server
     assert set(server.env) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"}
-    assert server.env["AWS_ENDPOINT_URL"] == server.endpoint_url == server.storage_options["client_kwargs"]["endpoint_url"]
+    assert (
+        server.env["AWS_ENDPOINT_URL"] == server.endpoint_url == server.storage_options["client_kwargs"]["endpoint_url"]
+    )
     assert server.url("a/b") == f"s3://{server.bucket}/a/b"
     assert server.endpoint_url.startswith("http://127.0.0.1:")
     child = server.child_environment()

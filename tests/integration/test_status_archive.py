@@ -1,6 +1,7 @@
 """What `fedq status` and `fedq monitor` say about a job's history in two tiers (real Redis):
 its Redis memory against the budget the coordinator recorded, the archive's size and how far it
 trails the head, and a WARNING line for each that needs attention."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ HOT_VERSIONS, CHECKPOINT_EVERY, BUDGET_MB = 3, 5, 1
 
 
 def fedq(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def commit_versions(store, count: int) -> int:
@@ -52,8 +54,9 @@ def test_status_shows_memory_against_budget_archive_size_and_lag(store, job, tmp
     before = status_json(job)
     assert before["archive"]["url"] == str(archive) and before["archive"]["bytes"] == 0
     assert before["archive"]["archived_through"] is None and before["archive"]["lag_versions"] == head + 1
-    assert any("versions behind the head" in warning and "archiver stuck" in warning
-               for warning in before["warnings"]), before["warnings"]
+    assert any(
+        "versions behind the head" in warning and "archiver stuck" in warning for warning in before["warnings"]
+    ), before["warnings"]
 
     moved = fedq("archive", "--job", job, "--redis-url", REDIS_URL, "--archive", str(archive))
     assert moved.returncode == 0, moved.stderr
@@ -68,8 +71,9 @@ def test_status_shows_memory_against_budget_archive_size_and_lag(store, job, tmp
     assert report["archive"]["bytes"] == sum(path.stat().st_size for path in (archive / job).iterdir())
     assert report["archive"]["archived_through"] == head and report["archive"]["lag_versions"] == 0
     assert report["archive"]["pruned_through"] == head - HOT_VERSIONS
-    assert len(report["warnings"]) == 1 and "Redis memory" in report["warnings"][0] \
-        and "budget" in report["warnings"][0], report["warnings"]
+    assert (
+        len(report["warnings"]) == 1 and "Redis memory" in report["warnings"][0] and "budget" in report["warnings"][0]
+    ), report["warnings"]
     # What `status` reported before the archive, still there (`fedq jobs` and scripts read them).
     assert report["head"] == head and report["metrics"] == {"loss": pytest.approx(1.0 / VERSIONS)}
     assert {"queues", "workers", "progress", "in_flight", "state"} <= set(report)
@@ -77,10 +81,14 @@ def test_status_shows_memory_against_budget_archive_size_and_lag(store, job, tmp
     text = fedq("status", *connection_flags(job))
     assert text.returncode == 0, text.stderr
     used_percent = round(100 * report["redis_memory_bytes"] / 2**20)
-    assert f"Redis memory {report['redis_memory_bytes'] / 2**20:.1f} MiB of a 1.0 MiB budget ({used_percent} %)" \
-        in text.stdout, text.stdout
-    assert f"archive {archive}: " in text.stdout and f"holds versions 0..{head}, 0 version(s) behind the head" \
-        in text.stdout, text.stdout
+    assert (
+        f"Redis memory {report['redis_memory_bytes'] / 2**20:.1f} MiB of a 1.0 MiB budget ({used_percent} %)"
+        in text.stdout
+    ), text.stdout
+    assert (
+        f"archive {archive}: " in text.stdout
+        and f"holds versions 0..{head}, 0 version(s) behind the head" in text.stdout
+    ), text.stdout
     warnings = [line.strip() for line in text.stdout.splitlines() if line.strip().startswith("WARNING:")]
     assert len(warnings) == 1 and "above 80%" in warnings[0] and "--redis-budget-mb" in warnings[0], text.stdout
 
@@ -105,8 +113,9 @@ def test_an_unreadable_archive_is_a_warning_not_a_traceback(store, job):
     store.status.record_archive("nosuchprotocol://bucket/prefix", HOT_VERSIONS, CHECKPOINT_EVERY, 2048)
     report = status_json(job)
     assert report["archive"]["bytes"] is None
-    assert any(warning.startswith("cannot read the archive nosuchprotocol://bucket/prefix")
-               for warning in report["warnings"]), report["warnings"]
+    assert any(
+        warning.startswith("cannot read the archive nosuchprotocol://bucket/prefix") for warning in report["warnings"]
+    ), report["warnings"]
     text = fedq("status", *connection_flags(job))
     assert text.returncode == 0 and "WARNING: cannot read the archive" in text.stdout, text.stdout + text.stderr
 

@@ -3,6 +3,7 @@ API (https://) verify the server against --tls-ca and present --tls-cert/--tls-k
 private servers that accept nothing else (tests/private_servers.py); the shared servers are
 never touched.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,12 +23,12 @@ pytestmark = pytest.mark.timeout(900)
 
 
 def fedq(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedq.common.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
-def test_connections_verify_the_server_and_present_the_client_certificate(tls_flags, secure_rabbitmq,
-                                                                          secure_redis):
+def test_connections_verify_the_server_and_present_the_client_certificate(tls_flags, secure_rabbitmq, secure_redis):
     from fedq.broker.connection import connect
     from fedq.common.store import connect_redis
 
@@ -71,17 +72,41 @@ def test_without_a_client_certificate_the_broker_refuses(pki, secure_rabbitmq):
 
 
 def test_a_federation_trains_over_tls_and_status_reads_the_management_api_over_https(
-        tls_flags, secure_rabbitmq, secure_redis, tmp_path):
+    tls_flags, secure_rabbitmq, secure_redis, tmp_path
+):
     job = f"tls-{uuid.uuid4().hex[:6]}"
-    connection = ["--job", job, "--amqp-url", secure_rabbitmq.amqps_url(), "--redis-url", secure_redis.url(),
-                  *tls_flags]
+    connection = [
+        "--job",
+        job,
+        "--amqp-url",
+        secure_rabbitmq.amqps_url(),
+        "--redis-url",
+        secure_redis.url(),
+        *tls_flags,
+    ]
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("coordinator", "worker")}
-    worker = subprocess.Popen([sys.executable, "-m", "fedq.common.cli", "worker", *connection, "--worker-id", "w0",
-                               "--partition", "0"], cwd=ROOT, stdout=logs["worker"], stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "fedq.common.cli", "worker", *connection, "--worker-id", "w0", "--partition", "0"],
+        cwd=ROOT,
+        stdout=logs["worker"],
+        stderr=subprocess.STDOUT,
+    )
     try:
-        coordinator = fedq("coordinator", *connection, "--task", "digits", "--task-params",
-                           json.dumps({"num_partitions": 1}), "--local-epochs", "1", "--max-versions", "3",
-                           "--max-seconds", "240", timeout=400)
+        coordinator = fedq(
+            "coordinator",
+            *connection,
+            "--task",
+            "digits",
+            "--task-params",
+            json.dumps({"num_partitions": 1}),
+            "--local-epochs",
+            "1",
+            "--max-versions",
+            "3",
+            "--max-seconds",
+            "240",
+            timeout=400,
+        )
         assert coordinator.returncode == 0, coordinator.stdout[-3000:] + coordinator.stderr[-3000:]
         status = fedq("status", *connection, "--management-url", secure_rabbitmq.management_url, "--json")
         assert status.returncode == 0, status.stderr[-3000:]

@@ -1,5 +1,6 @@
 """Adaptive staleness: slow workers count as much as their data, very stale steps are damped,
 and an update is judged against its own worker's measured speed."""
+
 from __future__ import annotations
 
 import itertools
@@ -25,26 +26,41 @@ from tests.unit.test_coordinator_loop import DEADLINE, answer, delta_like, start
 TOPOLOGY = Topology("unit")
 
 
-def update(worker: str, staleness: int, expected: float | None, share: float | None = 0.25,
-           examples: int = 100) -> BufferedUpdate:
+def update(
+    worker: str, staleness: int, expected: float | None, share: float | None = 0.25, examples: int = 100
+) -> BufferedUpdate:
     # One task at a time per worker: the versions between its updates are those its task spans.
-    return BufferedUpdate(task_id=f"{worker}-{staleness}", worker_id=worker, base_version=0, staleness=staleness,
-                          num_examples=examples, delta={}, expected_staleness=expected, data_share=share,
-                          update_interval=expected)
+    return BufferedUpdate(
+        task_id=f"{worker}-{staleness}",
+        worker_id=worker,
+        base_version=0,
+        staleness=staleness,
+        num_examples=examples,
+        delta={},
+        expected_staleness=expected,
+        data_share=share,
+        update_interval=expected,
+    )
 
 
 def influence(aggregator, round_trips: dict[str, float], examples: dict[str, int], seconds: float = 4000.0):
     """Each worker's share of the summed update weights over a simulated run: worker i sends an
     update every round_trips[i] seconds, a version commits every buffer_size arrivals."""
-    arrivals = sorted((time, worker) for worker, trip in round_trips.items()
-                      for time in np.arange(trip, seconds, trip))
+    arrivals = sorted((time, worker) for worker, trip in round_trips.items() for time in np.arange(trip, seconds, trip))
     rate = sum(1 / trip for trip in round_trips.values()) / aggregator.buffer_size  # versions per second
     total_examples = sum(examples.values())
     totals = dict.fromkeys(round_trips, 0.0)
     for start_index in range(0, len(arrivals) - aggregator.buffer_size + 1, aggregator.buffer_size):
-        batch = [update(worker, staleness=round(rate * round_trips[worker]), expected=rate * round_trips[worker],
-                        share=examples[worker] / total_examples, examples=examples[worker])
-                 for _, worker in arrivals[start_index:start_index + aggregator.buffer_size]]
+        batch = [
+            update(
+                worker,
+                staleness=round(rate * round_trips[worker]),
+                expected=rate * round_trips[worker],
+                share=examples[worker] / total_examples,
+                examples=examples[worker],
+            )
+            for _, worker in arrivals[start_index : start_index + aggregator.buffer_size]
+        ]
         for item, weight in zip(batch, aggregator.weights(batch)):
             totals[item.worker_id] += weight
     total = sum(totals.values())
@@ -99,18 +115,31 @@ def test_an_update_far_staler_than_its_workers_norm_damps_the_whole_step():
 
 
 def test_the_weights_follow_from_the_recorded_config_and_updates_alone():
-    config = CoordinatorSettings(job="j", amqp_url="", redis_url="", algorithm="fedbuff",
-                                 staleness_bound="adaptive").aggregation_config()
+    config = CoordinatorSettings(
+        job="j", amqp_url="", redis_url="", algorithm="fedbuff", staleness_bound="adaptive"
+    ).aggregation_config()
     buffer = [update("slow", 9, 8.0, 0.1), update("fast", 1, 1.2, 0.3), update("fast", 3, 1.2, 0.3)]
     weights = build_aggregator(config).weights(buffer)
-    record = AppliedUpdate(task_id="t", worker_id="slow", base_version=0, staleness=9, weight=weights[0],
-                           num_examples=50, digest="d", blob_key="k", expected_staleness=8.0, data_share=0.1)
-    stored = VersionRecord.from_json(VersionRecord(version=1, parent=0, digest="x", created=0.0,
-                                                   updates=(record,)).entry_json())
+    record = AppliedUpdate(
+        task_id="t",
+        worker_id="slow",
+        base_version=0,
+        staleness=9,
+        weight=weights[0],
+        num_examples=50,
+        digest="d",
+        blob_key="k",
+        expected_staleness=8.0,
+        data_share=0.1,
+    )
+    stored = VersionRecord.from_json(
+        VersionRecord(version=1, parent=0, digest="x", created=0.0, updates=(record,)).entry_json()
+    )
     assert (stored.updates[0].expected_staleness, stored.updates[0].data_share) == (8.0, 0.1)  # replay reads them
     assert build_aggregator(config).weights(buffer) == weights
-    fixed = CoordinatorSettings(job="j", amqp_url="", redis_url="", algorithm="fedbuff",
-                                staleness_bound="fixed").aggregation_config()
+    fixed = CoordinatorSettings(
+        job="j", amqp_url="", redis_url="", algorithm="fedbuff", staleness_bound="fixed"
+    ).aggregation_config()
     assert build_aggregator(fixed).weights(buffer) != weights
 
 
@@ -142,8 +171,10 @@ def test_the_fleet_predicts_staleness_from_the_version_rate_and_each_workers_rou
     assert fleet.update_interval("fast") is None  # one arrival: no interval yet
     fleet.arrived("fast", issued_at=1000.0, examples=100, now=1001.5)  # a second task, queued behind the first
     assert fleet.update_interval("fast") == pytest.approx(2.0 * 0.5)  # 0.5 s apart: one version, not its round trip
-    applied = [AppliedUpdate("t1", "fast", 0, 2, 0.25, 100, "d", "k"), AppliedUpdate("t2", "slow", 0, 20, 0.75, 300,
-                                                                                       "d", "k")]
+    applied = [
+        AppliedUpdate("t1", "fast", 0, 2, 0.25, 100, "d", "k"),
+        AppliedUpdate("t2", "slow", 0, 20, 0.75, 300, "d", "k"),
+    ]
     fleet.committed(applied, now=1011.0)
     fleet.rejected("fast", "too_stale", now=1011.0)
     shares = {row["worker_id"]: row for row in contribution(store.fleet.load())}
@@ -153,13 +184,17 @@ def test_the_fleet_predicts_staleness_from_the_version_rate_and_each_workers_rou
 
 
 def test_warnings_name_a_worker_whose_updates_keep_being_refused_or_that_contributed_nothing():
-    records = {"refused": WorkerRecord("refused", rejected={"too_stale": 4}, rejected_streak=4, first_seen=0.0),
-               "quiet": WorkerRecord("quiet", first_seen=0.0, applied=3, last_applied=10.0),
-               "fine": WorkerRecord("fine", first_seen=0.0, applied=9, last_applied=990.0),
-               "left": WorkerRecord("left", rejected_streak=9, first_seen=0.0)}
+    records = {
+        "refused": WorkerRecord("refused", rejected={"too_stale": 4}, rejected_streak=4, first_seen=0.0),
+        "quiet": WorkerRecord("quiet", first_seen=0.0, applied=3, last_applied=10.0),
+        "fine": WorkerRecord("fine", first_seen=0.0, applied=9, last_applied=990.0),
+        "left": WorkerRecord("left", rejected_streak=9, first_seen=0.0),
+    }
     warnings = contribution_warnings(records, live=["refused", "quiet", "fine"], now=1000.0)
-    assert warnings == ["worker quiet: none of its updates was applied in the last 990 s",
-                        "worker refused: its last 4 updates were rejected (too_stale 4); it contributes nothing"]
+    assert warnings == [
+        "worker quiet: none of its updates was applied in the last 990 s",
+        "worker refused: its last 4 updates were rejected (too_stale 4); it contributes nothing",
+    ]
 
 
 @pytest.mark.parametrize("bound, applied", [("fixed", False), ("adaptive", True)])
@@ -186,9 +221,11 @@ def test_a_slow_workers_first_update_past_the_fixed_cut_is_applied_only_when_ada
 def test_the_report_sets_each_workers_share_of_updates_and_weight_against_its_data():
     from fedq.coordinator.ops.report import _contribution_html, contribution_rows
 
-    applied = [AppliedUpdate("t1", "fast", 0, 1, 0.2, 100, "d", "k"),
-               AppliedUpdate("t2", "fast", 0, 1, 0.2, 100, "d", "k"),
-               AppliedUpdate("t3", "slow", 0, 9, 0.6, 300, "d", "k")]
+    applied = [
+        AppliedUpdate("t1", "fast", 0, 1, 0.2, 100, "d", "k"),
+        AppliedUpdate("t2", "fast", 0, 1, 0.2, 100, "d", "k"),
+        AppliedUpdate("t3", "slow", 0, 9, 0.6, 300, "d", "k"),
+    ]
     history = [VersionRecord(version=1, parent=0, digest="x", created=0.0, updates=tuple(applied))]
     fleet = {"slow": WorkerRecord("slow", rejected={"too_stale": 2}, round_trip_s=4.0), "gone": WorkerRecord("gone")}
     rows = {row["worker"]: row for row in contribution_rows(history, fleet)}

@@ -19,6 +19,7 @@ relative check where terms cancel, where relative error is meaningless). The 1e-
 only covers float32 subnormal underflow (values are in [-10, 10], so any real error is
 orders of magnitude larger).
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,8 +45,14 @@ def f32(values) -> np.ndarray:
 
 
 def update(delta, staleness=0, base_version=0, num_examples=1, task_id="t") -> BufferedUpdate:
-    return BufferedUpdate(task_id=task_id, worker_id="w", base_version=base_version, staleness=staleness,
-                          num_examples=num_examples, delta=delta)
+    return BufferedUpdate(
+        task_id=task_id,
+        worker_id="w",
+        base_version=base_version,
+        staleness=staleness,
+        num_examples=num_examples,
+        delta=delta,
+    )
 
 
 def assert_close(got: np.ndarray, ref: np.ndarray, magnitude: np.ndarray) -> None:
@@ -66,8 +73,9 @@ def test_fedasync_constant_staleness_hand_example():
     aggregator = FedAsync(mixing_rate=0.5, staleness=Constant())
     current = {"w": f32([1.0, 2.0])}
     # the worker started from version 0 = [0, 0] and trained to [2, 4]
-    step = aggregator.step(current, [update({"w": f32([2.0, 4.0])}, base_version=0)],
-                           {0: {"w": f32([0.0, 0.0])}}.__getitem__)
+    step = aggregator.step(
+        current, [update({"w": f32([2.0, 4.0])}, base_version=0)], {0: {"w": f32([0.0, 0.0])}}.__getitem__
+    )
     # 0.5 * ([2, 4] - [1, 2]) = [0.5, 1]; new model (1 - 0.5) [1, 2] + 0.5 [2, 4] = [1.5, 3]
     np.testing.assert_array_equal(step["w"], f32([0.5, 1.0]))
     np.testing.assert_array_equal(current["w"] + step["w"], f32([1.5, 3.0]))
@@ -186,8 +194,7 @@ def test_fedbuff_does_not_mutate_inputs():
     current = {"w": f32([1.0, 2.0])}
     deltas = [{"w": f32([0.5, 0.5])}, {"w": f32([-1.0, 4.0])}]
     snapshot = copy.deepcopy((current, deltas))
-    aggregator.step(current, [update(deltas[0], 1, num_examples=2), update(deltas[1], 0, num_examples=5)],
-                    never_called)
+    aggregator.step(current, [update(deltas[0], 1, num_examples=2), update(deltas[1], 0, num_examples=5)], never_called)
     np.testing.assert_array_equal(snapshot[0]["w"], current["w"])
     for before, after in zip(snapshot[1], deltas):
         np.testing.assert_array_equal(before["w"], after["w"])
@@ -249,15 +256,19 @@ staleness_functions = st.one_of(
     st.builds(Hinge, a=rates, b=st.floats(min_value=0.0, max_value=10.0)),
     st.builds(Exponential, a=rates),
     # 0, or a weight a person would choose: a subnormal value (5e-324) underflows the reference's own sum.
-    st.builds(Cutoff, limit=st.floats(min_value=0.0, max_value=10.0),
-              value=st.one_of(st.just(0.0), st.floats(min_value=1e-6, max_value=1.0))),
+    st.builds(
+        Cutoff,
+        limit=st.floats(min_value=0.0, max_value=10.0),
+        value=st.one_of(st.just(0.0), st.floats(min_value=1e-6, max_value=1.0)),
+    ),
 )
 shape_lists = st.lists(hnp.array_shapes(min_dims=1, max_dims=2, max_side=4), min_size=1, max_size=3)
 
 
 def arrays_like(shapes):
-    return st.fixed_dictionaries({f"t{i}": hnp.arrays(np.float32, shape, elements=values)
-                                  for i, shape in enumerate(shapes)})
+    return st.fixed_dictionaries(
+        {f"t{i}": hnp.arrays(np.float32, shape, elements=values) for i, shape in enumerate(shapes)}
+    )
 
 
 @st.composite
@@ -310,17 +321,21 @@ def fedbuff_cases(draw):
 def test_fedbuff_matches_paper_reference(case):
     current, deltas, staleness, examples, s, example_weighted, renormalise = case
     if renormalise and sum(s(t) for t in staleness) == 0:
-        renormalise = False     # every weight is 0: nothing to renormalise (see the test below)
-    aggregator = FedBuff(buffer_size=len(deltas), staleness=s, example_weighted=example_weighted,
-                         renormalise=renormalise)
-    updates = [update(d, staleness=t, num_examples=n, task_id=f"t{i}")
-               for i, (d, t, n) in enumerate(zip(deltas, staleness, examples))]
+        renormalise = False  # every weight is 0: nothing to renormalise (see the test below)
+    aggregator = FedBuff(
+        buffer_size=len(deltas), staleness=s, example_weighted=example_weighted, renormalise=renormalise
+    )
+    updates = [
+        update(d, staleness=t, num_examples=n, task_id=f"t{i}")
+        for i, (d, t, n) in enumerate(zip(deltas, staleness, examples))
+    ]
     step = aggregator.step(current, updates, never_called)
     new, _ = ServerOptimizer("sgd", 1.0).apply(current, step, {})
     assert step.keys() == current.keys()
     for name in current:
-        ref_step, magnitude = reference_fedbuff_step([d[name] for d in deltas], staleness, examples, s,
-                                                     example_weighted, renormalise)
+        ref_step, magnitude = reference_fedbuff_step(
+            [d[name] for d in deltas], staleness, examples, s, example_weighted, renormalise
+        )
         x = current[name].astype(np.float64)
         assert step[name].dtype == np.float32 and step[name].shape == current[name].shape
         assert_close(step[name], ref_step, magnitude)
@@ -333,13 +348,14 @@ def test_fedbuff_with_fresh_full_buffer_and_example_weights_is_fedavg(case):
     """K = number of updates, tau = 0, example-weighted: the n-weighted average of client models."""
     current, deltas, _, examples, s, _, renormalise = case
     aggregator = FedBuff(buffer_size=len(deltas), staleness=s, example_weighted=True, renormalise=renormalise)
-    updates = [update(d, staleness=0, num_examples=n, task_id=f"t{i}")
-               for i, (d, n) in enumerate(zip(deltas, examples))]
+    updates = [
+        update(d, staleness=0, num_examples=n, task_id=f"t{i}") for i, (d, n) in enumerate(zip(deltas, examples))
+    ]
     new, _ = ServerOptimizer("sgd", 1.0).apply(current, aggregator.step(current, updates, never_called), {})
     total = float(sum(examples))
     for name in current:
         x = current[name].astype(np.float64)
-        clients = [x + d[name].astype(np.float64) for d in deltas]            # x_i = x + delta_i
+        clients = [x + d[name].astype(np.float64) for d in deltas]  # x_i = x + delta_i
         fedavg = sum(n * client for n, client in zip(examples, clients)) / total
         magnitude = np.abs(x) + sum(n * np.abs(d[name].astype(np.float64)) for n, d in zip(examples, deltas)) / total
         assert_close(new[name], fedavg, magnitude)
@@ -350,10 +366,13 @@ def test_fedbuff_with_fresh_full_buffer_and_example_weights_is_fedavg(case):
 def test_fedbuff_uniform_weights_ignore_example_counts(case):
     current, deltas, staleness, examples, s, _, _ = case
     aggregator = FedBuff(buffer_size=len(deltas), staleness=s)
-    updates = [update(d, staleness=t, num_examples=n, task_id=f"t{i}")
-               for i, (d, t, n) in enumerate(zip(deltas, staleness, examples))]
-    relabelled = [update(d, staleness=t, num_examples=1, task_id=f"t{i}")
-                  for i, (d, t) in enumerate(zip(deltas, staleness))]
+    updates = [
+        update(d, staleness=t, num_examples=n, task_id=f"t{i}")
+        for i, (d, t, n) in enumerate(zip(deltas, staleness, examples))
+    ]
+    relabelled = [
+        update(d, staleness=t, num_examples=1, task_id=f"t{i}") for i, (d, t) in enumerate(zip(deltas, staleness))
+    ]
     first = aggregator.step(current, updates, never_called)
     second = aggregator.step(current, relabelled, never_called)
     for name in current:
@@ -389,5 +408,5 @@ def test_aggregators_accept_read_only_inputs():
     step = FedAsync(0.5, Constant()).step(current, [update(delta)], {0: base}.__getitem__)
     np.testing.assert_array_equal(step["w"], f32([0.5, 1.0]))
     step = FedBuff(2, Constant()).step(current, [update(delta), update(read_only(TWO[1]))], never_called)
-    np.testing.assert_array_equal(step["w"], f32([2.5, 1.0]))          # 0.5 [2, 4] + 0.5 [3, -2]
+    np.testing.assert_array_equal(step["w"], f32([2.5, 1.0]))  # 0.5 [2, 4] + 0.5 [3, -2]
     assert step["w"].flags.writeable

@@ -1,4 +1,5 @@
 """Tasks are capabilities and workers choose their own code: signatures, the job description, the worker's plugin."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,9 +25,18 @@ DEADLINE = 60
 
 
 def worker_for(broker, store, **settings) -> tuple[Worker, InBackground]:
-    worker = Worker(WorkerSettings(job=JOB, amqp_url="memory://", redis_url="memory://", worker_id="w0",
-                                   idle_seconds=FAST_POLLING["idle_seconds"], **{"partition": 0} | settings),
-                    store, MemoryTransport(broker))
+    worker = Worker(
+        WorkerSettings(
+            job=JOB,
+            amqp_url="memory://",
+            redis_url="memory://",
+            worker_id="w0",
+            idle_seconds=FAST_POLLING["idle_seconds"],
+            **{"partition": 0} | settings,
+        ),
+        store,
+        MemoryTransport(broker),
+    )
     return worker, InBackground(worker)
 
 
@@ -41,9 +51,11 @@ def dead_reasons(broker) -> list[str]:
 
 def test_the_coordinator_signs_every_task_and_its_description_with_the_jobs_key():
     broker, store = MemoryBroker(), memory_store(JOB)
-    coordinator = Coordinator(CoordinatorSettings(job=JOB, amqp_url="", redis_url="", task="linear", eval_every=0,
-                                                  **FAST_POLLING),
-                              store, MemoryTransport(broker))
+    coordinator = Coordinator(
+        CoordinatorSettings(job=JOB, amqp_url="", redis_url="", task="linear", eval_every=0, **FAST_POLLING),
+        store,
+        MemoryTransport(broker),
+    )
     running = InBackground(coordinator)
     message = broker.get(TOPOLOGY.tasks, timeout=DEADLINE)
     running.stop()
@@ -61,9 +73,12 @@ def test_a_signature_covers_every_field_of_the_task():
     publish_job(store)
     task = signed_task(key, store)
     key.verify_key.verify(task.signed_document(), task.signature)
-    for changed in (dataclasses.replace(task, model_version=5), dataclasses.replace(task, task_id="other"),
-                    dataclasses.replace(task, train=dataclasses.replace(task.train, learning_rate=1000.0)),
-                    dataclasses.replace(task, model_digest="f" * 64)):
+    for changed in (
+        dataclasses.replace(task, model_version=5),
+        dataclasses.replace(task, task_id="other"),
+        dataclasses.replace(task, train=dataclasses.replace(task.train, learning_rate=1000.0)),
+        dataclasses.replace(task, model_digest="f" * 64),
+    ):
         with pytest.raises(SignatureError):
             key.verify_key.verify(changed.signed_document(), changed.signature)
 
@@ -90,8 +105,9 @@ def test_a_worker_that_pins_the_key_trains_nothing_under_a_rewritten_description
     # Someone with write access to Redis republishes the job under a key of their own, and signs tasks with it.
     impostor = SigningKey.generate()
     description = store.status.load_description()
-    store.status.save_description(dataclasses.replace(description, public_key=impostor.verify_key.to_text())
-                                  .signed(impostor))
+    store.status.save_description(
+        dataclasses.replace(description, public_key=impostor.verify_key.to_text()).signed(impostor)
+    )
     forged = signed_task(impostor, store)
     send(broker, forged)
     worker, running = worker_for(broker, store, coordinator_key=pinned, max_tasks=1)
@@ -123,8 +139,16 @@ def test_a_worker_never_imports_a_plugin_named_in_redis():
     store = memory_store(JOB)
     key = SigningKey.generate()
     # Even validly signed (a coordinator started with --task subprocess:run): the worker was not configured so.
-    store.status.save_description(JobDescription(job=JOB, task="subprocess:run", task_params={"args": "id"}, seed=0,
-                                                 tensors={}, public_key=key.verify_key.to_text()).signed(key))
+    store.status.save_description(
+        JobDescription(
+            job=JOB,
+            task="subprocess:run",
+            task_params={"args": "id"},
+            seed=0,
+            tensors={},
+            public_key=key.verify_key.to_text(),
+        ).signed(key)
+    )
     with pytest.raises(JobMismatchError, match="not built into fedq; give this worker that plugin with --task"):
         JobBinder(store).current()
 
@@ -143,8 +167,9 @@ def test_a_worker_configured_for_another_task_or_parameters_is_told_the_flags_th
 def test_a_built_in_task_refuses_parameters_that_would_exhaust_memory():
     store = memory_store(JOB)
     key = SigningKey.generate()
-    description = JobDescription(job=JOB, task="digits", task_params={"hidden": 10**9}, seed=0, tensors={},
-                                 public_key=key.verify_key.to_text())
+    description = JobDescription(
+        job=JOB, task="digits", task_params={"hidden": 10**9}, seed=0, tensors={}, public_key=key.verify_key.to_text()
+    )
     store.status.save_description(description.signed(key))
     with pytest.raises(Exception, match="hidden must be an integer from 1 to 65536"):
         JobBinder(store).current()

@@ -1,4 +1,5 @@
 """Tensor codec: safetensors round trips, determinism, garbage rejection, tensor specs."""
+
 from __future__ import annotations
 
 import json
@@ -11,27 +12,37 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedq.common.wire import codec
-from fedq.common.wire.codec import (RESERVED_NAME, CodecError, decode, digest, encode, num_parameters, tensor_specs,
-                                    weights_digest)
+from fedq.common.wire.codec import (
+    RESERVED_NAME,
+    CodecError,
+    decode,
+    digest,
+    encode,
+    num_parameters,
+    tensor_specs,
+    weights_digest,
+)
 
 FAST = settings(max_examples=100, deadline=None, database=None)
 LIGHT = settings(max_examples=40, deadline=None, database=None)
 
 DTYPES = [np.float32, np.float16, np.int64]
 names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz._0123456789", min_size=1, max_size=12).filter(
-    lambda name: name != RESERVED_NAME)
+    lambda name: name != RESERVED_NAME
+)
 
 
 def tensors(min_dims=1):
     # min_dims=1: zero-dimensional arrays are covered separately (see the xfail below)
     array = st.sampled_from(DTYPES).flatmap(
-        lambda dtype: hnp.arrays(dtype, hnp.array_shapes(min_dims=min_dims, max_dims=3, min_side=0, max_side=4)))
+        lambda dtype: hnp.arrays(dtype, hnp.array_shapes(min_dims=min_dims, max_dims=3, min_side=0, max_side=4))
+    )
     return st.dictionaries(names, array, max_size=4)
 
 
 def header(payload: bytes) -> dict:
     length = struct.unpack("<Q", payload[:8])[0]
-    return json.loads(payload[8:8 + length])
+    return json.loads(payload[8 : 8 + length])
 
 
 def raw_safetensors(entries: dict, data: bytes) -> bytes:
@@ -131,18 +142,21 @@ def test_digest_is_sha256_hex():
 # -- garbage -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("payload", [
-    b"",
-    b"abc",
-    b"\x00" * 8,                                              # header length 0
-    struct.pack("<Q", 2 ** 63) + b"{}",                       # absurd header length
-    struct.pack("<Q", 100) + b"{}",                           # header longer than the payload
-    struct.pack("<Q", 4) + b"nope",                           # header not JSON
-    raw_safetensors({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\x00" * 8),  # truncated
-    raw_safetensors({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, b"\x00" * 16),  # size mismatch
-    raw_safetensors({"x": {"dtype": "WAT", "shape": [1], "data_offsets": [0, 4]}}, b"\x00" * 4),
-    b"\x80\x04\x95" + b"pickle-looking bytes",
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"abc",
+        b"\x00" * 8,  # header length 0
+        struct.pack("<Q", 2**63) + b"{}",  # absurd header length
+        struct.pack("<Q", 100) + b"{}",  # header longer than the payload
+        struct.pack("<Q", 4) + b"nope",  # header not JSON
+        raw_safetensors({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\x00" * 8),  # truncated
+        raw_safetensors({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, b"\x00" * 16),  # size mismatch
+        raw_safetensors({"x": {"dtype": "WAT", "shape": [1], "data_offsets": [0, 4]}}, b"\x00" * 4),
+        b"\x80\x04\x95" + b"pickle-looking bytes",
+    ],
+)
 def test_decode_of_garbage_raises_codec_error(payload):
     with pytest.raises(CodecError):
         decode(payload)
@@ -186,8 +200,11 @@ def test_decode_of_dtype_numpy_lacks_raises_codec_error(dtype, size):
 
 
 def test_tensor_specs_and_num_parameters():
-    weights = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float16),
-               "n": np.zeros((), dtype=np.int64)}
+    weights = {
+        "w": np.zeros((2, 3), dtype=np.float32),
+        "b": np.zeros(3, dtype=np.float16),
+        "n": np.zeros((), dtype=np.int64),
+    }
     assert tensor_specs(weights) == {"w": ((2, 3), "float32"), "b": ((3,), "float16"), "n": ((), "int64")}
     assert num_parameters(weights) == 6 + 3 + 1
     assert tensor_specs({}) == {} and num_parameters({}) == 0

@@ -1,4 +1,5 @@
 """The coordinator's loop on the in-memory transport and fakeredis: routing, the barrier, rollbacks, stops."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,7 @@ def store():
 
 
 def start(broker, store, **settings) -> tuple[Coordinator, InBackground]:
-    values = dict(job=JOB, amqp_url="memory://", redis_url="memory://", task="linear", eval_every=0,
-                  **FAST_POLLING)
+    values = dict(job=JOB, amqp_url="memory://", redis_url="memory://", task="linear", eval_every=0, **FAST_POLLING)
     coordinator = Coordinator(CoordinatorSettings(**(values | settings)), store, MemoryTransport(broker))
     return coordinator, InBackground(coordinator)
 
@@ -72,7 +72,7 @@ def test_hostile_updates_are_dead_lettered_with_their_reason_and_training_goes_o
     task = take_task(broker)
     good = delta_like(store, 0.1)
     broker.publish(TOPOLOGY.updates, Message(b"\x80 not json", "garbage"))
-    answer(broker, task, {name: array[..., :1] for name, array in good.items()})              # wrong shape
+    answer(broker, task, {name: array[..., :1] for name, array in good.items()})  # wrong shape
     # A rejected update closes its task, and a replacement goes out: answering it again is unknown_task.
     answer(broker, task, good)
     task = take_task(broker)
@@ -81,8 +81,13 @@ def test_hostile_updates_are_dead_lettered_with_their_reason_and_training_goes_o
     answer(broker, open_task, good, job="another-job")  # not this job's: its task stays open
     wait_until(lambda: len(broker.ready(TOPOLOGY.dead)) == 5, DEADLINE, "not every hostile update was dead-lettered")
     dead = broker.ready(TOPOLOGY.dead)
-    assert [message.headers[REASON_HEADER] for message in dead] == ["not_json", "wrong_shape", "unknown_task",
-                                                                    "not_finite", "unknown_job"]
+    assert [message.headers[REASON_HEADER] for message in dead] == [
+        "not_json",
+        "wrong_shape",
+        "unknown_task",
+        "not_finite",
+        "unknown_job",
+    ]
     assert all(message.headers[DETAIL_HEADER] for message in dead)
     assert {message.headers[ORIGIN_HEADER] for message in dead} == {"updates"}  # where `fedq dead --requeue` sends it
     # A good answer to the open task is applied.
@@ -90,8 +95,13 @@ def test_hostile_updates_are_dead_lettered_with_their_reason_and_training_goes_o
     answer(broker, replacement, good)
     wait_for_head(store, 1)
     running.stop()
-    assert store.counters.get("rejected") == {"not_json": 1, "wrong_shape": 1, "unknown_task": 1, "not_finite": 1,
-                                              "unknown_job": 1}
+    assert store.counters.get("rejected") == {
+        "not_json": 1,
+        "wrong_shape": 1,
+        "unknown_task": 1,
+        "not_finite": 1,
+        "unknown_job": 1,
+    }
     assert store.versions.head() == 1
 
 
@@ -127,8 +137,11 @@ def test_a_rollback_while_updates_are_buffered_is_never_overwritten(broker, stor
     answer(broker, from_v1, delta_like(store, 1.0))
     # The commit meets the moved head: nothing is written, the buffer returns to the queue and is
     # judged again; the update computed from the abandoned version 1 is refused.
-    wait_until(lambda: [message.headers[REASON_HEADER] for message in broker.ready(TOPOLOGY.dead)] == ["rolled_back"],
-               DEADLINE, "the update based on the abandoned version was not refused")
+    wait_until(
+        lambda: [message.headers[REASON_HEADER] for message in broker.ready(TOPOLOGY.dead)] == ["rolled_back"],
+        DEADLINE,
+        "the update based on the abandoned version was not refused",
+    )
     assert store.versions.head() == rolled_back == 2
     newer = [take_task(broker) for _ in range(2)]
     fresh = next(task for task in newer if task.model_version == rolled_back)
@@ -222,21 +235,37 @@ def test_a_poisoned_update_with_finite_values_is_refused_as_a_norm_outlier(broke
     _, running = start(broker, store, algorithm="fedasync", concurrency=1)
     task = take_task(broker)
     answer(broker, task, delta_like(store, 1e30))  # finite, so no NaN check catches it
-    wait_until(lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["norm_outlier"],
-               DEADLINE, "the poisoned update was not refused")
+    wait_until(
+        lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["norm_outlier"],
+        DEADLINE,
+        "the poisoned update was not refused",
+    )
     answer(broker, take_task(broker), delta_like(store, 0.1))  # an honest one still lands
     wait_for_head(store, 1)
     running.stop()
-    assert all(np.isfinite(array).all() and np.abs(array).max() < 10 for array in store.versions.load_weights(1).values())
+    assert all(
+        np.isfinite(array).all() and np.abs(array).max() < 10 for array in store.versions.load_weights(1).values()
+    )
 
 
 def test_a_step_that_is_not_finite_is_refused_and_the_head_stays(broker, store):
     # With the norm guard off, each update is finite but the step (server_lr 10 x 3e38) overflows.
-    _, running = start(broker, store, algorithm="fedbuff", buffer_size=1, concurrency=1, server_lr=10.0,
-                       staleness="constant", norm_outlier_factor=0.0)
+    _, running = start(
+        broker,
+        store,
+        algorithm="fedbuff",
+        buffer_size=1,
+        concurrency=1,
+        server_lr=10.0,
+        staleness="constant",
+        norm_outlier_factor=0.0,
+    )
     answer(broker, take_task(broker), delta_like(store, 3e38))
-    wait_until(lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["non_finite_step"],
-               DEADLINE, "the non-finite step was not refused")
+    wait_until(
+        lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["non_finite_step"],
+        DEADLINE,
+        "the non-finite step was not refused",
+    )
     assert store.versions.head() == 0
     answer(broker, take_task(broker), delta_like(store, 0.01))
     wait_for_head(store, 1)
@@ -246,11 +275,15 @@ def test_a_step_that_is_not_finite_is_refused_and_the_head_stays(broker, store):
 
 def test_a_finite_step_far_beyond_the_model_is_refused_as_implausible_and_the_head_stays(broker, store):
     # Each update is within its bound, but a server learning rate of 10,000 makes the step a jump.
-    _, running = start(broker, store, algorithm="fedbuff", buffer_size=1, concurrency=1, server_lr=10_000.0,
-                       staleness="constant")
+    _, running = start(
+        broker, store, algorithm="fedbuff", buffer_size=1, concurrency=1, server_lr=10_000.0, staleness="constant"
+    )
     answer(broker, take_task(broker), delta_like(store, 0.01))
-    wait_until(lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["implausible_step"],
-               DEADLINE, "the implausible step was not refused")
+    wait_until(
+        lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["implausible_step"],
+        DEADLINE,
+        "the implausible step was not refused",
+    )
     running.stop()
     assert store.versions.head() == 0
 
@@ -261,8 +294,9 @@ def test_a_restarted_coordinator_bounds_updates_by_the_norms_accepted_before(bro
     wait_for_head(store, 1)
     running.stop()
     [applied] = store.versions.history(1, 1)[0].updates
-    assert applied.norm == pytest.approx(0.01 * np.sqrt(sum(a.size for a in store.versions.load_weights(0).values())),
-                                         rel=1e-5)
+    assert applied.norm == pytest.approx(
+        0.01 * np.sqrt(sum(a.size for a in store.versions.load_weights(0).values())), rel=1e-5
+    )
     restarted, running = start(broker, store, algorithm="fedasync", concurrency=1)
     running.stop()
     assert list(restarted.norm_guard.norms) == [applied.norm]
@@ -276,10 +310,20 @@ def test_an_error_nobody_foresaw_ends_that_update_only(broker, store):
     from fedq.common.wire.messages import ClaimCheck, ModelUpdate
 
     claim = ClaimCheck(key=store.blobs.key(task.task_id, "w"), sha256="0" * 64, nbytes=100)
-    broker.publish(TOPOLOGY.updates, Message(ModelUpdate(job=JOB, task_id=task.task_id, worker_id="w", base_version=0,
-                                                         num_examples=1, delta=claim).to_bytes(), task.task_id))
-    wait_until(lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["unusable"],
-               DEADLINE, "the update was not dead-lettered")
+    broker.publish(
+        TOPOLOGY.updates,
+        Message(
+            ModelUpdate(
+                job=JOB, task_id=task.task_id, worker_id="w", base_version=0, num_examples=1, delta=claim
+            ).to_bytes(),
+            task.task_id,
+        ),
+    )
+    wait_until(
+        lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["unusable"],
+        DEADLINE,
+        "the update was not dead-lettered",
+    )
     store.blobs.size = real_size
     answer(broker, take_task(broker), delta_like(store, 0.1))  # the loop goes on
     wait_for_head(store, 1)
@@ -290,8 +334,11 @@ def test_an_update_message_larger_than_any_delta_of_the_model_is_refused_unread(
     _, running = start(broker, store, algorithm="fedasync", concurrency=1)
     task = take_task(broker)
     broker.publish(TOPOLOGY.updates, Message(b"{" + b" " * (2 * 1024 * 1024) + b"}", task.task_id))
-    wait_until(lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["too_large"],
-               DEADLINE, "the oversized message was not refused")
+    wait_until(
+        lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["too_large"],
+        DEADLINE,
+        "the oversized message was not refused",
+    )
     running.stop()
 
 
@@ -310,8 +357,11 @@ def test_a_refused_task_is_replaced_at_once_and_a_tampered_version_is_restored(b
     assert store.redis.get(store.keys.model(0)) == genuine
     # A refusal for a task that is not open closes nothing: it is dead-lettered.
     broker.publish(TOPOLOGY.updates, Message(refusal.to_bytes(), "again"))
-    wait_until(lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["unknown_task"],
-               DEADLINE, "the stale refusal was not refused")
+    wait_until(
+        lambda: [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["unknown_task"],
+        DEADLINE,
+        "the stale refusal was not refused",
+    )
     answer(broker, replacement, delta_like(store, 0.1))
     wait_for_head(store, 1)
     running.stop()
@@ -331,8 +381,16 @@ def test_a_running_coordinator_archives_old_versions_and_keeps_redis_to_its_wind
     """The archiver thread moves history while the loop commits; a late redelivery of an update
     whose version left Redis is refused (its task is closed), never applied twice."""
     archive = str(tmp_path / "archive")
-    _, running = start(broker, store, algorithm="fedasync", concurrency=1, max_staleness=1, archive=archive,
-                       archive_seconds=0.05, checkpoint_every=4)
+    _, running = start(
+        broker,
+        store,
+        algorithm="fedasync",
+        concurrency=1,
+        max_staleness=1,
+        archive=archive,
+        archive_seconds=0.05,
+        checkpoint_every=4,
+    )
     first = None
     for version in range(1, 13):
         task = take_task(broker)
@@ -340,11 +398,15 @@ def test_a_running_coordinator_archives_old_versions_and_keeps_redis_to_its_wind
         answer(broker, task, delta_like(store, 0.01))
         wait_for_head(store, version)
     hot_window = 1 + 2
-    wait_until(lambda: int(store.redis.get(store.keys.pruned_through) or -1) == 12 - hot_window, DEADLINE,
-               "the archiver did not trim Redis to the hot window")
+    wait_until(
+        lambda: int(store.redis.get(store.keys.pruned_through) or -1) == 12 - hot_window,
+        DEADLINE,
+        "the archiver did not trim Redis to the hot window",
+    )
     answer(broker, first, delta_like(store, 0.01))  # applied at version 1, long archived
-    wait_until(lambda: store.counters.get("rejected").get("unknown_task") == 1, DEADLINE,
-               "the late redelivery was not refused")
+    wait_until(
+        lambda: store.counters.get("rejected").get("unknown_task") == 1, DEADLINE, "the late redelivery was not refused"
+    )
     running.stop()
     assert store.redis.xlen(store.keys.history) == hot_window
     records = whole_history(store)
@@ -356,8 +418,9 @@ def test_a_running_coordinator_archives_old_versions_and_keeps_redis_to_its_wind
     assert replay(store, 0, 12).ok
 
 
-def test_no_task_is_issued_while_the_archiver_holds_dispatch_and_training_resumes_after(broker, store, tmp_path,
-                                                                                         monkeypatch):
+def test_no_task_is_issued_while_the_archiver_holds_dispatch_and_training_resumes_after(
+    broker, store, tmp_path, monkeypatch
+):
     """Near its Redis budget, with history still to move, the job waits for the archiver rather
     than fill Redis; once it caught up, tasks flow again."""
     import threading
@@ -367,8 +430,9 @@ def test_no_task_is_issued_while_the_archiver_holds_dispatch_and_training_resume
     over_budget = threading.Event()
     over_budget.set()
     monkeypatch.setattr(ArchiveThread, "holding_dispatch", lambda self: over_budget.is_set())
-    coordinator, running = start(broker, store, algorithm="fedasync", concurrency=2,
-                                 archive=str(tmp_path / "archive"), archive_seconds=0.05)
+    coordinator, running = start(
+        broker, store, algorithm="fedasync", concurrency=2, archive=str(tmp_path / "archive"), archive_seconds=0.05
+    )
     wait_until(lambda: coordinator._dispatch_held, DEADLINE, "the coordinator never saw the hold")
     assert broker.get(TOPOLOGY.tasks, timeout=1.0) is None, "a task was issued while dispatch was held"
     over_budget.clear()

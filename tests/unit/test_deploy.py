@@ -7,6 +7,7 @@ that deploy/ uses the same thing, so a rename on either side fails here. The
 render tests at the end also run `docker compose config` and `kubectl kustomize`
 (no daemon, no cluster) where those are installed, and skip where they are not.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,8 +18,9 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml  # PyPI: pyyaml (a test dependency)
@@ -36,7 +38,7 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_TLS = DEPLOY / "docker-compose.tls.yml"
 K8S = DEPLOY / "k8s"
-K8S_KEDA = DEPLOY / "k8s-keda"      # the overlay: K8S plus KEDA autoscaling
+K8S_KEDA = DEPLOY / "k8s-keda"  # the overlay: K8S plus KEDA autoscaling
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "fedq.json"
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources"
@@ -74,15 +76,22 @@ MIN_GRACE_MARGIN_SECONDS = 10
 
 # -- loading ---------------------------------------------------------------------
 
+
 class ComposeLoader(yaml.SafeLoader):
     """PyYAML's safe loader plus compose's merge tags (``!override``, ``!reset``), read as plain values."""
 
 
 for _tag in ("!override", "!reset"):
-    ComposeLoader.add_constructor(_tag, lambda loader, node: (
-        loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode)
-        else loader.construct_mapping(node) if isinstance(node, yaml.MappingNode)
-        else loader.construct_scalar(node)))
+    ComposeLoader.add_constructor(
+        _tag,
+        lambda loader, node: (
+            loader.construct_sequence(node)
+            if isinstance(node, yaml.SequenceNode)
+            else loader.construct_mapping(node)
+            if isinstance(node, yaml.MappingNode)
+            else loader.construct_scalar(node)
+        ),
+    )
 
 
 def load_yaml(path: Path) -> Any:
@@ -93,8 +102,7 @@ def load_yaml(path: Path) -> Any:
 def k8s_files(directory: Path | None = None) -> list[Path]:
     """The manifests of the base and the KEDA overlay (or of ``directory`` only)."""
     directories = [directory] if directory else [K8S, K8S_KEDA]
-    return sorted(path for folder in directories for path in folder.glob("*.yaml")
-                  if path.name != "kustomization.yaml")
+    return sorted(path for folder in directories for path in folder.glob("*.yaml") if path.name != "kustomization.yaml")
 
 
 def k8s_documents() -> list[dict]:
@@ -125,8 +133,9 @@ def compose_default(value: Any) -> str:
     text = str(value)
     text = re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:?-([^}]*)\}", r"\1", text)
     text = re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*):\?[^}]*\}", r"<\1>", text)
-    assert not re.search(r"\$\{[A-Za-z_]", text.replace("$$", "")), \
+    assert not re.search(r"\$\{[A-Za-z_]", text.replace("$$", "")), (
         f"{value!r}: give every ${{VAR}} a default (${{VAR:-default}}), or require it (${{VAR:?why}})"
+    )
     return text.replace("$$", "$")
 
 
@@ -149,11 +158,13 @@ def fedq_command(command: Any) -> str | None:
 
 def compose_fedq_services() -> dict[str, tuple[str, dict]]:
     """{service name: (fedq subcommand, service)} for the services that run fedq."""
-    services = {name: (fedq_command(service.get("command")), service)
-                for name, service in compose()["services"].items()}
+    services = {
+        name: (fedq_command(service.get("command")), service) for name, service in compose()["services"].items()
+    }
     found = {name: value for name, value in services.items() if value[0] is not None}
-    assert {command for command, _ in found.values()} == {"coordinator", "worker"}, \
+    assert {command for command, _ in found.values()} == {"coordinator", "worker"}, (
         "docker-compose.yml must run a fedq coordinator and fedq workers"
+    )
     return found
 
 
@@ -192,8 +203,9 @@ def parse_duration(text: Any) -> float:
     if isinstance(text, (int, float)):
         return float(text)
     parts = re.findall(r"(\d+(?:\.\d+)?)(us|ms|h|m|s)", str(text))
-    assert parts and "".join(number + unit for number, unit in parts) == str(text).strip(), \
+    assert parts and "".join(number + unit for number, unit in parts) == str(text).strip(), (
         f"not a compose duration: {text!r}"
+    )
     scale = {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
     return sum(float(number) * scale[unit] for number, unit in parts)
 
@@ -226,11 +238,18 @@ def module_constant(path: Path, name: str) -> Any:
 
 def exported_sample_names() -> dict[str, str]:
     """{sample name Prometheus sees: metric type} for every collector in fedq.common.obs.metrics."""
-    suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
-                "histogram": ("_bucket", "_sum", "_count", "_created"), "summary": ("", "_sum", "_count", "_created")}
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count", "_created"),
+    }
     names = {}
-    collectors = [value for value in vars(fedq_metrics).values() if hasattr(value, "describe")
-                  and type(value).__module__.startswith("prometheus_client")]
+    collectors = [
+        value
+        for value in vars(fedq_metrics).values()
+        if hasattr(value, "describe") and type(value).__module__.startswith("prometheus_client")
+    ]
     assert collectors, "fedq.common.obs.metrics defines no prometheus_client metrics"
     for collector in collectors:
         for family in collector.describe():
@@ -274,18 +293,23 @@ def metric_names(text: str, prefix: str) -> set[str]:
 
 # -- environment variables ---------------------------------------------------
 
+
 def check_env_vars(environment: dict[str, str], command: str | None, where: str) -> None:
     """Every FEDQ_* variable is read by ``command`` (or by some command) and its value parses."""
     readable = OPTIONS_BY_COMMAND[command] if command else set().union(*OPTIONS_BY_COMMAND.values())
     for name, value in environment.items():
         if not name.startswith("FEDQ_"):
             continue
-        assert name in set(readable) | ALWAYS_READ, \
+        assert name in set(readable) | ALWAYS_READ, (
             f"{where}: {name} is not read by fedq {command or 'coordinator/worker'} (typo or removed option?)"
+        )
         if name in ALWAYS_READ:
             continue
-        option = OPTIONS_BY_COMMAND[command][name] if command else next(
-            options[name] for options in OPTIONS_BY_COMMAND.values() if name in options)
+        option = (
+            OPTIONS_BY_COMMAND[command][name]
+            if command
+            else next(options[name] for options in OPTIONS_BY_COMMAND.values() if name in options)
+        )
         if value.startswith("<from"):
             continue
         try:
@@ -314,17 +338,19 @@ def test_k8s_fedq_variables_are_options_of_the_services_that_read_them():
         deployment, container = deployment_running(command)
         where = f"deploy/k8s Deployment {deployment['metadata']['name']}"
         # A variable set on the container itself is meant for this command.
-        check_env_vars({v["name"]: v.get("value", "<from valueFrom>") for v in container.get("env") or []},
-                       command, where)
+        check_env_vars(
+            {v["name"]: v.get("value", "<from valueFrom>") for v in container.get("env") or []}, command, where
+        )
         # Shared configmaps and secrets: each variable must be read by at least one service.
         shared = container_environment(container)
         check_env_vars(shared, None, where + " (envFrom)")
         # The URLs come from the party's own job file (FEDQ_CONFIG, a mounted Secret).
-        assert "FEDQ_JOB" in shared and container_env(container).get("FEDQ_CONFIG"), \
+        assert "FEDQ_JOB" in shared and container_env(container).get("FEDQ_CONFIG"), (
             f"{where}: FEDQ_JOB and the party's job file (FEDQ_CONFIG) must reach the container"
+        )
     for kind, field in (("ConfigMap", "data"), ("Secret", "stringData")):
         for document in k8s_objects(kind):
-            keys = set((document.get(field) or {}))
+            keys = set(document.get(field) or {})
             if document["metadata"]["name"].startswith("fedq-keda") or keys == {"job.toml"}:
                 continue  # read by KEDA, or a party's job file, mounted (not environment variables)
             unknown = {key for key in keys if key not in ALL_ENV_VARS}
@@ -348,6 +374,7 @@ def test_job_names_are_valid():
 
 
 # -- images and files ----------------------------------------------------------
+
 
 def test_compose_builds_from_the_dockerfile_and_pins_every_image():
     for name, service in compose()["services"].items():
@@ -384,25 +411,31 @@ def test_dockerfile_installs_pinned_cpu_torch_and_runs_fedq_as_non_root():
     torch_pin = next(dep for dep in pyproject["project"]["dependencies"] if re.match(r"torch\b", dep))
     torch_lines = [line for line in lines if "torch" in line and line.startswith("RUN")]
     assert torch_lines, "the Dockerfile does not install torch itself"
-    assert any(re.search(rf"(?<![\w.=-]){re.escape(torch_pin)}(?![\w.])", line) for line in torch_lines), \
+    assert any(re.search(rf"(?<![\w.=-]){re.escape(torch_pin)}(?![\w.])", line) for line in torch_lines), (
         f"the Dockerfile's torch must match pyproject.toml's {torch_pin!r}"
-    assert all("--index-url https://download.pytorch.org/whl/cpu" in line for line in torch_lines), \
+    )
+    assert all("--index-url https://download.pytorch.org/whl/cpu" in line for line in torch_lines), (
         "install torch from the PyTorch CPU index (the PyPI Linux wheel pulls in CUDA)"
+    )
     pip_installs = [line for line in lines if "pip install" in line]
-    assert any(re.search(r"pip install '?\.(\[s3\])?'?(\s|$|&)", line) for line in pip_installs), \
+    assert any(re.search(r"pip install '?\.(\[s3\])?'?(\s|$|&)", line) for line in pip_installs), (
         "the image must pip install . (with the s3 extra, for s3:// archives)"
-    assert not any("--index-url" in line for line in pip_installs if "torch" not in line), \
+    )
+    assert not any("--index-url" in line for line in pip_installs if "torch" not in line), (
         "only torch comes from the PyTorch index; the rest from PyPI"
+    )
 
     users = [line.split(None, 1)[1] for line in lines if line.startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must end as a non-root USER"
     entrypoint = [line for line in lines if line.startswith("ENTRYPOINT")]
-    assert entrypoint and json.loads(entrypoint[-1].split(None, 1)[1])[-1] == "fedq", \
+    assert entrypoint and json.loads(entrypoint[-1].split(None, 1)[1])[-1] == "fedq", (
         "ENTRYPOINT (exec form) must end in fedq"
+    )
     assert (DEPLOY / "Dockerfile.dockerignore").read_text().count(".venv"), "keep .venv out of the build context"
 
 
 # -- metrics ports and scraping --------------------------------------------------
+
 
 def prometheus_jobs() -> dict[str, dict]:
     return {job["job_name"]: job for job in load_yaml(PROMETHEUS)["scrape_configs"]}
@@ -428,14 +461,18 @@ def test_compose_metrics_port_is_the_port_prometheus_scrapes():
     for name, (_command, service) in compose_fedq_services().items():
         port = int(compose_environment(service).get("FEDQ_METRICS_PORT", "0"))
         assert port, f"compose service {name}: set FEDQ_METRICS_PORT (0 turns /metrics off)"
-        assert scraped_ports(name) == {port}, \
+        assert scraped_ports(name) == {port}, (
             f"prometheus.yml scrapes {name} on {scraped_ports(name) or 'no port'}, fedq serves {port}"
+        )
 
 
 def test_workers_are_found_by_dns_not_a_fixed_list():
     name, _service = compose_service_running("worker")
-    jobs = [job for job in prometheus_jobs().values()
-            if any(name in dns.get("names", []) for dns in job.get("dns_sd_configs") or [])]
+    jobs = [
+        job
+        for job in prometheus_jobs().values()
+        if any(name in dns.get("names", []) for dns in job.get("dns_sd_configs") or [])
+    ]
     assert len(jobs) == 1, "prometheus.yml must discover the worker replicas by DNS (dns_sd_configs)"
 
 
@@ -448,14 +485,20 @@ def test_k8s_metrics_port_matches_container_port_and_scrape_annotation():
         container_ports = {p["containerPort"] for p in container.get("ports") or [] if p.get("name") == "metrics"}
         assert container_ports == {port}, f"{where}: containerPort 'metrics' {container_ports} != {port}"
         annotations = deployment["spec"]["template"]["metadata"].get("annotations") or {}
-        assert annotations.get("prometheus.io/scrape") == "true", f"{where}: add prometheus.io/scrape: \"true\""
+        assert annotations.get("prometheus.io/scrape") == "true", f'{where}: add prometheus.io/scrape: "true"'
         assert int(annotations.get("prometheus.io/port", 0)) == port, f"{where}: prometheus.io/port != {port}"
 
 
 def test_prometheus_scrapes_rabbitmq_per_object_metrics():
-    paths = [job.get("metrics_path", "/metrics") for job in prometheus_jobs().values()
-             if any(target.endswith(":15692") for static in job.get("static_configs") or []
-                    for target in static.get("targets") or [])]
+    paths = [
+        job.get("metrics_path", "/metrics")
+        for job in prometheus_jobs().values()
+        if any(
+            target.endswith(":15692")
+            for static in job.get("static_configs") or []
+            for target in static.get("targets") or []
+        )
+    ]
     assert paths, "prometheus.yml must scrape RabbitMQ's Prometheus plugin on :15692"
     # The default /metrics aggregates over queues: no per-queue ready/unacked series.
     assert "/metrics/per-object" in paths, paths
@@ -467,28 +510,38 @@ def test_prometheus_scrapes_rabbitmq_per_object_metrics():
 
 # -- metric names in queries -------------------------------------------------------
 
+
 def test_dashboard_and_prometheus_use_only_exported_metric_names():
     exported = exported_sample_names()
     texts = dashboard_queries() + list(yaml_strings(load_yaml(PROMETHEUS)))
     fedq_used = set().union(*(metric_names(text, "fedq_") for text in texts))
     rabbit_used = set().union(*(metric_names(text, "rabbitmq_") for text in texts))
     assert fedq_used, "the dashboard queries no fedq_ metric"
-    assert fedq_used <= set(exported), \
+    assert fedq_used <= set(exported), (
         f"not exported by common/metrics.py (as Prometheus names them): {sorted(fedq_used - set(exported))}"
+    )
     assert rabbit_used <= RABBITMQ_METRICS, f"unchecked RabbitMQ metric names: {sorted(rabbit_used - RABBITMQ_METRICS)}"
     # histogram_quantile needs the _bucket series of a histogram.
     for text in texts:
         for argument in re.findall(r"histogram_quantile\((.*)", text):
             buckets = metric_names(argument, "fedq_")
-            assert buckets and all(name.endswith("_bucket") and exported.get(name) == "histogram"
-                                   for name in buckets), f"histogram_quantile over non-bucket series: {text}"
+            assert buckets and all(
+                name.endswith("_bucket") and exported.get(name) == "histogram" for name in buckets
+            ), f"histogram_quantile over non-bucket series: {text}"
 
 
 def test_dashboard_shows_what_operators_need():
     queries = " ".join(dashboard_queries())
-    for needed in ("rabbitmq_queue_messages_ready", "rabbitmq_queue_messages_unacked", "fedq_updates_applied_total",
-                   "fedq_staleness_bucket", 'metric="accuracy"', "fedq_head_version", "fedq_updates_rejected_total",
-                   "rabbitmq_queue_consumers"):
+    for needed in (
+        "rabbitmq_queue_messages_ready",
+        "rabbitmq_queue_messages_unacked",
+        "fedq_updates_applied_total",
+        "fedq_staleness_bucket",
+        'metric="accuracy"',
+        "fedq_head_version",
+        "fedq_updates_rejected_total",
+        "rabbitmq_queue_consumers",
+    ):
         assert needed in queries, f"the dashboard should show {needed}"
     for queue in (Topology("$job").tasks, Topology("$job").dead):
         assert f'queue="{queue}"' in queries, f"queue panels must select {queue}"
@@ -502,6 +555,7 @@ def test_dashboard_datasource_is_the_provisioned_one():
 
 
 # -- KEDA ------------------------------------------------------------------------
+
 
 def test_keda_scales_workers_on_ready_plus_unacked_tasks_of_the_configured_job():
     job = k8s_object("ConfigMap", "fedq-config")["data"]["FEDQ_JOB"]
@@ -536,24 +590,26 @@ def test_keda_scales_workers_on_ready_plus_unacked_tasks_of_the_configured_job()
 
 # -- coordinator and worker lifecycle --------------------------------------------------
 
+
 def drain_seconds(environment: dict[str, str]) -> float:
     option = OPTIONS_BY_COMMAND["worker"]["FEDQ_DRAIN_SECONDS"]
-    return option.parse(environment["FEDQ_DRAIN_SECONDS"]) if "FEDQ_DRAIN_SECONDS" in environment \
-        else option.default
+    return option.parse(environment["FEDQ_DRAIN_SECONDS"]) if "FEDQ_DRAIN_SECONDS" in environment else option.default
 
 
 def test_worker_grace_period_exceeds_drain_seconds():
     name, service = compose_service_running("worker")
     drain = drain_seconds(compose_environment(service))
     grace = parse_duration(service.get("stop_grace_period", "10s"))  # Docker's default is 10 s
-    assert grace >= drain + MIN_GRACE_MARGIN_SECONDS, \
+    assert grace >= drain + MIN_GRACE_MARGIN_SECONDS, (
         f"compose {name}: stop_grace_period {grace:g}s must exceed FEDQ_DRAIN_SECONDS {drain:g}s plus a margin"
+    )
 
     deployment, container = deployment_running("worker")
     drain = drain_seconds(container_environment(container))
     grace = deployment["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)  # k8s default
-    assert grace >= drain + MIN_GRACE_MARGIN_SECONDS, \
+    assert grace >= drain + MIN_GRACE_MARGIN_SECONDS, (
         f"terminationGracePeriodSeconds {grace} must exceed FEDQ_DRAIN_SECONDS {drain:g} plus a margin"
+    )
 
 
 def test_compose_workers_can_be_scaled():
@@ -566,15 +622,18 @@ def test_compose_workers_can_be_scaled():
 def test_one_coordinator_at_a_time():
     deployment, _container = deployment_running("coordinator")
     assert deployment["spec"].get("replicas") == 1
-    assert deployment["spec"].get("strategy", {}).get("type") == "Recreate", \
+    assert deployment["spec"].get("strategy", {}).get("type") == "Recreate", (
         "RollingUpdate starts the new coordinator before the old one stops"
+    )
     name, service = compose_service_running("coordinator")
     assert (service.get("deploy") or {}).get("replicas", 1) == 1, f"compose {name}: one coordinator only"
-    assert not [s for s in k8s_objects("ScaledObject") if s["spec"]["scaleTargetRef"]["name"]
-                == deployment["metadata"]["name"]], "never autoscale the coordinator"
+    assert not [
+        s for s in k8s_objects("ScaledObject") if s["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    ], "never autoscale the coordinator"
 
 
 # -- broker and store configuration -------------------------------------------------
+
 
 def redis_bytes(text: str) -> int:
     """A Redis memory size (``3gb``, ``2048mb``, ``1g`` = 10**9, ``100`` bytes) in bytes."""
@@ -607,8 +666,11 @@ def test_redis_is_durable_and_never_evicts():
     assert config.get("appendfsync") in ("everysec", "always")
     # Evicting a model version, the history or the applied-task ids corrupts the record.
     assert config.get("maxmemory-policy") == "noeviction"
-    _name, service = next((name, service) for name, service in compose()["services"].items()
-                          if str(service.get("image", "")).startswith("redis"))
+    _name, service = next(
+        (name, service)
+        for name, service in compose()["services"].items()
+        if str(service.get("image", "")).startswith("redis")
+    )
     command = service.get("command") or []
     config_path = next(volume.split(":")[1] for volume in service["volumes"] if "redis.conf" in volume)
     assert command[:2] == ["redis-server", config_path], "compose must start redis-server with deploy/redis/redis.conf"
@@ -629,17 +691,23 @@ def test_redis_maxmemory_holds_the_coordinators_budget():
     # One job per deployment here; with more, maxmemory must exceed the sum of their budgets.
     _name, coordinator = compose_service_running("coordinator")
     _deployment, container = deployment_running("coordinator")
-    for where, environment in (("docker-compose.yml", compose_environment(coordinator)),
-                               ("deploy/k8s", container_environment(container))):
+    for where, environment in (
+        ("docker-compose.yml", compose_environment(coordinator)),
+        ("deploy/k8s", container_environment(container)),
+    ):
         budget = coordinator_budget_bytes(environment)
-        assert maxmemory >= budget, f"redis.conf maxmemory {config['maxmemory']} is below the {where} " \
-                                    f"coordinator's Redis budget ({budget // 2**20} MiB)"
-    redis_service = next(service for service in compose()["services"].values()
-                         if str(service.get("image", "")).startswith("redis"))
+        assert maxmemory >= budget, (
+            f"redis.conf maxmemory {config['maxmemory']} is below the {where} "
+            f"coordinator's Redis budget ({budget // 2**20} MiB)"
+        )
+    redis_service = next(
+        service for service in compose()["services"].values() if str(service.get("image", "")).startswith("redis")
+    )
     limit = ((redis_service.get("deploy") or {}).get("resources") or {}).get("limits", {}).get("memory")
     if limit is not None:
-        assert docker_bytes(limit) > maxmemory, \
+        assert docker_bytes(limit) > maxmemory, (
             "the Redis container's memory limit must exceed maxmemory, or the kernel kills Redis first"
+        )
 
 
 ARCHIVE_OPTION = OPTIONS_BY_COMMAND["coordinator"]["FEDQ_ARCHIVE"]
@@ -667,23 +735,27 @@ def test_the_coordinator_archives_to_a_volume():
     mount = next((parts for parts in mounts if covers(parts[1], path)), None)
     assert mount, f"compose service {name}: no volume holds the archive {path}"
     assert "ro" not in mount[2:], f"compose service {name}: the archive volume is read-only"
-    assert mount[0] in (compose().get("volumes") or {}), \
+    assert mount[0] in (compose().get("volumes") or {}), (
         f"compose service {name}: the archive is on {mount[0]!r}, not a named volume (it would die with the container)"
+    )
     # An empty named volume takes the owner of the image's directory: the image's user must own it.
     dockerfile = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
     assert re.search(rf"mkdir -p {re.escape(mount[1])}\b", dockerfile) and re.search(
-        rf"chown (-R )?10001:10001 ({re.escape(mount[1])}|{re.escape(str(Path(mount[1]).parent))})\b", dockerfile), \
-        f"the Dockerfile must create {mount[1]} owned by the fedq user"
+        rf"chown (-R )?10001:10001 ({re.escape(mount[1])}|{re.escape(str(Path(mount[1]).parent))})\b", dockerfile
+    ), f"the Dockerfile must create {mount[1]} owned by the fedq user"
 
     deployment, container = deployment_running("coordinator")
     where = f"Deployment {deployment['metadata']['name']}"
     path = archive_directory(container_environment(container), where)
     mount = next((mount for mount in container.get("volumeMounts") or [] if covers(mount["mountPath"], path)), None)
     assert mount and not mount.get("readOnly"), f"{where}: mount a writable volume at {path}"
-    volume = next(volume for volume in deployment["spec"]["template"]["spec"]["volumes"]
-                  if volume["name"] == mount["name"])
-    assert "persistentVolumeClaim" in volume, f"{where}: the archive must be on a PersistentVolumeClaim, not " \
-                                              f"{sorted(set(volume) - {'name'})} (it would die with the pod)"
+    volume = next(
+        volume for volume in deployment["spec"]["template"]["spec"]["volumes"] if volume["name"] == mount["name"]
+    )
+    assert "persistentVolumeClaim" in volume, (
+        f"{where}: the archive must be on a PersistentVolumeClaim, not "
+        f"{sorted(set(volume) - {'name'})} (it would die with the pod)"
+    )
     claim = k8s_object("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
     assert "ReadWriteOnce" in claim["spec"]["accessModes"] or "ReadWriteMany" in claim["spec"]["accessModes"]
     # fsGroup makes the claim writable by the image's user (test_each_party_reads_its_own_job_file...).
@@ -702,20 +774,23 @@ def test_rabbitmq_limits_fit_fedq():
     # Large deltas travel as Redis claim checks; inline ones (base64 in JSON) must fit.
     inline_limit = module_constant(ROOT / "common" / "wire" / "limits.py", "INLINE_LIMIT_BYTES")
     max_message_size = int(config["max_message_size"])
-    assert 4 * inline_limit <= max_message_size <= 16 * 1024 * 1024, \
+    assert 4 * inline_limit <= max_message_size <= 16 * 1024 * 1024, (
         "keep max_message_size modest (RabbitMQ 4's 16 MiB) but above inline updates"
+    )
     assert "vm_memory_high_watermark.relative" in config or "vm_memory_high_watermark.absolute" in config
     assert config.get("default_user", "") != "guest" and config.get("default_pass", "") != "guest"
 
-    rabbitmq = next(service for service in compose()["services"].values()
-                    if str(service.get("image", "")).startswith("rabbitmq"))
+    rabbitmq = next(
+        service for service in compose()["services"].values() if str(service.get("image", "")).startswith("rabbitmq")
+    )
     environment = compose_environment(rabbitmq)
     assert environment.get("RABBITMQ_DEFAULT_USER") not in (None, "", "guest"), "create a non-guest user"
     assert any("rabbitmq.conf" in volume for volume in rabbitmq["volumes"]), "compose must mount rabbitmq.conf"
     for name, (_command, service) in compose_fedq_services().items():
         environment = compose_environment(service)
-        assert "FEDQ_AMQP_URL" not in environment and "FEDQ_REDIS_URL" not in environment, \
+        assert "FEDQ_AMQP_URL" not in environment and "FEDQ_REDIS_URL" not in environment, (
             f"compose {name}: the URLs (and passwords) come from its own job file"
+        )
         assert "--config" in service["command"], f"compose {name} reads no job file"
     enroll = compose_environment(compose()["services"]["enroll"])
     assert "guest:" not in enroll["FEDQ_AMQP_URL"] and "<RABBITMQ_PASSWORD>" in enroll["FEDQ_AMQP_URL"]
@@ -725,10 +800,12 @@ def test_rabbitmq_limits_fit_fedq():
 
 # -- manifests as a set ----------------------------------------------------------------
 
+
 def test_k8s_manifests_are_namespace_agnostic_and_all_in_kustomization():
     for document in k8s_documents():
-        assert "namespace" not in document["metadata"], \
+        assert "namespace" not in document["metadata"], (
             f"{document['kind']} {document['metadata']['name']} names a namespace"
+        )
     kustomization = load_yaml(K8S / "kustomization.yaml")
     listed = set(kustomization["resources"])
     assert listed == {path.name for path in k8s_files(K8S)}, "k8s/kustomization.yaml must list every manifest"
@@ -746,8 +823,12 @@ def test_the_base_applies_without_keda():
             if document:
                 assert not document["apiVersion"].startswith("keda.sh/"), f"{path.name}: {document['kind']}"
                 assert not document["metadata"]["name"].startswith("fedq-keda"), f"{path.name}: KEDA's Secret"
-    overlay = [document for path in k8s_files(K8S_KEDA)
-               for document in yaml.safe_load_all(path.read_text(encoding="utf-8")) if document]
+    overlay = [
+        document
+        for path in k8s_files(K8S_KEDA)
+        for document in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+        if document
+    ]
     assert {"ScaledObject", "TriggerAuthentication"} <= {document["kind"] for document in overlay}
     for path in (DEPLOY / "README.md", K8S / "kustomization.yaml", K8S_KEDA / "kustomization.yaml"):
         text = path.read_text(encoding="utf-8")
@@ -758,8 +839,9 @@ def test_the_base_applies_without_keda():
 def test_each_party_reads_its_own_job_file_and_no_shared_credentials():
     """Coordinator and workers mount different Secrets (docs/security.md): no URL with a password
     is shared between them through the ConfigMap or a common Secret."""
-    deployments = {document["metadata"]["name"]: document for document in k8s_documents()
-                   if document.get("kind") == "Deployment"}
+    deployments = {
+        document["metadata"]["name"]: document for document in k8s_documents() if document.get("kind") == "Deployment"
+    }
     secrets = {}
     for name, deployment in deployments.items():
         spec = deployment["spec"]["template"]["spec"]
@@ -780,6 +862,7 @@ def test_each_party_reads_its_own_job_file_and_no_shared_credentials():
 
 
 # -- joining from outside, status, probes, partitions ------------------------------------
+
 
 def published(service: dict) -> dict[int, tuple[str, str]]:
     """{container port: (host address, host port)} of a compose service's short-syntax ports."""
@@ -808,9 +891,16 @@ def test_compose_publishes_rabbitmq_and_redis_for_outside_workers():
     redis_tls_port = int(redis_tls_command[redis_tls_command.index("--tls-port") + 1])
     amqps_port = int(tls_conf["listeners.ssl.default"])
     for where, rabbitmq, redis, amqp_port, redis_port, closed in (
-            ("docker-compose.yml", service_by_image(services, "rabbitmq"), service_by_image(services, "redis"),
-             5672, 6379, ()),
-            ("docker-compose.tls.yml", tls["rabbitmq"], tls["redis"], amqps_port, redis_tls_port, (5672, 6379))):
+        (
+            "docker-compose.yml",
+            service_by_image(services, "rabbitmq"),
+            service_by_image(services, "redis"),
+            5672,
+            6379,
+            (),
+        ),
+        ("docker-compose.tls.yml", tls["rabbitmq"], tls["redis"], amqps_port, redis_tls_port, (5672, 6379)),
+    ):
         ports = {**published(rabbitmq), **published(redis)}
         for port in (amqp_port, redis_port):
             assert port in ports, f"{where}: publish {port} for workers outside compose"
@@ -842,14 +932,17 @@ def test_documented_compose_commands_run_fedq_as_the_image_expects():
             if words[:1] == ["..."]:
                 continue  # prose: `docker compose run --rm coordinator ...`
             assert service in services, f"{where}: docker compose {verb} {service}: no such service"
-            assert services[service].get("build") or "fedq" in str(services[service].get("image")), \
+            assert services[service].get("build") or "fedq" in str(services[service].get("image")), (
                 f"{where}: {service} does not run the fedq image"
+            )
             if verb == "exec":
-                assert words and words[0] == "fedq", f"{where}: `exec {service} {rest}` skips the entrypoint; " \
-                                                      "start the command with fedq"
+                assert words and words[0] == "fedq", (
+                    f"{where}: `exec {service} {rest}` skips the entrypoint; start the command with fedq"
+                )
                 words = words[1:]
-            assert words and words[0] in SUBCOMMANDS, \
+            assert words and words[0] in SUBCOMMANDS, (
                 f"{where}: `{verb} {service} {rest}` runs `fedq {words[0] if words else ''}`, not a fedq command"
+            )
             if words[0] == "status":
                 status_commands.add(" ".join([verb, service] + words))
     assert len(status_commands) == 1, f"the docs disagree on how to run fedq status in compose: {status_commands}"
@@ -862,10 +955,15 @@ def metrics_main_calls_serve_metrics_first(path: Path) -> None:
     """main() starts the /metrics server before any other import (torch takes seconds), in-process."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
-    calls = [index for index, statement in enumerate(main.body) for node in ast.walk(statement)
-             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "serve_metrics"]
-    imports = [index for index, statement in enumerate(main.body)
-               if isinstance(statement, (ast.Import, ast.ImportFrom))]
+    calls = [
+        index
+        for index, statement in enumerate(main.body)
+        for node in ast.walk(statement)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "serve_metrics"
+    ]
+    imports = [
+        index for index, statement in enumerate(main.body) if isinstance(statement, (ast.Import, ast.ImportFrom))
+    ]
     assert calls, f"{path}: main() no longer calls serve_metrics; the probes on /metrics would fail"
     assert not imports or calls[0] < imports[0], f"{path}: serve_metrics after the service's imports"
 
@@ -887,8 +985,9 @@ def test_probes_and_health_checks_ask_metrics():
         liveness = container["livenessProbe"]
         # torch's import and a loaded node: a restart only after minutes without an answer.
         assert liveness.get("initialDelaySeconds", 0) >= 30
-        assert liveness.get("periodSeconds", 10) * liveness.get("failureThreshold", 3) >= 120, \
+        assert liveness.get("periodSeconds", 10) * liveness.get("failureThreshold", 3) >= 120, (
             f"{where}: liveness restarts too soon"
+        )
 
     for command in OPTIONS_BY_COMMAND:
         name, service = compose_service_running(command)
@@ -925,29 +1024,44 @@ def test_workers_lease_their_partitions():
     name, service = compose_service_running("worker")
     site = Path(service["command"][service["command"].index("--config") + 1]).stem
     deployment, container = deployment_running("worker")
-    secret = next(volume["secret"]["secretName"] for volume in deployment["spec"]["template"]["spec"]["volumes"]
-                  if "secret" in volume)
-    for where, environment, enrolled in ((f"compose {name}", compose_environment(service), site),
-                                         (f"Deployment {deployment['metadata']['name']}",
-                                          container_environment(container), secret.removeprefix("fedq-"))):
-        assert not {"FEDQ_PARTITION", "FEDQ_DATA"} & set(environment), \
+    secret = next(
+        volume["secret"]["secretName"]
+        for volume in deployment["spec"]["template"]["spec"]["volumes"]
+        if "secret" in volume
+    )
+    for where, environment, enrolled in (
+        (f"compose {name}", compose_environment(service), site),
+        (
+            f"Deployment {deployment['metadata']['name']}",
+            container_environment(container),
+            secret.removeprefix("fedq-"),
+        ),
+    ):
+        assert not {"FEDQ_PARTITION", "FEDQ_DATA"} & set(environment), (
             f"{where}: a fixed partition or data stops the coordinator's leases"
-        assert environment.get("FEDQ_WORKER_ID") == f"{enrolled}.{{hostname}}", \
+        )
+        assert environment.get("FEDQ_WORKER_ID") == f"{enrolled}.{{hostname}}", (
             f"{where}: worker ids <site>.{{hostname}}, as replicas of the enrolled site {enrolled!r}"
+        )
 
 
 # -- rendering with the real tools (skipped where they are missing) --------------------------
 
+
 def tool_environment(**extra: str) -> dict[str, str]:
     """The caller's environment without anything compose would interpolate or pick up by itself."""
-    keep = {key: value for key, value in os.environ.items()
-            if key in ("PATH", "HOME", "DOCKER_CONFIG", "TMPDIR", "LANG", "LC_ALL")}
+    keep = {
+        key: value
+        for key, value in os.environ.items()
+        if key in ("PATH", "HOME", "DOCKER_CONFIG", "TMPDIR", "LANG", "LC_ALL")
+    }
     return {**keep, **extra}
 
 
 def run_tool(*command: str, **extra_env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=ROOT, env=tool_environment(**extra_env), capture_output=True, text=True,
-                            timeout=120, check=False)
+    result = subprocess.run(
+        command, cwd=ROOT, env=tool_environment(**extra_env), capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr}"
     return result
 
@@ -955,8 +1069,14 @@ def run_tool(*command: str, **extra_env: str) -> subprocess.CompletedProcess:
 def compose_plugin_version() -> tuple[int, ...] | None:
     if not shutil.which("docker"):
         return None
-    result = subprocess.run(["docker", "compose", "version", "--short"], env=tool_environment(),
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        ["docker", "compose", "version", "--short"],
+        env=tool_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     match = re.match(r"v?(\d+)\.(\d+)\.(\d+)", result.stdout.strip())
     return tuple(int(part) for part in match.groups()) if result.returncode == 0 and match else None
 
@@ -969,10 +1089,23 @@ def test_docker_compose_config_accepts_both_files(tmp_path):
         pytest.skip(f"Docker Compose {'.'.join(map(str, version))}: the TLS overlay's !override needs 2.24.4")
     # As deploy/make-env.sh writes it: generated passwords (fixed here) and .env.example's settings.
     env_file = tmp_path / "fedq.env"
-    settings = [line for line in (DEPLOY / ".env.example").read_text().splitlines()
-                if re.match(r"(BROKER_BIND_ADDRESS|FEDQ_[A-Z_]+)=", line)]
-    env_file.write_text("\n".join(["RABBITMQ_USER=fedq-admin", "RABBITMQ_PASSWORD=test-rabbitmq",
-                                   "REDIS_PASSWORD=test-redis", "GRAFANA_PASSWORD=test-grafana", *settings]) + "\n")
+    settings = [
+        line
+        for line in (DEPLOY / ".env.example").read_text().splitlines()
+        if re.match(r"(BROKER_BIND_ADDRESS|FEDQ_[A-Z_]+)=", line)
+    ]
+    env_file.write_text(
+        "\n".join(
+            [
+                "RABBITMQ_USER=fedq-admin",
+                "RABBITMQ_PASSWORD=test-rabbitmq",
+                "REDIS_PASSWORD=test-redis",
+                "GRAFANA_PASSWORD=test-grafana",
+                *settings,
+            ]
+        )
+        + "\n"
+    )
     rendered = {}
     for files in ((COMPOSE,), (COMPOSE, COMPOSE_TLS)):
         arguments = [word for path in files for word in ("-f", str(path))]
@@ -982,13 +1115,15 @@ def test_docker_compose_config_accepts_both_files(tmp_path):
     for name, services in rendered.items():
         ports = {int(port["target"]): port for service in services.values() for port in service.get("ports") or []}
         expected = {5672, 6379} if name == COMPOSE.name else {5671, 6380}
-        assert expected <= set(ports) and not ({5672, 6379, 5671, 6380} - expected) & set(ports), \
+        assert expected <= set(ports) and not ({5672, 6379, 5671, 6380} - expected) & set(ports), (
             f"{name}: published {sorted(ports)}"
+        )
         assert all(ports[port]["host_ip"] == "127.0.0.1" for port in expected)
         for service in ("coordinator", "worker"):
             assert services[service]["healthcheck"]["test"][:2] == ["CMD", "python"]
         assert services["enroll"]["environment"]["FEDQ_AMQP_URL"].startswith(
-            "amqp://" if name == COMPOSE.name else "amqps://")
+            "amqp://" if name == COMPOSE.name else "amqps://"
+        )
 
 
 def test_kubectl_kustomize_builds_the_base_and_the_keda_overlay():
@@ -998,12 +1133,17 @@ def test_kubectl_kustomize_builds_the_base_and_the_keda_overlay():
     for directory in (K8S, K8S_KEDA):
         output = run_tool("kubectl", "kustomize", str(directory.relative_to(ROOT))).stdout
         built[directory.name] = [document for document in yaml.safe_load_all(output) if document]
-    kinds = {name: sorted((document["kind"], document["metadata"]["name"]) for document in documents)
-             for name, documents in built.items()}
+    kinds = {
+        name: sorted((document["kind"], document["metadata"]["name"]) for document in documents)
+        for name, documents in built.items()
+    }
     assert not [document for document in built["k8s"] if document["apiVersion"].startswith("keda.sh/")]
     added = set(kinds["k8s-keda"]) - set(kinds["k8s"])
-    assert set(kinds["k8s"]) <= set(kinds["k8s-keda"]) and {kind for kind, _ in added} == \
-        {"ScaledObject", "TriggerAuthentication", "Secret"}, f"the overlay adds {sorted(added)}"
+    assert set(kinds["k8s"]) <= set(kinds["k8s-keda"]) and {kind for kind, _ in added} == {
+        "ScaledObject",
+        "TriggerAuthentication",
+        "Secret",
+    }, f"the overlay adds {sorted(added)}"
     for documents in built.values():
         for deployment in (document for document in documents if document["kind"] == "Deployment"):
             container = deployment["spec"]["template"]["spec"]["containers"][0]

@@ -1,5 +1,6 @@
 """Device-sized tasks: a time budget each worker fills with the steps it can, reported, and
 weights that respect the work done (FedNova)."""
+
 from __future__ import annotations
 
 import json
@@ -57,9 +58,18 @@ def test_an_impossible_step_count_is_refused(steps):
 
 
 def update(worker: str, steps: int, share: float = 0.2) -> BufferedUpdate:
-    return BufferedUpdate(task_id=worker, worker_id=worker, base_version=0, staleness=2, num_examples=100,
-                          delta={"w": torch.zeros(1).numpy()}, expected_staleness=2.0, data_share=share, update_interval=2.0,
-                          local_steps=steps)
+    return BufferedUpdate(
+        task_id=worker,
+        worker_id=worker,
+        base_version=0,
+        staleness=2,
+        num_examples=100,
+        delta={"w": torch.zeros(1).numpy()},
+        expected_staleness=2.0,
+        data_share=share,
+        update_interval=2.0,
+        local_steps=steps,
+    )
 
 
 def test_updates_are_normalised_to_the_buffers_mean_work():
@@ -79,6 +89,7 @@ def test_automatic_tasks_last_what_the_median_worker_needs_for_its_epochs():
     assert fleet.task_seconds(epochs=2, now=100.0) == 0.0  # nothing measured: whole epochs
     # 100 examples in batches of 10 = 10 steps an epoch; 50, 20 and 2 steps a second.
     for worker, speed in (("fast", 50.0), ("median", 20.0), ("slow", 2.0)):
-        fleet.arrived(worker, issued_at=99.0, examples=100, now=100.0, steps=10, train_seconds=10 / speed,
-                      batch_size=10)
+        fleet.arrived(
+            worker, issued_at=99.0, examples=100, now=100.0, steps=10, train_seconds=10 / speed, batch_size=10
+        )
     assert fleet.task_seconds(epochs=2, now=100.0) == pytest.approx(2 * 10 / 20.0)

@@ -1,5 +1,6 @@
 """Fair synchronous rounds: each worker trains at most once per round, and a deadline with
 k-of-n closes a round that a dropped worker would otherwise stall."""
+
 from __future__ import annotations
 
 from fedq.broker.memory import MemoryBroker, MemoryTransport, Message
@@ -60,9 +61,18 @@ def test_a_worker_hands_back_a_second_task_of_its_round_then_refuses_it():
     broker.declare(TOPOLOGY)
     for task in (first, second):
         broker.publish(TOPOLOGY.tasks, Message(task.to_bytes(), task.task_id))
-    worker = Worker(WorkerSettings(job="unit", amqp_url="memory://", redis_url="memory://", worker_id="solo",
-                                   partition=0, idle_seconds=FAST_POLLING["idle_seconds"]), store,
-                    MemoryTransport(broker))
+    worker = Worker(
+        WorkerSettings(
+            job="unit",
+            amqp_url="memory://",
+            redis_url="memory://",
+            worker_id="solo",
+            partition=0,
+            idle_seconds=FAST_POLLING["idle_seconds"],
+        ),
+        store,
+        MemoryTransport(broker),
+    )
     running = InBackground(worker)
     wait_until(lambda: len(broker.ready(TOPOLOGY.updates)) == 2, DEADLINE, "no update and refusal")
     running.stop()

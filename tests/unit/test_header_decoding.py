@@ -1,9 +1,10 @@
 """Headers pika 1.4.4 cannot decode: after ``header_decoding.install`` they decode to raw numbers."""
+
 from __future__ import annotations
 
 import math
 import struct
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pika.data
 
@@ -19,20 +20,27 @@ def table(*entries: tuple[bytes, bytes]) -> bytes:
 
 def test_a_timestamp_past_year_9999_decodes_to_its_seconds_instead_of_raising():
     header_decoding.install()
-    encoded = table((b"huge", b"T" + struct.pack(">Q", 2**64 - 1)),
-                    (b"fine", b"T" + struct.pack(">Q", 1_700_000_000)),
-                    (b"nested", b"F" + table((b"deep", b"T" + struct.pack(">Q", 2**63)))),
-                    (b"after", b"S" + struct.pack(">I", 2) + b"ok"))
+    encoded = table(
+        (b"huge", b"T" + struct.pack(">Q", 2**64 - 1)),
+        (b"fine", b"T" + struct.pack(">Q", 1_700_000_000)),
+        (b"nested", b"F" + table((b"deep", b"T" + struct.pack(">Q", 2**63)))),
+        (b"after", b"S" + struct.pack(">I", 2) + b"ok"),
+    )
     decoded, offset = pika.data.decode_table(encoded, 0)
     assert offset == len(encoded)
-    assert decoded == {"huge": 2**64 - 1, "fine": datetime.fromtimestamp(1_700_000_000, timezone.utc),
-                       "nested": {"deep": 2**63}, "after": "ok"}
+    assert decoded == {
+        "huge": 2**64 - 1,
+        "fine": datetime.fromtimestamp(1_700_000_000, UTC),
+        "nested": {"deep": 2**63},
+        "after": "ok",
+    }
 
 
 def test_non_finite_floats_decode_as_floats():
     header_decoding.install()
-    decoded, _ = pika.data.decode_table(table((b"d", b"d" + struct.pack(">d", math.nan)),
-                                              (b"f", b"f" + struct.pack(">f", math.inf))), 0)
+    decoded, _ = pika.data.decode_table(
+        table((b"d", b"d" + struct.pack(">d", math.nan)), (b"f", b"f" + struct.pack(">f", math.inf))), 0
+    )
     assert math.isnan(decoded["d"]) and decoded["f"] == math.inf
 
 
@@ -73,11 +81,21 @@ def test_tables_and_arrays_nested_thousands_deep_decode_to_a_placeholder_without
 
 
 def test_headers_that_would_overflow_the_frame_are_dropped_largest_first_and_named():
-    headers = {"pad": "x" * 130_000, "small": "kept", "x-fedq-reason": "unknown_task",
-               "x-fedq-detail": "d" * 500, "x-fedq-origin": "updates"}
+    headers = {
+        "pad": "x" * 130_000,
+        "small": "kept",
+        "x-fedq-reason": "unknown_task",
+        "x-fedq-detail": "d" * 500,
+        "x-fedq-origin": "updates",
+    }
     kept = encodable(headers)
-    assert kept == {"small": "kept", "x-fedq-reason": "unknown_task", "x-fedq-detail": "d" * 500,
-                    "x-fedq-origin": "updates", "x-fedq-dropped-headers": "pad"}
+    assert kept == {
+        "small": "kept",
+        "x-fedq-reason": "unknown_task",
+        "x-fedq-detail": "d" * 500,
+        "x-fedq-origin": "updates",
+        "x-fedq-dropped-headers": "pad",
+    }
     assert pika.data.encode_table([], kept) < pika.spec.FRAME_MAX_SIZE - 1024
     assert encodable({"pad": "x" * 3000}, frame_max=4096) == {"x-fedq-dropped-headers": "pad"}
     assert encodable({"pad": "x" * 1000}, frame_max=4096) == {"pad": "x" * 1000}

@@ -1,5 +1,6 @@
 """The two tiers of the history: the archiver moves old versions out of Redis without losing any,
 and replay, reconstruction and rollback read across the boundary bit for bit."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,10 +19,23 @@ from tests.support import memory_store
 
 # FedAsync mixes against each update's base version and Adam keeps state: replay needs both
 # recomputed correctly across the boundary between the tiers.
-CONFIG = {"algorithm": "fedasync", "concurrency": 2, "buffer_size": 1, "staleness": "polynomial:a=0.5",
-          "mixing_rate": 0.6, "max_staleness": 3, "example_weighted": False, "clip_norm": 0.0, "robust": "mean",
-          "trim_fraction": 0.1, "server_optimizer": "adam", "server_lr": 0.1, "server_beta1": 0.9,
-          "server_beta2": 0.99, "server_epsilon": 1e-3}
+CONFIG = {
+    "algorithm": "fedasync",
+    "concurrency": 2,
+    "buffer_size": 1,
+    "staleness": "polynomial:a=0.5",
+    "mixing_rate": 0.6,
+    "max_staleness": 3,
+    "example_weighted": False,
+    "clip_norm": 0.0,
+    "robust": "mean",
+    "trim_fraction": 0.1,
+    "server_optimizer": "adam",
+    "server_lr": 0.1,
+    "server_beta1": 0.9,
+    "server_beta2": 0.99,
+    "server_epsilon": 1e-3,
+}
 
 
 def build_job(count: int, job: str = "archive", rollback_at: int | None = None):
@@ -45,15 +59,34 @@ def build_job(count: int, job: str = "archive", rollback_at: int | None = None):
             base += 1
         delta = {name: rng.normal(scale=0.1, size=array.shape).astype(np.float32) for name, array in weights.items()}
         task_id = f"t{version}"
-        update = BufferedUpdate(task_id=task_id, worker_id="site-a", base_version=base,
-                                staleness=version - 1 - base, num_examples=10, delta=delta)
+        update = BufferedUpdate(
+            task_id=task_id,
+            worker_id="site-a",
+            base_version=base,
+            staleness=version - 1 - base,
+            num_examples=10,
+            delta=delta,
+        )
         weights, state, (weight,) = server_step(aggregator, optimizer, weights, state, [update], versions.get)
         payload = codec.encode(delta)
-        applied = AppliedUpdate(task_id=task_id, worker_id="site-a", base_version=base, staleness=update.staleness,
-                                weight=weight, num_examples=10, digest=codec.digest(payload),
-                                blob_key=store.blobs.key(task_id, "site-a"))
-        store.versions.commit(version - 1, weights, [applied], update_blobs={applied.blob_key: payload},
-                              optimizer_state=state, config=CONFIG)
+        applied = AppliedUpdate(
+            task_id=task_id,
+            worker_id="site-a",
+            base_version=base,
+            staleness=update.staleness,
+            weight=weight,
+            num_examples=10,
+            digest=codec.digest(payload),
+            blob_key=store.blobs.key(task_id, "site-a"),
+        )
+        store.versions.commit(
+            version - 1,
+            weights,
+            [applied],
+            update_blobs={applied.blob_key: payload},
+            optimizer_state=state,
+            config=CONFIG,
+        )
         versions[version] = weights
     return store
 
@@ -140,10 +173,19 @@ def test_segments_are_small_when_asked_and_overlapping_ones_read_alike(tmp_path)
     # of its segment, and the next pass cut segments elsewhere) changes nothing.
     first, last = done.archived[-1][0] - 1, done.archived[-1][1]
     records = [archive.record(version) for version in range(first, last + 1)]
-    archive.write_segment(records, [(name, archive.blob(record.version, name)) for record in records
-                                    for name in [update.blob_key for update in record.updates]
-                                    + ([model_blob(record.version), optimizer_blob(record.version)]
-                                       if mover.is_checkpoint(record.version) else [])])
+    archive.write_segment(
+        records,
+        [
+            (name, archive.blob(record.version, name))
+            for record in records
+            for name in [update.blob_key for update in record.updates]
+            + (
+                [model_blob(record.version), optimizer_blob(record.version)]
+                if mover.is_checkpoint(record.version)
+                else []
+            )
+        ],
+    )
     assert len(archive.segments(refresh=True)) == len(done.archived) + 1
     assert Archiver(store, archive, hot_versions=3, checkpoint_every=5).run_once().trimmed == 17
     assert replay(TieredHistory(store, archive), 0, 19).ok
@@ -189,18 +231,30 @@ def test_only_one_archiver_moves_a_job_at_a_time(tmp_path):
 
 def test_the_archiver_catches_up_at_once_only_when_behind_and_over_half_its_budget(tmp_path):
     store = build_job(3)
-    thread = archiver_module.ArchiveThread(store, Archive(str(tmp_path)).job(store.job), hot_versions=2,
-                                           checkpoint_every=4, every_seconds=10, budget_bytes=1000)
+    thread = archiver_module.ArchiveThread(
+        store,
+        Archive(str(tmp_path)).job(store.job),
+        hot_versions=2,
+        checkpoint_every=4,
+        every_seconds=10,
+        budget_bytes=1000,
+    )
     moved = archiver_module.ArchivePass(archived=[(0, 4)])
     assert thread.pause_after(moved, used_bytes=600) == 0.0  # a large model's backlog: go again now
-    assert thread.pause_after(moved, used_bytes=400) == 10   # a small job: let a segment's worth gather
+    assert thread.pause_after(moved, used_bytes=400) == 10  # a small job: let a segment's worth gather
     assert thread.pause_after(archiver_module.ArchivePass(), used_bytes=900) == 10  # nothing to move
 
 
 def test_dispatch_is_held_only_while_over_budget_with_history_still_to_move(tmp_path, monkeypatch):
     store = build_job(5)  # head 4, nothing archived yet
-    thread = archiver_module.ArchiveThread(store, Archive(str(tmp_path)).job(store.job), hot_versions=2,
-                                           checkpoint_every=4, every_seconds=10, budget_bytes=1000)
+    thread = archiver_module.ArchiveThread(
+        store,
+        Archive(str(tmp_path)).job(store.job),
+        hot_versions=2,
+        checkpoint_every=4,
+        every_seconds=10,
+        budget_bytes=1000,
+    )
     thread.measure_seconds = 0
     used = {"update": 950}
     monkeypatch.setattr(store, "memory_usage", lambda: dict(used))
@@ -216,6 +270,13 @@ def test_dispatch_is_held_only_while_over_budget_with_history_still_to_move(tmp_
     used["update"] = 0
     assert thread.holding_dispatch()
     # What tasks in flight will still bring is held back for: a large model is held earlier.
-    large = archiver_module.ArchiveThread(store, Archive(str(tmp_path)).job(store.job), hot_versions=2,
-                                          checkpoint_every=4, every_seconds=10, budget_bytes=1000, reserve_bytes=300)
+    large = archiver_module.ArchiveThread(
+        store,
+        Archive(str(tmp_path)).job(store.job),
+        hot_versions=2,
+        checkpoint_every=4,
+        every_seconds=10,
+        budget_bytes=1000,
+        reserve_bytes=300,
+    )
     assert large.hold_above == 700 and thread.hold_above == 900

@@ -4,6 +4,7 @@ counts only from the RabbitMQ user enrolled for the worker id it names, and neve
 The broker's half (RabbitMQ refuses a publish whose ``user_id`` is not the connection's user) is
 played by the memory channel here and by a real RabbitMQ in tests/integration/test_identities.py.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,16 @@ def store():
 
 
 def start(broker, store, **settings) -> InBackground:
-    values = dict(job=JOB, amqp_url="memory://", redis_url="memory://", task="linear", eval_every=0,
-                  algorithm="fedasync", concurrency=1, **FAST_POLLING)
+    values = dict(
+        job=JOB,
+        amqp_url="memory://",
+        redis_url="memory://",
+        task="linear",
+        eval_every=0,
+        algorithm="fedasync",
+        concurrency=1,
+        **FAST_POLLING,
+    )
     return InBackground(Coordinator(CoordinatorSettings(**(values | settings)), store, MemoryTransport(broker)))
 
 
@@ -78,8 +87,8 @@ def test_an_enrolled_worker_is_applied_only_from_its_own_user_and_never_after_re
     running = start(broker, store)
     task = take_task(broker)
     body = update_body(task, small_delta(store), worker_id="alice")
-    send(broker, body, "no-user", None)                                 # no user_id: not authenticated
-    send(broker, body, "bob-as-alice", identity_user(JOB, "bob"))       # bob claims to be alice
+    send(broker, body, "no-user", None)  # no user_id: not authenticated
+    send(broker, body, "bob-as-alice", identity_user(JOB, "bob"))  # bob claims to be alice
     send(broker, update_body(task, small_delta(store), worker_id="carol"), "carol", identity_user(JOB, "carol"))
     wait_until(lambda: len(dead_reasons(broker)) == 3, DEADLINE, "the three were not dead-lettered")
     assert dead_reasons(broker) == ["impersonation", "impersonation", "unknown_worker"]
@@ -117,8 +126,9 @@ def test_a_worker_may_claim_only_its_own_blob(broker, store):
     payload = codec.encode(small_delta(store))
     bobs_key = store.blobs.put(task.task_id, "bob", payload, 60)  # as if bob had answered the task
     claim = ClaimCheck(key=bobs_key, sha256=codec.digest(payload), nbytes=len(payload))
-    body = ModelUpdate(job=JOB, task_id=task.task_id, worker_id="alice", base_version=0, num_examples=1,
-                       delta=claim).to_bytes()
+    body = ModelUpdate(
+        job=JOB, task_id=task.task_id, worker_id="alice", base_version=0, num_examples=1, delta=claim
+    ).to_bytes()
     send(broker, body, "alice", identity_user(JOB, "alice"))
     wait_until(lambda: dead_reasons(broker) == ["bad_claim"], DEADLINE, "the claim of bob's blob was not refused")
     running.stop()
@@ -135,11 +145,19 @@ def test_replicas_of_an_enrolled_site_count_as_the_site(broker, store):
     store.identities.enroll("site-a", identity_user(JOB, "site-a"))
     running = start(broker, store)
     task = take_task(broker)
-    send(broker, update_body(task, small_delta(store), worker_id="site-a2.pod-1"), "other-site",
-         identity_user(JOB, "site-a"))
+    send(
+        broker,
+        update_body(task, small_delta(store), worker_id="site-a2.pod-1"),
+        "other-site",
+        identity_user(JOB, "site-a"),
+    )
     wait_until(lambda: dead_reasons(broker) == ["unknown_worker"], DEADLINE, "another site's name was accepted")
-    send(broker, update_body(task, small_delta(store), worker_id="site-a.pod-7f9c"), "replica",
-         identity_user(JOB, "site-a"))
+    send(
+        broker,
+        update_body(task, small_delta(store), worker_id="site-a.pod-7f9c"),
+        "replica",
+        identity_user(JOB, "site-a"),
+    )
     wait_until(lambda: store.versions.head() == 1, DEADLINE, "the replica's update was not applied")
     running.stop()
     assert applied_workers(store) == ["site-a.pod-7f9c"]

@@ -1,4 +1,5 @@
 """The "images" task: ResNet-18-sized at its defaults, deterministic, and learnable at a tiny width."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,7 +33,11 @@ def test_it_is_a_builtin_whose_sizes_are_bounded():
 
 def test_initial_weights_are_deterministic_per_seed():
     task = SyntheticImagesTask(**TINY)
-    first, again, other = task.initial_weights(7), SyntheticImagesTask(**TINY).initial_weights(7), task.initial_weights(8)
+    first, again, other = (
+        task.initial_weights(7),
+        SyntheticImagesTask(**TINY).initial_weights(7),
+        task.initial_weights(8),
+    )
     assert first.keys() == again.keys() == other.keys()
     for name in first:
         np.testing.assert_array_equal(first[name], again[name])

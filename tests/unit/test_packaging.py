@@ -1,4 +1,5 @@
 """The distribution installs one import root, ``fedq``, mapped onto the user's folders."""
+
 from __future__ import annotations
 
 import tomllib
@@ -14,8 +15,11 @@ def setuptools_table() -> dict:
 
 def test_every_folder_with_code_is_a_listed_package():
     listed = set(setuptools_table()["packages"])
-    on_disk = {"fedq." + ".".join(path.parent.relative_to(ROOT).parts)
-               for folder in FOLDERS for path in (ROOT / folder).rglob("*.py")}
+    on_disk = {
+        "fedq." + ".".join(path.parent.relative_to(ROOT).parts)
+        for folder in FOLDERS
+        for path in (ROOT / folder).rglob("*.py")
+    }
     assert on_disk == listed, f"missing from pyproject: {sorted(on_disk - listed)}; stale: {sorted(listed - on_disk)}"
     for package in listed:
         folder = ROOT.joinpath(*package.split(".")[1:])

@@ -1,4 +1,5 @@
 """dirichlet_partition: a disjoint cover of the indices, deterministic per seed, min_size respected."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,12 +17,17 @@ def cases(draw):
     num_partitions = draw(st.integers(min_value=1, max_value=8))
     min_size = draw(st.integers(min_value=0, max_value=10))
     num_classes = draw(st.integers(min_value=1, max_value=10))
-    seed = draw(st.integers(min_value=0, max_value=2 ** 32 - 1))
+    seed = draw(st.integers(min_value=0, max_value=2**32 - 1))
     # Every class has >= 2 examples per partition and the whole set >= 4 min_size per partition
     # more than the classes' rounding loss, so a split exists and redraws find it quickly. (Smaller
     # classes hit the rounding defect tested by the xfail tests at the end.)
-    counts = draw(st.lists(st.integers(min_value=2 * num_partitions, max_value=2 * num_partitions + 60),
-                           min_size=num_classes, max_size=num_classes))
+    counts = draw(
+        st.lists(
+            st.integers(min_value=2 * num_partitions, max_value=2 * num_partitions + 60),
+            min_size=num_classes,
+            max_size=num_classes,
+        )
+    )
     counts[0] += max(0, 4 * num_partitions * max(min_size, 1) + num_partitions * num_classes - sum(counts))
     labels = np.repeat(np.arange(num_classes), counts)
     np.random.default_rng(seed).shuffle(labels)
@@ -37,11 +43,11 @@ def test_partitions_are_a_disjoint_cover_of_at_least_min_size(case):
     assert len(parts) == num_partitions
     joined = np.concatenate(parts)
     assert joined.dtype == np.int64
-    assert len(joined) == len(labels)                                   # disjoint (no index twice) ...
+    assert len(joined) == len(labels)  # disjoint (no index twice) ...
     np.testing.assert_array_equal(np.sort(joined), np.arange(len(labels)))  # ... and covering
     for part in parts:
         assert len(part) >= min_size
-        assert (np.diff(part) > 0).all()                                # sorted, no duplicates
+        assert (np.diff(part) > 0).all()  # sorted, no duplicates
 
 
 @FAST
@@ -70,14 +76,14 @@ def test_default_min_size_is_ten():
 
 
 def test_large_alpha_is_nearly_iid_and_small_alpha_is_skewed():
-    labels = np.repeat(np.arange(4), 500)               # 4 classes x 500
+    labels = np.repeat(np.arange(4), 500)  # 4 classes x 500
     even = dirichlet_partition(labels, 4, 1e5, seed=0, min_size=1)
     for part in even:
         counts = np.bincount(labels[part], minlength=4)
-        assert (np.abs(counts - 125) <= 10).all()       # every partition ~ 1/4 of every class
+        assert (np.abs(counts - 125) <= 10).all()  # every partition ~ 1/4 of every class
     skewed = dirichlet_partition(labels, 4, 0.05, seed=0, min_size=1)
     dominant = [np.bincount(labels[part], minlength=4).max() / len(part) for part in skewed]
-    assert np.mean(dominant) > 0.6                      # partitions mostly hold one class
+    assert np.mean(dominant) > 0.6  # partitions mostly hold one class
 
 
 def test_single_partition_holds_everything():
@@ -89,20 +95,21 @@ def test_single_partition_holds_everything():
 def test_impossible_min_size_raises_value_error():
     labels = np.zeros(25, dtype=np.int64)
     with pytest.raises(ValueError):
-        dirichlet_partition(labels, 3, 1.0, seed=0, min_size=10)     # 3 * 10 > 25
+        dirichlet_partition(labels, 3, 1.0, seed=0, min_size=10)  # 3 * 10 > 25
 
 
 # -- defects found and fixed (regression tests) -------------------------------------------------
 
 
 def test_near_iid_split_of_small_classes_succeeds():
-    labels = np.repeat(np.arange(10), 3)              # 30 examples, 8 partitions of >= 1: clearly possible
+    labels = np.repeat(np.arange(10), 3)  # 30 examples, 8 partitions of >= 1: clearly possible
     parts = dirichlet_partition(labels, 8, 1e5, seed=0, min_size=1)
     assert min(len(part) for part in parts) >= 1
 
 
 def test_near_iid_split_is_unbiased_across_partitions():
     labels = np.repeat(np.arange(10), 180)
-    sizes = np.mean([[len(p) for p in dirichlet_partition(labels, 10, 1e4, seed=seed, min_size=1)]
-                     for seed in range(50)], axis=0)
+    sizes = np.mean(
+        [[len(p) for p in dirichlet_partition(labels, 10, 1e4, seed=seed, min_size=1)] for seed in range(50)], axis=0
+    )
     np.testing.assert_allclose(sizes, 180, atol=1.5)

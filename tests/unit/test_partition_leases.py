@@ -1,4 +1,5 @@
 """Partition leases: N live workers hold N distinct partitions; the worker trains on its lease."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -67,9 +68,19 @@ def job_with_task(task: str = "linear"):
 
 
 def run_one_task(store, broker, **settings) -> Worker:
-    worker = Worker(WorkerSettings(job=JOB, amqp_url="memory://", redis_url="memory://", worker_id="w0", max_tasks=1,
-                                   idle_seconds=FAST_POLLING["idle_seconds"], **settings),
-                    store, MemoryTransport(broker))
+    worker = Worker(
+        WorkerSettings(
+            job=JOB,
+            amqp_url="memory://",
+            redis_url="memory://",
+            worker_id="w0",
+            max_tasks=1,
+            idle_seconds=FAST_POLLING["idle_seconds"],
+            **settings,
+        ),
+        store,
+        MemoryTransport(broker),
+    )
     assert InBackground(worker).join(DEADLINE) == 0
     return worker
 
@@ -95,8 +106,11 @@ def test_data_from_a_file_replaces_the_partition(tmp_path):
     store, broker = job_with_task()
     rng = np.random.default_rng(0)
     path = tmp_path / "mine.npz"
-    np.savez(path, features=rng.normal(size=(37, FEATURES)).astype(np.float32),
-             targets=rng.normal(size=(37, 1)).astype(np.float32))
+    np.savez(
+        path,
+        features=rng.normal(size=(37, FEATURES)).astype(np.float32),
+        targets=rng.normal(size=(37, 1)).astype(np.float32),
+    )
     worker = run_one_task(store, broker, data=str(path))
     (message,) = broker.ready(Topology(JOB).updates)
     assert parse_update(message.body).num_examples == 37
@@ -107,8 +121,13 @@ def test_data_that_does_not_fit_the_model_stops_the_worker_with_one_sentence(tmp
     store, broker = job_with_task()
     path = tmp_path / "wrong.npz"
     np.savez(path, features=np.zeros((4, 3), np.float32), targets=np.zeros(4, np.float32))
-    worker = Worker(WorkerSettings(job=JOB, amqp_url="memory://", redis_url="memory://", worker_id="w0",
-                                   data=str(path), idle_seconds=0.05), store, MemoryTransport(broker))
+    worker = Worker(
+        WorkerSettings(
+            job=JOB, amqp_url="memory://", redis_url="memory://", worker_id="w0", data=str(path), idle_seconds=0.05
+        ),
+        store,
+        MemoryTransport(broker),
+    )
     with pytest.raises(TaskPluginError, match=f"the data at {path} does not fit the job's model"):
         worker.run()
 

@@ -1,4 +1,5 @@
 """The math of aggregation is pure: it imports no broker, store or service, and changes no global state."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,10 @@ def test_importing_the_math_imports_no_io_and_changes_no_global_state():
 
 
 def test_the_wire_module_imports_no_torch():
-    probe = "import sys, fedq.common.wire.messages, fedq.common.wire.codec, fedq.common.wire.limits; " \
-            "print('torch' in sys.modules)"
+    probe = (
+        "import sys, fedq.common.wire.messages, fedq.common.wire.codec, fedq.common.wire.limits; "
+        "print('torch' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"

@@ -1,4 +1,5 @@
 """Reaching Redis and RabbitMQ at startup: the same bounded backoff, then one sentence."""
+
 from __future__ import annotations
 
 import socket

@@ -1,5 +1,6 @@
 """The grants of coordinator/ops/roles.py, checked as RabbitMQ and Redis will read them: regular
 expressions over resource names, glob patterns over keys."""
+
 from __future__ import annotations
 
 import re
@@ -24,8 +25,8 @@ def key_patterns(rules: tuple[str, ...], access: str) -> list[str]:
     for rule in rules:
         if rule.startswith("~"):
             found.append(rule[1:])
-        elif rule.startswith("%") and "~" in rule and access in rule[1:rule.index("~")]:
-            found.append(rule[rule.index("~") + 1:])
+        elif rule.startswith("%") and "~" in rule and access in rule[1 : rule.index("~")]:
+            found.append(rule[rule.index("~") + 1 :])
     return found
 
 
@@ -50,8 +51,18 @@ def test_a_worker_reads_the_model_and_writes_only_its_own_keys():
         assert allowed(rules, "R", key) and not allowed(rules, "W", key), key
     for key in (KEYS.update("alice", "t1"), KEYS.worker("alice")):
         assert allowed(rules, "W", key), key
-    for key in (KEYS.signing_key, KEYS.head, KEYS.history, KEYS.applied, KEYS.inflight, KEYS.identities,
-                KEYS.update("bob", "t1"), KEYS.worker("bob"), JobKeys("j2").model(3), "fedq:{j1}:model"):
+    for key in (
+        KEYS.signing_key,
+        KEYS.head,
+        KEYS.history,
+        KEYS.applied,
+        KEYS.inflight,
+        KEYS.identities,
+        KEYS.update("bob", "t1"),
+        KEYS.worker("bob"),
+        JobKeys("j2").model(3),
+        "fedq:{j1}:model",
+    ):
         assert not allowed(rules, "R", key) and not allowed(rules, "W", key), key
     assert "-@all" in rules and "+flushall" not in rules and "+@connection" not in rules
 
@@ -86,8 +97,10 @@ def test_unknown_role_is_refused_with_the_choices():
 
 
 def test_a_site_url_carries_the_new_credentials_only():
-    assert site_url("amqps://admin:secret@rabbit:5671/%2F", "fedq.j1.alice", "p/w") == \
-        "amqps://fedq.j1.alice:p%2Fw@rabbit:5671/%2F"
+    assert (
+        site_url("amqps://admin:secret@rabbit:5671/%2F", "fedq.j1.alice", "p/w")
+        == "amqps://fedq.j1.alice:p%2Fw@rabbit:5671/%2F"
+    )
     assert site_url("rediss://redis:6380/0", "u", "p") == "rediss://u:p@redis:6380/0"
 
 

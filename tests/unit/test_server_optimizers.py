@@ -19,6 +19,7 @@ subnormal underflow) at step t, i.e. 1e-6 per carried step, which is ~4x above t
 worst-case rounding bound and far below any formula error (e.g. bias correction changes
 the first adam step by a factor of ~10, v_0 = 0 instead of eps^2 changes it by >1e-3).
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,20 +54,20 @@ def test_momentum_hand_example_over_two_steps():
     optimizer = ServerOptimizer("momentum", learning_rate=1.0, beta1=0.9)
     assert optimizer.stateful
     x1, state = optimizer.apply({"w": f32([0.0])}, {"w": f32([1.0])}, {})
-    np.testing.assert_allclose(x1["w"], [1.0], rtol=1e-6)                    # m = 1
+    np.testing.assert_allclose(x1["w"], [1.0], rtol=1e-6)  # m = 1
     np.testing.assert_allclose(state["m.w"], [1.0], rtol=1e-6)
     x2, state = optimizer.apply(x1, {"w": f32([1.0])}, state)
-    np.testing.assert_allclose(state["m.w"], [1.9], rtol=1e-6)               # m = 0.9 * 1 + 1
-    np.testing.assert_allclose(x2["w"], [2.9], rtol=1e-6)                    # 1 + 1.9
+    np.testing.assert_allclose(state["m.w"], [1.9], rtol=1e-6)  # m = 0.9 * 1 + 1
+    np.testing.assert_allclose(x2["w"], [2.9], rtol=1e-6)  # 1 + 1.9
     assert set(state) == {"m.w"}
 
 
 def test_adam_first_step_has_no_bias_correction_and_v0_eps_squared():
     optimizer = ServerOptimizer("adam", learning_rate=1.0, beta1=0.9, beta2=0.99, epsilon=1e-3)
     new, state = optimizer.apply({"w": f32([0.0])}, {"w": f32([0.1])}, {})
-    m = 0.1 * 0.1                                    # (1 - 0.9) * 0.1 = 0.01
-    v = 0.99 * 1e-6 + 0.01 * 0.1 ** 2                # 0.99 eps^2 + 0.01 * 0.01 = 1.0099e-4
-    expected = m / (math.sqrt(v) + 1e-3)             # ~0.90502, not ~0.99 as with bias correction
+    m = 0.1 * 0.1  # (1 - 0.9) * 0.1 = 0.01
+    v = 0.99 * 1e-6 + 0.01 * 0.1**2  # 0.99 eps^2 + 0.01 * 0.01 = 1.0099e-4
+    expected = m / (math.sqrt(v) + 1e-3)  # ~0.90502, not ~0.99 as with bias correction
     assert expected == pytest.approx(0.905, abs=1e-3)
     np.testing.assert_allclose(state["m.w"], [m], rtol=1e-6)
     np.testing.assert_allclose(state["v.w"], [v], rtol=1e-6)
@@ -77,9 +78,9 @@ def test_adam_first_step_has_no_bias_correction_and_v0_eps_squared():
 def test_adagrad_first_step_uses_v0_eps_squared():
     optimizer = ServerOptimizer("adagrad", learning_rate=1.0, beta1=0.9, epsilon=1e-3)
     new, state = optimizer.apply({"w": f32([2.0])}, {"w": f32([1e-3])}, {})
-    m = 0.1 * 1e-3                                   # 1e-4
-    v = 1e-6 + 1e-6                                  # eps^2 + step^2
-    expected = 2.0 + m / (math.sqrt(v) + 1e-3)       # 2 + 1e-4 / (1.41421e-3 + 1e-3) = 2.0414214 (0.05 if v0 = 0)
+    m = 0.1 * 1e-3  # 1e-4
+    v = 1e-6 + 1e-6  # eps^2 + step^2
+    expected = 2.0 + m / (math.sqrt(v) + 1e-3)  # 2 + 1e-4 / (1.41421e-3 + 1e-3) = 2.0414214 (0.05 if v0 = 0)
     np.testing.assert_allclose(state["v.w"], [2e-6], rtol=1e-6)
     np.testing.assert_allclose(new["w"], [expected], rtol=1e-6)
     assert new["w"][0] == pytest.approx(2.0414214, abs=1e-6)
@@ -119,17 +120,20 @@ def test_inputs_are_not_mutated(name):
         assert all(not np.shares_memory(new_state[key], array) for array in (*state.values(), *step.values()))
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"name": "rmsprop"},
-    {"name": "sgd", "learning_rate": 0.0},
-    {"name": "sgd", "learning_rate": -1.0},
-    {"name": "sgd", "learning_rate": float("nan")},
-    {"name": "adam", "beta1": 1.0},
-    {"name": "adam", "beta1": -0.1},
-    {"name": "adam", "beta2": 1.0},
-    {"name": "adam", "epsilon": 0.0},
-    {"name": "adam", "epsilon": -1e-3},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"name": "rmsprop"},
+        {"name": "sgd", "learning_rate": 0.0},
+        {"name": "sgd", "learning_rate": -1.0},
+        {"name": "sgd", "learning_rate": float("nan")},
+        {"name": "adam", "beta1": 1.0},
+        {"name": "adam", "beta1": -0.1},
+        {"name": "adam", "beta2": 1.0},
+        {"name": "adam", "epsilon": 0.0},
+        {"name": "adam", "epsilon": -1e-3},
+    ],
+)
 def test_constructor_rejects_bad_parameters(kwargs):
     with pytest.raises(ValueError):
         ServerOptimizer(**kwargs)
@@ -137,8 +141,13 @@ def test_constructor_rejects_bad_parameters(kwargs):
 
 def test_defaults_follow_the_paper():
     optimizer = ServerOptimizer()
-    assert (optimizer.name, optimizer.learning_rate, optimizer.beta1, optimizer.beta2, optimizer.epsilon) == \
-        ("sgd", 1.0, 0.9, 0.99, 1e-3)
+    assert (optimizer.name, optimizer.learning_rate, optimizer.beta1, optimizer.beta2, optimizer.epsilon) == (
+        "sgd",
+        1.0,
+        0.9,
+        0.99,
+        1e-3,
+    )
 
 
 # -- float64 reference -------------------------------------------------------------
@@ -153,7 +162,7 @@ class Reference:
         self.x_mag = np.abs(self.x)
         self.m = np.zeros_like(self.x)
         self.m_mag = np.zeros_like(self.x)
-        self.v = np.full_like(self.x, eps ** 2)
+        self.v = np.full_like(self.x, eps**2)
         self.v_mag = self.v.copy()
 
     def step(self, s32):
@@ -201,8 +210,10 @@ def optimizer_cases(draw):
     names = [f"t{i}" for i in range(len(shapes))]
     weights = {n: draw(hnp.arrays(np.float32, shape, elements=values)) for n, shape in zip(names, shapes)}
     count = draw(st.integers(min_value=1, max_value=5))
-    steps = [{n: draw(hnp.arrays(np.float32, shape, elements=values)) for n, shape in zip(names, shapes)}
-             for _ in range(count)]
+    steps = [
+        {n: draw(hnp.arrays(np.float32, shape, elements=values)) for n, shape in zip(names, shapes)}
+        for _ in range(count)
+    ]
     optimizer = ServerOptimizer(
         name=draw(st.sampled_from(OPTIMIZERS)),
         learning_rate=draw(st.floats(min_value=0.01, max_value=2.0)),
@@ -223,8 +234,10 @@ def assert_within(got, ref, magnitude, tolerance):
 @given(optimizer_cases())
 def test_matches_float64_reference_over_several_steps(case):
     optimizer, weights, steps = case
-    references = {name: Reference(optimizer.name, optimizer.learning_rate, optimizer.beta1, optimizer.beta2,
-                                  optimizer.epsilon, x) for name, x in weights.items()}
+    references = {
+        name: Reference(optimizer.name, optimizer.learning_rate, optimizer.beta1, optimizer.beta2, optimizer.epsilon, x)
+        for name, x in weights.items()
+    }
     state: dict = {}
     for t, step in enumerate(steps, start=1):
         weights, state = optimizer.apply(weights, step, state)

@@ -1,4 +1,5 @@
 """Settings resolution: flag > FEDQ_* environment > TOML [job] table > default."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,9 +7,20 @@ import argparse
 import pytest
 
 from fedq.common.cli import SUBCOMMANDS, main
-from fedq.common.settings import (CONNECTION_OPTIONS, DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, Option, SettingsError,
-                                  add_options, non_negative_float, non_negative_int, parse_bool, positive_float,
-                                  positive_int, resolve)
+from fedq.common.settings import (
+    CONNECTION_OPTIONS,
+    DEFAULT_AMQP_URL,
+    DEFAULT_REDIS_URL,
+    Option,
+    SettingsError,
+    add_options,
+    non_negative_float,
+    non_negative_int,
+    parse_bool,
+    positive_float,
+    positive_int,
+    resolve,
+)
 
 OPTIONS = CONNECTION_OPTIONS + [
     Option("buffer_size", positive_int, 3, "updates per step"),
@@ -32,21 +44,31 @@ def job_file(tmp_path, text: str, name: str = "job.toml") -> str:
 
 def test_defaults_when_nothing_but_job_is_given():
     values = resolve(parse("--job", "demo"), OPTIONS, environ={})
-    assert values == {"job": "demo", "amqp_url": DEFAULT_AMQP_URL, "redis_url": DEFAULT_REDIS_URL,
-                      "buffer_size": 3, "mixing_rate": 0.6, "example_weighted": False, "algorithm": "fedasync",
-                      "management_url": None}
+    assert values == {
+        "job": "demo",
+        "amqp_url": DEFAULT_AMQP_URL,
+        "redis_url": DEFAULT_REDIS_URL,
+        "buffer_size": 3,
+        "mixing_rate": 0.6,
+        "example_weighted": False,
+        "algorithm": "fedasync",
+        "management_url": None,
+    }
 
 
-@pytest.mark.parametrize("sources, expected", [
-    (("flag", "env", "file"), 11),
-    (("flag", "env"), 11),
-    (("flag", "file"), 11),
-    (("flag",), 11),
-    (("env", "file"), 22),
-    (("env",), 22),
-    (("file",), 33),
-    ((), 3),
-])
+@pytest.mark.parametrize(
+    "sources, expected",
+    [
+        (("flag", "env", "file"), 11),
+        (("flag", "env"), 11),
+        (("flag", "file"), 11),
+        (("flag",), 11),
+        (("env", "file"), 22),
+        (("env",), 22),
+        (("file",), 33),
+        ((), 3),
+    ],
+)
 def test_precedence(tmp_path, sources, expected):
     argv = ["--job", "demo"]
     environ = {}
@@ -60,14 +82,18 @@ def test_precedence(tmp_path, sources, expected):
 
 
 def test_each_option_comes_from_its_own_highest_source(tmp_path):
-    config = job_file(tmp_path, '[job]\njob = "from-file"\nbuffer_size = 33\nmixing_rate = 0.25\n'
-                                'amqp_url = "amqp://file/"\n')
-    values = resolve(parse("--config", config, "--mixing-rate", "0.5"), OPTIONS,
-                     environ={"FEDQ_BUFFER_SIZE": "22", "FEDQ_AMQP_URL": "amqp://env/"})
-    assert values["job"] == "from-file"            # only in the file
-    assert values["buffer_size"] == 22             # env beats file
-    assert values["mixing_rate"] == 0.5            # flag beats file
-    assert values["amqp_url"] == "amqp://env/"     # env beats file
+    config = job_file(
+        tmp_path, '[job]\njob = "from-file"\nbuffer_size = 33\nmixing_rate = 0.25\namqp_url = "amqp://file/"\n'
+    )
+    values = resolve(
+        parse("--config", config, "--mixing-rate", "0.5"),
+        OPTIONS,
+        environ={"FEDQ_BUFFER_SIZE": "22", "FEDQ_AMQP_URL": "amqp://env/"},
+    )
+    assert values["job"] == "from-file"  # only in the file
+    assert values["buffer_size"] == 22  # env beats file
+    assert values["mixing_rate"] == 0.5  # flag beats file
+    assert values["amqp_url"] == "amqp://env/"  # env beats file
     assert values["redis_url"] == DEFAULT_REDIS_URL
 
 
@@ -92,8 +118,12 @@ def test_file_without_job_table_uses_top_level_keys(tmp_path):
 
 def test_bool_option_from_each_source(tmp_path):
     assert resolve(parse("--job", "j", "--example-weighted"), OPTIONS, environ={})["example_weighted"] is True
-    assert resolve(parse("--job", "j", "--example-weighted", "no"), OPTIONS,
-                   environ={"FEDQ_EXAMPLE_WEIGHTED": "yes"})["example_weighted"] is False
+    assert (
+        resolve(parse("--job", "j", "--example-weighted", "no"), OPTIONS, environ={"FEDQ_EXAMPLE_WEIGHTED": "yes"})[
+            "example_weighted"
+        ]
+        is False
+    )
     assert resolve(parse("--job", "j"), OPTIONS, environ={"FEDQ_EXAMPLE_WEIGHTED": "on"})["example_weighted"] is True
     config = job_file(tmp_path, "[job]\nexample_weighted = true\n")
     assert resolve(parse("--job", "j", "--config", config), OPTIONS, environ={})["example_weighted"] is True
@@ -107,8 +137,10 @@ def test_unrelated_environment_is_ignored():
 # -- one job file for every command ---------------------------------------------------
 
 # Two commands' settings, as fedq.common.cli.settings_by_command gives the real ones.
-COMMANDS = {"coordinator": frozenset({"job", "amqp_url", "buffer_size", "algorithm", "mixing_rate"}),
-            "status": frozenset({"job", "amqp_url"})}
+COMMANDS = {
+    "coordinator": frozenset({"job", "amqp_url", "buffer_size", "algorithm", "mixing_rate"}),
+    "status": frozenset({"job", "amqp_url"}),
+}
 STATUS_OPTIONS = [option for option in OPTIONS if option.name in COMMANDS["status"]]
 JOB_FILE = """
 [job]
@@ -133,28 +165,42 @@ def parse_as(command: str, options: list[Option], *argv: str) -> argparse.Namesp
 
 def test_each_command_reads_the_shared_table_and_its_own(tmp_path):
     config = job_file(tmp_path, JOB_FILE)
-    coordinator = resolve(parse_as("coordinator", OPTIONS, "--config", config), OPTIONS, environ={},
-                          commands=lambda: COMMANDS)
-    assert (coordinator["job"], coordinator["amqp_url"], coordinator["buffer_size"], coordinator["algorithm"]) == \
-        ("shared", "amqp://coordinator-only/", 5, "fedbuff")
+    coordinator = resolve(
+        parse_as("coordinator", OPTIONS, "--config", config), OPTIONS, environ={}, commands=lambda: COMMANDS
+    )
+    assert (coordinator["job"], coordinator["amqp_url"], coordinator["buffer_size"], coordinator["algorithm"]) == (
+        "shared",
+        "amqp://coordinator-only/",
+        5,
+        "fedbuff",
+    )
     # status leaves buffer_size and the [coordinator] table to the coordinator.
-    status = resolve(parse_as("status", STATUS_OPTIONS, "--config", config), STATUS_OPTIONS, environ={},
-                     commands=lambda: COMMANDS)
+    status = resolve(
+        parse_as("status", STATUS_OPTIONS, "--config", config), STATUS_OPTIONS, environ={}, commands=lambda: COMMANDS
+    )
     assert status == {"job": "shared", "amqp_url": "amqp://status-only/"}
 
 
 def test_a_key_no_command_reads_is_refused_with_the_nearest_name(tmp_path):
     config = job_file(tmp_path, '[job]\njob = "j"\nbufer_size = 4\n')
     with pytest.raises(SettingsError, match=r"no fedq command reads bufer_size \(did you mean buffer_size\?\)"):
-        resolve(parse_as("status", STATUS_OPTIONS, "--config", config), STATUS_OPTIONS, environ={},
-                commands=lambda: COMMANDS)
+        resolve(
+            parse_as("status", STATUS_OPTIONS, "--config", config),
+            STATUS_OPTIONS,
+            environ={},
+            commands=lambda: COMMANDS,
+        )
 
 
 def test_a_command_table_holds_only_that_commands_settings(tmp_path):
     config = job_file(tmp_path, '[job]\njob = "j"\n[status]\nbuffer_size = 4\n')
     with pytest.raises(SettingsError, match="fedq status does not read buffer_size"):
-        resolve(parse_as("status", STATUS_OPTIONS, "--config", config), STATUS_OPTIONS, environ={},
-                commands=lambda: COMMANDS)
+        resolve(
+            parse_as("status", STATUS_OPTIONS, "--config", config),
+            STATUS_OPTIONS,
+            environ={},
+            commands=lambda: COMMANDS,
+        )
 
 
 def test_a_dashed_key_is_answered_with_its_underscored_name(tmp_path):
@@ -165,13 +211,16 @@ def test_a_dashed_key_is_answered_with_its_underscored_name(tmp_path):
 
 def test_an_environment_variable_no_command_reads_is_named(capsys):
     environ = {"FEDQ_BUFER_SIZE": "4", "FEDQ_BUFFER_SIZE": "6", "FEDQ_CRASH_AT": "x:1", "FEDQ_TEST_AMQP_URL": "y"}
-    values = resolve(parse_as("status", STATUS_OPTIONS, "--job", "j"), STATUS_OPTIONS, environ=environ,
-                     commands=lambda: COMMANDS)
+    values = resolve(
+        parse_as("status", STATUS_OPTIONS, "--job", "j"), STATUS_OPTIONS, environ=environ, commands=lambda: COMMANDS
+    )
     assert values["job"] == "j"
     warnings = capsys.readouterr().err.strip().splitlines()
     # FEDQ_BUFFER_SIZE is the coordinator's, FEDQ_CRASH_AT and FEDQ_TEST_* are not settings: not named.
-    assert warnings == ["fedq: warning: the environment variable FEDQ_BUFER_SIZE is not a fedq setting and is "
-                        "ignored (did you mean FEDQ_BUFFER_SIZE?)"]
+    assert warnings == [
+        "fedq: warning: the environment variable FEDQ_BUFER_SIZE is not a fedq setting and is "
+        "ignored (did you mean FEDQ_BUFFER_SIZE?)"
+    ]
 
 
 def test_every_real_command_lists_its_settings():
@@ -210,18 +259,21 @@ def test_top_level_settings_with_a_job_key(tmp_path):
         resolve(parse("--config", job_file(tmp_path, "job = 5\n")), OPTIONS, environ={})
 
 
-@pytest.mark.parametrize("argv, environ, file_text, source", [
-    (["--buffer-size", "0"], {}, None, "--buffer-size"),
-    (["--buffer-size", "many"], {}, None, "--buffer-size"),
-    ([], {"FEDQ_BUFFER_SIZE": "-2"}, None, "FEDQ_BUFFER_SIZE"),
-    ([], {"FEDQ_MIXING_RATE": "fast"}, None, "FEDQ_MIXING_RATE"),
-    ([], {"FEDQ_EXAMPLE_WEIGHTED": "maybe"}, None, "FEDQ_EXAMPLE_WEIGHTED"),
-    ([], {}, "buffer_size = 0", "job file key buffer_size"),
-    ([], {}, "mixing_rate = -0.5", "job file key mixing_rate"),
-    ([], {}, 'example_weighted = "perhaps"', "job file key example_weighted"),
-    ([], {"FEDQ_ALGORITHM": "fedsgd"}, None, "FEDQ_ALGORITHM"),
-    ([], {}, 'algorithm = "fedprox"', "job file key algorithm"),
-])
+@pytest.mark.parametrize(
+    "argv, environ, file_text, source",
+    [
+        (["--buffer-size", "0"], {}, None, "--buffer-size"),
+        (["--buffer-size", "many"], {}, None, "--buffer-size"),
+        ([], {"FEDQ_BUFFER_SIZE": "-2"}, None, "FEDQ_BUFFER_SIZE"),
+        ([], {"FEDQ_MIXING_RATE": "fast"}, None, "FEDQ_MIXING_RATE"),
+        ([], {"FEDQ_EXAMPLE_WEIGHTED": "maybe"}, None, "FEDQ_EXAMPLE_WEIGHTED"),
+        ([], {}, "buffer_size = 0", "job file key buffer_size"),
+        ([], {}, "mixing_rate = -0.5", "job file key mixing_rate"),
+        ([], {}, 'example_weighted = "perhaps"', "job file key example_weighted"),
+        ([], {"FEDQ_ALGORITHM": "fedsgd"}, None, "FEDQ_ALGORITHM"),
+        ([], {}, 'algorithm = "fedprox"', "job file key algorithm"),
+    ],
+)
 def test_bad_values_name_their_source(tmp_path, argv, environ, file_text, source):
     argv = ["--job", "j", *argv]
     if file_text is not None:
@@ -266,19 +318,34 @@ def test_settings_error_is_a_value_error():
 # -- small parsers -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", [("1", True), ("TRUE", True), (" yes ", True), ("on", True), (True, True),
-                                            ("0", False), ("False", False), ("no", False), ("off", False),
-                                            (False, False)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1", True),
+        ("TRUE", True),
+        (" yes ", True),
+        ("on", True),
+        (True, True),
+        ("0", False),
+        ("False", False),
+        ("no", False),
+        ("off", False),
+        (False, False),
+    ],
+)
 def test_parse_bool(text, expected):
     assert parse_bool(text) is expected
 
 
-@pytest.mark.parametrize("parser, good, bad", [
-    (positive_int, [("1", 1), (7, 7)], ["0", "-1", "x", "1.5"]),
-    (non_negative_int, [("0", 0), ("3", 3)], ["-1", "x"]),
-    (positive_float, [("0.5", 0.5), (2, 2.0)], ["0", "-0.1", "nan", "x"]),
-    (non_negative_float, [("0", 0.0), ("1e3", 1000.0)], ["-1e-9", "nan", "x"]),
-])
+@pytest.mark.parametrize(
+    "parser, good, bad",
+    [
+        (positive_int, [("1", 1), (7, 7)], ["0", "-1", "x", "1.5"]),
+        (non_negative_int, [("0", 0), ("3", 3)], ["-1", "x"]),
+        (positive_float, [("0.5", 0.5), (2, 2.0)], ["0", "-0.1", "nan", "x"]),
+        (non_negative_float, [("0", 0.0), ("1e3", 1000.0)], ["-1e-9", "nan", "x"]),
+    ],
+)
 def test_number_parsers(parser, good, bad):
     for text, expected in good:
         assert parser(text) == expected
@@ -330,8 +397,14 @@ def test_every_command_prints_its_help(command, capsys):
 def test_a_flag_the_configuration_ignores_is_refused_and_a_shared_setting_is_named(capsys):
     from fedq.coordinator.service.cli import check_combinations
 
-    values = {"algorithm": "fedasync", "robust": "mean", "staleness_bound": "adaptive", "round_seconds": None,
-              "server_optimizer": "sgd", "target": 0.9}
+    values = {
+        "algorithm": "fedasync",
+        "robust": "mean",
+        "staleness_bound": "adaptive",
+        "round_seconds": None,
+        "server_optimizer": "sgd",
+        "target": 0.9,
+    }
     with pytest.raises(SettingsError, match="--buffer-size has no effect without --algorithm fedbuff"):
         check_combinations(values, {"buffer_size": "--buffer-size"})
     check_combinations(values, {"buffer_size": "FEDQ_BUFFER_SIZE"})

@@ -1,4 +1,5 @@
 """Weights and heads rewritten in Redis behind the coordinator's back are noticed, named and repairable."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,18 +17,39 @@ MODEL = {"w": np.zeros(4, np.float32)}
 def job_with_versions(count: int):
     """A job with versions 0..count-1, each applying one update of +1 (FedBuff, constant staleness)."""
     store = memory_store("unit")
-    config = {"algorithm": "fedbuff", "concurrency": 1, "buffer_size": 1, "staleness": "constant",
-              "mixing_rate": 0.6, "max_staleness": 5, "example_weighted": False, "clip_norm": 0.0,
-              "robust": "mean", "trim_fraction": 0.1, "server_optimizer": "sgd", "server_lr": 1.0,
-              "server_beta1": 0.9, "server_beta2": 0.99, "server_epsilon": 1e-3}
+    config = {
+        "algorithm": "fedbuff",
+        "concurrency": 1,
+        "buffer_size": 1,
+        "staleness": "constant",
+        "mixing_rate": 0.6,
+        "max_staleness": 5,
+        "example_weighted": False,
+        "clip_norm": 0.0,
+        "robust": "mean",
+        "trim_fraction": 0.1,
+        "server_optimizer": "sgd",
+        "server_lr": 1.0,
+        "server_beta1": 0.9,
+        "server_beta2": 0.99,
+        "server_epsilon": 1e-3,
+    }
     weights = MODEL
     store.versions.commit(None, weights, config=config)
     for version in range(1, count):
         delta = {"w": np.ones(4, np.float32)}
         payload = codec.encode(delta)
         task_id = f"t{version}"
-        applied = AppliedUpdate(task_id=task_id, worker_id="w", base_version=version - 1, staleness=0, weight=1.0,
-                                num_examples=1, digest=codec.digest(payload), blob_key=store.blobs.key(task_id, "w"))
+        applied = AppliedUpdate(
+            task_id=task_id,
+            worker_id="w",
+            base_version=version - 1,
+            staleness=0,
+            weight=1.0,
+            num_examples=1,
+            digest=codec.digest(payload),
+            blob_key=store.blobs.key(task_id, "w"),
+        )
         weights = {"w": weights["w"] + 1}
         store.versions.commit(version - 1, weights, [applied], update_blobs={applied.blob_key: payload}, config=config)
     return store

@@ -1,4 +1,5 @@
 """validate_update end to end on fakeredis: hostile claim checks end in a reason, never a crash or a big read."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -14,8 +15,9 @@ from tests.support import memory_store
 JOB = "unit"
 MODEL = {"fc.weight": np.zeros((4, 8), np.float32), "fc.bias": np.zeros(4, np.float32)}
 SPECS = codec.tensor_specs(MODEL)
-EXPECTED = Expectations(job=JOB, head=3, max_staleness=5, tensor_specs=SPECS,
-                        max_delta_bytes=codec.max_encoded_size(SPECS))
+EXPECTED = Expectations(
+    job=JOB, head=3, max_staleness=5, tensor_specs=SPECS, max_delta_bytes=codec.max_encoded_size(SPECS)
+)
 
 
 def issued_at_2(task_id: str) -> int | None:
@@ -41,7 +43,9 @@ def test_a_genuine_claim_checked_update_is_validated():
     store = memory_store(JOB)
     payload = codec.encode({name: np.ones_like(array) for name, array in MODEL.items()})
     store.blobs.put("t1", "w", payload, 60)
-    validated = validate_update(body("t1", claim_of(store, "t1", payload)), EXPECTED, store, lambda task_id: False, issued_at_2)
+    validated = validate_update(
+        body("t1", claim_of(store, "t1", payload)), EXPECTED, store, lambda task_id: False, issued_at_2
+    )
     assert validated.update.staleness == 1 and validated.inline_payload is None
     assert validated.digest == codec.digest(payload)
     assert len(payload) <= EXPECTED.max_delta_bytes
@@ -74,28 +78,30 @@ def test_a_claim_whose_stored_blob_is_larger_than_claimed_is_not_read():
 
 def test_a_missing_blob_and_an_oversized_inline_delta_have_their_reasons():
     store = memory_store(JOB)
-    assert reason(store, body("t1", ClaimCheck(key=store.blobs.key("t1", "w"), sha256="0" * 64, nbytes=100))) \
+    assert (
+        reason(store, body("t1", ClaimCheck(key=store.blobs.key("t1", "w"), sha256="0" * 64, nbytes=100)))
         == "missing_blob"
+    )
     assert reason(store, body("t2", InlineDelta(b"\0" * (EXPECTED.max_delta_bytes + 1)))) == "too_large"
 
 
 def test_the_norm_bound_follows_the_model_until_the_warm_up_then_the_median_of_accepted_updates():
     guard = NormGuard(10.0, window=4, warmup=3)
-    assert guard.bound(model_norm=2.0) == 20.0            # no history yet: ten times the model's norm
+    assert guard.bound(model_norm=2.0) == 20.0  # no history yet: ten times the model's norm
     assert NormGuard(10.0).bound(model_norm=0.0) is None  # nothing to compare with: no bound
-    assert NormGuard(0.0).bound(model_norm=2.0) is None   # off
+    assert NormGuard(0.0).bound(model_norm=2.0) is None  # off
     guard.accepted([("w", 0.5), ("w", 0.7)])
-    assert guard.bound(model_norm=2.0) == 20.0            # still warming up
-    guard.accepted([("w", 0.6), ("w", None)])                         # None: a record from before norms were kept
+    assert guard.bound(model_norm=2.0) == 20.0  # still warming up
+    guard.accepted([("w", 0.6), ("w", None)])  # None: a record from before norms were kept
     assert guard.bound(model_norm=2.0) == pytest.approx(6.0)  # ten times the median, even below the model's norm
-    guard.accepted([("w", 1000.0)])                            # one outlier in the window hardly moves the median
+    guard.accepted([("w", 1000.0)])  # one outlier in the window hardly moves the median
     assert guard.bound(model_norm=2.0) == pytest.approx(6.5)
 
 
 def test_a_worker_whose_updates_are_larger_keeps_its_own_scale_up_to_factor_squared():
     guard = NormGuard(10.0, window=30, warmup=3, worker_window=5, worker_warmup=3)
     guard.accepted([("fast", 0.01)] * 25 + [("unique", 0.05)] * 3)  # a slow worker that alone holds some classes
-    assert guard.bound(model_norm=2.0) == pytest.approx(0.1)      # the job's: ten times its median, 0.01
+    assert guard.bound(model_norm=2.0) == pytest.approx(0.1)  # the job's: ten times its median, 0.01
     assert guard.worker_bounds(model_norm=2.0) == {"unique": pytest.approx(0.5)}  # ten times its own median
     assert NormGuard(10.0, window=30, warmup=3).worker_bounds(model_norm=2.0) == {}
     ramping = NormGuard(10.0, window=30, warmup=3, worker_window=5, worker_warmup=3)
@@ -117,10 +123,17 @@ def test_an_update_over_the_norm_bound_is_a_norm_outlier():
     delta = {name: np.full_like(array, 3.0) for name, array in MODEL.items()}  # norm 3 * 6 = 18
     expected = replace(EXPECTED, max_delta_norm=17.9)
     with pytest.raises(Rejected) as info:
-        validate_update(body("t1", InlineDelta(codec.encode(delta))), expected, store, lambda task_id: False, issued_at_2)
+        validate_update(
+            body("t1", InlineDelta(codec.encode(delta))), expected, store, lambda task_id: False, issued_at_2
+        )
     assert info.value.reason == "norm_outlier"
-    validated = validate_update(body("t1", InlineDelta(codec.encode(delta))), replace(expected, max_delta_norm=18.1),
-                                store, lambda task_id: False, issued_at_2)
+    validated = validate_update(
+        body("t1", InlineDelta(codec.encode(delta))),
+        replace(expected, max_delta_norm=18.1),
+        store,
+        lambda task_id: False,
+        issued_at_2,
+    )
     assert validated.norm == pytest.approx(18.0)
 
 

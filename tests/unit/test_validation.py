@@ -1,4 +1,5 @@
 """check_tensors and check_staleness: the reason label of every rejection."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,14 +13,20 @@ from fedq.coordinator.service.validation import check_staleness, check_tensors
 
 FAST = settings(max_examples=150, deadline=None, database=None)
 
-MODEL = {"fc.weight": np.zeros((2, 3), dtype=np.float32), "fc.bias": np.zeros(2, dtype=np.float32),
-         "steps": np.zeros(1, dtype=np.int64)}
+MODEL = {
+    "fc.weight": np.zeros((2, 3), dtype=np.float32),
+    "fc.bias": np.zeros(2, dtype=np.float32),
+    "steps": np.zeros(1, dtype=np.int64),
+}
 SPECS = tensor_specs(MODEL)
 
 
 def good_delta() -> dict:
-    return {"fc.weight": np.full((2, 3), 0.5, dtype=np.float32), "fc.bias": np.array([1.0, -1.0], np.float32),
-            "steps": np.array([3], dtype=np.int64)}
+    return {
+        "fc.weight": np.full((2, 3), 0.5, dtype=np.float32),
+        "fc.bias": np.array([1.0, -1.0], np.float32),
+        "steps": np.array([3], dtype=np.int64),
+    }
 
 
 def reason(delta) -> str:
@@ -62,8 +69,16 @@ def test_wrong_shape(shape):
     assert reason(delta) == "wrong_shape"
 
 
-@pytest.mark.parametrize("name, dtype", [("fc.weight", np.float64), ("fc.weight", np.float16),
-                                         ("fc.bias", np.int32), ("steps", np.float32), ("steps", np.int32)])
+@pytest.mark.parametrize(
+    "name, dtype",
+    [
+        ("fc.weight", np.float64),
+        ("fc.weight", np.float16),
+        ("fc.bias", np.int32),
+        ("steps", np.float32),
+        ("steps", np.int32),
+    ],
+)
 def test_wrong_dtype(name, dtype):
     delta = good_delta()
     delta[name] = delta[name].astype(dtype)
@@ -80,7 +95,7 @@ def test_not_finite(name, bad):
 
 def test_names_are_checked_before_shapes_and_shapes_before_values():
     delta = good_delta()
-    delta["fc.bias"] = np.array([np.nan, 1.0, 2.0], dtype=np.float32)   # wrong shape and not finite
+    delta["fc.bias"] = np.array([np.nan, 1.0, 2.0], dtype=np.float32)  # wrong shape and not finite
     assert reason(delta) == "wrong_shape"
     delta["extra"] = np.zeros(1, np.float32)
     assert reason(delta) == "wrong_tensors"
@@ -98,8 +113,9 @@ def test_any_single_non_finite_element_is_caught(position, bad):
 
 
 def update(base_version: int) -> ModelUpdate:
-    return ModelUpdate(job="j", task_id="t", worker_id="w", base_version=base_version, num_examples=1,
-                       delta=InlineDelta(b""))
+    return ModelUpdate(
+        job="j", task_id="t", worker_id="w", base_version=base_version, num_examples=1, delta=InlineDelta(b"")
+    )
 
 
 def test_fresh_update_has_staleness_zero():
@@ -123,18 +139,24 @@ def test_too_stale():
 @pytest.mark.parametrize("base, head", [(1, 0), (11, 10), (1000, 3)])
 def test_future_version(base, head):
     with pytest.raises(MessageError) as info:
-        check_staleness(update(base), head=head, max_staleness=10 ** 6)
+        check_staleness(update(base), head=head, max_staleness=10**6)
     assert info.value.reason == "future_version"
 
 
 def test_claim_checked_update_is_checked_the_same_way():
-    claimed = ModelUpdate(job="j", task_id="t", worker_id="w", base_version=2, num_examples=5,
-                          delta=ClaimCheck(key="k", sha256="0" * 64, nbytes=10))
+    claimed = ModelUpdate(
+        job="j",
+        task_id="t",
+        worker_id="w",
+        base_version=2,
+        num_examples=5,
+        delta=ClaimCheck(key="k", sha256="0" * 64, nbytes=10),
+    )
     assert check_staleness(claimed, head=6, max_staleness=4) == 4
 
 
 @FAST
-@given(st.integers(0, 10 ** 6), st.integers(0, 10 ** 6), st.integers(0, 1000))
+@given(st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 1000))
 def test_staleness_property(base, head, limit):
     if base > head:
         expected = "future_version"

@@ -1,4 +1,5 @@
 """The worker's loop on the in-memory transport and fakeredis: ack after publish, drain, training errors."""
+
 from __future__ import annotations
 
 import signal
@@ -11,8 +12,15 @@ from fedq.broker.transport import DETAIL_HEADER, ORIGIN_HEADER, REASON_HEADER
 from fedq.common.wire.limits import TRAINING_ATTEMPTS
 from fedq.common.wire.messages import RoundTask, TaskRefusal, parse_update, parse_worker_message
 from fedq.worker.service import Worker, WorkerSettings
-from tests.support import (FAST_POLLING, BlockedTraining, InBackground, memory_store, publish_job, signed_task,
-                           wait_until)
+from tests.support import (
+    FAST_POLLING,
+    BlockedTraining,
+    InBackground,
+    memory_store,
+    publish_job,
+    signed_task,
+    wait_until,
+)
 
 JOB = "unit"
 TOPOLOGY = Topology(JOB)
@@ -35,8 +43,11 @@ def job_store(task: str = "linear"):
 
 def start(broker, store, **settings) -> tuple[Worker, InBackground]:
     settings = {"task": store.worker_task, "idle_seconds": FAST_POLLING["idle_seconds"], "partition": 0} | settings
-    worker = Worker(WorkerSettings(job=JOB, amqp_url="memory://", redis_url="memory://", worker_id="w0",
-                                   **settings), store, MemoryTransport(broker))
+    worker = Worker(
+        WorkerSettings(job=JOB, amqp_url="memory://", redis_url="memory://", worker_id="w0", **settings),
+        store,
+        MemoryTransport(broker),
+    )
     return worker, InBackground(worker)
 
 
@@ -151,8 +162,11 @@ def test_a_connection_lost_mid_training_never_runs_two_trainings_of_one_model(br
     assert BlockedTraining.started.wait(DEADLINE), "the task never started"
     sessions = worker.transport.sessions
     broker.drop_connections()  # the task returns to the queue while its training still runs
-    wait_until(lambda: worker.transport.sessions > sessions and broker.unacked(TOPOLOGY.tasks) == 1, DEADLINE,
-               "the redelivered task was not taken again")
+    wait_until(
+        lambda: worker.transport.sessions > sessions and broker.unacked(TOPOLOGY.tasks) == 1,
+        DEADLINE,
+        "the redelivered task was not taken again",
+    )
     BlockedTraining.release.set()
     assert running.join(DEADLINE) == 0
     assert BlockedTraining.most_at_once == 1, "two trainings ran on one model at once"
