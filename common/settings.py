@@ -192,9 +192,14 @@ def load_job_file(
     path: str | None,
     command: str | None = None,
     commands: Callable[[], dict[str, frozenset[str]]] = _settings_by_command,
+    mine: frozenset[str] | None = None,
 ) -> dict[str, Any]:
     """The settings of the job file at ``path`` for ``command``: the shared ones, then the command's
-    own table over them. Refuses, in one sentence, a key or table no command knows."""
+    own table over them. Refuses, in one sentence, a key or table no command knows.
+
+    ``mine`` (the command's own settings) allows a short cut: a file whose every key the command
+    reads, in no table but [job], is taken without asking ``commands`` (which imports every
+    command's module)."""
     if not path:
         return {}
     try:
@@ -204,6 +209,11 @@ def load_job_file(
         raise SettingsError(f"job file {path} does not exist") from None
     except tomllib.TOMLDecodeError as error:
         raise SettingsError(f"job file {path} is not valid TOML: {error}") from None
+    if mine is not None:
+        flat = dict(document["job"]) if isinstance(document.get("job"), dict) else {}
+        flat |= {key: value for key, value in document.items() if not (key == "job" and isinstance(value, dict))}
+        if set(flat) <= mine:
+            return flat
     known_by = commands()
     # A table named after a command is that command's; anything else at the top level is shared
     # (a setting's own value may be a table: task_params). `job = "name"` at the top level is the
@@ -272,6 +282,7 @@ def resolve(
         getattr(args, "config", None) or environ.get("FEDQ_CONFIG"),
         command,
         lambda: {**commands(), **({command: mine} if command else {"this command": mine})},
+        mine,
     )
     _warn_about_unknown_environment(environ, {option.env_var for option in options}, commands)
     values: dict[str, Any] = {}

@@ -412,3 +412,15 @@ def test_a_flag_the_configuration_ignores_is_refused_and_a_shared_setting_is_nam
     check_combinations({**values, "algorithm": "fedbuff"}, {"buffer_size": "--buffer-size"})
     with pytest.raises(SettingsError, match="is not a score the tasks reach"):
         check_combinations({**values, "target": 90.0}, {"target": "--target"})
+
+
+def test_a_file_of_this_commands_own_keys_is_read_without_asking_every_command(tmp_path):
+    # Asking means importing every command's module (about a second): not for a site's own job file.
+    def every_command():
+        raise AssertionError("asked every command")
+
+    config = job_file(tmp_path, '[job]\njob = "j"\namqp_url = "amqp://site/"\n')
+    values = resolve(
+        parse_as("status", STATUS_OPTIONS, "--config", config), STATUS_OPTIONS, environ={}, commands=every_command
+    )
+    assert values == {"job": "j", "amqp_url": "amqp://site/"}
