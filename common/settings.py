@@ -238,8 +238,8 @@ def load_job_file(
             )
         where = "no fedq command reads" if table == "job" else f"fedq {table} does not read"
         raise SettingsError(f"job file {path}: {where} {', '.join(unknown)}{_nearest(key, set(allowed))}")
-    mine = {key: value for key, value in shared.items() if command is None or key in known_by.get(command, ())}
-    return mine | (roles.get(command, {}) if command else {})
+    taken = {key: value for key, value in shared.items() if command is None or key in known_by.get(command, ())}
+    return taken | (roles.get(command, {}) if command else {})
 
 
 def _warn_about_unknown_environment(
