@@ -204,21 +204,14 @@ ONLY_WITH: list[tuple[str, str, Callable[[dict[str, Any]], bool]]] = [
     ],
     ("trim_fraction", "--robust trimmed_mean", lambda values: values["robust"] == "trimmed_mean"),
     ("mixing_rate", "--algorithm fedasync", lambda values: values["algorithm"] == "fedasync"),
+    # (Staleness bounds and the staleness function still judge and weigh fedavg's late updates.)
     *[
         (
             name,
-            "an asynchronous --algorithm (fedasync or fedbuff): fedavg's rounds have no staleness",
+            "an asynchronous --algorithm (fedasync or fedbuff): fedavg weighs a round's updates by their examples",
             lambda values: values["algorithm"] != "fedavg",
         )
-        for name in (
-            "staleness",
-            "staleness_bound",
-            "max_staleness",
-            "staleness_tolerance",
-            "damp_above",
-            "max_update_weight",
-            "max_age_seconds",
-        )
+        for name in ("damp_above", "max_update_weight")
     ],
     *[
         (name, "--staleness-bound adaptive", lambda values: values["staleness_bound"] == "adaptive")
