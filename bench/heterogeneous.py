@@ -4,7 +4,7 @@ Run from the repository root:
 
     .venv/bin/python bench/heterogeneous.py --budget 60     # three cases, four arms: ~21 minutes on 2 cores
     .venv/bin/python bench/heterogeneous.py --cases unique --arms fixed,adaptive --budget 60
-    .venv/bin/python bench/heterogeneous.py --task synthetic --budget 60   # stragglers and lognormal
+    .venv/bin/python bench/heterogeneous.py --task synthetic --budget 60   # stragglers and lognormal: ~12 minutes
 
 Real federations (one coordinator, ten ``fedq worker`` processes, RabbitMQ and Redis), through
 ``async_vs_sync_run.run_one``. Digits, ten workers, Dirichlet(0.5) partitions, the demo's local
