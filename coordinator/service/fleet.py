@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 
 from fedq.common.obs import metrics
 from fedq.common.records import AppliedUpdate
@@ -37,6 +37,25 @@ ACTIVE_SECONDS = 300.0
 ACTIVE_ROUND_TRIPS = 3
 # Updates refused in a row before a worker is reported as being rejected.
 REJECTED_STREAK_WARNING = 3
+
+
+class _ExpectedStaleness(Mapping[str, float]):
+    """The workers' expected staleness, read from their records when asked (see Fleet.expectations)."""
+
+    def __init__(self, workers: dict[str, WorkerRecord]):
+        self._workers = workers
+
+    def __getitem__(self, worker: str) -> float:
+        expected = self._workers[worker].expected_staleness
+        if expected is None:
+            raise KeyError(worker)
+        return expected
+
+    def __iter__(self) -> Iterator[str]:
+        return (worker for worker, record in self._workers.items() if record.expected_staleness is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class Fleet:
@@ -57,13 +76,10 @@ class Fleet:
             self.workers[worker_id] = WorkerRecord(worker_id, first_seen=now)
         return self.workers[worker_id]
 
-    def expectations(self) -> dict[str, float]:
-        """worker id -> the staleness its speed predicts, for every worker measured so far."""
-        return {
-            worker: record.expected_staleness
-            for worker, record in self.workers.items()
-            if record.expected_staleness is not None
-        }
+    def expectations(self) -> Mapping[str, float]:
+        """worker id -> the staleness its speed predicts, for every worker measured so far: a live
+        view, so that judging an update looks up its own worker instead of copying the fleet."""
+        return _ExpectedStaleness(self.workers)
 
     def arrived(
         self,
