@@ -112,33 +112,30 @@ def task_spec(task: str, case: str) -> TaskSpec:
     )
 
 
-def data_shares(spec: TaskSpec) -> list[float]:
+def partition_sizes(spec: TaskSpec) -> list[int]:
+    """Each worker's number of examples (worker i trains on partition i)."""
     from fedq.common.tasks import load_task
 
     task = load_task(spec.task, spec.params)
-    sizes = [len(task.local_data(index)) for index in range(spec.workers)]
-    return [size / sum(sizes) for size in sizes]
+    return [len(task.local_data(index)) for index in range(spec.workers)]
 
 
-def steps_per_task(spec: TaskSpec) -> list[int]:
+def steps_per_task(spec: TaskSpec, sizes: list[int]) -> list[int]:
     """Each device's training steps in one task of the run's local training (epochs x batches)."""
-    from fedq.common.tasks import load_task
-
     settings = dict(zip(spec.training[::2], spec.training[1::2]))
     epochs, batch = int(settings["--local-epochs"]), int(settings["--batch-size"])
-    task = load_task(spec.task, spec.params)
-    return [epochs * -(-len(task.local_data(index)) // batch) for index in range(spec.workers)]
+    return [epochs * -(-size // batch) for size in sizes]
 
 
-def step_delays(spec: TaskSpec, case: str, seed: int) -> tuple[list[float], list[int]]:
-    """Per-worker extra seconds per training step, and the slow workers."""
+def step_delays(spec: TaskSpec, case: str, seed: int, sizes: list[int]) -> tuple[list[float], list[int]]:
+    """Per-worker extra seconds per training step (``sizes``: each worker's examples), and the slow workers."""
     workers = spec.workers
     if spec.task == "synthetic":  # async_vs_sync's per-task extra (less the common link), over each device's steps
         from bench.async_vs_sync_config import STRAGGLER_BASE, slowdowns
 
         per_task, slow = slowdowns(case, workers, seed)
         extra = [delay - STRAGGLER_BASE if case == "stragglers" else delay for delay in per_task]
-        return [round(seconds / steps, 5) for seconds, steps in zip(extra, steps_per_task(spec))], slow
+        return [round(seconds / steps, 5) for seconds, steps in zip(extra, steps_per_task(spec, sizes))], slow
     if case != "lognormal":
         return [STEP_DELAY if index in SLOW else 0.0 for index in range(workers)], SLOW
     from bench.async_vs_sync_config import slowdowns
@@ -266,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for case in cases:
             spec = task_spec(args.task, case)
-            data = data_shares(spec)
-            delays, slow = step_delays(spec, case, args.seed)
+            sizes = partition_sizes(spec)
+            data = [size / sum(sizes) for size in sizes]
+            delays, slow = step_delays(spec, case, args.seed, sizes)
             results = []
             for arm in arms:
                 print(f"{case} / {arm} ...", flush=True)
