@@ -112,7 +112,7 @@ def follow(
         if last_entry is not None and (due or exited):
             line = _progress_line(last_entry, started, applied, stalenesses)
             if applied == 0 and workers:
-                line += f"  waiting for the workers to start: {len(store.workers.live())} of {workers} ready"
+                line += f"  waiting for the first update: {len(store.workers.live())} of {workers} workers up"
             print(("\r" + line) if interactive else line, end="" if interactive else "\n", flush=True)
             last_print, shown = time.monotonic(), last_entry
         if exited and not records:

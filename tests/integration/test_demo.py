@@ -47,12 +47,10 @@ def test_the_demo_reaches_its_target_in_a_fresh_job_and_says_how_to_remove_it(tm
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         assert "Traceback" not in result.stderr
         # Progress without a terminal: a line per new version (or one every 10 s), and while no
-        # update has come yet, a word that the workers are still starting.
+        # update has come yet, a word that it is awaited (workers load torch and their data first).
         progress = [(float(at), text) for at, text in re.findall(r"^\[ *([0-9.]+)s\] (.*)$", result.stdout, re.M)]
         assert progress and all(
-            "waiting for the workers to start" in text
-            for _, text in progress
-            if re.search(r"updates applied +0 ", text)
+            "waiting for the first update" in text for _, text in progress if re.search(r"updates applied +0 ", text)
         ), progress[:5]
         # The same line again only after QUIET_SECONDS without news, however slowly the run went
         # (the last line, printed at exit, aside).
