@@ -7,6 +7,9 @@ Cluster slot and one Lua script may touch them together::
     fedq:{job}:signing_key       the coordinator's Ed25519 private key (raw 32 bytes): the coordinator's alone
     fedq:{job}:head              the current global version number
     fedq:{job}:model:<v>         safetensors bytes of version v (immutable once head passed it)
+    fedq:{job}:modeldiff:<v>     exact compressed difference from version v-1's weights to v's
+                                 (common/wire/downlink.py), for workers that hold v-1; written after
+                                 v is committed, may be missing; removed with model:<v>
     fedq:{job}:meta:<v>          JSON metadata of version v (parent, digest, staleness, metrics, ...)
     fedq:{job}:optstate:<v>      safetensors server-optimizer state after version v (stateful optimizers)
     fedq:{job}:history           stream, one entry per version, listing every update applied
@@ -76,6 +79,10 @@ class JobKeys:
 
     def model(self, version: int) -> str:
         return self._key("model", version)
+
+    def model_diff(self, version: int) -> str:
+        """The diff from version ``version - 1`` to ``version``."""
+        return self._key("modeldiff", version)
 
     def meta(self, version: int) -> str:
         return self._key("meta", version)

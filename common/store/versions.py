@@ -7,6 +7,13 @@ metadata, appends the history entry and records the applied task ids. A crash
 before the script leaves only a staged blob that expires; a crash after it
 leaves a complete version; a writer that loses the compare-and-set touches
 nothing of the winner's.
+
+Downlink diffs: after committing v the coordinator may also store the exact
+difference from v-1 to v (:meth:`VersionStore.publish_diff`, key ``modeldiff:<v>``);
+a worker that holds an older version then reads the chain of diffs instead of the
+full weights when that is smaller (:meth:`VersionStore.load_weights_from`), and
+falls back to the full weights whenever the chain is missing, larger, unreadable
+or does not give the digest the task names.
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ import redis
 from fedq.common.records import AppliedUpdate, RecordError, VersionRecord
 from fedq.common.store.client import HeadMovedError, TamperedVersionError, UnknownVersionError
 from fedq.common.store.keys import JobKeys
-from fedq.common.wire import codec
+from fedq.common.wire import codec, downlink
 
 # Versions are immutable, so cached weights never go stale; a few cover the
 # staleness window FedAsync needs (it mixes against the update's base version).
 WEIGHTS_CACHE_VERSIONS = 8
+# The longest chain of diffs a worker asks for; further behind, diffs would be larger than the weights.
+MAX_DIFF_CHAIN = 32
 # Staged weights of a commit attempt that died before its script ran expire after this.
 STAGING_TTL_SECONDS = 3600
 # The history stream's entries as our clients read them: (id, fields), in bytes (no client
@@ -77,6 +86,26 @@ class _Verified:
     digest: str
 
 
+@dataclass(frozen=True)
+class LoadedWeights:
+    """Verified weights of ``version`` and how they were read.
+
+    ``source`` is "cache" (this process held them: nothing read; worker/model_cache.py says "held"
+    for its own), "diffs" (``diffs`` diffs applied to held weights) or "full" (the whole model
+    read). ``bytes_read`` counts every value read from Redis, diffs that were then not used
+    included. ``fallback`` says why diffs were not used when a held version could have served:
+    "missing", "larger", "too_far", "denied" (the Redis user may not read diffs), "corrupt" or
+    "mismatch" (a chain that did not give the expected digest).
+    """
+
+    weights: codec.Weights
+    version: int
+    source: str
+    bytes_read: int
+    diffs: int = 0
+    fallback: str | None = None
+
+
 def _frozen(weights: codec.Weights) -> codec.Weights:
     for array in weights.values():
         array.flags.writeable = False
@@ -120,10 +149,20 @@ class VersionStore:
         Raises :class:`UnknownVersionError` when they are not stored (never committed, or
         pruned) and :class:`TamperedVersionError` when they do not match.
         """
+        return self._load(version, expected_digest)[0]
+
+    def _cached(self, version: int, expected_digest: str | None) -> codec.Weights | None:
         cached = self._weights_cache.get(version)
         if cached is not None and expected_digest in (None, cached.digest):
             self._weights_cache.move_to_end(version)
             return cached.weights
+        return None
+
+    def _load(self, version: int, expected_digest: str | None) -> tuple[codec.Weights, int]:
+        """:meth:`load_weights`, and how many bytes it read (0 from the cache)."""
+        cached = self._cached(version, expected_digest)
+        if cached is not None:
+            return cached, 0
         reads = self.redis.pipeline(transaction=False)
         reads.get(self.keys.model(version))
         reads.get(self.keys.meta(version))
@@ -140,7 +179,86 @@ class VersionStore:
             )
         weights = _frozen(codec.decode(payload))
         self._remember(version, _Verified(weights, digest))
-        return weights
+        return weights, len(payload)
+
+    def load_weights_from(
+        self, held_version: int | None, held_weights: codec.Weights | None, version: int, expected_digest: str
+    ) -> LoadedWeights:
+        """The weights of ``version``, verified against ``expected_digest``, read as the diffs from
+        ``held_version`` (whose weights the caller holds) when they are stored and smaller than the
+        full weights, and in full otherwise (or when ``held_version`` is None or not older).
+
+        Weights rebuilt from diffs are returned only when their digest is ``expected_digest``;
+        anything else about the diffs (missing, larger, unreadable, not permitted, a wrong result)
+        falls back to :meth:`load_weights`, whose errors are the caller's as usual.
+        """
+        cached = self._cached(version, expected_digest)
+        if cached is not None:
+            return LoadedWeights(cached, version, "cache", 0)
+        spent = 0
+        fallback = None
+        if held_version is None or held_weights is None or held_version >= version:
+            pass
+        elif version - held_version > MAX_DIFF_CHAIN:
+            fallback = "too_far"
+        else:
+            chain = range(held_version + 1, version + 1)
+            rebuilt, spent, fallback = self._through_diffs(held_weights, chain, version, expected_digest)
+            if rebuilt is not None:
+                self._remember(version, _Verified(rebuilt, expected_digest))
+                return LoadedWeights(rebuilt, version, "diffs", spent, diffs=len(chain))
+        weights, read = self._load(version, expected_digest)
+        return LoadedWeights(weights, version, "full", spent + read, fallback=fallback)
+
+    def _through_diffs(
+        self, weights: codec.Weights, chain: range, version: int, expected_digest: str
+    ) -> tuple[codec.Weights | None, int, str | None]:
+        """(the weights rebuilt through the diffs of ``chain``, or None; bytes read; why not)."""
+        try:
+            sizes = self.redis.pipeline(transaction=False)
+            for step in chain:
+                sizes.strlen(self.keys.model_diff(step))
+            sizes.strlen(self.keys.model(version))
+            *diff_sizes, full_size = sizes.execute()
+            if not full_size or not all(diff_sizes):
+                return None, 0, "missing"
+            if sum(diff_sizes) >= full_size:
+                return None, 0, "larger"
+            reads = self.redis.pipeline(transaction=False)
+            for step in chain:
+                reads.get(self.keys.model_diff(step))
+            diffs = cast("list[bytes | None]", reads.execute())
+        except redis.ResponseError:  # NOPERM: a worker's grant from before diffs existed
+            return None, 0, "denied"
+        spent = sum(len(diff) for diff in diffs if diff is not None)
+        if any(diff is None for diff in diffs):  # trimmed since the sizes were read
+            return None, spent, "missing"
+        try:
+            for diff in diffs:
+                weights = downlink.apply_diff(weights, cast(bytes, diff))
+        except downlink.DiffError:
+            return None, spent, "corrupt"
+        if codec.weights_digest(weights) != expected_digest:
+            return None, spent, "mismatch"
+        return _frozen(weights), spent, None
+
+    def save_diff(self, version: int, diff: bytes) -> None:
+        """Store the diff from ``version - 1`` to ``version`` (after ``version`` is committed)."""
+        self.redis.set(self.keys.model_diff(version), diff)
+
+    def publish_diff(self, previous_weights: codec.Weights, new_weights: codec.Weights, version: int) -> int:
+        """Make and store the diff from ``previous_weights`` (version ``version - 1``) to
+        ``new_weights`` (``version``, just committed); its size, or 0 when it was not stored because
+        it is not smaller than the weights themselves (no worker would read it).
+
+        Call it after the commit and never let it fail one: a missing diff only makes workers
+        read the full weights. Raises DiffError when the versions' tensors differ.
+        """
+        diff = downlink.make_diff(previous_weights, new_weights)
+        if len(diff) >= sum(array.nbytes for array in new_weights.values()):
+            return 0
+        self.save_diff(version, diff)
+        return len(diff)
 
     def digest_of(self, version: int) -> str:
         """The recorded sha256 of ``version``'s weights (what tasks sign and workers check)."""

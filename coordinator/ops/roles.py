@@ -7,9 +7,9 @@ and Redis ``ACL SETUSER``; docs/security.md explains it. A role is granted per j
   and every Redis key of the job.
 - **worker** (one per worker id): consume the job's task queue; publish to the job's update
   exchange (with its own user as ``user_id``: RabbitMQ refuses any other) and dead-letter
-  exchange (a task it refuses, with the reason); read the job's description, model versions and
-  their metadata and the partition leased to it; write only its own update blobs and its own
-  liveness key. It never reads the
+  exchange (a task it refuses, with the reason); read the job's description, model versions (and
+  the diffs between them) and their metadata and the partition leased to it; write only its own
+  update blobs and its own liveness key. It never reads the
   signing key, the ledger or the history, and never writes the head, a version or another
   worker's keys.
 - **monitor**: read-only: queue depths through the management API, and every key of the job
@@ -35,7 +35,8 @@ NOTHING = "^$"  # a RabbitMQ permission pattern no resource name matches
 # CLIENT KILL. (redis-py also sends CLIENT SETINFO, which Redis 7.0 does not know and redis-py
 # does without when refused: naming it here would make ACL SETUSER fail on 7.0.)
 CONNECT_COMMANDS = ("+ping", "+hello", "+auth", "+client|setname", "+client|id", "+select")
-WORKER_COMMANDS = ("+get", "+set", "+del")
+# STRLEN: the sizes of the model diffs it could read instead of a version's weights.
+WORKER_COMMANDS = ("+get", "+set", "+del", "+strlen")
 MONITOR_COMMANDS = (
     "+get",
     "+mget",
@@ -63,6 +64,7 @@ READABLE_KINDS = (
     "spec",
     "head",
     "model:*",
+    "modeldiff:*",
     "meta:*",
     "optstate:*",
     "history",
@@ -123,7 +125,7 @@ def grant(role: str, job: str, name: str) -> Grant:
         )
         # Its own blobs and liveness, and those of its replicas (worker ids "<name>.<replica>").
         patterns = (
-            *(f"%R~{keys.prefix}{kind}" for kind in ("spec", "model:*", "meta:*")),
+            *(f"%R~{keys.prefix}{kind}" for kind in ("spec", "model:*", "modeldiff:*", "meta:*")),
             f"%W~{keys.update(name, '*')}",
             f"%W~{keys.update(name + '.*', '*')}",
             f"~{keys.worker(name)}",

@@ -231,6 +231,7 @@ class Archiver:
             removal = self.store.redis.pipeline(transaction=True)
             removal.delete(
                 keys.model(version),
+                keys.model_diff(version),
                 keys.optimizer_state(version),
                 keys.meta(version),
                 *(update.blob_key for update in (record.updates if record else ())),
