@@ -58,6 +58,12 @@ class VersionRecord:
     max_staleness: int = 0
     aggregation_seconds: float | None = None
     rollback_of: int | None = None  # set on a version made by `fedq rollback`
+    # Differential privacy (common/privacy.py): the seed of this step's central noise (replay draws
+    # the same), and the privacy the job had spent once this version existed: epsilon for the
+    # config's dp_delta, over dp_steps noised steps (central) or updates of one worker (local).
+    dp_seed: int | None = None
+    epsilon: float | None = None
+    dp_steps: int | None = None
     updates_applied: int = 0
     updates: tuple[AppliedUpdate, ...] = ()  # empty when read from the metadata alone
 

@@ -85,6 +85,20 @@ OPTIONS = (
         Option("max_tasks", _optional_int, None, "exit after this many tasks"),
         Option("drain_seconds", non_negative_float, 60.0, "on SIGTERM, how long the current task may still run"),
         Option("heartbeat", positive_int, 30, "AMQP heartbeat interval in seconds"),
+        Option(
+            "state_dir",
+            _optional_str,
+            None,
+            "where this worker keeps its error-feedback residual across restarts of the same --worker-id "
+            "(default: $XDG_STATE_HOME/fedq or ~/.local/state/fedq)",
+        ),
+        Option(
+            "min_dp_noise",
+            non_negative_float,
+            0.0,
+            "refuse jobs whose tasks ask for less local differential-privacy noise than this multiplier "
+            "(0: serve any job)",
+        ),
     ]
     + SERVICE_OPTIONS
 )
@@ -117,6 +131,8 @@ def main(args: argparse.Namespace) -> int:
             task=values["task"],
             task_params=values["task_params"],
             coordinator_key=values["coordinator_key"],
+            state_dir=values["state_dir"],
+            min_dp_noise=values["min_dp_noise"],
         )
     )
     worker.install_signal_handlers()

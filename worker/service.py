@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +54,7 @@ from fedq.common.tasks import TaskPluginError
 from fedq.common.wire.limits import INLINE_LIMIT_BYTES, MAX_TASK_MESSAGE_BYTES, TRAINING_ATTEMPTS
 from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate, RoundTask, TaskRefusal, parse_task
 from fedq.common.wire.signing import SignatureError
+from fedq.worker.encoding import UpdateEncoder
 from fedq.worker.job import BoundJob, JobBinder, JobMismatchError, UnverifiableJobError
 from fedq.worker.training import LocalTrainer, job_partitions, stable_partition, training_device
 
@@ -104,6 +106,11 @@ class WorkerSettings:
     # How long a worker waits for the coordinator to lease it a partition before it takes one from
     # its id (as before leases existed), with a warning.
     lease_wait_seconds: float = 20.0
+    # Where this worker keeps its own state (the error-feedback residual); None: worker.encoding's default.
+    state_dir: str | None = None
+    # Local differential privacy this worker insists on: a job whose tasks ask for less noise (or
+    # clip less tightly than min_dp_noise requires, i.e. none at all) is refused, not served.
+    min_dp_noise: float = 0.0
 
 
 def default_worker_id() -> str:
@@ -131,6 +138,9 @@ class Worker:
             slowdown_seconds=settings.slowdown_seconds,
             step_delay_seconds=settings.step_delay_seconds,
             inline_limit_bytes=settings.inline_limit_bytes,
+            encoder=UpdateEncoder(
+                settings.job, self.worker_id, None if settings.state_dir is None else Path(settings.state_dir)
+            ),
         )
         self.tasks_done = 0
         self.tasks_failed = 0
@@ -286,6 +296,12 @@ class Worker:
         except JobMismatchError:
             channel.nack(delivery.tag, requeue=True)  # another worker, configured right, may take it
             raise
+        if task.dp_noise < self.settings.min_dp_noise or (self.settings.min_dp_noise > 0 and task.dp_clip <= 0):
+            channel.nack(delivery.tag, requeue=True)
+            raise JobMismatchError(
+                f"job {task.job!r} asks for local differential privacy with noise multiplier {task.dp_noise:g}; "
+                f"this worker sends nothing with less than {self.settings.min_dp_noise:g} (--min-dp-noise)"
+            )
         if task.synchronous and task.model_version == self._round_trained:
             self._hand_back(channel, delivery, task)
             return
@@ -326,6 +342,7 @@ class Worker:
         update: ModelUpdate = outcome["update"]
         body = update.to_bytes()
         channel.publish(self.topology.updates, body, message_id=task.task_id, user_id=self.transport.user)
+        self.trainer.encoder.sent(task.task_id)  # confirmed: what its compression dropped is carried forward
         channel.ack(delivery.tag)
         self.tasks_done += 1
         if task.synchronous:

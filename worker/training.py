@@ -18,6 +18,7 @@ from fedq.common.tasks.base import LOCAL_STEPS, LocalData
 from fedq.common.wire import codec
 from fedq.common.wire.limits import INLINE_LIMIT_BYTES, UPDATE_BLOB_TTL_SECONDS
 from fedq.common.wire.messages import MAX_LOCAL_STEPS, ClaimCheck, InlineDelta, ModelUpdate, RoundTask
+from fedq.worker.encoding import UpdateEncoder
 from fedq.worker.job import BoundJob
 
 CPU = torch.device("cpu")  # the default device: training needs no accelerator
@@ -67,8 +68,10 @@ class LocalTrainer:
         slowdown_seconds: float = 0.0,
         step_delay_seconds: float = 0.0,
         inline_limit_bytes: int = INLINE_LIMIT_BYTES,
+        encoder: UpdateEncoder | None = None,
     ):
         self.store = store
+        self.encoder = encoder or UpdateEncoder(store.keys.job, worker_id)
         self.worker_id = worker_id
         self.device = device
         self.data_location = data_location
@@ -131,20 +134,22 @@ class LocalTrainer:
         local_steps = int(steps) if isinstance(steps, (int, float)) and 0 <= steps <= MAX_LOCAL_STEPS else 0
         trained = weights_of(model)
         delta = {name: (trained[name] - base[name]).astype(np.float32, copy=False) for name in base}
+        payload, encoding = self.encoder.encode(task, delta)
         return ModelUpdate(
             job=task.job,
             task_id=task.task_id,
             worker_id=self.worker_id,
             base_version=task.model_version,
             num_examples=len(data),
-            delta=self.pack(task, delta),
+            delta=self.pack(task, payload),
             metrics=metrics,
             train_seconds=time.monotonic() - started,
             local_steps=local_steps,
+            encoding=encoding,
         )
 
-    def pack(self, task: RoundTask, delta: codec.Weights) -> InlineDelta | ClaimCheck:
-        payload = codec.encode(delta)
+    def pack(self, task: RoundTask, payload: bytes) -> InlineDelta | ClaimCheck:
+        """The encoded delta inline, when small enough, or else written to Redis under its claim check."""
         if len(payload) <= self.inline_limit_bytes:
             return InlineDelta(payload)
         # Claim check: the blob is in Redis before the message that names it exists.

@@ -30,6 +30,9 @@ COMMIT_SECONDS = Histogram(
 HEAD_VERSION = Gauge("fedq_head_version", "Current global model version", ["job"])
 BUFFER_FILL = Gauge("fedq_buffer_fill", "Validated updates waiting in the aggregation buffer", ["job"])
 TASKS_IN_FLIGHT = Gauge("fedq_tasks_in_flight", "Tasks dispatched and not yet answered", ["job"])
+PRIVACY_EPSILON = Gauge(
+    "fedq_privacy_epsilon", "Differential privacy spent so far: epsilon for the job's --dp-delta", ["job"]
+)
 MODEL_SCORE = Gauge("fedq_model_score", "Latest evaluation metric of the global model", ["job", "metric"])
 # Each worker's contribution, as the coordinator sees it (one series per worker id).
 PER_WORKER_APPLIED = Counter(

@@ -62,17 +62,38 @@ class RoundTask:
     # A task of a synchronous round (the round is its model_version): a worker trains at most one
     # task per round, and hands others back for workers that have not trained in it yet.
     synchronous: bool = False
+    # How the worker encodes its update (common/wire/compression.py: "none", "int8:block=256", ...),
+    # whether it keeps what the encoding lost and adds it to its next update (error feedback), and
+    # local differential privacy: clip the delta's L2 norm to dp_clip and add Gaussian noise of
+    # standard deviation dp_noise * dp_clip (0: none). Signed like the rest: a forged task cannot
+    # switch a worker's noise off.
+    compression: str = "none"
+    error_feedback: bool = False
+    dp_clip: float = 0.0
+    dp_noise: float = 0.0
     signature: str = ""
 
     def signed_document(self) -> dict[str, Any]:
-        """What the signature covers: the whole message but the signature."""
+        """What the signature covers: the whole message but the signature. Update rules left at
+        their defaults are left out, so a job without them signs what older fedq signed."""
         document = {"schema": TASK_SCHEMA, **asdict(self)}
         del document["signature"]
+        for name, default in _UPDATE_RULE_DEFAULTS.items():
+            if document[name] == default:
+                del document[name]
         return document
 
     def to_bytes(self) -> bytes:
         body = {**self.signed_document(), "signature": self.signature}
         return json.dumps(body, separators=(",", ":")).encode()
+
+
+_UPDATE_RULE_DEFAULTS: dict[str, Any] = {
+    "compression": "none",
+    "error_feedback": False,
+    "dp_clip": 0.0,
+    "dp_noise": 0.0,
+}
 
 
 @dataclass(frozen=True)
@@ -102,6 +123,7 @@ class ModelUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0
     local_steps: int = 0  # minibatch steps the training took (0: not reported)
+    encoding: str = "none"  # the delta's encoding (common/wire/compression.py); the task named it
 
     def to_bytes(self) -> bytes:
         if isinstance(self.delta, InlineDelta):
@@ -120,6 +142,8 @@ class ModelUpdate:
             "local_steps": self.local_steps,
             "delta": delta,
         }
+        if self.encoding != "none":  # left out otherwise: the message older fedq sent
+            body["encoding"] = self.encoding
         return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -215,6 +239,15 @@ def parse_task(body: bytes) -> RoundTask:
     synchronous = document.get("synchronous", False)
     if not isinstance(synchronous, bool):
         raise MessageError("bad_schema", "field 'synchronous' must be true or false")
+    compression = document.get("compression", "none")
+    if not isinstance(compression, str) or not 1 <= len(compression) <= 64:
+        raise MessageError("bad_schema", "field 'compression' must be a name of 1-64 characters")
+    error_feedback = document.get("error_feedback", False)
+    if not isinstance(error_feedback, bool):
+        raise MessageError("bad_schema", "field 'error_feedback' must be true or false")
+    dp_clip, dp_noise = document.get("dp_clip", 0.0), document.get("dp_noise", 0.0)
+    if not all(_finite_number(value) and value >= 0 for value in (dp_clip, dp_noise)):
+        raise MessageError("bad_schema", "fields 'dp_clip' and 'dp_noise' must be finite numbers >= 0")
     return RoundTask(
         job=_non_empty_text(document, "job"),
         task_id=_non_empty_text(document, "task_id"),
@@ -223,6 +256,10 @@ def parse_task(body: bytes) -> RoundTask:
         issued_at=issued_at,
         model_digest=model_digest,
         synchronous=synchronous,
+        compression=compression,
+        error_feedback=error_feedback,
+        dp_clip=float(dp_clip),
+        dp_noise=float(dp_noise),
         signature=_non_empty_text(document, "signature", 200),
     )
 
@@ -279,6 +316,9 @@ def _update(document: dict[str, Any]) -> ModelUpdate:
     local_steps = document.get("local_steps", 0)
     if isinstance(local_steps, bool) or not isinstance(local_steps, int) or not 0 <= local_steps <= MAX_LOCAL_STEPS:
         raise MessageError("bad_schema", f"field 'local_steps' must be an integer from 0 to {MAX_LOCAL_STEPS}")
+    encoding = document.get("encoding", "none")
+    if not isinstance(encoding, str) or not 1 <= len(encoding) <= 64:
+        raise MessageError("bad_schema", "field 'encoding' must be a name of 1-64 characters")
     return ModelUpdate(
         job=_non_empty_text(document, "job"),
         task_id=_non_empty_text(document, "task_id"),
@@ -289,4 +329,5 @@ def _update(document: dict[str, Any]) -> ModelUpdate:
         metrics={str(name): float(value) for name, value in raw_metrics.items()},
         train_seconds=float(train_seconds),
         local_steps=local_steps,
+        encoding=encoding,
     )

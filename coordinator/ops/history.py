@@ -11,6 +11,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
+from fedq.common import privacy
 from fedq.common.cli import UserError, human_size
 from fedq.common.records import VersionRecord
 from fedq.common.settings import CONNECTION_OPTIONS, Option, add_options, resolve
@@ -101,17 +102,23 @@ class History:
         store = history.store
         head = history.last_committed()
         start = 0 if args.last is None else max(0, head - args.last + 1)
-        entries = history.records(start)
+        entries = list(history.records(start))
         if args.json:
             for entry in entries:
                 print(json.dumps({key: value for key, value in entry.to_dict().items() if key != "config"}))
             return 0
-        print(f"{'version':>7}  {'time (UTC)':19}  {'updates':>7}  {'staleness':>9}  {'max':>4}  metrics")
+        # A job with differential privacy shows the epsilon spent once each version existed.
+        private = any(entry.epsilon is not None for entry in entries)
+        epsilon_header = f"  {'epsilon':>7}" if private else ""
+        print(
+            f"{'version':>7}  {'time (UTC)':19}  {'updates':>7}  {'staleness':>9}  {'max':>4}{epsilon_header}  metrics"
+        )
         for entry in entries:
             note = f"  (rollback to {entry.rollback_of})" if entry.rollback_of is not None else ""
+            spent = f"  {'-' if entry.epsilon is None else f'{entry.epsilon:.3g}':>7}" if private else ""
             print(
                 f"{entry.version:>7}  {_when(entry.created)}  {entry.updates_applied:>7}  "
-                f"{entry.mean_staleness:>9.2f}  {entry.max_staleness:>4}  {_score(entry.metrics)}{note}"
+                f"{entry.mean_staleness:>9.2f}  {entry.max_staleness:>4}{spent}  {_score(entry.metrics)}{note}"
             )
         usage = store.memory_usage()
         parts = ", ".join(
@@ -150,6 +157,9 @@ class Show:
         if meta.rollback_of is not None:
             print(f"  rollback to version {meta.rollback_of}")
         print(f"  metrics: {_score(meta.metrics)}")
+        spent = privacy.summary(meta.config, meta.epsilon, meta.dp_steps)
+        if spent:
+            print(f"  privacy: {spent}")
         print("  aggregation: " + ", ".join(f"{key}={value}" for key, value in (meta.config or {}).items()))
         print(f"  {len(entry.updates)} update(s) applied, in order:")
         for update in entry.updates:

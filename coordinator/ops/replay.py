@@ -16,13 +16,13 @@ from typing import cast
 
 import numpy as np
 
-from fedq.common.records import RecordError, VersionRecord
+from fedq.common.records import AppliedUpdate, RecordError, VersionRecord
 from fedq.common.store import ModelStore, TamperedVersionError
 from fedq.common.store.archive import model_blob
 from fedq.common.store.tiers import TieredHistory, open_job_archive
-from fedq.common.wire import codec
+from fedq.common.wire import codec, compression
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
-from fedq.coordinator.algorithms.step import build_aggregator, build_optimizer, server_step
+from fedq.coordinator.algorithms.step import CentralNoise, build_aggregator, build_optimizer, server_step
 
 # Recently recomputed versions kept for FedAsync's base versions: at most this many bytes of weights.
 RECOMPUTE_CACHE_BYTES = 1 << 30
@@ -132,13 +132,34 @@ class _Recomputer:
                 raise ReplayError(
                     f"version {entry.version}: its recorded aggregation config cannot be used: {error}"
                 ) from None
+            try:
+                noise = CentralNoise.of(meta.config, meta.dp_seed)
+            except ValueError as error:
+                raise ReplayError(f"version {entry.version}: {error}") from None
+            specs = codec.tensor_specs(weights)
             weights, state, _ = server_step(
-                aggregator, optimizer, weights, state, self._updates(entry), lambda base: self.version(base)[0]
+                aggregator,
+                optimizer,
+                weights,
+                state,
+                self._updates(entry, specs),
+                lambda base: self.version(base)[0],
+                noise,
             )
         self.remember(entry.version, weights, state)
         return weights, state
 
-    def _updates(self, entry: VersionRecord) -> list[BufferedUpdate]:
+    @staticmethod
+    def _decoded(version: int, record: AppliedUpdate, payload: bytes, specs: compression.TensorSpecs) -> codec.Weights:
+        """The delta as the coordinator decoded it when it applied it (from its stored encoding)."""
+        try:
+            return compression.decode(payload, specs)[1]
+        except codec.CodecError as error:
+            raise ReplayError(
+                f"version {version}: the blob of update {record.task_id} cannot be decoded: {error}"
+            ) from None
+
+    def _updates(self, entry: VersionRecord, specs: compression.TensorSpecs) -> list[BufferedUpdate]:
         updates = []
         for record in entry.updates:
             try:
@@ -157,7 +178,7 @@ class _Recomputer:
                     base_version=record.base_version,
                     staleness=record.staleness,
                     num_examples=record.num_examples,
-                    delta=codec.decode(payload),
+                    delta=self._decoded(entry.version, record, payload, specs),
                     expected_staleness=record.expected_staleness,
                     data_share=record.data_share,
                     update_interval=record.update_interval,

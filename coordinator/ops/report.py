@@ -10,6 +10,7 @@ import os
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING
 
+from fedq.common import privacy
 from fedq.common.records import VersionRecord
 from fedq.common.settings import add_options
 from fedq.coordinator.ops.history import HISTORY_OPTIONS, open_history
@@ -139,6 +140,14 @@ def main(args: argparse.Namespace) -> int:
         "wall-clock seconds": f"{history[-1].created - history[0].created:.1f}",
         "latest metrics": ", ".join(f"{k}={v:.4f}" for k, v in last_scored.metrics.items()),
     }
+    head = history[-1]
+    if head.config and "compression" in head.config:
+        summary["updates sent as"] = head.config["compression"] + (
+            " with error feedback" if head.config.get("error_feedback") else ""
+        )
+    spent = privacy.summary(head.config, head.epsilon, head.dp_steps)
+    if spent:
+        summary["privacy"] = spent
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
     document = (
         f"<!doctype html><meta charset='utf-8'><title>fedq report: {html.escape(store.job)}</title>"

@@ -15,7 +15,9 @@ import redis
 from fedq.broker.connection import connect
 from fedq.broker.depth import queue_depths
 from fedq.broker.topology import Topology
+from fedq.common import privacy
 from fedq.common.cli import human_size
+from fedq.common.records import VersionRecord
 from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
 from fedq.common.store import ModelStore, TamperedVersionError, connect_redis
 from fedq.common.store.archive import Archive
@@ -228,7 +230,8 @@ def collect(
     except TamperedVersionError as error:
         head, problem = store.versions.last_committed(), str(error)
     source, depths = queue_depths(amqp_url, list(Topology(job).queues), management_url)
-    metrics = store.versions.load_meta(head).metrics if head is not None else {}
+    head_record = store.versions.load_meta(head) if head is not None else None
+    metrics = head_record.metrics if head_record is not None else {}
     now = time.time()
     progress = training_progress(store, now)
     live = store.workers.live()
@@ -239,6 +242,8 @@ def collect(
         "problem": problem,
         "state": store.status.load(),
         "metrics": metrics,
+        "uplink": _uplink(head_record),
+        "privacy": _privacy(head_record),
         "in_flight": len(store.ledger.open_tasks()),
         "rejected": store.counters.get("rejected"),
         "skipped": store.counters.get("skipped"),
@@ -357,6 +362,29 @@ def _cell(value) -> str:
     return "?" if value is None else str(value)
 
 
+def _uplink(record: VersionRecord | None) -> str | None:
+    """The job's update encoding, as the head's config records it (None: full float32)."""
+    config = (record.config if record is not None else None) or {}
+    if "compression" not in config:
+        return None
+    return config["compression"] + (" with error feedback" if config.get("error_feedback") else "")
+
+
+def _privacy(record: VersionRecord | None) -> dict | None:
+    """Differential privacy spent at the head: mode, epsilon, delta, steps, budget (None: no DP)."""
+    config = (record.config if record is not None else None) or {}
+    if record is None or config.get("dp", "off") == "off":
+        return None
+    return {
+        "mode": config["dp"],
+        "epsilon": record.epsilon,
+        "delta": config["dp_delta"],
+        "steps": record.dp_steps,
+        "budget": config.get("dp_epsilon_budget"),
+        "summary": privacy.summary(config, record.epsilon, record.dp_steps),
+    }
+
+
 def main(args: argparse.Namespace) -> int:
     values = resolve(args, CONNECTION_OPTIONS)
     report = collect(values["amqp_url"], values["redis_url"], values["job"], management_url=values["management_url"])
@@ -370,6 +398,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"  PROBLEM: {report['problem']}")
     if report["metrics"]:
         print("  latest metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in report["metrics"].items()))
+    if report["uplink"]:
+        print(f"  updates sent as {report['uplink']}")
+    if report["privacy"]:
+        print(f"  privacy: {report['privacy']['summary']}")
     progress = report["progress"]
     if progress["mean_staleness"] is not None:
         print(

@@ -11,6 +11,7 @@ from typing import Any
 
 from fedq.common.obs.logs import kv, setup_logging
 from fedq.common.obs.metrics import serve_metrics
+from fedq.common.privacy import MODES, ON_BUDGET
 from fedq.common.settings import (
     CONNECTION_OPTIONS,
     SERVICE_OPTIONS,
@@ -38,6 +39,12 @@ HELP = "Run the coordinator of a job: dispatch round tasks, aggregate updates, c
 
 def _optional(parse):
     return lambda text: None if str(text).lower() in ("", "none") else parse(text)
+
+
+def _compression(text):
+    from fedq.common.wire.compression import Compression
+
+    return Compression.parse(str(text)).spec
 
 
 def _seconds_or_auto(text):
@@ -187,6 +194,44 @@ OPTIONS = (
             2048,
             "the job's Redis memory: warn past 80 %%; past 90 %%, new tasks wait for the archiver to catch up",
         ),
+        Option(
+            "compression",
+            _compression,
+            "none",
+            "how workers encode their updates: none, fp16, bf16, int8[:block=N], topk[:fraction=F] "
+            "(largest magnitudes of the whole update) or prune[:fraction=F] (of each tensor); e.g. topk:fraction=0.01",
+        ),
+        Option(
+            "error_feedback",
+            parse_bool,
+            True,
+            "with lossy --compression: each worker adds what its encoding dropped to its next update",
+        ),
+        Option(
+            "dp",
+            str,
+            "off",
+            "differential privacy: off, local (each worker clips and noises its update) or central "
+            "(the coordinator clips every update and noises each FedBuff step)",
+            choices=MODES,
+        ),
+        Option("dp_clip", non_negative_float, 0.0, "DP: the L2 norm every update is clipped to (required with --dp)"),
+        Option("dp_noise", positive_float, 1.0, "DP: noise standard deviation as a multiple of --dp-clip"),
+        Option("dp_delta", positive_float, 1e-5, "DP: the delta epsilon is reported for"),
+        Option(
+            "dp_epsilon",
+            _optional(positive_float),
+            None,
+            "DP budget: stop (or warn, --dp-on-budget) before epsilon would exceed it (default: no budget)",
+        ),
+        Option("dp_on_budget", str, "stop", "DP: what a spent budget does", choices=ON_BUDGET),
+        Option(
+            "dp_population",
+            _optional(positive_int),
+            None,
+            "central DP: how many participants a step's updates come from; epsilon then assumes "
+            "they take part as if sampled at random (default: no such assumption, sampling rate 1)",
+        ),
         Option("server_beta1", float, 0.9, "server optimizer: first-moment decay (momentum for 'momentum')"),
         Option("server_beta2", float, 0.99, "server optimizer: second-moment decay"),
         Option("server_epsilon", positive_float, 1e-3, "server optimizer: adaptivity epsilon (tau in Reddi et al.)"),
@@ -222,6 +267,13 @@ ONLY_WITH: list[tuple[str, str, Callable[[dict[str, Any]], bool]]] = [
         for name in ("round_seconds", "min_updates")
     ],
     ("min_updates", "--round-seconds", lambda values: values["round_seconds"] is not None),
+    ("error_feedback", "a lossy --compression", lambda values: values["compression"] != "none"),
+    *[
+        (name, "--dp local or central", lambda values: values["dp"] != "off")
+        for name in ("dp_clip", "dp_noise", "dp_delta", "dp_epsilon", "dp_on_budget")
+    ],
+    ("dp_population", "--dp central", lambda values: values["dp"] == "central"),
+    ("dp_on_budget", "--dp-epsilon", lambda values: values["dp_epsilon"] is not None),
     ("server_beta2", "--server-optimizer adam or yogi", lambda values: values["server_optimizer"] in ("adam", "yogi")),
     (
         "server_epsilon",

@@ -19,6 +19,7 @@ transport in unit tests.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
@@ -33,6 +34,7 @@ from fedq.broker.transport import Channel, Delivery, Transport, dead_letter_head
 from fedq.common.obs import metrics
 from fedq.common.obs.faults import crash_point
 from fedq.common.obs.logs import kv
+from fedq.common.privacy import epsilon
 from fedq.common.store import (
     TRANSIENT_REDIS_ERRORS,
     HeadMovedError,
@@ -49,7 +51,13 @@ from fedq.common.wire import codec
 from fedq.common.wire.description import JobDescription
 from fedq.common.wire.messages import MessageError, RoundTask, TaskRefusal, TrainSettings
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
-from fedq.coordinator.algorithms.step import build_aggregator, build_optimizer, config_digest, server_step
+from fedq.coordinator.algorithms.step import (
+    CentralNoise,
+    build_aggregator,
+    build_optimizer,
+    config_digest,
+    server_step,
+)
 from fedq.coordinator.service.archiver import ArchiveThread
 from fedq.coordinator.service.fleet import Fleet
 from fedq.coordinator.service.partitions import plan_leases
@@ -118,6 +126,10 @@ class Coordinator:
         self.store = store or ModelStore(connect_redis(settings.redis_url), settings.job)
         self.transport = transport or PikaTransport(settings.amqp_url)
         self.config = settings.aggregation_config()
+        self.uplink = settings.uplink
+        self.privacy = settings.privacy
+        self.dp_steps = 0  # central DP: noised steps committed so far (restored from the head's record)
+        self._budget_warned = False
         self.aggregator = build_aggregator(self.config)
         self.optimizer = build_optimizer(self.config)
         self.norm_guard = NormGuard(settings.norm_outlier_factor)
@@ -190,7 +202,9 @@ class Coordinator:
                 )
             )
         else:
-            self.last_metrics = self.store.versions.load_meta(head).metrics
+            head_record = self.store.versions.load_meta(head)
+            self.last_metrics = head_record.metrics
+            self.dp_steps = head_record.dp_steps or 0
             # A restart bounds updates by the norms the job accepted before, not by a fresh warm-up.
             recent = self.store.versions.recent_history(self.norm_guard.window)
             self.norm_guard.accepted(
@@ -199,7 +213,7 @@ class Coordinator:
             log.info(kv("resumed", job=self.settings.job, head=head))
         self._load_head()  # sets self.head
         self.tensor_specs = codec.tensor_specs(self.weights)
-        self.max_delta_bytes = codec.max_encoded_size(self.tensor_specs)
+        self.max_delta_bytes = self.uplink.max_payload_bytes(self.tensor_specs)
         self.store.status.record_archive(
             self.settings.archive_url,
             self.settings.hot_window,
@@ -408,6 +422,7 @@ class Coordinator:
             require_identity=self.settings.require_identity,
             expected_staleness=self.fleet.expectations(),
             staleness_tolerance=self.settings.staleness_tolerance if self.settings.adaptive else None,
+            encoding=self.uplink.spec,
         )
         try:
             validated = validate_update(
@@ -552,6 +567,9 @@ class Coordinator:
         pending, self.buffer = self.buffer, []
         updates = [item.update for item in pending]
         aggregation_started = time.perf_counter()
+        # Central DP: a fresh seed per step, recorded with the version (replay draws the same noise;
+        # see common/privacy.py for who may then read it).
+        dp_seed = secrets.randbits(63) if self.privacy.mode == "central" else None
         try:
             new_weights, new_state, weights = server_step(
                 self.aggregator,
@@ -560,6 +578,7 @@ class Coordinator:
                 self.optimizer_state,
                 updates,
                 self.store.versions.load_weights,
+                CentralNoise.of(self.config, dp_seed),
             )
         except (UnknownVersionError, TamperedVersionError) as error:
             # FedAsync mixes against the update's base version: pruned or tampered with, it cannot be used.
@@ -586,6 +605,7 @@ class Coordinator:
         evaluate = self.settings.eval_every > 0 and version % self.settings.eval_every == 0
         scores = self._evaluate(new_weights) if evaluate else {}
         applied = [item.validated.applied(weight) for item, weight in zip(pending, weights)]
+        privacy_spent = self._privacy_spent(updates, after_this_step=True)
         commit_started = time.perf_counter()
         try:
             self.head = self.store.versions.commit(
@@ -602,6 +622,8 @@ class Coordinator:
                 config=self.config,
                 config_digest=config_digest(self.config),
                 aggregation_seconds=aggregation_seconds,
+                dp_seed=dp_seed,
+                **privacy_spent,
             )
         except HeadMovedError as error:
             # Someone else moved the head (a rollback): start over from it. The
@@ -613,6 +635,8 @@ class Coordinator:
             return
         for item in pending:  # the commit script closed them in Redis
             self.open_tasks.pop(item.update.task_id, None)
+        if self.privacy.mode == "central":
+            self.dp_steps += 1
         self.weights, self.optimizer_state = self.store.versions.load_weights(self.head), new_state
         self.head_digest = self.store.versions.digest_of(self.head)
         self.model_norm = l2_norm(self.weights)
@@ -634,6 +658,56 @@ class Coordinator:
             )
         )
         self._check_stop(scores)
+        self._check_privacy_budget(privacy_spent)
+
+    def _privacy_spent(self, updates: list[BufferedUpdate], *, after_this_step: bool) -> dict[str, Any]:
+        """The record fields for the privacy spent once the step of ``updates`` is committed:
+        epsilon for the job's delta, and over how many noised steps (central) or updates of the
+        worker that sent most (local). {} without DP."""
+        privacy = self.privacy
+        if privacy.mode == "central":
+            steps = self.dp_steps + (1 if after_this_step else 0)
+            rate = privacy.sample_rate(self.aggregator.buffer_size)
+        elif privacy.mode == "local":
+            # Noise is spent when a worker sends, applied or not: what the coordinator received of each.
+            received = {
+                worker: record.applied + sum(record.rejected.values()) for worker, record in self.fleet.workers.items()
+            }
+            for update in updates if after_this_step else ():
+                received[update.worker_id] = received.get(update.worker_id, 0) + 1
+            steps, rate = max(received.values(), default=0), 1.0
+        else:
+            return {}
+        return {"epsilon": epsilon(privacy.noise_multiplier, rate, steps, privacy.delta), "dp_steps": steps}
+
+    def _check_privacy_budget(self, spent: dict[str, Any]) -> None:
+        """Stop (or warn, once) when one more step would spend more than --dp-epsilon."""
+        if spent:
+            metrics.PRIVACY_EPSILON.labels(self.settings.job).set(spent["epsilon"])
+        budget = self.privacy.epsilon_budget
+        if budget is None or not spent:
+            return
+        privacy = self.privacy
+        rate = privacy.sample_rate(self.aggregator.buffer_size) if privacy.mode == "central" else 1.0
+        next_epsilon = epsilon(privacy.noise_multiplier, rate, spent["dp_steps"] + 1, privacy.delta)
+        if next_epsilon <= budget:
+            return
+        if privacy.on_budget == "stop":
+            log.warning(
+                kv("privacy_budget_spent", epsilon=round(spent["epsilon"], 4), budget=budget, delta=privacy.delta)
+            )
+            self._finish("privacy_budget")
+        elif not self._budget_warned:
+            self._budget_warned = True
+            log.warning(
+                kv(
+                    "privacy_budget_exceeded",
+                    epsilon=round(spent["epsilon"], 4),
+                    next_epsilon=round(next_epsilon, 4),
+                    budget=budget,
+                    detail="--dp-on-budget warn: the run goes on",
+                )
+            )
 
     def _refuse_step(self, pending: list[Pending], reason: str, detail: str) -> None:
         """The buffered updates cannot make a version: dead-letter them, keep the head, go on."""
@@ -735,6 +809,10 @@ class Coordinator:
             ),
             model_digest=self.head_digest,
             synchronous=self.synchronous,
+            compression=self.uplink.spec,
+            error_feedback=self.uplink.lossy and self.settings.error_feedback,
+            dp_clip=self.privacy.clip if self.privacy.mode == "local" else 0.0,
+            dp_noise=self.privacy.noise_multiplier if self.privacy.mode == "local" else 0.0,
         )
         task = replace(task, signature=self.signing_key.sign(task.signed_document()))
         # Recorded before the broker has it, so that an update answering it is accepted even

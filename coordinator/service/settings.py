@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedq.common.privacy import PrivacySettings
+from fedq.common.wire.compression import Compression
 from fedq.coordinator.algorithms.registry import STALENESS_BOUNDS, Algorithm, algorithm
 
 # Evaluations without improvement after which a run with a --target gives up on it: the
@@ -90,9 +92,26 @@ class CoordinatorSettings:
     # coordinator looks for a head moved elsewhere or a rewritten description (tests shorten both).
     idle_seconds: float = 0.5
     head_check_seconds: float = 2.0
+    # Bandwidth (common/wire/compression.py): how workers encode their updates, and whether each
+    # keeps what its encoding dropped for its next update (error feedback, worker/encoding.py).
+    compression: str = "none"
+    error_feedback: bool = True
+    # Differential privacy (common/privacy.py): off, local (workers add the noise) or central (the
+    # coordinator adds it to each FedBuff step).
+    dp: str = "off"
+    dp_clip: float = 0.0
+    dp_noise: float = 1.0
+    dp_delta: float = 1e-5
+    dp_epsilon: float | None = None
+    dp_on_budget: str = "stop"
+    dp_population: int | None = None
 
     def __post_init__(self):
         algorithm(self.algorithm)  # an unknown name raises here, with the choices
+        Compression.parse(self.compression)  # an unknown method or parameter raises here
+        privacy = self.privacy  # and so do privacy settings that promise nothing
+        if privacy.mode == "central":
+            self._check_central_dp()
         if self.staleness_bound not in STALENESS_BOUNDS:
             raise ValueError(
                 f"unknown --staleness-bound {self.staleness_bound!r}; choose from {', '.join(STALENESS_BOUNDS)}"
@@ -113,6 +132,42 @@ class CoordinatorSettings:
                 f"--hot-versions {self.hot_versions} must exceed --max-staleness {bound}: "
                 "an update may be based on any version that recent, and its weights must be in Redis"
             )
+
+    def _check_central_dp(self) -> None:
+        """Central noise is calibrated to what one update can move a FedBuff step: its clipped norm
+        times its weight, at most 1/K with the fixed staleness weights (s(tau) <= 1)."""
+        needs = []
+        if self.algorithm != "fedbuff":
+            needs.append("--algorithm fedbuff")
+        if self.adaptive:
+            needs.append("--staleness-bound fixed (adaptive weights may reach --max-update-weight)")
+        if self.example_weighted:
+            needs.append("no --example-weighted (an update's weight would follow its example count)")
+        if self.robust != "mean":
+            needs.append("--robust mean")
+        if needs:
+            raise ValueError(f"--dp central needs {', '.join(needs)}")
+        if self.clip_norm and self.clip_norm != self.dp_clip:
+            raise ValueError(
+                f"--clip-norm {self.clip_norm:g} differs from --dp-clip {self.dp_clip:g}; give only --dp-clip"
+            )
+        object.__setattr__(self, "clip_norm", self.dp_clip)  # the aggregator clips what the noise is scaled to
+
+    @property
+    def uplink(self) -> Compression:
+        return Compression.parse(self.compression)
+
+    @property
+    def privacy(self) -> PrivacySettings:
+        return PrivacySettings(
+            mode=self.dp,
+            clip=self.dp_clip,
+            noise_multiplier=self.dp_noise,
+            delta=self.dp_delta,
+            epsilon_budget=self.dp_epsilon,
+            on_budget=self.dp_on_budget,
+            population=self.dp_population,
+        )
 
     @property
     def adaptive(self) -> bool:
@@ -173,4 +228,8 @@ class CoordinatorSettings:
             "damp_above",
             "max_update_weight",
         )
-        return {name: getattr(self, name) for name in names} | {"max_staleness": self.version_bound}
+        config = {name: getattr(self, name) for name in names} | {"max_staleness": self.version_bound}
+        # Recorded only when used, so that a job without them keeps the config (and digest) it had.
+        if self.uplink.lossy:
+            config |= {"compression": self.uplink.spec, "error_feedback": self.error_feedback}
+        return config | self.privacy.config()

@@ -26,7 +26,7 @@ import redis
 from fedq.common.records import AppliedUpdate
 from fedq.common.store import TRANSIENT_REDIS_ERRORS, ModelStore
 from fedq.common.store.identities import identity_of
-from fedq.common.wire import codec
+from fedq.common.wire import codec, compression
 from fedq.common.wire.limits import max_update_message_bytes
 from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate, TaskRefusal, parse_worker_message
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
@@ -69,6 +69,8 @@ class Expectations:
     # many times that an update may exceed (None: the fixed cut alone).
     expected_staleness: Mapping[str, float] = field(default_factory=dict)
     staleness_tolerance: float | None = None
+    # The job's update encoding (common/wire/compression.py): every update must be sent in it.
+    encoding: str = compression.LOSSLESS
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,13 @@ def validate_update(
         staleness = check_staleness(
             update, expected.head, expected.max_staleness, expected.abandoned, predicted, expected.staleness_tolerance
         )
-        digest, payload, delta = load_delta(update, store, expected.max_delta_bytes)
+        if update.encoding != expected.encoding:
+            raise MessageError(
+                "wrong_encoding",
+                f"the update is encoded as {update.encoding!r}, but this job takes {expected.encoding!r} "
+                "(its tasks say so; is the worker's fedq older than the coordinator's?)",
+            )
+        digest, payload, delta = load_delta(update, store, expected.max_delta_bytes, expected.tensor_specs)
         check_tensors(delta, expected.tensor_specs)
         norm = l2_norm(delta)
         bound = expected.worker_norm_bounds.get(update.worker_id, expected.max_delta_norm)
@@ -322,10 +330,14 @@ class NormGuard:
 
 
 def load_delta(
-    update: ModelUpdate, store: ModelStore, max_bytes: int | None = None
+    update: ModelUpdate,
+    store: ModelStore,
+    max_bytes: int | None,
+    specs: Mapping[str, tuple[tuple[int, ...], str]],
 ) -> tuple[str, bytes, codec.Weights]:
     """The update's delta as (sha256, safetensors bytes, arrays), from the message or
-    its Redis claim check (verified against the claimed sha256).
+    its Redis claim check (verified against the claimed sha256), decoded from the encoding
+    the message names (which the payload must name too) into tensors of ``specs``.
 
     A payload over ``max_bytes`` is refused as ``too_large``; a claimed blob is
     measured in Redis first and only read when its size is acceptable.
@@ -355,9 +367,12 @@ def load_delta(
         _check_size(len(payload), max_bytes, "the inline delta")
         digest = codec.digest(payload)
     try:
-        return digest, payload, codec.decode(payload)
+        encoding, delta = compression.decode(payload, specs)
     except codec.CodecError as error:
         raise MessageError("bad_tensor", str(error)) from None
+    if encoding != update.encoding:
+        raise MessageError("wrong_encoding", f"the message says {update.encoding!r}, its payload is {encoding!r}")
+    return digest, payload, delta
 
 
 def _check_size(nbytes: int, max_bytes: int | None, what: str) -> None:
