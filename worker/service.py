@@ -360,6 +360,9 @@ class Worker:
                 base_version=task.model_version,
                 examples=update.num_examples,
                 seconds=time.monotonic() - started,
+                sent_bytes=sent,
+                read_bytes=self.trainer.last_read[1],
+                read_as=self.trainer.last_read[0],
                 **{key: value for key, value in update.metrics.items()},
             )
         )

@@ -12,6 +12,7 @@ import zlib
 import numpy as np
 import torch
 
+from fedq.common.obs import metrics as metrics_module
 from fedq.common.store import ModelStore
 from fedq.common.tasks import FederatedTask, TaskPluginError, load_weights_into, weights_of
 from fedq.common.tasks.base import LOCAL_STEPS, LocalData
@@ -20,6 +21,7 @@ from fedq.common.wire.limits import INLINE_LIMIT_BYTES, UPDATE_BLOB_TTL_SECONDS
 from fedq.common.wire.messages import MAX_LOCAL_STEPS, ClaimCheck, InlineDelta, ModelUpdate, RoundTask
 from fedq.worker.encoding import UpdateEncoder
 from fedq.worker.job import BoundJob
+from fedq.worker.model_cache import HeldVersions
 
 CPU = torch.device("cpu")  # the default device: training needs no accelerator
 
@@ -72,6 +74,10 @@ class LocalTrainer:
     ):
         self.store = store
         self.encoder = encoder or UpdateEncoder(store.keys.job, worker_id)
+        # The versions this worker trained from last: the next one is read as diffs from them when
+        # the coordinator publishes diffs and they are smaller (worker/model_cache.py).
+        self.held = HeldVersions(store.versions)
+        self.last_read: tuple[str, int] = ("none", 0)  # how the last task's version was read, and its bytes
         self.worker_id = worker_id
         self.device = device
         self.data_location = data_location
@@ -111,7 +117,10 @@ class LocalTrainer:
     ) -> ModelUpdate:
         # Verified against the digest the coordinator signed into the task, not only the one in
         # Redis: weights and metadata rewritten together are refused all the same.
-        base = self.store.versions.load_weights(task.model_version, expected_digest=task.model_digest)
+        loaded = self.held.load_counted(task.model_version, task.model_digest)
+        base = loaded.weights
+        metrics_module.WORKER_BYTES_RECEIVED.labels(task.job, loaded.source).inc(loaded.bytes_read)
+        self.last_read = (loaded.source, loaded.bytes_read)
         started = time.monotonic()
         load_weights_into(model.cpu(), base)
         data = self.data(plugin, model, partition)

@@ -53,6 +53,11 @@ WORKER_TASK_SECONDS = Histogram(
 )
 WORKER_TASKS = Counter("fedq_worker_tasks_total", "Tasks finished by this worker, by outcome", ["job", "outcome"])
 WORKER_BYTES_SENT = Counter("fedq_worker_bytes_sent_total", "Bytes of weight deltas sent (inline or blob)", ["job"])
+WORKER_BYTES_RECEIVED = Counter(
+    "fedq_worker_bytes_received_total",
+    "Bytes of model versions read, by how (full: the weights; diffs: the chain from a held version; held: none)",
+    ["job", "source"],
+)
 WORKER_FAILURES = Counter(
     "fedq_worker_failures_total", "Task failures and lost connections on this worker", ["job", "kind"]
 )

@@ -109,6 +109,11 @@ class Compression:
     def lossy(self) -> bool:
         return self.method != LOSSLESS
 
+    @property
+    def sparse(self) -> bool:
+        """Whether an update changes only a fraction of the values (and so does a FedAsync step)."""
+        return self.method in DEFAULT_FRACTION
+
     # -- encoding --------------------------------------------------------
 
     def encode(self, delta: Mapping[str, np.ndarray]) -> bytes:

@@ -33,6 +33,7 @@ from fedq.coordinator.algorithms.registry import (
     STALENESS_BOUNDS,
     STALENESS_FUNCTIONS,
 )
+from fedq.coordinator.service.settings import DOWNLINK_MODES
 
 HELP = "Run the coordinator of a job: dispatch round tasks, aggregate updates, commit versions to Redis."
 
@@ -206,6 +207,14 @@ OPTIONS = (
             parse_bool,
             True,
             "with lossy --compression: each worker adds what its encoding dropped to its next update",
+        ),
+        Option(
+            "downlink",
+            str,
+            "auto",
+            "store the exact diff between consecutive versions, which workers holding the previous one "
+            "read instead of the model: auto (with a sparse --compression: topk or prune), diffs (always) or full",
+            choices=DOWNLINK_MODES,
         ),
         Option(
             "dp",

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
+import redis
 import torch
 
 from fedq.broker.pika_transport import PikaTransport
@@ -49,6 +50,7 @@ from fedq.common.store.ledger import OpenTask
 from fedq.common.tasks import FederatedTask, load_task, load_weights_into
 from fedq.common.wire import codec
 from fedq.common.wire.description import JobDescription
+from fedq.common.wire.downlink import DiffError
 from fedq.common.wire.messages import MessageError, RoundTask, TaskRefusal, TrainSettings
 from fedq.coordinator.algorithms.aggregation import BufferedUpdate
 from fedq.coordinator.algorithms.step import (
@@ -637,7 +639,10 @@ class Coordinator:
             self.open_tasks.pop(item.update.task_id, None)
         if self.privacy.mode == "central":
             self.dp_steps += 1
+        previous_weights = self.weights
         self.weights, self.optimizer_state = self.store.versions.load_weights(self.head), new_state
+        if self.settings.publishes_diffs:
+            self._publish_diff(previous_weights)
         self.head_digest = self.store.versions.digest_of(self.head)
         self.model_norm = l2_norm(self.weights)
         self.norm_guard.accepted([(item.validated.worker_id, item.validated.norm) for item in pending])
@@ -659,6 +664,14 @@ class Coordinator:
         )
         self._check_stop(scores)
         self._check_privacy_budget(privacy_spent)
+
+    def _publish_diff(self, previous_weights: codec.Weights) -> None:
+        """The diff from the previous head to this one, for workers that hold the previous: never
+        a reason to fail the commit that is already done (a worker without it reads in full)."""
+        try:
+            self.store.versions.publish_diff(previous_weights, self.weights, self.head)
+        except (redis.RedisError, DiffError) as error:
+            log.warning(kv("diff_not_published", version=self.head, error=str(error)))
 
     def _privacy_spent(self, updates: list[BufferedUpdate], *, after_this_step: bool) -> dict[str, Any]:
         """The record fields for the privacy spent once the step of ``updates`` is committed:

@@ -15,6 +15,7 @@ from fedq.coordinator.algorithms.registry import STALENESS_BOUNDS, Algorithm, al
 PLATEAU_WITH_TARGET = 100
 # --task-seconds auto: tasks sized by the fleet's measured speed.
 AUTO = "auto"
+DOWNLINK_MODES = ("auto", "diffs", "full")
 # The fixed cut's bound when --max-staleness is not given.
 DEFAULT_MAX_STALENESS = 20
 
@@ -96,6 +97,12 @@ class CoordinatorSettings:
     # keeps what its encoding dropped for its next update (error feedback, worker/encoding.py).
     compression: str = "none"
     error_feedback: bool = True
+    # Downlink (worker/model_cache.py): store the exact diff from each version to the next, so that a
+    # worker holding the previous version reads that instead of the whole model. "auto": when the
+    # compression is sparse (topk, prune), which changes a fraction of the model per version; a
+    # dense step's diff is about half the model (bench/downlink.py), which pays only one version
+    # behind, and costs the coordinator a diff per commit. "diffs": always; "full": never.
+    downlink: str = "auto"
     # Differential privacy (common/privacy.py): off, local (workers add the noise) or central (the
     # coordinator adds it to each FedBuff step).
     dp: str = "off"
@@ -109,6 +116,8 @@ class CoordinatorSettings:
     def __post_init__(self):
         algorithm(self.algorithm)  # an unknown name raises here, with the choices
         Compression.parse(self.compression)  # an unknown method or parameter raises here
+        if self.downlink not in DOWNLINK_MODES:
+            raise ValueError(f"unknown --downlink {self.downlink!r}; choose from {', '.join(DOWNLINK_MODES)}")
         privacy = self.privacy  # and so do privacy settings that promise nothing
         if privacy.mode == "central":
             self._check_central_dp()
@@ -156,6 +165,10 @@ class CoordinatorSettings:
     @property
     def uplink(self) -> Compression:
         return Compression.parse(self.compression)
+
+    @property
+    def publishes_diffs(self) -> bool:
+        return self.downlink == "diffs" or (self.downlink == "auto" and self.uplink.sparse)
 
     @property
     def privacy(self) -> PrivacySettings:

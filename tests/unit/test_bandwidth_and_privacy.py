@@ -10,6 +10,7 @@ import pytest
 from fedq.broker.memory import MemoryBroker, MemoryTransport, Message
 from fedq.broker.topology import Topology
 from fedq.common import privacy
+from fedq.common.store import ModelStore
 from fedq.common.store.tiers import whole_history
 from fedq.common.wire import codec, compression
 from fedq.common.wire.messages import parse_task
@@ -32,6 +33,7 @@ def run_job(tmp_path, versions: int, workers: int = 2, task: str = "linear", **s
     values |= dict(concurrency=workers, max_versions=versions, archive="none", **FAST_POLLING)
     coordinator = Coordinator(CoordinatorSettings(**(values | settings)), store, MemoryTransport(broker))
     running = [InBackground(coordinator)]
+    run_job.workers = []
     for index in range(workers):
         worker = Worker(
             WorkerSettings(
@@ -43,10 +45,11 @@ def run_job(tmp_path, versions: int, workers: int = 2, task: str = "linear", **s
                 idle_seconds=0.05,
                 state_dir=str(tmp_path / "state"),
             ),
-            store,
+            ModelStore(store.redis, JOB),  # its own, as a worker process has: no weights cached by others
             MemoryTransport(broker),
         )
         running.append(InBackground(worker))
+        run_job.workers.append(worker)
     wait_until(lambda: store.status.load().get("status") == "finished", DEADLINE, "the job did not finish")
     for background in running:
         background.stop()
@@ -84,6 +87,15 @@ def test_compressed_updates_train_are_recorded_and_replay_bit_for_bit(tmp_path, 
     assert meta.metrics["accuracy"] > store.versions.load_meta(0).metrics["accuracy"] + 0.3
     result = replay(store, 0, head)
     assert result.divergence is None and result.verified == list(range(1, head + 1))
+    # Sparse updates make sparse steps: the coordinator stores the diff between versions (auto), and
+    # workers that held the previous version read that instead of the model, bit-exact (checked
+    # against the task's digest). Dense encodings do not pay for diffs.
+    diffs = [key for key in store.redis.scan_iter(store.keys.prefix + "modeldiff:*")]
+    loads = sum(worker.trainer.held.stats.diff_loads for worker in run_job.workers)
+    if spec.startswith("topk"):
+        assert diffs and loads > 0, [worker.trainer.held.stats for worker in run_job.workers]
+    else:
+        assert not diffs and loads == 0
     # Each worker kept what its encoding dropped, under its own name, for its next update.
     residuals = sorted(path.name for path in (tmp_path / "state" / JOB).iterdir())
     assert len(residuals) == 2 and all(name.endswith(".residual") for name in residuals)
