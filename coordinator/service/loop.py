@@ -19,6 +19,7 @@ transport in unit tests.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -215,6 +216,12 @@ class Coordinator:
             log.info(kv("resumed", job=self.settings.job, head=head))
         self._load_head()  # sets self.head
         self.tensor_specs = codec.tensor_specs(self.weights)
+        self.num_values = codec.num_parameters(self.weights)
+        if self.privacy.mode == "local":
+            # Every honest update is mostly noise, of norm about clip * sqrt(1 + noise^2 * values):
+            # the bound on update norms starts there, not at the model's own norm.
+            clip, noise_multiplier = self.privacy.clip, self.privacy.noise_multiplier
+            self.norm_guard.floor = clip * math.sqrt(1 + noise_multiplier**2 * self.num_values)
         self.max_delta_bytes = self.uplink.max_payload_bytes(self.tensor_specs)
         self.store.status.record_archive(
             self.settings.archive_url,
@@ -595,6 +602,11 @@ class Coordinator:
             )
             return
         step_norm, step_bound = l2_distance(new_weights, self.weights), self.norm_guard.step_bound(self.model_norm)
+        noise = CentralNoise.of(self.config, dp_seed)
+        if step_bound is not None and noise is not None:
+            # The step carries central noise of norm about deviation * sqrt(values): a jump of that
+            # size is the privacy working, not an implausible model (3x: far beyond chance).
+            step_bound += 3 * noise.standard_deviation(updates, weights) * math.sqrt(self.num_values)
         if step_bound is not None and step_norm > step_bound:
             # Finite, yet a jump no step of this job has come near: not a model to commit.
             self._refuse_step(

@@ -284,10 +284,14 @@ class NormGuard:
         # worker_bounds is asked for every update and changes only when norms are accepted (at a
         # commit): kept, with the model norm it was computed for, until then.
         self._worker_bounds: tuple[float, dict[str, float]] | None = None
+        # The norm an honest update has at least, when the job says (local differential privacy:
+        # the noise's); the bound never falls below factor times it.
+        self.floor = 0.0
 
     def bound(self, model_norm: float) -> float | None:
         """The largest acceptable update norm now; None when there is nothing to compare with yet."""
         typical = statistics.median(self.norms) if len(self.norms) >= self.warmup else model_norm
+        typical = max(typical, self.floor)
         return self.factor * typical if self.factor and typical > 0 else None
 
     def worker_bounds(self, model_norm: float) -> dict[str, float]:

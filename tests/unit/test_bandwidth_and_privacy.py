@@ -246,3 +246,24 @@ def test_a_worker_refuses_a_job_with_less_local_noise_than_it_requires(tmp_path)
     with pytest.raises(JobMismatchError, match="less than 1 \\(--min-dp-noise\\)"):
         worker.run()
     assert len(broker.ready(TOPOLOGY.tasks)) == 1  # given back for a worker that will serve it
+
+
+def test_noised_updates_and_steps_are_not_mistaken_for_poison(tmp_path):
+    # digits: 4,810 values, a model norm of about 5, so the norm guard's first bound is about 50.
+    # Local noise of 2 x clip 1 gives every honest update a norm of about 139; central noise of
+    # 3 x clip 1 / K=2 gives each step one of about 104. Neither is an outlier: it is the privacy.
+    local = run_job(tmp_path, versions=4, task="digits", algorithm="fedasync", dp="local", dp_clip=1.0, dp_noise=2.0)
+    assert local.counters.get("rejected") == {}
+    central = run_job(
+        tmp_path,
+        versions=4,
+        task="digits",
+        algorithm="fedbuff",
+        buffer_size=2,
+        staleness_bound="fixed",
+        dp="central",
+        dp_clip=1.0,
+        dp_noise=3.0,
+    )
+    assert central.counters.get("rejected") == {}
+    assert replay(central, 0, central.versions.head()).divergence is None
