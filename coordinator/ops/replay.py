@@ -314,6 +314,9 @@ def rollback(source: ModelStore | TieredHistory, version: int) -> int:
             f"version {version} recomputes to weights that differ from its recorded digest; "
             "run fedq replay to find where the history diverges"
         )
+    # Privacy once spent stays spent: the versions rolled back were released all the same, so the
+    # new head carries the privacy the job had spent at the old one (a restarted coordinator counts on).
+    spent = history.meta(head)
     return store.versions.commit(
         head,
         weights,
@@ -323,4 +326,6 @@ def rollback(source: ModelStore | TieredHistory, version: int) -> int:
         config=target.config,
         metrics=target.metrics,
         replacing_head=tampered_head,
+        epsilon=spent.epsilon,
+        dp_steps=spent.dp_steps,
     )

@@ -579,6 +579,7 @@ class Coordinator:
         # Central DP: a fresh seed per step, recorded with the version (replay draws the same noise;
         # see common/privacy.py for who may then read it).
         dp_seed = secrets.randbits(63) if self.privacy.mode == "central" else None
+        noise = CentralNoise.of(self.config, dp_seed)
         try:
             new_weights, new_state, weights = server_step(
                 self.aggregator,
@@ -587,7 +588,7 @@ class Coordinator:
                 self.optimizer_state,
                 updates,
                 self.store.versions.load_weights,
-                CentralNoise.of(self.config, dp_seed),
+                noise,
             )
         except (UnknownVersionError, TamperedVersionError) as error:
             # FedAsync mixes against the update's base version: pruned or tampered with, it cannot be used.
@@ -602,7 +603,6 @@ class Coordinator:
             )
             return
         step_norm, step_bound = l2_distance(new_weights, self.weights), self.norm_guard.step_bound(self.model_norm)
-        noise = CentralNoise.of(self.config, dp_seed)
         if step_bound is not None and noise is not None:
             # The step carries central noise of norm about deviation * sqrt(values): a jump of that
             # size is the privacy working, not an implausible model (3x: far beyond chance).
@@ -619,7 +619,7 @@ class Coordinator:
         evaluate = self.settings.eval_every > 0 and version % self.settings.eval_every == 0
         scores = self._evaluate(new_weights) if evaluate else {}
         applied = [item.validated.applied(weight) for item, weight in zip(pending, weights)]
-        privacy_spent = self._privacy_spent(updates, after_this_step=True)
+        privacy_spent = self._privacy_spent(updates)
         commit_started = time.perf_counter()
         try:
             self.head = self.store.versions.commit(
@@ -685,20 +685,20 @@ class Coordinator:
         except (redis.RedisError, DiffError) as error:
             log.warning(kv("diff_not_published", version=self.head, error=str(error)))
 
-    def _privacy_spent(self, updates: list[BufferedUpdate], *, after_this_step: bool) -> dict[str, Any]:
+    def _privacy_spent(self, updates: list[BufferedUpdate]) -> dict[str, Any]:
         """The record fields for the privacy spent once the step of ``updates`` is committed:
         epsilon for the job's delta, and over how many noised steps (central) or updates of the
         worker that sent most (local). {} without DP."""
         privacy = self.privacy
         if privacy.mode == "central":
-            steps = self.dp_steps + (1 if after_this_step else 0)
+            steps = self.dp_steps + 1
             rate = privacy.sample_rate(self.aggregator.buffer_size)
         elif privacy.mode == "local":
             # Noise is spent when a worker sends, applied or not: what the coordinator received of each.
             received = {
                 worker: record.applied + sum(record.rejected.values()) for worker, record in self.fleet.workers.items()
             }
-            for update in updates if after_this_step else ():
+            for update in updates:
                 received[update.worker_id] = received.get(update.worker_id, 0) + 1
             steps, rate = max(received.values(), default=0), 1.0
         else:

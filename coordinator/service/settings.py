@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedq.common.privacy import PrivacySettings
+from fedq.common.privacy import PrivacySettings, epsilon
 from fedq.common.wire.compression import Compression
 from fedq.coordinator.algorithms.registry import STALENESS_BOUNDS, Algorithm, algorithm
 
@@ -121,6 +121,15 @@ class CoordinatorSettings:
         privacy = self.privacy  # and so do privacy settings that promise nothing
         if privacy.mode == "central":
             self._check_central_dp()
+        if privacy.enabled and privacy.epsilon_budget is not None:
+            rate = privacy.sample_rate(self.buffer_size) if privacy.mode == "central" else 1.0
+            first = epsilon(privacy.noise_multiplier, rate, 1, privacy.delta)
+            if first > privacy.epsilon_budget:
+                raise ValueError(
+                    f"--dp-epsilon {privacy.epsilon_budget:g} is spent by a single "
+                    f"{'step' if privacy.mode == 'central' else 'update'} (epsilon {first:.3g} at --dp-noise "
+                    f"{privacy.noise_multiplier:g}); raise the noise or the budget"
+                )
         if self.staleness_bound not in STALENESS_BOUNDS:
             raise ValueError(
                 f"unknown --staleness-bound {self.staleness_bound!r}; choose from {', '.join(STALENESS_BOUNDS)}"

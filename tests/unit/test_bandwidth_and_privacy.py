@@ -267,3 +267,44 @@ def test_noised_updates_and_steps_are_not_mistaken_for_poison(tmp_path):
     )
     assert central.counters.get("rejected") == {}
     assert replay(central, 0, central.versions.head()).divergence is None
+
+
+def test_privacy_once_spent_stays_spent_across_a_rollback_and_a_restart(tmp_path):
+    from fedq.coordinator.ops.replay import rollback
+
+    central = dict(algorithm="fedbuff", buffer_size=2, staleness_bound="fixed", dp="central", dp_clip=0.5)
+    store = run_job(tmp_path, versions=4, **central)
+    rolled_back = rollback(store, 2)
+    assert store.versions.load_meta(rolled_back).dp_steps == 4  # versions 3 and 4 were released all the same
+    # A coordinator restarted on the job goes on counting from there.
+    broker = MemoryBroker()
+    values = dict(job=JOB, amqp_url="memory://", redis_url="memory://", task="linear", eval_every=1, archive="none")
+    coordinator = Coordinator(
+        CoordinatorSettings(**values, **central, concurrency=1, max_versions=rolled_back + 1, **FAST_POLLING),
+        store,
+        MemoryTransport(broker),
+    )
+    running = InBackground(coordinator)
+    task = parse_task(broker.get(TOPOLOGY.tasks, timeout=DEADLINE).body)
+    zero = {name: np.zeros_like(array) for name, array in store.versions.load_weights(task.model_version).items()}
+    for worker in ("a", "b"):
+        broker.publish(TOPOLOGY.updates, Message(update_body(task, zero, worker_id=worker), task.task_id))
+        if worker == "a":
+            task = parse_task(broker.get(TOPOLOGY.tasks, timeout=DEADLINE).body)
+    wait_until(lambda: store.versions.head() == rolled_back + 1, DEADLINE, "no version after the restart")
+    running.stop()
+    assert store.versions.load_meta(rolled_back + 1).dp_steps == 5
+
+
+def test_a_budget_a_single_step_would_spend_is_refused_at_start():
+    with pytest.raises(ValueError, match=r"--dp-epsilon 0.5 is spent by a single step \(epsilon .* at --dp-noise 1\)"):
+        CoordinatorSettings(
+            job=JOB,
+            amqp_url="memory://",
+            redis_url="memory://",
+            algorithm="fedbuff",
+            staleness_bound="fixed",
+            dp="central",
+            dp_clip=1.0,
+            dp_epsilon=0.5,
+        )
