@@ -206,6 +206,7 @@ class Coordinator:
             )
         else:
             head_record = self.store.versions.load_meta(head)
+            self._check_same_privacy(head_record.config or {})
             self.last_metrics = head_record.metrics
             self.dp_steps = head_record.dp_steps or 0
             # A restart bounds updates by the norms the job accepted before, not by a fresh warm-up.
@@ -238,6 +239,19 @@ class Coordinator:
                 )
             )
         self.store.status.set(status="running")
+
+    def _check_same_privacy(self, recorded: dict[str, Any]) -> None:
+        """A job's epsilon holds only for the noise it was trained with: a coordinator restarted with
+        other privacy settings would void it, so it does not start."""
+        names = ("dp", "dp_clip", "dp_noise", "dp_delta", "dp_population")
+        before = {name: recorded.get(name) for name in names if recorded.get(name) is not None}
+        now = {name: self.config.get(name) for name in names if self.config.get(name) is not None}
+        if before != now:
+            raise StoreError(
+                f"job {self.settings.job!r} was trained with privacy settings {before or 'dp off'}; "
+                f"a coordinator with {now or 'dp off'} would void the epsilon it reports: "
+                "start it with the same --dp settings, or use another --job name"
+            )
 
     def _keep_description(self) -> None:
         """Put the job's description back if someone rewrote it: workers check every task against it."""

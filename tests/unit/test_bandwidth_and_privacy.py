@@ -308,3 +308,16 @@ def test_a_budget_a_single_step_would_spend_is_refused_at_start():
             dp_clip=1.0,
             dp_epsilon=0.5,
         )
+
+
+def test_a_job_trained_with_privacy_is_not_resumed_without_it(tmp_path):
+    from fedq.common.store import StoreError
+
+    store = run_job(
+        tmp_path, versions=2, algorithm="fedbuff", buffer_size=2, staleness_bound="fixed", dp="central", dp_clip=0.5
+    )
+    values = dict(job=JOB, amqp_url="memory://", redis_url="memory://", task="linear", archive="none")
+    for changed in (dict(), dict(dp="central", dp_clip=0.5, dp_noise=0.5)):
+        settings = CoordinatorSettings(**values, algorithm="fedbuff", buffer_size=2, staleness_bound="fixed", **changed)
+        with pytest.raises(StoreError, match="would void the epsilon it reports"):
+            Coordinator(settings, store, MemoryTransport(MemoryBroker()))
