@@ -108,8 +108,8 @@ class WorkerSettings:
     lease_wait_seconds: float = 20.0
     # Where this worker keeps its own state (the error-feedback residual); None: worker.encoding's default.
     state_dir: str | None = None
-    # Local differential privacy this worker insists on: a job whose tasks ask for less noise (or
-    # clip less tightly than min_dp_noise requires, i.e. none at all) is refused, not served.
+    # Local differential privacy this worker insists on: a job whose tasks ask for less local noise
+    # than this multiplier (or for no local DP at all) is refused, not served.
     min_dp_noise: float = 0.0
 
 

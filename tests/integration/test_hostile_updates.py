@@ -107,3 +107,100 @@ def test_hostile_updates_are_dead_lettered_and_training_continues(processes, job
     assert task_ids.count(applied.task_id) == 1
     assert "mallory" not in {update.worker_id for entry in whole_history(store) for update in entry.updates}
     assert "Traceback" not in processes.log("coordinator")
+
+
+def test_hostile_compressed_updates_are_dead_lettered_and_training_continues(processes, job, store):
+    """A job with top-k updates: payloads that lie about their encoding, their shapes or their
+    indices cost one dead letter each; honest workers train on."""
+    from safetensors.numpy import save as save_numpy
+
+    from fedq.common.wire.compression import Compression
+
+    topk = "topk:fraction=0.05"
+    coordinator = processes.start(
+        "coordinator",
+        "coordinator",
+        *connection_flags(job),
+        "--task",
+        "digits",
+        "--task-params",
+        json.dumps({"num_partitions": 2}),
+        "--algorithm",
+        "fedbuff",
+        "--buffer-size",
+        "2",
+        "--concurrency",
+        "4",
+        "--compression",
+        topk,
+        "--max-versions",
+        "10",
+        "--max-staleness",
+        "100",
+    )
+    wait_until(lambda: store.versions.head() is not None, 60, "the coordinator did not initialise the job")
+    zero = {
+        name: np.zeros_like(array)
+        for name, array in load_task("digits", {"num_partitions": 2}).initial_weights(0).items()
+    }
+    first = sorted(zero)[0]
+
+    def message(task, payload: bytes, encoding: str = topk) -> bytes:
+        return ModelUpdate(
+            job=job,
+            task_id=task.task_id,
+            worker_id="mallory",
+            base_version=task.model_version,
+            num_examples=10,
+            delta=InlineDelta(payload),
+            encoding=encoding,
+        ).to_bytes()
+
+    def forged(parts: dict, shapes: dict) -> bytes:
+        header = json.dumps({"encoding": topk, "shapes": shapes})
+        return save_numpy(parts, metadata={"fedq": header})
+
+    shapes = {name: list(array.shape) for name, array in zero.items()}
+    honest = Compression.parse(topk).encode(zero)
+    # Top-k parts that keep one value of the first tensor, at an index far past its end.
+    past_the_end = {}
+    for name in zero:
+        kept = [10**9] if name == first else []
+        past_the_end[f"{name}::indices"] = np.array(kept, np.uint32)
+        past_the_end[f"{name}::values"] = np.ones(len(kept), np.float32)
+    plain, claims_int8, bomb, out_of_range = take_tasks(job, 4)
+    hostile = {
+        # an old worker's float32 update, where the job takes top-k
+        "wrong_encoding": message(plain, codec.encode(zero), encoding="none"),
+        # the message says int8, the payload is top-k
+        "wrong_encoding_payload": message(claims_int8, honest, encoding="int8:block=256"),
+        # shapes claimed far larger than the model's: never allocated
+        "bomb": message(bomb, forged(past_the_end, dict(shapes, **{first: [10**12]}))),
+        "out_of_range": message(out_of_range, forged(past_the_end, shapes)),
+    }
+    connection = connect(AMQP_URL)
+    channel = connection.channel()
+    Topology(job).declare(channel)
+    channel.confirm_delivery()
+    for name, body in hostile.items():
+        publish(channel, Topology(job).updates, body, message_id=name)
+    connection.close()
+    wait_until(
+        lambda: sum(store.counters.get("rejected").values()) >= len(hostile),
+        60,
+        "the coordinator did not reject every hostile update",
+    )
+    for index in range(2):
+        processes.start(f"worker-{index}", "worker", *connection_flags(job), "--worker-id", f"w{index}")
+    assert coordinator.wait(timeout=180) == 0, processes.log("coordinator")[-3000:]
+    assert store.status.load()["reason"] == "max_versions"
+    assert store.counters.get("rejected") == {"wrong_encoding": 2, "bad_tensor": 2}
+    letters = dict((body, reason) for reason, body in drain_dead_letters(job))
+    assert [letters[body] for body in hostile.values()] == [
+        "wrong_encoding",
+        "wrong_encoding",
+        "bad_tensor",
+        "bad_tensor",
+    ]
+    assert "mallory" not in {update.worker_id for entry in whole_history(store) for update in entry.updates}
+    assert "Traceback" not in processes.log("coordinator")
