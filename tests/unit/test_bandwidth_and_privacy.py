@@ -24,6 +24,8 @@ from tests.support import FAST_POLLING, InBackground, memory_store, update_body,
 JOB = "bandwidth"
 TOPOLOGY = Topology(JOB)
 DEADLINE = 90
+# Central DP's requirements (FedBuff, the fixed staleness weights) with a small buffer.
+CENTRAL_DP = dict(algorithm="fedbuff", buffer_size=2, staleness_bound="fixed", dp="central")
 
 
 def run_job(tmp_path, versions: int, workers: int = 2, task: str = "linear", **settings):
@@ -125,10 +127,7 @@ def test_central_dp_noises_each_step_records_epsilon_and_replays(tmp_path):
     store = run_job(
         tmp_path,
         versions=8,
-        algorithm="fedbuff",
-        buffer_size=2,
-        staleness_bound="fixed",
-        dp="central",
+        **CENTRAL_DP,
         dp_clip=0.5,
         dp_noise=1.1,
     )
@@ -150,10 +149,7 @@ def test_the_privacy_budget_stops_the_run_before_it_is_exceeded(tmp_path):
     store = run_job(
         tmp_path,
         versions=50,
-        algorithm="fedbuff",
-        buffer_size=2,
-        staleness_bound="fixed",
-        dp="central",
+        **CENTRAL_DP,
         dp_clip=0.5,
         dp_noise=1.0,
         dp_epsilon=budget,
@@ -258,10 +254,7 @@ def test_noised_updates_and_steps_are_not_mistaken_for_poison(tmp_path):
         tmp_path,
         versions=4,
         task="digits",
-        algorithm="fedbuff",
-        buffer_size=2,
-        staleness_bound="fixed",
-        dp="central",
+        **CENTRAL_DP,
         dp_clip=1.0,
         dp_noise=3.0,
     )
@@ -272,7 +265,7 @@ def test_noised_updates_and_steps_are_not_mistaken_for_poison(tmp_path):
 def test_privacy_once_spent_stays_spent_across_a_rollback_and_a_restart(tmp_path):
     from fedq.coordinator.ops.replay import rollback
 
-    central = dict(algorithm="fedbuff", buffer_size=2, staleness_bound="fixed", dp="central", dp_clip=0.5)
+    central = dict(CENTRAL_DP, dp_clip=0.5)
     store = run_job(tmp_path, versions=4, **central)
     rolled_back = rollback(store, 2)
     assert store.versions.load_meta(rolled_back).dp_steps == 4  # versions 3 and 4 were released all the same
@@ -302,9 +295,7 @@ def test_a_budget_a_single_step_would_spend_is_refused_at_start():
             job=JOB,
             amqp_url="memory://",
             redis_url="memory://",
-            algorithm="fedbuff",
-            staleness_bound="fixed",
-            dp="central",
+            **CENTRAL_DP,
             dp_clip=1.0,
             dp_epsilon=0.5,
         )
@@ -313,11 +304,9 @@ def test_a_budget_a_single_step_would_spend_is_refused_at_start():
 def test_a_job_trained_with_privacy_is_not_resumed_without_it(tmp_path):
     from fedq.common.store import StoreError
 
-    store = run_job(
-        tmp_path, versions=2, algorithm="fedbuff", buffer_size=2, staleness_bound="fixed", dp="central", dp_clip=0.5
-    )
+    store = run_job(tmp_path, versions=2, **CENTRAL_DP, dp_clip=0.5)
     values = dict(job=JOB, amqp_url="memory://", redis_url="memory://", task="linear", archive="none")
-    for changed in (dict(), dict(dp="central", dp_clip=0.5, dp_noise=0.5)):
-        settings = CoordinatorSettings(**values, algorithm="fedbuff", buffer_size=2, staleness_bound="fixed", **changed)
+    for changed in (dict(dp="off"), dict(dp_clip=0.5, dp_noise=0.5)):
+        settings = CoordinatorSettings(**values, **(CENTRAL_DP | changed))
         with pytest.raises(StoreError, match="would void the epsilon it reports"):
             Coordinator(settings, store, MemoryTransport(MemoryBroker()))
