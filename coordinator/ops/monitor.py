@@ -71,7 +71,12 @@ def render(report: dict, now: float) -> Group:
         f"[bold]rejected[/] {sum(report['rejected'].values())} {report['rejected'] or ''}   "
         f"[bold]duplicates skipped[/] {sum(report['skipped'].values())}"
     )
-    storage = Text(f"{memory_line(report)}\n{archive_line(report)}")
+    lines = [memory_line(report), archive_line(report)]
+    if report["uplink"]:
+        lines.append(f"updates sent as {report['uplink']}")
+    if report["privacy"]:
+        lines.append(f"privacy: {report['privacy']['summary']}")
+    storage = Text("\n".join(lines))
     warnings = [Text(f"WARNING: {warning}", style="bold red") for warning in report["warnings"]]
 
     queues = Table(title="queues", title_justify="left")

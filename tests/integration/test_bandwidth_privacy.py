@@ -82,6 +82,8 @@ def test_top_k_with_error_feedback_and_central_dp_train_report_epsilon_and_repla
     assert f"privacy: central DP, epsilon {expected_epsilon:.3g} (delta 1e-05) after 15 noised steps" in status.stdout
     as_json = json.loads(fedq("status", *connection_flags(job), "--json").stdout)
     assert as_json["privacy"]["epsilon"] == expected_epsilon and as_json["privacy"]["steps"] == 15
+    monitor = fedq("monitor", *connection_flags(job), "--once")
+    assert f"privacy: central DP, epsilon {expected_epsilon:.3g}" in monitor.stdout, monitor.stdout + monitor.stderr
     history = fedq("history", *connection_flags(job))
     assert "epsilon" in history.stdout.splitlines()[0]
     assert f"{expected_epsilon:.3g}" in history.stdout.splitlines()[16]
