@@ -27,7 +27,18 @@ def _specs(delta):
     return codec.tensor_specs(delta)
 
 
-ALL = ["none", "fp16", "bf16", "int8", "int8:block=16", "topk:fraction=0.05", "prune:fraction=0.2"]
+ALL = [
+    "none",
+    "fp16",
+    "bf16",
+    "int8",
+    "int8:block=16",
+    "int8:block=1",  # a scale per value: the largest int8 payload
+    "topk:fraction=0.05",
+    "topk:fraction=1",  # every value kept: the largest top-k payload, twice the dense one
+    "prune:fraction=0.2",
+    "prune:fraction=1",
+]
 
 
 @pytest.mark.parametrize("spec", ALL)
@@ -200,3 +211,19 @@ def test_hostile_payloads_are_refused_with_a_sentence(tensors, encoding, shapes,
 def test_garbage_is_refused(payload):
     with pytest.raises(CodecError):
         compression.decode(payload, SPECS)
+
+
+@pytest.mark.parametrize("spec", ["fp16", "bf16", "int8:block=1", "topk:fraction=1", "prune:fraction=1"])
+def test_the_size_bound_holds_for_many_small_tensors_with_long_names(spec):
+    # The bound refuses larger payloads unread: an honest payload must never exceed it, whatever
+    # the model's names and shapes (the header grows with both).
+    rng = np.random.default_rng(1)
+    delta = {
+        f"encoder.layers.{index}.attention.{'very_long_sub_module_name_' * 6}.weight": rng.normal(
+            size=(index % 3 + 1, 2, 1, 3)
+        ).astype(np.float32)
+        for index in range(40)
+    }
+    delta["scalar"] = np.array(1.5, np.float32)
+    method = Compression.parse(spec)
+    assert len(method.encode(delta)) <= method.max_payload_bytes(_specs(delta))
