@@ -151,7 +151,9 @@ class LocalTrainer:
             base_version=task.model_version,
             num_examples=len(data),
             delta=self.pack(task, payload),
-            metrics=metrics,
+            # Local DP noises the delta, not the training loss or accuracy on this worker's data:
+            # those would leak what the noise protects, so they stay here.
+            metrics={} if task.dp_clip > 0 else metrics,
             train_seconds=time.monotonic() - started,
             local_steps=local_steps,
             encoding=encoding,

@@ -310,3 +310,40 @@ def test_a_job_trained_with_privacy_is_not_resumed_without_it(tmp_path):
         settings = CoordinatorSettings(**values, **(CENTRAL_DP | changed))
         with pytest.raises(StoreError, match="would void the epsilon it reports"):
             Coordinator(settings, store, MemoryTransport(MemoryBroker()))
+
+
+def test_a_local_dp_update_carries_no_training_metrics(tmp_path):
+    import dataclasses
+
+    from fedq.common.wire.messages import parse_update
+    from tests.support import publish_job, signed_task
+
+    broker, store = MemoryBroker(), memory_store(JOB)
+    key = publish_job(store, "linear")
+    worker = Worker(
+        WorkerSettings(
+            job=JOB,
+            amqp_url="memory://",
+            redis_url="memory://",
+            worker_id="w0",
+            partition=0,
+            max_tasks=2,
+            idle_seconds=0.05,
+            state_dir=str(tmp_path),
+        ),
+        store,
+        MemoryTransport(broker),
+    )
+    broker.declare(TOPOLOGY)
+    plain = signed_task(key, store, 0)
+    private = dataclasses.replace(signed_task(key, store, 0), dp_clip=1.0, dp_noise=1.0)
+    private = dataclasses.replace(private, signature=key.sign(private.signed_document()))
+    for task in (plain, private):
+        broker.publish(TOPOLOGY.tasks, Message(task.to_bytes(), task.task_id))
+    assert worker.run() == 0
+    sent = {}
+    for _ in range(2):
+        update = parse_update(broker.get(TOPOLOGY.updates, timeout=DEADLINE).body)
+        sent[update.task_id] = update
+    assert sent[plain.task_id].metrics  # the loss on this worker's data, as before
+    assert sent[private.task_id].metrics == {}  # would leak what the noise protects
