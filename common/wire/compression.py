@@ -177,21 +177,27 @@ def _int8(compression: Compression, delta: Weights) -> dict[str, np.ndarray]:
     return tensors
 
 
+def _largest(magnitudes: np.ndarray, keep: int) -> np.ndarray:
+    """A mask of the ``keep`` largest ``magnitudes``, ties broken by position (the first win), in
+    linear time: np.argpartition finds the keep-th largest, but is not stable, so the mask is the
+    values above it plus the first of those equal to it."""
+    total = magnitudes.size
+    if keep >= total:
+        return np.ones(total, dtype=bool)
+    threshold = np.partition(magnitudes, total - keep)[total - keep]
+    chosen = magnitudes > threshold
+    ties = np.flatnonzero(magnitudes == threshold)[: keep - int(chosen.sum())]
+    chosen[ties] = True
+    return chosen
+
+
 def _topk(compression: Compression, delta: Weights) -> dict[str, np.ndarray]:
     """The ``fraction`` largest magnitudes over the whole update (global top-k), stored per tensor."""
     names = sorted(delta)
     total = sum(delta[name].size for name in names)
     keep = max(1, math.ceil(compression.fraction * total)) if total else 0
     magnitudes = np.concatenate([np.abs(delta[name].ravel()) for name in names]) if names else np.zeros(0)
-    if keep < total:
-        # The keep-th largest magnitude; ties at it are broken by position (np.argpartition is
-        # not stable, so select by threshold and then trim the ties deterministically).
-        threshold = np.partition(magnitudes, total - keep)[total - keep]
-        chosen = magnitudes > threshold
-        ties = np.flatnonzero(magnitudes == threshold)[: keep - int(chosen.sum())]
-        chosen[ties] = True
-    else:
-        chosen = np.ones(total, dtype=bool)
+    chosen = _largest(magnitudes, keep)
     tensors: dict[str, np.ndarray] = {}
     offset = 0
     for name in names:
@@ -209,9 +215,7 @@ def _prune(compression: Compression, delta: Weights) -> dict[str, np.ndarray]:
     for name, array in delta.items():
         flat = array.ravel()
         keep = max(1, math.ceil(compression.fraction * flat.size)) if flat.size else 0
-        order = np.argsort(-np.abs(flat), kind="stable")[:keep]
-        mask = np.zeros(flat.size, dtype=bool)
-        mask[order] = True
+        mask = _largest(np.abs(flat), keep)
         tensors[name + _SEPARATOR + "mask"] = np.packbits(mask)
         tensors[name + _SEPARATOR + "values"] = flat[mask]
     return tensors

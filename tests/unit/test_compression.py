@@ -227,3 +227,11 @@ def test_the_size_bound_holds_for_many_small_tensors_with_long_names(spec):
     delta["scalar"] = np.array(1.5, np.float32)
     method = Compression.parse(spec)
     assert len(method.encode(delta)) <= method.max_payload_bytes(_specs(delta))
+
+
+def test_prune_ties_are_broken_by_position_too():
+    values = np.array([1, 2, 2, 2, 1], dtype=np.float32)
+    decoded = compression.decode(
+        Compression.parse("prune:fraction=0.4").encode({"x": values}), {"x": ((5,), "float32")}
+    )
+    assert decoded[1]["x"].tolist() == [0, 2, 2, 0, 0]
