@@ -22,6 +22,8 @@ def print_table(results: list[Result]) -> None:
         "delta",
         "upd/s med",
         "upd/s mean",
+        "limit upd/s",
+        "of limit",
         "commit ms med",
         "p90 ms",
         "aggr ms med",
@@ -41,6 +43,8 @@ def print_table(results: list[Result]) -> None:
                 f"{'inline' if result.inline else 'claim'} {result.payload_bytes / 1024:.0f} KiB",
                 f"{result.updates_per_s_median:.1f}",
                 f"{result.updates_per_s_mean:.1f}",
+                f"{result.limit_updates_per_s:.0f}",
+                f"{result.updates_per_s_median / result.limit_updates_per_s:.0%}",
                 fmt_ms(result.interval_median),
                 fmt_ms(result.interval_p90),
                 fmt_ms(result.aggregation_median),
@@ -57,6 +61,8 @@ def print_table(results: list[Result]) -> None:
         print("  ".join(str(cell).rjust(width) for cell, width in zip(row, widths)))
     print()
     print("upd/s med      = updates per version / median commit interval; upd/s mean = updates applied / elapsed")
+    print("limit upd/s    = the bare Redis/RabbitMQ operations of one update, back to back (throughput_limit.py)")
+    print("of limit       = upd/s med as a share of that limit, measured in the same run")
     print("commit ms      = time between consecutive versions' 'created' stamps (one server step, all I/O included)")
     print("aggr ms        = coordinator's own aggregation_seconds (aggregator step + server optimizer)")
     print("numpy ms/ver.  = plain numpy `acc += w*x` over the same float32 count, x updates per version")
@@ -107,6 +113,7 @@ def write_json(results: list[Result], path: str) -> None:
                     "measured": r.measured,
                     "updates_per_s_median": r.updates_per_s_median,
                     "updates_per_s_mean": r.updates_per_s_mean,
+                    "pipeline_limit_updates_per_s": r.limit_updates_per_s,
                     "commit_interval_median_s": r.interval_median,
                     "commit_interval_p90_s": r.interval_p90,
                     "aggregation_median_s": r.aggregation_median,

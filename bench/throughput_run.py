@@ -80,6 +80,8 @@ class Result:
     interval_p90: float = float("nan")
     updates_per_s_median: float = float("nan")
     updates_per_s_mean: float = float("nan")
+    # The bare Redis and RabbitMQ operations of one update, back to back (throughput_limit.py).
+    limit_updates_per_s: float = float("nan")
     aggregation_median: float = float("nan")
     numpy_add: float = float("nan")
     mean_staleness: float = float("nan")

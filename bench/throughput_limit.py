@@ -1,0 +1,96 @@
+"""The machine's pipeline limit for ``throughput.py``: the Redis and RabbitMQ operations one update
+needs, done back to back with no fedq logic, as updates per second.
+
+Per update, whatever fedq does around them, these have to happen:
+
+- the worker's claim check (when the delta is over the inline limit): SET the delta blob, and the
+  coordinator's GET of it;
+- the update message through the broker: a confirmed publish of it (the inline delta in base64
+  JSON, or the claim's few hundred bytes) and the coordinator's consume and ack;
+- one new task: a confirmed publish of a task-sized message (and a worker's consume and ack);
+- per version, that is per ``buffer_size`` updates: SET of the model's weights.
+
+They run in one thread, one after the other, so the figure is the rate of the operations
+themselves on this machine, servers included: fedq's throughput as a share of it says how much
+its own logic (validation, hashing, decoding, aggregation, bookkeeping) costs on top.
+"""
+
+from __future__ import annotations
+
+import base64
+import statistics
+import time
+import uuid
+from dataclasses import dataclass
+
+from fedq.broker.connection import connect
+from fedq.common.store import connect_redis
+from fedq.common.wire.limits import INLINE_LIMIT_BYTES
+
+TASK_MESSAGE_BYTES = 700  # a signed round task, as fedq sends it
+CLAIM_MESSAGE_BYTES = 450  # an update message carrying a claim check
+
+
+@dataclass(frozen=True)
+class PipelineLimit:
+    updates_per_second: float  # median of the rounds
+    rounds: list[float]
+
+
+def pipeline_limit(
+    amqp_url: str,
+    redis_url: str,
+    payload_bytes: int,
+    model_bytes: int,
+    buffer_size: int,
+    *,
+    seconds: float = 3.0,
+    rounds: int = 3,
+) -> PipelineLimit:
+    """Updates per second of the bare operations one update needs (see the module's docstring):
+    the median of ``rounds`` rounds of about ``seconds`` each."""
+    inline = payload_bytes <= INLINE_LIMIT_BYTES
+    payload = bytes(payload_bytes)
+    update_message = (
+        b'{"delta":{"inline":"' + base64.b64encode(payload) + b'"}}' if inline else bytes(CLAIM_MESSAGE_BYTES)
+    )
+    task_message = bytes(TASK_MESSAGE_BYTES)
+    weights = bytes(model_bytes)
+    redis = connect_redis(redis_url)
+    connection = connect(amqp_url, name="fedq-bench-pipeline-limit")
+    prefix = f"fedq-bench-limit-{uuid.uuid4().hex[:8]}"
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        queues = {}
+        for kind in ("updates", "tasks"):
+            queues[kind] = channel.queue_declare(f"{prefix}.{kind}", exclusive=True, auto_delete=True).method.queue
+
+        def through_broker(queue: str, body: bytes) -> None:
+            channel.basic_publish("", queue, body, mandatory=True)  # returns once confirmed
+            method, _properties, _body = channel.basic_get(queue)
+            assert method is not None, "a confirmed message was not there to get"
+            channel.basic_ack(method.delivery_tag)
+
+        def one_update(index: int) -> None:
+            if not inline:
+                key = f"{prefix}:update:{index % 4}"
+                redis.set(key, payload)
+                redis.get(key)
+            through_broker(queues["updates"], update_message)
+            through_broker(queues["tasks"], task_message)
+            if index % buffer_size == buffer_size - 1:
+                redis.set(f"{prefix}:model", weights)
+
+        rates = []
+        one_update(0)  # connections and buffers warmed up
+        for _ in range(rounds):
+            done, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds or done % buffer_size:
+                one_update(done)
+                done += 1
+            rates.append(done / (time.perf_counter() - started))
+        return PipelineLimit(statistics.median(rates), rates)
+    finally:
+        redis.delete(f"{prefix}:model", *(f"{prefix}:update:{index}" for index in range(4)))
+        connection.close()
