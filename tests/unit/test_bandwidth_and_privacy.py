@@ -37,18 +37,9 @@ def run_job(tmp_path, versions: int, workers: int = 2, task: str = "linear", **s
     running = [InBackground(coordinator)]
     run_job.workers = []
     for index in range(workers):
-        worker = Worker(
-            WorkerSettings(
-                job=JOB,
-                amqp_url="memory://",
-                redis_url="memory://",
-                worker_id=f"w{index}",
-                partition=index,
-                idle_seconds=0.05,
-                state_dir=str(tmp_path / "state"),
-            ),
-            ModelStore(store.redis, JOB),  # its own, as a worker process has: no weights cached by others
-            MemoryTransport(broker),
+        # Its own store, as a worker process has: no weights cached by the coordinator or the others.
+        worker = memory_worker(
+            broker, ModelStore(store.redis, JOB), tmp_path / "state", worker_id=f"w{index}", partition=index
         )
         running.append(InBackground(worker))
         run_job.workers.append(worker)
@@ -56,6 +47,14 @@ def run_job(tmp_path, versions: int, workers: int = 2, task: str = "linear", **s
     for background in running:
         background.stop()
     return store
+
+
+def memory_worker(broker, store, tmp_path, **settings) -> Worker:
+    """Worker w0 of partition 0 on the in-memory transport, its state under ``tmp_path``."""
+    values = dict(worker_id="w0", partition=0, idle_seconds=0.05, state_dir=str(tmp_path)) | settings
+    return Worker(
+        WorkerSettings(job=JOB, amqp_url="memory://", redis_url="memory://", **values), store, MemoryTransport(broker)
+    )
 
 
 def sent_payloads(store) -> list[bytes]:
@@ -222,20 +221,7 @@ def test_a_worker_refuses_a_job_with_less_local_noise_than_it_requires(tmp_path)
 
     broker, store = MemoryBroker(), memory_store(JOB)
     key = publish_job(store, "linear")
-    worker = Worker(
-        WorkerSettings(
-            job=JOB,
-            amqp_url="memory://",
-            redis_url="memory://",
-            worker_id="w0",
-            partition=0,
-            min_dp_noise=1.0,
-            idle_seconds=0.05,
-            state_dir=str(tmp_path),
-        ),
-        store,
-        MemoryTransport(broker),
-    )
+    worker = memory_worker(broker, store, tmp_path, min_dp_noise=1.0)
     task = signed_task(key, store, 0)
     broker.declare(TOPOLOGY)
     broker.publish(TOPOLOGY.tasks, Message(task.to_bytes(), task.task_id))
@@ -320,20 +306,7 @@ def test_a_local_dp_update_carries_no_training_metrics(tmp_path):
 
     broker, store = MemoryBroker(), memory_store(JOB)
     key = publish_job(store, "linear")
-    worker = Worker(
-        WorkerSettings(
-            job=JOB,
-            amqp_url="memory://",
-            redis_url="memory://",
-            worker_id="w0",
-            partition=0,
-            max_tasks=2,
-            idle_seconds=0.05,
-            state_dir=str(tmp_path),
-        ),
-        store,
-        MemoryTransport(broker),
-    )
+    worker = memory_worker(broker, store, tmp_path, max_tasks=2)
     broker.declare(TOPOLOGY)
     plain = signed_task(key, store, 0)
     private = dataclasses.replace(signed_task(key, store, 0), dp_clip=1.0, dp_noise=1.0)
