@@ -72,10 +72,16 @@ class PrivacySettings:
         return self.mode != "off"
 
     def sample_rate(self, buffer_size: int) -> float:
-        """Central DP: the chance that one participant's update is in a step (1 without a population)."""
+        """The chance that one participant's update is in a step: 1 without a population (always so
+        with local DP, which accounts each worker's own updates)."""
         if self.population is None:
             return 1.0
         return min(1.0, buffer_size / self.population)
+
+    def epsilon_after(self, steps: int, buffer_size: int) -> float:
+        """Epsilon (for the job's delta) after ``steps`` noised steps (central) or updates of one
+        worker (local, where the sampling rate is 1)."""
+        return epsilon(self.noise_multiplier, self.sample_rate(buffer_size), steps, self.delta)
 
     def config(self) -> dict[str, object]:
         """What the aggregation config records (nothing when off: older configs stay as they were)."""

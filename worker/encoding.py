@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import re
 import secrets
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from fedq.common.obs.logs import kv
+from fedq.common.tensors import clip_by_norm
 from fedq.common.wire import codec
 from fedq.common.wire.codec import Weights
 from fedq.common.wire.compression import Compression
@@ -49,16 +49,16 @@ def default_state_dir() -> Path:
 
 
 def clip_and_noise(delta: Weights, clip: float, noise_multiplier: float, rng: np.random.Generator) -> Weights:
-    """The Gaussian mechanism on one update: L2 norm clipped to ``clip``, N(0, (noise * clip)^2) added."""
-    norm = math.sqrt(sum(float(np.dot(array.ravel().astype(np.float64), array.ravel())) for array in delta.values()))
-    scale = np.float32(min(1.0, clip / norm) if norm > 0 else 1.0)
-    noised = {}
-    for name, array in delta.items():
-        clipped = array * scale
-        if noise_multiplier > 0:
-            clipped = clipped + rng.normal(0.0, noise_multiplier * clip, array.shape).astype(np.float32)
-        noised[name] = clipped.astype(np.float32, copy=False)
-    return noised
+    """The Gaussian mechanism on one update: L2 norm clipped to ``clip`` (as the coordinator's
+    aggregation clips), N(0, (noise * clip)^2) added to every value."""
+    return {
+        name: array + rng.normal(0.0, noise_multiplier * clip, array.shape).astype(np.float32)
+        for name, array in clip_by_norm(delta, clip).items()
+    }
+
+
+def _file_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:80]
 
 
 @dataclass
@@ -82,9 +82,8 @@ class UpdateEncoder:
     @property
     def residual_path(self) -> Path:
         # Worker ids may hold characters a file name may not: keep the readable part, add a hash.
-        readable = re.sub(r"[^A-Za-z0-9._-]", "_", self.worker_id)[:80]
         unique = hashlib.sha256(f"{self.job}\0{self.worker_id}".encode()).hexdigest()[:12]
-        return self.state_dir / re.sub(r"[^A-Za-z0-9._-]", "_", self.job)[:80] / f"{readable}-{unique}.residual"
+        return self.state_dir / _file_name(self.job) / f"{_file_name(self.worker_id)}-{unique}.residual"
 
     def encode(self, task: RoundTask, delta: Weights) -> tuple[bytes, str]:
         """(payload, its encoding's spec) for ``delta``; the new residual waits for :meth:`sent`."""

@@ -20,8 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedq.common.tensors import clip_by_norm
 from fedq.common.wire.codec import Weights
 from fedq.coordinator.algorithms.registry import ROBUST_ESTIMATORS
+
+__all__ = ["AdaptiveStaleness", "Aggregator", "BufferedUpdate", "FedAsync", "FedBuff", "clip_by_norm"]
 from fedq.coordinator.algorithms.staleness import Polynomial, StalenessFunction
 
 
@@ -222,17 +225,6 @@ class FedAsync(Aggregator):
             difference *= np.float32(alpha)
             step[name] = difference
         return step
-
-
-def clip_by_norm(delta: Weights, max_norm: float) -> Weights:
-    """delta scaled by min(1, max_norm / ||delta||_2), the norm taken over all tensors together."""
-    norm = float(
-        np.sqrt(sum(float(np.dot(array.ravel().astype(np.float64), array.ravel())) for array in delta.values()))
-    )
-    if norm <= max_norm:
-        return delta
-    scale = np.float32(max_norm / norm)
-    return {name: array * scale for name, array in delta.items()}
 
 
 class FedBuff(Aggregator):

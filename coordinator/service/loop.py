@@ -36,7 +36,6 @@ from fedq.broker.transport import Channel, Delivery, Transport, dead_letter_head
 from fedq.common.obs import metrics
 from fedq.common.obs.faults import crash_point
 from fedq.common.obs.logs import kv
-from fedq.common.privacy import epsilon
 from fedq.common.store import (
     TRANSIENT_REDIS_ERRORS,
     HeadMovedError,
@@ -706,7 +705,6 @@ class Coordinator:
         privacy = self.privacy
         if privacy.mode == "central":
             steps = self.dp_steps + 1
-            rate = privacy.sample_rate(self.aggregator.buffer_size)
         elif privacy.mode == "local":
             # Noise is spent when a worker sends, applied or not: what the coordinator received of each.
             received = {
@@ -714,10 +712,10 @@ class Coordinator:
             }
             for update in updates:
                 received[update.worker_id] = received.get(update.worker_id, 0) + 1
-            steps, rate = max(received.values(), default=0), 1.0
+            steps = max(received.values(), default=0)
         else:
             return {}
-        return {"epsilon": epsilon(privacy.noise_multiplier, rate, steps, privacy.delta), "dp_steps": steps}
+        return {"epsilon": privacy.epsilon_after(steps, self.aggregator.buffer_size), "dp_steps": steps}
 
     def _check_privacy_budget(self, spent: dict[str, Any]) -> None:
         """Stop (or warn, once) when one more step would spend more than --dp-epsilon."""
@@ -727,8 +725,7 @@ class Coordinator:
         if budget is None or not spent:
             return
         privacy = self.privacy
-        rate = privacy.sample_rate(self.aggregator.buffer_size) if privacy.mode == "central" else 1.0
-        next_epsilon = epsilon(privacy.noise_multiplier, rate, spent["dp_steps"] + 1, privacy.delta)
+        next_epsilon = privacy.epsilon_after(spent["dp_steps"] + 1, self.aggregator.buffer_size)
         if next_epsilon <= budget:
             return
         if privacy.on_budget == "stop":

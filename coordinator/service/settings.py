@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedq.common.privacy import PrivacySettings, epsilon
+from fedq.common.privacy import PrivacySettings
 from fedq.common.wire.compression import Compression
 from fedq.coordinator.algorithms.registry import STALENESS_BOUNDS, Algorithm, algorithm
 
@@ -122,8 +122,7 @@ class CoordinatorSettings:
         if privacy.mode == "central":
             self._check_central_dp()
         if privacy.enabled and privacy.epsilon_budget is not None:
-            rate = privacy.sample_rate(self.buffer_size) if privacy.mode == "central" else 1.0
-            first = epsilon(privacy.noise_multiplier, rate, 1, privacy.delta)
+            first = privacy.epsilon_after(1, self.buffer_size)
             if first > privacy.epsilon_budget:
                 raise ValueError(
                     f"--dp-epsilon {privacy.epsilon_budget:g} is spent by a single "
@@ -169,7 +168,6 @@ class CoordinatorSettings:
             raise ValueError(
                 f"--clip-norm {self.clip_norm:g} differs from --dp-clip {self.dp_clip:g}; give only --dp-clip"
             )
-        object.__setattr__(self, "clip_norm", self.dp_clip)  # the aggregator clips what the noise is scaled to
 
     @property
     def uplink(self) -> Compression:
@@ -251,6 +249,8 @@ class CoordinatorSettings:
             "max_update_weight",
         )
         config = {name: getattr(self, name) for name in names} | {"max_staleness": self.version_bound}
+        if self.dp == "central":
+            config["clip_norm"] = self.dp_clip  # the aggregator clips each update to what the noise is scaled to
         # Recorded only when used, so that a job without them keeps the config (and digest) it had.
         if self.uplink.lossy:
             config |= {"compression": self.uplink.spec, "error_feedback": self.error_feedback}
