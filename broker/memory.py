@@ -140,6 +140,7 @@ class MemoryChannel:
         self._unacked: dict[int, tuple[_Queue, Message]] = {}
         self._open = True
         self._consuming = False
+        self._refused: list[str] = []  # publish_unconfirmed's messages no queue took
 
     def _check_open(self) -> None:
         if not self._open:
@@ -222,6 +223,17 @@ class MemoryChannel:
         if user_id is not None and user_id != self.user:
             raise UserIdRefused(f"user_id property set to {user_id!r} but the connection's user is {self.user!r}")
         self.broker.publish(exchange, Message(bytes(body), message_id, dict(headers or {}), user_id))
+
+    def publish_unconfirmed(self, exchange: str, body: bytes, *, message_id: str) -> None:
+        try:
+            self.publish(exchange, body, message_id=message_id)
+        except Unroutable:
+            self._refused.append(message_id)  # as RabbitMQ returns it, and the caller hears later
+
+    def refused(self) -> list[str]:
+        self._check_open()
+        refused, self._refused = self._refused, []
+        return refused
 
     def _settle(self, tag: int) -> tuple[_Queue, Message]:
         self._check_open()

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pika
+import pika.channel
 import pika.data
 import pika.exceptions
 
 from fedq.broker.connection import HEARTBEAT_SECONDS
-from fedq.broker.publisher import publish
+from fedq.broker.publisher import message_properties, publish
 from fedq.broker.session import run_with_reconnect
-from fedq.broker.topology import Topology
+from fedq.broker.topology import ROUTING_KEY, Topology
 from fedq.broker.transport import DETAIL_HEADER, ORIGIN_HEADER, REASON_HEADER, AccessRefused, Channel, Delivery
 
 # Room in a content header frame for everything but the headers: frame and property overhead,
@@ -46,13 +48,86 @@ def encodable(headers: dict[str, Any], frame_max: int = pika.spec.FRAME_MAX_SIZE
     return kept
 
 
+# How long a new channel may take to enter confirm mode before the connection counts as lost.
+CONFIRM_SELECT_SECONDS = 30.0
+
+
+class ConfirmsLater:
+    """A confirm-mode channel whose publishes return at once: the broker's acks and nacks are
+    settled as they arrive, while the connection does other work (consuming, acking).
+
+    pika's ``BlockingChannel`` waits for every confirm (one round trip per message); it has no
+    mode that collects them later. So confirm mode is turned on with the channel's underlying
+    asynchronous ``pika.channel.Channel`` (``_impl``), whose callbacks pika runs whenever the
+    blocking connection processes input, and messages are published through the blocking
+    channel, which then only flushes them to the socket.
+    """
+
+    def __init__(self, connection: pika.BlockingConnection):
+        self.channel = connection.channel()
+        self._unconfirmed: dict[int, str] = {}  # delivery tag -> message id
+        self._next_tag = 1  # the broker numbers a confirm-mode channel's publishes from 1
+        self._returned: set[str] = set()  # unroutable: the broker returns them, then acks them
+        self._refused: list[str] = []
+        selected: list[bool] = []
+        implementation: pika.channel.Channel = getattr(self.channel, "_impl")  # noqa: B009 - private, see above
+        implementation.add_on_return_callback(self._on_return)
+        implementation.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _: selected.append(True))
+        deadline = time.monotonic() + CONFIRM_SELECT_SECONDS
+        while not selected:
+            if time.monotonic() > deadline:
+                raise pika.exceptions.AMQPConnectionError("the broker did not turn on publisher confirms")
+            connection.process_data_events(time_limit=0.05)
+
+    def publish(self, exchange: str, body: bytes, *, message_id: str) -> None:
+        self.channel.basic_publish(
+            exchange=exchange,
+            routing_key=ROUTING_KEY,
+            body=body,
+            mandatory=True,
+            properties=message_properties(message_id),
+        )
+        self._unconfirmed[self._next_tag] = message_id
+        self._next_tag += 1
+
+    def refused(self, *, unconfirmed_too: bool = False) -> list[str]:
+        """The ids refused since the last call (and, ``unconfirmed_too``, those not yet confirmed)."""
+        refused, self._refused = self._refused, []
+        if unconfirmed_too:
+            refused += self._unconfirmed.values()
+            self._unconfirmed.clear()
+        return refused
+
+    def _on_return(self, _channel: Any, _method: Any, returned: pika.BasicProperties, _body: bytes) -> None:
+        if returned.message_id is not None:
+            self._returned.add(returned.message_id)
+
+    def _on_confirm(self, frame: Any) -> None:
+        confirm = frame.method
+        tags = (
+            [tag for tag in self._unconfirmed if tag <= confirm.delivery_tag]
+            if confirm.multiple
+            else [confirm.delivery_tag]
+        )
+        for tag in tags:
+            message_id = self._unconfirmed.pop(tag, None)
+            if message_id is None:
+                continue
+            if isinstance(confirm, pika.spec.Basic.Nack) or message_id in self._returned:
+                self._returned.discard(message_id)
+                self._refused.append(message_id)
+
+
 class PikaChannel:
-    """One confirm-mode channel of a blocking connection."""
+    """A confirm-mode channel of a blocking connection, and a second one for publishing
+    without waiting for each confirm (:class:`ConfirmsLater`)."""
 
     def __init__(self, connection: pika.BlockingConnection):
         self.connection = connection
         self.channel = connection.channel()
         self.channel.confirm_delivery()
+        self._later: ConfirmsLater | None = None  # opened by the first publish_unconfirmed
+        self._refused_earlier: list[str] = []  # by a ConfirmsLater channel the broker closed
 
     def declare(self, topology: Topology) -> None:
         try:
@@ -115,6 +190,20 @@ class PikaChannel:
             headers=encodable(headers or {}, self._frame_max()),
             user_id=user_id,
         )
+
+    def publish_unconfirmed(self, exchange: str, body: bytes, *, message_id: str) -> None:
+        if self._later is None or self._later.channel.is_closed:
+            # The broker closed the channel (say, the exchange was deleted): what it had not
+            # confirmed counts as refused, and a new channel takes over.
+            self._refused_earlier = self.refused()
+            self._later = ConfirmsLater(self.connection)
+        self._later.publish(exchange, body, message_id=message_id)
+
+    def refused(self) -> list[str]:
+        refused, self._refused_earlier = self._refused_earlier, []
+        if self._later is not None:
+            refused += self._later.refused(unconfirmed_too=self._later.channel.is_closed)
+        return refused
 
     def _frame_max(self) -> int:
         """The frame size this connection negotiated with the broker (pika keeps it in its parameters)."""

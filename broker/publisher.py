@@ -34,12 +34,19 @@ def publish(
         routing_key=routing_key,
         body=body,
         mandatory=True,
-        properties=pika.BasicProperties(
-            content_type="application/json",
-            delivery_mode=PERSISTENT,
-            message_id=message_id,
-            timestamp=int(time.time()),
-            headers=headers or {},
-            user_id=user_id,
-        ),
+        properties=message_properties(message_id, headers, user_id),
+    )
+
+
+def message_properties(
+    message_id: str, headers: dict[str, Any] | None = None, user_id: str | None = None
+) -> pika.BasicProperties:
+    """The properties of a fedq message: persistent JSON, with its id and the time it was sent."""
+    return pika.BasicProperties(
+        content_type="application/json",
+        delivery_mode=PERSISTENT,
+        message_id=message_id,
+        timestamp=int(time.time()),
+        headers=headers or {},
+        user_id=user_id,
     )

@@ -2,7 +2,8 @@
 
 The coordinator's and the worker's loops talk to a :class:`Channel` only:
 consume deliveries with manual ack, ack / nack / reject them, publish with a
-broker confirm, purge a queue, and service the connection while long work runs.
+broker confirm (or without waiting for it, learning of refusals later), purge a
+queue, and service the connection while long work runs.
 :mod:`fedq.broker.pika_transport` implements it on RabbitMQ,
 :mod:`fedq.broker.memory` in memory for the loops' unit tests.
 
@@ -76,6 +77,16 @@ class Channel(Protocol):
         """Publish a persistent message; returns once the broker confirmed it, raises if it refused.
 
         ``user_id`` (the connection's user) lets the consumer know who sent it: the broker checks it."""
+
+    def publish_unconfirmed(self, exchange: str, body: bytes, *, message_id: str) -> None:
+        """Publish a persistent message and return without waiting for the broker's confirm
+        (which costs a round trip per message); :meth:`refused` names it later if the broker
+        refused it. For messages whose loss the publisher notices anyway (a task that never comes
+        back ends with its lease)."""
+
+    def refused(self) -> list[str]:
+        """Message ids from :meth:`publish_unconfirmed` the broker refused (nacked, or no queue took
+        them) since the last call; a lost connection's unconfirmed messages are not named."""
 
     def ack(self, tag: int) -> None: ...
 

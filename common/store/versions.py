@@ -341,6 +341,7 @@ class VersionStore:
         optimizer_state: codec.Weights | None = None,
         abandon: Iterable[int] = (),
         replacing_head: bytes | None = None,
+        keep_arrays: bool = False,
         **record_fields: Any,
     ) -> int:
         """Write version ``expected_head + 1`` (or 0 when there is no head) atomically; return it.
@@ -353,6 +354,10 @@ class VersionStore:
         (metrics, config, ...). Raises HeadMovedError when the head is no longer
         ``expected_head`` (or, when repairing a tampered head, no longer holds
         ``replacing_head``).
+
+        The store keeps a verified copy of the weights it committed; with ``keep_arrays`` it keeps
+        ``weights`` themselves, made read-only, sparing a copy of the model (for a caller that
+        is done with them, like the coordinator after its step).
         """
         version = 0 if expected_head is None else expected_head + 1
         payload = codec.encode(weights)
@@ -405,9 +410,8 @@ class VersionStore:
                     f"job {self.keys.job!r}: head moved ({error}); is another coordinator running?"
                 ) from None
             raise
-        self._remember(
-            version, _Verified(_frozen({name: array.copy() for name, array in weights.items()}), record.digest)
-        )
+        kept = dict(weights) if keep_arrays else {name: array.copy() for name, array in weights.items()}
+        self._remember(version, _Verified(_frozen(kept), record.digest))
         return version
 
     def abandoned(self) -> set[int]:

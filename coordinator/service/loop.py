@@ -5,7 +5,8 @@ Order of effects for one server step (what makes a crash lose nothing):
 2. commit = SET the weights blob, then one Lua script moves the head and writes
    metadata, history and the applied task ids (see ``common.store``);
 3. only then are the buffered deliveries acked;
-4. then new tasks are dispatched (recorded in Redis once the broker confirmed them).
+4. then new tasks are dispatched: recorded open in Redis, then published; the broker's
+   confirms are collected as they arrive, and a task it refused is closed and replaced.
 A crash before 2 redelivers the updates; a crash between 2 and 3 redelivers
 updates whose task ids are already applied, which are acked and skipped.
 
@@ -394,6 +395,10 @@ class Coordinator:
         if expired:
             log.warning(kv("tasks_expired", count=len(expired), lease_s=self.settings.task_lease_seconds))
             self._forget(expired)
+        refused = [task_id for task_id in self._serving.refused() if task_id in self.open_tasks]
+        if refused:
+            log.warning(kv("tasks_refused_by_broker", count=len(refused), detail="replacements go out"))
+            self._forget(refused)
         self._check_round_deadline()
         if self.settings.max_seconds is not None and time.monotonic() - self.started > self.settings.max_seconds:
             self._finish("max_seconds")
@@ -538,10 +543,14 @@ class Coordinator:
         self._top_up()
 
     def _is_duplicate(self, task_id: str) -> bool:
-        return (
-            any(pending.update.task_id == task_id for pending in self.buffer)
-            or self.store.ledger.applied_version(task_id) is not None
-        )
+        if any(pending.update.task_id == task_id for pending in self.buffer):
+            return True
+        if task_id in self.open_tasks:
+            # Not applied: the commit script closes a task in the same transaction that records
+            # it applied, and the mirror follows every commit and is reloaded at every reconnect.
+            # This spares a Redis round trip for nearly every update.
+            return False
+        return self.store.ledger.applied_version(task_id) is not None
 
     def _issued_version(self, task_id: str) -> int | None:
         task = self.open_tasks.get(task_id)
@@ -650,6 +659,7 @@ class Coordinator:
                 config_digest=config_digest(self.config),
                 aggregation_seconds=aggregation_seconds,
                 dp_seed=dp_seed,
+                keep_arrays=True,  # self.weights becomes this very copy, read-only
                 **privacy_spent,
             )
         except HeadMovedError as error:
@@ -852,12 +862,14 @@ class Coordinator:
         )
         task = replace(task, signature=self.signing_key.sign(task.signed_document()))
         # Recorded before the broker has it, so that an update answering it is accepted even
-        # if this coordinator dies right after publishing. A crash before the publish leaves
-        # an open task nobody can answer; it counts as in flight until its lease ends.
+        # if this coordinator dies right after publishing. A crash before the broker has it
+        # leaves an open task nobody can answer; it counts as in flight until its lease ends.
         opened = OpenTask(version=self.head, issued_at=issued_at)
         self.store.ledger.open(task_id, opened)
         self.open_tasks[task_id] = opened
-        self._serving.publish(self.topology.tasks, task.to_bytes(), message_id=task_id)
+        # Not waiting for the broker's confirm here saves a round trip per task (the largest
+        # share of a 10k-parameter step); a task it refuses is replaced in _maintain.
+        self._serving.publish_unconfirmed(self.topology.tasks, task.to_bytes(), message_id=task_id)
         crash_point("dispatched")
         metrics.TASKS_DISPATCHED.labels(self.settings.job).inc()
         metrics.TASKS_IN_FLIGHT.labels(self.settings.job).set(len(self.open_tasks))

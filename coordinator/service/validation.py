@@ -234,17 +234,18 @@ def check_identity(worker_id: str, sender: str | None, store: ModelStore, requir
 
 def l2_norm(weights: codec.Weights) -> float:
     """The L2 norm over all tensors together, accumulated in float64 (no float32 overflow)."""
-    return math.sqrt(
-        sum(
-            float(np.dot(array.ravel().astype(np.float64), array.ravel().astype(np.float64)))
-            for array in weights.values()
-        )
-    )
+    return math.sqrt(sum(_squared_norm(array) for array in weights.values()))
+
+
+def _squared_norm(values: np.ndarray) -> float:
+    # einsum casts to float64 in small blocks as it sums: converting whole tensors first (two
+    # fresh 8 MB buffers per 1M values, page faults included) took a quarter of a 1M-parameter step.
+    return float(np.einsum("i,i->", values.ravel(), values.ravel(), dtype=np.float64))
 
 
 def l2_distance(weights: codec.Weights, other: codec.Weights) -> float:
-    """The L2 norm of ``weights - other`` over all tensors, in float64."""
-    return l2_norm({name: array.astype(np.float64) - other[name].astype(np.float64) for name, array in weights.items()})
+    """The L2 norm of ``weights - other`` over all tensors (the difference in their dtype, summed in float64)."""
+    return math.sqrt(sum(_squared_norm(array - other[name]) for name, array in weights.items()))
 
 
 class NormGuard:

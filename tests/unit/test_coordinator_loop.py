@@ -440,3 +440,20 @@ def test_no_task_is_issued_while_the_archiver_holds_dispatch_and_training_resume
     answer(broker, task, delta_like(store, 0.01))
     wait_for_head(store, 1)
     running.stop()
+
+
+def test_a_task_the_broker_refuses_is_closed_and_replaced(broker, store, caplog):
+    # Tasks go out without waiting for each confirm; a refusal arrives later and must not leave
+    # an open task nobody received, counted as in flight until its lease ends.
+    _, running = start(broker, store, algorithm="fedasync", concurrency=2)
+    first, second = take_task(broker), take_task(broker)
+    with broker._condition:
+        route = broker._routes.pop(TOPOLOGY.tasks)  # the tasks exchange now routes nowhere
+    answer(broker, first, delta_like(store, 0.1))  # its replacement is refused
+    wait_for_head(store, 1)
+    wait_until(lambda: "tasks_refused_by_broker" in caplog.text, DEADLINE, "no refusal was noticed")
+    with broker._condition:
+        broker._routes[TOPOLOGY.tasks] = route
+    replacement = take_task(broker)
+    running.stop()
+    assert set(store.ledger.open_tasks()) == {second.task_id, replacement.task_id}

@@ -1,0 +1,58 @@
+"""Publishing without waiting for each confirm, on a real RabbitMQ: every message lands, and the
+broker's refusals (no queue bound, a closed channel) come back by message id."""
+
+from __future__ import annotations
+
+import pika
+
+from fedq.broker.connection import connect
+from fedq.broker.pika_transport import PikaChannel
+from fedq.broker.topology import Topology
+from tests.support import AMQP_URL, wait_until
+
+
+def refused_after_confirms(channel: PikaChannel, connection: pika.BlockingConnection, expected: int) -> list[str]:
+    """Every refusal reported once the broker confirmed everything (the connection must do I/O)."""
+    refused: list[str] = []
+
+    def settled() -> bool:
+        connection.process_data_events(time_limit=0.05)
+        refused.extend(channel.refused())
+        return len(refused) >= expected and not channel._later._unconfirmed  # type: ignore[union-attr]
+
+    wait_until(settled, 60, "the broker did not confirm every message")
+    return refused
+
+
+def test_unconfirmed_publishes_all_arrive_and_an_unroutable_one_is_named(job):
+    connection = connect(AMQP_URL, name=f"fedq-test-{job}")
+    try:
+        topology = Topology(job)
+        channel = PikaChannel(connection)
+        channel.declare(topology)
+        for index in range(50):
+            channel.publish_unconfirmed(topology.tasks, b"{}", message_id=f"task-{index}")
+        assert refused_after_confirms(channel, connection, 0) == []
+        depth = channel.channel.queue_declare(topology.tasks, passive=True).method.message_count
+        assert depth == 50
+
+        # An exchange no queue is bound to: the broker returns the message, then acks it.
+        channel.channel.exchange_declare(f"{job}.nowhere", "direct", auto_delete=True)
+        channel.publish_unconfirmed(f"{job}.nowhere", b"{}", message_id="lost-1")
+        channel.publish_unconfirmed(topology.tasks, b"{}", message_id="kept")
+        assert refused_after_confirms(channel, connection, 1) == ["lost-1"]
+
+        # An exchange that does not exist: the broker closes the channel; what it had not
+        # confirmed is refused, and the next publish goes out on a fresh channel.
+        channel.publish_unconfirmed(f"{job}.missing", b"{}", message_id="lost-2")
+        wait_until(
+            lambda: connection.process_data_events(time_limit=0.05) or channel._later.channel.is_closed,  # type: ignore[union-attr]
+            60,
+            "the broker did not close the channel",
+        )
+        channel.publish_unconfirmed(topology.tasks, b"{}", message_id="after")
+        assert refused_after_confirms(channel, connection, 1) == ["lost-2"]
+        depth = channel.channel.queue_declare(topology.tasks, passive=True).method.message_count
+        assert depth == 52
+    finally:
+        connection.close()
