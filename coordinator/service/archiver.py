@@ -63,8 +63,12 @@ LOCK_SECONDS = 30
 # Past this share of its Redis budget, with history still to move, a job's coordinator holds
 # new tasks back until the archiver has caught up: the budget is a bound, not only a warning.
 HOLD_DISPATCH_FRACTION = 0.9
+# ... or earlier, to leave room for what tasks in flight will still bring, but never below this
+# share: 1,000 tasks of a 4 MB model reserve 4 GB, and a threshold under zero held dispatch all
+# the time (bench/scale.py: tasks went out for 16 of 120 seconds). The coordinator warns then.
+HOLD_FLOOR_FRACTION = 0.5
 WARN_FRACTION = 0.8
-# How often the coordinator measures the job's Redis memory (a MEMORY USAGE per key, a few ms).
+# How often the coordinator measures the job's Redis memory (MEMORY USAGE of every key, pipelined).
 MEASURE_SECONDS = 1.0
 
 
@@ -268,7 +272,10 @@ class ArchiveThread:
         self.budget_bytes = budget_bytes
         # What arrives after dispatch stops: an update blob from every task in flight and the
         # versions they make. Held from 90 % of the budget, or earlier if that is more.
-        self.hold_above = min(budget_bytes * HOLD_DISPATCH_FRACTION, budget_bytes - reserve_bytes)
+        self.hold_above = max(
+            budget_bytes * HOLD_FLOOR_FRACTION, min(budget_bytes * HOLD_DISPATCH_FRACTION, budget_bytes - reserve_bytes)
+        )
+        self.reserve_too_large = budget_bytes - reserve_bytes < budget_bytes * HOLD_FLOOR_FRACTION
         self._stop = threading.Event()
         # Written by the coordinator's thread (holding_dispatch), read by this one (the warning).
         self._holding, self._measured_at, self._peak_bytes = False, float("-inf"), 0

@@ -324,6 +324,17 @@ class Coordinator:
             self.settings.redis_budget_mb * 2**20,
             reserve_bytes=(self.settings.concurrency + 2) * model_bytes,
         )
+        if thread.reserve_too_large:
+            log.warning(
+                kv(
+                    "redis_budget_small",
+                    job=self.settings.job,
+                    budget_mb=self.settings.redis_budget_mb,
+                    in_flight_mb=round((self.settings.concurrency + 2) * model_bytes / 2**20),
+                    detail="the updates of the tasks in flight alone may exceed half the budget: "
+                    "raise --redis-budget-mb or lower --concurrency",
+                )
+            )
         thread.start()
         log.info(
             kv(
