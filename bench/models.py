@@ -9,6 +9,7 @@ Parameter counts of ``sizes`` = [d0, d1, ..., dn]: sum of d_i * d_{i+1} + d_{i+1
 
     SMALL = [100, 90, 10]    ->    10,000 parameters (4 tensors, 40 KB: inline updates)
     LARGE = [1000, 990, 10]  -> 1,000,900 parameters (4 tensors, 4.0 MB: claim-checked updates)
+    HUGE = [1000, 9990, 10]  -> 10,099,900 parameters (4 tensors, 40 MB: claim-checked updates)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fedq.common.tasks.base import FederatedTask, LocalData
 
 SMALL = [100, 90, 10]
 LARGE = [1000, 990, 10]
+HUGE = [1000, 9990, 10]
 
 
 def parameter_count(sizes: list[int]) -> int:

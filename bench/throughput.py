@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {config.model:>4} {config.algorithm:<8}: {result.versions} versions in {result.wall_seconds:.1f} s "
             f"(measured {result.measured}, mean staleness {result.mean_staleness:.2f}), "
             f"{result.updates_per_s_median:.1f} updates/s, {share:.0%} of the pipeline limit "
-            f"({result.limit_updates_per_s:.0f} updates/s)",
+            f"({result.limit_updates_per_s:.3g} updates/s)",
             flush=True,
         )
         for note in result.notes:

@@ -43,7 +43,7 @@ def print_table(results: list[Result]) -> None:
                 f"{'inline' if result.inline else 'claim'} {result.payload_bytes / 1024:.0f} KiB",
                 f"{result.updates_per_s_median:.1f}",
                 f"{result.updates_per_s_mean:.1f}",
-                f"{result.limit_updates_per_s:.0f}",
+                f"{result.limit_updates_per_s:.3g}",
                 f"{result.updates_per_s_median / result.limit_updates_per_s:.0%}",
                 fmt_ms(result.interval_median),
                 fmt_ms(result.interval_p90),

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.harness import cleanup, fedq_command, start, stop_all, wait_exit
-from bench.models import LARGE, SMALL, MLPTask, parameter_count
+from bench.models import HUGE, LARGE, SMALL, MLPTask, parameter_count
 from bench.throughput_monitor import CpuMonitor
 from bench.throughput_profile import summarise_profile
 from bench.throughput_workers import FakeWorkers
@@ -47,6 +47,8 @@ CONFIGS = [
     Config("10k", tuple(SMALL), "fedbuff", 10, 500, 60),
     Config("1M", tuple(LARGE), "fedasync", 1, 400, 80),
     Config("1M", tuple(LARGE), "fedbuff", 10, 90, 20),
+    Config("10M", tuple(HUGE), "fedasync", 1, 40, 10),
+    Config("10M", tuple(HUGE), "fedbuff", 10, 12, 9),
 ]
 
 
@@ -113,7 +115,7 @@ def run_config(config: Config, args: argparse.Namespace, numpy_add: float) -> Re
     workers = FakeWorkers(
         job, args.amqp_url, args.redis_url, weights, threads=args.worker_threads, prefetch=max(1, args.concurrency)
     )
-    result.payload_bytes, result.inline = len(workers.payload), workers.inline
+    result.payload_bytes, result.inline = len(workers.delta.payload), workers.delta.inline
     entry_point = "bench.python_packer" if args.python_packer else "fedq.common.cli"
     command = fedq_command(
         "coordinator",

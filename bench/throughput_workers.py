@@ -1,8 +1,9 @@
 """The fake workers of ``throughput.py``: threads that answer every task at once with an all-zeros delta.
 
-The delta is encoded exactly as ``fedq.worker.training`` encodes one: inline when the
-safetensors payload is <= 256 KiB, else SET in Redis first and sent as a claim check
-(key, sha256, nbytes). Each update is published with publisher confirms before its task is acked.
+The delta (``ZeroDelta``, also used by ``scale_workers.py``) is encoded exactly as
+``fedq.worker.training`` encodes one: inline when the safetensors payload is <= 256 KiB, else
+SET in Redis first and sent as a claim check (key, sha256, nbytes). Each update is published
+with publisher confirms before its task is acked.
 """
 
 from __future__ import annotations
@@ -18,7 +19,34 @@ from fedq.broker.topology import Topology
 from fedq.common.store import ModelStore, connect_redis
 from fedq.common.wire import codec
 from fedq.common.wire.limits import INLINE_LIMIT_BYTES, UPDATE_BLOB_TTL_SECONDS
-from fedq.common.wire.messages import ClaimCheck, InlineDelta, ModelUpdate, parse_task
+from fedq.common.wire.messages import ClaimCheck, InlineDelta, ModelUpdate, RoundTask, parse_task
+
+
+class ZeroDelta:
+    """An all-zeros delta of the model, encoded once; ``update`` answers a task with it."""
+
+    def __init__(self, weights: codec.Weights):
+        self.payload = codec.encode({name: np.zeros_like(array) for name, array in weights.items()})
+        self.inline = len(self.payload) <= INLINE_LIMIT_BYTES
+        self.sha256 = codec.digest(self.payload)
+
+    def update(self, store: ModelStore, task: RoundTask, worker_id: str, train_seconds: float = 0.0) -> ModelUpdate:
+        """The update ``worker_id`` sends for ``task``; a claim-checked delta is in Redis when this returns."""
+        if self.inline:
+            carried: InlineDelta | ClaimCheck = InlineDelta(self.payload)
+        else:
+            # As fedq.worker.training: the blob is in Redis before the message naming it exists.
+            key = store.blobs.put(task.task_id, worker_id, self.payload, UPDATE_BLOB_TTL_SECONDS)
+            carried = ClaimCheck(key=key, sha256=self.sha256, nbytes=len(self.payload))
+        return ModelUpdate(
+            job=task.job,
+            task_id=task.task_id,
+            worker_id=worker_id,
+            base_version=task.model_version,
+            num_examples=8,
+            delta=carried,
+            train_seconds=train_seconds,
+        )
 
 
 class FakeWorkers:
@@ -28,9 +56,7 @@ class FakeWorkers:
         self.job, self.amqp_url, self.redis_url = job, amqp_url, redis_url
         self.topology = Topology(job)
         self.prefetch = prefetch
-        self.payload = codec.encode({name: np.zeros_like(array) for name, array in weights.items()})
-        self.inline = len(self.payload) <= INLINE_LIMIT_BYTES
-        self.sha256 = codec.digest(self.payload)
+        self.delta = ZeroDelta(weights)
         self.stop = threading.Event()
         self.ready = threading.Barrier(threads + 1)
         self.done = [0] * threads
@@ -66,22 +92,8 @@ class FakeWorkers:
                     break
                 if method is None:
                     continue
-                task = parse_task(body)
-                if self.inline:
-                    carried: InlineDelta | ClaimCheck = InlineDelta(self.payload)
-                else:
-                    # As fedq.worker.training: the blob is in Redis before the message naming it exists.
-                    key = store.blobs.put(task.task_id, worker_id, self.payload, UPDATE_BLOB_TTL_SECONDS)
-                    carried = ClaimCheck(key=key, sha256=self.sha256, nbytes=len(self.payload))
-                update = ModelUpdate(
-                    job=task.job,
-                    task_id=task.task_id,
-                    worker_id=worker_id,
-                    base_version=task.model_version,
-                    num_examples=8,
-                    delta=carried,
-                )
-                publish(channel, self.topology.updates, update.to_bytes(), message_id=task.task_id)
+                update = self.delta.update(store, parse_task(body), worker_id)
+                publish(channel, self.topology.updates, update.to_bytes(), message_id=update.task_id)
                 channel.basic_ack(method.delivery_tag)
                 self.done[index] += 1
             channel.cancel()
