@@ -6,7 +6,6 @@ Run from the repository root (the coordinator loads ``bench.models:MLPTask`` by 
     .venv/bin/python bench/throughput.py --quick         # ~30 s
     .venv/bin/python bench/throughput.py --quick --profile  # + py-spy breakdown of the coordinator
     .venv/bin/python bench/throughput.py --wait-quiet 60 --retries 2   # on a shared machine
-    .venv/bin/python bench/throughput.py --only 1M --python-packer     # experiment, see python_packer.py
 
 For each (model size, algorithm) it starts a real coordinator subprocess
 (``python -m fedq.common.cli coordinator ... --eval-every 0 --max-versions N``) on a
@@ -48,7 +47,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.harness import wait_for_quiet_machine  # noqa: E402
-from bench.python_packer import use_python_packer  # noqa: E402
 from bench.throughput_limit import pipeline_limit  # noqa: E402
 from bench.throughput_monitor import BUSY_OTHER  # noqa: E402
 from bench.throughput_report import print_table, write_json  # noqa: E402
@@ -83,12 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         help="run a configuration again (up to N times) when other processes were busy during it; "
         "the least disturbed run is reported",
     )
-    parser.add_argument(
-        "--python-packer",
-        action="store_true",
-        help="experiment: coordinator and fake workers pack Redis commands with redis-py's "
-        "pure-Python packer instead of hiredis (see bench/python_packer.py)",
-    )
     parser.add_argument("--log-level", default="INFO", help="coordinator log level (logs go to --log-dir)")
     parser.add_argument("--log-dir", default=None, help="where coordinator logs go (default: a temp dir)")
     parser.add_argument("--profile", action="store_true", help="run each coordinator under py-spy record --idle")
@@ -107,8 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.py_spy).exists():
             parser.error("--profile needs py-spy (.venv/bin/pip install py-spy)")
 
-    if args.python_packer:
-        use_python_packer()  # the fake workers' Redis clients, created per run from here on
     filters = [item.strip().lower() for item in args.only.split(",") if item.strip()]
     configs = [
         config
@@ -116,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if all(item in (config.model.lower(), config.algorithm) for item in filters) or not filters
     ]
     print(
-        f"fedq coordinator throughput{' (experiment: Python Redis packer)' if args.python_packer else ''}: "
+        "fedq coordinator throughput: "
         f"{len(configs)} runs, concurrency {args.concurrency}, "
         f"{args.worker_threads} fake worker threads, {os.cpu_count()} CPUs; logs in {args.log_dir}",
         flush=True,

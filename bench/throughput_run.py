@@ -116,7 +116,6 @@ def run_config(config: Config, args: argparse.Namespace, numpy_add: float) -> Re
         job, args.amqp_url, args.redis_url, weights, threads=args.worker_threads, prefetch=max(1, args.concurrency)
     )
     result.payload_bytes, result.inline = len(workers.delta.payload), workers.delta.inline
-    entry_point = "bench.python_packer" if args.python_packer else "fedq.common.cli"
     command = fedq_command(
         "coordinator",
         "--job",
@@ -141,7 +140,6 @@ def run_config(config: Config, args: argparse.Namespace, numpy_add: float) -> Re
         args.amqp_url,
         "--redis-url",
         args.redis_url,
-        module=entry_point,
     )
     if config.algorithm == "fedbuff":
         command += ["--buffer-size", str(config.buffer_size)]

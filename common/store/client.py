@@ -7,6 +7,7 @@ import ssl
 import time
 
 import redis
+from redis._parsers import Encoder
 
 from fedq.common import tls
 from fedq.common.retry import CONNECT_ATTEMPTS, backoff_delays
@@ -16,6 +17,13 @@ log = logging.getLogger("fedq.store")
 
 # Errors after which waiting and retrying can succeed (Redis restarting, network blip).
 TRANSIENT_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
+# Commands are packed by redis-py's own serializer, which hands a large value to the socket as
+# it is; hiredis's packer (redis-py's choice when hiredis is installed) copies every argument
+# first, at under 1 GB/s: a 4 MB SET took 9-10 ms of client CPU with it and 1.2-1.8 ms without,
+# a 40 MB one 122-131 ms against 44-58 (one weights blob per version, one delta per update).
+# Replies are still parsed by hiredis. One packer serves every connection: it keeps no state.
+COMMAND_PACKER = redis.connection.PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
 
 
 class StoreError(RuntimeError):
@@ -44,7 +52,12 @@ def connect_redis(url: str, *, blocking: bool = False, attempts: int = CONNECT_A
         # rediss://: verify the server against the configured CA, check its host name, send our certificate.
         secure = tls.configured().redis_arguments() if url.startswith("rediss://") else {}
         client = redis.Redis.from_url(
-            url, socket_timeout=None if blocking else 30, socket_connect_timeout=5, health_check_interval=30, **secure
+            url,
+            socket_timeout=None if blocking else 30,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+            command_packer=COMMAND_PACKER,
+            **secure,
         )
     except ValueError as error:
         raise StoreError(f"Redis URL {redact_url(url)!r} is not valid: {error}") from None
