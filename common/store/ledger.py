@@ -10,7 +10,7 @@ job finishes.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -35,8 +35,15 @@ class TaskLedger:
         raw = self.redis.hget(self.keys.applied, task_id)
         return None if raw is None else int(raw)
 
-    def open(self, task_id: str, task: OpenTask) -> None:
-        self.redis.hset(self.keys.inflight, task_id, json.dumps({"version": task.version, "issued_at": task.issued_at}))
+    def open(self, tasks: Mapping[str, OpenTask]) -> None:
+        """Record tasks (task id -> its version and issue time) as issued, in one round trip."""
+        self.redis.hset(
+            self.keys.inflight,
+            mapping={
+                task_id: json.dumps({"version": task.version, "issued_at": task.issued_at})
+                for task_id, task in tasks.items()
+            },
+        )
 
     def open_tasks(self) -> dict[str, OpenTask]:
         tasks = {}

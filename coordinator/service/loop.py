@@ -846,23 +846,40 @@ class Coordinator:
         count = self.policy.tasks_to_dispatch(in_flight=self.in_flight, buffered=len(self.buffer))
         if count and self.synchronous:
             self._round_started, self._round_short_warned = time.monotonic(), False
-        for _ in range(count):
-            self._dispatch()
+        if count:
+            self._dispatch(count)
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, count: int) -> None:
+        """Hand out ``count`` new tasks at the head: recorded open in Redis in one round trip, then published."""
+        seconds = self._task_seconds()
+        tasks = [self._new_task(seconds) for _ in range(count)]
+        # Recorded before the broker has them, so that an update answering one is accepted even
+        # if this coordinator dies right after publishing. A crash before the broker has one
+        # leaves an open task nobody can answer; it counts as in flight until its lease ends.
+        opened = {task.task_id: OpenTask(version=task.model_version, issued_at=task.issued_at) for task in tasks}
+        self.store.ledger.open(opened)
+        self.open_tasks.update(opened)
+        for task in tasks:
+            # Not waiting for the broker's confirm saves a round trip per task (the largest
+            # share of a 10k-parameter step); a task it refuses is replaced in _maintain.
+            self._serving.publish_unconfirmed(self.topology.tasks, task.to_bytes(), message_id=task.task_id)
+            crash_point("dispatched")
+        metrics.TASKS_DISPATCHED.labels(self.settings.job).inc(count)
+        metrics.TASKS_IN_FLIGHT.labels(self.settings.job).set(len(self.open_tasks))
+
+    def _new_task(self, seconds: float) -> RoundTask:
         task_id = uuid.uuid4().hex
-        issued_at = time.time()
         task = RoundTask(
             job=self.settings.job,
             task_id=task_id,
             model_version=self.head,
-            issued_at=issued_at,
+            issued_at=time.time(),
             train=TrainSettings(
                 epochs=self.settings.local_epochs,
                 batch_size=self.settings.batch_size,
                 learning_rate=self.settings.learning_rate,
                 seed=int(task_id[:8], 16),
-                seconds=self._task_seconds(),
+                seconds=seconds,
             ),
             model_digest=self.head_digest,
             synchronous=self.synchronous,
@@ -871,19 +888,7 @@ class Coordinator:
             dp_clip=self.privacy.clip if self.privacy.mode == "local" else 0.0,
             dp_noise=self.privacy.noise_multiplier if self.privacy.mode == "local" else 0.0,
         )
-        task = replace(task, signature=self.signing_key.sign(task.signed_document()))
-        # Recorded before the broker has it, so that an update answering it is accepted even
-        # if this coordinator dies right after publishing. A crash before the broker has it
-        # leaves an open task nobody can answer; it counts as in flight until its lease ends.
-        opened = OpenTask(version=self.head, issued_at=issued_at)
-        self.store.ledger.open(task_id, opened)
-        self.open_tasks[task_id] = opened
-        # Not waiting for the broker's confirm here saves a round trip per task (the largest
-        # share of a 10k-parameter step); a task it refuses is replaced in _maintain.
-        self._serving.publish_unconfirmed(self.topology.tasks, task.to_bytes(), message_id=task_id)
-        crash_point("dispatched")
-        metrics.TASKS_DISPATCHED.labels(self.settings.job).inc()
-        metrics.TASKS_IN_FLIGHT.labels(self.settings.job).set(len(self.open_tasks))
+        return replace(task, signature=self.signing_key.sign(task.signed_document()))
 
     def _task_seconds(self) -> float:
         if self.settings.task_seconds == AUTO:
