@@ -285,17 +285,11 @@ def test_dispatch_is_held_only_while_over_budget_with_history_still_to_move(tmp_
 def test_tasks_in_flight_that_reserve_more_than_the_budget_hold_dispatch_from_half_of_it(tmp_path):
     # 1,000 tasks of a 4 MB model reserve 4 GB: a threshold under zero would hold dispatch always.
     store = build_job(5)
-    crowded = archiver_module.ArchiveThread(
-        store,
-        Archive(str(tmp_path)).job(store.job),
-        hot_versions=2,
-        checkpoint_every=4,
-        every_seconds=10,
-        budget_bytes=1000,
-        reserve_bytes=4000,
-    )
+
+    def thread(reserve_bytes: int) -> archiver_module.ArchiveThread:
+        archive = Archive(str(tmp_path)).job(store.job)
+        return archiver_module.ArchiveThread(store, archive, 2, 4, 10, budget_bytes=1000, reserve_bytes=reserve_bytes)
+
+    crowded, roomy = thread(reserve_bytes=4000), thread(reserve_bytes=300)
     assert crowded.hold_above == 500 and crowded.reserve_too_large
-    roomy = archiver_module.ArchiveThread(
-        store, Archive(str(tmp_path)).job(store.job), 2, 4, 10, budget_bytes=1000, reserve_bytes=300
-    )
     assert roomy.hold_above == 700 and not roomy.reserve_too_large
