@@ -2,8 +2,8 @@
 
 Run from the repository root (the coordinator loads ``bench.models:MLPTask`` by module path):
 
-    .venv/bin/python bench/throughput.py                 # ~2 minutes
-    .venv/bin/python bench/throughput.py --quick         # ~30 s
+    .venv/bin/python bench/throughput.py                 # ~4 minutes (10k, 1M and 10M parameters)
+    .venv/bin/python bench/throughput.py --quick         # ~2 minutes
     .venv/bin/python bench/throughput.py --quick --profile  # + py-spy breakdown of the coordinator
     .venv/bin/python bench/throughput.py --wait-quiet 60 --retries 2   # on a shared machine
 
