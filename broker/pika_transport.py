@@ -80,6 +80,11 @@ class ConfirmsLater:
             connection.process_data_events(time_limit=0.05)
 
     def publish(self, exchange: str, body: bytes, *, message_id: str) -> None:
+        # Counted before it goes out: while basic_publish flushes the message, pika processes
+        # input, and the broker's confirm of this very message may arrive then. Counted after,
+        # that confirm found no tag and the message stayed unconfirmed for good (seen in CI).
+        self._unconfirmed[self._next_tag] = message_id
+        self._next_tag += 1
         self.channel.basic_publish(
             exchange=exchange,
             routing_key=ROUTING_KEY,
@@ -87,8 +92,6 @@ class ConfirmsLater:
             mandatory=True,
             properties=message_properties(message_id),
         )
-        self._unconfirmed[self._next_tag] = message_id
-        self._next_tag += 1
 
     def refused(self, *, unconfirmed_too: bool = False) -> list[str]:
         """The ids refused since the last call (and, ``unconfirmed_too``, those not yet confirmed)."""
