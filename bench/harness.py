@@ -41,6 +41,50 @@ def fedq_command(*args: str, module: str = "fedq.common.cli") -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+# The MLP task plugin of the throughput and scale benchmarks, which a coordinator imports from
+# the repository root (``start`` runs every process there).
+MLP_TASK = "bench.models:MLPTask"
+
+
+def mlp_coordinator_command(
+    job: str,
+    sizes: list[int],
+    algorithm: str,
+    concurrency: int,
+    max_seconds: float,
+    amqp_url: str,
+    redis_url: str,
+    *flags: str,
+    log_level: str = "INFO",
+) -> list[str]:
+    """``fedq coordinator`` training ``bench.models:MLPTask`` of ``sizes`` with no evaluation
+    (``--eval-every 0``), ending after ``max_seconds``; ``flags`` are added as they are."""
+    return fedq_command(
+        "coordinator",
+        "--job",
+        job,
+        "--task",
+        MLP_TASK,
+        "--task-params",
+        json.dumps({"sizes": list(sizes)}),
+        "--algorithm",
+        algorithm,
+        "--concurrency",
+        str(concurrency),
+        "--eval-every",
+        "0",
+        "--max-seconds",
+        str(max_seconds),
+        "--log-level",
+        log_level,
+        "--amqp-url",
+        amqp_url,
+        "--redis-url",
+        redis_url,
+        *flags,
+    )
+
+
 def start(args: list[str], log_path: Path, **popen: Any) -> subprocess.Popen:
     """Start ``args`` in the repository root, stdout and stderr to ``log_path``; ``stop_all`` stops it."""
     with open(log_path, "w") as log_file:

@@ -9,7 +9,6 @@ workers' stamps. ``ArmResult`` holds the raw figures; ``scale_report.py`` derive
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 import subprocess
@@ -21,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.harness import cleanup, cpu_seconds, fedq_command, machine_busy, start, stop_all, wait_exit
+from bench.harness import cleanup, cpu_seconds, machine_busy, mlp_coordinator_command, start, stop_all, wait_exit
 from bench.scale_workers import launch, read_stamps
 from fedq.broker.connection import connect
 from fedq.broker.depth import queue_depths
@@ -29,7 +28,6 @@ from fedq.broker.topology import Topology
 from fedq.common.store import ModelStore, connect_redis
 from fedq.common.store.tiers import whole_history
 
-TASK = "bench.models:MLPTask"
 BUFFER_SIZE = 10
 # Coordinator log events worth counting: each says the coordinator held back, refused or lost work.
 LOG_EVENTS = ("dispatch_held", "tasks_expired", "redis_budget", "archive_failed", "connection_lost", "Traceback")
@@ -126,31 +124,17 @@ class Sampler:
 
 
 def coordinator_command(job: str, workers: int, seconds: float, args: argparse.Namespace, sizes: list[int]) -> list:
-    return fedq_command(
-        "coordinator",
-        "--job",
+    # Every simulated worker can hold a task: concurrency = workers.
+    return mlp_coordinator_command(
         job,
-        "--task",
-        TASK,
-        "--task-params",
-        json.dumps({"sizes": sizes}),
-        "--algorithm",
+        sizes,
         "fedbuff",
+        workers,
+        seconds,
+        args.amqp_url,
+        args.redis_url,
         "--buffer-size",
         str(BUFFER_SIZE),
-        # Every simulated worker can hold a task.
-        "--concurrency",
-        str(workers),
-        "--eval-every",
-        "0",
-        "--max-seconds",
-        str(seconds),
-        "--log-level",
-        "INFO",
-        "--amqp-url",
-        args.amqp_url,
-        "--redis-url",
-        args.redis_url,
         *shlex.split(args.coordinator_args),
     )
 

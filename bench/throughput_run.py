@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import cleanup, fedq_command, start, stop_all, wait_exit
+from bench.harness import cleanup, mlp_coordinator_command, start, stop_all, wait_exit
 from bench.models import HUGE, LARGE, SMALL, MLPTask, parameter_count
 from bench.throughput_monitor import CpuMonitor
 from bench.throughput_profile import summarise_profile
@@ -23,8 +22,6 @@ from fedq.broker.connection import connect
 from fedq.broker.topology import Topology
 from fedq.common.store import ModelStore, connect_redis
 from fedq.common.store.tiers import whole_history
-
-TASK = "bench.models:MLPTask"
 
 
 @dataclass(frozen=True)
@@ -116,30 +113,17 @@ def run_config(config: Config, args: argparse.Namespace, numpy_add: float) -> Re
         job, args.amqp_url, args.redis_url, weights, threads=args.worker_threads, prefetch=max(1, args.concurrency)
     )
     result.payload_bytes, result.inline = len(workers.delta.payload), workers.delta.inline
-    command = fedq_command(
-        "coordinator",
-        "--job",
+    command = mlp_coordinator_command(
         job,
-        "--task",
-        TASK,
-        "--task-params",
-        json.dumps({"sizes": list(config.sizes)}),
-        "--algorithm",
+        list(config.sizes),
         config.algorithm,
-        "--concurrency",
-        str(args.concurrency),
-        "--eval-every",
-        "0",
+        args.concurrency,
+        args.max_seconds,
+        args.amqp_url,
+        args.redis_url,
         "--max-versions",
         str(versions),
-        "--max-seconds",
-        str(args.max_seconds),
-        "--log-level",
-        args.log_level,
-        "--amqp-url",
-        args.amqp_url,
-        "--redis-url",
-        args.redis_url,
+        log_level=args.log_level,
     )
     if config.algorithm == "fedbuff":
         command += ["--buffer-size", str(config.buffer_size)]
