@@ -1,4 +1,10 @@
-"""Update blobs: the weight delta of one update, keyed by its worker and task id (the claim check)."""
+"""Update blobs: the weight delta of one update, keyed by its worker and task id.
+
+A worker writes its delta under its own claim-check key (``update:``), which its Redis user may
+write at any time. The coordinator moves it to a key of its own (``delta:``) as it reads it, so
+the bytes it verified are the bytes the history keeps: a worker rewriting its blob after its
+update was applied cannot change what replay and the archive read.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,30 @@ class UpdateBlobs:
         """The only key an update of ``task_id`` from ``worker_id`` may claim."""
         return self.keys.update(worker_id, task_id)
 
+    def verified_key(self, task_id: str, worker_id: str) -> str:
+        """Where the coordinator keeps that update's delta once it has read it (no worker may write there)."""
+        return self.keys.delta(worker_id, task_id)
+
+    def take(self, task_id: str, worker_id: str, max_bytes: int) -> bytes:
+        """Move the update's claim-checked blob to its verified key and read at most ``max_bytes + 1``
+        bytes of it, in one round trip (b"" when there is neither).
+
+        The move keeps the blob's TTL (the commit removes it once the update is applied). When
+        the claim key is gone but the verified key is there, this update was read before (a
+        redelivery after a crash) and that copy is read again. Raises ``redis.ResponseError``
+        (WRONGTYPE) when the key holds no string.
+        """
+        verified = self.verified_key(task_id, worker_id)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.rename(self.key(task_id, worker_id), verified)
+            pipe.getrange(verified, 0, max_bytes)
+            moved, payload = pipe.execute(raise_on_error=False)
+        if isinstance(moved, redis.ResponseError) and "no such key" not in str(moved).lower():
+            raise moved
+        if isinstance(payload, redis.ResponseError):
+            raise payload
+        return cast("bytes", payload)
+
     def put(self, task_id: str, worker_id: str, payload: bytes, ttl_seconds: int) -> str:
         key = self.key(task_id, worker_id)
         self.redis.set(key, payload, ex=ttl_seconds)
@@ -25,10 +55,3 @@ class UpdateBlobs:
 
     def get(self, key: str) -> bytes | None:
         return cast("bytes | None", self.redis.get(key))
-
-    def size(self, key: str) -> int:
-        """The blob's length in bytes without reading it (0 when there is none).
-
-        Raises ``redis.ResponseError`` (WRONGTYPE) when the key holds no string.
-        """
-        return int(self.redis.strlen(key))

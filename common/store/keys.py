@@ -23,8 +23,11 @@ Cluster slot and one Lua script may touch them together::
     fedq:{job}:applied           hash task_id -> version that applied it (idempotency record)
     fedq:{job}:inflight          hash task_id -> JSON {version, issued_at}: tasks issued and not closed
     fedq:{job}:update:<worker_id>:<task_id>  weight delta of one update, under its worker's id (a
-                                 worker's Redis user may write only its own): a TTL while it is a
-                                 pending claim check, kept (for replay) once applied, until it is archived
+                                 worker's Redis user may write only its own): the claim check, with a TTL
+    fedq:{job}:delta:<worker_id>:<task_id>   the same delta once the coordinator read it: the claim check is
+                                 renamed here (inline deltas are written here at commit), where no worker
+                                 may write, so a delta cannot change after it was verified; kept (for
+                                 replay) once applied, until it is archived
     fedq:{job}:worker:<id>       JSON liveness of one worker (host, tasks done, last seen), short TTL
     fedq:{job}:partitions        hash worker_id -> the data partition the coordinator leased to it
     fedq:{job}:partition:<id>    that worker's partition, alone: the one key of the lease its worker may read
@@ -98,6 +101,9 @@ class JobKeys:
 
     def update(self, worker_id: str, task_id: str) -> str:
         return self._key("update", worker_id, task_id)
+
+    def delta(self, worker_id: str, task_id: str) -> str:
+        return self._key("delta", worker_id, task_id)
 
     def worker(self, worker_id: str) -> str:
         return self._key("worker", worker_id)

@@ -75,6 +75,7 @@ READABLE_KINDS = (
     "applied",
     "inflight",
     "update:*",
+    "delta:*",
     "worker:*",
     "counters",
     "state",

@@ -154,7 +154,7 @@ class Archiver:
         through = self.archive.last_archived()
         while through < head:
             records = self._next_segment(through + 1, head)
-            segment = self.archive.write_segment(records, self._blobs(records, lock))
+            segment = self.archive.write_segment(records, self._blobs(records, lock), self._verified_digests(records))
             crash_point("archive.segment_written")
             through = segment.last
             result.archived.append((segment.first, segment.last))
@@ -191,6 +191,17 @@ class Archiver:
         if self.is_checkpoint(record.version):
             keys += [self.store.keys.model(record.version), self.store.keys.optimizer_state(record.version)]
         return keys
+
+    def _verified_digests(self, records: list[VersionRecord]) -> dict[str, str]:
+        """The recorded digests of deltas kept under verified keys: the coordinator checked those
+        bytes against the digest before it applied them, and no worker can write there since
+        (common/store/blobs.py). Deltas of older records, under the workers' own keys, are hashed."""
+        return {
+            update.blob_key: update.digest
+            for record in records
+            for update in record.updates
+            if self.store.keys.kind(update.blob_key) == "delta"
+        }
 
     def _blobs(self, records: list[VersionRecord], lock: redis.lock.Lock) -> Iterator[tuple[str, bytes]]:
         """(name, bytes) of every blob the segment holds, read from Redis one at a time."""

@@ -203,7 +203,7 @@ def validate_update(
         ),
         worker_id=update.worker_id,
         digest=digest,
-        blob_key=store.blobs.key(update.task_id, update.worker_id),
+        blob_key=store.blobs.verified_key(update.task_id, update.worker_id),
         inline_payload=None if isinstance(update.delta, ClaimCheck) else payload,
         norm=norm,
         train_seconds=update.train_seconds,
@@ -344,8 +344,9 @@ def load_delta(
     its Redis claim check (verified against the claimed sha256), decoded from the encoding
     the message names (which the payload must name too) into tensors of ``specs``.
 
-    A payload over ``max_bytes`` is refused as ``too_large``; a claimed blob is
-    measured in Redis first and only read when its size is acceptable.
+    A payload over ``max_bytes`` is refused as ``too_large``; a claimed blob is read only when
+    its claimed size is acceptable, and no further than that size. Reading it moves it to the
+    update's verified key (see common/store/blobs.py), which the history then names.
     """
     if isinstance(update.delta, ClaimCheck):
         claim = update.delta
@@ -354,18 +355,17 @@ def load_delta(
             raise MessageError("bad_claim", f"claim key {claim.key!r} is not this update's blob key")
         _check_size(claim.nbytes, max_bytes, f"claim-checked blob {claim.key!r}")
         try:
-            stored = store.blobs.size(claim.key)
+            # Never more than the claimed size (and one byte to tell a longer blob): a blob of
+            # hundreds of MB under a small claim costs this read nothing.
+            payload = store.blobs.take(update.task_id, update.worker_id, claim.nbytes)
         except redis.ResponseError:  # WRONGTYPE: someone put a hash or list there
             raise MessageError("bad_claim", f"claim key {claim.key!r} does not hold a blob") from None
-        if stored == 0:
+        if not payload:
             raise MessageError("missing_blob", f"claim-checked blob {claim.key!r} is gone (expired or never written)")
-        if stored != claim.nbytes:
+        if len(payload) != claim.nbytes:
             raise MessageError("bad_digest", f"blob {claim.key!r} does not match its sha256/size")
-        payload = store.blobs.get(claim.key)
-        if payload is None:  # expired between the two reads
-            raise MessageError("missing_blob", f"claim-checked blob {claim.key!r} is gone (expired or never written)")
         digest = codec.digest(payload)
-        if len(payload) != claim.nbytes or digest != claim.sha256:
+        if digest != claim.sha256:
             raise MessageError("bad_digest", f"blob {claim.key!r} does not match its sha256/size")
     else:
         payload = update.delta.payload

@@ -268,6 +268,7 @@ def test_enrolled_parties_train_over_tls_a_worker_can_do_only_its_part_and_revoc
             lambda: client.hset(keys.applied, "t", 1),  # the ledger
             lambda: client.hset(keys.identities, "alice", "{}"),  # its own identity
             lambda: client.set(keys.update("bob", "t1"), b"x"),  # bob's blob
+            lambda: client.set(keys.delta("alice", "t1"), b"x"),  # its own delta, once the coordinator read it
             lambda: client.set(keys.worker("bob"), b"{}"),  # bob's liveness
             lambda: client.get(keys.partition("bob")),  # bob's lease
             lambda: client.set(keys.partition("alice"), 5),  # a lease of its own making

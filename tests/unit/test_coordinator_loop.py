@@ -9,8 +9,9 @@ from fedq.broker.memory import MemoryBroker, MemoryTransport, Message
 from fedq.broker.topology import Topology
 from fedq.broker.transport import DETAIL_HEADER, ORIGIN_HEADER, REASON_HEADER
 from fedq.common.store.tiers import whole_history
-from fedq.common.wire.messages import parse_task
-from fedq.coordinator.ops.replay import rollback
+from fedq.common.wire import codec
+from fedq.common.wire.messages import ClaimCheck, ModelUpdate, parse_task
+from fedq.coordinator.ops.replay import replay, rollback
 from fedq.coordinator.service.loop import Coordinator
 from fedq.coordinator.service.settings import CoordinatorSettings
 from tests.support import FAST_POLLING, InBackground, memory_store, update_body, wait_until
@@ -172,6 +173,46 @@ def test_stop_returns_buffered_updates_to_the_queue_and_a_restart_applies_them(b
     assert sorted(update.task_id for update in entry.updates) == sorted(task.task_id for task in tasks)
 
 
+def answer_by_claim(broker, store, task, delta, worker_id: str = "w") -> None:
+    """What a worker does with a delta over the inline limit: SET it under its claim-check key, then
+    publish the claim."""
+    payload = codec.encode(delta)
+    key = store.blobs.put(task.task_id, worker_id, payload, ttl_seconds=600)
+    update = ModelUpdate(
+        job=task.job,
+        task_id=task.task_id,
+        worker_id=worker_id,
+        base_version=task.model_version,
+        num_examples=10,
+        delta=ClaimCheck(key=key, sha256=codec.digest(payload), nbytes=len(payload)),
+    )
+    broker.publish(TOPOLOGY.updates, Message(update.to_bytes(), task.task_id))
+
+
+def test_a_worker_rewriting_its_blob_after_its_update_was_read_changes_no_history(broker, store):
+    """A worker's Redis user may write its claim-check key at any time. The coordinator moves the
+    blob it verifies out of the worker's reach, so what replay and the archive read is what was
+    applied, also when the update was read once before a restart (its claim key is gone then)."""
+    _, running = start(broker, store, algorithm="fedbuff", buffer_size=2, concurrency=2)
+    first, second = take_task(broker), take_task(broker)
+    answer_by_claim(broker, store, first, delta_like(store, 0.1))
+    wait_until(lambda: broker.unacked(TOPOLOGY.updates) == 1, DEADLINE, "the first update was not buffered")
+    running.stop()  # the buffered update goes back to the queue, its blob already moved
+    _, running = start(broker, store, algorithm="fedbuff", buffer_size=2, concurrency=2)
+    answer_by_claim(broker, store, second, delta_like(store, 0.2))
+    wait_for_head(store, 1)
+    for task in (first, second):  # too late: both were read, verified and applied
+        store.blobs.put(task.task_id, "w", codec.encode(delta_like(store, 5.0)), ttl_seconds=600)
+    running.stop()
+    updates = store.versions.history(1, 1)[0].updates
+    assert sorted(update.task_id for update in updates) == sorted([first.task_id, second.task_id])
+    assert {update.blob_key for update in updates} == {
+        store.blobs.verified_key(task.task_id, "w") for task in (first, second)
+    }
+    assert all(store.redis.ttl(update.blob_key) == -1 for update in updates), "applied deltas are kept"
+    assert replay(store, 0, 1).ok
+
+
 def test_a_dropped_connection_redelivers_the_buffer_and_nothing_is_applied_twice(broker, store):
     coordinator, running = start(broker, store, algorithm="fedbuff", buffer_size=2, concurrency=2)
     first, second = take_task(broker), take_task(broker)
@@ -305,10 +346,8 @@ def test_a_restarted_coordinator_bounds_updates_by_the_norms_accepted_before(bro
 def test_an_error_nobody_foresaw_ends_that_update_only(broker, store):
     _, running = start(broker, store, algorithm="fedasync", concurrency=1)
     task = take_task(broker)
-    real_size = store.blobs.size
-    store.blobs.size = lambda key: (_ for _ in ()).throw(RuntimeError("a Redis reply nobody expected"))
-    from fedq.common.wire.messages import ClaimCheck, ModelUpdate
-
+    real_take = store.blobs.take
+    store.blobs.take = lambda *args: (_ for _ in ()).throw(RuntimeError("a Redis reply nobody expected"))
     claim = ClaimCheck(key=store.blobs.key(task.task_id, "w"), sha256="0" * 64, nbytes=100)
     broker.publish(
         TOPOLOGY.updates,
@@ -324,7 +363,7 @@ def test_an_error_nobody_foresaw_ends_that_update_only(broker, store):
         DEADLINE,
         "the update was not dead-lettered",
     )
-    store.blobs.size = real_size
+    store.blobs.take = real_take
     answer(broker, take_task(broker), delta_like(store, 0.1))  # the loop goes on
     wait_for_head(store, 1)
     running.stop()
@@ -413,8 +452,6 @@ def test_a_running_coordinator_archives_old_versions_and_keeps_redis_to_its_wind
     assert [record.version for record in records] == list(range(13))
     applied = [update.task_id for record in records for update in record.updates]
     assert len(applied) == len(set(applied)) == 12
-    from fedq.coordinator.ops.replay import replay
-
     assert replay(store, 0, 12).ok
 
 
