@@ -14,7 +14,7 @@ PROFILE_BUCKETS = [
     ("Redis Lua commit script", ("VersionStore.commit (", "Script.__call__ (")),
     ("sha256 (claim check + version digest)", ("digest (common/wire/codec.py",)),
     ("safetensors encode of the new version", ("encode (common/wire/codec.py",)),
-    ("Redis GET of a claim-checked delta", ("UpdateBlobs.get (",)),
+    ("Redis read of a claim-checked delta (moved to its verified key)", ("UpdateBlobs.take (",)),
     ("safetensors decode of a delta", ("decode (common/wire/codec.py",)),
     ("isfinite check of a delta", ("check_tensors (",)),
     ("aggregation step", ("step (coordinator/algorithms/aggregation.py",)),
@@ -25,7 +25,8 @@ PROFILE_BUCKETS = [
     ("Redis HDEL open task (close)", ("TaskLedger.close (",)),
     ("Redis HGET applied (duplicate check)", ("applied_version (",)),
     ("basic_ack of updates", ("basic_ack (",)),
-    ("parse update (JSON, base64)", ("parse_update (",)),
+    ("parse update (JSON, base64)", ("parse_worker_message (",)),
+    ("identity lookup (Redis, every message)", ("check_identity (",)),
     ("logging", ("(logging/",)),
     ("idle: waiting for the next update", ("consume (",)),
 ]
