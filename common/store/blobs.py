@@ -29,17 +29,19 @@ class UpdateBlobs:
         return self.keys.delta(worker_id, task_id)
 
     def take(self, task_id: str, worker_id: str, max_bytes: int) -> bytes:
-        """Move the update's claim-checked blob to its verified key and read at most ``max_bytes + 1``
-        bytes of it, in one round trip (b"" when there is neither).
+        """Move the update's claim-checked blob to its verified key, unless a blob is there already,
+        and read at most ``max_bytes + 1`` bytes of the verified key, in one round trip (b"" when
+        there is neither).
 
-        The move keeps the blob's TTL (the commit removes it once the update is applied). When
-        the claim key is gone but the verified key is there, this update was read before (a
-        redelivery after a crash) and that copy is read again. Raises ``redis.ResponseError``
+        The first blob the coordinator reads for a task is the one it keeps: a redelivery (after a
+        crash) reads the same bytes again, and a worker rewriting its claim key afterwards, even
+        while an old message of its is read again, changes nothing. The move keeps the blob's TTL
+        (the commit removes it once the update is applied). Raises ``redis.ResponseError``
         (WRONGTYPE) when the key holds no string.
         """
         verified = self.verified_key(task_id, worker_id)
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.rename(self.key(task_id, worker_id), verified)
+            pipe.renamenx(self.key(task_id, worker_id), verified)
             pipe.getrange(verified, 0, max_bytes)
             moved, payload = pipe.execute(raise_on_error=False)
         if isinstance(moved, redis.ResponseError) and "no such key" not in str(moved).lower():
