@@ -140,6 +140,7 @@ class MemoryChannel:
         self._unacked: dict[int, tuple[_Queue, Message]] = {}
         self._open = True
         self._consuming = False
+        self._consumed: tuple[str, int] | None = None  # (queue, prefetch) of the running consume
         self._refused: list[str] = []  # publish_unconfirmed's messages no queue took
 
     def _check_open(self) -> None:
@@ -184,6 +185,7 @@ class MemoryChannel:
     def consume(self, queue_name: str, *, prefetch: int, inactivity_timeout: float) -> Iterator[Delivery | None]:
         condition = self.broker._condition
         self._consuming = True
+        self._consumed = (queue_name, prefetch)
         while True:
             with condition:
                 self._check_open()
@@ -206,6 +208,13 @@ class MemoryChannel:
                         headers[DELIVERY_COUNT_HEADER] = message.returns
                     delivery = Delivery(tag, message.body, message.message_id, headers, message.user_id)
             yield delivery
+
+    def waiting(self) -> int:
+        with self.broker._condition:
+            if not (self._open and self._consuming and self._consumed):
+                return 0
+            queue_name, prefetch = self._consumed
+            return max(0, min(len(self.broker._queues[queue_name].ready), prefetch - len(self._unacked)))
 
     def cancel(self) -> None:
         self._consuming = False

@@ -173,6 +173,9 @@ class PikaChannel:
                     method.delivery_tag, body, properties.message_id, dict(properties.headers or {}), properties.user_id
                 )
 
+    def waiting(self) -> int:
+        return self.channel.get_waiting_message_count()
+
     def cancel(self) -> None:
         self.channel.cancel()
 

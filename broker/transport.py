@@ -62,6 +62,9 @@ class Channel(Protocol):
     def consume(self, queue: str, *, prefetch: int, inactivity_timeout: float) -> Iterator[Delivery | None]:
         """Deliveries from ``queue``, at most ``prefetch`` unacked; None after each quiet ``inactivity_timeout``."""
 
+    def waiting(self) -> int:
+        """How many deliveries ``consume``'s iterator holds already: that many come without waiting."""
+
     def cancel(self) -> None:
         """Stop consuming; prefetched deliveries not yet handled return to the queue."""
 

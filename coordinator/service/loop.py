@@ -24,6 +24,7 @@ import math
 import secrets
 import time
 import uuid
+from collections import deque
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -64,6 +65,7 @@ from fedq.coordinator.algorithms.step import (
 from fedq.coordinator.service.archiver import ArchiveThread
 from fedq.coordinator.service.fleet import Fleet
 from fedq.coordinator.service.partitions import plan_leases
+from fedq.coordinator.service.readahead import READ_AHEAD, DeltaReadAhead
 from fedq.coordinator.service.scheduling import scheduling_policy
 from fedq.coordinator.service.settings import AUTO, CoordinatorSettings
 from fedq.coordinator.service.validation import (
@@ -83,6 +85,8 @@ log = logging.getLogger("fedq.coordinator")
 STRAY_BINDINGS_CHECK_SECONDS = 5.0
 # How often it leases partitions to workers that joined (a worker waits for its lease).
 PARTITION_LEASE_SECONDS = 1.0
+# What the serve loop takes for "the broker ended the consumer" (a delivery nobody sends).
+ENDED = Delivery(tag=-1, body=b"")
 
 
 @dataclass
@@ -159,6 +163,7 @@ class Coordinator:
         self._round_started: float | None = None  # synchronous: when the open round's tasks went out
         self._round_short_warned = False
         self._prepare_job()
+        self.read_ahead = DeltaReadAhead(self.store, self.max_delta_bytes)
         # --max-seconds counts from version 0, not from loading the task's data.
         self.started = time.monotonic()
 
@@ -302,6 +307,7 @@ class Coordinator:
             log.error(kv("head_tampered", detail=str(error)))
             raise
         finally:
+            self.read_ahead.close()
             if archiving is not None:
                 archiving.stop()  # after one last pass: a finished job's history reaches the archive
         if self.stop_requested and self.finished_reason is None:
@@ -354,6 +360,7 @@ class Coordinator:
     def _on_connection_lost(self) -> None:
         # Deliveries of the lost channel come back from the broker; forget them.
         self.buffer.clear()
+        self.read_ahead.forget()
         self._channel = None
 
     @property
@@ -367,17 +374,33 @@ class Coordinator:
         channel.declare(self.topology)
         self._load_head()
         self._top_up()
+        self.read_ahead.forget()
         # Room for a full buffer plus the updates arriving while it fills.
         prefetch = 2 * max(self.aggregator.buffer_size, self.settings.concurrency) + 8
-        for delivery in channel.consume(
+        deliveries = channel.consume(
             self.topology.updates, prefetch=prefetch, inactivity_timeout=self.settings.idle_seconds
-        ):
+        )
+        # Deliveries taken before their turn, their deltas being read (see readahead.py).
+        ahead: deque[Delivery] = deque()
+        while self.finished_reason is None and not self.stop_requested:
+            # None: a quiet idle_seconds; ENDED: the broker cancelled the consumer.
+            delivery = ahead.popleft() if ahead else next(deliveries, ENDED)
+            if delivery is ENDED:
+                break
             if delivery is not None:
+                while len(ahead) < READ_AHEAD and channel.waiting():
+                    following = next(deliveries, None)
+                    if following is None:
+                        break
+                    ahead.append(following)
+                    self.read_ahead.start(following, self._worth_reading)
                 self._on_update(delivery)
             self._maintain()
-            if self.finished_reason is not None or self.stop_requested:
-                break
         channel.cancel()
+
+    def _worth_reading(self, task_id: str) -> bool:
+        """Whether an update of ``task_id`` could be buffered: its task is open and has no update buffered."""
+        return task_id in self.open_tasks and all(pending.update.task_id != task_id for pending in self.buffer)
 
     def _maintain(self) -> None:
         """Between deliveries: notice a rollback, expire lost tasks, check the clock, keep tasks in flight."""
@@ -464,7 +487,13 @@ class Coordinator:
         )
         try:
             validated = validate_update(
-                delivery.body, expected, self.store, self._is_duplicate, self._issued_version, delivery.user_id
+                delivery.body,
+                expected,
+                self.store,
+                self._is_duplicate,
+                self._issued_version,
+                delivery.user_id,
+                self.read_ahead.result_for(delivery),
             )
         except Rejected as rejection:
             if rejection.duplicate:

@@ -18,6 +18,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,6 +119,7 @@ def validate_update(
     already_taken: Callable[[str], bool],
     issued_version: Callable[[str], int | None],
     sender: str | None = None,
+    read_ahead: Future[tuple[bytes, str]] | None = None,
 ) -> ValidatedUpdate | ValidatedRefusal:
     """The update in ``body``, validated; raises :class:`Rejected` with the reason it is not usable.
 
@@ -128,6 +130,7 @@ def validate_update(
     ``issued_version(task_id)`` is the version an open task was issued at (None: no such
     open task: never issued by this job's coordinator, or closed). ``sender`` is the RabbitMQ
     user that published the message, as the broker validated it (its ``user_id``).
+    ``read_ahead`` is the claim-checked delta's read, begun before (see coordinator/service/readahead.py).
     """
     if expected.max_delta_bytes is not None and len(body) > max_update_message_bytes(expected.max_delta_bytes):
         raise Rejected(
@@ -176,7 +179,7 @@ def validate_update(
                 f"the update is encoded as {update.encoding!r}, but this job takes {expected.encoding!r} "
                 "(its tasks say so; is the worker's fedq older than the coordinator's?)",
             )
-        digest, payload, delta = load_delta(update, store, expected.max_delta_bytes, expected.tensor_specs)
+        digest, payload, delta = load_delta(update, store, expected.max_delta_bytes, expected.tensor_specs, read_ahead)
         check_tensors(delta, expected.tensor_specs)
         norm = l2_norm(delta)
         bound = expected.worker_norm_bounds.get(update.worker_id, expected.max_delta_norm)
@@ -334,39 +337,53 @@ class NormGuard:
                 self.by_worker.setdefault(worker, deque(maxlen=self.worker_window)).append(norm)
 
 
+def read_claimed_delta(update: ModelUpdate, store: ModelStore, max_bytes: int | None) -> tuple[bytes, str]:
+    """The claim-checked delta of ``update`` as (safetensors bytes, sha256), verified against its claim.
+
+    A blob is read only when its claimed size is acceptable, and no further than that size.
+    Reading it moves it to the update's verified key (see common/store/blobs.py), which the
+    history then names. Pure I/O and hashing: the read-ahead runs it in a thread.
+    """
+    assert isinstance(update.delta, ClaimCheck), "an inline delta has nothing to read"
+    claim = update.delta
+    if claim.key != store.blobs.key(update.task_id, update.worker_id):
+        # An update may only claim its own blob, never another job's, worker's or update's.
+        raise MessageError("bad_claim", f"claim key {claim.key!r} is not this update's blob key")
+    _check_size(claim.nbytes, max_bytes, f"claim-checked blob {claim.key!r}")
+    try:
+        # Never more than the claimed size (and one byte to tell a longer blob): a blob of
+        # hundreds of MB under a small claim costs this read nothing.
+        payload = store.blobs.take(update.task_id, update.worker_id, claim.nbytes)
+    except redis.ResponseError:  # WRONGTYPE: someone put a hash or list there
+        raise MessageError("bad_claim", f"claim key {claim.key!r} does not hold a blob") from None
+    if not payload:
+        raise MessageError("missing_blob", f"claim-checked blob {claim.key!r} is gone (expired or never written)")
+    if len(payload) != claim.nbytes:
+        raise MessageError("bad_digest", f"blob {claim.key!r} does not match its sha256/size")
+    digest = codec.digest(payload)
+    if digest != claim.sha256:
+        raise MessageError("bad_digest", f"blob {claim.key!r} does not match its sha256/size")
+    return payload, digest
+
+
 def load_delta(
     update: ModelUpdate,
     store: ModelStore,
     max_bytes: int | None,
     specs: Mapping[str, tuple[tuple[int, ...], str]],
+    read_ahead: Future[tuple[bytes, str]] | None = None,
 ) -> tuple[str, bytes, codec.Weights]:
-    """The update's delta as (sha256, safetensors bytes, arrays), from the message or
-    its Redis claim check (verified against the claimed sha256), decoded from the encoding
-    the message names (which the payload must name too) into tensors of ``specs``.
-
-    A payload over ``max_bytes`` is refused as ``too_large``; a claimed blob is read only when
-    its claimed size is acceptable, and no further than that size. Reading it moves it to the
-    update's verified key (see common/store/blobs.py), which the history then names.
+    """The update's delta as (sha256, safetensors bytes, arrays), from the message or its Redis
+    claim check (:func:`read_claimed_delta`, or ``read_ahead``: the same, begun in a thread
+    while earlier updates were handled), decoded from the encoding the message names (which the
+    payload must name too) into tensors of ``specs``. A payload over ``max_bytes`` is refused as
+    ``too_large``.
     """
     if isinstance(update.delta, ClaimCheck):
-        claim = update.delta
-        if claim.key != store.blobs.key(update.task_id, update.worker_id):
-            # An update may only claim its own blob, never another job's, worker's or update's.
-            raise MessageError("bad_claim", f"claim key {claim.key!r} is not this update's blob key")
-        _check_size(claim.nbytes, max_bytes, f"claim-checked blob {claim.key!r}")
-        try:
-            # Never more than the claimed size (and one byte to tell a longer blob): a blob of
-            # hundreds of MB under a small claim costs this read nothing.
-            payload = store.blobs.take(update.task_id, update.worker_id, claim.nbytes)
-        except redis.ResponseError:  # WRONGTYPE: someone put a hash or list there
-            raise MessageError("bad_claim", f"claim key {claim.key!r} does not hold a blob") from None
-        if not payload:
-            raise MessageError("missing_blob", f"claim-checked blob {claim.key!r} is gone (expired or never written)")
-        if len(payload) != claim.nbytes:
-            raise MessageError("bad_digest", f"blob {claim.key!r} does not match its sha256/size")
-        digest = codec.digest(payload)
-        if digest != claim.sha256:
-            raise MessageError("bad_digest", f"blob {claim.key!r} does not match its sha256/size")
+        if read_ahead is not None:
+            payload, digest = read_ahead.result()
+        else:
+            payload, digest = read_claimed_delta(update, store, max_bytes)
     else:
         payload = update.delta.payload
         _check_size(len(payload), max_bytes, "the inline delta")

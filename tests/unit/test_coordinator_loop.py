@@ -214,6 +214,25 @@ def test_a_worker_rewriting_its_blob_after_its_update_was_read_changes_no_histor
     assert replay(store, 0, 1).ok
 
 
+def test_deltas_read_ahead_are_verified_as_any_other_and_applied_in_order(broker, store):
+    """Updates waiting on the channel have their claim-checked deltas read in a thread while the
+    loop handles the one before; a bad one among them is refused with its reason all the same."""
+    coordinator, running = start(broker, store, algorithm="fedbuff", buffer_size=3, concurrency=4, archive="none")
+    tasks = [take_task(broker) for _ in range(4)]
+    running.stop()  # the tasks stay open; their updates wait on the queue for the restart
+    for index, task in enumerate(tasks):
+        answer_by_claim(broker, store, task, delta_like(store, 0.1 * (index + 1)))
+    store.blobs.put(tasks[1].task_id, "w", b"not what the claim says", ttl_seconds=600)
+    restarted, running = start(broker, store, algorithm="fedbuff", buffer_size=3, concurrency=4, archive="none")
+    wait_for_head(store, 1)
+    running.stop()
+    assert restarted.read_ahead.started >= 2, "the waiting updates' deltas were not read ahead"
+    assert [m.headers[REASON_HEADER] for m in broker.ready(TOPOLOGY.dead)] == ["bad_digest"]
+    applied = [update.task_id for update in store.versions.history(1, 1)[0].updates]
+    assert applied == [tasks[0].task_id, tasks[2].task_id, tasks[3].task_id], "in delivery order"
+    assert replay(store, 0, 1).ok
+
+
 def test_a_dropped_connection_redelivers_the_buffer_and_nothing_is_applied_twice(broker, store):
     coordinator, running = start(broker, store, algorithm="fedbuff", buffer_size=2, concurrency=2)
     first, second = take_task(broker), take_task(broker)
