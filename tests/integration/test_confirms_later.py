@@ -56,3 +56,28 @@ def test_unconfirmed_publishes_all_arrive_and_an_unroutable_one_is_named(job):
         assert depth == 52
     finally:
         connection.close()
+
+
+def test_waiting_counts_the_deliveries_the_consumer_holds_and_they_come_without_waiting(job):
+    """The coordinator reads ahead only what ``waiting()`` says is there: on a real broker, a
+    consumer with prefetch 3 and five messages queued holds three, then fewer as it takes them."""
+    connection = connect(AMQP_URL, name=f"fedq-test-{job}")
+    try:
+        topology = Topology(job)
+        channel = PikaChannel(connection)
+        channel.declare(topology)
+        for index in range(5):
+            channel.publish(topology.updates, b"{}", message_id=f"update-{index}")
+        deliveries = channel.consume(topology.updates, prefetch=3, inactivity_timeout=0.05)
+        first = next(deliveries)
+        assert first is not None
+        wait_until(
+            lambda: connection.process_data_events(time_limit=0.05) or channel.waiting() == 2,
+            60,
+            "the consumer never held the two deliveries its prefetch allows beside the first",
+        )
+        held = [next(deliveries), next(deliveries)]
+        assert all(delivery is not None for delivery in held) and channel.waiting() == 0
+        channel.cancel()
+    finally:
+        connection.close()
