@@ -15,6 +15,7 @@ PROFILE_BUCKETS = [
     ("sha256 (claim check + version digest)", ("digest (common/wire/codec.py",)),
     ("safetensors encode of the new version", ("encode (common/wire/codec.py",)),
     ("Redis read of a claim-checked delta (moved to its verified key)", ("UpdateBlobs.take (",)),
+    ("waiting for a delta read ahead", ("load_delta (", "Future.result (")),
     ("safetensors decode of a delta", ("decode (common/wire/codec.py",)),
     ("isfinite check of a delta", ("check_tensors (",)),
     ("aggregation step", ("step (coordinator/algorithms/aggregation.py",)),
