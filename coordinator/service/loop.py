@@ -373,6 +373,10 @@ class Coordinator:
         self._channel = channel
         channel.declare(self.topology)
         self._load_head()
+        if self.settings.max_versions is not None and self.head >= self.settings.max_versions:
+            # A coordinator killed between its last commit and finishing left tasks open, and
+            # their updates would make one version more: finish before taking any.
+            self._finish("max_versions")
         self._top_up()
         self.read_ahead.forget()
         # Room for a full buffer plus the updates arriving while it fills.

@@ -248,6 +248,19 @@ def test_a_dropped_connection_redelivers_the_buffer_and_nothing_is_applied_twice
     assert sorted(applied) == sorted([first.task_id, second.task_id])
 
 
+def test_a_restart_at_max_versions_finishes_without_one_version_more(broker, store):
+    """As after a kill between the last commit and finishing: a task is still open and its update waits."""
+    _, running = start(broker, store, algorithm="fedasync", concurrency=2)
+    first, second = take_task(broker), take_task(broker)
+    answer(broker, first, delta_like(store, 0.1))
+    wait_for_head(store, 1)
+    running.stop()
+    answer(broker, second, delta_like(store, 0.1))
+    restarted, running = start(broker, store, algorithm="fedasync", concurrency=2, max_versions=1)
+    assert running.join(DEADLINE)["reason"] == "max_versions"
+    assert store.versions.head() == 1 and restarted.open_tasks == {}
+
+
 def test_the_target_stops_the_run_and_withdraws_outstanding_tasks(broker, store):
     _, running = start(broker, store, algorithm="fedasync", concurrency=2, max_versions=1)
     task = take_task(broker)
