@@ -404,7 +404,7 @@ class Coordinator:
 
     def _worth_reading(self, task_id: str) -> bool:
         """Whether an update of ``task_id`` could be buffered: its task is open and has no update buffered."""
-        return task_id in self.open_tasks and all(pending.update.task_id != task_id for pending in self.buffer)
+        return task_id in self.open_tasks and not self._is_duplicate(task_id)  # (no Redis for an open task)
 
     def _maintain(self) -> None:
         """Between deliveries: notice a rollback, expire lost tasks, check the clock, keep tasks in flight."""

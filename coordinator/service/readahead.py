@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from fedq.broker.transport import Delivery
 from fedq.common.store import ModelStore
+from fedq.common.wire.limits import UPDATE_ENVELOPE_BYTES
 from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate, parse_worker_message
 from fedq.coordinator.service.validation import read_claimed_delta
 
@@ -35,6 +36,10 @@ class DeltaReadAhead:
     def start(self, delivery: Delivery, worth_reading: Callable[[str], bool]) -> None:
         """Begin reading ``delivery``'s claim-checked delta if it has one and ``worth_reading(task_id)``
         (an open task with no update buffered: anything else is refused before its delta is read)."""
+        if len(delivery.body) > UPDATE_ENVELOPE_BYTES:
+            # A claim check is all envelope: this carries an inline delta (nothing to read) or is
+            # hostile, and is parsed once, on its turn, after validation's size check.
+            return
         try:
             update = parse_worker_message(delivery.body)
         except MessageError:
