@@ -19,7 +19,7 @@ import pika.exceptions
 from fedq.broker import header_decoding
 from fedq.common import tls
 from fedq.common.retry import CONNECT_ATTEMPTS, backoff_delays
-from fedq.common.settings import redact_url
+from fedq.common.settings import amqp_urls, redact_url
 
 log = logging.getLogger("fedq.broker")
 
@@ -60,37 +60,50 @@ def parameters(url: str, *, heartbeat: int = HEARTBEAT_SECONDS, name: str = "fed
 def connect(
     url: str, *, name: str = "fedq", heartbeat: int = HEARTBEAT_SECONDS, attempts: int = CONNECT_ATTEMPTS
 ) -> pika.BlockingConnection:
-    """Open a blocking connection, retrying transient failures with exponential backoff."""
+    """Open a blocking connection, retrying transient failures with exponential backoff.
+
+    ``url`` may list the nodes of a cluster, comma-separated: each attempt tries them in turn, and
+    the first that accepts the connection serves it (a quorum queue is reachable from any node).
+    """
     # Before any delivery is decoded: a header pika cannot decode must not cost the connection.
     header_decoding.install()
-    params = parameters(url, heartbeat=heartbeat, name=name)
+    nodes = [(node, parameters(node, heartbeat=heartbeat, name=name)) for node in amqp_urls(url)]
     delays = backoff_delays(attempts)
     attempt = 1
     while True:
-        try:
-            return pika.BlockingConnection(params)
-        except pika.exceptions.ProbableAuthenticationError:
-            raise CredentialsRefused(f"RabbitMQ at {redact_url(url)} refused the user name or password") from None
-        except pika.exceptions.ProbableAccessDeniedError:
-            raise CredentialsRefused(f"RabbitMQ at {redact_url(url)} denied access to the virtual host") from None
-        except (ssl.SSLError, socket.gaierror, pika.exceptions.AMQPConnectionError) as error:
-            # (a handshake error may come bare; pika lets a failed name lookup through as it is)
-            handshake = _tls_failure(error)
-            if handshake:
-                raise BrokerError(f"RabbitMQ at {redact_url(url)} failed the TLS handshake: {handshake}") from None
-            backoff = next(delays, None)
-            if backoff is None:
-                reason = (
-                    f"the host name {params.host!r} does not resolve ({error.strerror})"
-                    if isinstance(error, socket.gaierror)
-                    else repr(error)
-                )
-                raise BrokerError(
-                    f"cannot reach RabbitMQ at {redact_url(url)} after {attempts} attempts: {reason}"
-                ) from None
-            log.warning("event=amqp_connect_retry attempt=%d backoff_s=%.1f error=%r", attempt, backoff, error)
-            time.sleep(backoff)
-            attempt += 1
+        errors = []
+        for node, params in nodes:
+            try:
+                connection = pika.BlockingConnection(params)
+            except pika.exceptions.ProbableAuthenticationError:
+                raise CredentialsRefused(f"RabbitMQ at {redact_url(node)} refused the user name or password") from None
+            except pika.exceptions.ProbableAccessDeniedError:
+                raise CredentialsRefused(f"RabbitMQ at {redact_url(node)} denied access to the virtual host") from None
+            except (ssl.SSLError, socket.gaierror, pika.exceptions.AMQPConnectionError) as error:
+                # (a handshake error may come bare; pika lets a failed name lookup through as it is)
+                handshake = _tls_failure(error)
+                if handshake:
+                    raise BrokerError(f"RabbitMQ at {redact_url(node)} failed the TLS handshake: {handshake}") from None
+                reason = _reason(error, params)
+                errors.append(reason if len(nodes) == 1 else f"{redact_url(node)}: {reason}")
+                continue
+            if len(nodes) > 1:
+                log.info("event=amqp_connected name=%s node=%s", name, redact_url(node))
+            return connection
+        backoff = next(delays, None)
+        if backoff is None:
+            raise BrokerError(
+                f"cannot reach RabbitMQ at {redact_url(url)} after {attempts} attempts: {'; '.join(errors)}"
+            ) from None
+        log.warning("event=amqp_connect_retry attempt=%d backoff_s=%.1f error=%s", attempt, backoff, errors[-1])
+        time.sleep(backoff)
+        attempt += 1
+
+
+def _reason(error: BaseException, params: pika.URLParameters) -> str:
+    if isinstance(error, socket.gaierror):
+        return f"the host name {params.host!r} does not resolve ({error.strerror})"
+    return repr(error)
 
 
 def _tls_failure(error: BaseException) -> str | None:

@@ -14,6 +14,7 @@ import pika.exceptions
 
 from fedq.broker.connection import connect
 from fedq.broker.management import ManagementAPI, ManagementError, quote
+from fedq.common.settings import amqp_urls
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ def management_depths(
         api = ManagementAPI.for_amqp_url(amqp_url, management_url, timeout=timeout)
     except ManagementError:
         return None
-    vhost = quote(pika.URLParameters(amqp_url).virtual_host)
+    vhost = quote(pika.URLParameters(amqp_urls(amqp_url)[0]).virtual_host)
     depths = []
     for queue in queues:
         try:

@@ -18,6 +18,7 @@ from typing import Any, cast
 import pika
 
 from fedq.common import tls
+from fedq.common.settings import amqp_urls
 
 
 class ManagementError(RuntimeError):
@@ -29,6 +30,8 @@ class ManagementError(RuntimeError):
 
 
 def default_management_url(amqp_url: str) -> str:
+    """The management API of the first node of ``amqp_url``, at the plugin's default port."""
+    amqp_url = amqp_urls(amqp_url)[0]
     params = pika.URLParameters(amqp_url)
     secure = amqp_url.startswith("amqps://")
     return f"{'https' if secure else 'http'}://{params.host}:{15671 if secure else 15672}/"
@@ -45,7 +48,25 @@ class ManagementAPI:
     def for_amqp_url(cls, amqp_url: str, management_url: str | None = None, **kwargs: Any) -> ManagementAPI:
         """The API of the broker ``amqp_url`` names, with that URL's credentials.
 
-        The default address is a guess (the AMQP host, the management plugin's default port). When
+        For a list of a cluster's nodes, the API of the first node that answers: every node's API
+        reports the whole cluster, and a node may be down.
+        """
+        nodes = amqp_urls(amqp_url)
+        if management_url is not None or len(nodes) == 1:
+            return cls._for_node(nodes[0], management_url, **kwargs)
+        failures = []
+        for node in nodes:
+            try:
+                api = cls._for_node(node, None, **kwargs)
+                if api.request("GET", "overview") is not None:
+                    return api
+            except ManagementError as error:
+                failures.append(str(error))
+        raise ManagementError("no node's management API answered: " + "; ".join(failures))
+
+    @classmethod
+    def _for_node(cls, amqp_url: str, management_url: str | None = None, **kwargs: Any) -> ManagementAPI:
+        """The default address is a guess (the AMQP host, the management plugin's default port). When
         the AMQP port is not the default either, the guess may reach another broker on the same
         host, whose queues would be reported as this one's: the API found must say that its broker
         listens on the AMQP URL's port, or the caller is told to name the API."""

@@ -16,6 +16,7 @@ from fedq.broker.publisher import message_properties, publish
 from fedq.broker.session import run_with_reconnect
 from fedq.broker.topology import ROUTING_KEY, Topology
 from fedq.broker.transport import DETAIL_HEADER, ORIGIN_HEADER, REASON_HEADER, AccessRefused, Channel, Delivery
+from fedq.common.settings import amqp_urls
 
 # Room in a content header frame for everything but the headers: frame and property overhead,
 # a message id of up to 255 bytes, and the x-delivery-count the broker adds on redelivery.
@@ -236,7 +237,8 @@ class PikaTransport:
     def __init__(self, amqp_url: str, *, heartbeat: int = HEARTBEAT_SECONDS):
         self.amqp_url = amqp_url
         self.heartbeat = heartbeat
-        credentials = pika.URLParameters(amqp_url).credentials
+        # (every node of a list names the same user: common.settings checks it)
+        credentials = pika.URLParameters(amqp_urls(amqp_url)[0]).credentials
         # The user the broker will authenticate: what a publish's user_id must be (None: certificate login).
         self.user: str | None = getattr(credentials, "username", None)
 

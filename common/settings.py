@@ -73,12 +73,34 @@ def _parse_job(name: str) -> str:
     return name
 
 
+def amqp_urls(text: str) -> list[str]:
+    """The brokers of an ``amqp_url`` setting, in the order they are tried: it names one broker, or the
+    nodes of a RabbitMQ cluster as a comma-separated list (a comma in a password is written ``%2C``)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _parse_amqp_url(text: Any) -> str:
-    """An AMQP URL with a host and a numeric port, checked before anything connects: pika reads
-    ``amqp:/x`` as localhost, and fails on ``amqp://h:port/`` with an IndexError."""
-    url = str(text)
-    if url.startswith("memory://"):  # the in-memory transport (tests)
-        return url
+    """One AMQP URL, or a comma-separated list of a cluster's nodes, each checked before anything
+    connects. The nodes of a list must share user, password and virtual host: a cluster knows one set
+    of users, and a list that mixes them is a copying mistake that would surface only at failover."""
+    if str(text).startswith("memory://"):  # the in-memory transport (tests)
+        return str(text)
+    urls = [_check_amqp_url(url) for url in amqp_urls(str(text))]
+    if not urls:
+        raise ValueError("it names no broker, e.g. amqp://user:password@host:5672/")
+    if len({_login_and_vhost(url) for url in urls}) > 1:
+        raise ValueError("the URLs of a list must name the same user, password and virtual host")
+    return ",".join(urls)
+
+
+def _login_and_vhost(url: str) -> tuple[str, str]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.netloc.rpartition("@")[0], parts.path.lstrip("/")
+
+
+def _check_amqp_url(url: str) -> str:
+    """An AMQP URL with a host and a numeric port: pika reads ``amqp:/x`` as localhost, and fails on
+    ``amqp://h:port/`` with an IndexError."""
     example = "e.g. amqp://user:password@host:5672/"
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("amqp", "amqps"):
@@ -94,7 +116,12 @@ def _parse_amqp_url(text: Any) -> str:
 
 CONNECTION_OPTIONS = [
     Option("job", _parse_job, None, "name of the federation; jobs sharing RabbitMQ and Redis never see each other"),
-    Option("amqp_url", _parse_amqp_url, DEFAULT_AMQP_URL, "RabbitMQ URL (amqps://... for TLS)"),
+    Option(
+        "amqp_url",
+        _parse_amqp_url,
+        DEFAULT_AMQP_URL,
+        "RabbitMQ URL (amqps://... for TLS), or a comma-separated list of a cluster's nodes, tried in turn",
+    ),
     Option("redis_url", str, DEFAULT_REDIS_URL, "Redis URL (rediss://... for TLS)"),
     Option(
         "tls_ca",
@@ -116,7 +143,11 @@ CONNECTION_OPTIONS = [
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
+    """``url`` (or a comma-separated list of URLs) without its passwords, for messages and logs."""
+    return ",".join(_redact_one(part) for part in url.split(","))
+
+
+def _redact_one(url: str) -> str:
     if "@" not in url:
         return url
     scheme, _, rest = url.partition("://")

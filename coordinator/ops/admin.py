@@ -33,7 +33,7 @@ import redis
 from fedq.broker.management import ManagementAPI, ManagementError
 from fedq.broker.management import quote as quote_segment
 from fedq.common.cli import UserError
-from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
+from fedq.common.settings import CONNECTION_OPTIONS, add_options, amqp_urls, resolve
 from fedq.common.store import ModelStore, StoreError, connect_redis
 from fedq.common.store.identities import identity_user
 from fedq.coordinator.ops.roles import ROLES, Grant, RoleError, grant
@@ -69,7 +69,7 @@ class Provisioner:
     def __init__(self, amqp_url: str, redis_url: str, job: str, management_url: str | None = None):
         self.job = job
         self.api = ManagementAPI.for_amqp_url(amqp_url, management_url)
-        self.vhost = pika.URLParameters(amqp_url).virtual_host
+        self.vhost = pika.URLParameters(amqp_urls(amqp_url)[0]).virtual_host
         self.redis = connect_redis(redis_url)
         self.store = ModelStore(self.redis, job)
 
@@ -125,7 +125,11 @@ class Provisioner:
 
 
 def site_url(url: str, user: str, password: str) -> str:
-    """``url`` with ``user``:``password`` as its credentials."""
+    """``url`` (or each URL of a comma-separated list) with ``user``:``password`` as its credentials."""
+    return ",".join(_with_login(part, user, password) for part in url.split(","))
+
+
+def _with_login(url: str, user: str, password: str) -> str:
     parts = urlsplit(url)
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"))

@@ -53,6 +53,16 @@ USER_ERRORS = [
         ["status", "--job", "x", "--amqp-url", "amqp://guest:guest@127.0.0.1:5673/"],
         "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:5673/",
     ),
+    # A cluster's nodes as a list: each is tried, and the error names each one's failure; a list
+    # whose nodes log in differently is a copying mistake, refused before anything connects.
+    (
+        ["worker", "--job", "x", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/,amqp://guest:guest@127.0.0.1:2/"],
+        "amqp://guest:***@127.0.0.1:2/: AMQPConnectionError",
+    ),
+    (
+        ["status", "--job", "x", "--amqp-url", "amqp://a:pw@rabbit-1:5672/,amqp://b:pw@rabbit-2:5672/"],
+        "the URLs of a list must name the same user, password and virtual host",
+    ),
     # Settings that the rest of the configuration would ignore without a word.
     (
         ["coordinator", "--job", "x", "--algorithm", "fedavg", "--example-weighted"],

@@ -384,6 +384,34 @@ def test_a_url_is_shown_without_its_password():
     assert redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
 
 
+def test_an_amqp_url_may_list_the_nodes_of_a_cluster():
+    from fedq.common.settings import amqp_urls, redact_url
+    from fedq.coordinator.ops.admin import site_url
+
+    nodes = "amqp://u:pw@rabbit-1:5672/jobs, amqp://u:pw@rabbit-2:5673/jobs,amqp://u:pw@rabbit-3/jobs"
+    values = resolve(parse("--job", "demo", "--amqp-url", nodes), OPTIONS, environ={})
+    assert amqp_urls(values["amqp_url"]) == [
+        "amqp://u:pw@rabbit-1:5672/jobs",
+        "amqp://u:pw@rabbit-2:5673/jobs",
+        "amqp://u:pw@rabbit-3/jobs",
+    ]
+    assert redact_url(values["amqp_url"]).count(":***@") == 3 and "pw" not in redact_url(values["amqp_url"])
+    # `fedq admin enroll` writes the site's credentials into every node's URL.
+    assert amqp_urls(site_url(values["amqp_url"], "site-1", "s3cret")) == [
+        "amqp://site-1:s3cret@rabbit-1:5672/jobs",
+        "amqp://site-1:s3cret@rabbit-2:5673/jobs",
+        "amqp://site-1:s3cret@rabbit-3/jobs",
+    ]
+    for mixed, problem in [
+        ("amqp://u:pw@rabbit-1/jobs,amqp://u:other@rabbit-2/jobs", "same user, password and virtual host"),
+        ("amqp://u:pw@rabbit-1/jobs,amqp://u:pw@rabbit-2/", "same user, password and virtual host"),
+        ("amqp://u:pw@rabbit-1/,rabbit-2", "starts with amqp://"),
+        (" , ", "names no broker"),
+    ]:
+        with pytest.raises(SettingsError, match=problem):
+            resolve(parse("--job", "demo", "--amqp-url", mixed), OPTIONS, environ={})
+
+
 @pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
 def test_every_command_prints_its_help(command, capsys):
     # argparse formats help texts with %: a bare "80 %" in one option's help once made
