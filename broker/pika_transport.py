@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,8 +15,9 @@ import pika.exceptions
 from fedq.broker.connection import HEARTBEAT_SECONDS
 from fedq.broker.publisher import message_properties, publish
 from fedq.broker.session import run_with_reconnect
-from fedq.broker.topology import ROUTING_KEY, Topology
+from fedq.broker.topology import LEGACY_DEAD_QUEUE, QUORUM, ROUTING_KEY, Topology, is_legacy_dead_queue
 from fedq.broker.transport import DETAIL_HEADER, ORIGIN_HEADER, REASON_HEADER, AccessRefused, Channel, Delivery
+from fedq.common.obs.logs import kv
 from fedq.common.settings import amqp_urls
 
 # Room in a content header frame for everything but the headers: frame and property overhead,
@@ -23,6 +25,12 @@ from fedq.common.settings import amqp_urls
 OTHER_PROPERTIES_ROOM = 2048
 DROPPED_HEADER = "x-fedq-dropped-headers"
 _OURS = (REASON_HEADER, DETAIL_HEADER, ORIGIN_HEADER)
+
+log = logging.getLogger("fedq.broker")
+LEGACY_ADVICE = (
+    "it lives on one node of a cluster, and the job cannot connect while that node is down; "
+    "delete it while it is empty (after fedq dead) to have it made a quorum queue"
+)
 
 
 def encodable(headers: dict[str, Any], frame_max: int = pika.spec.FRAME_MAX_SIZE) -> dict[str, Any]:
@@ -134,13 +142,20 @@ class PikaChannel:
         self._refused_earlier: list[str] = []  # by a ConfirmsLater channel the broker closed
 
     def declare(self, topology: Topology) -> None:
-        try:
-            topology.declare(self.channel)
-        except pika.exceptions.ChannelClosedByBroker as error:
-            if error.reply_code != 403:
-                raise
-            self._reopen()
-            raise AccessRefused(error.reply_text) from None
+        dead_queue = QUORUM
+        while True:
+            try:
+                topology.declare(self.channel, dead_queue=dead_queue)
+                return
+            except pika.exceptions.ChannelClosedByBroker as error:
+                legacy = error.reply_code == 406 and is_legacy_dead_queue(error.reply_text)
+                if error.reply_code != 403 and not (legacy and dead_queue is QUORUM):
+                    raise
+                self._reopen()
+                if error.reply_code == 403:
+                    raise AccessRefused(error.reply_text) from None
+                log.warning(kv("classic_dead_letter_queue", queue=topology.dead, advice=LEGACY_ADVICE))
+                dead_queue = LEGACY_DEAD_QUEUE
 
     def wait_for_queue(self, queue: str, should_stop: Callable[[], bool], poll_seconds: float = 1.0) -> bool:
         while not should_stop():

@@ -508,6 +508,7 @@ class PrivateRabbitMQ(_Server):
         node_name: str | None = None,
         extra_config: Sequence[str] = (),
         startup_timeout: float = STARTUP_TIMEOUT,
+        cluster: _ClusterShare | None = None,
     ):
         if (tls or management_tls) and pki is None:
             raise ValueError("tls needs a pki")
@@ -527,8 +528,11 @@ class PrivateRabbitMQ(_Server):
         self.extra_config = tuple(extra_config)
         self.startup_timeout = startup_timeout
         self.tag = f"rabbitmq-{self.node}-{secrets.token_hex(4)}"
-        self.admin = Credentials("admin", secrets.token_hex(16))
-        self.cookie = secrets.token_hex(20).upper()
+        # A cluster's nodes share the cookie, the admin user (a joining node takes the cluster's users)
+        # and one epmd, through which they find each other.
+        self.cluster = cluster
+        self.admin = cluster.admin if cluster else Credentials("admin", secrets.token_hex(16))
+        self.cookie = cluster.cookie if cluster else secrets.token_hex(20).upper()
         self.home = self.directory / "home"
         self.config_file = self.directory / "rabbitmq.conf"
         self.log_dir = self.directory / "log"
@@ -789,22 +793,28 @@ class PrivateRabbitMQ(_Server):
     def _choose_ports(self) -> None:
         # AMQP port is always set: RABBITMQ_NODE_PORT must be a number even when listeners.tcp = none.
         self.amqp_port, self.amqps_port = free_port(), free_port()
-        self.management_port, self.dist_port, self.epmd_port = free_port(), free_port(), free_port()
+        self.management_port, self.dist_port = free_port(), free_port()
+        self.epmd_port = self.cluster.epmd_port if self.cluster else free_port()
 
-    def start(self) -> PrivateRabbitMQ:
+    def start(self, *, same_ports: bool = False) -> PrivateRabbitMQ:
         """Start the node and wait (by polling, up to ``startup_timeout``) until it and its management API
-        answer. Retries with other ports if one was taken meanwhile. Stops everything on failure."""
+        answer. Retries with other ports if one was taken meanwhile. Stops everything on failure.
+
+        ``same_ports`` starts a stopped node again where it was, on its data: clients' URLs still hold,
+        and a cluster's node rejoins its cluster."""
         _Server._live.add(self)
         began = time.monotonic()
         try:
-            for attempt in range(3):
-                self._choose_ports()
+            for attempt in range(1 if same_ports else 3):
+                if not same_ports:
+                    self._choose_ports()
                 self._write_files()
                 for log in [self.console_log, *self.log_dir.glob("*.log")]:
                     if log.exists():  # keep a failed attempt's logs, out of the way of the next one's checks
                         log.rename(log.with_name(f"{log.name}.attempt{attempt}"))
                 try:
-                    self._start_epmd()
+                    if self.cluster is None:
+                        self._start_epmd()
                     with open(self.console_log, "ab") as console:
                         self._process = subprocess.Popen(
                             [str(RABBITMQ_BIN / "rabbitmq-server")],
@@ -949,6 +959,128 @@ class PrivateRabbitMQ(_Server):
 
 class _PortTaken(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class _ClusterShare:
+    """What the nodes of one private cluster share."""
+
+    cookie: str
+    admin: Credentials
+    epmd_port: int
+
+
+class PrivateRabbitMQCluster(_Server):
+    """``size`` private RabbitMQ nodes on loopback, clustered with ``rabbitmqctl join_cluster``.
+
+    The nodes (``fedq-c<i>-<token>@localhost``) share an Erlang cookie, the ``admin`` user and an
+    epmd of their own on a random port, through which they find each other; each has its own ports
+    and data directory. :meth:`kill` and :meth:`restart` take a node down hard and bring it back on
+    the same ports and data, so that clients' URL lists still name it and it rejoins.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, size: int = 3, startup_timeout: float = STARTUP_TIMEOUT):
+        self.directory = Path(directory)
+        self.tag = f"rabbitmq-cluster-{secrets.token_hex(4)}"
+        token = secrets.token_hex(3)
+        self.share = _ClusterShare(secrets.token_hex(20).upper(), Credentials("admin", secrets.token_hex(16)), 0)
+        self.size = size
+        self.startup_timeout = startup_timeout
+        self.names = [f"fedq-c{index}-{token}@localhost" for index in range(size)]
+        self.nodes: list[PrivateRabbitMQ] = []
+        self._epmd: subprocess.Popen | None = None
+
+    @property
+    def admin(self) -> Credentials:
+        return self.share.admin
+
+    def amqp_urls(self, user: str | None = None, password: str | None = None, *, first: int = 0) -> str:
+        """Every node's URL, comma-separated, starting with node ``first`` (for clients that should
+        connect to that node and fail over to the others)."""
+        order = self.nodes[first:] + self.nodes[:first]
+        return ",".join(node.amqp_url(user, password) for node in order)
+
+    def start(self) -> PrivateRabbitMQCluster:
+        _Server._live.add(self)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_epmd()
+            for name in self.names:
+                node = PrivateRabbitMQ(
+                    self.directory / name.split("@")[0],
+                    node_name=name,
+                    cluster=self.share,
+                    startup_timeout=self.startup_timeout,
+                )
+                self.nodes.append(node)
+                node.start()
+            seed = self.nodes[0]
+            for node in self.nodes[1:]:
+                node.rabbitmqctl("stop_app")
+                node.rabbitmqctl("join_cluster", seed.node)
+                node.rabbitmqctl("start_app")
+            self.await_running(self.names)
+            return self
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_epmd(self) -> None:
+        for _ in range(3):
+            port = free_port()
+            self.share = _ClusterShare(self.share.cookie, self.share.admin, port)
+            with open(self.directory / "epmd.log", "ab") as log:
+                self._epmd = subprocess.Popen(
+                    [EPMD, "-port", str(port), "-address", "127.0.0.1"],
+                    env=_clean_environment(**{MARKER: self.tag}),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and self._epmd.poll() is None:
+                if _listens(self._epmd.pid, port):
+                    return
+                time.sleep(0.05)
+            _kill_everything_of(self.tag, self._epmd, grace=0)
+        raise RuntimeError(f"the cluster's epmd did not start: {self._tail(self.directory / 'epmd.log')}")
+
+    def running_nodes(self, asker: PrivateRabbitMQ | None = None) -> set[str]:
+        """The nodes the cluster reports running, asked of ``asker`` (default: any node that answers)."""
+        for node in [asker] if asker else self.nodes:
+            result = node.rabbitmqctl("cluster_status", "--formatter", "json", check=False, timeout=60)
+            if result.returncode == 0:
+                return set(json.loads(result.stdout).get("running_nodes", []))
+        return set()
+
+    def await_running(self, names: Iterable[str], timeout: float | None = None) -> None:
+        """Wait until every node of ``names`` runs in the cluster."""
+        wanted = set(names)
+        deadline = time.monotonic() + (timeout or self.startup_timeout)
+        while not wanted <= self.running_nodes():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cluster nodes {sorted(wanted - self.running_nodes())} are not running")
+            time.sleep(1)
+
+    def node_named(self, name: str) -> PrivateRabbitMQ:
+        return next(node for node in self.nodes if node.node == name)
+
+    def kill(self, node: PrivateRabbitMQ) -> None:
+        """Kill ``node`` at once (SIGKILL to the node and its helpers)."""
+        node.stop()
+
+    def restart(self, node: PrivateRabbitMQ) -> None:
+        """Start a killed node again on its ports and data, and wait until it runs in the cluster."""
+        node.start(same_ports=True)
+        self.await_running([node.node])
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        _kill_everything_of(self.tag, self._epmd, grace=0)
+        self._epmd = None
+        _Server._live.discard(self)
 
 
 # --------------------------------------------------------------------------------------------------

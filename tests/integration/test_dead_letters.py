@@ -10,6 +10,8 @@ import subprocess
 import sys
 
 import numpy as np
+import pika
+import pika.exceptions
 
 from fedq.broker.topology import Topology
 from fedq.common.wire import codec
@@ -152,3 +154,39 @@ def test_a_job_without_a_dead_letter_queue_is_one_sentence(job):
         f"fedq dead: error: job {job!r} has no dead-letter queue {Topology(job).dead} "
         f"(wrong --job or --amqp-url, or no service of the job has run yet)"
     )
+
+
+def test_a_job_whose_dead_letter_queue_is_classic_keeps_it_and_others_get_a_quorum_queue(job, caplog):
+    from fedq.broker.connection import connect
+    from fedq.broker.pika_transport import PikaChannel
+
+    topology = Topology(job)
+    connection = connect(AMQP_URL, name=f"fedq-test-{job}")
+    try:
+        # A job of an earlier fedq: its dead-letter queue is classic, and holds a letter.
+        connection.channel().queue_declare(topology.dead, durable=True)
+        connection.channel().basic_publish("", topology.dead, b"an old letter")
+        channel = PikaChannel(connection)
+        channel.declare(topology)
+        channel.declare(topology)  # (again, as on every reconnect)
+        assert "event=classic_dead_letter_queue" in caplog.text
+        waiting = channel.channel.queue_declare(topology.dead, passive=True).method.message_count
+        assert waiting == 1, "the old letter was lost"
+        channel.publish(topology.tasks, b"{}", message_id="still-works")
+    finally:
+        connection.close()
+    fresh = Topology(job + "-fresh")
+    connection = connect(AMQP_URL, name=f"fedq-test-{job}")
+    try:
+        PikaChannel(connection).declare(fresh)
+        # Declaring it as a classic queue now fails: it is a quorum queue.
+        probe = connection.channel()
+        try:
+            probe.queue_declare(fresh.dead, durable=True)
+            raise AssertionError("the new job's dead-letter queue is a classic queue")
+        except pika.exceptions.ChannelClosedByBroker as error:
+            assert error.reply_code == 406 and "quorum" in error.reply_text
+    finally:
+        channel = connection.channel()
+        fresh.delete(channel)
+        connection.close()
