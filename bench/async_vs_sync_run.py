@@ -24,7 +24,7 @@ from bench.harness import (
     wait_exit,
     wait_ready,
 )
-from fedq.common.store import ModelStore, connect_redis
+from fedq.common.store import ModelStore
 from fedq.common.store.tiers import whole_history
 
 
@@ -49,7 +49,7 @@ def run_one(
     job = f"avs-{spec.name}-{case}-{arm}-{uuid.uuid4().hex[:6]}"
     log_dir = log_root / job
     log_dir.mkdir(parents=True)
-    store = ModelStore(connect_redis(redis_url), job)
+    store = ModelStore.open(redis_url, job)
     cleanup(job, amqp_url, redis_url)
     if worker_flags is None:
         delays, slow = slowdowns(case, spec.workers, seed)

@@ -35,7 +35,7 @@ from bench.harness import (
     wait_exit,
     wait_ready,
 )
-from fedq.common.store import ModelStore, connect_redis
+from fedq.common.store import ModelStore
 from fedq.common.store.tiers import whole_history
 from fedq.common.wire.downlink import make_diff
 
@@ -95,7 +95,7 @@ def run_arm(
     job = f"cmp-{spec.name}-{arm}-{uuid.uuid4().hex[:6]}"
     log_dir = log_root / job
     log_dir.mkdir(parents=True)
-    store = ModelStore(connect_redis(redis_url), job)
+    store = ModelStore.open(redis_url, job)
     cleanup(job, amqp_url, redis_url)
     run = RunResult(spec.name, group, arm, job, spec.target, budget, bench.concurrency, spec.workers)
     result = ArmResult(bench.name, arm, group, list(flags), run)

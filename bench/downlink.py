@@ -145,11 +145,11 @@ def redis_table(url: str, runs: dict[str, list[codec.Weights]]) -> None:
     """The runs committed to a throwaway job, each diff published after its commit; then what a
     fresh worker process reads, and how long it takes, for the newest version in full and from
     a version 1 and 3 behind (``load_weights_from``: diffs when they pay, else in full)."""
-    from fedq.common.store import ModelStore, connect_redis
+    from fedq.common.store import ModelStore
 
     for name, versions in runs.items():
         job = f"bench-downlink-{uuid.uuid4().hex[:8]}"
-        store = ModelStore(connect_redis(url), job)
+        store = ModelStore.open(url, job)
         try:
             head, publish = store.versions.commit(None, versions[0]), []
             for version in versions[1:]:
@@ -160,7 +160,7 @@ def redis_table(url: str, runs: dict[str, list[codec.Weights]]) -> None:
             digest = store.versions.digest_of(head)
             cells = [f"publish {1000 * statistics.median(publish):>5.1f} ms"]
             for behind in (None, 1, 3):
-                worker = ModelStore(connect_redis(url), job).versions
+                worker = ModelStore.open(url, job).versions
                 held = None if behind is None else head - behind
                 started = time.perf_counter()
                 loaded = worker.load_weights_from(held, None if held is None else versions[held], head, digest)

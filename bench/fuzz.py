@@ -60,7 +60,7 @@ from fedq.broker.connection import connect  # noqa: E402
 from fedq.broker.topology import ROUTING_KEY, Topology  # noqa: E402
 from fedq.broker.transport import REASON_HEADER  # noqa: E402
 from fedq.common.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL  # noqa: E402
-from fedq.common.store import ModelStore, connect_redis  # noqa: E402
+from fedq.common.store import ModelStore  # noqa: E402
 from fedq.common.store.tiers import whole_history  # noqa: E402
 from fedq.common.tasks import load_task  # noqa: E402
 from fedq.common.wire import codec  # noqa: E402
@@ -544,7 +544,7 @@ def run(
     log_dir.mkdir(parents=True, exist_ok=True)
     say = Progress(progress)
     report = FuzzReport(job=job, seed=seed, log_dir=str(log_dir), messages=messages)
-    store = ModelStore(connect_redis(redis_url), job)
+    store = ModelStore.open(redis_url, job)
     services = Services(job, amqp_url, redis_url, log_dir, concurrency=concurrency, max_staleness=max_staleness)
     broker: Broker | None = None
     collector: DeadLetterCollector | None = None

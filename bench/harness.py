@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedq.common.store import ModelStore, connect_redis
+from fedq.common.store import ModelStore
 from fedq.coordinator.ops.status import remove_job
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -350,7 +350,7 @@ def wait_for_quiet_machine(limit_seconds: float, threshold: float = 0.3) -> floa
 
 def cleanup(job: str, amqp_url: str, redis_url: str) -> None:
     """Delete the job: its archive, Redis keys, RabbitMQ queues and exchanges."""
-    remove_job(amqp_url, ModelStore(connect_redis(redis_url), job), archive=True)
+    remove_job(amqp_url, ModelStore.open(redis_url, job), archive=True)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
 
 from bench.harness import cleanup, fedq_command, start, stop_all  # noqa: E402
 from fedq.common.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL  # noqa: E402
-from fedq.common.store import ModelStore, connect_redis  # noqa: E402
+from fedq.common.store import ModelStore  # noqa: E402
 from fedq.common.store.archive import Archive  # noqa: E402
 
 MODELS = {
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     job = f"bench-history-{args.model.lower()}-{uuid.uuid4().hex[:6]}"
     logs = Path(tempfile.mkdtemp(prefix="fedq-bench-history-"))
     archive_url = args.archive or str(logs / "archive")
-    store = ModelStore(connect_redis(DEFAULT_REDIS_URL), job)
+    store = ModelStore.open(DEFAULT_REDIS_URL, job)
     print(
         f"job {job}: {args.model} model, {args.workers} workers, {args.minutes:g} minutes; archive {archive_url}; "
         f"logs {logs}",

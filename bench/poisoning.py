@@ -43,7 +43,7 @@ from bench.harness import cleanup, fedq_command, start, stop_all  # noqa: E402
 from fedq.broker.connection import connect  # noqa: E402
 from fedq.broker.publisher import publish  # noqa: E402
 from fedq.broker.topology import Topology  # noqa: E402
-from fedq.common.store import ModelStore, connect_redis  # noqa: E402
+from fedq.common.store import ModelStore  # noqa: E402
 from fedq.common.store.tiers import whole_history  # noqa: E402
 from fedq.common.tasks import load_task, load_weights_into  # noqa: E402
 from fedq.common.wire import codec  # noqa: E402
@@ -178,7 +178,7 @@ def largest_honest_ratio(norms: list[tuple[str, float]], window: int = 100, warm
 
 def run_arm(attack: str, defence: str, seconds: float, share: float, logs: Path) -> dict:
     job = f"bench-poison-{uuid.uuid4().hex[:8]}"
-    store = ModelStore(connect_redis(REDIS_URL), job)
+    store = ModelStore.open(REDIS_URL, job)
     connection_flags = ["--job", job, "--amqp-url", AMQP_URL, "--redis-url", REDIS_URL]
     slug = f"{attack}-{defence.replace(' ', '').replace('+', '-')}"
     try:

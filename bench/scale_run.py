@@ -25,7 +25,7 @@ from bench.scale_workers import launch, read_stamps
 from fedq.broker.connection import connect
 from fedq.broker.depth import queue_depths
 from fedq.broker.topology import Topology
-from fedq.common.store import ModelStore, connect_redis
+from fedq.common.store import ModelStore
 from fedq.common.store.tiers import whole_history
 
 BUFFER_SIZE = 10
@@ -88,7 +88,7 @@ class Sampler:
 
     def __init__(self, result: ArmResult, coordinator: subprocess.Popen, workers: list[subprocess.Popen], args):
         self.result, self.coordinator, self.workers = result, coordinator, workers
-        self.store = ModelStore(connect_redis(args.redis_url), result.job)
+        self.store = ModelStore.open(args.redis_url, result.job)
         self.queues = list(Topology(result.job).queues)
         self.amqp_url = args.amqp_url
 
@@ -168,7 +168,7 @@ def run_arm(workers: int, seconds: float, args: argparse.Namespace, sizes: list[
     # The same update rate in every arm: only the number of workers (and tasks in flight) differs.
     mean_seconds = workers / args.rate
     result = ArmResult(workers, min(args.processes, workers), job, mean_seconds, seconds, str(log_dir / f"{job}.log"))
-    store = ModelStore(connect_redis(args.redis_url), job)
+    store = ModelStore.open(args.redis_url, job)
     try:
         # Declared here first, so that the workers consume before the coordinator dispatches.
         connection = connect(args.amqp_url, name="fedq-bench-admin")

@@ -42,7 +42,7 @@ from bench.throughput_workers import ZeroDelta
 from fedq.broker.connection import connect
 from fedq.broker.publisher import publish
 from fedq.broker.topology import Topology
-from fedq.common.store import ModelStore, connect_redis
+from fedq.common.store import ModelStore
 from fedq.common.wire.messages import RoundTask, parse_task
 
 STAMP_COLUMNS = ("task_id", "worker_id", "issued_at", "received_at", "due_at", "published_at")
@@ -119,7 +119,7 @@ class SimulatedWorkers:
             )
 
     def run(self) -> None:
-        store = ModelStore(connect_redis(self.spec["redis_url"]), self.spec["job"])
+        store = ModelStore.open(self.spec["redis_url"], self.spec["job"])
         connection = connect(self.spec["amqp_url"], name=f"fedq-bench-scale-{self.spec['index']}")
         try:
             channel = connection.channel()

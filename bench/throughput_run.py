@@ -20,7 +20,7 @@ from bench.throughput_profile import summarise_profile
 from bench.throughput_workers import FakeWorkers
 from fedq.broker.connection import connect
 from fedq.broker.topology import Topology
-from fedq.common.store import ModelStore, connect_redis
+from fedq.common.store import ModelStore
 from fedq.common.store.tiers import whole_history
 
 
@@ -101,7 +101,7 @@ def run_config(config: Config, args: argparse.Namespace, numpy_add: float) -> Re
         versions = max(10, int(versions * args.versions_scale))
     job = f"bench-{config.model}-{config.algorithm}-{uuid.uuid4().hex[:8]}"
     topology = Topology(job)
-    store = ModelStore(connect_redis(args.redis_url), job)
+    store = ModelStore.open(args.redis_url, job)
     weights = MLPTask(list(config.sizes)).initial_weights(0)
 
     # Declared here first so the fake workers can consume before the coordinator is up.

@@ -16,7 +16,7 @@ import pika.exceptions
 from fedq.broker.connection import connect
 from fedq.broker.publisher import publish
 from fedq.broker.topology import Topology
-from fedq.common.store import ModelStore, connect_redis
+from fedq.common.store import ModelStore
 from fedq.common.wire import codec
 from fedq.common.wire.limits import INLINE_LIMIT_BYTES, UPDATE_BLOB_TTL_SECONDS
 from fedq.common.wire.messages import ClaimCheck, InlineDelta, ModelUpdate, RoundTask, parse_task
@@ -81,7 +81,7 @@ class FakeWorkers:
         worker_id = f"bench-{index}"
         connection = None
         try:
-            store = ModelStore(connect_redis(self.redis_url), self.job)
+            store = ModelStore.open(self.redis_url, self.job)
             connection = connect(self.amqp_url, name=f"fedq-bench-{worker_id}")
             channel = connection.channel()
             channel.confirm_delivery()

@@ -69,7 +69,9 @@ def run_with_reconnect(
                 failures = 0  # a loss after a long healthy session is a fresh incident
             backoff = RECONNECT_BACKOFF_SECONDS[min(failures, len(RECONNECT_BACKOFF_SECONDS) - 1)]
             failures += 1
-            log.warning(kv("connection_lost", name=name, error=repr(error), retry_in_s=backoff))
+            # (type and message: redis-py 8's repr of its errors drops the message)
+            detail = f"{type(error).__name__}: {error}"
+            log.warning(kv("connection_lost", name=name, error=detail, retry_in_s=backoff))
             on_connection_lost()
             time.sleep(backoff)
         finally:

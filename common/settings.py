@@ -395,6 +395,14 @@ def positive_float(text: Any) -> float:
 SERVICE_OPTIONS = [
     Option("metrics_port", non_negative_int, 0, "serve Prometheus /metrics on this port (0: off)"),
     Option(
+        "redis_wait_replicas",
+        non_negative_int,
+        0,
+        "replicas of the Redis master that must hold each version and update blob before its messages "
+        "are acknowledged (Redis WAIT); 1 or more on a Redis Cluster or Sentinel, or a failover may "
+        "lose the last versions (0: the master's word is enough)",
+    ),
+    Option(
         "log_level", lambda text: str(text).upper(), "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     ),
 ]

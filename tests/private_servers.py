@@ -68,7 +68,7 @@ import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1110,6 +1110,8 @@ class PrivateRedis(_Server):
         bind: Sequence[str] = ("127.0.0.1",),
         extra_config: Sequence[str] = (),
         startup_timeout: float = 120,
+        admin: Credentials | None = None,
+        port_chooser: Callable[[], int] | None = None,
     ):
         if tls and pki is None:
             raise ValueError("tls needs a pki")
@@ -1124,7 +1126,8 @@ class PrivateRedis(_Server):
         self.extra_config = tuple(extra_config)
         self.startup_timeout = startup_timeout
         self.tag = f"redis-{secrets.token_hex(6)}"
-        self.admin = Credentials("admin", secrets.token_hex(16))
+        self.admin = admin or Credentials("admin", secrets.token_hex(16))
+        self.port_chooser = port_chooser or free_port
         self.config_file = self.directory / "redis.conf"
         self.log_file = self.directory / "redis.log"
         self.port: int | None = None
@@ -1230,15 +1233,17 @@ class PrivateRedis(_Server):
             ]
         return lines + list(self.extra_config)
 
-    def start(self) -> PrivateRedis:
-        """Start redis-server and wait until the admin user can PING. Stops everything on failure."""
+    def start(self, *, same_ports: bool = False) -> PrivateRedis:
+        """Start redis-server and wait until the admin user can PING. Stops everything on failure.
+        ``same_ports`` starts a stopped server again where it was (a cluster's node rejoins)."""
         _Server._live.add(self)
         began = time.monotonic()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             os.chmod(self.directory, 0o700)
-            for attempt in range(3):
-                self.port, self.tls_port = free_port(), free_port()
+            for attempt in range(1 if same_ports else 3):
+                if not same_ports:
+                    self.port, self.tls_port = self.port_chooser(), free_port()
                 self.config_file.write_text("\n".join(self._config_lines()) + "\n")
                 os.chmod(self.config_file, 0o600)
                 with open(self.directory / "stdout.log", "ab") as log:
@@ -1286,11 +1291,168 @@ class PrivateRedis(_Server):
                 raise TimeoutError(f"redis-server did not answer in {self.startup_timeout} s:\n{self._logs()}")
             time.sleep(0.1)
 
-    def stop(self) -> None:
-        """Shut redis-server down (SIGTERM, then SIGKILL). Idempotent."""
-        _kill_everything_of(self.tag, self._process, grace=15)
+    def stop(self, *, grace: float = 15) -> None:
+        """Shut redis-server down (SIGTERM, then SIGKILL after ``grace`` seconds). Idempotent."""
+        _kill_everything_of(self.tag, self._process, grace=grace)
         self._process = None
         _Server._live.discard(self)
+
+
+def _port_with_cluster_bus() -> int:
+    """A free port whose cluster bus port (the port + 10000) is free too."""
+    while True:
+        port = free_port()
+        if _bindable(port + 10000, "127.0.0.1") and _bindable(port + 10000, "0.0.0.0"):
+            return port
+
+
+class PrivateRedisCluster(_Server):
+    """A Redis Cluster of its own on loopback: ``masters`` masters with ``replicas`` replicas each, made
+    with ``redis-cli --cluster create``. The nodes share the ``admin`` user (replicas log in to their
+    master with it) and keep no data on disk, only their cluster configuration (``nodes.conf``).
+
+    :meth:`kill` takes a node down with SIGKILL and :meth:`restart` brings it back on its port, where
+    it rejoins. Restart a killed master only after its replica took over (:meth:`await_master`): a
+    master without persistence that came back first would serve its slots empty.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, masters: int = 3, replicas: int = 1, node_timeout_ms=2000):
+        self.directory = Path(directory)
+        self.masters, self.replicas, self.node_timeout_ms = masters, replicas, node_timeout_ms
+        self.admin = Credentials("admin", secrets.token_hex(16))
+        self.nodes: list[PrivateRedis] = []
+
+    def url(self, user: str | None = None, password: str | None = None) -> str:
+        """``redis+cluster://user:password@<every node>/`` (admin by default)."""
+        from urllib.parse import quote
+
+        user = self.admin.user if user is None else user
+        password = self.admin.password if password is None and user == self.admin.user else (password or "")
+        nodes = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+        return f"redis+cluster://{quote(user, safe='')}:{quote(password, safe='')}@{nodes}/"
+
+    def start(self) -> PrivateRedisCluster:
+        _Server._live.add(self)
+        try:
+            cluster_config = [
+                "cluster-enabled yes",
+                "cluster-config-file nodes.conf",
+                f"cluster-node-timeout {self.node_timeout_ms}",
+                f"masteruser {self.admin.user}",
+                f"masterauth {self.admin.password}",
+            ]
+            for index in range(self.masters * (1 + self.replicas)):
+                node = PrivateRedis(
+                    self.directory / f"node{index}",
+                    admin=self.admin,
+                    extra_config=cluster_config,
+                    port_chooser=_port_with_cluster_bus,
+                )
+                self.nodes.append(node)
+                node.start()
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            self.redis_cli("--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas), "--cluster-yes")
+            wait_for(lambda: all(self.cluster_state(node) == "ok" for node in self.nodes), 120, "cluster not ok")
+            wait_for(self.replicated, 120, "the replicas did not finish their first sync")
+            return self
+        except BaseException:
+            self.stop()
+            raise
+
+    def redis_cli(self, *args: str, timeout: float = 120) -> str:
+        command = ["redis-cli", "--user", self.admin.user, "--pass", self.admin.password, "--no-auth-warning", *args]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_clean_environment())
+        if result.returncode != 0:
+            raise RuntimeError(f"redis-cli {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result.stdout
+
+    def cluster_state(self, node: PrivateRedis) -> str | None:
+        import redis
+
+        try:
+            with node.client(socket_timeout=5, socket_connect_timeout=5) as client:
+                return client.execute_command("CLUSTER INFO").get("cluster_state")
+        except (redis.exceptions.RedisError, OSError):
+            return None
+
+    def replicated(self) -> bool:
+        """Whether every live replica is connected to its master (a master killed before that has no
+        replica to take over)."""
+        for node in self.nodes:
+            if node._process is None:
+                continue
+            with node.client() as client:
+                role = client.execute_command("ROLE")
+            if _text(role[0]) == "slave" and _text(role[3]) != "connected":
+                return False
+        return True
+
+    def master_of(self, job: str) -> PrivateRedis:
+        """The node that serves ``job``'s keys now, as the live nodes see it."""
+        from redis.crc import key_slot
+
+        slot = key_slot(f"{{{job}}}".encode())
+        for node in self.nodes:
+            if node._process is None:
+                continue
+            try:
+                with node.client(socket_timeout=5, socket_connect_timeout=5) as client:
+                    for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
+                        if start <= slot <= end:
+                            port = int(master[1])
+                            return next(candidate for candidate in self.nodes if candidate.port == port)
+            except Exception:  # noqa: BLE001 - ask the next node
+                continue
+        raise RuntimeError(f"no live node knows who serves {job!r}")
+
+    def replicas_of(self, master: PrivateRedis) -> list[PrivateRedis]:
+        with master.client() as client:
+            ports = {int(replica[1]) for replica in client.execute_command("ROLE")[2]}
+        return [node for node in self.nodes if node.port in ports]
+
+    def kill(self, node: PrivateRedis) -> None:
+        node.stop(grace=0)
+
+    def await_master(self, job: str, other_than: PrivateRedis, timeout: float = 120) -> PrivateRedis:
+        """Wait until a node other than ``other_than`` serves ``job`` and the cluster is ok; that node."""
+
+        def promoted() -> PrivateRedis | None:
+            try:
+                master = self.master_of(job)
+            except RuntimeError:
+                return None
+            live = [node for node in self.nodes if node._process is not None]
+            if master is other_than or not all(self.cluster_state(node) == "ok" for node in live):
+                return None
+            return master
+
+        return wait_for(promoted, timeout, f"no replica took over {job!r}'s slot")
+
+    def restart(self, node: PrivateRedis) -> None:
+        node.start(same_ports=True)
+        wait_for(lambda: self.cluster_state(node) == "ok", 120, "the restarted node did not rejoin")
+        wait_for(self.replicated, 120, "the restarted node did not finish its sync")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop(grace=0)
+        _Server._live.discard(self)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def wait_for(condition, timeout: float, message: str, interval: float = 0.2):
+    """The first true value of ``condition()`` within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(message)
+        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------------------------------

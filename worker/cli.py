@@ -133,6 +133,7 @@ def main(args: argparse.Namespace) -> int:
             coordinator_key=values["coordinator_key"],
             state_dir=values["state_dir"],
             min_dp_noise=values["min_dp_noise"],
+            redis_wait_replicas=values["redis_wait_replicas"],
         )
     )
     worker.install_signal_handlers()

@@ -48,7 +48,6 @@ from fedq.common.store import (
     StoreError,
     TamperedVersionError,
     UnknownVersionError,
-    connect_redis,
 )
 from fedq.common.tasks import TaskPluginError
 from fedq.common.wire.limits import INLINE_LIMIT_BYTES, MAX_TASK_MESSAGE_BYTES, TRAINING_ATTEMPTS
@@ -111,6 +110,7 @@ class WorkerSettings:
     # Local differential privacy this worker insists on: a job whose tasks ask for less local noise
     # than this multiplier (or for no local DP at all) is refused, not served.
     min_dp_noise: float = 0.0
+    redis_wait_replicas: int = 0
 
 
 def default_worker_id() -> str:
@@ -123,7 +123,8 @@ class Worker:
         # "{hostname}" lets replicas of one site name themselves: --worker-id 'site-a.{hostname}'.
         self.worker_id = (settings.worker_id or default_worker_id()).replace("{hostname}", socket.gethostname())
         self.topology = Topology(settings.job)
-        self.store = store or ModelStore(connect_redis(settings.redis_url), settings.job)
+        self.store = store or ModelStore.open(settings.redis_url, settings.job)
+        self.store.require_replicas(settings.redis_wait_replicas)
         self.transport = transport or PikaTransport(settings.amqp_url, heartbeat=settings.heartbeat_seconds)
         # Where this worker's data comes from: "data" (--data), "flag" (--partition) or "lease".
         self.data_source = "data" if settings.data else "flag" if settings.partition is not None else "lease"

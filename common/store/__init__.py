@@ -22,6 +22,7 @@ from fedq.common.store.client import (
     StoreError,
     TamperedVersionError,
     UnknownVersionError,
+    connect_every_master,
     connect_redis,
 )
 from fedq.common.store.fleet import FleetRecords
@@ -41,12 +42,23 @@ __all__ = [
     "StoreError",
     "TamperedVersionError",
     "UnknownVersionError",
+    "connect_every_master",
     "connect_redis",
 ]
 
 
 class ModelStore:
     """All Redis state of one job."""
+
+    @classmethod
+    def open(cls, url: str, job: str) -> ModelStore:
+        """The store of ``job`` on the Redis that ``url`` names: one server, a cluster, or Sentinel's master."""
+        return cls(connect_redis(url, job=job), job)
+
+    def require_replicas(self, replicas: int) -> None:
+        """Writes that messages are acknowledged for wait until ``replicas`` replicas hold them
+        (:class:`~fedq.common.store.client.Replication`)."""
+        self.versions.replication.replicas = self.blobs.replication.replicas = replicas
 
     def __init__(self, client: redis.Redis, job: str):
         self.redis = client

@@ -12,6 +12,7 @@ from typing import cast
 
 import redis
 
+from fedq.common.store.client import Replication
 from fedq.common.store.keys import JobKeys
 
 
@@ -19,6 +20,7 @@ class UpdateBlobs:
     def __init__(self, client: redis.Redis, keys: JobKeys):
         self.redis = client
         self.keys = keys
+        self.replication = Replication()
 
     def key(self, task_id: str, worker_id: str) -> str:
         """The only key an update of ``task_id`` from ``worker_id`` may claim."""
@@ -51,8 +53,15 @@ class UpdateBlobs:
         return cast("bytes", payload)
 
     def put(self, task_id: str, worker_id: str, payload: bytes, ttl_seconds: int) -> str:
+        """Write an update's blob under its claim-check key, held by the replicas required
+        (``replication``) before it returns: its claim is published next."""
         key = self.key(task_id, worker_id)
-        self.redis.set(key, payload, ex=ttl_seconds)
+        writes = self.redis.pipeline(transaction=False)
+        writes.set(key, payload, ex=ttl_seconds)
+        self.replication.wait_in(writes)
+        _, *acknowledged = writes.execute()
+        if acknowledged:
+            self.replication.check(acknowledged[0], f"the update blob of task {task_id}")
         return key
 
     def get(self, key: str) -> bytes | None:

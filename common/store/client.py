@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import redis
 from redis._parsers import Encoder
@@ -12,6 +14,7 @@ from redis._parsers import Encoder
 from fedq.common import tls
 from fedq.common.retry import CONNECT_ATTEMPTS, backoff_delays
 from fedq.common.settings import redact_url
+from fedq.common.store.cluster import ServersURL, client_for, every_master
 
 log = logging.getLogger("fedq.store")
 
@@ -24,6 +27,38 @@ TRANSIENT_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 # a 40 MB one 122-131 ms against 44-58 (one weights blob per version, one delta per update).
 # Replies are still parsed by hiredis. One packer serves every connection: it keeps no state.
 COMMAND_PACKER = redis.connection.PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+
+
+class NotReplicatedError(redis.ConnectionError):
+    """Fewer replicas than required acknowledged a write in time (``WAIT``). Its callers treat it as a
+    lost connection: they start over from what Redis holds, so that nothing is acknowledged on the
+    strength of a write a failover could still lose."""
+
+
+@dataclass
+class Replication:
+    """How many replicas must hold a write before fedq acts on it (``--redis-wait-replicas``).
+
+    With 0, a write counts once the master has it, and a master that dies before its replica copied
+    the last writes takes them along (Redis replicates asynchronously). With 1 or more, the commit of
+    a version, a worker's update blob and a coordinator's (re)start each wait for that many replicas
+    (``WAIT``, on the connection that wrote) before any message is acknowledged for them; while too
+    few replicas are connected, the job waits rather than risk a version.
+    """
+
+    replicas: int = 0
+    timeout_ms: int = 10_000
+
+    def wait_in(self, pipe: redis.client.Pipeline) -> None:
+        """Queue the ``WAIT`` behind ``pipe``'s writes (the same connection: WAIT counts its writes)."""
+        if self.replicas:
+            pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
+
+    def check(self, acknowledged: int, what: str) -> None:
+        if acknowledged < self.replicas:
+            raise NotReplicatedError(
+                f"{what} reached {acknowledged} of the {self.replicas} replica(s) required in {self.timeout_ms} ms"
+            )
 
 
 class StoreError(RuntimeError):
@@ -42,25 +77,62 @@ class TamperedVersionError(StoreError):
     """A version's stored weights (or the head) do not match what was committed: tampering or corruption."""
 
 
-def connect_redis(url: str, *, blocking: bool = False, attempts: int = CONNECT_ATTEMPTS) -> redis.Redis:
+def connect_redis(
+    url: str, *, job: str | None = None, blocking: bool = False, attempts: int = CONNECT_ATTEMPTS
+) -> redis.Redis:
     """A client for ``url``, once Redis answers; ``blocking`` clients have no socket timeout (for XREAD BLOCK).
 
-    A Redis that is not up yet is retried with the same bounded backoff as RabbitMQ;
-    a bad URL or refused credentials fail at once.
+    ``url`` names one Redis, a Redis Cluster or a master watched by Sentinel (``store/cluster.py``);
+    a cluster client serves the keys of ``job`` alone. A Redis that is not up yet is retried with the
+    same bounded backoff as RabbitMQ; a bad URL or refused credentials fail at once.
     """
-    try:
-        # rediss://: verify the server against the configured CA, check its host name, send our certificate.
-        secure = tls.configured().redis_arguments() if url.startswith("rediss://") else {}
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=None if blocking else 30,
-            socket_connect_timeout=5,
-            health_check_interval=30,
-            command_packer=COMMAND_PACKER,
-            **secure,
+    servers, arguments = _parse(url, blocking)
+    if servers is None:
+        try:
+            client = redis.Redis.from_url(url, **arguments)
+        except ValueError as error:
+            raise StoreError(f"Redis URL {redact_url(url)!r} is not valid: {error}") from None
+    elif servers.kind == "cluster" and job is None:
+        raise StoreError(
+            f"Redis at {redact_url(url)} is a Redis Cluster, which serves each job from the master of its "
+            "slot: this command needs --job"
         )
+    else:
+        client = client_for(servers, job, arguments)
+    return _answering(client, url, attempts)
+
+
+def connect_every_master(url: str, *, attempts: int = CONNECT_ATTEMPTS) -> list[redis.Redis]:
+    """A client of each master of the Redis Cluster ``url`` names; of the one Redis, for other URLs."""
+    servers, arguments = _parse(url, blocking=False)
+    if servers is None or servers.kind != "cluster":
+        return [connect_redis(url, attempts=attempts)]
+    try:
+        masters = every_master(servers, arguments)
+    except redis.RedisError as error:
+        raise StoreError(f"cannot reach the Redis Cluster at {redact_url(url)}: {error}") from None
+    return [_answering(client, url, attempts) for client in masters]
+
+
+def _parse(url: str, blocking: bool) -> tuple[ServersURL | None, dict[str, Any]]:
+    try:
+        servers = ServersURL.parse(url)
     except ValueError as error:
         raise StoreError(f"Redis URL {redact_url(url)!r} is not valid: {error}") from None
+    # rediss://: verify the server against the configured CA, check its host name, send our certificate.
+    secure = tls.configured().redis_arguments() if url.startswith("rediss") else {}
+    arguments = dict(
+        socket_timeout=None if blocking else 30,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        command_packer=COMMAND_PACKER,
+        **secure,
+    )
+    return servers, arguments
+
+
+def _answering(client: redis.Redis, url: str, attempts: int) -> redis.Redis:
+    """``client`` once its server answers a PING."""
     delays = backoff_delays(attempts)
     attempt = 1
     while True:

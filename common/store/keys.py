@@ -36,6 +36,8 @@ Cluster slot and one Lua script may touch them together::
     fedq:{job}:identities        hash worker_id -> JSON identity enrolled by `fedq admin` (user, revoked_at)
     fedq:{job}:counters          hash: rejected.<reason> / skipped.<reason> -> count
     fedq:{job}:state             JSON {status, reason, ...}: running / stopped / finished
+    fedq:{job}:replication_probe the time of a coordinator's last check that the replicas it requires
+                                 (--redis-wait-replicas) hold everything: a write for WAIT to count
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class JobKeys:
     inflight = property(lambda self: self._key("inflight"))
     counters = property(lambda self: self._key("counters"))
     state = property(lambda self: self._key("state"))
+    replication_probe = property(lambda self: self._key("replication_probe"))
     identities = property(lambda self: self._key("identities"))
     partitions = property(lambda self: self._key("partitions"))
     fleet = property(lambda self: self._key("fleet"))

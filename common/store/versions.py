@@ -19,6 +19,7 @@ or does not give the digest the task names.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -28,7 +29,7 @@ from typing import Any, cast
 import redis
 
 from fedq.common.records import AppliedUpdate, RecordError, VersionRecord
-from fedq.common.store.client import HeadMovedError, TamperedVersionError, UnknownVersionError
+from fedq.common.store.client import HeadMovedError, Replication, TamperedVersionError, UnknownVersionError
 from fedq.common.store.keys import JobKeys
 from fedq.common.wire import codec, downlink
 
@@ -119,6 +120,7 @@ class VersionStore:
         self.redis = client
         self.keys = keys
         self._commit = client.register_script(_COMMIT_SCRIPT)
+        self.replication = Replication()
         self._weights_cache: OrderedDict[int, _Verified] = OrderedDict()
 
     def head(self) -> int | None:
@@ -376,7 +378,9 @@ class VersionStore:
             writes.set(key, blob)  # keyed by task id: identical content whoever writes it
         writes.execute()
         try:
+            script = self.redis.pipeline(transaction=False)
             self._commit(
+                client=script,
                 keys=[
                     self.keys.head,
                     self.keys.meta(version),
@@ -404,15 +408,30 @@ class VersionStore:
                     "1" if optimizer_state else "0",
                 ],
             )
+            self.replication.wait_in(script)
+            _, *acknowledged = script.execute()
         except redis.ResponseError as error:
             if "HEADMOVED" in str(error):
                 raise HeadMovedError(
                     f"job {self.keys.job!r}: head moved ({error}); is another coordinator running?"
                 ) from None
             raise
+        if acknowledged:
+            self.replication.check(acknowledged[0], f"version {version} of job {self.keys.job!r}")
         kept = dict(weights) if keep_arrays else {name: array.copy() for name, array in weights.items()}
         self._remember(version, _Verified(_frozen(kept), record.digest))
         return version
+
+    def await_replicas(self) -> None:
+        """Return once the replicas required hold everything the master holds now (a write, then
+        ``WAIT`` on its connection); raise :class:`NotReplicatedError` if they do not in time."""
+        if not self.replication.replicas:
+            return
+        probe = self.redis.pipeline(transaction=False)
+        probe.set(self.keys.replication_probe, str(time.time()))
+        self.replication.wait_in(probe)
+        _, acknowledged = probe.execute()
+        self.replication.check(acknowledged, f"job {self.keys.job!r}")
 
     def abandoned(self) -> set[int]:
         """Versions a rollback left behind; updates computed from them are refused."""

@@ -70,7 +70,7 @@ class Provisioner:
         self.job = job
         self.api = ManagementAPI.for_amqp_url(amqp_url, management_url)
         self.vhost = pika.URLParameters(amqp_urls(amqp_url)[0]).virtual_host
-        self.redis = connect_redis(redis_url)
+        self.redis = connect_redis(redis_url, job=job)
         self.store = ModelStore(self.redis, job)
 
     def create(self, access: Grant, password: str) -> str:

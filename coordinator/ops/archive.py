@@ -10,7 +10,7 @@ import argparse
 
 from fedq.common.cli import UserError
 from fedq.common.settings import CONNECTION_OPTIONS, Option, add_options, non_negative_int, resolve
-from fedq.common.store import ModelStore, connect_redis
+from fedq.common.store import ModelStore
 from fedq.common.store.archive import Archive, ArchiveError
 
 HELP = "Move a job's older history from Redis to its archive now (one pass of the coordinator's archiver)."
@@ -37,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
     from fedq.coordinator.service.archiver import Archiver
 
     values = resolve(args, OPTIONS)
-    store = ModelStore(connect_redis(values["redis_url"]), values["job"])
+    store = ModelStore.open(values["redis_url"], values["job"])
     if store.versions.last_committed() is None:
         raise UserError(f"job {values['job']!r} has no versions in Redis (wrong --job or --redis-url?)")
     recorded = store.status.archive_settings()

@@ -94,7 +94,7 @@ def follow(
     """Print progress from the history stream until the coordinator exits; return totals.
     Until the first update is applied, say that the workers are still starting (each imports torch
     and loads its data: seconds, on a busy machine tens of seconds)."""
-    reader = connect_redis(redis_url, blocking=True)
+    reader = connect_redis(redis_url, job=store.job, blocking=True)
     last_id, applied = "0-0", 0
     stalenesses: list[int] = []
     last_entry: VersionRecord | None = None
@@ -191,8 +191,7 @@ def print_next_steps(job: str, values: dict[str, Any]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     values = resolve(args, OPTIONS)
-    redis_client = connect_redis(values["redis_url"])
-    store = choose_job(values, args.resume, lambda name: ModelStore(redis_client, name))
+    store = choose_job(values, args.resume, lambda name: ModelStore.open(values["redis_url"], name))
     job = store.job
     try:
         return run(store, values, args.log_dir)

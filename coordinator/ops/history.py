@@ -15,7 +15,7 @@ from fedq.common import privacy
 from fedq.common.cli import UserError, human_size
 from fedq.common.records import VersionRecord
 from fedq.common.settings import CONNECTION_OPTIONS, Option, add_options, resolve
-from fedq.common.store import ModelStore, StoreError, UnknownVersionError, connect_redis
+from fedq.common.store import ModelStore, StoreError, UnknownVersionError
 from fedq.common.store.archive import ArchiveError
 from fedq.common.store.tiers import TieredHistory, open_job_archive
 
@@ -31,7 +31,7 @@ HISTORY_OPTIONS = CONNECTION_OPTIONS + [
 
 def open_history(args: argparse.Namespace) -> TieredHistory:
     values = resolve(args, HISTORY_OPTIONS)
-    store = ModelStore(connect_redis(values["redis_url"]), values["job"])
+    store = ModelStore.open(values["redis_url"], values["job"])
     # Not head(): these commands must work on a job whose head was tampered with, to repair it.
     if store.versions.last_committed() is None:
         raise UserError(f"job {values['job']!r} has no versions in Redis (wrong --job or --redis-url?)")

@@ -24,7 +24,7 @@ from fedq.broker.connection import connect
 from fedq.broker.topology import Topology
 from fedq.common.cli import UserError, human_size
 from fedq.common.settings import CONNECTION_OPTIONS, JOB_NAME_PATTERN, Option, add_options, redact_url, resolve
-from fedq.common.store import ModelStore, connect_redis
+from fedq.common.store import ModelStore, connect_every_master
 from fedq.common.store.archive import Archive, normalise_url
 from fedq.coordinator.ops.status import ArchiveReader, remove_job
 
@@ -106,14 +106,15 @@ class Jobs:
     @staticmethod
     def main(args: argparse.Namespace) -> int:
         values = resolve(args, LIST_OPTIONS)
-        client = connect_redis(values["redis_url"])
+        url = values["redis_url"]
         if values["job"] == EVERY_JOB:
-            names = find_jobs(client)
+            # (on a Redis Cluster, each master holds the jobs whose slots it serves)
+            names = sorted({name for client in connect_every_master(url) for name in find_jobs(client)})
         else:
-            keys = ModelStore(client, values["job"]).keys
-            names = [values["job"]] if client.exists(keys.spec, keys.head) else []
+            store = ModelStore.open(url, values["job"])
+            names = [store.job] if store.redis.exists(store.keys.spec, store.keys.head) else []
         archives = ArchiveReader()
-        summaries = [summarise(ModelStore(client, name), archives) for name in names]
+        summaries = [summarise(ModelStore.open(url, name), archives) for name in names]
         if args.json:
             print(json.dumps([asdict(summary) for summary in summaries], indent=2))
             return 0
@@ -218,7 +219,7 @@ class Delete:
         args.job = args.job or args.job_name
         values = resolve(args, CONNECTION_OPTIONS)
         job, amqp_url = values["job"], values["amqp_url"]
-        store = ModelStore(connect_redis(values["redis_url"]), job)
+        store = ModelStore.open(values["redis_url"], job)
 
         # Everything is looked at before anything is deleted: RabbitMQ down, or the archive
         # unreadable, must leave the job whole rather than half gone.

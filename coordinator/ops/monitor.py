@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
-from fedq.common.store import ModelStore, connect_redis
+from fedq.common.store import ModelStore
 from fedq.coordinator.ops.status import (
     RATE_WINDOW_SECONDS,
     WORKER_COLUMNS,
@@ -123,7 +123,7 @@ def render(report: dict, now: float) -> Group:
 
 def main(args: argparse.Namespace) -> int:
     values = resolve(args, CONNECTION_OPTIONS)
-    store = ModelStore(connect_redis(values["redis_url"]), values["job"])
+    store = ModelStore.open(values["redis_url"], values["job"])
     # Piped into a file or a log, rich would wrap at 80 columns and cut long queue names.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     archive_reader = ArchiveReader(max_age=ARCHIVE_REFRESH_SECONDS)

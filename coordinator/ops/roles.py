@@ -36,7 +36,8 @@ NOTHING = "^$"  # a RabbitMQ permission pattern no resource name matches
 # does without when refused: naming it here would make ACL SETUSER fail on 7.0.)
 CONNECT_COMMANDS = ("+ping", "+hello", "+auth", "+client|setname", "+client|id", "+select")
 # STRLEN: the sizes of the model diffs it could read instead of a version's weights.
-WORKER_COMMANDS = ("+get", "+set", "+del", "+strlen")
+# (WAIT: a worker waits for --redis-wait-replicas replicas to hold its update blob)
+WORKER_COMMANDS = ("+get", "+set", "+del", "+strlen", "+wait")
 MONITOR_COMMANDS = (
     "+get",
     "+mget",

@@ -19,7 +19,7 @@ from fedq.common import privacy
 from fedq.common.cli import human_size
 from fedq.common.records import VersionRecord
 from fedq.common.settings import CONNECTION_OPTIONS, add_options, resolve
-from fedq.common.store import ModelStore, TamperedVersionError, connect_redis
+from fedq.common.store import ModelStore, TamperedVersionError
 from fedq.common.store.archive import Archive
 from fedq.common.store.fleet import WorkerRecord
 from fedq.coordinator.service.fleet import contribution, contribution_warnings
@@ -224,7 +224,7 @@ def collect(
 ) -> dict:
     """Everything `status` shows, as a dict (`status --json` prints it). ``archive_reader`` keeps
     archive sizes between calls (a monitor's refreshes)."""
-    store = store or ModelStore(connect_redis(redis_url), job)
+    store = store or ModelStore.open(redis_url, job)
     try:
         head, problem = store.versions.head(), None
     except TamperedVersionError as error:

@@ -45,7 +45,6 @@ from fedq.common.store import (
     StoreError,
     TamperedVersionError,
     UnknownVersionError,
-    connect_redis,
 )
 from fedq.common.store.archive import Archive
 from fedq.common.store.ledger import OpenTask
@@ -130,7 +129,8 @@ class Coordinator:
         torch.set_num_threads(1)
         self.settings = settings
         self.topology = Topology(settings.job)
-        self.store = store or ModelStore(connect_redis(settings.redis_url), settings.job)
+        self.store = store or ModelStore.open(settings.redis_url, settings.job)
+        self.store.require_replicas(settings.redis_wait_replicas)
         self.transport = transport or PikaTransport(settings.amqp_url)
         self.config = settings.aggregation_config()
         self.uplink = settings.uplink
@@ -268,8 +268,11 @@ class Coordinator:
         """(Re)load the head version, its optimizer state and the open tasks from Redis.
 
         Called at every (re)connect: a commit whose reply was lost in a Redis
-        outage may have moved the head after all.
+        outage may have moved the head after all. With replicas required, first wait until they
+        hold all the master holds: a redelivered update is acknowledged as applied on the strength
+        of the ledger read here, which must survive the master.
         """
+        self.store.versions.await_replicas()
         head = self.store.versions.head()
         if head is None:
             raise StoreError(f"job {self.settings.job!r} was deleted from Redis while its coordinator ran")

@@ -38,6 +38,7 @@ class CoordinatorSettings:
     staleness_bound: str = "adaptive"
     # A hard bound in versions. None: DEFAULT_MAX_STALENESS with the fixed cut, none when adaptive.
     max_staleness: int | None = None
+    redis_wait_replicas: int = 0
     # Adaptive: refuse an update (1 + tau) more than this many times (1 + its worker's expected tau).
     staleness_tolerance: float = 8.0
     # Adaptive: shrink the server step when an update is more than this many times staler than expected.
