@@ -1439,6 +1439,165 @@ class PrivateRedisCluster(_Server):
         _Server._live.discard(self)
 
 
+class PrivateRedisSentinel(_Server):
+    """A Redis master with one replica, watched by three sentinels (quorum 2) under the name
+    ``master_name``, all on loopback ports of their own and keeping no data. The servers share the
+    ``admin`` user; the sentinels log in to them with it and take no credentials themselves.
+
+    :meth:`kill` takes a server down with SIGKILL, :meth:`await_failover` waits until the sentinels
+    name another master, and :meth:`restart` brings a server back on its port (the sentinels make
+    a returning master a replica of the new one).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, master_name: str = "fedq", down_after_ms: int = 2000):
+        self.directory = Path(directory)
+        self.master_name = master_name
+        self.down_after_ms = down_after_ms
+        self.admin = Credentials("admin", secrets.token_hex(16))
+        self.servers: list[PrivateRedis] = []
+        self.sentinel_ports: list[int] = []
+        self.tag = f"sentinels-{secrets.token_hex(4)}"
+        self._sentinels: list[subprocess.Popen] = []
+
+    def url(self) -> str:
+        from urllib.parse import quote
+
+        sentinels = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return (
+            f"redis+sentinel://{self.admin.user}:{quote(self.admin.password, safe='')}@{sentinels}/{self.master_name}"
+        )
+
+    def start(self) -> PrivateRedisSentinel:
+        _Server._live.add(self)
+        try:
+            auth = [f"masteruser {self.admin.user}", f"masterauth {self.admin.password}"]
+            master = PrivateRedis(self.directory / "server0", admin=self.admin, extra_config=auth).start()
+            self.servers.append(master)
+            replica = PrivateRedis(
+                self.directory / "server1",
+                admin=self.admin,
+                extra_config=[*auth, f"replicaof 127.0.0.1 {master.port}"],
+            ).start()
+            self.servers.append(replica)
+            wait_for(lambda: self.role(replica) == ("slave", "connected"), 120, "the replica did not sync")
+            for index in range(3):
+                self._start_sentinel(index, master.port)
+            wait_for(lambda: self.sentinels_agree(master), 120, "the sentinels did not find the servers")
+            return self
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_sentinel(self, index: int, master_port: int) -> None:
+        folder = self.directory / f"sentinel{index}"
+        folder.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        config = folder / "sentinel.conf"
+        config.write_text(
+            "\n".join(
+                [
+                    f"port {port}",
+                    "bind 127.0.0.1",
+                    "daemonize no",
+                    f"dir {folder}",
+                    f"logfile {folder / 'sentinel.log'}",
+                    f"sentinel monitor {self.master_name} 127.0.0.1 {master_port} 2",
+                    f"sentinel auth-user {self.master_name} {self.admin.user}",
+                    f"sentinel auth-pass {self.master_name} {self.admin.password}",
+                    f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
+                    f"sentinel failover-timeout {self.master_name} 10000",
+                ]
+            )
+            + "\n"
+        )
+        self._sentinels.append(
+            subprocess.Popen(
+                [REDIS_SERVER, str(config), "--sentinel"],
+                env=_clean_environment(**{MARKER: self.tag}),
+                cwd=folder,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        self.sentinel_ports.append(port)
+
+    def role(self, server: PrivateRedis) -> tuple[str, str] | None:
+        """("master", "") or ("slave", link state) of a live server, None if it does not answer."""
+        import redis
+
+        try:
+            with server.client(socket_timeout=5, socket_connect_timeout=5) as client:
+                role = client.execute_command("ROLE")
+        except (redis.exceptions.RedisError, OSError):
+            return None
+        return (_text(role[0]), _text(role[3]) if _text(role[0]) == "slave" else "")
+
+    def named_master(self) -> int | None:
+        """The master's port as a majority of the sentinels name it."""
+        import redis
+
+        answers = []
+        for port in self.sentinel_ports:
+            try:
+                with redis.Redis(port=port, socket_timeout=5, socket_connect_timeout=5) as sentinel:
+                    address = sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
+                answers.append(int(address[1]) if address else None)
+            except (redis.exceptions.RedisError, OSError):
+                answers.append(None)
+        for answer in set(answers):
+            if answer is not None and answers.count(answer) >= 2:
+                return answer
+        return None
+
+    def sentinels_agree(self, master: PrivateRedis) -> bool:
+        import redis
+
+        if self.named_master() != master.port:
+            return False
+        for port in self.sentinel_ports:
+            try:
+                with redis.Redis(port=port, socket_timeout=5, socket_connect_timeout=5) as sentinel:
+                    state = sentinel.execute_command("SENTINEL", "MASTER", self.master_name)
+            except (redis.exceptions.RedisError, OSError):
+                return False
+            fields = dict(zip(state[::2], state[1::2])) if isinstance(state, list) else state
+            fields = {_text(key): _text(value) for key, value in fields.items()}
+            if int(fields.get("num-slaves", 0)) < 1 or int(fields.get("num-other-sentinels", 0)) < 2:
+                return False
+        return True
+
+    def master(self) -> PrivateRedis:
+        port = self.named_master()
+        return next(server for server in self.servers if server.port == port)
+
+    def kill(self, server: PrivateRedis) -> None:
+        server.stop(grace=0)
+
+    def await_failover(self, other_than: PrivateRedis, timeout: float = 120) -> PrivateRedis:
+        def promoted() -> PrivateRedis | None:
+            port = self.named_master()
+            if port is None or port == other_than.port:
+                return None
+            server = next(server for server in self.servers if server.port == port)
+            return server if self.role(server) == ("master", "") else None
+
+        return wait_for(promoted, timeout, "the sentinels did not promote the replica")
+
+    def restart(self, server: PrivateRedis) -> None:
+        server.start(same_ports=True)
+        wait_for(lambda: self.role(server) == ("slave", "connected"), 120, "the old master did not follow the new")
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop(grace=0)
+        for sentinel in self._sentinels:
+            _kill_everything_of(self.tag, sentinel, grace=0)
+        self._sentinels = []
+        _Server._live.discard(self)
+
+
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 

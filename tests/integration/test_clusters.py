@@ -6,6 +6,7 @@ replica each, made with ``redis-cli --cluster create``).
   mid-run and restarted.
 * A job with ``--redis-url redis+cluster://...``; the master serving its slot is killed mid-run and its
   replica takes over.
+* A job with ``--redis-url redis+sentinel://...``; the master is killed and Sentinel promotes the replica.
 * Chaos: broker nodes and Redis masters killed while coordinators and workers are killed too.
 
 Each run ends with nothing lost (every update a worker saw confirmed is applied), nothing applied
@@ -26,7 +27,13 @@ import pytest
 
 from fedq.common.store import ModelStore, StoreError, connect_redis
 from tests.integration.test_crash_recovery import TRAINING, assert_exactly_once_and_replayable, done_task_ids
-from tests.private_servers import RABBITMQ_BIN, REDIS_SERVER, PrivateRabbitMQCluster, PrivateRedisCluster
+from tests.private_servers import (
+    RABBITMQ_BIN,
+    REDIS_SERVER,
+    PrivateRabbitMQCluster,
+    PrivateRedisCluster,
+    PrivateRedisSentinel,
+)
 from tests.support import AMQP_URL, REDIS_URL, wait_until
 
 pytestmark = pytest.mark.skipif(
@@ -48,6 +55,12 @@ def rabbitmq_cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def redis_cluster(tmp_path_factory):
     with PrivateRedisCluster(tmp_path_factory.mktemp("redis-cluster")) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def redis_sentinel(tmp_path_factory):
+    with PrivateRedisSentinel(tmp_path_factory.mktemp("redis-sentinel")) as started:
         yield started
 
 
@@ -302,3 +315,30 @@ def refused_task_ids(processes, names) -> dict[str, str]:
         for reason, task in re.findall(r"event=update_rejected reason=(\w+) .*task=(\w+)", processes.log(name)):
             refused[task] = reason
     return refused
+
+
+@pytest.mark.timeout(2400)
+def test_a_job_survives_a_sentinel_failover(redis_sentinel, processes, job):
+    redis_url = redis_sentinel.url()
+    store = ModelStore.open(redis_url, job)
+    flags = ["--job", job, "--amqp-url", AMQP_URL, "--redis-url", redis_url, "--redis-wait-replicas", "1"]
+    coordinator = processes.start("coordinator", "coordinator", *flags, *TRAINING, "--concurrency", "2")
+    workers = [f"worker-{index}" for index in range(2)]
+    for index, name in enumerate(workers):
+        processes.start(name, "worker", *flags, "--worker-id", f"w{index}", "--partition", str(index))
+    wait_until(lambda: (store.versions.head() or 0) >= 8, 300, "the job made no progress through Sentinel")
+
+    master = redis_sentinel.master()
+    done_before_kill = done_task_ids(processes, workers)
+    redis_sentinel.kill(master)
+    promoted = redis_sentinel.await_failover(other_than=master)
+    redis_sentinel.restart(master)
+    head_at_restart = store.versions.head()
+    wait_until(lambda: store.versions.head() >= head_at_restart + 10, 600, "no progress after the failover")
+
+    coordinator.send_signal(signal.SIGTERM)
+    assert coordinator.wait(timeout=300) == 0, processes.log("coordinator")[-3000:]
+    applied = set(assert_exactly_once_and_replayable(store))
+    refused = refused_task_ids(processes, ["coordinator"])
+    assert done_before_kill <= applied | set(refused), "an update confirmed before the failover was lost"
+    print(f"sentinel failover {master.port} -> {promoted.port}; versions {store.versions.head()}")
