@@ -56,9 +56,10 @@ def pipeline_limit(
     )
     task_message = bytes(TASK_MESSAGE_BYTES)
     weights = bytes(model_bytes)
-    redis = connect_redis(redis_url)
-    connection = connect(amqp_url, name="fedq-bench-pipeline-limit")
     prefix = f"fedq-bench-limit-{uuid.uuid4().hex[:8]}"
+    # (its keys share the hash tag {prefix}, as a job's do: one slot of a Redis Cluster)
+    redis = connect_redis(redis_url, job=prefix)
+    connection = connect(amqp_url, name="fedq-bench-pipeline-limit")
     try:
         channel = connection.channel()
         channel.confirm_delivery()
@@ -74,13 +75,13 @@ def pipeline_limit(
 
         def one_update(index: int) -> None:
             if not inline:
-                key = f"{prefix}:update:{index % 4}"
+                key = f"{{{prefix}}}:update:{index % 4}"
                 redis.set(key, payload)
                 redis.get(key)
             through_broker(queues["updates"], update_message)
             through_broker(queues["tasks"], task_message)
             if index % buffer_size == buffer_size - 1:
-                redis.set(f"{prefix}:model", weights)
+                redis.set(f"{{{prefix}}}:model", weights)
 
         rates = []
         one_update(0)  # connections and buffers warmed up
@@ -92,5 +93,5 @@ def pipeline_limit(
             rates.append(done / (time.perf_counter() - started))
         return PipelineLimit(statistics.median(rates), rates)
     finally:
-        redis.delete(f"{prefix}:model", *(f"{prefix}:update:{index}" for index in range(4)))
+        redis.delete(f"{{{prefix}}}:model", *(f"{{{prefix}}}:update:{index}" for index in range(4)))
         connection.close()

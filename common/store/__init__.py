@@ -23,6 +23,7 @@ from fedq.common.store.client import (
     TamperedVersionError,
     UnknownVersionError,
     connect_every_master,
+    connect_every_server,
     connect_redis,
 )
 from fedq.common.store.fleet import FleetRecords
@@ -43,6 +44,7 @@ __all__ = [
     "TamperedVersionError",
     "UnknownVersionError",
     "connect_every_master",
+    "connect_every_server",
     "connect_redis",
 ]
 

@@ -14,7 +14,7 @@ from redis._parsers import Encoder
 from fedq.common import tls
 from fedq.common.retry import CONNECT_ATTEMPTS, backoff_delays
 from fedq.common.settings import redact_url
-from fedq.common.store.cluster import ServersURL, client_for, every_master
+from fedq.common.store.cluster import ServersURL, client_for, every_master, every_server
 
 log = logging.getLogger("fedq.store")
 
@@ -112,6 +112,19 @@ def connect_every_master(url: str, *, attempts: int = CONNECT_ATTEMPTS) -> list[
     except redis.RedisError as error:
         raise StoreError(f"cannot reach the Redis Cluster at {redact_url(url)}: {error}") from None
     return [_answering(client, url, attempts) for client in masters]
+
+
+def connect_every_server(url: str, *, attempts: int = CONNECT_ATTEMPTS) -> list[redis.Redis]:
+    """A client of every server behind ``url``, replicas included (for what each keeps of its own,
+    like ACL users); of the one Redis, for a plain URL."""
+    servers, arguments = _parse(url, blocking=False)
+    if servers is None:
+        return [connect_redis(url, attempts=attempts)]
+    try:
+        clients = every_server(servers, arguments)
+    except redis.RedisError as error:
+        raise StoreError(f"cannot reach the servers of {redact_url(url)}: {error}") from None
+    return [_answering(client, url, attempts) for client in clients]
 
 
 def _parse(url: str, blocking: bool) -> tuple[ServersURL | None, dict[str, Any]]:

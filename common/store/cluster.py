@@ -127,6 +127,12 @@ class SlotLocator:
             return sorted({_address(master, asked_host) for _start, _end, master, *_ in slots})
         raise redis.exceptions.ConnectionError(f"no node of the Redis Cluster answered: {'; '.join(self.failures)}")
 
+    def every_node(self) -> list[tuple[str, int]]:
+        """Every node of the cluster that serves slots or replicates one that does."""
+        for slots, asked_host in self._slot_tables():
+            return sorted({_address(node, asked_host) for _start, _end, *nodes in slots for node in nodes})
+        raise redis.exceptions.ConnectionError(f"no node of the Redis Cluster answered: {'; '.join(self.failures)}")
+
     def _slot_tables(self) -> Iterator[tuple[list, str]]:
         """``CLUSTER SLOTS`` of each node that answers, in turn, with the host it was asked at."""
         self.failures: list[str] = []
@@ -207,11 +213,35 @@ def client_for(servers: ServersURL, job: str | None, arguments: dict[str, Any]) 
     return redis.Redis(connection_pool=pool)
 
 
+def every_server(servers: ServersURL, arguments: dict[str, Any]) -> list[redis.Redis]:
+    """A client of every server that holds or may come to hold the data, replicas included: ACL
+    users are each server's own, and a replica that takes over must know the job's users."""
+    if servers.kind == "sentinel":
+        sentinel = Sentinel(list(servers.nodes), sentinel_kwargs={"socket_timeout": 10, "socket_connect_timeout": 5})
+        master = sentinel.discover_master(servers.master_name)
+        addresses = [master, *sentinel.discover_slaves(servers.master_name)]
+    else:
+        addresses = _locator(servers, 0, arguments).every_node()
+    return [_node_client(servers, host, port, arguments) for host, port in addresses]
+
+
 def every_master(servers: ServersURL, arguments: dict[str, Any]) -> list[redis.Redis]:
     """A client of each master of a Redis Cluster (to find every job: each master holds the jobs of its slots)."""
-    masters = _locator(servers, 0, arguments).masters()
-    login: dict[str, Any] = {"username": servers.username, "password": servers.password}
-    return [redis.Redis(host=host, port=port, ssl=servers.tls, **login, **arguments) for host, port in masters]
+    return [_node_client(servers, host, port, arguments) for host, port in _locator(servers, 0, arguments).masters()]
+
+
+def _node_client(servers: ServersURL, host: str, port: int, arguments: dict[str, Any]) -> redis.Redis:
+    """A client of one server, with the URL's login and TLS and fedq's options (as a pool: the
+    command packer is a connection's option, not a client's)."""
+    pool = redis.ConnectionPool(
+        host=host,
+        port=port,
+        connection_class=SSLConnection if servers.tls else redis.Connection,
+        username=servers.username,
+        password=servers.password,
+        **arguments,
+    )
+    return redis.Redis(connection_pool=pool)
 
 
 def _locator(servers: ServersURL, slot: int, arguments: dict[str, Any]) -> SlotLocator:

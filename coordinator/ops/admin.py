@@ -34,7 +34,7 @@ from fedq.broker.management import ManagementAPI, ManagementError
 from fedq.broker.management import quote as quote_segment
 from fedq.common.cli import UserError
 from fedq.common.settings import CONNECTION_OPTIONS, add_options, amqp_urls, resolve
-from fedq.common.store import ModelStore, StoreError, connect_redis
+from fedq.common.store import ModelStore, StoreError, connect_every_server, connect_redis
 from fedq.common.store.identities import identity_user
 from fedq.coordinator.ops.roles import ROLES, Grant, RoleError, grant
 
@@ -72,6 +72,8 @@ class Provisioner:
         self.vhost = pika.URLParameters(amqp_urls(amqp_url)[0]).virtual_host
         self.redis = connect_redis(redis_url, job=job)
         self.store = ModelStore(self.redis, job)
+        # Each Redis server keeps its own ACL users: a replica that takes over must know them too.
+        self.acl_servers = connect_every_server(redis_url)
 
     def create(self, access: Grant, password: str) -> str:
         """Create (or reset) the users of ``access``; returns the user name."""
@@ -83,7 +85,8 @@ class Provisioner:
             f"permissions/{quote_segment(self.vhost)}/{quote_segment(user)}",
             {"configure": permissions.configure, "write": permissions.write, "read": permissions.read},
         )
-        self.redis.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}", *access.redis_rules)
+        for server in self.acl_servers:
+            server.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}", *access.redis_rules)
         if access.role == "worker":
             self.store.identities.enroll(access.name, user)
         return user
@@ -108,7 +111,8 @@ class Provisioner:
                 except ManagementError as error:
                     if error.status != 404:  # closed by itself meanwhile
                         raise
-        redis_user = bool(self.redis.execute_command("ACL", "DELUSER", user))  # Redis closes its clients
+        # (Redis closes the deleted user's clients)
+        redis_user = any([bool(server.execute_command("ACL", "DELUSER", user)) for server in self.acl_servers])
         return {
             "identity": identity is not None,
             "rabbitmq_user": rabbit_user,

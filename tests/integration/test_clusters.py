@@ -25,7 +25,8 @@ import urllib.parse
 
 import pytest
 
-from fedq.common.store import ModelStore, StoreError, connect_redis
+from fedq.common.store import ModelStore, StoreError, connect_every_master, connect_redis
+from fedq.coordinator.ops.jobs import find_jobs
 from tests.integration.test_crash_recovery import TRAINING, assert_exactly_once_and_replayable, done_task_ids
 from tests.private_servers import (
     RABBITMQ_BIN,
@@ -163,6 +164,10 @@ def test_a_cluster_client_serves_one_job_from_the_master_of_its_slot(redis_clust
     master = cluster.master_of(job)
     with master.client() as direct:
         assert direct.get(store.keys.state) == b"x"
+    # `fedq jobs` asks every master: each holds the jobs of its slots.
+    store.redis.set(store.keys.head, b"0")
+    masters = connect_every_master(cluster.url())
+    assert len(masters) == 3 and job in {name for client in masters for name in find_jobs(client)}
     with pytest.raises(StoreError, match="is a Redis Cluster, which serves each job .* needs --job"):
         connect_redis(cluster.url())
     with pytest.raises(StoreError, match="has only database 0"):
@@ -269,7 +274,7 @@ def test_chaos_broker_nodes_redis_masters_coordinators_and_workers_killed(
         start(name)
     stalls = [progress(8, "the start")]
     events = []
-    for round_number in range(3):
+    for round_number in range(2):
         # A coordinator and a broker node at once, then back.
         kill("coordinator")
         node = kill_broker_node()
@@ -342,3 +347,21 @@ def test_a_job_survives_a_sentinel_failover(redis_sentinel, processes, job):
     refused = refused_task_ids(processes, ["coordinator"])
     assert done_before_kill <= applied | set(refused), "an update confirmed before the failover was lost"
     print(f"sentinel failover {master.port} -> {promoted.port}; versions {store.versions.head()}")
+
+
+def test_an_enrolled_worker_is_known_to_every_server_that_may_serve_its_job(redis_cluster, redis_sentinel, job):
+    # ACL users are each Redis server's own: one that only the master knew would be gone after a
+    # failover, and the job's workers locked out.
+    from fedq.coordinator.ops.admin import Provisioner
+    from fedq.coordinator.ops.roles import grant
+
+    for servers, nodes in [(redis_cluster.url(), redis_cluster.nodes), (redis_sentinel.url(), redis_sentinel.servers)]:
+        provisioner = Provisioner(AMQP_URL, servers, job)
+        user = provisioner.create(grant("worker", job, "site-1"), "s3cret-password")
+        for node in nodes:
+            with node.client() as client:
+                assert client.execute_command("ACL", "GETUSER", user), f"{node.port} does not know {user}"
+        assert provisioner.revoke("site-1")["redis_user"]
+        for node in nodes:
+            with node.client() as client:
+                assert client.execute_command("ACL", "GETUSER", user) is None, f"{node.port} still knows {user}"
