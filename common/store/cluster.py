@@ -113,41 +113,45 @@ class SlotLocator:
         self.known: list[tuple[str, int]] = list(servers.nodes)
 
     def master(self) -> tuple[str, int]:
-        for slots, asked_host in self._slot_tables():
+        failures: list[str] = []
+        for slots, asked_host in self._slot_tables(failures):
             for start, end, master, *_replicas in slots:
                 if start <= self.slot <= end:
                     return _address(master, asked_host)
+            failures.append(f"{asked_host}: no master serves slot {self.slot}")
         raise redis.exceptions.ConnectionError(
-            f"no node of the Redis Cluster answered with the master of slot {self.slot}: {'; '.join(self.failures)}"
+            f"no node of the Redis Cluster answered with the master of slot {self.slot}: {'; '.join(failures)}"
         )
 
     def masters(self) -> list[tuple[str, int]]:
         """Every master of the cluster, as the first node that answers sees them."""
-        for slots, asked_host in self._slot_tables():
+        failures: list[str] = []
+        for slots, asked_host in self._slot_tables(failures):
             return sorted({_address(master, asked_host) for _start, _end, master, *_ in slots})
-        raise redis.exceptions.ConnectionError(f"no node of the Redis Cluster answered: {'; '.join(self.failures)}")
+        raise redis.exceptions.ConnectionError(f"no node of the Redis Cluster answered: {'; '.join(failures)}")
 
     def every_node(self) -> list[tuple[str, int]]:
         """Every node of the cluster that serves slots or replicates one that does."""
-        for slots, asked_host in self._slot_tables():
+        failures: list[str] = []
+        for slots, asked_host in self._slot_tables(failures):
             return sorted({_address(node, asked_host) for _start, _end, *nodes in slots for node in nodes})
-        raise redis.exceptions.ConnectionError(f"no node of the Redis Cluster answered: {'; '.join(self.failures)}")
+        raise redis.exceptions.ConnectionError(f"no node of the Redis Cluster answered: {'; '.join(failures)}")
 
-    def _slot_tables(self) -> Iterator[tuple[list, str]]:
-        """``CLUSTER SLOTS`` of each node that answers, in turn, with the host it was asked at."""
-        self.failures: list[str] = []
+    def _slot_tables(self, failures: list[str]) -> Iterator[tuple[list, str]]:
+        """``CLUSTER SLOTS`` of each node that answers, in turn, with the host it was asked at; why
+        the others did not, into ``failures``. (The pool's connections share the locator, from
+        several threads: nothing of one call is kept but the nodes learnt.)"""
         for host, port in list(self.known):
             asked = redis.Redis(host=host, port=port, **self.node_arguments)
             try:
                 slots = asked.execute_command("CLUSTER SLOTS")
             except redis.exceptions.RedisError as error:
-                self.failures.append(f"{host}:{port}: {error}")
+                failures.append(f"{host}:{port}: {error}")
                 continue
             finally:
                 asked.close()
             self._learn(slots, host)
             yield slots, host
-            self.failures.append(f"{host}:{port}: no master serves slot {self.slot}")
 
     def _learn(self, slots: list, asked_host: str) -> None:
         """Remember every node of the cluster: the seeds given may be the ones that are down."""
