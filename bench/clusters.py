@@ -1,7 +1,9 @@
 """What clustering costs: ``bench/throughput.py`` on the shared single servers, then with a
 three-node RabbitMQ cluster, a Redis Cluster (three masters, a replica each), both, and both with
 ``--redis-wait-replicas 1``, all on this machine's loopback; each arm's updates per second, and as a
-ratio of the single-server arm measured in the same run (arms alternate, round by round).
+ratio of the single-server arm measured in the same run (arms alternate, round by round). First,
+what one broker node passes: a confirmed publish and get on one node and on the cluster, classic
+and quorum queues.
 
     .venv/bin/python bench/clusters.py --only 10k,fedbuff          # about 7 minutes
     .venv/bin/python bench/clusters.py --only 1M,fedbuff --rounds 3
@@ -19,11 +21,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fedq.common.settings import DEFAULT_AMQP_URL  # noqa: E402
 from tests.private_servers import PrivateRabbitMQCluster, PrivateRedisCluster  # noqa: E402
 
 
@@ -36,6 +40,34 @@ def throughput(only: str, amqp_url: str | None, redis_url: str | None, coordinat
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     [result] = json.loads(out.read_text())
     return result
+
+
+def confirmed_message_ms(amqp_url: str, queue_type: str, messages: int = 300) -> float:
+    """Median milliseconds of one confirmed publish of a 450-byte message (an update's claim) to a
+    durable queue of ``queue_type`` and its get and ack: what a broker node does twice per update
+    (the update and the next task), with nothing else in the way."""
+    import uuid
+
+    from fedq.broker.connection import connect
+
+    connection = connect(amqp_url, name="fedq-bench-clusters")
+    queue = f"fedq-bench-clusters-{uuid.uuid4().hex[:8]}"
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.queue_declare(queue, durable=True, arguments={"x-queue-type": queue_type})
+        body, times = bytes(450), []
+        for _ in range(messages):
+            started = time.perf_counter()
+            channel.basic_publish("", queue, body, mandatory=True)  # returns once confirmed
+            method, _properties, _body = channel.basic_get(queue)
+            assert method is not None and method.delivery_tag is not None
+            channel.basic_ack(method.delivery_tag)
+            times.append(time.perf_counter() - started)
+        channel.queue_delete(queue)
+        return statistics.median(times) * 1000
+    finally:
+        connection.close()
 
 
 def main() -> int:
@@ -57,6 +89,15 @@ def main() -> int:
                 "both": (rabbitmq.amqp_urls(), redis_cluster.url(), ""),
                 "both, wait 1": (rabbitmq.amqp_urls(), redis_cluster.url(), "--redis-wait-replicas 1"),
             }
+            print("one confirmed publish + get + ack of 450 bytes, median of 300:")
+            for name, url in [("one node", None), ("3-node cluster", rabbitmq.amqp_urls())]:
+                for queue_type in ("classic", "quorum"):
+                    milliseconds = confirmed_message_ms(url or DEFAULT_AMQP_URL, queue_type)
+                    print(
+                        f"  {name:<15} {queue_type:<8} {milliseconds:.2f} ms: at two per update, "
+                        f"{1000 / (2 * milliseconds):.0f} updates/s",
+                        flush=True,
+                    )
             rates: dict[str, list[float]] = {arm: [] for arm in arms}
             limits: dict[str, list[float]] = {arm: [] for arm in arms}
             for round_number in range(args.rounds):

@@ -2,12 +2,12 @@
 (private nodes clustered with ``rabbitmqctl join_cluster``) and a Redis Cluster (three masters with a
 replica each, made with ``redis-cli --cluster create``).
 
-* Workers connected to different RabbitMQ nodes; the node that leads the job's queues is killed
-  mid-run and restarted.
-* A job with ``--redis-url redis+cluster://...``; the master serving its slot is killed mid-run and its
-  replica takes over.
+* A job with ``--redis-url redis+cluster://...`` is served by the master of its slot.
+* Chaos: workers connected to different RabbitMQ nodes, the node that leads one of the job's queues
+  killed with the coordinator, the master serving the job's slot killed with a worker (its replica
+  takes over), each brought back, round after round.
 * A job with ``--redis-url redis+sentinel://...``; the master is killed and Sentinel promotes the replica.
-* Chaos: broker nodes and Redis masters killed while coordinators and workers are killed too.
+* ``fedq admin`` writes a site's ACL user to every server that may serve its job.
 
 Each run ends with nothing lost (every update a worker saw confirmed is applied), nothing applied
 twice, and a history that replays bit for bit. The clusters are shared by the module's tests
@@ -35,7 +35,7 @@ from tests.private_servers import (
     PrivateRedisCluster,
     PrivateRedisSentinel,
 )
-from tests.support import AMQP_URL, REDIS_URL, wait_until
+from tests.support import AMQP_URL, wait_until
 
 pytestmark = pytest.mark.skipif(
     not (RABBITMQ_BIN / "rabbitmq-server").exists()
@@ -90,73 +90,6 @@ def connection_nodes(cluster: PrivateRabbitMQCluster, job: str) -> dict[str, str
     return {}
 
 
-@pytest.mark.timeout(2400)
-def test_a_job_survives_the_loss_of_the_node_leading_its_queues(rabbitmq_cluster, processes, job):
-    cluster = rabbitmq_cluster
-    store = ModelStore(connect_redis(REDIS_URL), job)
-
-    def flags(first_node: int) -> list[str]:
-        return ["--job", job, "--amqp-url", cluster.amqp_urls(first=first_node), "--redis-url", REDIS_URL]
-
-    # The coordinator declares the queues on node 0, so node 0 leads them; the workers start on
-    # nodes 1, 2 and 0 and fail over to the next node of their list. No version limit: the job runs
-    # until it is stopped, however fast this machine trains.
-    coordinator = processes.start(
-        "coordinator",
-        "coordinator",
-        *flags(0),
-        *TRAINING,
-        "--algorithm",
-        "fedbuff",
-        "--buffer-size",
-        "2",
-        "--concurrency",
-        "3",
-    )
-    workers = [f"worker-{index}" for index in range(3)]
-    for index, name in enumerate(workers):
-        processes.start(name, "worker", *flags(index + 1), "--worker-id", f"w{index}", "--partition", str(index))
-    wait_until(lambda: (store.versions.head() or 0) >= 8, 300, "the job made no progress on the cluster")
-    nodes_in_use = set(connection_nodes(cluster, job).values())
-    assert len(nodes_in_use) >= 2, f"the job's connections are all on {nodes_in_use}"
-
-    updates_leader = queue_leader(cluster, f"fedq.{job}.updates")
-    tasks_leader = queue_leader(cluster, f"fedq.{job}.tasks")
-    victim = cluster.node_named(updates_leader)
-    survivors = [node for node in cluster.nodes if node is not victim]
-    done_before_kill = done_task_ids(processes, workers)
-    head_at_kill = store.versions.head()
-    cluster.kill(victim)
-
-    # The two survivors elect new leaders and the job goes on without the dead node.
-    wait_until(
-        lambda: (store.versions.head() or 0) >= head_at_kill + 8, 600, "the job made no progress without the leader"
-    )
-    new_leader = queue_leader(cluster, f"fedq.{job}.updates")
-    assert new_leader in {node.node for node in survivors}
-    cluster.restart(victim)
-    done_before_restart = done_task_ids(processes, workers)
-    head_at_restart = store.versions.head()
-    wait_until(lambda: store.versions.head() >= head_at_restart + 10, 600, "the job made no progress after the restart")
-
-    coordinator.send_signal(signal.SIGTERM)
-    assert coordinator.wait(timeout=300) == 0, processes.log("coordinator")[-3000:]
-    assert store.status.load()["status"] == "stopped"
-    logs = {name: processes.log(name) for name in ["coordinator", *workers]}
-    # Everyone who was on the killed node lost the connection and carried on through another node.
-    lost = [name for name, text in logs.items() if "event=connection_lost" in text]
-    assert lost, "no service was connected to the killed node"
-    for name in lost:
-        assert logs[name].rindex("event=amqp_connected") > logs[name].index("event=connection_lost"), name
-    applied = set(assert_exactly_once_and_replayable(store))
-    assert done_before_kill <= applied, "an update confirmed before the kill was lost"
-    assert done_before_restart <= applied, "an update confirmed while a node was down was lost"
-    print(
-        f"leaders: updates {updates_leader}, tasks {tasks_leader}; after the kill {new_leader}; "
-        f"reconnected: {lost}; versions {store.versions.head()}, updates applied {len(applied)}"
-    )
-
-
 def test_a_cluster_client_serves_one_job_from_the_master_of_its_slot(redis_cluster, job):
     cluster = redis_cluster
     store = ModelStore.open(cluster.url(), job)
@@ -172,45 +105,6 @@ def test_a_cluster_client_serves_one_job_from_the_master_of_its_slot(redis_clust
         connect_redis(cluster.url())
     with pytest.raises(StoreError, match="has only database 0"):
         connect_redis(cluster.url() + "3", job=job)
-
-
-@pytest.mark.timeout(2400)
-def test_a_job_survives_the_loss_of_its_redis_master(redis_cluster, processes, job):
-    cluster = redis_cluster
-    redis_url = cluster.url()
-    store = ModelStore.open(redis_url, job)
-    flags = ["--job", job, "--amqp-url", AMQP_URL, "--redis-url", redis_url, "--redis-wait-replicas", "1"]
-    # No version limit: the job runs until it is stopped, however fast this machine trains.
-    coordinator = processes.start(
-        "coordinator", "coordinator", *flags, *TRAINING, "--algorithm", "fedbuff", "--buffer-size", "2"
-    )
-    workers = [f"worker-{index}" for index in range(3)]
-    for index, name in enumerate(workers):
-        processes.start(name, "worker", *flags, "--worker-id", f"w{index}", "--partition", str(index))
-    wait_until(lambda: (store.versions.head() or 0) >= 8, 300, "the job made no progress on the cluster")
-
-    master = cluster.master_of(job)
-    [replica] = cluster.replicas_of(master)
-    done_before_kill = done_task_ids(processes, workers)
-    cluster.kill(master)
-    assert cluster.await_master(job, other_than=master) is replica
-    # The new master has no replica until the old one returns: with --redis-wait-replicas 1 the job
-    # acknowledges nothing meanwhile. Back, the old master follows the new one, and the job goes on.
-    cluster.restart(master)
-    head_at_restart = store.versions.head()
-    wait_until(lambda: store.versions.head() >= head_at_restart + 10, 600, "no progress after the failover")
-    done_before_restart = done_task_ids(processes, workers)
-    wait_until(lambda: store.versions.head() >= head_at_restart + 20, 600, "no progress after the failover")
-
-    coordinator.send_signal(signal.SIGTERM)
-    assert coordinator.wait(timeout=300) == 0, processes.log("coordinator")[-3000:]
-    assert store.status.load()["status"] == "stopped"
-    logs = "".join(processes.log(name) for name in ["coordinator", *workers])
-    assert "connection_lost" in logs, "no service noticed that its Redis master died"
-    applied = set(assert_exactly_once_and_replayable(store))
-    assert done_before_kill <= applied, "an update confirmed before the failover was lost"
-    assert done_before_restart <= applied, "an update confirmed after the failover was lost"
-    print(f"failover {master.port} -> {replica.port}; versions {store.versions.head()}, updates {len(applied)}")
 
 
 @pytest.mark.timeout(3600)
@@ -266,13 +160,19 @@ def test_chaos_broker_nodes_redis_masters_coordinators_and_workers_killed(
 
     def fail_over_redis() -> None:
         master = redis_cluster.master_of(job)
+        [replica] = redis_cluster.replicas_of(master)
         redis_cluster.kill(master)
-        redis_cluster.await_master(job, other_than=master)
+        assert redis_cluster.await_master(job, other_than=master) is replica
+        # With --redis-wait-replicas 1 the job acknowledges nothing until the new master has a
+        # replica again: the old master, back, follows it.
         redis_cluster.restart(master)
 
     for name in ["coordinator", *workers]:
         start(name)
     stalls = [progress(8, "the start")]
+    # The workers start on nodes 1, 2 and 0 of their lists: the job's connections span nodes.
+    nodes_in_use = set(connection_nodes(rabbitmq_cluster, job).values())
+    assert len(nodes_in_use) >= 2, f"the job's connections are all on {nodes_in_use}"
     events = []
     for round_number in range(2):
         # A coordinator and a broker node at once, then back.
@@ -280,6 +180,9 @@ def test_chaos_broker_nodes_redis_masters_coordinators_and_workers_killed(
         node = kill_broker_node()
         start("coordinator")
         stalls.append(progress(4, f"round {round_number}: coordinator and broker node {node} killed"))
+        # The survivors elected new leaders (a majority, 2 of 3, is up), and the job went on.
+        for queue in ("tasks", "updates"):
+            assert queue_leader(rabbitmq_cluster, f"fedq.{job}.{queue}") != node
         rabbitmq_cluster.restart(rabbitmq_cluster.node_named(node))
         events.append(f"coordinator+broker:{node.split('@')[0]}")
         # A worker and the job's Redis master at once.
@@ -331,7 +234,7 @@ def test_a_job_survives_a_sentinel_failover(redis_sentinel, processes, job):
     workers = [f"worker-{index}" for index in range(2)]
     for index, name in enumerate(workers):
         processes.start(name, "worker", *flags, "--worker-id", f"w{index}", "--partition", str(index))
-    wait_until(lambda: (store.versions.head() or 0) >= 8, 300, "the job made no progress through Sentinel")
+    wait_until(lambda: (store.versions.head() or 0) >= 5, 300, "the job made no progress through Sentinel")
 
     master = redis_sentinel.master()
     done_before_kill = done_task_ids(processes, workers)
@@ -339,7 +242,7 @@ def test_a_job_survives_a_sentinel_failover(redis_sentinel, processes, job):
     promoted = redis_sentinel.await_failover(other_than=master)
     redis_sentinel.restart(master)
     head_at_restart = store.versions.head()
-    wait_until(lambda: store.versions.head() >= head_at_restart + 10, 600, "no progress after the failover")
+    wait_until(lambda: store.versions.head() >= head_at_restart + 6, 600, "no progress after the failover")
 
     coordinator.send_signal(signal.SIGTERM)
     assert coordinator.wait(timeout=300) == 0, processes.log("coordinator")[-3000:]
