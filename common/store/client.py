@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,25 +104,28 @@ def connect_redis(
 
 
 def connect_every_master(url: str, *, attempts: int = CONNECT_ATTEMPTS) -> list[redis.Redis]:
-    """A client of each master of the Redis Cluster ``url`` names; of the one Redis, for other URLs."""
-    servers, arguments = _parse(url, blocking=False)
-    if servers is None or servers.kind != "cluster":
-        return [connect_redis(url, attempts=attempts)]
-    try:
-        masters = every_master(servers, arguments)
-    except redis.RedisError as error:
-        raise StoreError(f"cannot reach the Redis Cluster at {redact_url(url)}: {error}") from None
-    return [_answering(client, url, attempts) for client in masters]
+    """A client of each master of the Redis Cluster ``url`` names; of the one master, for other URLs."""
+    return _connect_each(url, attempts, every_master, kinds=("cluster",))
 
 
 def connect_every_server(url: str, *, attempts: int = CONNECT_ATTEMPTS) -> list[redis.Redis]:
     """A client of every server behind ``url``, replicas included (for what each keeps of its own,
     like ACL users); of the one Redis, for a plain URL."""
+    return _connect_each(url, attempts, every_server, kinds=("cluster", "sentinel"))
+
+
+def _connect_each(
+    url: str,
+    attempts: int,
+    servers_of: Callable[[ServersURL, dict[str, Any]], list[redis.Redis]],
+    *,
+    kinds: tuple[str, ...],
+) -> list[redis.Redis]:
     servers, arguments = _parse(url, blocking=False)
-    if servers is None:
+    if servers is None or servers.kind not in kinds:
         return [connect_redis(url, attempts=attempts)]
     try:
-        clients = every_server(servers, arguments)
+        clients = servers_of(servers, arguments)
     except redis.RedisError as error:
         raise StoreError(f"cannot reach the servers of {redact_url(url)}: {error}") from None
     return [_answering(client, url, attempts) for client in clients]
