@@ -74,6 +74,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import wait_until
+
 RABBITMQ_BIN = Path(os.environ.get("FEDQ_TEST_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
 REDIS_SERVER = os.environ.get("FEDQ_TEST_REDIS_SERVER", shutil.which("redis-server") or "/usr/bin/redis-server")
 EPMD = os.environ.get("FEDQ_TEST_EPMD", shutil.which("epmd") or "/usr/bin/epmd")
@@ -1352,8 +1354,8 @@ class PrivateRedisCluster(_Server):
                 node.start()
             addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
             self.redis_cli("--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas), "--cluster-yes")
-            wait_for(lambda: all(self.cluster_state(node) == "ok" for node in self.nodes), 120, "cluster not ok")
-            wait_for(self.replicated, 120, "the replicas did not finish their first sync")
+            wait_until(lambda: all(self.cluster_state(node) == "ok" for node in self.nodes), 120, "cluster not ok")
+            wait_until(self.replicated, 120, "the replicas did not finish their first sync")
             return self
         except BaseException:
             self.stop()
@@ -1426,12 +1428,12 @@ class PrivateRedisCluster(_Server):
                 return None
             return master
 
-        return wait_for(promoted, timeout, f"no replica took over {job!r}'s slot")
+        return wait_until(promoted, timeout, f"no replica took over {job!r}'s slot")
 
     def restart(self, node: PrivateRedis) -> None:
         node.start(same_ports=True)
-        wait_for(lambda: self.cluster_state(node) == "ok", 120, "the restarted node did not rejoin")
-        wait_for(self.replicated, 120, "the restarted node did not finish its sync")
+        wait_until(lambda: self.cluster_state(node) == "ok", 120, "the restarted node did not rejoin")
+        wait_until(self.replicated, 120, "the restarted node did not finish its sync")
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -1479,10 +1481,10 @@ class PrivateRedisSentinel(_Server):
                 extra_config=[*auth, f"replicaof 127.0.0.1 {master.port}"],
             ).start()
             self.servers.append(replica)
-            wait_for(lambda: self.role(replica) == ("slave", "connected"), 120, "the replica did not sync")
+            wait_until(lambda: self.role(replica) == ("slave", "connected"), 120, "the replica did not sync")
             for index in range(3):
                 self._start_sentinel(index, master.port)
-            wait_for(lambda: self.sentinels_agree(master), 120, "the sentinels did not find the servers")
+            wait_until(lambda: self.sentinels_agree(master), 120, "the sentinels did not find the servers")
             return self
         except BaseException:
             self.stop()
@@ -1583,11 +1585,11 @@ class PrivateRedisSentinel(_Server):
             server = next(server for server in self.servers if server.port == port)
             return server if self.role(server) == ("master", "") else None
 
-        return wait_for(promoted, timeout, "the sentinels did not promote the replica")
+        return wait_until(promoted, timeout, "the sentinels did not promote the replica")
 
     def restart(self, server: PrivateRedis) -> None:
         server.start(same_ports=True)
-        wait_for(lambda: self.role(server) == ("slave", "connected"), 120, "the old master did not follow the new")
+        wait_until(lambda: self.role(server) == ("slave", "connected"), 120, "the old master did not follow the new")
 
     def stop(self) -> None:
         for server in self.servers:
@@ -1600,18 +1602,6 @@ class PrivateRedisSentinel(_Server):
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def wait_for(condition, timeout: float, message: str, interval: float = 0.2):
-    """The first true value of ``condition()`` within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(message)
-        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from redis.sentinel import Sentinel
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+# How long asking a cluster node or a sentinel where the master is may take.
+LOOKUP_TIMEOUTS = {"socket_timeout": 10, "socket_connect_timeout": 5}
 # Replies after which the job's slot is served elsewhere (or soon will be): the command did not run.
 SLOT_ELSEWHERE = (
     redis.exceptions.MovedError,
@@ -106,10 +108,11 @@ def _number(text: str, what: str) -> int:
 class SlotLocator:
     """Finds the master that serves one hash slot, asking the nodes it knows in turn."""
 
-    def __init__(self, servers: ServersURL, slot: int, node_arguments: dict[str, Any]):
+    def __init__(self, servers: ServersURL, slot: int, arguments: dict[str, Any]):
         self.servers = servers
         self.slot = slot
-        self.node_arguments = node_arguments
+        # (a lookup never blocks for long, even for a client that may: XREAD BLOCK's)
+        self.arguments = arguments | LOOKUP_TIMEOUTS
         self.known: list[tuple[str, int]] = list(servers.nodes)
 
     def master(self) -> tuple[str, int]:
@@ -142,7 +145,7 @@ class SlotLocator:
         the others did not, into ``failures``. (The pool's connections share the locator, from
         several threads: nothing of one call is kept but the nodes learnt.)"""
         for host, port in list(self.known):
-            asked = redis.Redis(host=host, port=port, **self.node_arguments)
+            asked = _node_client(self.servers, host, port, self.arguments)
             try:
                 slots = asked.execute_command("CLUSTER SLOTS")
             except redis.exceptions.RedisError as error:
@@ -201,16 +204,14 @@ def client_for(servers: ServersURL, job: str | None, arguments: dict[str, Any]) 
     """A client of ``job``'s keys on the servers ``servers`` names (``arguments``: redis-py's options)."""
     login: dict[str, Any] = {"username": servers.username, "password": servers.password}
     if servers.kind == "sentinel":
-        to_sentinels = {"socket_timeout": 10, "socket_connect_timeout": 5}
-        if servers.tls:
-            to_sentinels |= {"ssl": True, **_ssl_only(arguments)}
-        sentinel = Sentinel(list(servers.nodes), sentinel_kwargs=to_sentinels)
-        return sentinel.master_for(servers.master_name, db=servers.db, ssl=servers.tls, **login, **arguments)
+        return _sentinel(servers, arguments).master_for(
+            servers.master_name, db=servers.db, ssl=servers.tls, **login, **arguments
+        )
     if job is None:
         raise ValueError("a Redis Cluster serves each job from the master of its slot: name the job")
     pool = redis.ConnectionPool(
         connection_class=JobSlotSSLConnection if servers.tls else JobSlotConnection,
-        locator=_locator(servers, key_slot(f"{{{job}}}".encode()), arguments),
+        locator=SlotLocator(servers, key_slot(f"{{{job}}}".encode()), arguments),
         **login,
         **arguments,
     )
@@ -221,17 +222,18 @@ def every_server(servers: ServersURL, arguments: dict[str, Any]) -> list[redis.R
     """A client of every server that holds or may come to hold the data, replicas included: ACL
     users are each server's own, and a replica that takes over must know the job's users."""
     if servers.kind == "sentinel":
-        sentinel = Sentinel(list(servers.nodes), sentinel_kwargs={"socket_timeout": 10, "socket_connect_timeout": 5})
+        sentinel = _sentinel(servers, arguments)
         master = sentinel.discover_master(servers.master_name)
         addresses = [master, *sentinel.discover_slaves(servers.master_name)]
     else:
-        addresses = _locator(servers, 0, arguments).every_node()
+        addresses = SlotLocator(servers, 0, arguments).every_node()
     return [_node_client(servers, host, port, arguments) for host, port in addresses]
 
 
 def every_master(servers: ServersURL, arguments: dict[str, Any]) -> list[redis.Redis]:
     """A client of each master of a Redis Cluster (to find every job: each master holds the jobs of its slots)."""
-    return [_node_client(servers, host, port, arguments) for host, port in _locator(servers, 0, arguments).masters()]
+    masters = SlotLocator(servers, 0, arguments).masters()
+    return [_node_client(servers, host, port, arguments) for host, port in masters]
 
 
 def _node_client(servers: ServersURL, host: str, port: int, arguments: dict[str, Any]) -> redis.Redis:
@@ -248,10 +250,12 @@ def _node_client(servers: ServersURL, host: str, port: int, arguments: dict[str,
     return redis.Redis(connection_pool=pool)
 
 
-def _locator(servers: ServersURL, slot: int, arguments: dict[str, Any]) -> SlotLocator:
-    login: dict[str, Any] = {"username": servers.username, "password": servers.password}
-    node_arguments = dict(login, ssl=servers.tls, socket_timeout=10, socket_connect_timeout=5, **_ssl_only(arguments))
-    return SlotLocator(servers, slot, node_arguments)
+def _sentinel(servers: ServersURL, arguments: dict[str, Any]) -> Sentinel:
+    """The sentinels of a ``redis+sentinel://`` URL (no credentials; TLS as the URL says)."""
+    to_sentinels: dict[str, Any] = dict(LOOKUP_TIMEOUTS)
+    if servers.tls:
+        to_sentinels |= {"ssl": True, **_ssl_only(arguments)}
+    return Sentinel(list(servers.nodes), sentinel_kwargs=to_sentinels)
 
 
 def _ssl_only(arguments: dict[str, Any]) -> dict[str, Any]:
