@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.harness import wait_for_quiet_machine  # noqa: E402
-from bench.throughput_limit import pipeline_limit  # noqa: E402
+from bench.throughput_limit import QUEUE_KINDS, pipeline_limit  # noqa: E402
 from bench.throughput_monitor import BUSY_OTHER  # noqa: E402
 from bench.throughput_report import print_table, write_json  # noqa: E402
 from bench.throughput_run import CONFIGS, numpy_add_seconds, run_config  # noqa: E402
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     references: dict[int, float] = {}
-    limits: dict[tuple[int, int], float] = {}
+    limits: dict[tuple[int, int, str], float] = {}
     results = []
     started = time.monotonic()
     for config in configs:
@@ -137,19 +137,27 @@ def main(argv: list[str] | None = None) -> int:
             if again.cpu.get("other", 0.0) < result.cpu.get("other", 0.0):
                 result = again
         # The machine's pipeline limit for these sizes, measured now: within the same run, on the same load.
-        limits_key = (result.payload_bytes, config.buffer_size)
-        if limits_key not in limits:
-            limits[limits_key] = pipeline_limit(
-                args.amqp_url, args.redis_url, result.payload_bytes, result.payload_bytes, config.buffer_size
-            ).updates_per_second
-        result.limit_updates_per_s = limits[limits_key]
+        for queues in QUEUE_KINDS:
+            limits_key = (result.payload_bytes, config.buffer_size, queues)
+            if limits_key not in limits:
+                limits[limits_key] = pipeline_limit(
+                    args.amqp_url,
+                    args.redis_url,
+                    result.payload_bytes,
+                    result.payload_bytes,
+                    config.buffer_size,
+                    queues=queues,
+                ).updates_per_second
+        result.limit_updates_per_s = limits[(result.payload_bytes, config.buffer_size, "classic")]
+        result.quorum_limit_updates_per_s = limits[(result.payload_bytes, config.buffer_size, "quorum")]
         results.append(result)
         share = result.updates_per_s_median / result.limit_updates_per_s
         print(
             f"  {config.model:>4} {config.algorithm:<8}: {result.versions} versions in {result.wall_seconds:.1f} s "
             f"(measured {result.measured}, mean staleness {result.mean_staleness:.2f}), "
             f"{result.updates_per_s_median:.1f} updates/s, {share:.0%} of the pipeline limit "
-            f"({result.limit_updates_per_s:.3g} updates/s)",
+            f"({result.limit_updates_per_s:.3g} updates/s; "
+            f"through quorum queues {result.quorum_limit_updates_per_s:.3g})",
             flush=True,
         )
         for note in result.notes:

@@ -24,6 +24,7 @@ def print_table(results: list[Result]) -> None:
         "upd/s mean",
         "limit upd/s",
         "of limit",
+        "quorum limit",
         "commit ms med",
         "p90 ms",
         "aggr ms med",
@@ -45,6 +46,7 @@ def print_table(results: list[Result]) -> None:
                 f"{result.updates_per_s_mean:.1f}",
                 f"{result.limit_updates_per_s:.3g}",
                 f"{result.updates_per_s_median / result.limit_updates_per_s:.0%}",
+                f"{result.quorum_limit_updates_per_s:.3g}",
                 fmt_ms(result.interval_median),
                 fmt_ms(result.interval_p90),
                 fmt_ms(result.aggregation_median),
@@ -63,6 +65,7 @@ def print_table(results: list[Result]) -> None:
     print("upd/s med      = updates per version / median commit interval; upd/s mean = updates applied / elapsed")
     print("limit upd/s    = the bare Redis/RabbitMQ operations of one update, back to back (throughput_limit.py)")
     print("of limit       = upd/s med as a share of that limit, measured in the same run")
+    print("quorum limit   = the same operations through durable quorum queues, as fedq's are (one after the other)")
     print("commit ms      = time between consecutive versions' 'created' stamps (one server step, all I/O included)")
     print("aggr ms        = coordinator's own aggregation_seconds (aggregator step + server optimizer)")
     print("numpy ms/ver.  = plain numpy `acc += w*x` over the same float32 count, x updates per version")
@@ -114,6 +117,7 @@ def write_json(results: list[Result], path: str) -> None:
                     "updates_per_s_median": r.updates_per_s_median,
                     "updates_per_s_mean": r.updates_per_s_mean,
                     "pipeline_limit_updates_per_s": r.limit_updates_per_s,
+                    "quorum_pipeline_limit_updates_per_s": r.quorum_limit_updates_per_s,
                     "commit_interval_median_s": r.interval_median,
                     "commit_interval_p90_s": r.interval_p90,
                     "aggregation_median_s": r.aggregation_median,

@@ -81,6 +81,7 @@ class Result:
     updates_per_s_mean: float = float("nan")
     # The bare Redis and RabbitMQ operations of one update, back to back (throughput_limit.py).
     limit_updates_per_s: float = float("nan")
+    quorum_limit_updates_per_s: float = float("nan")  # the same through quorum queues (throughput_limit.py)
     aggregation_median: float = float("nan")
     numpy_add: float = float("nan")
     mean_staleness: float = float("nan")

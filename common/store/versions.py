@@ -29,7 +29,13 @@ from typing import Any, cast
 import redis
 
 from fedq.common.records import AppliedUpdate, RecordError, VersionRecord
-from fedq.common.store.client import HeadMovedError, Replication, TamperedVersionError, UnknownVersionError
+from fedq.common.store.client import (
+    HeadMovedError,
+    Replication,
+    StoreError,
+    TamperedVersionError,
+    UnknownVersionError,
+)
 from fedq.common.store.keys import JobKeys
 from fedq.common.wire import codec, downlink
 
@@ -48,6 +54,31 @@ _COMMIT_SCRIPT = """
 local head = redis.call('GET', KEYS[1])
 if (head or '') ~= ARGV[1] then
   return redis.error_reply('HEADMOVED ' .. (head or 'none'))
+end
+-- the senders of the updates applied, judged on the job's identities as they are now: a worker
+-- revoked after its update was validated gets nothing in (nothing is written; the caller drops it)
+if ARGV[10] == '1' or redis.call('HLEN', KEYS[11]) > 0 then
+  local refused = {}
+  for index, sender in ipairs(cjson.decode(ARGV[9])) do
+    local raw = redis.call('HGET', KEYS[11], sender[1])
+    local reason = nil
+    if not raw then
+      reason = 'unknown_worker'
+    else
+      local identity = cjson.decode(raw)
+      if identity['revoked_at'] ~= nil and identity['revoked_at'] ~= cjson.null then
+        reason = 'revoked_worker'
+      elseif identity['user'] ~= sender[2] then
+        reason = 'impersonation'
+      end
+    end
+    if reason then
+      table.insert(refused, (index - 1) .. ':' .. reason)
+    end
+  end
+  if #refused > 0 then
+    return redis.error_reply('IDENTITY ' .. table.concat(refused, ','))
+  end
 end
 local version = ARGV[2]
 -- the weights (and optimizer state) were staged under keys of this attempt alone;
@@ -77,6 +108,21 @@ end
 redis.call('SET', KEYS[1], version)
 return version
 """
+
+
+class IdentityRefusedError(StoreError):
+    """The commit script refused updates whose senders the job's identities no longer accept."""
+
+    def __init__(self, refused: dict[int, str]):
+        super().__init__(f"updates refused at commit by the job's identities: {refused}")
+        self.refused = refused  # index in the commit's ``applied`` -> reason (revoked_worker, ...)
+
+    @classmethod
+    def parse(cls, reply: str) -> IdentityRefusedError:
+        """From the script's ``IDENTITY <index>:<reason>,...`` reply."""
+        listed = reply.split("IDENTITY ", 1)[1].split()[0]
+        pairs = (item.split(":", 1) for item in listed.split(","))
+        return cls({int(index): reason for index, reason in pairs})
 
 
 @dataclass(frozen=True)
@@ -344,6 +390,8 @@ class VersionStore:
         abandon: Iterable[int] = (),
         replacing_head: bytes | None = None,
         keep_arrays: bool = False,
+        senders: Sequence[tuple[str, str | None]] = (),
+        require_identity: bool = False,
         **record_fields: Any,
     ) -> int:
         """Write version ``expected_head + 1`` (or 0 when there is no head) atomically; return it.
@@ -356,6 +404,11 @@ class VersionStore:
         (metrics, config, ...). Raises HeadMovedError when the head is no longer
         ``expected_head`` (or, when repairing a tampered head, no longer holds
         ``replacing_head``).
+
+        ``senders`` are, in the order of ``applied``, the enrolled identity each update names and the
+        RabbitMQ user that published it: once the job has enrolled identities (or
+        ``require_identity``), the script checks them against the entries as they are then, and
+        raises :class:`IdentityRefusedError` naming the updates refused, having written nothing.
 
         The store keeps a verified copy of the weights it committed; with ``keep_arrays`` it keeps
         ``weights`` themselves, made read-only, sparing a copy of the model (for a caller that
@@ -392,6 +445,7 @@ class VersionStore:
                     self.keys.model(version),
                     staged_state,
                     self.keys.optimizer_state(version),
+                    self.keys.identities,
                 ],
                 args=[
                     replacing_head.decode(errors="replace")
@@ -406,6 +460,8 @@ class VersionStore:
                     json.dumps([update.blob_key for update in applied]),
                     json.dumps([int(version) for version in abandon]),
                     "1" if optimizer_state else "0",
+                    json.dumps([list(sender) for sender in senders]),
+                    "1" if require_identity else "0",
                 ],
             )
             self.replication.wait_in(script)
@@ -415,6 +471,9 @@ class VersionStore:
                 raise HeadMovedError(
                     f"job {self.keys.job!r}: head moved ({error}); is another coordinator running?"
                 ) from None
+            if "IDENTITY " in str(error):
+                self.redis.delete(staged_model, staged_state, *(update_blobs or {}))
+                raise IdentityRefusedError.parse(str(error)) from None
             raise
         if acknowledged:
             self.replication.check(acknowledged[0], f"version {version} of job {self.keys.job!r}")

@@ -47,7 +47,9 @@ from fedq.common.store import (
     UnknownVersionError,
 )
 from fedq.common.store.archive import Archive
+from fedq.common.store.identities import IdentityCache, identity_of
 from fedq.common.store.ledger import OpenTask
+from fedq.common.store.versions import IdentityRefusedError
 from fedq.common.tasks import FederatedTask, load_task, load_weights_into
 from fedq.common.wire import codec
 from fedq.common.wire.description import JobDescription
@@ -131,6 +133,8 @@ class Coordinator:
         self.topology = Topology(settings.job)
         self.store = store or ModelStore.open(settings.redis_url, settings.job)
         self.store.require_replicas(settings.redis_wait_replicas)
+        # Updates are judged on a copy of the job's identities; the commit script checks them on Redis.
+        self.identities = IdentityCache(self.store.identities)
         self.transport = transport or PikaTransport(settings.amqp_url)
         self.config = settings.aggregation_config()
         self.uplink = settings.uplink
@@ -283,6 +287,7 @@ class Coordinator:
         self.optimizer_state = self.store.versions.load_optimizer_state(self.head)
         self.abandoned = frozenset(self.store.versions.abandoned())
         self.open_tasks = self.store.ledger.open_tasks()
+        self.identities.forget()
         self._head_checked = self._bindings_checked = time.monotonic()
         self._partitions_leased = 0.0
         metrics.HEAD_VERSION.labels(self.settings.job).set(self.head)
@@ -501,6 +506,7 @@ class Coordinator:
                 self._issued_version,
                 delivery.user_id,
                 self.read_ahead.result_for(delivery),
+                self.identities,
             )
         except Rejected as rejection:
             if rejection.duplicate:
@@ -707,8 +713,13 @@ class Coordinator:
                 aggregation_seconds=aggregation_seconds,
                 dp_seed=dp_seed,
                 keep_arrays=True,  # self.weights becomes this very copy, read-only
+                senders=[(identity_of(item.validated.worker_id), item.validated.sender) for item in pending],
+                require_identity=self.settings.require_identity,
                 **privacy_spent,
             )
+        except IdentityRefusedError as error:
+            self._refuse_senders(pending, error.refused)
+            return
         except HeadMovedError as error:
             # Someone else moved the head (a rollback): start over from it. The
             # updates go back to the queue and are judged again against the new head.
@@ -801,6 +812,20 @@ class Coordinator:
                     detail="--dp-on-budget warn: the run goes on",
                 )
             )
+
+    def _refuse_senders(self, pending: list[Pending], refused: dict[int, str]) -> None:
+        """The commit script found updates whose senders the job no longer accepts (revoked since
+        they were validated, most likely): dead-letter them as validation would have, their tasks
+        left open for another answer; the others wait in the buffer again."""
+        self.identities.forget()
+        self.buffer = [item for index, item in enumerate(pending) if index not in refused]
+        for index, reason in sorted(refused.items()):
+            item = pending[index]
+            worker = item.validated.worker_id
+            detail = f"worker {worker[:64]!r} is no longer accepted from {item.validated.sender!r} (refused at commit)"
+            self._dead_letter(item.delivery, Rejected(MessageError(reason, detail), None, worker_id=worker))
+        if self._buffer_ready():
+            self._commit()
 
     def _refuse_step(self, pending: list[Pending], reason: str, detail: str) -> None:
         """The buffered updates cannot make a version: dead-letter them, keep the head, go on."""

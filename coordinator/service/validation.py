@@ -26,7 +26,7 @@ import redis
 
 from fedq.common.records import AppliedUpdate
 from fedq.common.store import TRANSIENT_REDIS_ERRORS, ModelStore
-from fedq.common.store.identities import identity_of
+from fedq.common.store.identities import Identity, IdentityCache, IdentityRegistry, identity_of
 from fedq.common.wire import codec, compression
 from fedq.common.wire.limits import max_update_message_bytes
 from fedq.common.wire.messages import ClaimCheck, MessageError, ModelUpdate, TaskRefusal, parse_worker_message
@@ -83,6 +83,7 @@ class ValidatedUpdate:
     inline_payload: bytes | None  # written to blob_key at commit; claim checks are already there
     norm: float = 0.0  # L2 norm of the delta, over all tensors
     train_seconds: float = 0.0  # how long its worker says training took
+    sender: str | None = None  # the RabbitMQ user that published it (checked again at commit)
 
     def applied(self, weight: float) -> AppliedUpdate:
         """Its record in the history once a server step applied it with ``weight``."""
@@ -120,6 +121,7 @@ def validate_update(
     issued_version: Callable[[str], int | None],
     sender: str | None = None,
     read_ahead: Future[tuple[bytes, str]] | None = None,
+    identities: IdentityRegistry | IdentityCache | None = None,
 ) -> ValidatedUpdate | ValidatedRefusal:
     """The update in ``body``, validated; raises :class:`Rejected` with the reason it is not usable.
 
@@ -131,6 +133,7 @@ def validate_update(
     open task: never issued by this job's coordinator, or closed). ``sender`` is the RabbitMQ
     user that published the message, as the broker validated it (its ``user_id``).
     ``read_ahead`` is the claim-checked delta's read, begun before (see coordinator/service/readahead.py).
+    ``identities`` are the job's enrolled identities (the coordinator's copy; default: read from ``store``).
     """
     if expected.max_delta_bytes is not None and len(body) > max_update_message_bytes(expected.max_delta_bytes):
         raise Rejected(
@@ -148,7 +151,7 @@ def validate_update(
     if update.job != expected.job:
         raise Rejected(MessageError("unknown_job", f"update is for job {update.job!r}, not {expected.job!r}"), None)
     try:
-        check_identity(update.worker_id, sender, store, expected.require_identity)
+        check_identity(update.worker_id, sender, identities or store.identities, expected.require_identity)
     except MessageError as error:
         raise Rejected(error, None, worker_id=update.worker_id) from None
     if isinstance(update, TaskRefusal):
@@ -210,29 +213,49 @@ def validate_update(
         inline_payload=None if isinstance(update.delta, ClaimCheck) else payload,
         norm=norm,
         train_seconds=update.train_seconds,
+        sender=sender,
     )
 
 
-def check_identity(worker_id: str, sender: str | None, store: ModelStore, required: bool) -> None:
+def check_identity(
+    worker_id: str, sender: str | None, identities: IdentityRegistry | IdentityCache, required: bool
+) -> None:
     """Once a job has enrolled identities (``fedq admin enroll``), or ``required``, an update or
     refusal must come from the RabbitMQ user enrolled for the worker id it names (or for the site
     a replica's id ``<site>.<replica>`` names), not revoked.
 
-    Read from Redis for every message, so a revocation holds from the next message on.
+    With an :class:`IdentityCache`, a sender its copy accepts is accepted without a round trip;
+    anything else is judged on the entry Redis holds now. The commit script checks the senders of
+    the updates it applies again (common/store/versions.py), so a revocation keeps every update of
+    the revoked worker not yet applied out of the model.
     """
-    enrolled_any, identity = store.identities.lookup(identity_of(worker_id))
+    name = identity_of(worker_id)
+    if isinstance(identities, IdentityCache):
+        if identity_refusal(worker_id, sender, *identities.cached(name), required) is None:
+            return
+        identities = identities.registry
+    refusal = identity_refusal(worker_id, sender, *identities.lookup(name), required)
+    if refusal is not None:
+        raise refusal
+
+
+def identity_refusal(
+    worker_id: str, sender: str | None, enrolled_any: bool, identity: Identity | None, required: bool
+) -> MessageError | None:
+    """Why ``sender`` may not speak for ``worker_id``, given the job's entry for it (None: it may)."""
     if not (required or enrolled_any):
-        return
+        return None
     if identity is None:
-        raise MessageError("unknown_worker", f"worker {worker_id[:64]!r} is not enrolled in this job")
+        return MessageError("unknown_worker", f"worker {worker_id[:64]!r} is not enrolled in this job")
     if identity.revoked:
-        raise MessageError("revoked_worker", f"worker {worker_id[:64]!r} was revoked")
+        return MessageError("revoked_worker", f"worker {worker_id[:64]!r} was revoked")
     if sender != identity.user:
-        raise MessageError(
+        return MessageError(
             "impersonation",
             f"the message names worker {worker_id[:64]!r} but was published by "
             f"{'an unnamed user' if sender is None else repr(sender[:64])}",
         )
+    return None
 
 
 def l2_norm(weights: codec.Weights) -> float:

@@ -161,3 +161,53 @@ def test_replicas_of_an_enrolled_site_count_as_the_site(broker, store):
     wait_until(lambda: store.versions.head() == 1, DEADLINE, "the replica's update was not applied")
     running.stop()
     assert applied_workers(store) == ["site-a.pod-7f9c"]
+
+
+def test_a_worker_revoked_while_its_update_waits_in_the_buffer_gets_nothing_into_a_version(broker, store):
+    # Updates are judged on the coordinator's copy of the identities (no Redis round trip per
+    # message); the commit script reads them again, so a revocation after validation still holds.
+    store.identities.enroll("alice", identity_user(JOB, "alice"))
+    store.identities.enroll("bob", identity_user(JOB, "bob"))
+    running = start(broker, store, algorithm="fedbuff", buffer_size=2, concurrency=2)
+    first, second = take_task(broker), take_task(broker)
+    send(broker, update_body(first, small_delta(store), worker_id="alice"), "alice", identity_user(JOB, "alice"))
+    wait_until(lambda: len(running.service.buffer) == 1, DEADLINE, "alice's update was not buffered")
+    store.identities.revoke("alice")
+    send(broker, update_body(second, small_delta(store), worker_id="bob"), "bob-2", identity_user(JOB, "bob"))
+    wait_until(lambda: dead_reasons(broker) == ["revoked_worker"], DEADLINE, "alice's update was not refused")
+    assert store.versions.head() == 0, "a version was committed with the revoked worker's update"
+    # Her task stays open, as for any refused sender: another worker's answer to it completes the version.
+    send(broker, update_body(first, small_delta(store), worker_id="bob"), "bob-1", identity_user(JOB, "bob"))
+    wait_until(lambda: store.versions.head() == 1, DEADLINE, "bob's two updates did not make a version")
+    running.stop()
+    assert applied_workers(store) == ["bob", "bob"]
+
+
+def test_the_commit_script_refuses_senders_the_identities_no_longer_accept_and_writes_nothing(store):
+    from fedq.common.records import AppliedUpdate
+    from fedq.common.store.versions import IdentityRefusedError
+
+    weights = {"w": np.zeros(3, np.float32)}
+    store.versions.commit(None, weights)
+    store.identities.enroll("alice", identity_user(JOB, "alice"))
+    store.identities.enroll("bob", identity_user(JOB, "bob"))
+    store.identities.revoke("bob")
+    applied = [
+        AppliedUpdate(
+            f"t{index}", worker, 0, 0, 0.5, 1, digest="0" * 64, blob_key=f"fedq:{{{JOB}}}:delta:{worker}:t{index}"
+        )
+        for index, worker in enumerate(["alice", "bob", "alice", "carol"])
+    ]
+    senders = [
+        ("alice", identity_user(JOB, "alice")),
+        ("bob", identity_user(JOB, "bob")),
+        ("alice", identity_user(JOB, "bob")),
+        ("carol", identity_user(JOB, "carol")),
+    ]
+    keys_before = set(store.redis.keys())
+    with pytest.raises(IdentityRefusedError) as refused:
+        store.versions.commit(0, weights, applied, senders=senders, update_blobs={"inline-blob": b"x"})
+    assert refused.value.refused == {1: "revoked_worker", 2: "impersonation", 3: "unknown_worker"}
+    assert store.versions.head() == 0
+    assert set(store.redis.keys()) == keys_before, "the refused attempt left keys behind"
+    assert store.versions.commit(0, weights, applied[:1], senders=senders[:1]) == 1
