@@ -431,7 +431,9 @@ class VersionStore:
             writes.set(key, blob)  # keyed by task id: identical content whoever writes it
         writes.execute()
         try:
-            script = self.redis.pipeline(transaction=False)
+            # With replicas required, WAIT follows the script on its connection (one pipeline);
+            # without, the script alone (a pipeline would ask SCRIPT EXISTS first: a round trip more).
+            script = self.redis.pipeline(transaction=False) if self.replication.replicas else self.redis
             self._commit(
                 client=script,
                 keys=[
@@ -464,8 +466,10 @@ class VersionStore:
                     "1" if require_identity else "0",
                 ],
             )
-            self.replication.wait_in(script)
-            _, *acknowledged = script.execute()
+            acknowledged = []
+            if isinstance(script, redis.client.Pipeline):
+                self.replication.wait_in(script)
+                _, *acknowledged = script.execute()
         except redis.ResponseError as error:
             if "HEADMOVED" in str(error):
                 raise HeadMovedError(
