@@ -57,9 +57,16 @@ _DELETE_IF_UNCHANGED = "if redis.call('GET', KEYS[1]) == ARGV[1] then return red
 # A segment closes once its blobs pass this size (at least one version each): big enough that
 # an object store sees few requests, small enough to build and upload without strain.
 SEGMENT_BYTES = 256 * 1024 * 1024
-# The lock is renewed at every blob a pass reads, so it only has to outlive one blob's upload;
-# when its holder dies (a killed coordinator) the next archiver waits at most this long.
+# The lock is renewed between blobs once a sixth of this has passed (not at every blob: that was
+# a round trip per update), so it has to outlive one blob's upload plus 5 s; when its holder dies
+# (a killed coordinator) the next archiver waits at most this long.
 LOCK_SECONDS = 30
+RENEW_SECONDS = LOCK_SECONDS / 6
+# A pass reads the history this many records per round trip, and blobs in pipelined batches of
+# up to this many bytes (one blob however large): small deltas cost a round trip per batch, not
+# per delta, and a batch of large ones holds no more than this in memory at once.
+HISTORY_CHUNK = 100
+READ_BATCH_BYTES = 16 * 1024 * 1024
 # Past this share of its Redis budget, with history still to move, a job's coordinator holds
 # new tasks back until the archiver has caught up: the budget is a bound, not only a warning.
 HOLD_DISPATCH_FRACTION = 0.9
@@ -147,14 +154,17 @@ class Archiver:
         )
 
     def _pass(self, lock: redis.lock.Lock) -> ArchivePass:
+        renew = _Renewal(lock)
         result = ArchivePass()
         head = self.store.versions.last_committed()
         if head is None:
             return result
         through = self.archive.last_archived()
         while through < head:
-            records = self._next_segment(through + 1, head)
-            segment = self.archive.write_segment(records, self._blobs(records, lock), self._verified_digests(records))
+            records, sizes = self._next_segment(through + 1, head)
+            segment = self.archive.write_segment(
+                records, self._blobs(records, sizes, renew), self._verified_digests(records)
+            )
             crash_point("archive.segment_written")
             through = segment.last
             result.archived.append((segment.first, segment.last))
@@ -163,28 +173,35 @@ class Archiver:
             self._drop_update_blobs(records)
             log.info(kv("archived", job=self.store.job, first=segment.first, last=segment.last, bytes=segment.size))
         result.archived_through = through
-        result.trimmed = self._trim(min(through, head - self.hot_versions), lock)
+        result.trimmed = self._trim(min(through, head - self.hot_versions), renew)
         return result
 
-    def _next_segment(self, first: int, head: int) -> list[VersionRecord]:
-        """The records of the next segment: from ``first`` until the blobs pass the segment size."""
-        records, total = [], 0
-        for version in range(first, head + 1):
-            (record,) = self.store.versions.history(version, version) or (None,)
-            if record is None:
-                # Trimming follows archiving, so this means the record was lost some other way.
-                raise RuntimeError(
-                    f"version {version} of job {self.store.job!r} is neither in the archive "
-                    f"{self.archive.url} nor in Redis: was the archive moved or deleted?"
-                )
-            records.append(record)
-            sizes = self.store.redis.pipeline(transaction=False)
-            for key in self._blob_keys(record):
-                sizes.strlen(key)
-            total += sum(sizes.execute())
-            if total >= self.segment_bytes:
-                break
-        return records
+    def _next_segment(self, first: int, head: int) -> tuple[list[VersionRecord], dict[str, int]]:
+        """The records of the next segment, from ``first`` until the blobs pass the segment size,
+        and the size of each blob key they name."""
+        records: list[VersionRecord] = []
+        sizes: dict[str, int] = {}
+        total, version = 0, first
+        while version <= head and total < self.segment_bytes:
+            end = min(head, version + HISTORY_CHUNK - 1)
+            chunk = {record.version: record for record in self.store.versions.history(version, end)}
+            keys = [key for record in chunk.values() for key in self._blob_keys(record)]
+            lengths = self.store.redis.pipeline(transaction=False)
+            for key in keys:
+                lengths.strlen(key)
+            sizes.update(zip(keys, lengths.execute()))
+            while version <= end and total < self.segment_bytes:
+                record = chunk.get(version)
+                if record is None:
+                    # Trimming follows archiving, so this means the record was lost some other way.
+                    raise RuntimeError(
+                        f"version {version} of job {self.store.job!r} is neither in the archive "
+                        f"{self.archive.url} nor in Redis: was the archive moved or deleted?"
+                    )
+                records.append(record)
+                total += sum(sizes[key] for key in self._blob_keys(record))
+                version += 1
+        return records, sizes
 
     def _blob_keys(self, record: VersionRecord) -> list[str]:
         keys = [update.blob_key for update in record.updates]
@@ -203,30 +220,42 @@ class Archiver:
             if self.store.keys.kind(update.blob_key) == "delta"
         }
 
-    def _blobs(self, records: list[VersionRecord], lock: redis.lock.Lock) -> Iterator[tuple[str, bytes]]:
-        """(name, bytes) of every blob the segment holds, read from Redis one at a time."""
+    def _blobs(
+        self, records: list[VersionRecord], sizes: dict[str, int], renew: _Renewal
+    ) -> Iterator[tuple[str, bytes]]:
+        """(name, bytes) of every blob the segment holds, read from Redis in pipelined batches of
+        at most READ_BATCH_BYTES (by the ``sizes`` measured for the segment)."""
+        wanted: list[_Blob] = []
         for record in records:
-            for update in record.updates:
-                lock.reacquire()
-                payload = self.store.blobs.get(update.blob_key)
-                if payload is None:
-                    # Written before the archive existed and pruned then: the record says what is missing.
-                    log.error(
-                        kv("archive_blob_missing", job=self.store.job, version=record.version, task=update.task_id)
-                    )
-                    continue
-                yield update.blob_key, payload
+            wanted += [
+                _Blob(update.blob_key, update.blob_key, record.version, update.task_id) for update in record.updates
+            ]
             if self.is_checkpoint(record.version):
-                lock.reacquire()
-                weights = cast("bytes | None", self.store.redis.get(self.store.keys.model(record.version)))
-                if weights is None:
+                wanted.append(_Blob(model_blob(record.version), self.store.keys.model(record.version), record.version))
+                state_key = self.store.keys.optimizer_state(record.version)
+                wanted.append(_Blob(optimizer_blob(record.version), state_key, record.version, optional=True))
+        batch: list[_Blob] = []
+        batch_bytes = 0
+        for index, blob in enumerate(wanted):
+            batch.append(blob)
+            batch_bytes += sizes.get(blob.key, 0)
+            if batch_bytes < READ_BATCH_BYTES and index + 1 < len(wanted):
+                continue
+            renew()
+            reads = self.store.redis.pipeline(transaction=False)
+            for item in batch:
+                reads.get(item.key)
+            for item, payload in zip(batch, reads.execute()):
+                if payload is not None:
+                    yield item.name, payload
+                elif item.task_id is not None:
+                    # Written before the archive existed and pruned then: the record says what is missing.
+                    log.error(kv("archive_blob_missing", job=self.store.job, version=item.version, task=item.task_id))
+                elif not item.optional:
                     raise RuntimeError(
-                        f"checkpoint version {record.version} of job {self.store.job!r} has no weights in Redis"
+                        f"checkpoint version {item.version} of job {self.store.job!r} has no weights in Redis"
                     )
-                yield model_blob(record.version), weights
-                state = cast("bytes | None", self.store.redis.get(self.store.keys.optimizer_state(record.version)))
-                if state is not None:
-                    yield optimizer_blob(record.version), state
+            batch, batch_bytes = [], 0
 
     def _drop_update_blobs(self, records: list[VersionRecord]) -> None:
         """Update blobs leave Redis as soon as they are archived: nothing hot reads an applied update
@@ -236,31 +265,59 @@ class Archiver:
         for start in range(0, len(keys), 500):
             self.store.redis.delete(*keys[start : start + 500])
 
-    def _trim(self, last: int, lock: redis.lock.Lock) -> int:
+    def _trim(self, last: int, renew: _Renewal) -> int:
         """Remove versions up to ``last`` from Redis (the archive holds them); the count removed."""
         keys = self.store.keys
         trimmed = 0
-        for version in range(int(self.store.redis.get(keys.pruned_through) or -1) + 1, last + 1):
-            lock.reacquire()
-            (record,) = self.store.versions.history(version, version) or (None,)
-            removal = self.store.redis.pipeline(transaction=True)
-            removal.delete(
-                keys.model(version),
-                keys.model_diff(version),
-                keys.optimizer_state(version),
-                keys.meta(version),
-                *(update.blob_key for update in (record.updates if record else ())),
-            )
-            if record is not None and record.updates:
-                removal.hdel(keys.applied, *(update.task_id for update in record.updates))
-            # Stream ids are <version>-1: MINID <version+1>-0 drops exactly the entries up to this version.
-            removal.xtrim(keys.history, minid=f"{version + 1}-0", approximate=False)
-            removal.set(keys.pruned_through, version)
-            removal.execute()
-            self.store.versions.forget(version)
-            trimmed += 1
-            crash_point("archive.version_trimmed")
+        first = int(self.store.redis.get(keys.pruned_through) or -1) + 1
+        for start in range(first, last + 1, HISTORY_CHUNK):
+            end = min(last, start + HISTORY_CHUNK - 1)
+            records = {record.version: record for record in self.store.versions.history(start, end)}
+            for version in range(start, end + 1):
+                renew()
+                record = records.get(version)
+                removal = self.store.redis.pipeline(transaction=True)
+                removal.delete(
+                    keys.model(version),
+                    keys.model_diff(version),
+                    keys.optimizer_state(version),
+                    keys.meta(version),
+                    *(update.blob_key for update in (record.updates if record else ())),
+                )
+                if record is not None and record.updates:
+                    removal.hdel(keys.applied, *(update.task_id for update in record.updates))
+                # Stream ids are <version>-1: MINID <version+1>-0 drops exactly the entries up to this version.
+                removal.xtrim(keys.history, minid=f"{version + 1}-0", approximate=False)
+                removal.set(keys.pruned_through, version)
+                removal.execute()
+                self.store.versions.forget(version)
+                trimmed += 1
+                crash_point("archive.version_trimmed")
         return trimmed
+
+
+@dataclass(frozen=True)
+class _Blob:
+    """A blob a segment holds: its name in the segment, its Redis key, and whose it is."""
+
+    name: str
+    key: str
+    version: int
+    task_id: str | None = None  # an update's delta (None: the version's weights or optimizer state)
+    optional: bool = False  # a version without an optimizer state has none
+
+
+class _Renewal:
+    """Renews a pass's lock when RENEW_SECONDS have passed since it was taken or last renewed."""
+
+    def __init__(self, lock: redis.lock.Lock):
+        self.lock = lock
+        self.renewed = time.monotonic()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.renewed > RENEW_SECONDS:
+            self.lock.reacquire()
+            self.renewed = time.monotonic()
 
 
 class ArchiveThread:

@@ -191,6 +191,45 @@ def test_segments_are_small_when_asked_and_overlapping_ones_read_alike(tmp_path)
     assert replay(TieredHistory(store, archive), 0, 19).ok
 
 
+def test_a_pass_across_history_chunks_read_batches_and_lock_renewals_moves_every_version(tmp_path, monkeypatch):
+    # A pass reads the history HISTORY_CHUNK records and the blobs READ_BATCH_BYTES at a time,
+    # and renews its lock by the clock: made tiny here, every boundary falls mid-segment.
+    monkeypatch.setattr(archiver_module, "HISTORY_CHUNK", 7)
+    monkeypatch.setattr(archiver_module, "READ_BATCH_BYTES", 700)
+    monkeypatch.setattr(archiver_module, "RENEW_SECONDS", 0.0)
+    store = build_job(45)
+    archive = archive_of(store, tmp_path)
+    reads = []
+    monkeypatch.setattr(store.redis, "pipeline", _counting(store.redis.pipeline, reads))
+    done = Archiver(store, archive, hot_versions=4, checkpoint_every=10, segment_bytes=3000).run_once()
+    assert done.archived_through == 44 and done.trimmed == 41 and len(done.archived) > 3
+    assert archive.checkpoints() == [0, 10, 20, 30, 40]
+    assert [record.version for record in TieredHistory(store, archive).records()] == list(range(45))
+    assert replay(TieredHistory(store, archive), 0, 44).ok
+    delta_reads = [[key for name, key in batch if name == "GET" and ":update:" in key] for batch in reads]
+    assert max(len(batch) for batch in delta_reads) > 1, "deltas were not read in batches"
+    assert sorted(key for batch in delta_reads for key in batch) == sorted(
+        store.blobs.key(f"t{version}", "site-a") for version in range(1, 45)
+    ), "a delta was read twice or not at all"
+
+
+def _counting(pipeline_factory, reads):
+    """``client.pipeline`` whose pipelines record the (command, first argument) they execute."""
+
+    def make(*args, **kwargs):
+        pipe = pipeline_factory(*args, **kwargs)
+        execute = pipe.execute
+
+        def counted(*execute_args, **execute_kwargs):
+            reads.append([(str(command[0][0]), str(command[0][1])) for command in pipe.command_stack])
+            return execute(*execute_args, **execute_kwargs)
+
+        pipe.execute = counted
+        return pipe
+
+    return make
+
+
 def test_a_corrupted_segment_is_named_not_trusted(tmp_path):
     store = build_job(15)
     archive = archive_of(store, tmp_path)
