@@ -6,11 +6,11 @@ their updates count as the site's, and its Redis user may write their blobs and 
 
 ``fedq admin enroll`` writes one entry per worker id when it creates the worker's RabbitMQ
 and Redis users; ``fedq admin revoke`` marks it revoked (the entry stays, for the audit
-trail). The coordinator reads the entry of every update's worker: once a job has any
-enrolled identity (or runs with ``--require-identity``), an update is accepted only from
-the RabbitMQ user enrolled for the worker id it names, and never from a revoked one.
+trail). Once a job has any enrolled identity (or its coordinator runs with
+``--require-identity``), an update is accepted only from the RabbitMQ user enrolled for the
+worker id it names, and never from a revoked one.
 
-The coordinator judges most updates from a copy of the entries (:class:`IdentityCache`), and its
+The coordinator judges arriving updates on a copy of the entries (:class:`IdentityCache`), and its
 commit script reads the entries of the updates a version applies again, in the transaction that
 applies them (``common/store/versions.py``): a stale copy may let a revoked worker's update into
 the buffer, never into a version.
