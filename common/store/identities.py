@@ -93,8 +93,7 @@ class IdentityRegistry:
         return {worker_id.decode(): self._parse(value) for worker_id, value in values.items()}
 
     def all(self) -> list[Identity]:
-        values = cast("dict[bytes, bytes]", self.redis.hgetall(self.keys.identities))
-        return sorted((self._parse(value) for value in values.values()), key=lambda identity: identity.worker_id)
+        return sorted(self.snapshot().values(), key=lambda identity: identity.worker_id)
 
     @overload
     @staticmethod

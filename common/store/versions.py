@@ -431,45 +431,45 @@ class VersionStore:
             writes.set(key, blob)  # keyed by task id: identical content whoever writes it
         writes.execute()
         try:
-            # With replicas required, WAIT follows the script on its connection (one pipeline);
-            # without, the script alone (a pipeline would ask SCRIPT EXISTS first: a round trip more).
-            script = self.redis.pipeline(transaction=False) if self.replication.replicas else self.redis
-            self._commit(
-                client=script,
-                keys=[
-                    self.keys.head,
-                    self.keys.meta(version),
-                    self.keys.history,
-                    self.keys.applied,
-                    self.keys.inflight,
-                    self.keys.abandoned,
-                    staged_model,
-                    self.keys.model(version),
-                    staged_state,
-                    self.keys.optimizer_state(version),
-                    self.keys.identities,
-                ],
-                args=[
-                    replacing_head.decode(errors="replace")
-                    if replacing_head is not None
-                    else ""
-                    if expected_head is None
-                    else str(expected_head),
-                    str(version),
-                    record.meta_json(),
-                    record.entry_json(),
-                    json.dumps([update.task_id for update in applied]),
-                    json.dumps([update.blob_key for update in applied]),
-                    json.dumps([int(version) for version in abandon]),
-                    "1" if optimizer_state else "0",
-                    json.dumps([list(sender) for sender in senders]),
-                    "1" if require_identity else "0",
-                ],
-            )
-            acknowledged = []
-            if isinstance(script, redis.client.Pipeline):
-                self.replication.wait_in(script)
-                _, *acknowledged = script.execute()
+            keys = [
+                self.keys.head,
+                self.keys.meta(version),
+                self.keys.history,
+                self.keys.applied,
+                self.keys.inflight,
+                self.keys.abandoned,
+                staged_model,
+                self.keys.model(version),
+                staged_state,
+                self.keys.optimizer_state(version),
+                self.keys.identities,
+            ]
+            args = [
+                replacing_head.decode(errors="replace")
+                if replacing_head is not None
+                else ""
+                if expected_head is None
+                else str(expected_head),
+                str(version),
+                record.meta_json(),
+                record.entry_json(),
+                json.dumps([update.task_id for update in applied]),
+                json.dumps([update.blob_key for update in applied]),
+                json.dumps([int(version) for version in abandon]),
+                "1" if optimizer_state else "0",
+                json.dumps([list(sender) for sender in senders]),
+                "1" if require_identity else "0",
+            ]
+            if self.replication.replicas:
+                # WAIT follows the script on its connection: one pipeline.
+                pipe = self.redis.pipeline(transaction=False)
+                self._commit(keys=keys, args=args, client=pipe)
+                self.replication.wait_in(pipe)
+                _, acknowledged = pipe.execute()
+                self.replication.check(acknowledged, f"version {version} of job {self.keys.job!r}")
+            else:
+                # The script alone, one EVALSHA (in a pipeline, redis-py asks SCRIPT EXISTS first).
+                self._commit(keys=keys, args=args)
         except redis.ResponseError as error:
             if "HEADMOVED" in str(error):
                 raise HeadMovedError(
@@ -479,8 +479,6 @@ class VersionStore:
                 self.redis.delete(staged_model, staged_state, *(update_blobs or {}))
                 raise IdentityRefusedError.parse(str(error)) from None
             raise
-        if acknowledged:
-            self.replication.check(acknowledged[0], f"version {version} of job {self.keys.job!r}")
         kept = dict(weights) if keep_arrays else {name: array.copy() for name, array in weights.items()}
         self._remember(version, _Verified(_frozen(kept), record.digest))
         return version
