@@ -22,7 +22,7 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -37,6 +37,7 @@ from fedq.common.store.client import (
     UnknownVersionError,
 )
 from fedq.common.store.keys import JobKeys
+from fedq.common.store.ledger import OpenTask, write_changes
 from fedq.common.wire import codec, downlink
 
 # Versions are immutable, so cached weights never go stale; a few cover the
@@ -392,6 +393,8 @@ class VersionStore:
         keep_arrays: bool = False,
         senders: Sequence[tuple[str, str | None]] = (),
         require_identity: bool = False,
+        open_tasks: Mapping[str, OpenTask] | None = None,
+        close_tasks: Sequence[str] = (),
         **record_fields: Any,
     ) -> int:
         """Write version ``expected_head + 1`` (or 0 when there is no head) atomically; return it.
@@ -409,6 +412,11 @@ class VersionStore:
         RabbitMQ user that published it: once the job has enrolled identities (or
         ``require_identity``), the script checks them against the entries as they are then, and
         raises :class:`IdentityRefusedError` naming the updates refused, having written nothing.
+
+        ``open_tasks`` and ``close_tasks`` are task ledger entries to write and remove on the way, in
+        the round trip that stages the weights, before the script (the coordinator's reservations
+        for the new version: see ``common/store/ledger.py``). They are written whether or not the
+        script then moves the head.
 
         The store keeps a verified copy of the weights it committed; with ``keep_arrays`` it keeps
         ``weights`` themselves, made read-only, sparing a copy of the model (for a caller that
@@ -429,6 +437,7 @@ class VersionStore:
             writes.set(staged_state, codec.encode(optimizer_state), ex=STAGING_TTL_SECONDS)
         for key, blob in (update_blobs or {}).items():
             writes.set(key, blob)  # keyed by task id: identical content whoever writes it
+        write_changes(writes, self.keys, open_tasks or {}, close_tasks)
         writes.execute()
         try:
             keys = [

@@ -236,6 +236,7 @@ def collect(
     progress = training_progress(store, now)
     live = store.workers.live()
     fleet = store.fleet.load()
+    open_tasks = store.ledger.open_tasks().values()
     return {
         "job": job,
         "head": head,
@@ -244,7 +245,9 @@ def collect(
         "metrics": metrics,
         "uplink": _uplink(head_record),
         "privacy": _privacy(head_record),
-        "in_flight": len(store.ledger.open_tasks()),
+        "in_flight": sum(not task.reserved for task in open_tasks),
+        # Opened ahead of dispatch by the last commit (common/store/ledger.py): some may be out.
+        "reserved": sum(task.reserved for task in open_tasks),
         "rejected": store.counters.get("rejected"),
         "skipped": store.counters.get("skipped"),
         "depth_source": source,
@@ -393,7 +396,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     head = "none (no coordinator has run)" if report["head"] is None else report["head"]
     state = report["state"].get("status", "unknown")
-    print(f"job {report['job']}: head version {head}, {state}, {report['in_flight']} task(s) in flight")
+    ahead = f" (and {report['reserved']} opened ahead of dispatch)" if report["reserved"] else ""
+    print(f"job {report['job']}: head version {head}, {state}, {report['in_flight']} task(s) in flight{ahead}")
     if report["problem"]:
         print(f"  PROBLEM: {report['problem']}")
     if report["metrics"]:

@@ -67,6 +67,7 @@ from fedq.coordinator.service.archiver import ArchiveThread
 from fedq.coordinator.service.fleet import Fleet
 from fedq.coordinator.service.partitions import plan_leases
 from fedq.coordinator.service.readahead import READ_AHEAD, DeltaReadAhead
+from fedq.coordinator.service.reservations import MOST_RESERVED, Reservations
 from fedq.coordinator.service.scheduling import scheduling_policy
 from fedq.coordinator.service.settings import AUTO, CoordinatorSettings
 from fedq.coordinator.service.validation import (
@@ -155,6 +156,16 @@ class Coordinator:
         # Tasks issued and not yet closed (applied, refused, expired): the only ones an update may answer.
         # A mirror of the Redis ledger; buffered updates' tasks stay open until their version is committed.
         self.open_tasks: dict[str, OpenTask] = {}
+        # Task ids written to the ledger ahead of dispatch, with each commit (see reservations.py):
+        # as many as the tasks handed out in a version, a round's worth when synchronous.
+        self.reservations = Reservations(
+            min(
+                MOST_RESERVED,
+                settings.concurrency if settings.chosen_algorithm.synchronous else self.aggregator.buffer_size + 2,
+            )
+        )
+        # Open tasks a predecessor reserved: perhaps never published, so not counted in flight.
+        self.perhaps_unpublished: set[str] = set()
         self.finished_reason: str | None = None
         self.stop_requested = False
         self.last_metrics: dict[str, float] = {}
@@ -286,11 +297,29 @@ class Coordinator:
         self.model_norm = l2_norm(self.weights)
         self.optimizer_state = self.store.versions.load_optimizer_state(self.head)
         self.abandoned = frozenset(self.store.versions.abandoned())
-        self.open_tasks = self.store.ledger.open_tasks()
+        self._reload_open_tasks()
         self.identities.forget()
         self._head_checked = self._bindings_checked = time.monotonic()
         self._partitions_leased = 0.0
         metrics.HEAD_VERSION.labels(self.settings.job).set(self.head)
+
+    def _reload_open_tasks(self) -> None:
+        """Mirror the ledger again. Reserved ids this coordinator did not hand out are closed; a
+        reserved entry it did hand out keeps its real issue time; one it knows nothing of is a
+        predecessor's, which may or may not have gone out: accepted, not counted in flight."""
+        unpublished = self.reservations.abandon()
+        self.store.ledger.close(unpublished)
+        unpublished_ids, perhaps = set(unpublished), self.perhaps_unpublished
+        ours = {task_id: task for task_id, task in self.open_tasks.items() if task_id not in perhaps}
+        self.open_tasks, self.perhaps_unpublished = {}, set()
+        for task_id, task in self.store.ledger.open_tasks().items():
+            if task_id in unpublished_ids:
+                continue
+            if task.reserved and task_id in ours:
+                task = ours[task_id]
+            elif task.reserved:
+                self.perhaps_unpublished.add(task_id)
+            self.open_tasks[task_id] = task
 
     def _evaluate(self, weights: codec.Weights) -> dict[str, float]:
         return self.task.evaluate(load_weights_into(self.model, weights))
@@ -321,6 +350,7 @@ class Coordinator:
         if self.stop_requested and self.finished_reason is None:
             # Not finished: buffered updates return to the queue, tasks stay in flight,
             # and a restarted coordinator continues from the head.
+            self.store.ledger.close(self.reservations.abandon())  # (never handed out)
             self.store.status.set(status="stopped", reason="signal", head=self.head)
             log.info(kv("stopped", head=self.head))
         return self.summary()
@@ -407,6 +437,8 @@ class Coordinator:
                     ahead.append(following)
                     self.read_ahead.start(following, self._worth_reading)
                 self._on_update(delivery)
+            else:
+                self.store.ledger.open(self.reservations.settle(self.open_tasks))  # (quiet: time to spare)
             self._maintain()
         channel.cancel()
 
@@ -534,6 +566,7 @@ class Coordinator:
             self._dead_letter(delivery, Rejected(refusal, validated.update.task_id, worker_id=validated.worker_id))
             return
         self.buffer.append(Pending(delivery, validated))
+        self.perhaps_unpublished.discard(validated.update.task_id)  # it was published after all
         metrics.BUFFER_FILL.labels(self.settings.job).set(len(self.buffer))
         crash_point("buffered")
         if self._buffer_ready():
@@ -611,8 +644,8 @@ class Coordinator:
 
     @property
     def in_flight(self) -> int:
-        """Tasks out with workers: open, and not answered by a buffered update."""
-        return len(self.open_tasks) - len(self.buffer)
+        """Tasks out with workers: open, and not answered by a buffered update (nor perhaps never published)."""
+        return len(self.open_tasks) - len(self.perhaps_unpublished) - len(self.buffer)
 
     def _buffer_ready(self) -> bool:
         return self.policy.buffer_ready(in_flight=self.in_flight, buffered=len(self.buffer))
@@ -695,6 +728,7 @@ class Coordinator:
         scores = self._evaluate(new_weights) if evaluate else {}
         applied = [item.validated.applied(weight) for item, weight in zip(pending, weights)]
         privacy_spent = self._privacy_spent(updates)
+        ledger_changes = self.reservations.changes_for_commit(version, time.time(), self.open_tasks)
         commit_started = time.perf_counter()
         try:
             self.head = self.store.versions.commit(
@@ -715,9 +749,12 @@ class Coordinator:
                 keep_arrays=True,  # self.weights becomes this very copy, read-only
                 senders=[(identity_of(item.validated.worker_id), item.validated.sender) for item in pending],
                 require_identity=self.settings.require_identity,
+                open_tasks=ledger_changes.opened,
+                close_tasks=ledger_changes.closed,
                 **privacy_spent,
             )
         except IdentityRefusedError as error:
+            self.store.ledger.close(self.reservations.abandon())  # reserved for a version that is not
             self._refuse_senders(pending, error.refused)
             return
         except HeadMovedError as error:
@@ -730,6 +767,7 @@ class Coordinator:
             return
         for item in pending:  # the commit script closed them in Redis
             self.open_tasks.pop(item.update.task_id, None)
+        self.reservations.committed(ledger_changes)
         if self.privacy.mode == "central":
             self.dp_steps += 1
         previous_weights = self.weights
@@ -881,6 +919,7 @@ class Coordinator:
         if self._channel is not None:
             self._channel.purge(self.topology.tasks)
         self._forget(list(self.open_tasks))
+        self.store.ledger.close(self.reservations.abandon())  # (never handed out)
         self.store.status.set(status="finished", reason=reason, head=self.head)
         log.info(kv("finished", reason=reason, head=self.head, **self.last_metrics))
 
@@ -911,14 +950,20 @@ class Coordinator:
             self._dispatch(count)
 
     def _dispatch(self, count: int) -> None:
-        """Hand out ``count`` new tasks at the head: recorded open in Redis in one round trip, then published."""
+        """Hand out ``count`` new tasks at the head: recorded open in Redis, then published.
+
+        Recorded before the broker has them, so that an update answering one is accepted even if
+        this coordinator dies right after publishing: ids reserved by the last commit are recorded
+        already (reservations.py), the others in one round trip. A crash before the broker has
+        one leaves an open task nobody can answer; it counts as in flight until its lease ends.
+        """
         seconds = self._task_seconds()
-        tasks = [self._new_task(seconds) for _ in range(count)]
-        # Recorded before the broker has them, so that an update answering one is accepted even
-        # if this coordinator dies right after publishing. A crash before the broker has one
-        # leaves an open task nobody can answer; it counts as in flight until its lease ends.
+        reserved = self.reservations.take(self.head, count, time.time())
+        task_ids = reserved + [uuid.uuid4().hex for _ in range(count - len(reserved))]
+        tasks = [self._new_task(seconds, task_id) for task_id in task_ids]
         opened = {task.task_id: OpenTask(version=task.model_version, issued_at=task.issued_at) for task in tasks}
-        self.store.ledger.open(opened)
+        if len(reserved) < count:
+            self.store.ledger.open({task_id: opened[task_id] for task_id in task_ids[len(reserved) :]})
         self.open_tasks.update(opened)
         for task in tasks:
             # Not waiting for the broker's confirm saves a round trip per task (the largest
@@ -928,8 +973,7 @@ class Coordinator:
         metrics.TASKS_DISPATCHED.labels(self.settings.job).inc(count)
         metrics.TASKS_IN_FLIGHT.labels(self.settings.job).set(len(self.open_tasks))
 
-    def _new_task(self, seconds: float) -> RoundTask:
-        task_id = uuid.uuid4().hex
+    def _new_task(self, seconds: float, task_id: str) -> RoundTask:
         task = RoundTask(
             job=self.settings.job,
             task_id=task_id,
@@ -990,6 +1034,7 @@ class Coordinator:
         """Close tasks: refused, expired or withdrawn; an update answering them is unknown_task from now on."""
         for task_id in task_ids:
             self.open_tasks.pop(task_id, None)
+            self.perhaps_unpublished.discard(task_id)
         self.store.ledger.close(task_ids)
         metrics.TASKS_IN_FLIGHT.labels(self.settings.job).set(len(self.open_tasks))
 
