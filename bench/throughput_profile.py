@@ -17,7 +17,7 @@ PROFILE_BUCKETS = [
     ("Redis read of a claim-checked delta (moved to its verified key)", ("UpdateBlobs.take (",)),
     ("waiting for a delta read ahead", ("load_delta (", "Future.result (")),
     ("safetensors decode of a delta", ("decode (common/wire/codec.py",)),
-    ("isfinite check of a delta", ("check_tensors (",)),
+    ("finiteness check and L2 norm of a delta", ("check_tensors (",)),
     ("aggregation step", ("step (coordinator/algorithms/aggregation.py",)),
     ("server optimizer", ("apply (coordinator/algorithms/server_optimizers.py",)),
     ("json, weights copy, rest of store.commit", ("VersionStore.commit (",)),

@@ -183,8 +183,7 @@ def validate_update(
                 "(its tasks say so; is the worker's fedq older than the coordinator's?)",
             )
         digest, payload, delta = load_delta(update, store, expected.max_delta_bytes, expected.tensor_specs, read_ahead)
-        check_tensors(delta, expected.tensor_specs)
-        norm = l2_norm(delta)
+        norm = check_tensors(delta, expected.tensor_specs)
         bound = expected.worker_norm_bounds.get(update.worker_id, expected.max_delta_norm)
         if bound is not None and norm > bound:
             raise MessageError("norm_outlier", f"the delta's L2 norm {norm:.4g} exceeds this job's bound {bound:.4g}")
@@ -425,8 +424,9 @@ def _check_size(nbytes: int, max_bytes: int | None, what: str) -> None:
         raise MessageError("too_large", f"{what} has {nbytes} bytes; no delta of this model has more than {max_bytes}")
 
 
-def check_tensors(delta: codec.Weights, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:
-    """Names, shapes and dtypes must match the model's; every value must be finite."""
+def check_tensors(delta: codec.Weights, expected: dict[str, tuple[tuple[int, ...], str]]) -> float:
+    """Names, shapes and dtypes must match the model's; every value must be finite. Returns the
+    delta's L2 norm (as ``l2_norm``)."""
     if delta.keys() != expected.keys():
         missing = sorted(expected.keys() - delta.keys())
         extra = sorted(delta.keys() - expected.keys())
@@ -437,8 +437,14 @@ def check_tensors(delta: codec.Weights, expected: dict[str, tuple[tuple[int, ...
             raise MessageError("wrong_shape", f"tensor {name!r} has shape {tuple(array.shape)}, model has {shape}")
         if array.dtype.name != dtype:
             raise MessageError("wrong_dtype", f"tensor {name!r} has dtype {array.dtype.name}, model has {dtype}")
-        if not np.isfinite(array).all():
+    squares = {name: _squared_norm(array) for name, array in delta.items()}
+    for name, square in squares.items():
+        # A NaN or an infinity makes the sum of squares NaN or infinite; finite float32 values
+        # cannot overflow it in float64. So the values are looked at again only when the sum is
+        # not finite (float64 squares can overflow): one pass over 4 MB instead of two.
+        if not math.isfinite(square) and not np.isfinite(delta[name]).all():
             raise MessageError("not_finite", f"tensor {name!r} contains NaN or infinity")
+    return math.sqrt(sum(squares.values()))
 
 
 def check_issued(update: ModelUpdate, issued_version: int | None) -> None:

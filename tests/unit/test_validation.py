@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -38,14 +40,21 @@ def reason(delta) -> str:
 # -- check_tensors -----------------------------------------------------------------------
 
 
-def test_matching_delta_passes():
-    assert check_tensors(good_delta(), SPECS) is None
+def test_matching_delta_passes_and_its_norm_is_returned():
+    assert check_tensors(good_delta(), SPECS) == pytest.approx(math.sqrt(6 * 0.25 + 2 + 9))
 
 
 def test_large_but_finite_values_pass():
     delta = good_delta()
     delta["fc.bias"] = np.array([np.finfo(np.float32).max, -np.finfo(np.float32).max], np.float32)
+    assert math.isfinite(check_tensors(delta, SPECS))
+    delta["steps"] = np.array([2**62], dtype=np.int64)
     check_tensors(delta, SPECS)
+
+
+def test_float64_values_whose_squares_overflow_are_finite_not_refused():
+    delta = {"w": np.array([1e200, 1.0], dtype=np.float64)}
+    assert check_tensors(delta, tensor_specs(delta)) == math.inf  # a norm the norm bound judges
 
 
 @pytest.mark.parametrize("change", ["missing", "extra", "renamed", "empty"])
