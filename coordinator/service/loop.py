@@ -307,9 +307,7 @@ class Coordinator:
         """Mirror the ledger again. Reserved ids this coordinator did not hand out are closed; a
         reserved entry it did hand out keeps its real issue time; one it knows nothing of is a
         predecessor's, which may or may not have gone out: accepted, not counted in flight."""
-        unpublished = self.reservations.abandon()
-        self.store.ledger.close(unpublished)
-        unpublished_ids, perhaps = set(unpublished), self.perhaps_unpublished
+        unpublished_ids, perhaps = set(self._drop_reservations()), self.perhaps_unpublished
         ours = {task_id: task for task_id, task in self.open_tasks.items() if task_id not in perhaps}
         self.open_tasks, self.perhaps_unpublished = {}, set()
         for task_id, task in self.store.ledger.open_tasks().items():
@@ -320,6 +318,12 @@ class Coordinator:
             elif task.reserved:
                 self.perhaps_unpublished.add(task_id)
             self.open_tasks[task_id] = task
+
+    def _drop_reservations(self) -> list[str]:
+        """Close (and return) the reserved ids this coordinator never handed out: nothing can answer them."""
+        unpublished = self.reservations.abandon()
+        self.store.ledger.close(unpublished)
+        return unpublished
 
     def _evaluate(self, weights: codec.Weights) -> dict[str, float]:
         return self.task.evaluate(load_weights_into(self.model, weights))
@@ -350,7 +354,7 @@ class Coordinator:
         if self.stop_requested and self.finished_reason is None:
             # Not finished: buffered updates return to the queue, tasks stay in flight,
             # and a restarted coordinator continues from the head.
-            self.store.ledger.close(self.reservations.abandon())  # (never handed out)
+            self._drop_reservations()
             self.store.status.set(status="stopped", reason="signal", head=self.head)
             log.info(kv("stopped", head=self.head))
         return self.summary()
@@ -754,7 +758,7 @@ class Coordinator:
                 **privacy_spent,
             )
         except IdentityRefusedError as error:
-            self.store.ledger.close(self.reservations.abandon())  # reserved for a version that is not
+            self._drop_reservations()  # reserved for a version that is not
             self._refuse_senders(pending, error.refused)
             return
         except HeadMovedError as error:
@@ -919,7 +923,7 @@ class Coordinator:
         if self._channel is not None:
             self._channel.purge(self.topology.tasks)
         self._forget(list(self.open_tasks))
-        self.store.ledger.close(self.reservations.abandon())  # (never handed out)
+        self._drop_reservations()
         self.store.status.set(status="finished", reason=reason, head=self.head)
         log.info(kv("finished", reason=reason, head=self.head, **self.last_metrics))
 
@@ -962,8 +966,7 @@ class Coordinator:
         task_ids = reserved + [uuid.uuid4().hex for _ in range(count - len(reserved))]
         tasks = [self._new_task(seconds, task_id) for task_id in task_ids]
         opened = {task.task_id: OpenTask(version=task.model_version, issued_at=task.issued_at) for task in tasks}
-        if len(reserved) < count:
-            self.store.ledger.open({task_id: opened[task_id] for task_id in task_ids[len(reserved) :]})
+        self.store.ledger.open({task_id: opened[task_id] for task_id in task_ids[len(reserved) :]})  # ({}: none)
         self.open_tasks.update(opened)
         for task in tasks:
             # Not waiting for the broker's confirm saves a round trip per task (the largest
