@@ -9,6 +9,7 @@ import uuid
 from dataclasses import replace
 
 from fedq.common.store.ledger import OpenTask
+from fedq.coordinator.service import reservations
 from fedq.coordinator.service.reservations import RESERVATION_SECONDS, Reservations
 from tests.support import wait_until
 from tests.unit.test_coordinator_loop import (  # noqa: F401 - fixtures
@@ -24,6 +25,8 @@ from tests.unit.test_coordinator_loop import (  # noqa: F401 - fixtures
 
 
 def test_after_the_first_version_tasks_go_out_with_no_ledger_write_of_their_own(broker, store, monkeypatch):
+    # Reserved ids serve for 5 s; a slow machine must not turn this into a test of its speed.
+    monkeypatch.setattr(reservations, "RESERVATION_SECONDS", 3600.0)
     opened: list[list[str]] = []  # ids entering the ledger one dispatch at a time (not rewritten ones)
     open_tasks = store.ledger.open
 
