@@ -64,7 +64,7 @@ def print_table(results: list[Result]) -> None:
     print()
     print("upd/s med      = updates per version / median commit interval; upd/s mean = updates applied / elapsed")
     print("limit upd/s    = the bare Redis/RabbitMQ operations of one update, back to back (throughput_limit.py)")
-    print("of limit       = upd/s med as a share of that limit, measured in the same run")
+    print("of limit       = upd/s med as a share of that limit, measured just before and after the run (the higher)")
     print("quorum limit   = the same operations through durable quorum queues, as fedq's are (one after the other)")
     print("commit ms      = time between consecutive versions' 'created' stamps (one server step, all I/O included)")
     print("aggr ms        = coordinator's own aggregation_seconds (aggregator step + server optimizer)")
@@ -117,6 +117,7 @@ def write_json(results: list[Result], path: str) -> None:
                     "updates_per_s_median": r.updates_per_s_median,
                     "updates_per_s_mean": r.updates_per_s_mean,
                     "pipeline_limit_updates_per_s": r.limit_updates_per_s,
+                    "pipeline_limit_measurements": r.limit_measurements,
                     "quorum_pipeline_limit_updates_per_s": r.quorum_limit_updates_per_s,
                     "commit_interval_median_s": r.interval_median,
                     "commit_interval_p90_s": r.interval_p90,

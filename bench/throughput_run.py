@@ -17,7 +17,7 @@ from bench.harness import cleanup, mlp_coordinator_command, start, stop_all, wai
 from bench.models import HUGE, LARGE, SMALL, MLPTask, parameter_count
 from bench.throughput_monitor import CpuMonitor
 from bench.throughput_profile import summarise_profile
-from bench.throughput_workers import FakeWorkers
+from bench.throughput_workers import FakeWorkers, ZeroDelta
 from fedq.broker.connection import connect
 from fedq.broker.topology import Topology
 from fedq.common.store import ModelStore
@@ -67,6 +67,11 @@ def numpy_add_seconds(elements: int, repeats: int = 30) -> float:
     return statistics.median(timeit.repeat(step, number=number, repeat=repeats)) / number
 
 
+def delta_payload_bytes(config: Config) -> int:
+    """The size of the delta the fake workers will send for ``config`` (known before the run)."""
+    return len(ZeroDelta(MLPTask(list(config.sizes)).initial_weights(0)).payload)
+
+
 # -- one run -------------------------------------------------------------------
 
 
@@ -82,6 +87,8 @@ class Result:
     # The bare Redis and RabbitMQ operations of one update, back to back (throughput_limit.py).
     limit_updates_per_s: float = float("nan")
     quorum_limit_updates_per_s: float = float("nan")  # the same through quorum queues (throughput_limit.py)
+    # Every measurement of the (classic) limit for this run's sizes, just before and just after it.
+    limit_measurements: list[float] = field(default_factory=list)
     aggregation_median: float = float("nan")
     numpy_add: float = float("nan")
     mean_staleness: float = float("nan")
