@@ -50,7 +50,7 @@ from bench.harness import wait_for_quiet_machine  # noqa: E402
 from bench.throughput_limit import QUEUE_KINDS, pipeline_limit  # noqa: E402
 from bench.throughput_monitor import BUSY_OTHER  # noqa: E402
 from bench.throughput_report import print_table, write_json  # noqa: E402
-from bench.throughput_run import CONFIGS, delta_payload_bytes, numpy_add_seconds, run_config  # noqa: E402
+from bench.throughput_run import CONFIGS, numpy_add_seconds, run_config, zero_delta  # noqa: E402
 from fedq.common.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL  # noqa: E402
 
 
@@ -112,15 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     references: dict[int, float] = {}
-    # Every measurement of the machine's pipeline limit, per (delta bytes, buffer size, queue kind).
-    limits: dict[tuple[int, int, str], list[float]] = {}
 
-    def measure_limits(payload_bytes: int, buffer_size: int) -> None:
-        for queues in QUEUE_KINDS:
-            measured = pipeline_limit(
+    def measure_limits(payload_bytes: int, buffer_size: int) -> dict[str, float]:
+        """The machine's pipeline limit for these sizes, per queue kind, measured now."""
+        return {
+            queues: pipeline_limit(
                 args.amqp_url, args.redis_url, payload_bytes, payload_bytes, buffer_size, queues=queues
-            )
-            limits.setdefault((payload_bytes, buffer_size, queues), []).append(measured.updates_per_second)
+            ).updates_per_second
+            for queues in QUEUE_KINDS
+        }
 
     results = []
     started = time.monotonic()
@@ -130,13 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         # The limit is measured just before each run and again just after it, and the higher of
         # the two counts: right after a run it once measured 447 updates/s against 724 a minute
         # before, and a limit caught at a bad moment would flatter fedq's share of it.
-        payload_bytes = delta_payload_bytes(config)
-        measure_limits(payload_bytes, config.buffer_size)
+        delta = zero_delta(config)
+        before = measure_limits(len(delta.payload), config.buffer_size)
         if args.wait_quiet:
             busy = wait_for_quiet_machine(args.wait_quiet)
             if busy >= 0.3:
                 print(f"  (machine still {busy:.0%} of a core busy after waiting {args.wait_quiet:.0f} s)", flush=True)
-        result = run_config(config, args, references[config.parameters])
+        result = run_config(config, args, references[config.parameters], delta)
         for attempt in range(args.retries):
             if result.cpu.get("other", 0.0) <= BUSY_OTHER:
                 break
@@ -147,14 +147,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             if args.wait_quiet:
                 wait_for_quiet_machine(args.wait_quiet)
-            again = run_config(config, args, references[config.parameters])
+            again = run_config(config, args, references[config.parameters], delta)
             if again.cpu.get("other", 0.0) < result.cpu.get("other", 0.0):
                 result = again
-        assert result.payload_bytes == payload_bytes, "the limit was measured for another delta size"
-        measure_limits(payload_bytes, config.buffer_size)
-        result.limit_measurements = list(limits[(payload_bytes, config.buffer_size, "classic")][-2:])
+        after = measure_limits(len(delta.payload), config.buffer_size)
+        result.limit_measurements = [before["classic"], after["classic"]]
         result.limit_updates_per_s = max(result.limit_measurements)
-        result.quorum_limit_updates_per_s = max(limits[(payload_bytes, config.buffer_size, "quorum")][-2:])
+        result.quorum_limit_updates_per_s = max(before["quorum"], after["quorum"])
         results.append(result)
         share = result.updates_per_s_median / result.limit_updates_per_s
         print(

@@ -67,9 +67,10 @@ def numpy_add_seconds(elements: int, repeats: int = 30) -> float:
     return statistics.median(timeit.repeat(step, number=number, repeat=repeats)) / number
 
 
-def delta_payload_bytes(config: Config) -> int:
-    """The size of the delta the fake workers will send for ``config`` (known before the run)."""
-    return len(ZeroDelta(MLPTask(list(config.sizes)).initial_weights(0)).payload)
+def zero_delta(config: Config) -> ZeroDelta:
+    """The delta the fake workers send for ``config``: made before the run, so that the limit can
+    be measured for its size first."""
+    return ZeroDelta(MLPTask(list(config.sizes)).initial_weights(0))
 
 
 # -- one run -------------------------------------------------------------------
@@ -102,7 +103,7 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
 
-def run_config(config: Config, args: argparse.Namespace, numpy_add: float) -> Result:
+def run_config(config: Config, args: argparse.Namespace, numpy_add: float, delta: ZeroDelta) -> Result:
     result = Result(config, numpy_add=numpy_add)
     versions = config.quick_versions if args.quick else config.versions
     if args.versions_scale != 1.0:
@@ -110,7 +111,6 @@ def run_config(config: Config, args: argparse.Namespace, numpy_add: float) -> Re
     job = f"bench-{config.model}-{config.algorithm}-{uuid.uuid4().hex[:8]}"
     topology = Topology(job)
     store = ModelStore.open(args.redis_url, job)
-    weights = MLPTask(list(config.sizes)).initial_weights(0)
 
     # Declared here first so the fake workers can consume before the coordinator is up.
     connection = connect(args.amqp_url, name="fedq-bench-admin")
@@ -118,7 +118,7 @@ def run_config(config: Config, args: argparse.Namespace, numpy_add: float) -> Re
     connection.close()
 
     workers = FakeWorkers(
-        job, args.amqp_url, args.redis_url, weights, threads=args.worker_threads, prefetch=max(1, args.concurrency)
+        job, args.amqp_url, args.redis_url, delta, threads=args.worker_threads, prefetch=max(1, args.concurrency)
     )
     result.payload_bytes, result.inline = len(workers.delta.payload), workers.delta.inline
     command = mlp_coordinator_command(

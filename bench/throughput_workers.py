@@ -52,11 +52,11 @@ class ZeroDelta:
 class FakeWorkers:
     """Threads that answer each task immediately with a precomputed all-zeros delta."""
 
-    def __init__(self, job: str, amqp_url: str, redis_url: str, weights: codec.Weights, threads: int, prefetch: int):
+    def __init__(self, job: str, amqp_url: str, redis_url: str, delta: ZeroDelta, threads: int, prefetch: int):
         self.job, self.amqp_url, self.redis_url = job, amqp_url, redis_url
         self.topology = Topology(job)
         self.prefetch = prefetch
-        self.delta = ZeroDelta(weights)
+        self.delta = delta
         self.stop = threading.Event()
         self.ready = threading.Barrier(threads + 1)
         self.done = [0] * threads

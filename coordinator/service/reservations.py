@@ -80,16 +80,19 @@ class Reservations:
             for _ in range(self.per_version)
         }
         self._unpublished.update(reserved)  # before the write: a lost reply leaves them in Redis
-        published = {task_id: open_tasks[task_id] for task_id in self.published if task_id in open_tasks}
-        return LedgerChanges(version, now, reserved, published, closed=list(self.unused))
+        return LedgerChanges(version, now, reserved, self._published_and_open(open_tasks), closed=list(self.unused))
 
     def settle(self, open_tasks: Mapping[str, OpenTask]) -> dict[str, OpenTask]:
         """The entries to rewrite now, as they really are, for the reserved tasks handed out since
         the last commit and still open: what a coordinator with nothing else to do writes, so that
         the ledger says exactly what is out (``fedq status``)."""
-        published = {task_id: open_tasks[task_id] for task_id in self.published if task_id in open_tasks}
+        published = self._published_and_open(open_tasks)
         self.published = set()
         return published
+
+    def _published_and_open(self, open_tasks: Mapping[str, OpenTask]) -> dict[str, OpenTask]:
+        """The reserved tasks handed out since the last commit that are still open, as they really are."""
+        return {task_id: open_tasks[task_id] for task_id in self.published if task_id in open_tasks}
 
     def committed(self, changes: LedgerChanges) -> None:
         """The commit that wrote ``changes`` moved the head: its reservations are the ones to use."""
